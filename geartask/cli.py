@@ -1,0 +1,54 @@
+"""What every role's command line shares: --config/--servers, config loading, exit codes.
+
+Each role's ``main(argv)`` parses, loads config, calls its library and returns an exit
+status; ``run`` turns geartask errors into one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from .config import Config, load_config
+from .errors import EXIT_FAILED, EXIT_USAGE, GeartaskError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main(argv) is testable and exits with 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise _UsageExit(f"{self.prog}: error: {message}")
+
+
+class _UsageExit(Exception):
+    pass
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)")
+    parser.add_argument("--servers", metavar="HOST:PORT,...",
+                        help="job servers to use instead of the config's 'servers'")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "servers", None))
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call a role's main and map errors to exit statuses and one-line messages."""
+    try:
+        return main(argv)
+    except _UsageExit as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except GeartaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED

@@ -1,0 +1,91 @@
+"""Worker identity and remote control: the names the manager sends to and the worker answers.
+
+Gearman hands a job to exactly one worker, so each worker *process* registers its own
+control function, ``geartask.control:<name>:<host-ip>:<pid>``; a shutdown job sent there
+reaches that process and no other. Each worker thread identifies itself to the server with
+the client id ``<name>:<host-ip>:<pid>:<thread-index>``, which ``gearadmin --workers`` and
+the manager show. The manager sends (``shutdown_request``), the worker handles
+(``parse_command``): both halves of the contract live here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+CONTROL_PREFIX = "geartask.control"
+COMMANDS = ("shutdown",)
+
+
+def check_name(name: str) -> str:
+    if not name or any(c.isspace() or c == ":" for c in name):
+        raise UsageError(f"worker name {name!r} must be non-empty, without spaces or ':'")
+    return name
+
+
+def host_ip(servers: list[tuple[str, int]] | None = None) -> str:
+    """The address this host uses to reach the first job server (no packet is sent)."""
+    host, port = (servers or [("127.0.0.1", 4730)])[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    name: str
+    ip: str
+    pid: int
+    thread: int | None = None
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.name}:{self.ip}:{self.pid}:{self.thread}"
+
+    @property
+    def control_function(self) -> str:
+        return f"{CONTROL_PREFIX}:{self.name}:{self.ip}:{self.pid}"
+
+    def for_thread(self, index: int) -> "WorkerIdentity":
+        return WorkerIdentity(self.name, self.ip, self.pid, index)
+
+
+def parse_client_id(text: str) -> WorkerIdentity | None:
+    """'w1:10.0.0.5:1234:3' -> WorkerIdentity; None for a client id of another form."""
+    parts = text.strip().split(":")
+    if len(parts) != 4 or not parts[0] or not parts[2].isdigit() or not parts[3].isdigit():
+        return None
+    return WorkerIdentity(parts[0], parts[1], int(parts[2]), int(parts[3]))
+
+
+def parse_control_function(function: str) -> WorkerIdentity | None:
+    """'geartask.control:w1:10.0.0.5:1234' -> WorkerIdentity (thread None); None otherwise."""
+    prefix = CONTROL_PREFIX + ":"
+    if not function.startswith(prefix):
+        return None
+    parts = function[len(prefix):].split(":")
+    if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
+        return None
+    return WorkerIdentity(parts[0], parts[1], int(parts[2]))
+
+
+def shutdown_request(now: bool = False) -> bytes:
+    """The payload of a shutdown control job; ``now`` skips the grace period."""
+    return json.dumps({"command": "shutdown", "now": bool(now)}).encode()
+
+
+def parse_command(raw: bytes) -> dict:
+    """Validate a control job's payload; UsageError names what is wrong."""
+    try:
+        cmd = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"control payload is not JSON: {raw[:80]!r}") from None
+    if not isinstance(cmd, dict) or cmd.get("command") not in COMMANDS:
+        raise UsageError(f"unknown control command {cmd!r}; known: {', '.join(COMMANDS)}")
+    return cmd

@@ -1,0 +1,61 @@
+"""The hooks a geartask plugin may implement: the contract between geartask and plugins.
+
+A plugin is a module (in one of ``plugins.paths``, or named by a ``geartask.plugins``
+entry point) with functions marked ``@hookimpl``. Hooks are called with keyword arguments
+only, and an implementation may accept fewer arguments than the spec lists, so specs can
+grow without breaking plugins. A marked function whose name matches no spec is an error.
+
+Example::
+
+    from geartask import hookimpl
+
+    @hookimpl
+    def geartask_tasks():
+        return {"reverse": lambda job: job.data[::-1]}
+
+    @hookimpl
+    def geartask_jobs():
+        yield {"task": "reverse", "data": "hello"}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+PROJECT = "geartask"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def geartask_tasks(config: Any) -> dict[str, Callable[[Any], Any]]:
+    """Worker side: return the tasks this plugin provides, as ``{task_name: callable}``.
+
+    :param config: the loaded :class:`geartask.config.Config`.
+
+    Each callable is called as ``fn(job)`` for every job of that name, in a worker
+    thread. ``job`` has: ``data`` (the payload, JSON-decoded when it is JSON, else text,
+    else bytes), ``raw`` (the payload bytes), ``task``, ``handle``, ``unique``, ``attempt``
+    (1 for the first try), ``config``, ``log`` (a logger bound to this job), and
+    ``status(numerator, denominator)`` and ``send_data(data)`` to report progress and
+    partial output. The return value becomes the job's result: bytes as they are,
+    anything else as JSON. An exception fails this attempt; the worker retries it up to
+    ``worker.retries`` times and then fails the job with the reason.
+
+    Two plugins returning the same task name is an error, not a silent override.
+    """
+
+
+@hookspec
+def geartask_jobs(config: Any) -> Iterable[Any]:
+    """Sender side: yield the job definitions this plugin sends.
+
+    :param config: the loaded :class:`geartask.config.Config`.
+
+    Each definition is a mapping (or :class:`geartask.jobs.JobDefinition`) with
+    ``task`` (required), ``data`` (anything JSON can hold, or bytes), and optionally
+    ``unique`` (the key gearmand coalesces on; generated when missing), ``priority``
+    (``low``/``normal``/``high``), ``background`` (bool) and ``retries``.
+    """

@@ -1,0 +1,90 @@
+"""What a job is on both sides: its definition, and how its payload becomes bytes and back.
+
+Payloads are JSON (bytes pass through unchanged). Never pickle: anyone who can reach a
+job server could then run code in every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import PRIORITIES
+from .errors import JobDefinitionError
+
+
+def encode_payload(data: Any, task: str | None = None) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise JobDefinitionError(f"data cannot be serialised as JSON: {e}", task) from None
+
+
+def decode_payload(raw: bytes) -> Any:
+    """JSON when it parses, else text when it is UTF-8, else the bytes themselves."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def new_unique() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class JobDefinition:
+    """One job to send. ``priority``/``background`` None mean "the sender's configured default"."""
+
+    task: str
+    data: Any = None
+    unique: str | None = None
+    priority: str | None = None
+    background: bool | None = None
+    retries: int | None = None
+    extra: dict = field(default_factory=dict)  # anything else a plugin wants to carry along
+
+    @classmethod
+    def from_any(cls, obj: Any, source: str = "job definition") -> "JobDefinition":
+        """Validate a plugin's mapping (or a JobDefinition) and return a JobDefinition."""
+        if isinstance(obj, JobDefinition):
+            obj = obj.__dict__
+        if not isinstance(obj, Mapping):
+            raise JobDefinitionError(f"{source}: expected a mapping with 'task', got {obj!r}")
+        d = dict(obj)
+        task = d.pop("task", None)
+        if not isinstance(task, str) or not task.strip() or any(c.isspace() or c == "\0" for c in task):
+            raise JobDefinitionError(f"{source}: 'task' must be a non-empty name without spaces, got {task!r}")
+        unique = d.pop("unique", None)
+        if unique is not None:
+            if not isinstance(unique, (str, int)) or isinstance(unique, bool) or "\0" in str(unique) or str(unique) == "":
+                raise JobDefinitionError(f"{source}: 'unique' must be a non-empty string, got {unique!r}", task)
+            unique = str(unique)
+        priority = d.pop("priority", None)
+        if priority is not None and priority not in PRIORITIES:
+            raise JobDefinitionError(f"{source}: unknown priority {priority!r} (use one of {', '.join(PRIORITIES)})", task)
+        background = d.pop("background", None)
+        if background is not None and not isinstance(background, bool):
+            raise JobDefinitionError(f"{source}: 'background' must be true or false, got {background!r}", task)
+        retries = d.pop("retries", None)
+        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+            raise JobDefinitionError(f"{source}: 'retries' must be a whole number >= 0, got {retries!r}", task)
+        data = d.pop("data", None)
+        extra = dict(d.pop("extra", None) or {})
+        extra.update(d)
+        job = cls(task=task, data=data, unique=unique, priority=priority, background=background,
+                  retries=retries, extra=extra)
+        job.payload()  # fail now, naming the task, if the data can't be sent
+        return job
+
+    def payload(self) -> bytes:
+        return encode_payload(self.data, self.task)

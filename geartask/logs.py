@@ -1,0 +1,122 @@
+"""structlog, configured once per process: readable on a terminal, JSON lines in the file.
+
+Every event carries role, name, pid and thread; per-job context (task, handle, unique)
+is bound with ``job_context`` and lives in contextvars, which each thread has its own of,
+so one job's story can be pulled out of a multi-threaded log with grep or jq.
+Stdlib logging (pygearman's included) goes through the same processors and handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import structlog
+
+from .config import LogConfig
+
+_process_fields: dict[str, Any] = {}
+_handlers: list[logging.Handler] = []
+
+
+def _add_process_fields(logger: Any, method: str, event: dict) -> dict:
+    for key, value in _process_fields.items():
+        event.setdefault(key, value)
+    event.setdefault("pid", os.getpid())
+    event.setdefault("thread", threading.current_thread().name)
+    return event
+
+
+def _shared_processors() -> list:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        _add_process_fields,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+
+
+def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or ""))
+    return Path(log.dir) / (f"{role}-{safe}.log" if safe else f"{role}.log")
+
+
+def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
+                      to_file: bool = True, stream: Any = None) -> Path | None:
+    """Set up logging for this process; returns the JSON log file's path (or None).
+
+    Safe to call again (tests do): earlier geartask handlers are replaced, not stacked.
+    """
+    stream = stream or sys.stderr
+    _process_fields.clear()
+    _process_fields.update(role=role, name=name or role)
+    level = getattr(logging, log.level.upper())
+    shared = _shared_processors()
+
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+    fmt = log.format
+    if fmt == "auto":
+        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
+    console_renderer = (structlog.dev.ConsoleRenderer(colors=False) if fmt == "console"
+                        else structlog.processors.JSONRenderer())
+
+    root = logging.getLogger()
+    for h in _handlers:
+        root.removeHandler(h)
+        h.close()
+    _handlers.clear()
+
+    console = logging.StreamHandler(stream)
+    console.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_renderer]))
+    _handlers.append(console)
+
+    path = None
+    if to_file:
+        path = log_file_path(log, role, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.handlers.RotatingFileHandler(path, maxBytes=log.max_bytes,
+                                                  backupCount=log.backups, encoding="utf-8")
+        fh.setFormatter(structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.JSONRenderer()]))
+        _handlers.append(fh)
+
+    for h in _handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    return path
+
+
+def get_logger(name: str = "geartask", **bound: Any) -> Any:
+    return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
+
+
+@contextlib.contextmanager
+def job_context(**fields: Any) -> Iterator[None]:
+    """Bind task/handle/unique (or anything) to every event logged inside, in this thread only."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    tokens = structlog.contextvars.bind_contextvars(**fields)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)

@@ -1,0 +1,177 @@
+"""Finding, loading and calling plugins (pluggy).
+
+Plugins come from the ``*.py`` modules in ``plugins.paths`` (the module's file name is the
+plugin's name) and from the ``geartask.plugins`` entry-point group, so a pip-installed
+package can add tasks. Names are discovered without importing anything; only the plugins
+asked for are imported, and any failure names the plugin and its file. Nothing starts
+half-loaded: a broken plugin is an error, never a skipped one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import GeartaskError, JobDefinitionError, PluginError
+from .jobs import JobDefinition
+
+ENTRY_POINT_GROUP = "geartask.plugins"
+
+
+@dataclass
+class PluginSource:
+    name: str
+    file: str  # a path, or "entry point module:attr"
+    load: Callable[[], Any]
+
+
+def discover(config: Any) -> dict[str, PluginSource]:
+    """Every plugin that could be loaded, by name, without importing any of them."""
+    found: dict[str, PluginSource] = {}
+    for folder in config.plugins.paths:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.glob("*.py")):
+            if file.name.startswith("_"):
+                continue
+            found.setdefault(file.stem, PluginSource(file.stem, str(file),
+                                                     lambda f=file: _import_file(f)))
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            raise PluginError(f"two plugins have this name: {found[ep.name].file} and entry point {ep.value}",
+                              ep.name)
+        found[ep.name] = PluginSource(ep.name, f"entry point {ep.value}", ep.load)
+    return found
+
+
+def _import_file(file: Path) -> ModuleType:
+    mod_name = f"geartask_plugin_{file.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(mod_name, None)
+        raise
+    return module
+
+
+@dataclass
+class Plugins:
+    """The loaded plugins and the hooks they implement."""
+
+    config: Any
+    pm: pluggy.PluginManager
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def register(self, plugin: Any, name: str, file: str = "<built-in>") -> None:
+        """Register an already-imported plugin object (built-ins use this too)."""
+        if name in self.files:
+            raise PluginError("a plugin of this name is already loaded", name, file)
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            self.pm.unregister(name=name)
+            raise PluginError(f"invalid hook: {e}", name, file) from None
+        self.files[name] = file
+
+    def _call(self, hook: str, **kwargs: Any) -> Iterable[tuple[str, Any]]:
+        """Call one hook plugin by plugin, so an error can name the plugin that raised."""
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            args = {a: kwargs[a] for a in impl.argnames}
+            try:
+                yield impl.plugin_name, impl.function(**args)
+            except GeartaskError:
+                raise
+            except Exception as e:
+                raise PluginError(f"hook {hook} raised {type(e).__name__}: {e}",
+                                  impl.plugin_name, self.files.get(impl.plugin_name)) from e
+
+    def tasks(self) -> dict[str, tuple[Callable[[Any], Any], str]]:
+        """Every task the loaded plugins provide: name -> (callable, plugin name)."""
+        tasks: dict[str, tuple[Callable[[Any], Any], str]] = {}
+        for plugin, result in self._call("geartask_tasks", config=self.config):
+            if result is None:
+                continue
+            if not isinstance(result, dict):
+                raise PluginError(f"geartask_tasks must return a dict of name -> callable, got {type(result).__name__}",
+                                  plugin, self.files.get(plugin))
+            for name, fn in result.items():
+                if not isinstance(name, str) or not name or any(c.isspace() for c in name) or not callable(fn):
+                    raise PluginError(f"bad task {name!r}: names are non-empty without spaces, values callable",
+                                      plugin, self.files.get(plugin))
+                if name in tasks:
+                    other = tasks[name][1]
+                    raise PluginError(f"task {name!r} is registered by both {other!r} ({self.files.get(other)}) "
+                                      f"and {plugin!r}", plugin, self.files.get(plugin))
+                tasks[name] = (fn, plugin)
+        return tasks
+
+    def jobs(self) -> list[tuple[str, JobDefinition]]:
+        """Every job definition the loaded plugins yield, validated: (plugin name, job)."""
+        jobs: list[tuple[str, JobDefinition]] = []
+        for plugin, result in self._call("geartask_jobs", config=self.config):
+            if result is None:
+                continue
+            try:
+                items = list(result)
+            except TypeError:
+                raise PluginError(f"geartask_jobs must yield job definitions, got {type(result).__name__}",
+                                  plugin, self.files.get(plugin)) from None
+            except GeartaskError:
+                raise
+            except Exception as e:
+                raise PluginError(f"hook geartask_jobs raised {type(e).__name__}: {e}",
+                                  plugin, self.files.get(plugin)) from e
+            for i, item in enumerate(items):
+                try:
+                    jobs.append((plugin, JobDefinition.from_any(item, f"plugin {plugin!r} job #{i + 1}")))
+                except JobDefinitionError as e:
+                    e.args = (f"{e} ({self.files.get(plugin)})",)
+                    raise
+        return jobs
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
+    """Import and register plugins: ``only`` if given, else ``plugins.enabled``, else all found."""
+    available = discover(config)
+    wanted = list(only) if only else list(config.plugins.enabled) or list(available)
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        have = ", ".join(sorted(available)) or "none"
+        raise PluginError(f"unknown plugin{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"available: {have}")
+    plugins = Plugins(config, new_manager())
+    for name in wanted:
+        src = available[name]
+        try:
+            obj = src.load()
+        except SyntaxError as e:
+            raise PluginError(f"syntax error at line {e.lineno}: {e.msg}", name, src.file) from None
+        except Exception as e:
+            raise PluginError(f"cannot import: {type(e).__name__}: {e}", name, src.file) from None
+        plugins.register(obj, name, src.file)
+    return plugins

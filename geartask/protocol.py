@@ -1,0 +1,297 @@
+"""The Gearman wire protocol, and every quirk of pygearman, fenced in one module.
+
+This is the only geartask module that imports ``gearman`` (pygearman, the maintained
+python-gearman for Python >= 3.9; gearman3 0.2.1 dies at its first socket read there).
+We take pygearman's packet codec and constants, but drive the sockets ourselves, because
+pygearman 0.2.6's loops get in the way of what a reliable job system needs:
+
+* Its worker sends PRE_SLEEP after *every* job and waits for a NOOP, an extra round trip
+  per job; and with two or more servers a worker can sleep forever waiting for a NOOP that
+  never comes (the old python-gearman starvation bug). Our worker loop grabs again at once
+  after a job, sleeps only on NO_JOB, and re-sends GRAB_JOB after every poll timeout.
+* ``submit_job``/``submit_multiple_jobs`` wait for completion only when ``poll_timeout`` is a
+  number (``None`` means "don't wait" in places and "wait forever" in others). Our
+  ``Connection.recv`` takes an explicit deadline everywhere; ``None`` is never a timeout.
+* The server sends function names as bytes, and pygearman matches abilities by equality, so
+  a worker registered with ``str`` names silently never receives a job. Everything that goes
+  on the wire is encoded here (``to_bytes``) and function names coming back are decoded.
+* Its packet parser works only on ``array.array``/``memoryview`` buffers (it calls
+  ``.tobytes()``), not on bytes: we hand it a memoryview.
+* pygearman's admin client knows only a few text commands and can't time out reliably;
+  ``admin_command`` speaks the text protocol with a deadline and knows which replies are
+  one line and which end with a ".".
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gearman.protocol as gp
+from gearman.errors import ProtocolError as _PgProtocolError
+
+from .errors import ServerError
+
+# Command numbers, named once for the rest of geartask.
+CAN_DO = gp.GEARMAN_COMMAND_CAN_DO
+CANT_DO = gp.GEARMAN_COMMAND_CANT_DO
+RESET_ABILITIES = gp.GEARMAN_COMMAND_RESET_ABILITIES
+PRE_SLEEP = gp.GEARMAN_COMMAND_PRE_SLEEP
+NOOP = gp.GEARMAN_COMMAND_NOOP
+JOB_CREATED = gp.GEARMAN_COMMAND_JOB_CREATED
+GRAB_JOB = gp.GEARMAN_COMMAND_GRAB_JOB
+GRAB_JOB_UNIQ = gp.GEARMAN_COMMAND_GRAB_JOB_UNIQ
+NO_JOB = gp.GEARMAN_COMMAND_NO_JOB
+JOB_ASSIGN = gp.GEARMAN_COMMAND_JOB_ASSIGN
+JOB_ASSIGN_UNIQ = gp.GEARMAN_COMMAND_JOB_ASSIGN_UNIQ
+WORK_STATUS = gp.GEARMAN_COMMAND_WORK_STATUS
+WORK_COMPLETE = gp.GEARMAN_COMMAND_WORK_COMPLETE
+WORK_FAIL = gp.GEARMAN_COMMAND_WORK_FAIL
+WORK_EXCEPTION = gp.GEARMAN_COMMAND_WORK_EXCEPTION
+WORK_DATA = gp.GEARMAN_COMMAND_WORK_DATA
+WORK_WARNING = gp.GEARMAN_COMMAND_WORK_WARNING
+GET_STATUS = gp.GEARMAN_COMMAND_GET_STATUS
+STATUS_RES = gp.GEARMAN_COMMAND_STATUS_RES
+ECHO_REQ = gp.GEARMAN_COMMAND_ECHO_REQ
+ECHO_RES = gp.GEARMAN_COMMAND_ECHO_RES
+ERROR = gp.GEARMAN_COMMAND_ERROR
+SET_CLIENT_ID = gp.GEARMAN_COMMAND_SET_CLIENT_ID
+OPTION_REQ = gp.GEARMAN_COMMAND_OPTION_REQ
+OPTION_RES = gp.GEARMAN_COMMAND_OPTION_RES
+
+# (priority, background) -> SUBMIT_JOB* command
+_SUBMIT = {
+    ("normal", False): gp.GEARMAN_COMMAND_SUBMIT_JOB,
+    ("low", False): gp.GEARMAN_COMMAND_SUBMIT_JOB_LOW,
+    ("high", False): gp.GEARMAN_COMMAND_SUBMIT_JOB_HIGH,
+    ("normal", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_BG,
+    ("low", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_LOW_BG,
+    ("high", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_HIGH_BG,
+}
+
+
+def submit_command(priority: str = "normal", background: bool = False) -> int:
+    return _SUBMIT[(priority, background)]
+
+
+def command_name(cmd: int) -> str:
+    return str(gp.get_command_name(cmd)).replace("GEARMAN_COMMAND_", "")
+
+
+def to_bytes(value: Any) -> bytes:
+    """Everything on the wire is bytes; str is UTF-8, numbers are their decimal text."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8")
+
+
+def to_text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
+
+
+@dataclass
+class Packet:
+    """One binary response from the server; ``args`` keys are pygearman's parameter names."""
+
+    cmd: int
+    args: dict[str, bytes]
+
+    @property
+    def name(self) -> str:
+        return command_name(self.cmd)
+
+    def __getitem__(self, key: str) -> bytes:
+        return self.args[key]
+
+    def text(self, key: str) -> str:
+        return to_text(self.args[key])
+
+
+class Connection:
+    """One blocking TCP connection to one gearmand: send packets, receive packets with deadlines.
+
+    Not thread-safe: each worker thread and each sender owns its own connections.
+    Any socket failure closes the connection and raises ServerError naming the server.
+    """
+
+    def __init__(self, host: str, port: int, connect_timeout: float = 5.0):
+        self.host, self.port = host, port
+        self.address = f"{host}:{port}"
+        self.connect_timeout = connect_timeout
+        self.sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.address} {'open' if self.sock else 'closed'}>"
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock else -1
+
+    def connect(self) -> "Connection":
+        if self.sock is not None:
+            return self
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise ServerError(f"cannot connect: {e.strerror or e}", self.address) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.settimeout(None)
+        self.sock, self._buf = sock, bytearray()
+        return self
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        self._buf = bytearray()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _fail(self, what: str) -> ServerError:
+        self.close()
+        return ServerError(what, self.address)
+
+    # -- binary protocol ---------------------------------------------------------------
+    def send(self, cmd: int, **args: Any) -> None:
+        self.send_raw(pack(cmd, **args))
+
+    def send_raw(self, data: bytes) -> None:
+        if self.sock is None:
+            raise ServerError("not connected", self.address)
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
+
+    def _take_packet(self) -> Packet | None:
+        # pygearman's parser calls .tobytes() on payload slices: it wants array.array or
+        # memoryview, and fails on bytes/bytearray. The view must be released before the
+        # buffer is resized.
+        view = memoryview(self._buf)
+        try:
+            cmd, args, size = gp.parse_binary_command(view, is_response=True)
+        except _PgProtocolError as e:
+            raise self._fail(f"protocol error: {e}") from None
+        finally:
+            view.release()
+        if not size:
+            return None
+        del self._buf[:size]
+        return Packet(cmd, args or {})
+
+    def _read_some(self, timeout: float | None) -> bool:
+        """Read what is there within ``timeout`` seconds; False on timeout, raise on EOF."""
+        if self.sock is None:
+            raise ServerError("not connected", self.address)
+        if timeout is not None:
+            try:
+                ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+            except (OSError, ValueError) as e:
+                raise self._fail(f"connection lost: {e}") from None
+            if not ready:
+                return False
+        try:
+            chunk = self.sock.recv(65536)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return True
+            raise self._fail(f"connection lost: {e.strerror or e}") from None
+        if not chunk:
+            raise self._fail("connection closed by server")
+        self._buf += chunk
+        return True
+
+    def has_buffered_packet(self) -> bool:
+        return len(self._buf) >= gp.COMMAND_HEADER_SIZE
+
+    def recv(self, timeout: float | None) -> Packet | None:
+        """The next packet, or None when ``timeout`` seconds pass first (None waits forever).
+
+        An ERROR packet from the server is returned like any other; the caller decides.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pkt = self._take_packet()
+            if pkt is not None:
+                return pkt
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if not self._read_some(left):
+                return None
+
+    def expect(self, wanted: set[int] | int, timeout: float) -> Packet:
+        """recv() until one of ``wanted`` arrives; ERROR or timeout raise ServerError."""
+        wanted = {wanted} if isinstance(wanted, int) else wanted
+        deadline = time.monotonic() + timeout
+        while True:
+            pkt = self.recv(deadline - time.monotonic())
+            if pkt is None:
+                raise self._fail(f"no answer within {timeout:g}s")
+            if pkt.cmd in wanted:
+                return pkt
+            if pkt.cmd == ERROR:
+                raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}",
+                                  self.address)
+
+    def echo(self, timeout: float = 5.0) -> float:
+        """Round trip of an ECHO_REQ in seconds: the cheapest proof the server is alive."""
+        t0 = time.monotonic()
+        self.send(ECHO_REQ, data=b"geartask")
+        self.expect(ECHO_RES, timeout)
+        return time.monotonic() - t0
+
+    # -- text (admin) protocol ---------------------------------------------------------
+    def text_command(self, line: str, timeout: float = 5.0) -> list[str]:
+        """Send one admin text command; return its reply lines (without the closing '.')."""
+        self.send_raw(line.strip().encode("utf-8") + b"\n")
+        multiline = _is_multiline(line)
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        while True:
+            while b"\n" in self._buf:
+                raw, _, rest = bytes(self._buf).partition(b"\n")
+                self._buf = bytearray(rest)
+                text = raw.decode("utf-8", errors="replace").rstrip("\r")
+                if not multiline or text.startswith("ERR "):
+                    return [text]
+                if text == ".":
+                    return lines
+                lines.append(text)
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read_some(left):
+                raise self._fail(f"no answer to {line.strip()!r} within {timeout:g}s")
+
+
+def pack(cmd: int, **args: Any) -> bytes:
+    """A request packet; str/int arguments are encoded (pygearman insists on bytes)."""
+    return gp.pack_binary_command(cmd, {k: to_bytes(v) for k, v in args.items()}, is_response=False)
+
+
+_MULTILINE = ("status", "workers", "show jobs", "show unique jobs", "prioritystatus")
+
+
+def _is_multiline(line: str) -> bool:
+    words = line.strip().lower()
+    return any(words == m or words.startswith(m + " ") for m in _MULTILINE)
+
+
+def admin_command(host: str, port: int, line: str, timeout: float = 5.0) -> list[str]:
+    """Open a connection, run one text command with a deadline, close."""
+    conn = Connection(host, port, connect_timeout=timeout)
+    try:
+        return conn.connect().text_command(line, timeout)
+    finally:
+        conn.close()

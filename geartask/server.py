@@ -1,0 +1,189 @@
+"""A local gearmand: start, check and stop it from the config's ``server`` section.
+
+Development and tests use the same code. The server binds to loopback unless told
+otherwise (gearmand has no authentication) and keeps background jobs in a sqlite
+queue, so they survive a crash and a restart. We only ever signal the pid we started,
+recorded in the pid file, and only after checking it is still a gearmand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LocalServerError, ServerError
+from .protocol import Connection
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        conn = Connection(host, port, connect_timeout=timeout).connect()
+    except ServerError:
+        return False
+    try:
+        conn.echo(timeout)
+        return True
+    except ServerError:
+        return False
+    finally:
+        conn.close()
+
+
+def _is_gearmand(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and b"gearmand" in Path(cmdline[0].decode(errors="replace")).name.encode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is dead for every purpose here.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalServer:
+    host: str
+    port: int
+    run_dir: Path  # pid file and gearmand log live here
+    queue_type: str = "sqlite"
+    queue_path: Path | None = None
+    gearmand: str = "gearmand"
+    threads: int = 4
+    process: subprocess.Popen | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "LocalServer":
+        s = config.server
+        return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
+                   queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.run_dir) / f"gearmand-{self.port}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.run_dir) / f"gearmand-{self.port}.log"
+
+    def command(self) -> list[str]:
+        exe = shutil.which(self.gearmand) or (self.gearmand if Path(self.gearmand).exists() else None)
+        if exe is None:
+            raise LocalServerError(f"{self.gearmand!r} not found: install it with "
+                                   "'apt-get install -y gearman-job-server' (Debian) or set server.gearmand")
+        cmd = [exe, "--listen", self.host, "--port", str(self.port), "--threads", str(self.threads),
+               "--pid-file", str(self.pid_file), "--log-file", str(self.log_file), "--verbose", "INFO"]
+        if self.queue_type == "sqlite":
+            assert self.queue_path is not None
+            cmd += ["--queue-type", "libsqlite3", "--libsqlite3-db", str(self.queue_path)]
+        return cmd
+
+    def pid(self) -> int | None:
+        """The pid of the gearmand we started here, if it is still running."""
+        if self.process is not None and self.process.poll() is None:
+            return self.process.pid
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) and _is_gearmand(pid) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None and port_open(self.host, self.port)
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start gearmand (detached, in its own session) and wait until it answers. Returns its pid."""
+        pid = self.pid()
+        if pid is not None and port_open(self.host, self.port):
+            return pid
+        if port_open(self.host, self.port):
+            raise LocalServerError(f"something else already serves {self.address}")
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        if self.queue_path is not None:
+            Path(self.queue_path).parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                            start_new_session=True)
+        self.pid_file.write_text(f"{self.process.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LocalServerError(f"gearmand exited at start with status {self.process.returncode}; "
+                                       f"see {self.log_file}: {self._log_tail()}")
+            if port_open(self.host, self.port, 0.2):
+                return self.process.pid
+            time.sleep(0.05)
+        self.kill()
+        raise LocalServerError(f"gearmand did not answer on {self.address} within {timeout:g}s; see {self.log_file}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _signal_and_wait(self, sig: int, timeout: float) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return True
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.pid == pid:
+                if self.process.poll() is not None:
+                    return True
+            elif not _alive(pid):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout``. Returns False when nothing was running."""
+        if self.pid() is None:
+            return False
+        if not self._signal_and_wait(signal.SIGTERM, timeout):
+            self._signal_and_wait(signal.SIGKILL, 5.0)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """kill -9, as a crash would: the sqlite queue is all that remains."""
+        self._signal_and_wait(signal.SIGKILL, 5.0)
+        self.pid_file.unlink(missing_ok=True)
+
+    def status(self) -> dict:
+        pid = self.pid()
+        return {"address": self.address, "pid": pid, "running": pid is not None and port_open(self.host, self.port),
+                "queue": self.queue_type, "queue_path": str(self.queue_path) if self.queue_type == "sqlite" else None,
+                "log": str(self.log_file)}

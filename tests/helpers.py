@@ -1,0 +1,44 @@
+"""Small helpers the tests share: waiting on a condition with a deadline, running the CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def run_script(script: str, *args: str, timeout: float = 60, env: dict | None = None,
+               cwd: str | Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run one of the role scripts (e.g. 'send_job_client/send_job_client.py') as a user would."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([PYTHON, str(REPO / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO, input=input)
+
+
+def write_config(path: Path, servers: list[str], extra: str = "") -> Path:
+    """A config file for a test: its servers, logs and queue in the test's own folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server_lines = "".join(f"  - {s}\n" for s in servers)
+    path.write_text(f"servers:\n{server_lines}log:\n  dir: logs\n  format: json\n"
+                    f"plugins:\n  paths: [{REPO / 'plugins'}]\n{extra}")
+    return path

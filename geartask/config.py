@@ -173,9 +173,8 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value == "":
+        if not isinstance(value, str) or value == "":
             raise ConfigError(f"expected a string, got {value!r}", path, key)
-        value = str(value)
         if key in _CHOICES and value.lower() not in _CHOICES[key]:
             raise ConfigError(f"must be one of {', '.join(_CHOICES[key])}, got {value!r}", path, key)
         return value.lower() if key in _CHOICES else value
@@ -194,6 +193,9 @@ def _build(cls: type, data: dict, prefix: str, path: str | None, base: Path) -> 
         if value is None:
             raise ConfigError("has no value", path, key)
         kwargs[name] = _convert(value, types[name], key, path, base)
+    for name in fields:  # absent sections still need their relative default paths resolved
+        if name not in kwargs and dataclasses.is_dataclass(types[name]):
+            kwargs[name] = _build(types[name], {}, f"{prefix}.{name}" if prefix else name, path, base)
     obj = cls(**kwargs)
     # Defaults that are relative paths belong to the config file's folder too.
     for name, f in fields.items():

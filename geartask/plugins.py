@@ -94,7 +94,7 @@ class Plugins:
 
     def _call(self, hook: str, **kwargs: Any) -> Iterable[tuple[str, Any]]:
         """Call one hook plugin by plugin, so an error can name the plugin that raised."""
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():  # registration order
             args = {a: kwargs[a] for a in impl.argnames}
             try:
                 yield impl.plugin_name, impl.function(**args)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what geartask needs on a Debian machine: gearmand and the C gearman tools from
+# apt (only when missing), then a venv in .venv with geartask and its test extras.
+# Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need_apt=()
+command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need_apt+=(gearman-job-server)
+command -v gearadmin >/dev/null 2>&1 || need_apt+=(gearman-tools)
+PY="${PYTHON:-python3}"
+if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need_apt+=(python3 python3-venv python3-pip)
+fi
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "installing with apt-get: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# Debian puts gearmand in /usr/sbin, which a normal user's PATH may lack.
+export PATH="$PATH:/usr/sbin"
+
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "geartask needs Python 3.10 or newer")'
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "installed: $(.venv/bin/python -c 'import geartask; print("geartask", geartask.__version__)'), $(gearmand --version | head -1)"

@@ -1,0 +1,125 @@
+"""Config: where it is found, what it may hold, and how errors are reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geartask.config import REPO_ROOT, find_config, load_config, parse_hostport
+from geartask.errors import ConfigError
+
+from helpers import REPO
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GEARTASK_CONFIG", raising=False)
+    cfg = load_config()
+    # falls back to the repository's config.yaml
+    assert cfg.source == REPO_ROOT / "config.yaml"
+    assert cfg.servers == ["127.0.0.1:4730"]
+    assert cfg.server.host == "127.0.0.1"
+
+
+def test_search_order(tmp_path, monkeypatch):
+    explicit = write(tmp_path / "a" / "explicit.yaml", "servers: ['127.0.0.1:1001']\n")
+    env = write(tmp_path / "b" / "env.yaml", "servers: ['127.0.0.1:1002']\n")
+    cwd_file = write(tmp_path / "c" / "config.yaml", "servers: ['127.0.0.1:1003']\n")
+    monkeypatch.chdir(cwd_file.parent)
+    monkeypatch.setenv("GEARTASK_CONFIG", str(env))
+    assert load_config(explicit).servers == ["127.0.0.1:1001"]
+    assert load_config().servers == ["127.0.0.1:1002"]
+    monkeypatch.delenv("GEARTASK_CONFIG")
+    assert load_config().servers == ["127.0.0.1:1003"]
+    monkeypatch.chdir(tmp_path)
+    assert find_config() == REPO_ROOT / "config.yaml"
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = load_config(write(tmp_path / "conf" / "c.yaml",
+                            "log: {dir: mylogs}\nplugins: {paths: [p1, /abs/p2]}\n"))
+    assert cfg.log.dir == tmp_path / "conf" / "mylogs"
+    assert cfg.plugins.paths == [tmp_path / "conf" / "p1", Path("/abs/p2")]
+    assert cfg.server.queue.path == tmp_path / "conf" / "var" / "gearmand-queue.sqlite"
+
+
+def test_servers_override(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", "servers: ['127.0.0.1:1']\n"), servers="127.0.0.1:5,127.0.0.2:6")
+    assert cfg.servers == ["127.0.0.1:5", "127.0.0.2:6"]
+    assert cfg.server_addresses == [("127.0.0.1", 5), ("127.0.0.2", 6)]
+    with pytest.raises(ConfigError, match=r"--servers: bad port"):
+        load_config(tmp_path / "c.yaml", servers="127.0.0.1:notaport")
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("colour: blue\n", "colour", "unknown key"),
+    ("worker: {thraeds: 3}\n", "worker.thraeds", "unknown key (known here: grace, job_timeout"),
+    ("worker: {threads: many}\n", "worker.threads", "expected an integer, got 'many'"),
+    ("worker: {threads: 0}\n", "worker.threads", "must be greater than 0"),
+    ("worker: {retries: -1}\n", "worker.retries", "must not be negative"),
+    ("sender: {connect_timeout: -2.5}\n", "sender.connect_timeout", "must be greater than 0"),
+    ("sender: {priority: urgent}\n", "sender.priority", "must be one of low, normal, high"),
+    ("sender: {background: 'yes'}\n", "sender.background", "expected true or false"),
+    ("servers: ['localhost:99999']\n", "servers[0]", "must be 1-65535"),
+    ("servers: ['127.0.0.1:4730', 'host:abc']\n", "servers[1]", "not a number"),
+    ("servers: []\n", "servers", "needs at least one"),
+    ("servers: '127.0.0.1:4730'\n", "servers", "expected a list"),
+    ("log: {level: loud}\n", "log.level", "must be one of debug, info"),
+    ("worker: {shell: {allow: [echo, 3]}}\n", "worker.shell.allow[1]", "expected a string"),
+    ("server: {queue: {type: mysql}}\n", "server.queue.type", "must be one of sqlite, none"),
+    ("worker:\n", "worker", "has no value"),
+])
+def test_validation_errors_name_the_key(tmp_path, text, key, message):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.key == key
+    assert str(exc.value).startswith(f"{path}: {key}: ")
+    assert message in str(exc.value)
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    path = write(tmp_path / "bad.yaml", "servers:\n  - 127.0.0.1:4730\nworker: {threads: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.line == 4 and exc.value.column is not None
+    assert str(exc.value).startswith(f"{path}:4:")
+    assert "YAML syntax error" in str(exc.value)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path / "bad.yaml", "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("text, expected", [("h:1", ("h", 1)), ("h", ("h", 4730)), ("[::1]:5", ("::1", 5))])
+def test_parse_hostport(text, expected):
+    assert parse_hostport(text) == expected
+
+
+def test_check_command_exits_2_without_traceback(tmp_path):
+    path = write(tmp_path / "bad.yaml", "worker: {threads: -3}\n")
+    proc = subprocess.run([sys.executable, "-m", "geartask", "--config", str(path), "check"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{path}: worker.threads: must be greater than 0" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "geartask", "check"], capture_output=True, text=True,
+                        cwd=REPO, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "config.yaml" in ok.stdout and "eg" in ok.stdout

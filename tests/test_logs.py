@@ -1,0 +1,89 @@
+"""Logging: every event carries role/name/pid/thread, job context per thread, JSON lines in the file."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+
+from geartask.config import LogConfig
+from geartask.logs import configure_logging, get_logger, job_context
+
+
+def read_events(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_json_file_carries_process_thread_and_job_fields(tmp_path):
+    stream = io.StringIO()
+    path = configure_logging(LogConfig(dir=tmp_path / "logs"), "worker", "w1", stream=stream)
+    assert path == tmp_path / "logs" / "worker-w1.log"
+    log = get_logger("geartask.test")
+
+    def job(n):
+        with job_context(task="eg.reverse", handle=f"H:x:{n}", unique=f"u{n}"):
+            log.info("job done", outcome="complete")
+        log.info("between jobs")
+
+    threads = [threading.Thread(target=job, args=(n,), name=f"worker-{n}") for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+    events = read_events(path)
+    done = [e for e in events if e["event"] == "job done"]
+    assert len(done) == 3
+    for e in done:
+        n = e["thread"].split("-")[1]
+        assert e["handle"] == f"H:x:{n}" and e["unique"] == f"u{n}" and e["task"] == "eg.reverse"
+        assert e["role"] == "worker" and e["name"] == "w1" and e["pid"] == os.getpid()
+        assert e["level"] == "info" and "timestamp" in e
+    # context is cleared after the job: no handle leaks into later events
+    assert all("handle" not in e for e in events if e["event"] == "between jobs")
+    # stderr is not a terminal here, so the console gets JSON too
+    assert json.loads(stream.getvalue().splitlines()[0])["role"] == "worker"
+
+
+def test_stdlib_logging_goes_through_the_same_pipeline(tmp_path):
+    path = configure_logging(LogConfig(dir=tmp_path), "sender", "s1", stream=io.StringIO())
+    logging.getLogger("gearman.connection").warning("socket trouble %s", "here")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    (event,) = [e for e in read_events(path) if e["event"] == "socket trouble here"]
+    assert event["logger"] == "gearman.connection" and event["role"] == "sender" and event["level"] == "warning"
+
+
+def test_console_format_and_level(tmp_path):
+    stream = io.StringIO()
+    configure_logging(LogConfig(dir=tmp_path, format="console", level="warning"), "manager", stream=stream,
+                      to_file=False)
+    log = get_logger()
+    log.info("quiet")
+    log.warning("loud", server="127.0.0.1:4730")
+    out = stream.getvalue()
+    assert "quiet" not in out
+    assert "loud" in out and "server=127.0.0.1:4730" in out and not out.lstrip().startswith("{")
+
+
+def test_reconfiguring_does_not_stack_handlers(tmp_path):
+    for _ in range(3):
+        configure_logging(LogConfig(dir=tmp_path), "worker", "w2", stream=io.StringIO())
+    get_logger().info("once")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    assert [e["event"] for e in read_events(tmp_path / "worker-w2.log")].count("once") == 1
+
+
+def test_file_is_rotated_by_size(tmp_path):
+    path = configure_logging(LogConfig(dir=tmp_path, max_bytes=2000, backups=2), "worker", "rot",
+                             stream=io.StringIO())
+    log = get_logger()
+    for i in range(200):
+        log.info("filler", i=i, pad="x" * 50)
+    assert path.stat().st_size <= 2000
+    assert (tmp_path / "worker-rot.log.1").exists()

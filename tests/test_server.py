@@ -1,0 +1,110 @@
+"""The local gearmand, and the protocol module's quirk handling, against real servers."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from geartask import protocol
+from geartask.errors import LocalServerError, ServerError
+from geartask.server import LocalServer, free_port, port_open
+
+from helpers import wait_until
+
+
+def test_start_status_stop(tmp_path):
+    server = LocalServer("127.0.0.1", free_port(), tmp_path / "run", queue_path=tmp_path / "q.sqlite")
+    pid = server.start()
+    try:
+        st = server.status()
+        assert st["running"] and st["pid"] == pid and st["queue"] == "sqlite"
+        assert server.pid_file.read_text().strip() == str(pid)
+        assert protocol.admin_command("127.0.0.1", server.port, "version")[0].startswith("OK ")
+        assert server.start() == pid  # starting a running server is a no-op
+    finally:
+        assert server.stop() is True
+    assert not port_open("127.0.0.1", server.port)
+    assert server.status()["running"] is False
+    assert server.stop() is False  # nothing left to stop
+
+
+def test_start_refuses_a_port_someone_else_serves(gearmand, tmp_path):
+    other = LocalServer("127.0.0.1", gearmand.port, tmp_path / "other", queue_type="none")
+    with pytest.raises(LocalServerError, match="something else already serves"):
+        other.start()
+
+
+def test_missing_gearmand_program_is_a_clear_error(tmp_path):
+    server = LocalServer("127.0.0.1", free_port(), tmp_path, gearmand="no-such-gearmand")
+    with pytest.raises(LocalServerError, match="'no-such-gearmand' not found: install it with"):
+        server.start()
+
+
+def test_background_job_survives_kill_9_and_restart(fresh_gearmand, fname):
+    """A job queued by the C client is in the sqlite queue, so a crash doesn't lose it."""
+    port = str(fresh_gearmand.port)
+    subprocess.run(["gearman", "-h", "127.0.0.1", "-p", port, "-b", "-f", fname, "-u", "keep-me", "--", "payload"],
+                   check=True, timeout=30)
+    assert protocol.admin_command("127.0.0.1", fresh_gearmand.port, "status") == [f"{fname}\t1\t0\t0"]
+    fresh_gearmand.kill()
+    assert not port_open("127.0.0.1", fresh_gearmand.port)
+    fresh_gearmand.start()
+    assert protocol.admin_command("127.0.0.1", fresh_gearmand.port, "status") == [f"{fname}\t1\t0\t0"]
+    # and a worker really gets it, unique key and data intact
+    conn = protocol.Connection("127.0.0.1", fresh_gearmand.port).connect()
+    try:
+        conn.send(protocol.CAN_DO, task=fname)
+        conn.send(protocol.GRAB_JOB_UNIQ)
+        pkt = conn.expect(protocol.JOB_ASSIGN_UNIQ, 5)
+        assert (pkt["unique"], pkt["data"]) == (b"keep-me", b"payload")
+        conn.send(protocol.WORK_COMPLETE, job_handle=pkt["job_handle"], data=b"")
+        wait_until(lambda: protocol.admin_command("127.0.0.1", fresh_gearmand.port, "status")
+                   == [f"{fname}\t0\t0\t1"], message="the job to leave the queue")
+    finally:
+        conn.close()
+
+
+def test_str_task_names_reach_a_job_from_the_c_client(gearmand, fname):
+    """Quirk: the server speaks bytes; registering a str name must still receive jobs."""
+    conn = protocol.Connection("127.0.0.1", gearmand.port).connect()
+    try:
+        conn.send(protocol.SET_CLIENT_ID, client_id="quirk:127.0.0.1:1:0")
+        conn.send(protocol.CAN_DO, task=fname)  # a str, encoded for the wire here
+        client = subprocess.Popen(["gearman", "-h", "127.0.0.1", "-p", str(gearmand.port), "-f", fname, "--", "ping"],
+                                  stdout=subprocess.PIPE, text=True)
+        conn.send(protocol.PRE_SLEEP)
+        conn.expect(protocol.NOOP, 10)
+        conn.send(protocol.GRAB_JOB_UNIQ)
+        pkt = conn.expect(protocol.JOB_ASSIGN_UNIQ, 5)
+        assert pkt.text("task") == fname and pkt["data"] == b"ping"
+        conn.send(protocol.WORK_COMPLETE, job_handle=pkt["job_handle"], data="pong")
+        out, _ = client.communicate(timeout=10)
+        assert out.strip() == "pong"
+    finally:
+        conn.close()
+
+
+def test_parser_handles_split_and_coalesced_packets(gearmand):
+    """Quirk: pygearman's parser needs a memoryview; many packets in one read, or one split, both parse."""
+    conn = protocol.Connection("127.0.0.1", gearmand.port).connect()
+    try:
+        big = b"x" * 200_000  # arrives in several recv() chunks
+        conn.send_raw(b"".join(protocol.pack(protocol.ECHO_REQ, data=d) for d in (b"a", big, b"c")))
+        got = [conn.expect(protocol.ECHO_RES, 5)["data"] for _ in range(3)]
+        assert got == [b"a", big, b"c"]
+    finally:
+        conn.close()
+
+
+def test_admin_text_commands_single_and_multi_line(gearmand):
+    assert protocol.admin_command("127.0.0.1", gearmand.port, "getpid")[0] == f"OK {gearmand.pid()}"
+    workers = protocol.admin_command("127.0.0.1", gearmand.port, "workers")
+    assert isinstance(workers, list) and all(isinstance(line, str) for line in workers)
+    assert protocol.admin_command("127.0.0.1", gearmand.port, "no such command")[0].startswith("ERR ")
+
+
+def test_unreachable_server_is_a_server_error():
+    port = free_port()
+    with pytest.raises(ServerError, match=f"127.0.0.1:{port}: cannot connect"):
+        protocol.Connection("127.0.0.1", port, connect_timeout=1).connect()

@@ -213,6 +213,20 @@ class Connection:
         self._buf += chunk
         return True
 
+    def read_packets(self) -> list[Packet]:
+        """Read once (call when select says the socket is readable); every complete packet.
+
+        For loops that select over many connections themselves; raises ServerError on EOF.
+        """
+        self._read_some(None)
+        return self.buffered_packets()
+
+    def buffered_packets(self) -> list[Packet]:
+        packets = []
+        while (pkt := self._take_packet()) is not None:
+            packets.append(pkt)
+        return packets
+
     def has_buffered_packet(self) -> bool:
         return len(self._buf) >= gp.COMMAND_HEADER_SIZE
 

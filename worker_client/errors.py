@@ -1,0 +1,18 @@
+"""How a task says an attempt failed, and whether trying again could help."""
+
+from __future__ import annotations
+
+from geartask.errors import JobError
+
+
+class AttemptFailed(JobError):
+    """This attempt failed; the worker retries it (up to the job's retries)."""
+
+    def __init__(self, reason: str, details: dict | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details or {}
+
+
+class JobRejected(AttemptFailed):
+    """The job can never succeed as sent (bad data, refused command): fail it without retrying."""

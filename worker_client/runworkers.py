@@ -1,0 +1,83 @@
+"""runworkers: start N threaded Gearman workers for the enabled plugins' tasks and `shell`.
+
+    python worker_client/runworkers.py --name w1 --threads 10 [--config PATH] [--servers H:P,...]
+                                       [--plugins eg,...]
+
+Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM or SIGINT; then
+stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0. A
+second signal exits at once (gearmand requeues what was in flight).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a file, from the repository root or from inside worker_client/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "worker_client"
+
+from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
+from geartask.control import check_name  # noqa: E402
+from geartask.errors import PluginError, UsageError  # noqa: E402
+from geartask.logs import configure_logging  # noqa: E402
+from geartask.plugins import load_plugins  # noqa: E402
+
+from worker_client.worker_client import WorkerProcess  # noqa: E402
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="runworkers", description="Start threaded geartask workers.")
+    add_common_args(p)
+    p.add_argument("--name", help="worker name shown by the manager (default: worker.name, the host name)")
+    p.add_argument("--threads", type=int, help="worker threads (default: worker.threads)")
+    p.add_argument("--plugins", metavar="NAME,...",
+                   help="plugins whose tasks to serve (default: plugins.enabled, or every plugin found)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    name = check_name(args.name if args.name is not None else config.worker.name)
+    threads = args.threads if args.threads is not None else config.worker.threads
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
+    # Everything that can fail on bad input fails here, before a single thread starts.
+    plugins = load_plugins(config, only=only)
+    found = plugins.tasks()
+    if "shell" in found:
+        plugin = found["shell"][1]
+        raise PluginError("registers the task name 'shell', which is the built-in shell task",
+                          plugin, plugins.files.get(plugin))
+    tasks = {task: fn for task, (fn, _) in found.items()}
+    configure_logging(config.log, "worker", name)
+
+    process = WorkerProcess(config, name, threads, tasks)
+    signals_seen = []
+
+    def on_signal(signum, frame):
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
+        process.request_shutdown(now=False, reason=signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    process.start()
+    try:
+        return process.wait()
+    finally:
+        process.close()
+
+
+def cli() -> None:
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

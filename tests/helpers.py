@@ -35,10 +35,12 @@ def run_script(script: str, *args: str, timeout: float = 60, env: dict | None = 
                           timeout=timeout, env=full_env, cwd=cwd or REPO, input=input)
 
 
-def write_config(path: Path, servers: list[str], extra: str = "") -> Path:
+def write_config(path: Path, servers: list[str], extra: str = "",
+                 plugin_paths: list[Path] | None = None) -> Path:
     """A config file for a test: its servers, logs and queue in the test's own folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     server_lines = "".join(f"  - {s}\n" for s in servers)
+    paths = ", ".join(str(p) for p in (plugin_paths or [REPO / "plugins"]))
     path.write_text(f"servers:\n{server_lines}log:\n  dir: logs\n  format: json\n"
-                    f"plugins:\n  paths: [{REPO / 'plugins'}]\n{extra}")
+                    f"plugins:\n  paths: [{paths}]\n{extra}")
     return path

@@ -41,6 +41,7 @@ class Result:
     cut: bool = False  # output was longer than max_output
     reason: str | None = None  # why it did not run, or why it was stopped
     cancelled: bool = False
+    pid: int | None = None  # the child's pid, which is also its process group id
 
     @property
     def ok(self) -> bool:
@@ -146,7 +147,7 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
             reason = f"killed by signal {signal.Signals(-proc.returncode).name}"
         elif proc.returncode != 0:
             reason = f"exit status {proc.returncode}"
-        return Result(proc.returncode, output, timed_out, duration, cut, reason, cancelled)
+        return Result(proc.returncode, output, timed_out, duration, cut, reason, cancelled, proc.pid)
     finally:
         if out is not None:
             out.close()

@@ -80,6 +80,13 @@ class Job:
         self._conn.send(gp.WORK_DATA, job_handle=self.handle, data=encode_payload(data, self.task))
 
 
+class Abandoned(ServerError):
+    """A job stopped by a hard shutdown: answer nothing, so gearmand gives it to another worker."""
+
+    def __init__(self, handle: str):
+        super().__init__(f"job {handle} abandoned at shutdown; gearmand will requeue it")
+
+
 class DeadLetters:
     """Jobs that failed for good, as JSON lines: gearmand never requeues a failed job, and a
     background job's failure has nobody listening, so this file is where it is not lost.
@@ -396,7 +403,7 @@ class WorkerProcess:
             # so gearmand gives those jobs to another worker.
             log.warning("grace over; stopping in-flight jobs, gearmand will requeue them",
                         jobs=[t.current.handle for t in busy if t.current])
-            self.cancel_jobs.set()
+            # Connections first: a killed command must not be reported as a failure.
             for t in busy:
                 for link in t.links:
                     sock = link.conn.sock
@@ -405,6 +412,7 @@ class WorkerProcess:
                             sock.shutdown(socket.SHUT_RDWR)
                         except OSError:
                             pass
+            self.cancel_jobs.set()
             for t in busy:
                 t.join(2.0)
         self.finished.set()
@@ -450,6 +458,10 @@ class WorkerProcess:
                 a0 = time.monotonic()
                 try:
                     result = fn(job)
+                    if self.cancel_jobs.is_set():
+                        raise Abandoned(job.handle)
+                except Abandoned:
+                    raise
                 except JobRejected as e:
                     reason = {"error": e.reason, **e.details}
                     log.info("job", attempt=attempt, outcome="rejected", seconds=round(time.monotonic() - a0, 6),
@@ -458,18 +470,20 @@ class WorkerProcess:
                 except ServerError:
                     raise  # our connection is gone: gearmand requeues the job
                 except Exception as e:
+                    if self.cancel_jobs.is_set():
+                        raise Abandoned(job.handle) from None
                     if isinstance(e, AttemptFailed):
                         reason = {"error": e.reason, **e.details}
                     else:
                         reason = {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
-                    last = attempt > retries or self.cancel_jobs.is_set()
+                    last = attempt > retries
                     log.info("job", attempt=attempt, outcome="failed" if last else "retrying",
                              seconds=round(time.monotonic() - a0, 6), reason=reason["error"])
                     if last:
                         return self._fail(job, reason, attempt, time.monotonic() - t0)
                     backoff = min(self.config.worker.retry_backoff * 2 ** (attempt - 1), BACKOFF_MAX)
                     if self.cancel_jobs.wait(backoff):
-                        return self._fail(job, reason, attempt, time.monotonic() - t0)
+                        raise Abandoned(job.handle)
                     continue
                 try:
                     payload = encode_payload(result, job.task)

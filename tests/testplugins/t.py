@@ -1,0 +1,40 @@
+"""Tasks for the worker tests: they record who ran them, so tests can see it."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from geartask import hookimpl
+
+
+def record(job):
+    """Append {data, pid, thread, attempt} to the file named in data['file']; sleep data['sleep']."""
+    data = job.data
+    time.sleep(float(data.get("sleep", 0)))
+    line = json.dumps({"id": data.get("id"), "pid": os.getpid(), "thread": threading.current_thread().name,
+                       "attempt": job.attempt, "handle": job.handle, "unique": job.unique}) + "\n"
+    fd = os.open(data["file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return {"id": data.get("id"), "pid": os.getpid()}
+
+
+def fail(job):
+    raise ValueError(f"always fails (attempt {job.attempt})")
+
+
+def progress(job):
+    for i in range(1, 4):
+        job.status(i, 3)
+        job.send_data({"part": i})
+    return "done"
+
+
+@hookimpl
+def geartask_tasks():
+    return {"t.record": record, "t.fail": fail, "t.progress": progress}

@@ -1,0 +1,77 @@
+"""Start real worker processes (runworkers.py) for tests, and wait until they are attached."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from geartask import protocol as gp
+
+from helpers import REPO, wait_until
+
+RUNWORKERS = REPO / "worker_client" / "runworkers.py"
+
+
+def worker_connections(address: str) -> list[str]:
+    host, port = address.rsplit(":", 1)
+    try:
+        return gp.admin_command(host, int(port), "workers", timeout=5)
+    except Exception:
+        return []
+
+
+def attached(address: str, name: str, pid: int, threads: int) -> bool:
+    """All ``threads`` job connections and the control connection of that process are up."""
+    mine = [line for line in worker_connections(address) if f" {name}:" in line and f":{pid}:" in line]
+    return len(mine) >= threads + 1
+
+
+class WorkerProc:
+    def __init__(self, config: Path, name: str, threads: int, *extra: str):
+        self.name, self.threads = name, threads
+        self.config = config
+        # Output to a file, never an unread pipe: a worker that logs a lot would block on it.
+        self.output = config.parent / f"worker-{name}-{len(list(config.parent.glob('worker-*.out')))}.out"
+        with open(self.output, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(RUNWORKERS), "--config", str(config), "--name", name,
+                 "--threads", str(threads), *extra],
+                stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
+        self.pid = self.proc.pid
+
+    def wait_attached(self, addresses: list[str], timeout: float = 15) -> "WorkerProc":
+        for address in addresses:
+            wait_until(lambda: attached(address, self.name, self.pid, self.threads) or self.proc.poll() is not None,
+                       timeout, message=f"worker {self.name} attached to {address}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}: {self.text()[-2000:]}")
+        return self
+
+    def signal(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Teardown: end the process we started, by its pid."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        import json
+        path = self.config.parent / "logs" / f"worker-{self.name}.log"
+        if not path.exists():
+            return []
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

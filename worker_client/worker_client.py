@@ -44,6 +44,7 @@ from .shell_task import ShellTask
 log = get_logger("geartask.worker")
 
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
+CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
 
 
@@ -163,7 +164,8 @@ class GrabLoop(threading.Thread):
         self.wake_fd = wake_fd
         cfg = process.config
         self.poll_timeout = cfg.worker.poll_timeout
-        self.links = [_Link(gp.Connection(h, p, connect_timeout=min(5.0, cfg.sender.connect_timeout)))
+        # A short connect timeout: while a thread waits on an unreachable server it serves no other.
+        self.links = [_Link(gp.Connection(h, p, connect_timeout=CONNECT_TIMEOUT))
                       for h, p in cfg.server_addresses]
         self.wants: collections.deque[_Link] = collections.deque()  # links to send a GRAB on
         self.outstanding: _Link | None = None

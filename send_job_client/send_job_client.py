@@ -1,0 +1,299 @@
+"""send_job_client: send jobs to the job servers from the command line.
+
+    send_job_client.py [--config PATH] [--servers H:P,...] plugin NAME [--background]
+                       [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
+    send_job_client.py shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    send_job_client.py job TASK DATA
+    send_job_client.py list
+    send_job_client.py status [HANDLE...]
+
+A thin layer over send_job_client.clients.JobSender. Exit 0 when every job completed (or
+was accepted, for background jobs), 1 when any failed or timed out or no server could be
+reached, 2 for usage, config and plugin errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from geartask.cli import ArgumentParser, add_common_args, config_from_args, run
+from geartask.config import PRIORITIES
+from geartask.errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
+from geartask.jobs import JobDefinition
+from geartask.logs import configure_logging
+from geartask.plugins import discover, load_plugins
+from send_job_client.clients import JobResult, JobSender, StatusResult
+from send_job_client.progress import ProgressBar
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    # --config/--servers are accepted after the subcommand too; SUPPRESS keeps the
+    # top-level value when they are not repeated here.
+    sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub.add_argument("--servers", metavar="HOST:PORT,...", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
+    sub.add_argument("--background", action="store_true", default=None,
+                     help="send as background jobs: done once a server accepts them (see 'status')")
+    sub.add_argument("--priority", choices=PRIORITIES, help="job priority (default: sender.priority)")
+    sub.add_argument("--no-wait", action="store_true",
+                     help="return once every job is accepted, without results (sent as background jobs, "
+                          "because gearmand drops a foreground job whose client has gone)")
+    sub.add_argument("--timeout", type=_positive_float, metavar="S", help=timeout_help)
+    sub.add_argument("--json", action="store_true", help="print one JSON object per job and nothing else")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="send_job_client.py",
+                            description="Send jobs to the geartask job servers.")
+    add_common_args(parser)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    subs.required = True
+
+    sp = subs.add_parser("plugin", help="send every job a plugin defines")
+    _common(sp)
+    sp.add_argument("name", metavar="NAME", help="plugin name (see 'list')")
+    _submit_flags(sp, "seconds to wait for all results; the rest end as 'timeout'")
+
+    sp = subs.add_parser("shell", help="one ad hoc command for the workers' shell task")
+    _common(sp)
+    _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
+    sp.add_argument("--retries", type=_non_negative_int, metavar="N",
+                    help="times the worker retries a failed command (up to its worker.max_retries)")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+
+    sp = subs.add_parser("job", help="one job for any task")
+    _common(sp)
+    sp.add_argument("task", metavar="TASK")
+    sp.add_argument("data", metavar="DATA", help="JSON, else taken as a string")
+    sp.add_argument("--unique", help="unique key (default: generated)")
+    _submit_flags(sp, "seconds to wait for the result")
+
+    sp = subs.add_parser("list", help="the plugins found and the jobs each would send")
+    _common(sp)
+    sp.add_argument("--json", action="store_true", help="JSON output")
+
+    sp = subs.add_parser("status", help="ask the servers about background jobs")
+    _common(sp)
+    sp.add_argument("handles", nargs="*", metavar="HANDLE",
+                    help="job handles (default: every background job recorded in log.dir)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    return parser
+
+
+def _parse_data(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _short(value: Any, width: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _job_line(r: JobResult) -> str:
+    where = f"{r.handle or '-'}@{r.server or '-'}"
+    head = f"{r.state:8} {r.task} [{r.unique}] {where} attempts={r.attempts} {r.seconds:.2f}s"
+    if r.state in ("failed", "timeout"):
+        return f"{head} error: {_short(r.error)}"
+    if r.state == "queued":
+        return head
+    return f"{head} -> {_short(r.result)}"
+
+
+def _report(results: list[JobResult], as_json: bool) -> int:
+    out = sys.stdout
+    for r in results:
+        if as_json:
+            out.write(json.dumps(r.to_json(), ensure_ascii=False, default=repr) + "\n")
+        else:
+            out.write(_job_line(r) + "\n")
+    if not as_json:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        seconds = max((r.seconds for r in results), default=0.0)
+        out.write(f"{len(results)} job(s): {summary} in {seconds:.2f}s\n")
+        if any(r.state == "queued" for r in results):
+            out.write("background jobs recorded; check them with: send_job_client.py status\n")
+    out.flush()
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _send(config: Any, args: argparse.Namespace, jobs: list[Any], timeout: float | None,
+          plugin: tuple[str, str | None] | None = None) -> int:
+    overrides = {}
+    if args.priority:
+        overrides["priority"] = args.priority
+    if args.background:
+        overrides["background"] = True
+    jobs = [_override(j, overrides) for j in jobs]
+    bar = ProgressBar(sys.stderr)
+    with JobSender(config) as sender, bar:
+        try:
+            results = sender.submit_many(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar)
+        except JobDefinitionError as e:
+            if plugin is None:
+                raise
+            raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
+    return _report(results, args.json)
+
+
+def _override(job: Any, overrides: dict) -> Any:
+    if not overrides:
+        return job
+    d = dict(job.__dict__) if isinstance(job, JobDefinition) else dict(job)
+    d.update(overrides)
+    return d
+
+
+def cmd_plugin(config: Any, args: argparse.Namespace) -> int:
+    plugins = load_plugins(config, only=[args.name])
+    jobs = [job for _, job in plugins.jobs()]
+    if not jobs:
+        raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
+    return _send(config, args, jobs, args.timeout, (args.name, plugins.files.get(args.name)))
+
+
+def cmd_shell(config: Any, args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("shell: no command given; usage: send_job_client.py shell [options] -- CMD ARGS...")
+    data: dict[str, Any] = {"cmd": cmd}
+    if args.timeout:
+        data["timeout"] = args.timeout
+    if args.retries is not None:
+        data["retries"] = args.retries
+    # The command's own timeout bounds the job on the worker, so we don't add a second one.
+    return _send(config, args, [{"task": "shell", "data": data}], None)
+
+
+def cmd_job(config: Any, args: argparse.Namespace) -> int:
+    job = {"task": args.task, "data": _parse_data(args.data)}
+    if args.unique:
+        job["unique"] = args.unique
+    return _send(config, args, [job], args.timeout)
+
+
+def cmd_list(config: Any, args: argparse.Namespace) -> int:
+    found = discover(config)
+    enabled = list(config.plugins.enabled)
+    out = []
+    status = EXIT_OK
+    for name, src in sorted(found.items()):
+        item = {"plugin": name, "file": src.file, "enabled": not enabled or name in enabled, "jobs": []}
+        try:
+            jobs = [job for _, job in load_plugins(config, only=[name]).jobs()]
+        except GeartaskError as e:  # one broken plugin doesn't hide the others
+            item["error"] = str(e)
+            status = e.exit_status
+            jobs = []
+        item["jobs"] = [{"task": j.task, "unique": j.unique, "priority": j.priority, "background": j.background,
+                         "data": j.data if not isinstance(j.data, bytes) else f"<{len(j.data)} bytes>"}
+                        for j in jobs]
+        out.append(item)
+    if args.json:
+        for item in out:
+            print(json.dumps(item, ensure_ascii=False, default=repr))
+        return status
+    if not out:
+        print("no plugins found in " + ", ".join(str(p) for p in config.plugins.paths))
+    for item in out:
+        head = f"{item['plugin']} ({item['file']}){'' if item['enabled'] else ' [not enabled]'}"
+        if "error" in item:
+            print(f"{head}: error: {item['error']}")
+            continue
+        print(f"{head}: {len(item['jobs'])} job(s)")
+        for j in item["jobs"]:
+            extra = "".join(f" {k}={j[k]}" for k in ("unique", "priority", "background") if j[k] is not None)
+            print(f"  {j['task']}{extra} data={_short(j['data'], 70)}")
+    return status
+
+
+def _status_line(s: StatusResult) -> str:
+    who = f"{s.task} [{s.unique}] " if s.task else ""
+    line = f"{s.state:11} {who}{s.handle}@{s.server or '-'}"
+    if s.state == "running" and s.denominator:
+        line += f" {s.numerator}/{s.denominator}"
+    if s.error:
+        line += f" error: {s.error}"
+    return line
+
+
+def cmd_status(config: Any, args: argparse.Namespace) -> int:
+    with JobSender(config) as sender:
+        results = sender.status(args.handles or None)
+    if not results:
+        if not args.json:
+            print(f"no background jobs recorded in {sender.record_path}")
+        return EXIT_OK
+    for s in results:
+        print(json.dumps(s.to_json()) if args.json else _status_line(s))
+    if not args.json:
+        done = sum(1 for s in results if s.state == "done")
+        print(f"{len(results)} job(s): {done} done, {len(results) - done} not done")
+    return EXIT_FAILED if any(s.state == "unreachable" for s in results) else EXIT_OK
+
+
+def _quiet_console(config: Any) -> None:
+    """Every job's story goes to the log file; the console (stderr, under the progress bar)
+    gets only warnings and errors unless log.level is debug: stdout already has the report."""
+    if config.log.level == "debug":
+        return
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(max(h.level, logging.WARNING))
+
+
+COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    configure_logging(config.log, "sender", None, to_file=True, stream=sys.stderr)
+    _quiet_console(config)
+    return COMMANDS[args.command](config, args)
+
+
+def cli() -> None:
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,516 @@
+"""The sender (issue 4): real gearmand, real runworkers.py workers, the CLI and JobSender.
+
+What each test proves is in its name and docstring; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from geartask import protocol as gp
+from geartask.cli import run
+from geartask.config import load_config
+from geartask.errors import JobDefinitionError, NoServerError
+from geartask.server import LocalServer, free_port
+from send_job_client import clients
+from send_job_client.clients import JobSender
+from send_job_client.progress import render
+from send_job_client.send_job_client import main
+
+from helpers import PYTHON, REPO, run_script, wait_until, write_config
+from workers import WorkerProc
+
+SCRIPT = "send_job_client/send_job_client.py"
+
+# Tasks for these tests: each run appends a line to data["file"] *before* it sleeps, so a
+# test can count runs and see order; it reports WORK_STATUS so a test can see it running.
+SENDER_PLUGIN = '''
+import json, os, time
+from geartask import hookimpl
+
+def count(job):
+    d = job.data
+    fd = os.open(d["file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (json.dumps({"id": d.get("id"), "unique": job.unique, "handle": job.handle}) + "\\n").encode())
+    os.close(fd)
+    job.status(1, 2)
+    time.sleep(float(d.get("sleep", 0)))
+    return {"id": d.get("id")}
+
+@hookimpl
+def geartask_tasks():
+    return {"st.count": count}
+'''
+
+EXTRA = """worker:
+  shell:
+    allow: [echo, uname, ls]
+sender:
+  connect_timeout: 10
+  submit_timeout: 2
+"""
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """setup(servers, extra='') -> config path: eg plugins plus this file's st.count plugin."""
+    plugdir = tmp_path / "splugins"
+    plugdir.mkdir()
+    (plugdir / "sendertest.py").write_text(SENDER_PLUGIN)
+
+    def make(servers, extra: str = EXTRA, name: str = "config.yaml") -> Path:
+        addrs = [s.address if isinstance(s, LocalServer) else s for s in servers]
+        path = write_config(tmp_path / name, addrs, extra)
+        text = path.read_text().replace(f"paths: [{REPO / 'plugins'}]", f"paths: [{REPO / 'plugins'}, {plugdir}]")
+        path.write_text(text)
+        return path
+    return make
+
+
+@pytest.fixture
+def workers():
+    """workers(config, name, threads, servers) -> a started, attached runworkers.py process."""
+    started: list[WorkerProc] = []
+
+    def start(config: Path, servers, name: str = "w1", threads: int = 2) -> WorkerProc:
+        w = WorkerProc(config, name, threads)
+        started.append(w)
+        return w.wait_attached([s.address if isinstance(s, LocalServer) else s for s in servers])
+    yield start
+    for w in started:
+        w.stop()
+
+
+def runs(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def queued(server: LocalServer, fn: str) -> int:
+    for line in gp.admin_command(server.host, server.port, "status"):
+        parts = line.split("\t")
+        if parts[0] == fn:
+            return int(parts[1])
+    return 0
+
+
+def cli(argv, capsys):
+    """Run the CLI in-process (fast); returns (exit status, stdout, stderr)."""
+    rc = run(main, argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# -- the eg plugin end to end, foreground / background / --no-wait ------------------------------
+
+def test_eg_plugin_end_to_end_json(fresh_gearmand, setup, workers):
+    """`plugin eg --json`: every eg job completes on real workers; stdout is only JSON lines."""
+    cfg = setup([fresh_gearmand])
+    workers(cfg, [fresh_gearmand], threads=3)
+    r = run_script(SCRIPT, "--config", str(cfg), "plugin", "eg", "--json", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(lines) == 6
+    assert [l["task"] for l in lines] == ["eg.reverse", "eg.wordcount", "eg.flaky", "shell", "shell", "shell"]
+    for l in lines:
+        assert set(l) == {"task", "unique", "handle", "server", "state", "result", "attempts", "seconds"}
+        assert l["state"] == "complete" and l["server"] == fresh_gearmand.address and l["attempts"] == 1
+    assert lines[0]["result"] == {"reversed": "ksatraeg"} and lines[0]["unique"] == "eg-reverse-1"
+    assert lines[2]["result"]["attempt"] == 2  # eg.flaky failed once and the worker retried it
+    assert lines[3]["result"]["output"] == "hello from a geartask worker\n"
+
+
+def test_job_and_shell_text_output(fresh_gearmand, setup, workers, capsys):
+    """`job TASK DATA` and `shell -- CMD`: one line per job plus a summary, exit 0."""
+    cfg = setup([fresh_gearmand])
+    workers(cfg, [fresh_gearmand])
+    rc, out, err = cli(["--config", str(cfg), "job", "eg.reverse", "abc"], capsys)
+    assert rc == 0, err
+    assert re.search(r"^complete +eg\.reverse .*attempts=1 .*\{\"reversed\": \"cba\"\}", out, re.M)
+    assert "1 job(s): 1 complete" in out
+    rc, out, err = cli(["--config", str(cfg), "shell", "--timeout", "5", "--", "echo", "-n", "hi"], capsys)
+    assert rc == 0, err
+    assert '"output": "hi"' in out
+    # A command the workers refuse is a failed job: exit 1 and the worker's reason.
+    rc, out, err = cli(["--config", str(cfg), "shell", "--json", "--", "rm", "-rf", "/nonexistent"], capsys)
+    assert rc == 1
+    (line,) = [json.loads(l) for l in out.splitlines()]
+    assert line["state"] == "failed" and "allow" in json.dumps(line["error"])
+
+
+def test_background_then_status(fresh_gearmand, setup, workers, capsys):
+    """`plugin eg --background` returns at once with handles; `status` reports queued, then done."""
+    cfg = setup([fresh_gearmand])
+    rc, out, err = cli(["--config", str(cfg), "plugin", "eg", "--background", "--json"], capsys)
+    assert rc == 0, err
+    lines = [json.loads(l) for l in out.splitlines()]
+    assert len(lines) == 6 and all(l["state"] == "queued" and l["handle"] for l in lines)
+    record = cfg.parent / "logs" / "sender-background.jsonl"
+    recs = [json.loads(l) for l in record.read_text().splitlines()]
+    assert [r["handle"] for r in recs] == [l["handle"] for l in lines]
+    assert all(r["server"] == fresh_gearmand.address for r in recs)
+
+    rc, out, err = cli(["--config", str(cfg), "status", "--json"], capsys)
+    assert rc == 0, err
+    states = [json.loads(l) for l in out.splitlines()]
+    assert [s["state"] for s in states] == ["queued"] * 6 and all(s["known"] for s in states)
+
+    workers(cfg, [fresh_gearmand], threads=3)
+
+    def all_done():
+        rc, out, _ = cli(["--config", str(cfg), "status", "--json"], capsys)
+        return rc == 0 and all(json.loads(l)["state"] == "done" for l in out.splitlines())
+    wait_until(all_done, 20, 0.2, "every background job done")
+    # Handles as a user pastes them (bare, or HANDLE@SERVER as printed); text output.
+    rc, out, err = cli(["--config", str(cfg), "status", lines[0]["handle"],
+                        f"{lines[1]['handle']}@{fresh_gearmand.address}"], capsys)
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith("done") and "eg.reverse [eg-reverse-1]" in out
+    assert "2 job(s): 2 done, 0 not done" in out
+
+
+def test_no_wait_jobs_survive_the_sender(fresh_gearmand, setup, workers, capsys):
+    """--no-wait returns once accepted; the jobs still run after the sender has exited
+    (a plain foreground job would be dropped by gearmand when its client goes)."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    rc, out, err = cli(["--config", str(cfg), "job", "st.count", json.dumps({"file": str(out_file)}),
+                        "--no-wait", "--json"], capsys)
+    assert rc == 0, err
+    (line,) = [json.loads(l) for l in out.splitlines()]
+    assert line["state"] == "queued" and line["handle"]
+    assert queued(fresh_gearmand, "st.count") == 1
+    workers(cfg, [fresh_gearmand])
+    wait_until(lambda: len(runs(out_file)) == 1, 15, message="the --no-wait job ran")
+
+
+# -- priority ----------------------------------------------------------------------------
+
+def test_high_priority_job_is_served_next(fresh_gearmand, setup, workers):
+    """One worker thread, a queue of low jobs, then one high job: the high one runs first."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    jobs = [{"task": "st.count", "data": {"file": str(out_file), "id": f"low{i}"}, "priority": "low"}
+            for i in range(5)]
+    jobs.append({"task": "st.count", "data": {"file": str(out_file), "id": "high"}, "priority": "high"})
+    results = []
+    sender = JobSender(load_config(cfg))
+    t = threading.Thread(target=lambda: results.extend(sender.submit_many(jobs, timeout=30)))
+    t.start()
+    try:
+        wait_until(lambda: queued(fresh_gearmand, "st.count") == 6, 10, message="6 jobs queued")
+        workers(cfg, [fresh_gearmand], threads=1)
+        t.join(30)
+    finally:
+        t.join(30)
+        sender.close()
+    assert [r.state for r in results] == ["complete"] * 6
+    order = [r["id"] for r in runs(out_file)]
+    assert order[0] == "high", order
+    assert order[1:] == [f"low{i}" for i in range(5)]
+
+
+# -- never lose a job --------------------------------------------------------------------
+
+def test_server_starting_3s_after_the_sender(tmp_path, setup, workers):
+    """The sender keeps trying until a server comes up (3 s later); the job then runs once."""
+    port = free_port()
+    server = LocalServer("127.0.0.1", port, tmp_path / "late", queue_type="none")
+    cfg = setup([server.address])
+    out_file = tmp_path / "runs.jsonl"
+    errors = []
+
+    def later():
+        try:
+            time.sleep(3)  # the scenario itself: the server appears 3 s after the sender starts
+            server.start()
+            workers(cfg, [server])
+        except Exception as e:  # reported by the main thread's assertion
+            errors.append(e)
+    t = threading.Thread(target=later)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        with JobSender(load_config(cfg)) as sender:
+            r = sender.submit("st.count", {"file": str(out_file)}, timeout=30)
+    finally:
+        t.join(20)
+        server.stop(timeout=5)
+    assert not errors, errors
+    assert r.state == "complete", r
+    assert time.monotonic() - t0 >= 3
+    assert len(runs(out_file)) == 1 and runs(out_file)[0]["unique"] == r.unique
+
+
+def test_server_killed_mid_batch_every_job_completes(gearmand_factory, setup, workers):
+    """Two servers; kill -9 one while a batch runs: its jobs go to the other, all complete."""
+    a, b = gearmand_factory(), gearmand_factory()
+    cfg = setup([a, b])
+    out_file = cfg.parent / "runs.jsonl"
+    workers(cfg, [a, b], threads=4)
+    jobs = [{"task": "st.count", "data": {"file": str(out_file), "id": i, "sleep": 0.3}} for i in range(24)]
+    killed = []
+
+    def on_progress(p):
+        if not killed and p.done >= 4:
+            a.kill()
+            killed.append(p.done)
+    with JobSender(load_config(cfg)) as sender:
+        results = sender.submit_many(jobs, timeout=60, on_progress=on_progress)
+    assert killed and killed[0] < 24
+    assert [r.state for r in results] == ["complete"] * 24, [r.to_json() for r in results if r.state != "complete"]
+    assert [r.result["id"] for r in results] == list(range(24))
+    moved = [r for r in results if r.attempts > 1]
+    assert moved and all(r.server == b.address for r in moved)
+    assert {r.server for r in results} == {a.address, b.address}  # jobs were spread over both
+
+
+def test_resubmission_with_same_unique_runs_once(fresh_gearmand, setup, workers):
+    """The connection drops while a foreground job runs; the sender resubmits the same unique
+    key, gearmand attaches it to the running job, and the task runs exactly once."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    workers(cfg, [fresh_gearmand], threads=1)
+    dropped = []
+    sender = JobSender(load_config(cfg))
+
+    def on_progress(p):
+        if not dropped and p.running:  # WORK_STATUS arrived: the task is running on the worker
+            sock = sender.servers[0].conn.sock
+            sock.shutdown(socket.SHUT_RDWR)  # what a network failure does to our connection
+            dropped.append(True)
+    try:
+        (r,) = sender.submit_many([{"task": "st.count", "data": {"file": str(out_file), "sleep": 1.5}}],
+                                  timeout=30, on_progress=on_progress)
+    finally:
+        sender.close()
+    assert dropped
+    assert r.state == "complete" and r.attempts == 2, r
+    assert len(runs(out_file)) == 1
+
+
+def test_same_unique_in_one_batch_and_across_senders_runs_once(fresh_gearmand, setup, workers):
+    """Submissions of one function+unique (twice in a batch, then from another sender while it
+    runs) all attach to one job: one run, one handle, three complete results."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    workers(cfg, [fresh_gearmand], threads=2)
+    job = {"task": "st.count", "data": {"file": str(out_file), "sleep": 1.5}, "unique": "st-once"}
+    first_results = []
+    with JobSender(load_config(cfg)) as first, JobSender(load_config(cfg)) as second:
+        t = threading.Thread(target=lambda: first_results.extend(first.submit_many([job, job], timeout=30)))
+        t.start()
+        try:
+            wait_until(lambda: runs(out_file), 10, message="the job running")
+            (late,) = second.submit_many([job], timeout=30)
+        finally:
+            t.join(30)
+    results = first_results + [late]
+    assert [r.state for r in results] == ["complete"] * 3
+    assert len({r.handle for r in results}) == 1
+    assert len(runs(out_file)) == 1
+
+
+def test_max_retries_bounds_resubmission(fresh_gearmand, setup):
+    """With sender.max_retries 0 a job whose connection drops after acceptance fails, naming why."""
+    cfg = setup([fresh_gearmand], EXTRA.replace("submit_timeout: 2", "submit_timeout: 2\n  max_retries: 0"))
+    sender = JobSender(load_config(cfg))
+    dropped = []
+
+    def on_progress(p):
+        if p.accepted and not dropped:
+            sender.servers[0].conn.sock.shutdown(socket.SHUT_RDWR)
+            dropped.append(True)
+    try:
+        (r,) = sender.submit_many([{"task": "st.nobody", "data": 1}], timeout=10, on_progress=on_progress)
+    finally:
+        sender.close()
+    assert r.state == "failed" and r.attempts == 1
+    assert "gave up after 1 attempt(s)" in r.error and "connection" in r.error
+
+
+def test_silent_server_is_skipped(fresh_gearmand, setup, workers):
+    """A server that accepts TCP but never answers is given up on after submit_timeout; the
+    jobs complete on the live one."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        cfg = setup([address, fresh_gearmand], EXTRA.replace("submit_timeout: 2", "submit_timeout: 0.5"))
+        workers(setup([fresh_gearmand], name="workers.yaml"), [fresh_gearmand])
+        t0 = time.monotonic()
+        with JobSender(load_config(cfg)) as sender:
+            results = sender.submit_many([{"task": "eg.reverse", "data": str(i)} for i in range(6)], timeout=20)
+        assert [r.state for r in results] == ["complete"] * 6
+        assert {r.server for r in results} == {fresh_gearmand.address}
+        assert time.monotonic() - t0 < 5
+    finally:
+        silent.close()
+
+
+# -- progress bar ------------------------------------------------------------------------
+
+def test_progress_bar_on_a_terminal(fresh_gearmand, setup, workers):
+    """On a pty the sender draws a bar with counts and the worker's WORK_STATUS n/d."""
+    cfg = setup([fresh_gearmand])
+    workers(cfg, [fresh_gearmand])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PYTHON, str(REPO / SCRIPT), "--config", str(cfg), "job", "eg.slow",
+                             '{"seconds": 1.5}'], stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            r, _, _ = select.select([master], [], [], 30)
+            if not r:
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(10)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert re.search(r"\[[#-]+\] 0 done, 0 failed, 0/1 .*/s .*left", text), text
+    assert re.search(r"eg\.slow \d+/10", text), text  # the worker's WORK_STATUS
+    assert "complete eg.slow" in text and "1 job(s): 1 complete" in text
+
+
+def test_progress_render_counts():
+    p = clients.Progress(total=10, done=3, failed=1, accepted=10, elapsed=2.0, running=[("t", 2, 5), ("u", 1, 2)])
+    line = render(p, 120)
+    assert "3 done, 1 failed, 4/10" in line and "2.0/s" in line and "left 00:03" in line and "t 2/5 +1" in line
+    assert len(render(p, 40)) < 40
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+BAD_PLUGINS = {
+    "raiser": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n    raise RuntimeError('db down')\n",
+    "notask": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n    yield {'data': 1}\n",
+    "badset": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n"
+              "    yield {'task': 'x', 'data': {1, 2}}\n",
+    "badprio": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n"
+               "    yield {'task': 'x', 'priority': 'urgent'}\n",
+    "empty": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n    return []\n",
+    "huge": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n"
+            "    yield {'task': 'x', 'data': 'x' * (64 * 1024 * 1024 + 1)}\n",
+    "longuniq": "from geartask import hookimpl\n@hookimpl\ndef geartask_jobs():\n"
+                "    yield {'task': 'x', 'unique': 'u' * 65}\n",
+}
+
+
+@pytest.fixture
+def bad_config(tmp_path, gearmand):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name, text in BAD_PLUGINS.items():
+        (folder / f"{name}.py").write_text(text)
+    path = write_config(tmp_path / "bad.yaml", [gearmand.address])
+    path.write_text(path.read_text().replace(f"paths: [{REPO / 'plugins'}]", f"paths: [{REPO / 'plugins'}, {folder}]"))
+    return path
+
+
+@pytest.mark.parametrize("plugin, rc, words", [
+    ("nope", 2, ["unknown plugin 'nope'", "available:", "eg", "raiser"]),
+    ("raiser", 2, ["plugin 'raiser'", "raiser.py", "RuntimeError: db down"]),
+    ("notask", 2, ["'task' must be a non-empty name", "notask"]),
+    ("badset", 2, ["cannot be serialised as JSON", "badset"]),
+    ("badprio", 2, ["unknown priority 'urgent'", "badprio"]),
+    ("empty", 2, ["plugin 'empty'", "yielded no jobs"]),
+    ("huge", 2, ["plugin 'huge'", "67108867 bytes", "over the 67108864-byte limit"]),
+    ("longuniq", 2, ["plugin 'longuniq'", "65 bytes", "at most 64"]),
+])
+def test_bad_plugin_input(bad_config, capsys, plugin, rc, words):
+    """Each bad plugin input: one clear line naming what is wrong, exit 2, nothing sent."""
+    status, out, err = cli(["--config", str(bad_config), "plugin", plugin], capsys)
+    assert status == rc, err
+    assert out == ""
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+
+
+def test_bad_command_lines(bad_config, capsys):
+    for argv, words in [
+        (["plugin", "eg", "--priority", "urgent"], ["invalid choice: 'urgent'"]),
+        (["shell"], ["no command given"]),
+        (["shell", "--bogus", "x"], ["unrecognized arguments: --bogus"]),
+        (["plugin", "eg", "--timeout", "0"], ["must be greater than 0"]),
+        (["job", "t"], ["required: DATA"]),
+    ]:
+        status, out, err = cli(["--config", str(bad_config), *argv], capsys)
+        assert status == 2, (argv, err)
+        assert "Traceback" not in err
+        for w in words:
+            assert w in err, (argv, err)
+
+
+def test_bad_input_through_the_api(make_config, gearmand):
+    _, config = make_config([gearmand])
+    with JobSender(config) as sender:
+        with pytest.raises(JobDefinitionError, match="task"):
+            sender.submit_many([{"data": 1}])
+        with pytest.raises(JobDefinitionError, match="cannot be serialised"):
+            sender.submit("x", object())
+        with pytest.raises(JobDefinitionError, match="unknown priority 'urgent'"):
+            sender.submit("x", 1, priority="urgent")
+        with pytest.raises(JobDefinitionError, match="limit"):
+            sender.submit("x", "y" * (clients.MAX_PAYLOAD + 1))
+    # None of those reached the server.
+    assert not [l for l in gp.admin_command(gearmand.host, gearmand.port, "status") if l.startswith("x\t")]
+
+
+def test_no_server_reachable(tmp_path, capsys):
+    """Nothing listens: after connect_timeout, one line listing every server tried, exit 1."""
+    ports = [free_port(), free_port()]
+    cfg = write_config(tmp_path / "c.yaml", [f"127.0.0.1:{p}" for p in ports], "sender:\n  connect_timeout: 1\n")
+    t0 = time.monotonic()
+    status, out, err = cli(["--config", str(cfg), "job", "eg.reverse", "abc"], capsys)
+    assert 1 <= time.monotonic() - t0 < 5
+    assert status == 1 and out == ""
+    assert "no job server reachable" in err and "Traceback" not in err
+    for p in ports:
+        assert f"127.0.0.1:{p} (cannot connect" in err
+    with pytest.raises(NoServerError) as e:
+        JobSender(load_config(cfg)).submit("eg.reverse", "abc")
+    assert e.value.servers == [f"127.0.0.1:{p}" for p in ports]
+
+
+def test_list_shows_plugins_and_their_jobs(bad_config, capsys):
+    """`list`: every plugin found with the jobs it would send; a broken one is named, exit 2."""
+    status, out, err = cli(["--config", str(bad_config), "list"], capsys)
+    assert status == 2
+    assert re.search(r"^eg \(.*eg\.py\): 6 job\(s\)$", out, re.M)
+    assert "  eg.reverse unique=eg-reverse-1 data=geartask" in out
+    assert re.search(r"^raiser \(.*raiser\.py\): error: .*RuntimeError: db down", out, re.M)
+    assert re.search(r"^empty \(.*\): 0 job\(s\)$", out, re.M)
+    good = bad_config.parent / "good.yaml"
+    good.write_text(bad_config.read_text().replace(f", {bad_config.parent / 'bad'}", ""))
+    status, out, err = cli(["--config", str(good), "list", "--json"], capsys)
+    assert status == 0, err
+    (item,) = [json.loads(l) for l in out.splitlines()]
+    assert item["plugin"] == "eg" and len(item["jobs"]) == 6
+
+
+def test_script_runs_from_inside_its_folder(tmp_path):
+    """`python send_job_client.py` works from inside send_job_client/ too (usage error: exit 2)."""
+    r = subprocess.run([PYTHON, "send_job_client.py", "plugin"], cwd=REPO / "send_job_client",
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "NAME" in r.stderr and "Traceback" not in r.stderr

@@ -304,3 +304,19 @@ def test_runs_from_inside_worker_client_folder(gearmand, tmp_path):
     r = subprocess.run([PYTHON, "runworkers.py", "--config", str(cfg), "--threads", "0"],
                        cwd=REPO / "worker_client", capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--threads must be at least 1" in r.stderr
+
+
+def test_a_server_that_accepts_but_never_answers_does_not_hold_up_the_others(gearmand, start_worker):
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes every handshake; nobody ever reads or answers
+    try:
+        w = start_worker([f"127.0.0.1:{silent.getsockname()[1]}", gearmand.address], threads=2, wait=False)
+        w.wait_attached([gearmand.address])
+        t0 = time.monotonic()
+        outs = gc.run(gearmand.address, "eg.reverse", ["x", "y", "z"], timeout=20)
+        assert [o.result for o in outs] == [{"reversed": c} for c in "xyz"]
+        assert time.monotonic() - t0 < 3, "jobs on the live server waited for the silent one"
+    finally:
+        silent.close()

@@ -44,6 +44,7 @@ from .shell_task import ShellTask
 log = get_logger("geartask.worker")
 
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
+ANSWER_TIMEOUT = 5.0  # seconds a connected server may take to answer ECHO or GRAB before we drop it
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
 
@@ -51,8 +52,8 @@ BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
 class Job:
     """What a plugin task receives; see geartask.hookspecs.geartask_tasks."""
 
-    __slots__ = ("task", "handle", "unique", "raw", "attempt", "config", "log", "cancel",
-                 "_conn", "_data", "_decoded", "retries")
+    __slots__ = ("task", "handle", "unique", "raw", "attempt", "config", "cancel",
+                 "_conn", "_data", "_decoded", "retries", "_log")
 
     def __init__(self, conn: gp.Connection, handle: str, task: str, unique: str, raw: bytes,
                  config: Any, cancel: threading.Event):
@@ -63,7 +64,15 @@ class Job:
         self.retries = 0
         self._decoded = False
         self._data = None
-        self.log = log.bind(task=task, handle=handle, unique=unique)
+        self._log = None
+
+    @property
+    def log(self) -> Any:
+        # Bound on first use: binding costs as much as the rest of a no-op job, and most
+        # tasks never log (the per-job line comes from the worker, with job_context).
+        if self._log is None:
+            self._log = log.bind(task=self.task, handle=self.handle, unique=self.unique)
+        return self._log
 
     @property
     def data(self) -> Any:
@@ -116,7 +125,7 @@ class _Link:
     """One thread's connection to one server, and where it is in the grab cycle."""
 
     conn: gp.Connection
-    state: str = "down"  # down | idle | grabbing | sleeping
+    state: str = "down"  # down | hello (connected, awaiting ECHO_RES) | idle | grabbing | sleeping
     since: float = 0.0  # when it entered its state
     next_try: float = 0.0  # when to reconnect (state down)
     backoff: float = RECONNECT_MIN
@@ -179,20 +188,24 @@ class GrabLoop(threading.Thread):
             conn.connect()
             packets = [gp.pack(gp.SET_CLIENT_ID, client_id=self.identity.client_id)]
             packets += [gp.pack(gp.CAN_DO, task=a) for a in self.abilities]
+            # The echo proves the server answers: a server that accepts connections but never
+            # replies must not hold this thread's one outstanding GRAB (and with it every server).
+            packets.append(gp.pack(gp.ECHO_REQ, data=b"hello"))
             conn.send_raw(b"".join(packets))
         except ServerError as e:
-            conn.close()
-            link.state, link.next_try = "down", now + link.backoff
-            link.backoff = min(link.backoff * 2, RECONNECT_MAX)
-            self.process.outage.failed(conn.address, self.index, str(e))
+            self._drop(link, str(e))
             return
-        link.state, link.since, link.backoff = "idle", now, RECONNECT_MIN
-        self.process.outage.recovered(conn.address, self.index)
+        link.state, link.since = "hello", now
+
+    def _hello_answered(self, link: _Link) -> None:
+        link.state, link.since, link.backoff = "idle", time.monotonic(), RECONNECT_MIN
+        self.process.outage.recovered(link.conn.address, self.index)
         self.wants.append(link)
 
     def _drop(self, link: _Link, reason: str) -> None:
         link.conn.close()
         link.state, link.next_try = "down", time.monotonic() + link.backoff
+        link.backoff = min(link.backoff * 2, RECONNECT_MAX)  # reset only when the server answers
         if self.outstanding is link:
             self.outstanding = None
         if link in self.wants:
@@ -253,8 +266,10 @@ class GrabLoop(threading.Thread):
         for link in self.links:
             if link.state == "sleeping" and now - link.since >= self.poll_timeout and link not in self.wants:
                 self.wants.append(link)
-            elif link.state == "grabbing" and now - link.since >= max(30.0, 3 * self.poll_timeout):
-                self._drop(link, "no answer to GRAB_JOB")
+            elif link.state == "hello" and now - link.since >= ANSWER_TIMEOUT:
+                self._drop(link, f"connected, but no answer within {ANSWER_TIMEOUT:g}s")
+            elif link.state == "grabbing" and now - link.since >= ANSWER_TIMEOUT:
+                self._drop(link, f"no answer to GRAB_JOB within {ANSWER_TIMEOUT:g}s")
 
     def _next_deadline(self, now: float) -> float:
         t = self.poll_timeout
@@ -263,6 +278,8 @@ class GrabLoop(threading.Thread):
                 t = min(t, link.next_try - now)
             elif link.state == "sleeping":
                 t = min(t, link.since + self.poll_timeout - now)
+            elif link.state in ("hello", "grabbing"):
+                t = min(t, link.since + ANSWER_TIMEOUT - now)
         return max(0.0, t)
 
     def _grab_next(self, prefix: bytes = b"", after: _Link | None = None) -> None:
@@ -295,7 +312,10 @@ class GrabLoop(threading.Thread):
 
     def _on_packet(self, link: _Link, pkt: gp.Packet) -> None:
         cmd = pkt.cmd
-        if cmd == gp.NOOP:
+        if cmd == gp.ECHO_RES:
+            if link.state == "hello":
+                self._hello_answered(link)
+        elif cmd == gp.NOOP:
             if link.state == "sleeping":
                 link.state = "idle"
                 self.wants.append(link)
@@ -314,7 +334,7 @@ class GrabLoop(threading.Thread):
         elif cmd == gp.ERROR:
             log.warning("server error", server=link.conn.address, code=pkt.text("error_code"),
                         text=pkt.text("error_text"))
-        # anything else (ECHO_RES, ...) needs no answer
+        # anything else needs no answer
 
     def _serve(self, link: _Link, pkt: gp.Packet) -> bytes:
         handle = pkt.text("job_handle")
@@ -355,12 +375,16 @@ class WorkerProcess:
         self._stop_r, self._stop_w = os.pipe()
         self._fin_r, self._fin_w = os.pipe()
         self.job_threads: list[GrabLoop] = []
+        self.job_log = log
         self.control: GrabLoop | None = None
         self.shutdown_reason = ""
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        # The per-job line goes through a logger built once, now that logging is configured:
+        # the module's lazy proxy builds a new one (and looks up the stdlib logger) per call.
+        self.job_log = log.bind()
         names = sorted(self.tasks)
         for i in range(1, self.threads_wanted + 1):
             t = GrabLoop(self, i, names, self.stopping, self._stop_r, name=f"job-{i}")
@@ -444,6 +468,7 @@ class WorkerProcess:
     def execute(self, thread: GrabLoop, job: Job, server: str) -> bytes:
         """Run a job with its retries; return the packets that answer it."""
         fn = self.tasks.get(job.task)
+        job_log = self.job_log
         with job_context(task=job.task, handle=job.handle, unique=job.unique):
             if fn is None:  # cannot happen unless the server misbehaves: we only CAN_DO our tasks
                 return self._fail(job, {"error": f"no such task {job.task!r} on this worker"}, 1, 0.0)
@@ -466,8 +491,8 @@ class WorkerProcess:
                     raise
                 except JobRejected as e:
                     reason = {"error": e.reason, **e.details}
-                    log.info("job", attempt=attempt, outcome="rejected", seconds=round(time.monotonic() - a0, 6),
-                             reason=e.reason)
+                    job_log.info("job", attempt=attempt, outcome="rejected",
+                                 seconds=round(time.monotonic() - a0, 6), reason=e.reason)
                     return self._fail(job, reason, attempt, time.monotonic() - t0)
                 except ServerError:
                     raise  # our connection is gone: gearmand requeues the job
@@ -479,8 +504,8 @@ class WorkerProcess:
                     else:
                         reason = {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
                     last = attempt > retries
-                    log.info("job", attempt=attempt, outcome="failed" if last else "retrying",
-                             seconds=round(time.monotonic() - a0, 6), reason=reason["error"])
+                    job_log.info("job", attempt=attempt, outcome="failed" if last else "retrying",
+                                 seconds=round(time.monotonic() - a0, 6), reason=reason["error"])
                     if last:
                         return self._fail(job, reason, attempt, time.monotonic() - t0)
                     backoff = min(self.config.worker.retry_backoff * 2 ** (attempt - 1), BACKOFF_MAX)
@@ -491,8 +516,8 @@ class WorkerProcess:
                     payload = encode_payload(result, job.task)
                 except GeartaskError as e:
                     return self._fail(job, {"error": f"task result {e}"}, attempt, time.monotonic() - t0)
-                log.info("job", attempt=attempt, outcome="complete", seconds=round(time.monotonic() - a0, 6),
-                         server=server)
+                job_log.info("job", attempt=attempt, outcome="complete",
+                             seconds=round(time.monotonic() - a0, 6), server=server)
                 return gp.pack(gp.WORK_COMPLETE, job_handle=job.handle, data=payload)
 
     def _fail(self, job: Job, reason: dict, attempts: int, seconds: float) -> bytes:

@@ -26,6 +26,26 @@ class _UsageExit(Exception):
     pass
 
 
+def number(kind: type = float, *, positive: bool = False, what: str = "a number of seconds"):
+    """An argparse ``type=`` for numbers that can't be negative (or zero, with ``positive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if positive and not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+        return value
+    return parse
+
+
+positive_seconds = number(float, positive=True)
+non_negative_seconds = number(float)
+count = number(int, what="a whole number")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)")

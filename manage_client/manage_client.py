@@ -22,7 +22,8 @@ else:
     from . import admin
     from .tables import render
 
-from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
+from geartask.cli import (ArgumentParser, add_common_args, config_from_args, count,  # noqa: E402
+                          non_negative_seconds, positive_seconds, run)
 from geartask.errors import EXIT_FAILED, EXIT_OK, UsageError  # noqa: E402
 from geartask.logs import configure_logging, get_logger  # noqa: E402
 from geartask.server import LocalServer  # noqa: E402
@@ -32,35 +33,6 @@ DEFAULT_WATCH = 2.0
 
 # -- command line -----------------------------------------------------------------------
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
-
 
 def build_parser() -> ArgumentParser:
     # The shared options are accepted before and after the command; SUPPRESS keeps a
@@ -68,7 +40,7 @@ def build_parser() -> ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_common_args(common)
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
-    common.add_argument("--timeout", type=_positive, metavar="S",
+    common.add_argument("--timeout", type=positive_seconds, metavar="S",
                         help=f"seconds each server gets to answer (default {admin.DEFAULT_TIMEOUT:g})")
     for action in common._actions:
         action.default = argparse.SUPPRESS
@@ -82,9 +54,9 @@ def build_parser() -> ArgumentParser:
 
     watch_help = f"refresh in place every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C"
     p = add("status", "queued, running and available workers per function and server")
-    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=_positive, metavar="SECONDS", help=watch_help)
+    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
     p = add("workers", "every worker connection: name, IP, pid, thread, functions")
-    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=_positive, metavar="SECONDS", help=watch_help)
+    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
     p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions")
     p.add_argument("functions", nargs="*", metavar="FUNCTION")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
@@ -92,14 +64,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--name", help="only workers of this name")
     p.add_argument("--host", metavar="IP", help="only workers on this IP")
     p.add_argument("--now", action="store_true", help="skip the grace period for running jobs")
-    p.add_argument("--wait", type=_non_negative, default=30.0, metavar="S",
+    p.add_argument("--wait", type=non_negative_seconds, default=30.0, metavar="S",
                    help="seconds to wait for them to disconnect (default 30; 0: don't wait)")
     add("jobs", "the jobs each server holds, and their unique keys")
     p = add("cancel", "cancel a queued background job by its handle")
     p.add_argument("handle", metavar="HANDLE")
     p = add("maxqueue", "limit how many jobs of FUNCTION a server queues (0: no limit)")
     p.add_argument("function", metavar="FUNCTION")
-    p.add_argument("size", type=_count, metavar="N")
+    p.add_argument("size", type=count, metavar="N")
     add("version", "each server's gearmand version")
     add("ping", "round-trip time to each server")
     p = add("server", "the local gearmand of the config's 'server' section")

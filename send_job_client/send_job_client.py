@@ -24,7 +24,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from geartask.cli import ArgumentParser, add_common_args, config_from_args, run
+from geartask.cli import ArgumentParser, add_common_args, config_from_args, count, positive_seconds, run
 from geartask.config import PRIORITIES
 from geartask.errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from geartask.jobs import JobDefinition
@@ -32,26 +32,6 @@ from geartask.logs import configure_logging
 from geartask.plugins import discover, load_plugins
 from send_job_client.clients import JobResult, JobSender, StatusResult
 from send_job_client.progress import ProgressBar
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
@@ -68,7 +48,7 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
     sub.add_argument("--no-wait", action="store_true",
                      help="return once every job is accepted, without results (sent as background jobs, "
                           "because gearmand drops a foreground job whose client has gone)")
-    sub.add_argument("--timeout", type=_positive_float, metavar="S", help=timeout_help)
+    sub.add_argument("--timeout", type=positive_seconds, metavar="S", help=timeout_help)
     sub.add_argument("--json", action="store_true", help="print one JSON object per job and nothing else")
 
 
@@ -87,7 +67,7 @@ def build_parser() -> ArgumentParser:
     sp = subs.add_parser("shell", help="one ad hoc command for the workers' shell task")
     _common(sp)
     _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
-    sp.add_argument("--retries", type=_non_negative_int, metavar="N",
+    sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 

@@ -320,3 +320,23 @@ def test_a_server_that_accepts_but_never_answers_does_not_hold_up_the_others(gea
         assert time.monotonic() - t0 < 3, "jobs on the live server waited for the silent one"
     finally:
         silent.close()
+
+
+def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, start_worker):
+    w = start_worker(fresh_gearmand, name="impatient", threads=1, grace=60)
+    conn = gc.connect(fresh_gearmand.address)
+    [h] = gc.submit(conn, "shell", [{"cmd": ["sleep", "31.5"], "timeout": 60}])
+    wait_until(lambda: any(l.startswith("shell\t1\t1\t") for l in
+                           gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 5, message="running")
+    w.signal(signal.SIGTERM)
+    wait_until(lambda: any(e["event"] == "shutdown requested" for e in w.log_lines()), 5, message="first signal seen")
+    t0 = time.monotonic()
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 1
+    assert time.monotonic() - t0 < 5
+    wait_until(lambda: "sleep 31.5" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                                          text=True).stdout, 10, message="the command killed too")
+    # the job was not lost: gearmand holds it for the next worker
+    wait_until(lambda: any(l.startswith("shell\t1\t0\t") for l in
+                           gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 10, message="requeued")
+    conn.close()

@@ -26,6 +26,7 @@ from geartask.errors import PluginError, UsageError  # noqa: E402
 from geartask.logs import configure_logging  # noqa: E402
 from geartask.plugins import load_plugins  # noqa: E402
 
+from worker_client import veryeasyprocess  # noqa: E402
 from worker_client.worker_client import WorkerProcess  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum, frame):
         signals_seen.append(signum)
         if len(signals_seen) > 1:
+            veryeasyprocess.kill_all()  # no command outlives us in its own process group
             os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
         process.request_shutdown(now=False, reason=signal.Signals(signum).name)
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+_running: set[int] = set()  # process groups of commands running now, for kill_all()
 _TICK = 0.05  # how often the wait loop looks at ``cancel``
 
 
@@ -98,6 +99,7 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
             reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {e}"
             return Result(None, reason=reason, duration=time.monotonic() - t0)
 
+        _running.add(proc.pid)
         timed_out = cancelled = False
         next_tick = t0 + tick_interval
         deadline = None if timeout is None else t0 + timeout
@@ -129,6 +131,7 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
         _signal_group(proc.pid, signal.SIGKILL)
         exited.close()
         proc.wait()
+        _running.discard(proc.pid)
         duration = time.monotonic() - t0
 
         output, cut = "", False
@@ -151,6 +154,12 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     finally:
         if out is not None:
             out.close()
+
+
+def kill_all() -> None:
+    """SIGKILL every command still running (a process about to exit at once leaves none behind)."""
+    for pgid in list(_running):
+        _signal_group(pgid, signal.SIGKILL)
 
 
 class _exit_waiter:

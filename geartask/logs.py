@@ -45,14 +45,50 @@ def _shared_processors() -> list:
     ]
 
 
+class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Formats each record once: the stdlib's shouldRollover formats every record a second
+    time (and stats the file twice) only to learn its length; we count what we wrote.
+    ``mirror``: a stream that gets the same line (the console, when it is JSON too), so a
+    record is rendered once for both."""
+
+    _size: int | None = None
+    mirror: Any = None
+    mirror_level: int = logging.NOTSET
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record) + self.terminator
+            size = len(msg) if msg.isascii() else len(msg.encode(self.encoding or "utf-8"))
+            if self.stream is None:
+                self.stream = self._open()
+            if self._size is None:
+                self._size = os.fstat(self.stream.fileno()).st_size
+            if 0 < self.maxBytes < self._size + size and self._size:
+                self.doRollover()
+                self._size = 0
+            self.stream.write(msg)
+            self.flush()
+            self._size += size
+            if self.mirror is not None and record.levelno >= self.mirror_level:
+                self.mirror.write(msg)
+                self.mirror.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (name or ""))
     return Path(log.dir) / (f"{role}-{safe}.log" if safe else f"{role}.log")
 
 
 def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
-                      to_file: bool = True, stream: Any = None) -> Path | None:
+                      to_file: bool = True, stream: Any = None,
+                      console_level: str | None = None) -> Path | None:
     """Set up logging for this process; returns the JSON log file's path (or None).
+
+    ``console_level`` (e.g. "warning") keeps the console quieter than the log file.
 
     Safe to call again (tests do): earlier geartask handlers are replaced, not stacked.
     """
@@ -82,22 +118,27 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
         h.close()
     _handlers.clear()
 
-    console = logging.StreamHandler(stream)
-    console.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_renderer]))
-    _handlers.append(console)
-
     path = None
+    fh = None
     if to_file:
         path = log_file_path(log, role, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.handlers.RotatingFileHandler(path, maxBytes=log.max_bytes,
-                                                  backupCount=log.backups, encoding="utf-8")
+        fh = _RotatingFileHandler(path, maxBytes=log.max_bytes, backupCount=log.backups, encoding="utf-8")
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.JSONRenderer()]))
+    console_level = getattr(logging, console_level.upper()) if console_level else logging.NOTSET
+    if fh is not None and fmt == "json":
+        fh.mirror, fh.mirror_level = stream, console_level  # the console line is the file line: render it once
+    else:
+        console = logging.StreamHandler(stream)
+        console.setFormatter(structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_renderer]))
+        console.setLevel(console_level)
+        _handlers.append(console)
+    if fh is not None:
         _handlers.append(fh)
 
     for h in _handlers:

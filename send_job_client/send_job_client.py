@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -250,24 +249,16 @@ def cmd_status(config: Any, args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(s.state == "unreachable" for s in results) else EXIT_OK
 
 
-def _quiet_console(config: Any) -> None:
-    """Every job's story goes to the log file; the console (stderr, under the progress bar)
-    gets only warnings and errors unless log.level is debug: stdout already has the report."""
-    if config.log.level == "debug":
-        return
-    for h in logging.getLogger().handlers:
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-            h.setLevel(max(h.level, logging.WARNING))
-
-
 COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    configure_logging(config.log, "sender", None, to_file=True, stream=sys.stderr)
-    _quiet_console(config)
+    # Every job's story goes to the log file; the console (stderr, under the progress bar)
+    # gets only warnings and errors unless log.level is debug: stdout already has the report.
+    configure_logging(config.log, "sender", None, to_file=True, stream=sys.stderr,
+                      console_level=None if config.log.level == "debug" else "warning")
     return COMMANDS[args.command](config, args)
 
 

@@ -170,10 +170,9 @@ def test_sigterm_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path)
     w = start_worker(gearmand, threads=1)
     rec = tmp_path / "rec.jsonl"
     conn = gc.connect(gearmand.address)
-    [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 1.0, "id": "inflight"}])
-    wait_until(lambda: gc.queued(gearmand.address, "t.record") == 1 and
-               any("t.record" in l for l in gp.admin_command("127.0.0.1", gearmand.port, "status")
-                   if l.split("\t")[2] == "1"), 5, message="job running")
+    [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight"}])
+    wait_until(lambda: any(l.startswith("t.record\t1\t1\t") for l in
+                           gp.admin_command("127.0.0.1", gearmand.port, "status")), 10, message="job running")
     w.signal(signal.SIGTERM)
     out = gc.wait(conn, [h], 15)
     assert out[h].state == "complete"

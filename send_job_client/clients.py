@@ -51,7 +51,7 @@ RETRY_BACKOFF = 0.25  # seconds before the first resubmission, doubled each time
 RETRY_BACKOFF_MAX = 4.0
 RECONNECT_DELAY = 0.25  # seconds before a dead server is tried again, doubled, capped
 RECONNECT_DELAY_MAX = 2.0
-PIPELINE_WINDOW = 256  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded
+PIPELINE_WINDOW = 2048  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded (~200 KB)
 
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
 
@@ -197,7 +197,8 @@ class JobSender:
     def __init__(self, config: Any, log: Any = None, record_background: bool = True):
         self.config = config
         self.settings = config.sender
-        self.log = log or get_logger("geartask.sender")
+        # Bound once: structlog's lazy proxy builds a new logger on every call otherwise.
+        self.log = (log or get_logger("geartask.sender")).bind()
         self.servers = [_Server(h, port) for h, port in config.server_addresses]
         self.record_path = Path(config.log.dir) / BACKGROUND_RECORD
         self.record_background = record_background
@@ -355,6 +356,8 @@ class JobSender:
         deadline = start + timeout if timeout else None
         self._wait = wait
         self._todo: deque[_Job] = deque(jobs)
+        self._next_due: float | None = None
+        self._debug = logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG)
         self._accepted_any = False
         self._open = len(jobs)  # kept by _finish: no O(n) scan per packet
         no_server_since: float | None = None
@@ -388,8 +391,8 @@ class JobSender:
                                      + (f" (last problem: {j.last_error})" if j.last_error else ""))
                 break
             wake = 0.2
-            if self._todo:
-                wake = min(wake, max(0.0, min(j.not_before for j in self._todo) - now))
+            if self._next_due is not None:  # a resubmission waiting out its backoff
+                wake = min(wake, max(0.0, self._next_due - now))
             if deadline is not None:
                 wake = min(wake, max(0.0, deadline - now))
             self._poll(wake)
@@ -409,27 +412,36 @@ class JobSender:
         if not self._todo:
             return False
         batches: dict[_Server, list[_Job]] = {}
-        keep: deque[_Job] = deque()
+        later: list[_Job] = []  # resubmissions still in their backoff
         blocked = False
-        for job in self._todo:
-            server = None if blocked or job.not_before > now else self._pick(now)
-            if server is None:
-                blocked = blocked or job.not_before <= now
-                keep.append(job)
+        todo = self._todo
+        # From the front, and only until every server's window is full: a batch of n jobs
+        # costs O(n) in all, not a scan of the whole queue per network event.
+        while todo:
+            job = todo.popleft()
+            if job.not_before > now:
+                later.append(job)
                 continue
+            server = self._pick(now)
+            if server is None:
+                blocked = True
+                todo.appendleft(job)
+                break
             job.res.attempts += 1
             job.server = server
             if not server.owed():
                 server.last_rx = now  # the submit_timeout clock starts now
             server.pending.append(job)  # counts against the pipeline window at once
             batches.setdefault(server, []).append(job)
-        self._todo = keep
+        todo.extend(later)
+        self._next_due = min((j.not_before for j in later), default=None)
         for server, batch in batches.items():
             data = b"".join(p.pack(p.submit_command(j.priority, j.background), task=j.task,
                                    unique=j.unique, data=j.payload) for j in batch)
-            for j in batch:
-                self.log.debug("submit", task=j.task, unique=j.unique, server=server.address,
-                               attempt=j.res.attempts)
+            if self._debug:
+                for j in batch:
+                    self.log.debug("submit", task=j.task, unique=j.unique, server=server.address,
+                                   attempt=j.res.attempts)
             try:
                 server.conn.send_raw(data)
             except ServerError as e:
@@ -522,26 +534,27 @@ class JobSender:
             time.sleep(wake)
             return
         # Packets already buffered must be handled before select, which only sees the socket.
-        ready = [s for s in live if s.conn.has_buffered_packet()]
-        if not ready:
+        buffered = [s for s in live if s.conn.has_buffered_packet()]
+        readable: set = set()
+        if not buffered:
             try:
                 r, _, _ = select.select([s.conn.sock for s in live], [], [], wake)
             except (OSError, ValueError):
-                r = [s.conn.sock for s in live]  # recv will say which one is broken
-            ready = [s for s in live if s.conn.sock in r]
-        for s in ready:
-            self._read(s)
+                r = [s.conn.sock for s in live]  # the read will say which one is broken
+            readable = set(r)
+        for s in buffered or [s for s in live if s.conn.sock in readable]:
+            self._read(s, s.conn.sock in readable)
 
-    def _read(self, s: _Server) -> None:
+    def _read(self, s: _Server, readable: bool) -> None:
         try:
-            # recv(0) only looks at the buffer; a tiny timeout makes it read what select saw.
-            pkt = s.conn.recv(0.001)
-            while pkt is not None:
+            # One recv for what select saw (never a blocking one), then every whole packet.
+            packets = s.conn.read_packets() if readable else s.conn.buffered_packets()
+            if packets:
                 s.last_rx = time.monotonic()
+            for pkt in packets:
                 self._handle(s, pkt)
                 if not s.live:
                     return
-                pkt = s.conn.recv(0) if s.conn.has_buffered_packet() else None
         except ServerError as e:
             self._drop(s, str(e))
 

@@ -204,6 +204,7 @@ class JobSender:
         self.record_background = record_background
         self.max_payload = MAX_PAYLOAD
         self._rr = 0  # round-robin cursor
+        self._debug = logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG)
         self._to_record: list[_Job] = []  # accepted background jobs not yet in the record
 
     # -- public API --------------------------------------------------------------------------
@@ -244,10 +245,15 @@ class JobSender:
         if not prepared:
             return []
         self._to_record: list[_Job] = []
+        start = time.monotonic()
         try:
             self._run(prepared, wait, timeout, on_progress)
         finally:
             self._flush_record()
+        states: dict[str, int] = {}
+        for j in prepared:
+            states[j.res.state] = states.get(j.res.state, 0) + 1
+        self.log.info("batch done", jobs=len(prepared), seconds=round(time.monotonic() - start, 3), **states)
         return [j.res for j in prepared]
 
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:
@@ -357,7 +363,6 @@ class JobSender:
         self._wait = wait
         self._todo: deque[_Job] = deque(jobs)
         self._next_due: float | None = None
-        self._debug = logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG)
         self._accepted_any = False
         self._open = len(jobs)  # kept by _finish: no O(n) scan per packet
         no_server_since: float | None = None
@@ -523,7 +528,13 @@ class JobSender:
         j.res.seconds = time.monotonic() - j.started
         if j.server is not None:
             j.res.server = j.server.address
-        self.log.log(logging.INFO if state in ("complete", "queued") else logging.WARNING, "job " + state,
+        # A job that went well is a debug line (the worker logs each job at info; background
+        # jobs are in the record file): at info level it cost more than the job itself.
+        # Failures and timeouts are warnings.
+        ok = state in ("complete", "queued")
+        if ok and not self._debug:
+            return
+        self.log.log(logging.DEBUG if ok else logging.WARNING, "job " + state,
                      task=j.task, unique=j.unique, handle=j.res.handle, server=j.res.server,
                      attempts=j.res.attempts, seconds=round(j.res.seconds, 3),
                      **({"error": error} if error is not None else {}))

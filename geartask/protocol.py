@@ -15,8 +15,9 @@ pygearman 0.2.6's loops get in the way of what a reliable job system needs:
 * The server sends function names as bytes, and pygearman matches abilities by equality, so
   a worker registered with ``str`` names silently never receives a job. Everything that goes
   on the wire is encoded here (``to_bytes``) and function names coming back are decoded.
-* Its packet parser works only on ``array.array``/``memoryview`` buffers (it calls
-  ``.tobytes()``), not on bytes: we hand it a memoryview.
+* Its packet codec (``pack_binary_command``/``parse_binary_command``) is on every job's path
+  and slow for it (its parser also works only on ``array.array``/``memoryview`` buffers):
+  ``pack`` and ``parse_response`` below do the same checks against its parameter table.
 * pygearman's admin client knows only a few text commands and can't time out reliably;
   ``admin_command`` speaks the text protocol with a deadline and knows which replies are
   one line and which end with a ".".
@@ -27,6 +28,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -176,20 +178,15 @@ class Connection:
             raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
 
     def _take_packet(self) -> Packet | None:
-        # pygearman's parser calls .tobytes() on payload slices: it wants array.array or
-        # memoryview, and fails on bytes/bytearray. The view must be released before the
-        # buffer is resized.
-        view = memoryview(self._buf)
         try:
-            cmd, args, size = gp.parse_binary_command(view, is_response=True)
+            parsed = parse_response(self._buf)
         except _PgProtocolError as e:
             raise self._fail(f"protocol error: {e}") from None
-        finally:
-            view.release()
-        if not size:
+        if parsed is None:
             return None
-        del self._buf[:size]
-        return Packet(cmd, args or {})
+        cmd, args, size = parsed
+        del self._buf[:size]  # cheap: CPython's bytearray drops a prefix without copying the rest
+        return Packet(cmd, args)
 
     def _read_some(self, timeout: float | None) -> bool:
         """Read what is there within ``timeout`` seconds; False on timeout, raise on EOF."""
@@ -289,9 +286,57 @@ class Connection:
                 raise self._fail(f"no answer to {line.strip()!r} within {timeout:g}s")
 
 
+# The packet codec is on every job's path (a worker packs a result and parses an assignment
+# per job, a sender the reverse). pygearman's pack_binary_command/parse_binary_command cost
+# several microseconds each in set building, format strings and copies; these do the same
+# checks against pygearman's own parameter table, with one precompiled struct.
+_HEADER = struct.Struct("!4sII")
+_PARAMS = gp.GEARMAN_PARAMS_FOR_COMMAND
+_NUL = b"\0"
+
+
+_PARAM_SETS = {cmd: frozenset(params) for cmd, params in _PARAMS.items()}
+
+
 def pack(cmd: int, **args: Any) -> bytes:
     """A request packet; str/int arguments are encoded (pygearman insists on bytes)."""
-    return gp.pack_binary_command(cmd, {k: to_bytes(v) for k, v in args.items()}, is_response=False)
+    params = _PARAMS.get(cmd)
+    if params is None or cmd == gp.GEARMAN_COMMAND_TEXT_COMMAND:
+        raise _PgProtocolError(f"Received unknown binary command: {gp.get_command_name(cmd)}")
+    if args.keys() != _PARAM_SETS[cmd]:
+        raise _PgProtocolError(f"Received arguments did not match expected arguments: "
+                               f"{set(params)!r} != {set(args)!r}")
+    items = [v if type(v) is bytes else to_bytes(v) for v in map(args.__getitem__, params)]
+    for a in items[:-1]:
+        if _NUL in a:
+            raise _PgProtocolError("Received arguments with NULL byte in non-final argument")
+    payload = _NUL.join(items)
+    return _HEADER.pack(gp.MAGIC_REQ_STRING, cmd, len(payload)) + payload
+
+
+def parse_response(buf: bytes | bytearray) -> tuple[int, dict[str, bytes], int] | None:
+    """(command, arguments, size) of the server packet at the start of ``buf``; None while
+    it is incomplete. Raises pygearman's ProtocolError on a malformed packet."""
+    if len(buf) < gp.COMMAND_HEADER_SIZE:
+        return None
+    magic, cmd, length = _HEADER.unpack_from(buf)
+    if magic != gp.MAGIC_RES_STRING:
+        raise _PgProtocolError("Malformed Magic")
+    params = _PARAMS.get(cmd)
+    if params is None or cmd == gp.GEARMAN_COMMAND_TEXT_COMMAND:
+        raise _PgProtocolError(f"Received unknown binary command: {cmd}")
+    size = gp.COMMAND_HEADER_SIZE + length
+    if len(buf) < size:
+        return None
+    if not params:
+        if length:
+            raise _PgProtocolError(f"Expected no binary payload: {gp.get_command_name(cmd)}")
+        return cmd, {}, size
+    parts = bytes(buf[gp.COMMAND_HEADER_SIZE:size]).split(_NUL, len(params) - 1)
+    if len(parts) != len(params):
+        raise _PgProtocolError(f"Received {len(parts)} argument(s), expecting {len(params)} "
+                               f"argument(s): {gp.get_command_name(cmd)}")
+    return cmd, dict(zip(params, parts)), size
 
 
 _MULTILINE = ("status", "workers", "show jobs", "show unique jobs", "prioritystatus")

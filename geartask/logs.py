@@ -9,11 +9,13 @@ Stdlib logging (pygearman's included) goes through the same processors and handl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import logging.handlers
 import os
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,25 +59,72 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = self.format(record) + self.terminator
-            size = len(msg) if msg.isascii() else len(msg.encode(self.encoding or "utf-8"))
-            if self.stream is None:
-                self.stream = self._open()
-            if self._size is None:
-                self._size = os.fstat(self.stream.fileno()).st_size
-            if 0 < self.maxBytes < self._size + size and self._size:
-                self.doRollover()
-                self._size = 0
-            self.stream.write(msg)
-            self.flush()
-            self._size += size
-            if self.mirror is not None and record.levelno >= self.mirror_level:
-                self.mirror.write(msg)
-                self.mirror.flush()
+            self.write_line(self.format(record) + self.terminator, record.levelno)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+    def write_line(self, msg: str, levelno: int) -> None:
+        """Write one rendered line (rotating first when it would not fit). Caller holds the lock."""
+        size = len(msg) if msg.isascii() else len(msg.encode(self.encoding or "utf-8"))
+        if self.stream is None:
+            self.stream = self._open()
+        if self._size is None:
+            self._size = os.fstat(self.stream.fileno()).st_size
+        if 0 < self.maxBytes < self._size + size and self._size:
+            self.doRollover()
+            self._size = 0
+        self.stream.write(msg)
+        self.flush()
+        self._size += size
+        if self.mirror is not None and levelno >= self.mirror_level:
+            self.mirror.write(msg)
+            self.mirror.flush()
+
+
+# Set by configure_logging when every handler writes JSON lines, so HotLogger may write
+# its lines straight to the file handler (which mirrors them to a JSON console).
+_hot: dict[str, Any] = {}
+
+
+class HotLogger:
+    """For events logged once per job, where the usual path costs more than the job.
+
+    Writes the same JSON line the structlog pipeline would (event, level, logger, role,
+    name, pid, thread, timestamp, the job context and the fields), but renders it with one
+    json.dumps and writes it straight to the log file, skipping the stdlib LogRecord and
+    the processor chain. Falls back to the usual path whenever logging is not JSON-only
+    (a console on a terminal, or logging not configured)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, "info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, "warning", event, fields)
+
+    def _log(self, levelno: int, level: str, event: str, fields: dict) -> None:
+        handler = _hot.get("handler")
+        if handler is None:
+            getattr(structlog.get_logger(self.name), level)(event, **fields)
+            return
+        if levelno < _hot["level"]:
+            return
+        line = {**_process_fields, "pid": os.getpid(), "thread": threading.current_thread().name,
+                **structlog.contextvars.get_contextvars(), **fields,
+                "event": event, "level": level, "logger": self.name,
+                "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+        msg = json.dumps(line, default=repr) + "\n"
+        handler.acquire()
+        try:
+            handler.write_line(msg, levelno)
+        except Exception:
+            pass  # a full disk must not fail a job; the usual path would print to stderr
+        finally:
+            handler.release()
 
 
 def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
@@ -129,8 +178,10 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.JSONRenderer()]))
     console_level = getattr(logging, console_level.upper()) if console_level else logging.NOTSET
+    _hot.clear()
     if fh is not None and fmt == "json":
         fh.mirror, fh.mirror_level = stream, console_level  # the console line is the file line: render it once
+        _hot.update(handler=fh, level=level)
     else:
         console = logging.StreamHandler(stream)
         console.setFormatter(structlog.stdlib.ProcessorFormatter(

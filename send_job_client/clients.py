@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from geartask.errors import JobDefinitionError, NoServerError, ServerError
 from geartask.jobs import JobDefinition, decode_payload, new_unique
-from geartask.logs import get_logger
+from geartask.logs import HotLogger, get_logger
 from geartask import protocol as p
 
 # gearmand 1.1.20 itself accepts payloads up to the wire format's 4 GiB (measured: 200 MB
@@ -53,6 +53,7 @@ RECONNECT_DELAY = 0.25  # seconds before a dead server is tried again, doubled, 
 RECONNECT_DELAY_MAX = 2.0
 PIPELINE_WINDOW = 2048  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded (~200 KB)
 
+_batch_log = HotLogger("geartask.sender")  # once per submit(): on the W2 latency path
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
 
 
@@ -253,7 +254,7 @@ class JobSender:
         states: dict[str, int] = {}
         for j in prepared:
             states[j.res.state] = states.get(j.res.state, 0) + 1
-        self.log.info("batch done", jobs=len(prepared), seconds=round(time.monotonic() - start, 3), **states)
+        _batch_log.info("batch done", jobs=len(prepared), seconds=round(time.monotonic() - start, 3), **states)
         return [j.res for j in prepared]
 
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:

@@ -87,3 +87,36 @@ def test_file_is_rotated_by_size(tmp_path):
         log.info("filler", i=i, pad="x" * 50)
     assert path.stat().st_size <= 2000
     assert (tmp_path / "worker-rot.log.1").exists()
+
+
+def test_hot_logger_writes_the_same_line_as_the_usual_path(tmp_path):
+    from geartask.logs import HotLogger
+    stream = io.StringIO()
+    path = configure_logging(LogConfig(dir=tmp_path / "logs", format="json"), "worker", "w9", stream=stream)
+    with job_context(task="t", handle="H:1", unique="u1"):
+        get_logger("geartask.worker").info("job", outcome="complete", attempt=1)
+        HotLogger("geartask.worker").info("job", outcome="complete", attempt=1)
+        HotLogger("geartask.worker").warning("job", outcome="failed", attempt=2)
+    usual, hot, warn = read_events(path)
+    assert set(usual) == set(hot)
+    assert {k: v for k, v in usual.items() if k != "timestamp"} == {k: v for k, v in hot.items() if k != "timestamp"}
+    assert hot["timestamp"].endswith("Z") and warn["level"] == "warning"
+    assert [json.loads(l)["outcome"] for l in stream.getvalue().splitlines()] == ["complete", "complete", "failed"]
+
+
+def test_hot_logger_respects_the_level_and_a_console_on_a_terminal(tmp_path):
+    from geartask.logs import HotLogger
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = configure_logging(LogConfig(dir=tmp_path / "logs", level="warning"), "worker", "q", stream=io.StringIO())
+    HotLogger("geartask.worker").info("dropped")
+    HotLogger("geartask.worker").warning("kept")
+    assert [e["event"] for e in read_events(path)] == ["kept"]
+    tty = Tty()
+    path = configure_logging(LogConfig(dir=tmp_path / "logs2"), "worker", "t", stream=tty)
+    HotLogger("geartask.worker").info("readable", x=1)
+    assert "readable" in tty.getvalue() and not tty.getvalue().startswith("{")  # the usual console renderer
+    assert read_events(path)[0]["event"] == "readable"

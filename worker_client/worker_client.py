@@ -36,7 +36,7 @@ from geartask import protocol as gp
 from geartask.control import WorkerIdentity, host_ip, parse_command
 from geartask.errors import GeartaskError, PluginError, ServerError, UsageError
 from geartask.jobs import decode_payload, encode_payload
-from geartask.logs import get_logger, job_context
+from geartask.logs import HotLogger, get_logger, job_context
 
 from .errors import AttemptFailed, JobRejected
 from .shell_task import ShellTask
@@ -375,16 +375,14 @@ class WorkerProcess:
         self._stop_r, self._stop_w = os.pipe()
         self._fin_r, self._fin_w = os.pipe()
         self.job_threads: list[GrabLoop] = []
-        self.job_log = log
+        # The per-job line: HotLogger renders it with one json.dumps when logs are JSON lines.
+        self.job_log = HotLogger("geartask.worker")
         self.control: GrabLoop | None = None
         self.shutdown_reason = ""
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        # The per-job line goes through a logger built once, now that logging is configured:
-        # the module's lazy proxy builds a new one (and looks up the stdlib logger) per call.
-        self.job_log = log.bind()
         names = sorted(self.tasks)
         for i in range(1, self.threads_wanted + 1):
             t = GrabLoop(self, i, names, self.stopping, self._stop_r, name=f"job-{i}")

@@ -120,3 +120,23 @@ def test_hot_logger_respects_the_level_and_a_console_on_a_terminal(tmp_path):
     HotLogger("geartask.worker").info("readable", x=1)
     assert "readable" in tty.getvalue() and not tty.getvalue().startswith("{")  # the usual console renderer
     assert read_events(path)[0]["event"] == "readable"
+
+
+def test_buffered_mode_writes_in_order_soon_and_rotates(tmp_path):
+    from geartask.logs import HotLogger, flush_logs
+    from helpers import wait_until
+    stream = io.StringIO()
+    path = configure_logging(LogConfig(dir=tmp_path / "logs", format="json", max_bytes=20_000, backups=3),
+                             "worker", "b", stream=stream, buffered=True)
+    log, hot = get_logger("geartask.test"), HotLogger("geartask.test")
+    for i in range(300):
+        (hot if i % 2 else log).info("line", i=i)
+    wait_until(lambda: path.exists() and path.read_text().count("\n") > 0, 5, message="lines written")
+    flush_logs()
+    files = [path.with_name(path.name + f".{n}") for n in (3, 2, 1)] + [path]
+    events = [e for f in files if f.exists() for e in read_events(f)]
+    assert len(events) > 100 and all(f.stat().st_size <= 20_000 for f in files if f.exists())
+    numbers = [e["i"] for e in events]
+    assert numbers == sorted(numbers) and numbers[-1] == 299  # in order, the newest kept
+    assert stream.getvalue().count("\n") == 300  # the JSON console got every line too
+    configure_logging(LogConfig(dir=tmp_path / "other"), "worker", "c", stream=io.StringIO())  # unbuffered again

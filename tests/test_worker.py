@@ -73,7 +73,8 @@ def test_client_ids_name_ip_pid_thread(gearmand, start_worker):
     assert ids == [f"idtest:{ip}:{w.pid}:{i}" for i in range(4)]
     control = [l for l in lines if l.split()[2].endswith(":0")][0]
     assert control.split(":", 4)[-1].split() == [f"geartask.control:idtest:{ip}:{w.pid}"]
-    start = [e for e in w.log_lines() if e["event"] == "worker started"][0]
+    start = wait_until(lambda: [e for e in w.log_lines() if e["event"] == "worker started"], 5,
+                       message="the start line in the log")[0]
     assert start["threads"] == 3 and start["pid"] == w.pid and "shell" in start["tasks"]
 
 
@@ -109,8 +110,11 @@ def test_retries_are_counted_and_the_client_sees_failure_with_reason(gearmand, s
     assert o.state == "complete" and o.result == {"ok": True, "attempt": 2}
     o = gc.run_one(gearmand.address, "t.fail", {"retries": 1})
     assert o.state == "failed" and o.reason["attempts"] == 2 and "ValueError: always fails" in o.reason["error"]
-    attempts = [e for e in w.log_lines() if e.get("event") == "job" and e.get("task") == "shell"]
-    assert [e["outcome"] for e in attempts] == ["retrying", "retrying", "failed"]
+    def shell_attempts():
+        outcomes = [e["outcome"] for e in w.log_lines() if e.get("event") == "job" and e.get("task") == "shell"]
+        return outcomes if "failed" in outcomes else None
+    attempts = wait_until(shell_attempts, 5, message="the job lines in the log (written every 50 ms)")
+    assert attempts == ["retrying", "retrying", "failed"]
     # every final failure is kept in the dead-letter file
     dead = [json.loads(l) for l in (w.config.parent / "logs" / "dead-letter.jsonl").read_text().splitlines()]
     assert {d["task"] for d in dead} == {"shell", "t.fail"}

@@ -74,4 +74,6 @@ class WorkerProc:
         path = self.config.parent / "logs" / f"worker-{self.name}.log"
         if not path.exists():
             return []
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        text = path.read_text()
+        complete = text[:text.rfind("\n") + 1]  # a line still being written is not read yet
+        return [json.loads(l) for l in complete.splitlines() if l.strip()]

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file, from the repository root or from
 from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
 from geartask.control import check_name  # noqa: E402
 from geartask.errors import PluginError, UsageError  # noqa: E402
-from geartask.logs import configure_logging  # noqa: E402
+from geartask.logs import configure_logging, flush_logs  # noqa: E402
 from geartask.plugins import load_plugins  # noqa: E402
 
 from worker_client import veryeasyprocess  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PluginError("registers the task name 'shell', which is the built-in shell task",
                           plugin, plugins.files.get(plugin))
     tasks = {task: fn for task, (fn, _) in found.items()}
-    configure_logging(config.log, "worker", name)
+    configure_logging(config.log, "worker", name, buffered=True)
 
     process = WorkerProcess(config, name, threads, tasks)
     signals_seen = []
@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals_seen.append(signum)
         if len(signals_seen) > 1:
             veryeasyprocess.kill_all()  # no command outlives us in its own process group
+            flush_logs()
             os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
         process.request_shutdown(now=False, reason=signal.Signals(signum).name)
 

@@ -343,3 +343,30 @@ def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, s
     wait_until(lambda: any(l.startswith("shell\t1\t0\t") for l in
                            gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 10, message="requeued")
     conn.close()
+
+
+def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
+    """One thread per server sleeps; the rest park, so a job does not wake eight threads."""
+    from geartask.plugins import load_plugins
+    from worker_client.worker_client import WorkerProcess
+    _, config = make_config(gearmand, "worker:\n  poll_timeout: 30\n")
+    tasks = {name: fn for name, (fn, _) in load_plugins(config, only=["eg"]).tasks().items()}
+    process = WorkerProcess(config, "herd", 8, tasks)
+    process.start()
+    try:
+        wait_until(lambda: len([l for l in worker_connections(gearmand.address) if " herd:" in l]) == 9, 10,
+                   message="8 job threads and the control thread attached")
+        wait_until(lambda: sum(t.no_jobs for t in process.job_threads) >= 8, 10, message="all threads idle")
+        before = sum(t.no_jobs for t in process.job_threads)
+        for i in range(40):
+            assert gc.run_one(gearmand.address, "eg.reverse", f"j{i}").state == "complete"
+        per_job = (sum(t.no_jobs for t in process.job_threads) - before) / 40
+        assert per_job < 4, f"{per_job:.1f} empty grabs per job: idle threads are woken for every job"
+        # and a burst still spreads over the threads
+        outs = gc.run(gearmand.address, "eg.slow", [{"seconds": 0.3}] * 8, timeout=30)
+        assert all(o.state == "complete" for o in outs)
+        assert sum(t.jobs_done > 0 for t in process.job_threads) == 8
+    finally:
+        process.request_shutdown(now=True)
+        process.wait()
+        process.close()

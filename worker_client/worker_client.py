@@ -125,7 +125,8 @@ class _Link:
     """One thread's connection to one server, and where it is in the grab cycle."""
 
     conn: gp.Connection
-    state: str = "down"  # down | hello (connected, awaiting ECHO_RES) | idle | grabbing | sleeping
+    state: str = "down"  # down | hello (connected, awaiting ECHO_RES) | idle | grabbing | sleeping | parked
+    server: int = 0  # index into config.servers
     since: float = 0.0  # when it entered its state
     next_try: float = 0.0  # when to reconnect (state down)
     backoff: float = RECONNECT_MIN
@@ -159,12 +160,60 @@ class _Outage:
             log.info("server reachable again", server=server)
 
 
+class Sleepers:
+    """One sleeping connection per server per process, instead of one per thread.
+
+    gearmand sends a NOOP to every sleeping connection for every job, so N idle threads
+    wake, grab, and N-1 of them get NO_JOB and take the GIL from the one running the job.
+    Here only one thread per server sleeps (PRE_SLEEP); the others park that connection
+    (no PRE_SLEEP, so gearmand leaves them alone). The thread that gets a job wakes one
+    parked thread, which grabs in its turn, so a burst still spreads over every thread.
+    Parked connections, like sleeping ones, grab again after worker.poll_timeout.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sleeper: dict[int, "GrabLoop"] = {}
+        self.parked: dict[int, list["GrabLoop"]] = {}
+
+    def sleep_or_park(self, server: int, thread: "GrabLoop") -> bool:
+        """True: this thread sleeps on ``server`` (sends PRE_SLEEP); False: it parks."""
+        with self.lock:
+            if self.sleeper.get(server, thread) is thread:
+                self.sleeper[server] = thread
+                return True
+            self.parked.setdefault(server, []).append(thread)
+            return False
+
+    def leave(self, server: int, thread: "GrabLoop") -> None:
+        """``thread`` stops sleeping or being parked on ``server``."""
+        with self.lock:
+            if self.sleeper.get(server) is thread:
+                del self.sleeper[server]
+            parked = self.parked.get(server)
+            if parked and thread in parked:
+                parked.remove(thread)
+
+    def wake_one(self, server: int) -> None:
+        """A job came from ``server``: a parked thread takes over listening to it."""
+        with self.lock:
+            parked = self.parked.get(server)
+            if not parked:
+                return
+            thread = parked.pop(0)
+            thread.unparked.add(server)
+        thread.nudge()
+
+
 class GrabLoop(threading.Thread):
     """A thread that keeps one connection per server and serves jobs of ``abilities``."""
 
     def __init__(self, process: "WorkerProcess", index: int, abilities: list[str],
-                 stop: threading.Event, wake_fd: int, name: str):
+                 stop: threading.Event, wake_fd: int, name: str, sleepers: Sleepers | None = None):
         super().__init__(name=name, daemon=True)
+        self.sleepers = sleepers or Sleepers()
+        self.unparked: set[int] = set()  # servers another thread asked us to grab from (under sleepers.lock)
+        self._nudge_r, self._nudge_w = os.pipe()
         self.process = process
         self.index = index
         self.identity = process.identity.for_thread(index)
@@ -174,12 +223,13 @@ class GrabLoop(threading.Thread):
         cfg = process.config
         self.poll_timeout = cfg.worker.poll_timeout
         # A short connect timeout: while a thread waits on an unreachable server it serves no other.
-        self.links = [_Link(gp.Connection(h, p, connect_timeout=CONNECT_TIMEOUT))
-                      for h, p in cfg.server_addresses]
+        self.links = [_Link(gp.Connection(h, p, connect_timeout=CONNECT_TIMEOUT), server=i)
+                      for i, (h, p) in enumerate(cfg.server_addresses)]
         self.wants: collections.deque[_Link] = collections.deque()  # links to send a GRAB on
         self.outstanding: _Link | None = None
         self.current: Job | None = None  # the job running now (for a hard shutdown)
         self.jobs_done = 0
+        self.no_jobs = 0  # NO_JOB answers: grabs that found nothing (the herd shows here)
 
     # -- connections -----------------------------------------------------------------
     def _connect(self, link: _Link, now: float) -> None:
@@ -202,7 +252,35 @@ class GrabLoop(threading.Thread):
         self.process.outage.recovered(link.conn.address, self.index)
         self.wants.append(link)
 
+    def nudge(self) -> None:
+        try:
+            os.write(self._nudge_w, b"x")
+        except OSError:
+            pass
+
+    def _unpark(self) -> None:
+        try:
+            os.read(self._nudge_r, 4096)
+        except OSError:
+            pass
+        with self.sleepers.lock:
+            servers, self.unparked = self.unparked, set()
+        for i in servers:
+            link = self.links[i]
+            if link.state == "parked" and link not in self.wants:
+                link.state = "idle"
+                self.wants.append(link)
+
+    def _set_state(self, link: _Link, state: str) -> None:
+        if link.state in ("sleeping", "parked") and state not in ("sleeping", "parked"):
+            self.sleepers.leave(link.server, self)
+        link.state, link.since = state, time.monotonic()
+
     def _drop(self, link: _Link, reason: str) -> None:
+        was_listening = link.state == "sleeping"
+        self._set_state(link, "down")
+        if was_listening:
+            self.sleepers.wake_one(link.server)  # someone else listens when the server is back
         link.conn.close()
         link.state, link.next_try = "down", time.monotonic() + link.backoff
         link.backoff = min(link.backoff * 2, RECONNECT_MAX)  # reset only when the server answers
@@ -214,8 +292,8 @@ class GrabLoop(threading.Thread):
 
     def close(self) -> None:
         for link in self.links:
+            self._set_state(link, "down")
             link.conn.close()
-            link.state = "down"
 
     # -- the loop --------------------------------------------------------------------
     def run(self) -> None:
@@ -229,7 +307,7 @@ class GrabLoop(threading.Thread):
                 self.wants.clear()
                 self.outstanding = None
                 self.stop.wait(1.0)
-        self.close()
+        self.close()  # the nudge pipe stays open: another thread may still write to it
 
     def _cycle(self) -> None:
         now = time.monotonic()
@@ -241,9 +319,11 @@ class GrabLoop(threading.Thread):
 
         timeout = self._next_deadline(now)
         rlist = [link.conn.sock for link in self.links if link.state != "down"]
-        ready, _, _ = select.select(rlist + [self.wake_fd], [], [], timeout)
+        ready, _, _ = select.select(rlist + [self.wake_fd, self._nudge_r], [], [], timeout)
         if self.stop.is_set():
             return
+        if self._nudge_r in ready:
+            self._unpark()
         now = time.monotonic()
         for link in self.links:
             if link.state == "down" or link.conn.sock not in ready:
@@ -264,7 +344,8 @@ class GrabLoop(threading.Thread):
         # Starvation cure: a link asleep for poll_timeout is asked again, NOOP or not.
         now = time.monotonic()
         for link in self.links:
-            if link.state == "sleeping" and now - link.since >= self.poll_timeout and link not in self.wants:
+            if link.state in ("sleeping", "parked") and now - link.since >= self.poll_timeout \
+                    and link not in self.wants:
                 self.wants.append(link)
             elif link.state == "hello" and now - link.since >= ANSWER_TIMEOUT:
                 self._drop(link, f"connected, but no answer within {ANSWER_TIMEOUT:g}s")
@@ -276,7 +357,7 @@ class GrabLoop(threading.Thread):
         for link in self.links:
             if link.state == "down":
                 t = min(t, link.next_try - now)
-            elif link.state == "sleeping":
+            elif link.state in ("sleeping", "parked"):
                 t = min(t, link.since + self.poll_timeout - now)
             elif link.state in ("hello", "grabbing"):
                 t = min(t, link.since + ANSWER_TIMEOUT - now)
@@ -291,7 +372,7 @@ class GrabLoop(threading.Thread):
                 if prefix:
                     after.conn.send_raw(prefix)
                     prefix = b""
-                after.state = "idle"
+                self._set_state(after, "idle")
                 if not self.stop.is_set():
                     self.wants.append(after)
             link = None
@@ -307,7 +388,7 @@ class GrabLoop(threading.Thread):
         except ServerError as e:
             self._drop(link, str(e))
             return
-        link.state, link.since = "grabbing", time.monotonic()
+        self._set_state(link, "grabbing")
         self.outstanding = link
 
     def _on_packet(self, link: _Link, pkt: gp.Packet) -> None:
@@ -317,18 +398,25 @@ class GrabLoop(threading.Thread):
                 self._hello_answered(link)
         elif cmd == gp.NOOP:
             if link.state == "sleeping":
-                link.state = "idle"
-                self.wants.append(link)
+                self._set_state(link, "idle")
+                if link not in self.wants:
+                    self.wants.append(link)
         elif cmd == gp.NO_JOB:
+            self.no_jobs += 1
             if self.outstanding is link:
                 self.outstanding = None
-            link.conn.send(gp.PRE_SLEEP)
-            link.state, link.since = "sleeping", time.monotonic()
+            if self.sleepers.sleep_or_park(link.server, self):
+                link.conn.send(gp.PRE_SLEEP)
+                link.state, link.since = "sleeping", time.monotonic()
+            else:
+                link.state, link.since = "parked", time.monotonic()
             if self.outstanding is None:
                 self._grab_next()
         elif cmd in (gp.JOB_ASSIGN_UNIQ, gp.JOB_ASSIGN):
             if self.outstanding is link:
                 self.outstanding = None
+            link.state = "busy"
+            self.sleepers.wake_one(link.server)  # while we work, another thread listens
             reply = self._serve(link, pkt)
             self._grab_next(reply, after=link)
         elif cmd == gp.ERROR:
@@ -384,8 +472,9 @@ class WorkerProcess:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         names = sorted(self.tasks)
+        sleepers = Sleepers()
         for i in range(1, self.threads_wanted + 1):
-            t = GrabLoop(self, i, names, self.stopping, self._stop_r, name=f"job-{i}")
+            t = GrabLoop(self, i, names, self.stopping, self._stop_r, name=f"job-{i}", sleepers=sleepers)
             self.job_threads.append(t)
         # Thread index 0 is the control connection: it serves only this process's control function.
         self.control = ControlLoop(self, 0, [self.identity.control_function], self.finished,

@@ -50,6 +50,13 @@ def start_worker(tmp_path):
         w.stop()
 
 
+def wait_running(server, function: str, timeout: float = 10) -> None:
+    """Until gearmand's status shows one job of ``function``, and it running."""
+    wait_until(lambda: any(l.startswith(f"{function}\t1\t1\t")
+                           for l in gp.admin_command("127.0.0.1", server.port, "status")),
+               timeout, message=f"a {function} job running")
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
@@ -175,8 +182,7 @@ def test_sigterm_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path)
     rec = tmp_path / "rec.jsonl"
     conn = gc.connect(gearmand.address)
     [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight"}])
-    wait_until(lambda: any(l.startswith("t.record\t1\t1\t") for l in
-                           gp.admin_command("127.0.0.1", gearmand.port, "status")), 10, message="job running")
+    wait_running(gearmand, "t.record")
     w.signal(signal.SIGTERM)
     out = gc.wait(conn, [h], 15)
     assert out[h].state == "complete"
@@ -188,8 +194,7 @@ def test_a_job_still_running_after_the_grace_is_requeued_and_completed_elsewhere
     w1 = start_worker(fresh_gearmand, name="short", threads=1, grace=0.5)
     conn = gc.connect(fresh_gearmand.address)
     [h] = gc.submit(conn, "shell", [{"cmd": ["sleep", "2"], "timeout": 30}])
-    wait_until(lambda: any(l.startswith("shell\t1\t1\t") for l in
-                           gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 5, message="running")
+    wait_running(fresh_gearmand, "shell")
     w1.signal(signal.SIGTERM)
     assert w1.wait(15) == 0
     start_worker(fresh_gearmand, name="second", threads=1)
@@ -203,8 +208,7 @@ def test_kill_9_mid_job_the_job_is_completed_by_another_worker(fresh_gearmand, s
     w1 = start_worker(fresh_gearmand, name="victim", threads=1)
     conn = gc.connect(fresh_gearmand.address)
     [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 3, "id": "x"}])
-    wait_until(lambda: any(l.startswith("t.record\t1\t1\t") for l in
-                           gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 5, message="running")
+    wait_running(fresh_gearmand, "t.record")
     w1.signal(signal.SIGKILL)
     w1.wait(10)
     w2 = start_worker(fresh_gearmand, name="rescuer", threads=1)
@@ -329,8 +333,7 @@ def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, s
     w = start_worker(fresh_gearmand, name="impatient", threads=1, grace=60)
     conn = gc.connect(fresh_gearmand.address)
     [h] = gc.submit(conn, "shell", [{"cmd": ["sleep", "31.5"], "timeout": 60}])
-    wait_until(lambda: any(l.startswith("shell\t1\t1\t") for l in
-                           gp.admin_command("127.0.0.1", fresh_gearmand.port, "status")), 5, message="running")
+    wait_running(fresh_gearmand, "shell")
     w.signal(signal.SIGTERM)
     wait_until(lambda: any(e["event"] == "shutdown requested" for e in w.log_lines()), 5, message="first signal seen")
     t0 = time.monotonic()

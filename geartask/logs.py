@@ -88,7 +88,7 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
         process cost two syscalls, each a GIL hand-off: a third of a no-op job's time (bench)."""
         if self._writer is not None:
             return
-        self._pending, self._wake, self._io_lock = [], threading.Event(), threading.Lock()
+        self._pending, self._wake = [], threading.Event()
         self._writer = threading.Thread(target=self._drain_forever, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -99,18 +99,22 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
             self.drain()
 
     def drain(self) -> None:
-        """Write every queued line now (the writer thread, flush_logs, and close)."""
+        """Write every queued line now (the writer thread, flush_logs, and close).
+
+        Only the handler's own lock, held while writing: a second lock taken in the other
+        order by logging.shutdown (handler lock, then close -> drain) deadlocked the exit.
+        """
         if self._pending is None:
             return
-        with self._io_lock:
-            self.acquire()
+        self.acquire()
+        try:
             lines, self._pending = self._pending, []
-            self.release()
             if lines:
-                try:
-                    self._write(lines)
-                except Exception:
-                    pass  # a full disk must not stop the process; lines are lost, not jobs
+                self._write(lines)
+        except Exception:
+            pass  # a full disk must not stop the process; lines are lost, not jobs
+        finally:
+            self.release()
 
     def _write(self, lines: list) -> None:
         if self.stream is None:

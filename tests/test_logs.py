@@ -140,3 +140,33 @@ def test_buffered_mode_writes_in_order_soon_and_rotates(tmp_path):
     assert numbers == sorted(numbers) and numbers[-1] == 299  # in order, the newest kept
     assert stream.getvalue().count("\n") == 300  # the JSON console got every line too
     configure_logging(LogConfig(dir=tmp_path / "other"), "worker", "c", stream=io.StringIO())  # unbuffered again
+
+
+EXIT_WHILE_LOGGING = """
+import sys, threading, time
+from geartask.config import LogConfig
+from geartask.logs import configure_logging, HotLogger, get_logger
+configure_logging(LogConfig(dir=sys.argv[1], format="json"), "worker", "x", stream=open("/dev/null", "w"),
+                  buffered=True)
+def spam():
+    hot, usual = HotLogger("t"), get_logger("t")
+    while True:
+        hot.info("hot", pad="x" * 20000)
+        usual.info("usual")
+for _ in range(3):
+    threading.Thread(target=spam, daemon=True).start()
+time.sleep(0.2)
+sys.exit(0)
+"""
+
+
+def test_a_process_exits_while_threads_log_in_buffered_mode(tmp_path):
+    """logging.shutdown at exit and the writer thread once took two locks in opposite orders
+    (a worker hung after 'worker stopped' in CI; this reproduced it about 1 run in 6)."""
+    import subprocess
+    import sys
+    from helpers import REPO
+    for i in range(8):
+        r = subprocess.run([sys.executable, "-c", EXIT_WHILE_LOGGING, str(tmp_path / f"logs{i}")],
+                           cwd=REPO, timeout=20, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]

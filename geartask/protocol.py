@@ -29,6 +29,7 @@ import errno
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,7 @@ class Connection:
         self.connect_timeout = connect_timeout
         self.sock: socket.socket | None = None
         self._buf = bytearray()
+        self.send_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {'open' if self.sock else 'closed'}>"
@@ -173,7 +175,8 @@ class Connection:
         if self.sock is None:
             raise ServerError("not connected", self.address)
         try:
-            self.sock.sendall(data)
+            with self.send_lock:  # a worker's watchdog may answer for a thread stuck in a task
+                self.sock.sendall(data)
         except OSError as e:
             raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
 

@@ -373,3 +373,19 @@ def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
         process.request_shutdown(now=True)
         process.wait()
         process.close()
+
+
+def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearmand, start_worker):
+    w = start_worker(gearmand, name="stuck", threads=1, extra="  job_timeout: 1\n")
+    t0 = time.monotonic()
+    o = gc.run_one(gearmand.address, "t.hang", {"seconds": 60, "retries": 0})
+    assert o.state == "failed" and o.reason["timed_out"] is True and "job_timeout" in o.reason["error"]
+    assert time.monotonic() - t0 < 10
+    # the one thread is stuck in time.sleep; its replacement serves the next job
+    assert gc.run_one(gearmand.address, "eg.reverse", "ok", timeout=10).result == {"reversed": "ko"}
+    ids = [l.split()[2] for l in worker_connections(gearmand.address) if " stuck:" in l]
+    assert sorted(i.rsplit(":", 1)[1] for i in ids) == ["0", "1"]  # no stale connection left
+    dead = (w.config.parent / "logs" / "dead-letter.jsonl").read_text()
+    assert "t.hang" in dead and "timed out" in dead
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0  # the stuck thread does not hold up the exit

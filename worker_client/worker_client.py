@@ -46,7 +46,8 @@ log = get_logger("geartask.worker")
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 ANSWER_TIMEOUT = 5.0  # seconds a connected server may take to answer ECHO or GRAB before we drop it
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
-BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
+BACKOFF_MAX = 30.0
+WATCHDOG_INTERVAL = 0.5  # seconds between looks for plugin tasks past worker.job_timeout  # ceiling on the wait between attempts of one job
 
 
 class Job:
@@ -228,6 +229,8 @@ class GrabLoop(threading.Thread):
         self.wants: collections.deque[_Link] = collections.deque()  # links to send a GRAB on
         self.outstanding: _Link | None = None
         self.current: Job | None = None  # the job running now (for a hard shutdown)
+        self.attempt_started = 0.0  # when the current attempt began (for the watchdog)
+        self.abandoned = False  # the watchdog gave up on this thread's stuck task
         self.jobs_done = 0
         self.no_jobs = 0  # NO_JOB answers: grabs that found nothing (the herd shows here)
 
@@ -297,7 +300,7 @@ class GrabLoop(threading.Thread):
 
     # -- the loop --------------------------------------------------------------------
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self.abandoned:
             try:
                 self._cycle()
             except Exception as e:  # a bug must not end the thread: log it, start clean
@@ -430,6 +433,7 @@ class GrabLoop(threading.Thread):
         unique = pkt.text("unique") if "unique" in pkt.args else ""
         job = Job(link.conn, handle, task, unique, pkt["data"], self.process.config,
                   self.process.cancel_jobs)
+        self.attempt_started = time.monotonic()  # before current: the watchdog reads both
         self.current = job
         try:
             return self.process.execute(self, job, server=link.conn.address)
@@ -472,9 +476,9 @@ class WorkerProcess:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         names = sorted(self.tasks)
-        sleepers = Sleepers()
+        self.sleepers = Sleepers()
         for i in range(1, self.threads_wanted + 1):
-            t = GrabLoop(self, i, names, self.stopping, self._stop_r, name=f"job-{i}", sleepers=sleepers)
+            t = self._job_thread(i)
             self.job_threads.append(t)
         # Thread index 0 is the control connection: it serves only this process's control function.
         self.control = ControlLoop(self, 0, [self.identity.control_function], self.finished,
@@ -482,9 +486,56 @@ class WorkerProcess:
         for t in self.job_threads:
             t.start()
         self.control.start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         log.info("worker started", worker=self.name, ip=self.identity.ip, pid=self.identity.pid,
                  threads=self.threads_wanted, servers=self.config.servers, tasks=names,
                  control=self.identity.control_function)
+
+    def _job_thread(self, index: int) -> GrabLoop:
+        return GrabLoop(self, index, sorted(self.tasks), self.stopping, self._stop_r, name=f"job-{index}",
+                        sleepers=self.sleepers)
+
+    def _watchdog(self) -> None:
+        """Fail plugin tasks that outlive worker.job_timeout, and replace their threads.
+
+        Python code can't be killed from outside: the stuck thread is left to finish on its
+        own (its result is then dropped), its connections are shut, the job fails with the
+        reason (a requeue would only hang the next worker too), and a new thread takes its
+        place. Shell commands are killed at their own timeout by veryeasyprocess instead.
+        """
+        limit = self.config.worker.job_timeout
+        while not self.finished.wait(WATCHDOG_INTERVAL):
+            now = time.monotonic()
+            for pos, t in enumerate(list(self.job_threads)):
+                job = t.current
+                if (job is not None and job.task != "shell" and not t.abandoned
+                        and now - t.attempt_started > limit and not self.stopping.is_set()):
+                    self._abandon(pos, t, job, now - t.attempt_started)
+
+    def _abandon(self, pos: int, t: GrabLoop, job: Job, seconds: float) -> None:
+        t.abandoned = True
+        with job_context(task=job.task, handle=job.handle, unique=job.unique):
+            log.warning("task timed out; failing the job and replacing its thread", seconds=round(seconds, 3),
+                        job_timeout=self.config.worker.job_timeout, thread=t.index)
+            reason = {"error": f"timed out after {seconds:.1f}s (worker.job_timeout "
+                               f"{self.config.worker.job_timeout:g}s); a Python task can't be killed, "
+                               f"so its thread was abandoned and replaced", "timed_out": True}
+            try:
+                job._conn.send_raw(self._fail(job, reason, job.attempt, seconds))
+            except ServerError:
+                pass  # the connection is gone: gearmand requeues the job
+        for link in t.links:  # shut, not closed: the stuck thread still holds the sockets
+            sock = link.conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.sleepers.leave(link.server, t)
+            self.sleepers.wake_one(link.server)
+        replacement = self._job_thread(t.index)
+        self.job_threads[pos] = replacement
+        replacement.start()
 
     def request_shutdown(self, now: bool = False, reason: str = "request") -> None:
         with self._lock:
@@ -570,9 +621,10 @@ class WorkerProcess:
                 attempt += 1
                 job.attempt = attempt
                 a0 = time.monotonic()
+                thread.attempt_started = a0
                 try:
                     result = fn(job)
-                    if self.cancel_jobs.is_set():
+                    if self.cancel_jobs.is_set() or thread.abandoned:
                         raise Abandoned(job.handle)
                 except Abandoned:
                     raise
@@ -584,7 +636,7 @@ class WorkerProcess:
                 except ServerError:
                     raise  # our connection is gone: gearmand requeues the job
                 except Exception as e:
-                    if self.cancel_jobs.is_set():
+                    if self.cancel_jobs.is_set() or thread.abandoned:
                         raise Abandoned(job.handle) from None
                     if isinstance(e, AttemptFailed):
                         reason = {"error": e.reason, **e.details}

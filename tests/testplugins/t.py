@@ -35,6 +35,12 @@ def progress(job):
     return "done"
 
 
+def hang(job):
+    """Ignores every timeout: sleeps data['seconds'] in Python, which nothing can interrupt."""
+    time.sleep(float(job.data.get("seconds", 60)))
+    return "woke up"
+
+
 @hookimpl
 def geartask_tasks():
-    return {"t.record": record, "t.fail": fail, "t.progress": progress}
+    return {"t.record": record, "t.fail": fail, "t.progress": progress, "t.hang": hang}

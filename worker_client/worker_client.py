@@ -298,6 +298,17 @@ class GrabLoop(threading.Thread):
             self._set_state(link, "down")
             link.conn.close()
 
+    def shut_connections(self) -> None:
+        """From another thread: end this thread's connections without closing its sockets
+        (it may be using them), so gearmand sees the worker gone."""
+        for link in self.links:
+            sock = link.conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     # -- the loop --------------------------------------------------------------------
     def run(self) -> None:
         while not self.stop.is_set() and not self.abandoned:
@@ -524,13 +535,8 @@ class WorkerProcess:
                 job._conn.send_raw(self._fail(job, reason, job.attempt, seconds))
             except ServerError:
                 pass  # the connection is gone: gearmand requeues the job
-        for link in t.links:  # shut, not closed: the stuck thread still holds the sockets
-            sock = link.conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        t.shut_connections()  # shut, not closed: the stuck thread still holds the sockets
+        for link in t.links:
             self.sleepers.leave(link.server, t)
             self.sleepers.wake_one(link.server)
         replacement = self._job_thread(t.index)
@@ -569,13 +575,7 @@ class WorkerProcess:
                         jobs=[t.current.handle for t in busy if t.current])
             # Connections first: a killed command must not be reported as a failure.
             for t in busy:
-                for link in t.links:
-                    sock = link.conn.sock
-                    if sock is not None:
-                        try:
-                            sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
+                t.shut_connections()
             self.cancel_jobs.set()
             for t in busy:
                 t.join(2.0)

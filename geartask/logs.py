@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import structlog
 
 from .config import LogConfig
+from .errors import UsageError
 
 _process_fields: dict[str, Any] = {}
 _handlers: list[logging.Handler] = []
@@ -244,8 +245,11 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
     fh = None
     if to_file:
         path = log_file_path(log, role, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = _RotatingFileHandler(path, maxBytes=log.max_bytes, backupCount=log.backups, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = _RotatingFileHandler(path, maxBytes=log.max_bytes, backupCount=log.backups, encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"log.dir: cannot write the log file {path}: {e.strerror or e}") from None
         if buffered:
             fh.start_writer()
             atexit.register(fh.drain)

@@ -170,3 +170,17 @@ def test_a_process_exits_while_threads_log_in_buffered_mode(tmp_path):
         r = subprocess.run([sys.executable, "-c", EXIT_WHILE_LOGGING, str(tmp_path / f"logs{i}")],
                            cwd=REPO, timeout=20, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_unwritable_log_dir_is_a_config_error_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from helpers import REPO, write_config
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log folder should be")
+    cfg = write_config(tmp_path / "c.yaml", ["127.0.0.1:1"], "")
+    cfg.write_text(cfg.read_text().replace("dir: logs", f"dir: {blocker}/logs"))
+    r = subprocess.run([sys.executable, str(REPO / "worker_client" / "runworkers.py"), "--config", str(cfg),
+                        "--name", "x", "--threads", "1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "log.dir" in r.stderr and "cannot write the log file" in r.stderr
+    assert "Traceback" not in r.stderr

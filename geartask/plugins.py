@@ -20,10 +20,17 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from . import hookspecs
+from .control import CONTROL_PREFIX
 from .errors import GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
 ENTRY_POINT_GROUP = "geartask.plugins"
+BUILTIN_TASKS = ("shell",)  # served by every worker itself (worker_client.shell_task)
+
+
+def is_reserved_task(name: str) -> bool:
+    """Task names geartask serves itself: the shell task and the workers' control functions."""
+    return name in BUILTIN_TASKS or name.startswith(CONTROL_PREFIX + ":")
 
 
 @dataclass
@@ -116,6 +123,10 @@ class Plugins:
             for name, fn in result.items():
                 if not isinstance(name, str) or not name or any(c.isspace() for c in name) or not callable(fn):
                     raise PluginError(f"bad task {name!r}: names are non-empty without spaces, values callable",
+                                      plugin, self.files.get(plugin))
+                if is_reserved_task(name):
+                    raise PluginError(f"task {name!r} is geartask's own (the built-in shell task or a "
+                                      f"worker control function); choose another name",
                                       plugin, self.files.get(plugin))
                 if name in tasks:
                     other = tasks[name][1]

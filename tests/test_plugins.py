@@ -115,6 +115,14 @@ def test_two_plugins_one_task_name(tmp_path):
         load_plugins(cfg).tasks()
 
 
+@pytest.mark.parametrize("task", ["shell", "geartask.control:w1:10.0.0.1:42"])
+def test_geartask_own_task_names_are_refused(tmp_path, task):
+    body = f"from geartask import hookimpl\n\n@hookimpl\ndef geartask_tasks():\n    return {{{task!r}: lambda job: 1}}\n"
+    cfg = config_with(tmp_path, {"squatter": body})
+    with pytest.raises(PluginError, match=r"plugin 'squatter' \(.*squatter.py\): task .* is geartask's own"):
+        load_plugins(cfg).tasks()
+
+
 def test_unknown_plugin_lists_those_available(tmp_path):
     cfg = config_with(tmp_path, {"alpha": GOOD % {"name": "alpha"}})
     with pytest.raises(PluginError, match=r"unknown plugin 'nope'; available: alpha"):

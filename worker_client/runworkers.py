@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file, from the repository root or from
 
 from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
 from geartask.control import check_name  # noqa: E402
-from geartask.errors import PluginError, UsageError  # noqa: E402
+from geartask.errors import UsageError  # noqa: E402
 from geartask.logs import configure_logging, flush_logs  # noqa: E402
 from geartask.plugins import load_plugins  # noqa: E402
 
@@ -50,12 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
     # Everything that can fail on bad input fails here, before a single thread starts.
     plugins = load_plugins(config, only=only)
-    found = plugins.tasks()
-    if "shell" in found:
-        plugin = found["shell"][1]
-        raise PluginError("registers the task name 'shell', which is the built-in shell task",
-                          plugin, plugins.files.get(plugin))
-    tasks = {task: fn for task, (fn, _) in found.items()}
+    tasks = {task: fn for task, (fn, _) in plugins.tasks().items()}
     configure_logging(config.log, "worker", name, buffered=True)
 
     process = WorkerProcess(config, name, threads, tasks)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from geartask import protocol as gp
 from geartask.control import WorkerIdentity, host_ip, parse_command
 from geartask.errors import GeartaskError, PluginError, ServerError, UsageError
+from geartask.plugins import is_reserved_task
 from geartask.jobs import decode_payload, encode_payload
 from geartask.logs import HotLogger, get_logger, job_context
 
@@ -46,8 +47,8 @@ log = get_logger("geartask.worker")
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 ANSWER_TIMEOUT = 5.0  # seconds a connected server may take to answer ECHO or GRAB before we drop it
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
-BACKOFF_MAX = 30.0
-WATCHDOG_INTERVAL = 0.5  # seconds between looks for plugin tasks past worker.job_timeout  # ceiling on the wait between attempts of one job
+BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
+WATCHDOG_INTERVAL = 0.5  # seconds between looks for plugin tasks past worker.job_timeout
 
 
 class Job:
@@ -114,11 +115,6 @@ class DeadLetters:
             os.write(fd, line)  # one O_APPEND write: lines from many processes never interleave
         finally:
             os.close(fd)
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -463,8 +459,9 @@ class WorkerProcess:
         self.config = config
         self.name = name
         self.threads_wanted = threads
-        if "shell" in tasks:
-            raise PluginError("a plugin registers the task name 'shell', which is the built-in shell task")
+        reserved = [t for t in tasks if is_reserved_task(t)]
+        if reserved:
+            raise PluginError(f"task name {reserved[0]!r} is geartask's own (the shell task or a control function)")
         self.identity = WorkerIdentity(name, host_ip(config.server_addresses), os.getpid())
         self.label = f"{name}:{self.identity.ip}:{self.identity.pid}"
         self.tasks = dict(tasks)

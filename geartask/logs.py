@@ -8,7 +8,6 @@ Stdlib logging (pygearman's included) goes through the same processors and handl
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -62,6 +61,8 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
     _size: int | None = None
     mirror: Any = None
     mirror_level: int = logging.NOTSET
+    _pending: list | None = None  # buffered mode: lines waiting for the writer thread
+    _writer: threading.Thread | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -70,9 +71,6 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
             raise
         except Exception:
             self.handleError(record)
-
-    _pending: list | None = None  # buffered mode: lines waiting for the writer thread
-    _writer: threading.Thread | None = None
 
     def write_line(self, msg: str, levelno: int) -> None:
         """Write one rendered line, or queue it for the writer thread. Caller holds the lock."""
@@ -251,8 +249,7 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
         except OSError as e:
             raise UsageError(f"log.dir: cannot write the log file {path}: {e.strerror or e}") from None
         if buffered:
-            fh.start_writer()
-            atexit.register(fh.drain)
+            fh.start_writer()  # logging.shutdown closes the handler at exit, which drains it
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -296,8 +296,6 @@ class Connection:
 _HEADER = struct.Struct("!4sII")
 _PARAMS = gp.GEARMAN_PARAMS_FOR_COMMAND
 _NUL = b"\0"
-
-
 _PARAM_SETS = {cmd: frozenset(params) for cmd, params in _PARAMS.items()}
 
 

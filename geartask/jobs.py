@@ -52,12 +52,13 @@ class JobDefinition:
     background: bool | None = None
     retries: int | None = None
     extra: dict = field(default_factory=dict)  # anything else a plugin wants to carry along
+    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_any(cls, obj: Any, source: str = "job definition") -> "JobDefinition":
         """Validate a plugin's mapping (or a JobDefinition) and return a JobDefinition."""
         if isinstance(obj, JobDefinition):
-            obj = obj.__dict__
+            obj = {k: v for k, v in obj.__dict__.items() if k != "_encoded"}
         if not isinstance(obj, Mapping):
             raise JobDefinitionError(f"{source}: expected a mapping with 'task', got {obj!r}")
         d = dict(obj)
@@ -87,4 +88,19 @@ class JobDefinition:
         return job
 
     def payload(self) -> bytes:
-        return encode_payload(self.data, self.task)
+        """The bytes sent to the worker, encoded once (build a new definition to change it).
+
+        ``retries`` travel inside a JSON-object payload, as the key "retries" (a key the data
+        already has wins): Gearman has no field for them, and the worker reads them there.
+        For other data they can't travel, which ``retries_lost`` tells.
+        """
+        if self._encoded is None:
+            data = self.data
+            if self.retries is not None and isinstance(data, dict) and "retries" not in data:
+                data = {**data, "retries": self.retries}
+            self._encoded = encode_payload(data, self.task)
+        return self._encoded
+
+    @property
+    def retries_lost(self) -> bool:
+        return self.retries is not None and not isinstance(self.data, dict)

@@ -337,15 +337,10 @@ class JobSender:
             raise JobDefinitionError(f"{source} ({d.task}): unique key {d.unique[:20]!r}... is "
                                      f"{len(d.unique.encode('utf-8'))} bytes; gearmand takes at most {MAX_UNIQUE}",
                                      d.task, d.unique)
-        data = d.data
-        if d.retries is not None:
-            # The worker reads a job's retries from its JSON-object payload (worker_client).
-            if isinstance(data, dict):
-                data = {**data, "retries": data.get("retries", d.retries)}
-            else:
-                self.log.warning("job retries ignored: they travel only in a JSON-object payload",
-                                 task=d.task, unique=d.unique)
-        payload = JobDefinition(task=d.task, data=data).payload()
+        if d.retries_lost:
+            self.log.warning("job retries ignored: they travel only in a JSON-object payload",
+                             task=d.task, unique=d.unique)
+        payload = d.payload()  # encoded once, by from_any's check
         if len(payload) > self.max_payload:
             raise JobDefinitionError(f"{source} ({d.task}): data is {len(payload)} bytes, over the "
                                      f"{self.max_payload}-byte limit for one job", d.task, d.unique)

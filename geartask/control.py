@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 CONTROL_PREFIX = "geartask.control"
-COMMANDS = ("shutdown",)
+COMMANDS = ("shutdown", "ping")
 
 
 def check_name(name: str) -> str:
@@ -78,6 +78,19 @@ def parse_control_function(function: str) -> WorkerIdentity | None:
 def shutdown_request(now: bool = False) -> bytes:
     """The payload of a shutdown control job; ``now`` skips the grace period."""
     return json.dumps({"command": "shutdown", "now": bool(now)}).encode()
+
+
+def ping_request() -> bytes:
+    """The payload of a ping control job, sent as a *foreground* job with a deadline.
+
+    A live process answers at once (its control thread never runs jobs) with a JSON object:
+    ``{"ok": true, "command": "ping", "worker": label, "name", "pid", "ips": [...],
+    "threads", "busy", "jobs_done", "started": epoch seconds, "running": [{"handle",
+    "task", "unique", "server", "seconds"}]}``. A process that does not answer within the
+    deadline is *silent*: its host is cut off, frozen or gone. Being a foreground job, an
+    unanswered ping vanishes from gearmand's queue when the asking client disconnects.
+    """
+    return json.dumps({"command": "ping"}).encode()
 
 
 def parse_command(raw: bytes) -> dict:

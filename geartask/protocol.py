@@ -123,11 +123,14 @@ class Connection:
     Any socket failure closes the connection and raises ServerError naming the server.
     """
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 5.0):
+    def __init__(self, host: str, port: int, connect_timeout: float = 5.0,
+                 keepalive: "Keepalive | None" = None):
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive or Keepalive()
         self.sock: socket.socket | None = None
+        self.local_address: str | None = None  # our end's IP, as this server sees it
         self._buf = bytearray()
         self.send_lock = threading.Lock()
 
@@ -149,8 +152,12 @@ class Connection:
         except OSError as e:
             raise ServerError(f"cannot connect: {e.strerror or e}", self.address) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.keepalive.apply(sock)
         sock.settimeout(None)
+        try:
+            self.local_address = sock.getsockname()[0]
+        except OSError:
+            self.local_address = None
         self.sock, self._buf = sock, bytearray()
         return self
 
@@ -197,7 +204,7 @@ class Connection:
             raise ServerError("not connected", self.address)
         if timeout is not None:
             try:
-                ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+                ready = wait_readable(self.sock.fileno(), timeout)
             except (OSError, ValueError) as e:
                 raise self._fail(f"connection lost: {e}") from None
             if not ready:
@@ -228,7 +235,11 @@ class Connection:
         return packets
 
     def has_buffered_packet(self) -> bool:
-        return len(self._buf) >= gp.COMMAND_HEADER_SIZE
+        """A *whole* packet is buffered (a header alone is not: its body may still be in flight)."""
+        buf = self._buf
+        if len(buf) < gp.COMMAND_HEADER_SIZE:
+            return False
+        return len(buf) >= gp.COMMAND_HEADER_SIZE + _HEADER.unpack_from(buf)[2]
 
     def recv(self, timeout: float | None) -> Packet | None:
         """The next packet, or None when ``timeout`` seconds pass first (None waits forever).
@@ -287,6 +298,53 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0 or not self._read_some(left):
                 raise self._fail(f"no answer to {line.strip()!r} within {timeout:g}s")
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive and user timeout for a connection, so a silent peer (a host that is cut
+    off or frozen: no RST ever comes) is found in bounded time instead of the kernel's 2 h.
+
+    ``idle`` seconds without traffic before the first probe, then a probe every ``interval``
+    seconds, ``count`` unanswered probes end the connection. ``user_timeout``: seconds that
+    sent data may stay unacknowledged before the connection is ended (TCP_USER_TIMEOUT; 0
+    leaves the kernel's default of about 15 minutes).
+    """
+
+    idle: int = 30
+    interval: int = 10
+    count: int = 3
+    user_timeout: float = 0.0
+
+    @property
+    def bound(self) -> float:
+        """Seconds after which a silent idle peer is declared gone."""
+        return self.idle + self.interval * self.count
+
+    def apply(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", self.idle), ("TCP_KEEPINTVL", self.interval),
+                           ("TCP_KEEPCNT", self.count)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), max(1, int(value)))
+        if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.user_timeout * 1000))
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """True when ``fd`` is readable within ``timeout`` seconds (None: wait forever).
+
+    poll, not select: select fails for descriptor numbers past 1024 (a worker with many
+    threads and servers has more than that).
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    while True:
+        try:
+            return bool(poller.poll(ms))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries this already
+            continue
 
 
 # The packet codec is on every job's path (a worker packs a result and parses an assignment

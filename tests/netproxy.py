@@ -1,0 +1,192 @@
+"""A TCP proxy for tests that does to a byte stream what real networks do and loopback never does.
+
+``SliceProxy(target)`` listens on a free loopback port and forwards every connection to
+``target``. Each direction can be *sliced* (delivered in random 1-48-byte pieces, with an
+occasional 2 ms pause, as toxiproxy's slicer does: packet boundaries never match Gearman
+packet boundaries), *delayed* (each chunk held ``delay`` seconds, order kept: half of an
+added round trip per direction) and *cut* (``cut()``: bytes are held, nothing is closed and
+no RST is sent, as with a dead cable; ``restore()`` delivers what was held).
+
+Everything runs in daemon threads; ``stop()`` closes the listener and every connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import socket
+import threading
+import time
+
+
+class _Pump(threading.Thread):
+    """Copies one direction of one connection, slicing and delaying on the way."""
+
+    def __init__(self, proxy: "SliceProxy", src: socket.socket, dst: socket.socket, sliced: bool,
+                 delay: float, rng: random.Random):
+        super().__init__(daemon=True, name="netproxy-pump")
+        self.proxy, self.src, self.dst = proxy, src, dst
+        self.sliced, self.delay, self.rng = sliced, delay, rng
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.cond = threading.Condition()
+        self.eof = False
+        self.sender = threading.Thread(target=self._send_loop, daemon=True, name="netproxy-send")
+
+    def run(self) -> None:
+        self.sender.start()
+        try:
+            while True:
+                chunk = self.src.recv(65536)
+                if not chunk:
+                    break
+                with self.cond:
+                    self.queue.append((time.monotonic() + self.delay, chunk))
+                    self.cond.notify()
+        except OSError:
+            pass
+        with self.cond:
+            self.eof = True
+            self.cond.notify()
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while True:
+                        if self.proxy.stopped.is_set():
+                            return
+                        ready = self.queue and not self.proxy.is_cut and self.queue[0][0] <= time.monotonic()
+                        if ready:
+                            _, chunk = self.queue.popleft()
+                            break
+                        if self.eof and not self.queue:
+                            self.dst.shutdown(socket.SHUT_WR)
+                            return
+                        wait = 0.05
+                        if self.queue and not self.proxy.is_cut:
+                            wait = max(0.0, self.queue[0][0] - time.monotonic())
+                        self.cond.wait(wait)
+                self._deliver(chunk)
+        except OSError:
+            pass
+        finally:
+            self.proxy._forget(self.src, self.dst)
+
+    def _deliver(self, chunk: bytes) -> None:
+        if not self.sliced:
+            self.dst.sendall(chunk)
+            self.proxy.bytes_forwarded += len(chunk)
+            return
+        view = memoryview(chunk)
+        while view:
+            n = self.rng.randint(self.proxy.min_slice, self.proxy.max_slice)
+            self.dst.sendall(view[:n])
+            self.proxy.bytes_forwarded += min(n, len(view))
+            self.proxy.slices += 1
+            view = view[n:]
+            if self.rng.random() < self.proxy.pause_chance:
+                time.sleep(0.002)
+
+
+class SliceProxy:
+    """A forwarding proxy from a free port on ``listen_host`` to ``target`` (host, port)."""
+
+    def __init__(self, target: tuple[str, int] | str, listen_host: str = "127.0.0.1", *,
+                 slice_down: bool = True, slice_up: bool = True, delay: float = 0.0,
+                 min_slice: int = 1, max_slice: int = 48, pause_chance: float = 0.02,
+                 seed: int | None = None):
+        if isinstance(target, str):
+            host, _, port = target.rpartition(":")
+            target = (host, int(port))
+        self.target = target
+        self.slice_down, self.slice_up, self.delay = slice_down, slice_up, delay
+        self.min_slice, self.max_slice, self.pause_chance = min_slice, max_slice, pause_chance
+        self.rng = random.Random(seed)
+        self.stopped = threading.Event()
+        self.is_cut = False
+        self.connections = 0
+        self.slices = 0
+        self.bytes_forwarded = 0
+        self._socks: set[socket.socket] = set()
+        self._open: dict[tuple[socket.socket, socket.socket], int] = {}  # pair -> directions still open
+        self._lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((listen_host, 0))
+        self.listener.listen(512)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self._accepter = threading.Thread(target=self._accept_loop, daemon=True, name="netproxy-accept")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "SliceProxy":
+        self._accepter.start()
+        return self
+
+    def __enter__(self) -> "SliceProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def cut(self) -> None:
+        """Hold every byte from now on, silently: no FIN, no RST, connections stay open."""
+        self.is_cut = True
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            socks, self._socks = list(self._socks), set()
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept_loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()  # the target refused: so do we (a closed connection, like a RST)
+                continue
+            upstream.settimeout(None)
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._socks.update((client, upstream))
+                self.connections += 1
+            rng = random.Random(self.rng.random())
+            self._open[(client, upstream)] = 2
+            _Pump(self, upstream, client, self.slice_down, self.delay, rng).start()
+            _Pump(self, client, upstream, self.slice_up, self.delay, random.Random(rng.random())).start()
+
+    def _forget(self, src: socket.socket, dst: socket.socket) -> None:
+        """One direction is done; when both are, close the pair."""
+        with self._lock:
+            key = (src, dst) if (src, dst) in self._open else (dst, src)
+            left = self._open.get(key, 1) - 1
+            if left > 0:
+                self._open[key] = left
+                return
+            self._open.pop(key, None)
+            self._socks.difference_update(key)
+        for s in key:
+            try:
+                s.close()
+            except OSError:
+                pass

@@ -1,0 +1,109 @@
+"""The outcome store contract, run against every backend in geartask.outcomes.BACKENDS."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from geartask.outcomes import BACKENDS, BadOutcome, check, open_store
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store(request, tmp_path):
+    s = open_store(request.param, tmp_path / "outcomes.db")
+    yield s
+    s.close()
+
+
+def rec(**kw):
+    base = {"id": uuid.uuid4().hex, "server": "127.0.0.1:4730", "handle": f"H:x:{uuid.uuid4().int % 10**6}",
+            "unique": uuid.uuid4().hex, "task": "t", "state": "complete", "finished_at": time.time(),
+            "attempts": 1, "background": True, "result": '{"ok":true}', "result_encoding": "text"}
+    base.update(kw)
+    return base
+
+
+def test_add_is_idempotent_by_id(store):
+    r = rec()
+    assert store.add([r, r]) == 1
+    assert store.add([r]) == 0
+    assert store.size() == 1
+    assert store.get(r["id"])["unique"] == r["unique"]
+
+
+def test_latest_by_unique_and_by_handle(store):
+    now = time.time()
+    a = rec(unique="u1", state="failed", finished_at=now - 10, reason={"error": "boom"})
+    b = rec(unique="u1", state="complete", finished_at=now)
+    c = rec(unique="u2", handle="H:x:7", server="10.0.0.1:4730")
+    store.add([a, b, c])
+    assert store.latest(unique="u1")["id"] == b["id"]
+    assert [r["id"] for r in store.history("u1")] == [a["id"], b["id"]]
+    assert store.latest(handle="H:x:7", server="10.0.0.1:4730")["id"] == c["id"]
+    assert store.latest(handle="H:x:7", server="10.0.0.2:4730") is None
+    assert store.latest(unique="nope") is None
+
+
+def test_failed_filters_requeue_and_purge(store):
+    now = time.time()
+    old = rec(task="a", state="failed", finished_at=now - 3600, reason={"error": "x"})
+    new = rec(task="b", state="failed", finished_at=now, reason={"error": "y"})
+    ok = rec(task="a", state="complete")
+    store.add([old, new, ok])
+    assert [r["id"] for r in store.failed()] == [new["id"], old["id"]]
+    assert [r["id"] for r in store.failed(task="a")] == [old["id"]]
+    assert [r["id"] for r in store.failed(since=now - 60)] == [new["id"]]
+    assert store.mark_requeued(old["id"], by="tester", handle="H:x:99")
+    assert not store.mark_requeued("nope", by="tester")
+    assert [r["id"] for r in store.failed()] == [new["id"]]
+    again = store.failed(include_requeued=True, task="a")[0]
+    assert again["requeues"][0]["by"] == "tester" and again["requeues"][0]["handle"] == "H:x:99"
+    assert store.purge_failed(older_than=now - 60) == 1
+    assert store.purge_failed(ids=[new["id"]]) == 1
+    assert store.failed(include_requeued=True) == [] and store.size() == 1
+
+
+def test_prune_and_counts(store):
+    now = time.time()
+    store.add([rec(finished_at=now - 8 * 86400), rec(task="x"), rec(task="x", state="failed")])
+    assert store.prune(7 * 86400) == 1
+    assert store.counts(now - 60) == {("x", "complete"): 1, ("x", "failed"): 1}
+
+
+def test_survives_reopen(request, tmp_path):
+    for kind in BACKENDS:
+        path = tmp_path / f"{kind}.db"
+        r = rec()
+        s = open_store(kind, path)
+        s.add([r])
+        s.close()
+        s = open_store(kind, path)
+        assert s.get(r["id"]) is not None
+        s.close()
+
+
+@pytest.mark.parametrize("bad, what", [
+    ("not a dict", "JSON object"),
+    ({"server": "s", "handle": "h", "task": "t", "state": "complete", "finished_at": 1}, "'id'"),
+    (dict(rec(), state="maybe"), "'state'"),
+    (dict(rec(), attempts=-1), "'attempts'"),
+    (dict(rec(), attempts=True), "'attempts'"),
+    (dict(rec(), finished_at=float("nan")), "'finished_at'"),
+    (dict(rec(), id="x" * 65), "'id'"),
+    (dict(rec(), task=["t"]), "'task'"),
+    (dict(rec(), result_encoding="rot13"), "'result_encoding'"),
+])
+def test_hostile_records_are_refused_with_the_field_named(store, bad, what):
+    with pytest.raises(BadOutcome, match=what):
+        check(bad)
+    with pytest.raises(BadOutcome):
+        store.add([bad])
+    assert store.size() == 0
+
+
+def test_a_bad_record_stores_nothing_of_its_batch(store):
+    with pytest.raises(BadOutcome):
+        store.add([rec(), dict(rec(), state="??")])
+    assert store.size() == 0

@@ -118,9 +118,11 @@ def test_status_and_workers_two_servers_two_processes(gearmand_factory, make_con
     assert totals["eg.reverse"]["workers"] == 10
     assert totals[control_function("alpha", alpha)]["workers"] == 2
 
-    r = manage("workers", "--json", "--config", str(path))
+    r = manage("workers", "--json", "--no-ping", "--config", str(path))
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
+    assert {(p["name"], p["pid"]): (p["ips"], len(p["servers"])) for p in data["processes"]} == {
+        ("alpha", alpha.pid): (["127.0.0.1"], 2), ("beta", beta.pid): (["127.0.0.1"], 2)}
     for server in data["servers"]:
         conns = [c for c in server["connections"] if c["name"] in ("alpha", "beta")]
         by_proc = {(c["name"], c["pid"]) for c in conns}
@@ -137,7 +139,7 @@ def test_status_and_workers_two_servers_two_processes(gearmand_factory, make_con
     assert r.returncode == 0
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith(fname))
     assert line.split()[1:4] == ["7", "0", "0"] and "4/0/0" in line and "3/0/0" in line
-    r = manage("workers", "--config", str(path))
+    r = manage("workers", "--no-ping", "--config", str(path))
     assert r.returncode == 0
     assert f"alpha  127.0.0.1  {alpha.pid}" in r.stdout and f"beta   127.0.0.1  {beta.pid}" in r.stdout
 
@@ -320,17 +322,18 @@ def test_shutdown_by_name_stops_that_name_only(gearmand_factory, make_config, wo
         [("alpha", alpha1.pid, "stopped"), ("alpha", alpha2.pid, "stopped")])
     assert alpha1.wait(10) == 0 and alpha2.wait(10) == 0
     assert beta.poll() is None
-    alive, _ = admin.Admin([(s1.host, s1.port), (s2.host, s2.port)]).connected_processes()
-    assert {(w.name, w.pid) for w in alive} == {("beta", beta.pid)}
+    alive = admin.Admin([(s1.host, s1.port), (s2.host, s2.port)]).processes()
+    assert {(p.name, p.pid) for p in alive} == {("beta", beta.pid)}
     # no control job is left behind in any queue
     for s in (s1, s2):
         for f in admin.server_status(s.host, s.port)["functions"]:
             assert f.total == 0, f
 
+    # nothing matching is a failure (a typo must not look like success), and stops nothing
     r = manage("shutdown", "--name", "nobody", "--config", str(path))
-    assert r.returncode == 0 and "no worker process matches --name nobody" in r.stdout
+    assert r.returncode == 1 and "no worker process matches --name nobody" in r.stderr
     r = manage("shutdown", "--host", "10.9.9.9", "--config", str(path))
-    assert r.returncode == 0 and beta.poll() is None
+    assert r.returncode == 1 and "no worker process matches --host 10.9.9.9" in r.stderr and beta.poll() is None
     r = manage("shutdown", "--host", "127.0.0.1", "--now", "--config", str(path))
     assert r.returncode == 0 and "stopped" in r.stdout
     assert beta.wait(10) == 0

@@ -27,7 +27,6 @@ import ipaddress
 import json
 import re
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -48,7 +47,8 @@ _BATCH = 200  # GET_STATUS requests pipelined per round trip
 _DRAIN_BATCH = 50
 MAX_FUNCTION = 512  # gearmand's GEARMAN_FUNCTION_MAX_SIZE
 MAX_HANDLE = 64  # gearmand's GEARMAND_JOB_HANDLE_SIZE
-MAX_QUEUE = 2**31 - 1  # gearmand answers OK to anything; keep to what its counters hold
+MAX_QUEUE = 2**31 - 1
+PING_UNIQUE = f"{CONTROL_PREFIX}:ping"  # one unique for every ping: see _ping  # gearmand answers OK to anything; keep to what its counters hold
 
 
 # -- what an operator may type (it goes into gearmand's line-based text protocol) ---------
@@ -282,7 +282,10 @@ def _control_functions(connections: list[WorkerConnection]) -> list[str]:
 def _ping(conn: Connection, functions: list[str], timeout: float) -> list[PingResult]:
     """Ping every control function at once: foreground high-priority jobs, pipelined, one deadline.
 
-    Foreground, so a ping nobody answered vanishes from gearmand when we disconnect.
+    A ping nobody answered stays in gearmand after we disconnect, marked "ignored": it is never
+    handed out, and a process that comes back drops it with its next grab. Every ping has the
+    same unique key, so gearmand coalesces the next one with it: one such job per silent
+    process, however often anyone asks (``clear`` removes it, as it is never persisted).
     """
     results = []
     for f in functions:
@@ -293,7 +296,7 @@ def _ping(conn: Connection, functions: list[str], timeout: float) -> list[PingRe
         return results
     payload, cmd = ping_request(), submit_command("high", False)
     t0 = time.monotonic()
-    conn.send_raw(b"".join(pack(cmd, task=r.function, unique=f"{CONTROL_PREFIX}:ping:{uuid.uuid4().hex[:16]}",
+    conn.send_raw(b"".join(pack(cmd, task=r.function, unique=PING_UNIQUE,
                                 data=payload) for r in results))
     deadline = t0 + timeout
     created, by_handle, waiting = 0, {}, len(results)

@@ -6,7 +6,7 @@ a newline forges a row and an escape sequence rewrites the operator's terminal.
 
 from __future__ import annotations
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(ch: str) -> str:
@@ -20,9 +20,10 @@ def _escape(ch: str) -> str:
 
 def printable(text: object) -> str:
     """``text`` (str() of anything) on one line, every non-printable character as a backslash
-    escape (``\\n``, ``\\t``, ``\\x1b``, ``\\u202e``) and a backslash doubled, so the result is
-    unambiguous. Printable non-ASCII text (``é``, ``中``) is kept as it is."""
+    escape (``\\n``, ``\\t``, ``\\x1b``, ``\\u202e``). Printable text, non-ASCII included
+    (``é``, ``中``), is kept as it is, backslashes too: escaping twice changes nothing, so a
+    message that quotes a name with repr() can be passed through again safely."""
     s = text if isinstance(text, str) else str(text)
-    if s.isprintable() and "\\" not in s:
+    if s.isprintable():
         return s  # the common case: one C-level scan, no copy
     return "".join(map(_escape, s))

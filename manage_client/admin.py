@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable
 
 from geartask.control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
                               ping_request, shutdown_request)
-from geartask.display import printable
 from geartask.errors import GeartaskError, ServerError, UsageError
 from geartask.protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
                                JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE,
@@ -57,7 +56,7 @@ def check_function(name: str) -> str:
     """A function name for ``clear``/``maxqueue``: a newline in it would be a second admin
     command to gearmand, a space would split ``maxqueue F N`` differently."""
     if not name or len(name) > MAX_FUNCTION or not name.isprintable() or any(c.isspace() for c in name):
-        raise UsageError(f"bad function name {printable(name[:80])!r}: 1-{MAX_FUNCTION} printable "
+        raise UsageError(f"bad function name {name[:80]!r}: 1-{MAX_FUNCTION} printable "
                          "characters without spaces")
     return name
 
@@ -65,7 +64,7 @@ def check_function(name: str) -> str:
 def check_handle(handle: str) -> str:
     """A job handle as gearmand makes them ('H:host:42'): printable ASCII, at most 64 characters."""
     if not re.fullmatch(rf"[!-~]{{1,{MAX_HANDLE}}}", handle):
-        raise UsageError(f"bad job handle {printable(handle[:80])!r} ({len(handle)} characters): handles are "
+        raise UsageError(f"bad job handle {handle[:80]!r} ({len(handle)} characters): handles are "
                          f"1-{MAX_HANDLE} printable ASCII characters without spaces, like H:host:42")
     return handle
 
@@ -74,12 +73,12 @@ def check_host(ip: str) -> str:
     try:
         return str(ipaddress.ip_address(ip))
     except ValueError:
-        raise UsageError(f"--host: expected an IP address, got {printable(ip[:80])!r}") from None
+        raise UsageError(f"--host: expected an IP address, got {ip[:80]!r}") from None
 
 
 def check_worker_name(name: str) -> str:
     if len(name) > 255 or not name.isprintable():
-        raise UsageError(f"--name: bad worker name {printable(name[:80])!r}")
+        raise UsageError(f"--name: bad worker name {name[:80]!r}")
     return check_name(name)
 
 
@@ -150,7 +149,7 @@ def parse_status(lines: list[str]) -> list[FunctionStatus]:
         total, running, workers = (int(g) for g in m.groups())
         out.append(FunctionStatus(name, max(total - running, 0), running, workers, total))
     if name_lines:
-        raise ServerError(f"malformed 'status' reply {printable(name_lines[0][:80])!r}: not a gearmand?")
+        raise ServerError(f"malformed 'status' reply {name_lines[0][:80]!r}: not a gearmand?")
     return out
 
 
@@ -186,11 +185,11 @@ def parse_workers(lines: list[str]) -> list[WorkerConnection]:
     for record in records:
         m = _WORKER_LINE.match(record)
         if m is None:
-            raise ServerError(f"malformed 'workers' reply {printable(record[:80])!r}: not a gearmand?")
+            raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
         rest = record[m.end():]
         client_id, sep, funcs = rest.partition(" :")
         if not sep:
-            raise ServerError(f"malformed 'workers' reply {printable(record[:80])!r}: not a gearmand?")
+            raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
         w = WorkerConnection(int(m.group(1)), m.group(2), client_id or "-", funcs.split(" ")[1:] if funcs else [])
         w.functions = [f for f in w.functions if f]
         ident = parse_client_id(client_id)
@@ -208,7 +207,7 @@ def _version(conn: Connection, timeout: float) -> str:
     reply = conn.text_command("version", timeout)[0]
     m = _VERSION.fullmatch(reply)
     if m is None:
-        raise ServerError(f"not a gearmand: it answered {printable(reply[:80])!r} to 'version'", conn.address)
+        raise ServerError(f"not a gearmand: it answered {reply[:80]!r} to 'version'", conn.address)
     return m.group(1)
 
 
@@ -322,7 +321,7 @@ def _ping(conn: Connection, functions: list[str], timeout: float) -> list[PingRe
             if isinstance(reply, dict):
                 r.reply = reply
             else:
-                r.error = f"answer is not a JSON object: {printable(pkt['data'][:80])!r}"
+                r.error = f"answer is not a JSON object: {pkt['data'][:80]!r}"
         elif pkt.cmd == ERROR:
             raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
     return results
@@ -374,7 +373,7 @@ def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
         for line in conn.text_command("show jobs", timeout):
             m = _JOB_LINE.fullmatch(line)
             if m is None:
-                raise ServerError(f"malformed 'show jobs' reply {printable(line[:80])!r}: not a gearmand?")
+                raise ServerError(f"malformed 'show jobs' reply {line[:80]!r}: not a gearmand?")
             jobs.append({"handle": m.group(1), "retries": int(m.group(2)), "cancelled": m.group(3) == "1"})
         uniques = conn.text_command("show unique jobs", timeout)
         states = _job_states(conn, [j["handle"] for j in jobs], timeout)

@@ -36,7 +36,7 @@ def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> 
     if not sep:
         host, port_text = text, str(DEFAULT_PORT)
     host = host.strip("[]")
-    if not host or any(c.isspace() for c in host):
+    if not host or not host.isprintable() or any(c.isspace() for c in host):
         raise ConfigError(f"bad host in {text!r}", path, key)
     try:
         port = int(port_text)

@@ -274,7 +274,8 @@ class PingResult:
 
 
 def _control_functions(connections: list[WorkerConnection]) -> list[str]:
-    found = dict.fromkeys(f for w in connections for f in w.functions if parse_control_function(f))
+    # a NUL can't go into a SUBMIT_JOB's function name; such a name is no process of ours
+    found = dict.fromkeys(f for w in connections for f in w.functions if parse_control_function(f) and "\0" not in f)
     return list(found)
 
 

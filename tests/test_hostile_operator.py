@@ -439,3 +439,24 @@ def test_a_worker_whose_log_dir_is_deleted_writes_its_log_again(gearmand, tmp_pa
         wait_until(job_logged, 15, interval=0.3, message="a job's line in the recreated log")
     finally:
         w.stop()
+
+
+def test_client_ids_and_control_functions_built_to_break_the_parser_are_shown_not_crashed_on(fresh_gearmand):
+    """'²' is a digit to str.isdigit() and not to int(); a NUL can't go into a job's function
+    name. A peer registering such names made `workers` (and its ping) a traceback."""
+    srv = fresh_gearmand
+    evil = gp.Connection(srv.host, srv.port).connect()
+    try:
+        evil.send(gp.SET_CLIENT_ID, client_id="w:1.2.3.4:\u00b2:0")
+        evil.send(gp.CAN_DO, task="geartask.control:x\0y:1.2.3.4:5")
+        evil.send(gp.CAN_DO, task="geartask.control:z:1.2.3.4:\u00b3")
+        evil.echo()
+        for args in (["workers"], ["workers", "--json"], ["status"], ["shutdown", "--wait", "0"]):
+            r = run_script(MANAGER, *args, "--servers", srv.address, "--timeout", "1")
+            assert "Traceback" not in r.stderr, (args, r.stderr)
+            assert r.returncode in (0, 1), (args, r.returncode, r.stderr)
+        data = json.loads(run_script(MANAGER, "workers", "--json", "--servers", srv.address).stdout)
+        (conn,) = [c for c in data["servers"][0]["connections"] if c["client_id"].startswith("w:")]
+        assert conn["name"] is None  # not taken for a geartask worker
+    finally:
+        evil.close()

@@ -442,12 +442,17 @@ def test_maxqueue_version_ping(gearmand, make_config, fname):
 def test_server_start_status_stop(tmp_path, make_config):
     port = free_port()
     path, _ = make_config([f"127.0.0.1:{port}"],
-                          f"server:\n  port: {port}\n  queue:\n    path: {tmp_path / 'q.sqlite'}\n")
+                          f"server:\n  port: {port}\n  queue:\n    path: {tmp_path / 'q.sqlite'}\n"
+                          "  keepalive: {idle: 9, interval: 3, count: 2}\n")
     try:
         r = manage("server", "start", "--config", str(path))
         assert r.returncode == 0 and f"127.0.0.1:{port}" in r.stdout, r.stderr
         r = manage("server", "status", "--json", "--config", str(path))
         assert r.returncode == 0 and json.loads(r.stdout)["running"] is True
+        argv = Path(f"/proc/{json.loads(r.stdout)['pid']}/cmdline").read_bytes().decode().split("\0")
+        i = argv.index("--keepalive")  # server.keepalive reaches gearmand
+        assert argv[i:i + 7] == ["--keepalive", "--keepalive-idle", "9", "--keepalive-interval", "3",
+                                 "--keepalive-count", "2"]
         assert manage("ping", "--config", str(path)).returncode == 0
     finally:
         r = manage("server", "stop", "--config", str(path))

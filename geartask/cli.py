@@ -7,10 +7,12 @@ status; ``run`` turns geartask errors into one line on stderr, never a traceback
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable, Sequence
 
 from .config import Config, load_config
+from .display import printable
 from .errors import EXIT_FAILED, EXIT_USAGE, GeartaskError
 
 
@@ -26,17 +28,33 @@ class _UsageExit(Exception):
     pass
 
 
-def number(kind: type = float, *, positive: bool = False, what: str = "a number of seconds"):
-    """An argparse ``type=`` for numbers that can't be negative (or zero, with ``positive``)."""
+# Past this, timeouts overflow C timevals and poll()'s milliseconds; no flag needs more.
+MAX_SECONDS = 10_000_000  # about 116 days
+
+
+def number(kind: type = float, *, positive: bool = False, what: str = "a number of seconds",
+           maximum: float | None = None):
+    """An argparse ``type=`` for numbers that can't be negative (or zero, with ``positive``).
+
+    NaN and infinity are refused: NaN passes every comparison's "else" branch (a NaN timeout
+    waits for nothing, a NaN wait for ever) and infinity overflows every timeout below.
+    """
+    if maximum is None and kind is float:
+        maximum = MAX_SECONDS
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if positive and not value > 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text!r}")
         return value
     return parse
 
@@ -62,10 +80,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     try:
         return main(argv)
     except _UsageExit as e:
-        print(e, file=sys.stderr)
+        print(printable(e), file=sys.stderr)
         return EXIT_USAGE
-    except GeartaskError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except GeartaskError as e:  # messages may quote a peer's or a file's text: one line, escaped
+        print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,8 +7,11 @@ key is far more often a typo than a wish, so it is an error that names the key p
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -32,7 +36,7 @@ def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> 
     if not sep:
         host, port_text = text, str(DEFAULT_PORT)
     host = host.strip("[]")
-    if not host or any(c.isspace() for c in host):
+    if not host or not host.isprintable() or any(c.isspace() for c in host):
         raise ConfigError(f"bad host in {text!r}", path, key)
     try:
         port = int(port_text)
@@ -95,12 +99,21 @@ class QueueConfig:
 
 
 @dataclass
+class KeepaliveConfig:
+    # gearmand's TCP keepalive: a silent peer is dropped (its jobs requeued) after idle + interval x count s
+    idle: int = 30
+    interval: int = 10
+    count: int = 3
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # gearmand has no authentication: loopback unless you mean it
     port: int = DEFAULT_PORT
     queue: QueueConfig = field(default_factory=QueueConfig)
     gearmand: str = "gearmand"  # program to run
     threads: int = 4
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)  # --keepalive-* of gearmand
 
 
 @dataclass
@@ -129,7 +142,10 @@ class Config:
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
 _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "sender.connect_timeout",
              "sender.submit_timeout", "log.max_bytes", "server.port", "worker.shell.max_output",
-             "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads"}
+             "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
+             "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count"}
+_MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
+            "server.keepalive.count": 127}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace",
                  "sender.max_retries", "log.backups"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
@@ -162,10 +178,14 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
             raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", path, key)
+        if not math.isfinite(value):  # .nan passes every check below; .inf disables a timeout
+            raise ConfigError(f"must be a finite number, got {value!r}", path, key)
         if key in _POSITIVE and value <= 0:
             raise ConfigError(f"must be greater than 0, got {value!r}", path, key)
         if key in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"must not be negative, got {value!r}", path, key)
+        if key in _MAXIMUM and value > _MAXIMUM[key]:
+            raise ConfigError(f"must be at most {_MAXIMUM[key]}, got {value!r}", path, key)
         return tp(value)
     if tp is Path:
         if not isinstance(value, str) or not value:
@@ -227,19 +247,98 @@ def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
     """--config PATH, else $GEARTASK_CONFIG, else ./config.yaml, else the repository's config.yaml."""
     if explicit:
         p = Path(explicit)
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError("config file not found", str(p))
-        return p
+        return p  # a directory or a device is reported by read_config_text, as what it is
     env = os.environ.get(CONFIG_ENV)
     if env:
         p = Path(env)
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError(f"config file named by ${CONFIG_ENV} not found", str(p))
         return p
     for p in (Path.cwd() / "config.yaml", REPO_ROOT / "config.yaml"):
         if p.is_file():
             return p
     return None
+
+
+PIPE_READ_TIMEOUT = 10.0  # seconds a config given as a pipe (--config <(...)) may take to arrive
+
+
+def read_config_text(path: Path) -> str:
+    """The file's text: a regular file or a pipe, at most MAX_CONFIG_BYTES, UTF-8."""
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not block
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", where) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError("is a directory, not a config file", where)
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ConfigError("is not a regular file (a device or socket); a config is a YAML file", where)
+        data = _read_capped(fd, where, pipe=stat.S_ISFIFO(mode))
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", where) from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8",
+                          where, line=line, column=column) from None
+
+
+def _read_capped(fd: int, where: str, pipe: bool) -> bytes:
+    import select
+    chunks, size = [], 0
+    deadline = time.monotonic() + PIPE_READ_TIMEOUT
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while size <= MAX_CONFIG_BYTES:
+        if pipe:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                raise ConfigError(f"nothing more came through the pipe within {PIPE_READ_TIMEOUT:g}s", where)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file", where)
+    return b"".join(chunks)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any, first_line: int):
+        self.key, self.mark, self.first_line = key, mark, first_line
+        super().__init__(f"duplicate key {key!r}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges are overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark, seen[key])
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+        return super().construct_mapping(node, deep)
 
 
 def parse_config(data: Any, path: str | None = None, base: Path | None = None) -> Config:
@@ -260,18 +359,20 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
     if found is None:
         cfg = parse_config({}, None, REPO_ROOT)
     else:
+        text = read_config_text(found)
         try:
-            text = found.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read: {e.strerror}", str(found)) from None
-        try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_StrictLoader)
+        except _DuplicateKey as e:
+            raise ConfigError(f"duplicate key {e.key!r} (first given at line {e.first_line}); keep one",
+                              str(found), line=e.mark.line + 1, column=e.mark.column + 1) from None
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
             raise ConfigError(f"YAML syntax error: {e.problem or e}", str(found), line=line, column=col) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"YAML error: {e}", str(found)) from None
+        except RecursionError:  # PyYAML's composer recurses once per nesting level
+            raise ConfigError("nested too deeply to be a config", str(found)) from None
         cfg = parse_config(data, str(found), found.resolve().parent)
         cfg.source = found
     if servers:

@@ -56,10 +56,15 @@ class WorkerIdentity:
         return WorkerIdentity(self.name, self.ip, self.pid, index)
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also says yes to '²', which int() refuses (a peer chose it)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_client_id(text: str) -> WorkerIdentity | None:
     """'w1:10.0.0.5:1234:3' -> WorkerIdentity; None for a client id of another form."""
     parts = text.strip().split(":")
-    if len(parts) != 4 or not parts[0] or not parts[2].isdigit() or not parts[3].isdigit():
+    if len(parts) != 4 or not parts[0] or not _is_number(parts[2]) or not _is_number(parts[3]):
         return None
     return WorkerIdentity(parts[0], parts[1], int(parts[2]), int(parts[3]))
 
@@ -70,7 +75,7 @@ def parse_control_function(function: str) -> WorkerIdentity | None:
     if not function.startswith(prefix):
         return None
     parts = function[len(prefix):].split(":")
-    if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
+    if len(parts) != 3 or not parts[0] or not _is_number(parts[2]):
         return None
     return WorkerIdentity(parts[0], parts[1], int(parts[2]))
 

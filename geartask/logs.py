@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 import structlog
 
 from .config import LogConfig
+from .display import printable
 from .errors import UsageError
 
 _process_fields: dict[str, Any] = {}
@@ -50,6 +52,7 @@ def _shared_processors() -> list:
 
 BUFFER_LINES = 2000  # buffered mode: lines that wake the writer early
 FLUSH_INTERVAL = 0.05  # buffered mode: seconds a line may wait before it is written
+WATCH_INTERVAL = 1.0  # seconds between checks that the log file still exists (log.dir deleted)
 
 
 class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -59,6 +62,9 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
     record is rendered once for both."""
 
     _size: int | None = None
+    _ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+    _next_check = 0.0
+    dropped = 0  # lines lost since the last successful write: full disk, deleted or unwritable file
     mirror: Any = None
     mirror_level: int = logging.NOTSET
     _pending: list | None = None  # buffered mode: lines waiting for the writer thread
@@ -116,10 +122,28 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
             self.release()
 
     def _write(self, lines: list) -> None:
-        if self.stream is None:
-            self.stream = self._open()
-        if self._size is None:
-            self._size = os.fstat(self.stream.fileno()).st_size
+        now = time.monotonic()
+        if now >= self._next_check:  # a stat a second, not a line: the worker logs every job
+            self._next_check = now + WATCH_INTERVAL
+            self._reopen_if_replaced()
+        if self.dropped:
+            msg, levelno = lines[0]
+            if msg.endswith("}\n"):  # the next line written says how many went missing
+                lines = [(f'{msg[:-2]}, "dropped_lines": {self.dropped}}}\n', levelno)] + lines[1:]
+        try:
+            self._write_file(lines)
+        except OSError as e:
+            self._lost(len(lines), e)
+        else:
+            self.dropped = 0
+        if self.mirror is not None:
+            shown = [msg for msg, levelno in lines if levelno >= self.mirror_level]
+            if shown:
+                self.mirror.write("".join(shown))
+                self.mirror.flush()
+
+    def _write_file(self, lines: list) -> None:
+        self._ensure_open()
         chunk: list[str] = []
         for msg, _ in lines:
             size = len(msg) if msg.isascii() else len(msg.encode(self.encoding or "utf-8"))
@@ -128,17 +152,69 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
                     self.stream.write("".join(chunk))
                     chunk = []
                 self.doRollover()
-                self._size = 0
+                self._ident = None  # a new file (or none, if the rename failed)
+                self._ensure_open()
             chunk.append(msg)
             self._size += size
         if chunk:
             self.stream.write("".join(chunk))
-        self.flush()
-        if self.mirror is not None:
-            shown = [msg for msg, levelno in lines if levelno >= self.mirror_level]
-            if shown:
-                self.mirror.write("".join(shown))
-                self.mirror.flush()
+        self.stream.flush()
+
+    def _ensure_open(self) -> None:
+        if self.stream is None:
+            os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+            self.stream = self._open()
+        if self._ident is None:  # a file not seen yet: the first, rotated or recreated
+            st = os.fstat(self.stream.fileno())
+            self._ident, self._size = (st.st_dev, st.st_ino), st.st_size
+            if self.dropped and st.st_size:
+                self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """A write that failed half way may have left half a line: end it, so the next line
+        is a line of its own."""
+        with open(self.baseFilename, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                self.stream.write("\n")
+                self._size = (self._size or 0) + 1
+
+    def _reopen_if_replaced(self) -> None:
+        """Like WatchedFileHandler: when the file was deleted or replaced (log.dir removed,
+        logrotate), close ours so the next write makes a new one."""
+        if self.stream is None or self._ident is None:
+            return
+        try:
+            st = os.stat(self.baseFilename)
+            if (st.st_dev, st.st_ino) == self._ident:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        self._close_stream()
+
+    def _close_stream(self) -> None:
+        stream, self.stream, self._ident = self.stream, None, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass  # its buffer is lost with the disk that refused it; counted by the caller
+
+    def _lost(self, count: int, error: OSError) -> None:
+        """Lines that could not be written: counted, reported on stderr once per outage."""
+        if not self.dropped:
+            try:
+                sys.stderr.write(f"geartask: cannot write the log file {self.baseFilename}: "
+                                 f"{error.strerror or error}; log lines are dropped (and counted, as "
+                                 f"dropped_lines, in the next line written) until it works again\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        self.dropped += count
+        self._close_stream()  # reopened (the folder recreated) at the next write
+        self._next_check = 0.0
 
     def close(self) -> None:
         self.drain()
@@ -195,6 +271,15 @@ class HotLogger:
             pass  # a full disk must not fail a job; the usual path would print to stderr
         finally:
             handler.release()
+
+
+def _printable_values(logger: Any, method: str, event: dict) -> dict:
+    """Readable console only (JSON escapes by itself): a peer's text in an event (a client id,
+    a task name) must not drive the operator's terminal."""
+    return {k: printable(v) if isinstance(v, str) and k not in _MULTILINE_FIELDS else v for k, v in event.items()}
+
+
+_MULTILINE_FIELDS = ("exception", "stack")  # tracebacks keep their lines
 
 
 def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
@@ -263,7 +348,8 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
         console = logging.StreamHandler(stream)
         console.setFormatter(structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_renderer]))
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        *([_printable_values] if fmt == "console" else []), console_renderer]))
         console.setLevel(console_level)
         _handlers.append(console)
     if fh is not None:

@@ -21,7 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .control import CONTROL_PREFIX
-from .errors import GeartaskError, JobDefinitionError, PluginError
+from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
 ENTRY_POINT_GROUP = "geartask.plugins"
@@ -104,12 +104,13 @@ class Plugins:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():  # registration order
             args = {a: kwargs[a] for a in impl.argnames}
             try:
-                yield impl.plugin_name, impl.function(**args)
+                result = impl.function(**args)
             except GeartaskError:
                 raise
-            except Exception as e:
+            except BaseException as e:  # sys.exit() in a hook must not end the role with status 0
                 raise PluginError(f"hook {hook} raised {type(e).__name__}: {e}",
                                   impl.plugin_name, self.files.get(impl.plugin_name)) from e
+            yield impl.plugin_name, result
 
     def tasks(self) -> dict[str, tuple[Callable[[Any], Any], str]]:
         """Every task the loaded plugins provide: name -> (callable, plugin name)."""
@@ -148,7 +149,7 @@ class Plugins:
                                   plugin, self.files.get(plugin)) from None
             except GeartaskError:
                 raise
-            except Exception as e:
+            except BaseException as e:  # SystemExit, KeyboardInterrupt raised by the plugin's generator
                 raise PluginError(f"hook geartask_jobs raised {type(e).__name__}: {e}",
                                   plugin, self.files.get(plugin)) from e
             for i, item in enumerate(items):
@@ -171,8 +172,12 @@ def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
     available = discover(config)
     wanted = list(only) if only else list(config.plugins.enabled) or list(available)
     unknown = [n for n in wanted if n not in available]
+    have = ", ".join(sorted(available)) or "none"
+    if unknown and not only:  # from the config file: say where
+        i = wanted.index(unknown[0])
+        raise ConfigError(f"unknown plugin {unknown[0]!r}; available: {have}",
+                          str(getattr(config, "source", None) or "<config>"), f"plugins.enabled[{i}]")
     if unknown:
-        have = ", ".join(sorted(available)) or "none"
         raise PluginError(f"unknown plugin{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                           f"available: {have}")
     plugins = Plugins(config, new_manager())
@@ -182,7 +187,7 @@ def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
             obj = src.load()
         except SyntaxError as e:
             raise PluginError(f"syntax error at line {e.lineno}: {e.msg}", name, src.file) from None
-        except Exception as e:
+        except BaseException as e:  # sys.exit(0) at import would otherwise end the role with status 0
             raise PluginError(f"cannot import: {type(e).__name__}: {e}", name, src.file) from None
         plugins.register(obj, name, src.file)
     return plugins

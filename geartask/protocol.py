@@ -26,6 +26,7 @@ pygearman 0.2.6's loops get in the way of what a reliable job system needs:
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
@@ -279,25 +280,61 @@ class Connection:
         return time.monotonic() - t0
 
     # -- text (admin) protocol ---------------------------------------------------------
-    def text_command(self, line: str, timeout: float = 5.0) -> list[str]:
-        """Send one admin text command; return its reply lines (without the closing '.')."""
-        self.send_raw(line.strip().encode("utf-8") + b"\n")
-        multiline = _is_multiline(line)
+    def text_command(self, line: str, timeout: float = 5.0, max_bytes: int | None = None) -> list[str]:
+        """Send one admin text command; return its reply lines (without the closing '.').
+
+        The reply is framed by an ECHO_REQ sent right behind the command: gearmand answers in
+        order, so everything before our ECHO_RES is the reply, whatever it holds. Its own framing
+        (a '.' line) can't be trusted: a function name, client id or unique key may contain a
+        newline, even a '.' line, which would end the reply early and leave its rest to be read
+        as the next answer. A peer that is not gearmand never sends the echo, and what it sent
+        instead is quoted in the error. The reply may be ``max_bytes`` long (MAX_TEXT_REPLY).
+        """
+        line = line.strip()
+        if not line or any(c in line for c in "\r\n\0"):
+            raise ValueError(f"one admin command per line, got {line!r}")  # a caller's bug
+        token = os.urandom(8).hex().encode()
+        end = _HEADER.pack(gp.MAGIC_RES_STRING, ECHO_RES, len(token)) + token
+        limit = MAX_TEXT_REPLY if max_bytes is None else max_bytes
+        self.send_raw(line.encode("utf-8") + b"\n" + pack(ECHO_REQ, data=token))
         deadline = time.monotonic() + timeout
-        lines: list[str] = []
-        while True:
-            while b"\n" in self._buf:
-                raw, _, rest = bytes(self._buf).partition(b"\n")
-                self._buf = bytearray(rest)
-                text = raw.decode("utf-8", errors="replace").rstrip("\r")
-                if not multiline or text.startswith("ERR "):
-                    return [text]
-                if text == ".":
-                    return lines
-                lines.append(text)
+        start = 0
+        while (at := self._buf.find(end, start)) < 0:
+            start = max(0, len(self._buf) - len(end) + 1)  # rescan only what may hold the end
+            if len(self._buf) > limit:
+                raise self._fail(f"reply to {line!r} larger than {limit} bytes")
+            seen = bytes(self._buf[:200])
             left = deadline - time.monotonic()
-            if left <= 0 or not self._read_some(left):
-                raise self._fail(f"no answer to {line.strip()!r} within {timeout:g}s")
+            try:
+                if left <= 0 or not self._read_some(left):
+                    raise self._fail(f"no answer to {line!r} within {timeout:g}s")
+            except ServerError as e:
+                if seen:  # say what came instead of gearmand's whole answer
+                    first = seen.split(b"\n", 1)[0][:80].decode("utf-8", "replace")
+                    why = str(e).removeprefix(self.address + ": ")
+                    if "closed" in why:  # gearmand never closes an admin connection itself
+                        why += f" after it sent {first!r}: not a gearmand?"
+                    else:
+                        why = f"no complete answer to {line!r} within {timeout:g}s (it began {first!r})"
+                    raise ServerError(why, self.address) from None
+                raise
+        reply = bytes(self._buf[:at])
+        del self._buf[:at + len(end)]
+        lines = [ln.removesuffix("\r") for ln in reply.decode("utf-8", errors="replace").split("\n")]
+        if lines[-1] != "":
+            raise ServerError(f"reply to {line!r} does not end with a newline: not a gearmand?", self.address)
+        lines.pop()
+        if not _is_multiline(line) or (len(lines) == 1 and lines[0].startswith("ERR ")):
+            if len(lines) != 1:
+                raise ServerError(f"{len(lines)} lines in reply to {line!r}, expected one: not a gearmand?",
+                                  self.address)
+            return lines
+        if not lines or lines[-1] != ".":
+            raise ServerError(f"reply to {line!r} does not end with '.': not a gearmand?", self.address)
+        return lines[:-1]
+
+
+MAX_TEXT_REPLY = 256 * 1024 * 1024  # an admin reply past this is refused (a hostile or broken peer)
 
 
 @dataclass(frozen=True)
@@ -339,12 +376,20 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
     """
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
-    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        # poll takes a C int of milliseconds: a longer wait is made of several
+        ms = None if deadline is None else min(_MAX_POLL_MS, max(0, int((deadline - time.monotonic()) * 1000 + 0.999)))
         try:
-            return bool(poller.poll(ms))
+            if poller.poll(ms):
+                return True
         except InterruptedError:  # pragma: no cover - PEP 475 retries this already
             continue
+        if ms is not None and ms < _MAX_POLL_MS:
+            return False
+
+
+_MAX_POLL_MS = 2**31 - 1
 
 
 # The packet codec is on every job's path (a worker packs a result and parses an assignment

@@ -72,13 +72,18 @@ class LocalServer:
     queue_path: Path | None = None
     gearmand: str = "gearmand"
     threads: int = 4
+    # gearmand's TCP keepalive (idle, interval, count): a silent peer's connection is dropped,
+    # and its running jobs requeued, after idle + interval x count seconds. None: gearmand's
+    # default, keepalive off (the kernel would take about 2 h 11 min).
+    keepalive: tuple[int, int, int] | None = (30, 10, 3)
     process: subprocess.Popen | None = None
 
     @classmethod
     def from_config(cls, config) -> "LocalServer":
         s = config.server
         return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
-                   queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads)
+                   queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads,
+                   keepalive=(s.keepalive.idle, s.keepalive.interval, s.keepalive.count))
 
     @property
     def address(self) -> str:
@@ -99,6 +104,10 @@ class LocalServer:
                                    "'apt-get install -y gearman-job-server' (Debian) or set server.gearmand")
         cmd = [exe, "--listen", self.host, "--port", str(self.port), "--threads", str(self.threads),
                "--pid-file", str(self.pid_file), "--log-file", str(self.log_file), "--verbose", "INFO"]
+        if self.keepalive is not None:
+            idle, interval, count = self.keepalive
+            cmd += ["--keepalive", "--keepalive-idle", str(idle), "--keepalive-interval", str(interval),
+                    "--keepalive-count", str(count)]
         if self.queue_type == "sqlite":
             assert self.queue_path is not None
             cmd += ["--queue-type", "libsqlite3", "--libsqlite3-db", str(self.queue_path)]

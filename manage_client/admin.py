@@ -23,17 +23,20 @@ What gearmand 1.1 really does, found by trying it (tests/test_manager.py keeps i
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from geartask.control import (CONTROL_PREFIX, WorkerIdentity, parse_client_id, parse_control_function,
-                              shutdown_request)
+from geartask.control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
+                              ping_request, shutdown_request)
 from geartask.errors import GeartaskError, ServerError, UsageError
-from geartask.protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, GET_STATUS, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ,
-                               JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_FAIL, Connection, pack,
-                               submit_command)
+from geartask.protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
+                               JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE,
+                               WORK_EXCEPTION, WORK_FAIL, Connection, pack, submit_command)
 
 DEFAULT_TIMEOUT = 3.0
 MANAGER_CLIENT_ID = "geartask-manager"  # how the manager's own connections show in `workers`
@@ -41,6 +44,42 @@ _BATCH = 200  # GET_STATUS requests pipelined per round trip
 # Grabs pipelined per round trip. Small on purpose: with the sqlite queue each WORK_FAIL costs
 # gearmand a synchronous row delete (~2.5 ms here), and a batch must finish within the timeout.
 _DRAIN_BATCH = 50
+MAX_FUNCTION = 512  # gearmand's GEARMAN_FUNCTION_MAX_SIZE
+MAX_HANDLE = 64  # gearmand's GEARMAND_JOB_HANDLE_SIZE
+MAX_QUEUE = 2**31 - 1
+PING_UNIQUE = f"{CONTROL_PREFIX}:ping"  # one unique for every ping: see _ping  # gearmand answers OK to anything; keep to what its counters hold
+
+
+# -- what an operator may type (it goes into gearmand's line-based text protocol) ---------
+
+def check_function(name: str) -> str:
+    """A function name for ``clear``/``maxqueue``: a newline in it would be a second admin
+    command to gearmand, a space would split ``maxqueue F N`` differently."""
+    if not name or len(name) > MAX_FUNCTION or not name.isprintable() or any(c.isspace() for c in name):
+        raise UsageError(f"bad function name {name[:80]!r}: 1-{MAX_FUNCTION} printable "
+                         "characters without spaces")
+    return name
+
+
+def check_handle(handle: str) -> str:
+    """A job handle as gearmand makes them ('H:host:42'): printable ASCII, at most 64 characters."""
+    if not re.fullmatch(rf"[!-~]{{1,{MAX_HANDLE}}}", handle):
+        raise UsageError(f"bad job handle {handle[:80]!r} ({len(handle)} characters): handles are "
+                         f"1-{MAX_HANDLE} printable ASCII characters without spaces, like H:host:42")
+    return handle
+
+
+def check_host(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise UsageError(f"--host: expected an IP address, got {ip[:80]!r}") from None
+
+
+def check_worker_name(name: str) -> str:
+    if len(name) > 255 or not name.isprintable():
+        raise UsageError(f"--name: bad worker name {name[:80]!r}")
+    return check_name(name)
 
 
 @dataclass
@@ -90,15 +129,27 @@ class FunctionStatus:
     total: int
 
 
+_STATUS_TAIL = re.compile(r"\t([0-9]{1,20})\t([0-9]{1,20})\t([0-9]{1,20})\Z")
+
+
 def parse_status(lines: list[str]) -> list[FunctionStatus]:
-    """'FUNCTION\\tTOTAL\\tRUNNING\\tAVAILABLE_WORKERS' lines -> FunctionStatus list."""
-    out = []
+    """'FUNCTION\\tTOTAL\\tRUNNING\\tAVAILABLE_WORKERS' lines -> FunctionStatus list.
+
+    A function name may hold tabs and newlines (gearmand takes any bytes): the numbers are
+    read from the end, and a line without them continues the name on the next line.
+    """
+    out, name_lines = [], []
     for line in lines:
-        parts = line.split("\t")
-        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts[1:]):
-            continue  # gearmand never sends such a line; skip rather than fail the whole server
-        total, running, workers = (int(p) for p in parts[1:])
-        out.append(FunctionStatus(parts[0], max(total - running, 0), running, workers, total))
+        m = _STATUS_TAIL.search(line)
+        if m is None:
+            name_lines.append(line)
+            continue
+        name = "\n".join(name_lines + [line[:m.start()]])
+        name_lines = []
+        total, running, workers = (int(g) for g in m.groups())
+        out.append(FunctionStatus(name, max(total - running, 0), running, workers, total))
+    if name_lines:
+        raise ServerError(f"malformed 'status' reply {name_lines[0][:80]!r}: not a gearmand?")
     return out
 
 
@@ -112,20 +163,35 @@ class WorkerConnection:
     worker_ip: str | None = None
     pid: int | None = None
     thread: int | None = None
+    silent: bool | None = None  # its process did not answer a ping here; None: not asked
+
+
+_WORKER_LINE = re.compile(r"([0-9]{1,10}) (\S+) ")
 
 
 def parse_workers(lines: list[str]) -> list[WorkerConnection]:
-    """'FD IP CLIENT_ID : FUNC FUNC...' lines -> WorkerConnection list."""
-    out = []
+    """'FD IP CLIENT_ID : FUNC FUNC...' lines -> WorkerConnection list.
+
+    A client id or function name may hold a newline: a line that does not start with
+    'FD IP ' continues the one before.
+    """
+    records: list[str] = []
     for line in lines:
-        head, _, funcs = line.partition(" : ")
-        if not _:
-            head, funcs = line.rstrip(" :"), ""
-        parts = head.split()
-        fd = int(parts[0]) if parts and parts[0].isdigit() else None
-        ip = parts[1] if len(parts) > 1 else ""
-        client_id = " ".join(parts[2:]) if len(parts) > 2 else "-"
-        w = WorkerConnection(fd, ip, client_id, funcs.split())
+        if _WORKER_LINE.match(line) or not records:
+            records.append(line)
+        else:
+            records[-1] += "\n" + line
+    out = []
+    for record in records:
+        m = _WORKER_LINE.match(record)
+        if m is None:
+            raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
+        rest = record[m.end():]
+        client_id, sep, funcs = rest.partition(" :")
+        if not sep:
+            raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
+        w = WorkerConnection(int(m.group(1)), m.group(2), client_id or "-", funcs.split(" ")[1:] if funcs else [])
+        w.functions = [f for f in w.functions if f]
         ident = parse_client_id(client_id)
         if ident is not None:
             w.name, w.worker_ip, w.pid, w.thread = ident.name, ident.ip, ident.pid, ident.thread
@@ -133,23 +199,41 @@ def parse_workers(lines: list[str]) -> list[WorkerConnection]:
     return out
 
 
+_VERSION = re.compile(r"OK ([0-9]+\.[0-9]+[!-~]*)")
+
+
+def _version(conn: Connection, timeout: float) -> str:
+    """gearmand's version; a peer whose answer has another shape is not a gearmand."""
+    reply = conn.text_command("version", timeout)[0]
+    m = _VERSION.fullmatch(reply)
+    if m is None:
+        raise ServerError(f"not a gearmand: it answered {reply[:80]!r} to 'version'", conn.address)
+    return m.group(1)
+
+
 def server_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Round trip, version and per-function counts of one server."""
     conn = _connect(host, port, timeout)
     try:
-        rtt = conn.echo(timeout)
-        version = conn.text_command("version", timeout)[0]
+        t0 = time.monotonic()
+        version = _version(conn, timeout)
+        rtt = time.monotonic() - t0
         functions = parse_status(conn.text_command("status", timeout))
     finally:
         conn.close()
-    return {"reachable": True, "version": version.removeprefix("OK ").strip(), "rtt_ms": round(rtt * 1000, 3),
-            "functions": functions}
+    return {"reachable": True, "version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions}
 
 
-def server_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> list[WorkerConnection]:
+def server_workers(host: str, port: int, ping: bool = False,
+                   timeout: float = DEFAULT_TIMEOUT) -> list[WorkerConnection]:
+    """Every connection gearmand lists; with ``ping``, each geartask process is pinged through
+    its control function here and its connections are marked ``silent`` (True/False)."""
     conn = _connect(host, port, timeout)
     try:
-        return parse_workers(conn.text_command("workers", timeout))
+        connections = parse_workers(conn.text_command("workers", timeout))
+        if ping:
+            _mark_silent(connections, _ping(conn, _control_functions(connections), timeout))
+        return connections
     finally:
         conn.close()
 
@@ -157,16 +241,109 @@ def server_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> li
 def server_version(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> str:
     conn = _connect(host, port, timeout)
     try:
-        return conn.text_command("version", timeout)[0].removeprefix("OK ").strip()
+        return _version(conn, timeout)
     finally:
         conn.close()
 
 
 def server_ping(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> float:
-    """Round-trip time of one ECHO in milliseconds."""
+    """Round-trip time in milliseconds of a 'version' (checked: a gearmand answered)."""
     conn = _connect(host, port, timeout)
     try:
-        return round(conn.echo(timeout) * 1000, 3)
+        t0 = time.monotonic()
+        _version(conn, timeout)
+        return round((time.monotonic() - t0) * 1000, 3)
+    finally:
+        conn.close()
+
+
+# -- pinging worker processes -----------------------------------------------------------
+
+@dataclass
+class PingResult:
+    """One worker process's answer (or not) to a ping through its control function on one server."""
+
+    function: str  # the control function pinged: geartask.control:NAME:IP:PID
+    name: str
+    ip: str  # the process's IP as this server sees it
+    pid: int
+    answered: bool = False  # False: silent (no answer within the deadline)
+    seconds: float | None = None  # round trip, when answered
+    reply: dict | None = None  # the worker's JSON answer (geartask.control.ping_request)
+    error: str | None = None  # answered with a failure, or with something that is not a JSON object
+
+
+def _control_functions(connections: list[WorkerConnection]) -> list[str]:
+    # a NUL can't go into a SUBMIT_JOB's function name; such a name is no process of ours
+    found = dict.fromkeys(f for w in connections for f in w.functions if parse_control_function(f) and "\0" not in f)
+    return list(found)
+
+
+def _ping(conn: Connection, functions: list[str], timeout: float) -> list[PingResult]:
+    """Ping every control function at once: foreground high-priority jobs, pipelined, one deadline.
+
+    A ping nobody answered stays in gearmand after we disconnect, marked "ignored": it is never
+    handed out, and a process that comes back drops it with its next grab. Every ping has the
+    same unique key, so gearmand coalesces the next one with it: one such job per silent
+    process, however often anyone asks (``clear`` removes it, as it is never persisted).
+    """
+    results = []
+    for f in functions:
+        ident = parse_control_function(f)
+        assert ident is not None
+        results.append(PingResult(f, ident.name, ident.ip, ident.pid))
+    if not results:
+        return results
+    payload, cmd = ping_request(), submit_command("high", False)
+    t0 = time.monotonic()
+    conn.send_raw(b"".join(pack(cmd, task=r.function, unique=PING_UNIQUE,
+                                data=payload) for r in results))
+    deadline = t0 + timeout
+    created, by_handle, waiting = 0, {}, len(results)
+    while waiting:
+        pkt = conn.recv(deadline - time.monotonic())
+        if pkt is None:
+            break  # the rest are silent
+        if pkt.cmd == JOB_CREATED and created < len(results):  # answered in submission order
+            by_handle[pkt["job_handle"]] = results[created]
+            created += 1
+        elif pkt.cmd in (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION):
+            r = by_handle.pop(pkt["job_handle"], None)
+            if r is None or r.answered:
+                continue
+            r.answered, r.seconds, waiting = True, round(time.monotonic() - t0, 4), waiting - 1
+            if pkt.cmd != WORK_COMPLETE:
+                r.error = "the ping failed" if pkt.cmd == WORK_FAIL else "the ping raised an exception"
+                continue
+            try:
+                reply = json.loads(pkt["data"])
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                reply = None
+            if isinstance(reply, dict):
+                r.reply = reply
+            else:
+                r.error = f"answer is not a JSON object: {pkt['data'][:80]!r}"
+        elif pkt.cmd == ERROR:
+            raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+    return results
+
+
+def _mark_silent(connections: list[WorkerConnection], pings: list[PingResult]) -> None:
+    answered = {(p.name, p.pid): p.answered for p in pings}
+    for w in connections:
+        key = (w.name, w.pid) if w.name is not None else None
+        if key is None:
+            idents = [parse_control_function(f) for f in w.functions]
+            key = next(((i.name, i.pid) for i in idents if i is not None), None)
+        if key in answered:
+            w.silent = not answered[key]
+
+
+def server_ping_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
+    """Ping every worker process registered on one server (its control function there)."""
+    conn = _connect(host, port, timeout)
+    try:
+        return _ping(conn, _control_functions(parse_workers(conn.text_command("workers", timeout))), timeout)
     finally:
         conn.close()
 
@@ -183,6 +360,9 @@ def _job_states(conn: Connection, handles: list[str], timeout: float) -> dict[st
     return states
 
 
+_JOB_LINE = re.compile(r"([!-~]{1,64})\t([0-9]{1,20})\t([01])\t([0-9]{1,20})")  # handle retries ignore queued
+
+
 def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Every job gearmand holds (handle, retries, cancelled, running) and every unique key.
 
@@ -192,11 +372,10 @@ def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     try:
         jobs = []
         for line in conn.text_command("show jobs", timeout):
-            parts = line.split("\t")
-            if len(parts) < 4:
-                continue
-            jobs.append({"handle": parts[0], "retries": int(parts[1]) if parts[1].isdigit() else parts[1],
-                         "cancelled": parts[2] == "1"})
+            m = _JOB_LINE.fullmatch(line)
+            if m is None:
+                raise ServerError(f"malformed 'show jobs' reply {line[:80]!r}: not a gearmand?")
+            jobs.append({"handle": m.group(1), "retries": int(m.group(2)), "cancelled": m.group(3) == "1"})
         uniques = conn.text_command("show unique jobs", timeout)
         states = _job_states(conn, [j["handle"] for j in jobs], timeout)
     finally:
@@ -367,8 +546,17 @@ class Admin:
     def status(self) -> list[ServerResult]:
         return self.each(server_status)
 
-    def workers(self) -> list[ServerResult]:
-        return self.each(server_workers)
+    def workers(self, ping: bool = True) -> list[ServerResult]:
+        """Every connection on every server; with ``ping``, each marked ``silent`` or not."""
+        return self.each(server_workers, ping)
+
+    def ping_workers(self) -> list[ServerResult]:
+        """Ping every worker process on every server: one PingResult per process and server.
+
+        A process that does not answer within the timeout is silent there (its host is cut
+        off, frozen or gone). The same probe as ``workers`` uses; for dashboards.
+        """
+        return self.each(server_ping_workers)
 
     def jobs(self) -> list[ServerResult]:
         return self.each(server_jobs)
@@ -381,20 +569,20 @@ class Admin:
 
     # changes
     def clear(self, functions: list[str] | None = None) -> list[ServerResult]:
+        for f in functions or []:
+            check_function(f)
         return self.each(server_clear, functions or None)
 
     def maxqueue(self, function: str, size: int) -> list[ServerResult]:
-        if not function or any(c.isspace() for c in function):
-            raise UsageError(f"bad function name {function!r}")
-        if size < 0:
-            raise UsageError(f"maxqueue size must not be negative, got {size}")
+        check_function(function)
+        if not 0 <= size <= MAX_QUEUE:
+            raise UsageError(f"maxqueue size must be 0-{MAX_QUEUE}, got {size}")
         return self.each(server_maxqueue, function, size)
 
     def cancel(self, handle: str) -> list[ServerResult]:
         """Cancel a queued job by handle. Handles are only unique per server ('H:host:N'), so a
         handle queued on two of the servers is refused: pick one with --servers."""
-        if not handle or any(c.isspace() for c in handle):
-            raise UsageError(f"bad job handle {handle!r}")
+        check_handle(handle)
         probes = self.each(_probe_job, handle)
         queued_on = [r.server for r in probes if r.ok and r.value == (True, False)]
         if len(queued_on) > 1:
@@ -412,75 +600,61 @@ class Admin:
                                             elapsed=r.elapsed))
         return results
 
-    # shutdown
-    def control_functions(self) -> tuple[dict[WorkerIdentity, list[str]], list[ServerResult]]:
-        """Worker processes (identity, thread None) -> servers where their control function has a worker."""
-        results = self.status()
-        found: dict[WorkerIdentity, list[str]] = {}
-        for r in results:
-            if not r.ok:
-                continue
-            for f in r.value["functions"]:
-                ident = parse_control_function(f.function)
-                if ident is not None and f.workers > 0:
-                    found.setdefault(ident, []).append(r.server)
-        return found, results
-
-    def connected_processes(self) -> tuple[set[WorkerIdentity], list[ServerResult]]:
-        """Every worker process with at least one connection (by client id or control function)."""
-        results = self.workers()
-        alive: set[WorkerIdentity] = set()
-        for r in results:
-            if not r.ok:
-                continue
-            for w in r.value:
-                if w.name is not None:
-                    alive.add(WorkerIdentity(w.name, w.worker_ip, w.pid))
-                for fn in w.functions:
-                    ident = parse_control_function(fn)
-                    if ident is not None:
-                        alive.add(ident)
-        return alive, results
+    # worker processes
+    def processes(self, results: list[ServerResult] | None = None) -> list["WorkerProcess"]:
+        """Worker processes grouped by (name, pid) over every server, from ``workers`` results."""
+        return group_processes(self.workers(ping=False) if results is None else results)
 
     def shutdown(self, name: str | None = None, host: str | None = None, now: bool = False,
                  wait: float = 30.0, poll: float = 0.1) -> "ShutdownReport":
         """Send each matching worker process one high-priority shutdown job; wait for it to leave.
 
-        One job per process, on the first server where its control function is registered: a
-        copy on another server would stay queued (and persisted) after the process is gone.
+        ``host`` matches any of a process's addresses (each server may see another one). One
+        job per process, on the first server where its control function is registered (one
+        whose address is ``host``, when given): a copy on another server would stay queued
+        (and persisted) after the process is gone.
         """
         if wait < 0:
             raise UsageError(f"--wait must not be negative, got {wait:g}")
-        found, status_results = self.control_functions()
-        report = ShutdownReport(errors={r.server: r.error for r in status_results if not r.ok})
+        if name is not None:
+            check_worker_name(name)
+        if host is not None:
+            host = check_host(host)
+        listing = self.workers(ping=False)
+        report = ShutdownReport(errors={r.server: r.error for r in listing if not r.ok})
         payload = shutdown_request(now)
         unique = f"{CONTROL_PREFIX}:shutdown" + (":now" if now else "")
-        for ident, servers in sorted(found.items(), key=lambda kv: (kv[0].name, kv[0].ip, kv[0].pid)):
-            if (name and ident.name != name) or (host and ident.ip != host):
+        for proc in group_processes(listing):
+            if (name and proc.name != name) or (host and host not in proc.ips) or not proc.control:
                 continue
-            proc = ProcessShutdown(ident.name, ident.ip, ident.pid, servers)
-            for server in servers:  # first server that takes the job
+            # where to send: servers that see it at ``host`` first
+            servers = sorted(proc.control, key=lambda srv: host is not None and
+                             parse_control_function(proc.control[srv]).ip != host)
+            shut = ProcessShutdown(proc.name, None, proc.pid, servers, ips=proc.ips)
+            for server in servers:  # the first server that takes the job
                 h, _, p = server.rpartition(":")
                 try:
-                    submit_control(h, int(p), ident.control_function, payload, unique, self.timeout)
+                    submit_control(h, int(p), proc.control[server], payload, unique, self.timeout)
                 except GeartaskError as e:
-                    proc.errors.append(str(e))
+                    shut.errors.append(str(e))
                     continue
-                proc.sent_to, proc.outcome = server, "sent"
+                shut.sent_to, shut.outcome = server, "sent"
+                shut.ip = parse_control_function(proc.control[server]).ip
                 break
             else:
-                proc.outcome = "not sent"
-            report.processes.append(proc)
+                shut.outcome = "not sent"
+            report.processes.append(shut)
 
-        pending = {(p.name, p.ip, p.pid): p for p in report.processes if p.outcome == "sent"}
+        pending = {(p.name, p.pid): p for p in report.processes if p.outcome == "sent"}
         if wait > 0 and pending:
             deadline = time.monotonic() + wait
             while pending:
-                alive, results = self.connected_processes()
+                results = self.workers(ping=False)
                 for r in results:
                     if not r.ok:
                         report.errors[r.server] = r.error
-                for key in [k for k in pending if WorkerIdentity(*k) not in alive]:
+                alive = {(p.name, p.pid) for p in group_processes(results)}
+                for key in [k for k in pending if k not in alive]:
                     pending.pop(key).outcome = "stopped"
                 if not pending or time.monotonic() >= deadline:
                     break
@@ -488,6 +662,52 @@ class Admin:
             for p in pending.values():
                 p.outcome = "still running"
         return report
+
+
+@dataclass
+class WorkerProcess:
+    """One worker process as the servers see it: its connections, addresses and control functions.
+
+    Grouped by (name, pid): each server may see the process at another address. Two hosts
+    running a process of the same name with the same pid (rare) show as one.
+    """
+
+    name: str
+    pid: int
+    ips: list[str] = field(default_factory=list)  # every address some server sees it at
+    servers: list[str] = field(default_factory=list)  # servers it has connections on
+    control: dict[str, str] = field(default_factory=dict)  # server -> its control function there
+    connections: int = 0
+    silent_on: list[str] = field(default_factory=list)  # servers where it did not answer a ping
+
+
+def group_processes(results: Iterable[ServerResult]) -> list[WorkerProcess]:
+    procs: dict[tuple[str, int], WorkerProcess] = {}
+    for r in results:
+        if not r.ok:
+            continue
+        for w in r.value:
+            keys: dict[tuple[str, int], str | None] = {}
+            if w.name is not None and w.pid is not None:
+                keys[(w.name, w.pid)] = w.worker_ip
+            for fn in w.functions:
+                ident = parse_control_function(fn)
+                if ident is not None:
+                    keys[(ident.name, ident.pid)] = ident.ip
+                    procs.setdefault((ident.name, ident.pid), WorkerProcess(ident.name, ident.pid)).control[
+                        r.server] = fn
+            for key, ip in keys.items():
+                p = procs.setdefault(key, WorkerProcess(*key))
+                if ip and ip not in p.ips:
+                    p.ips.append(ip)
+                if r.server not in p.servers:
+                    p.servers.append(r.server)
+                p.connections += 1
+                if w.silent and r.server not in p.silent_on:
+                    p.silent_on.append(r.server)
+    for p in procs.values():
+        p.ips.sort()
+    return sorted(procs.values(), key=lambda p: (p.name, p.pid))
 
 
 def _probe_job(host: str, port: int, handle: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, bool]:
@@ -501,12 +721,13 @@ def _probe_job(host: str, port: int, handle: str, timeout: float = DEFAULT_TIMEO
 @dataclass
 class ProcessShutdown:
     name: str
-    ip: str
+    ip: str | None  # its address in the control function the job was sent to
     pid: int
     servers: list[str]  # where its control function is registered
     sent_to: str | None = None
     outcome: str = "not sent"  # sent (not waited for) | stopped | still running | not sent
     errors: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)  # every address the servers see it at
 
 
 @dataclass
@@ -516,7 +737,9 @@ class ShutdownReport:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and all(p.outcome in ("stopped", "sent") for p in self.processes)
+        """Something matched, and every match stopped (or was sent to, without waiting)."""
+        return (not self.errors and bool(self.processes)
+                and all(p.outcome in ("stopped", "sent") for p in self.processes))
 
     def to_dict(self) -> dict:
         return {"processes": [asdict(p) for p in self.processes], "server_errors": self.errors}

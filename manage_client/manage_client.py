@@ -24,6 +24,7 @@ else:
 
 from geartask.cli import (ArgumentParser, add_common_args, config_from_args, count,  # noqa: E402
                           non_negative_seconds, positive_seconds, run)
+from geartask.display import printable  # noqa: E402
 from geartask.errors import EXIT_FAILED, EXIT_OK, UsageError  # noqa: E402
 from geartask.logs import configure_logging, get_logger  # noqa: E402
 from geartask.server import LocalServer  # noqa: E402
@@ -55,8 +56,10 @@ def build_parser() -> ArgumentParser:
     watch_help = f"refresh in place every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C"
     p = add("status", "queued, running and available workers per function and server")
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
-    p = add("workers", "every worker connection: name, IP, pid, thread, functions")
+    p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process")
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
+    p.add_argument("--no-ping", dest="ping", action="store_false",
+                   help="don't ping the worker processes (no SILENT column): no control jobs are sent")
     p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions")
     p.add_argument("functions", nargs="*", metavar="FUNCTION")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
@@ -88,7 +91,7 @@ def _emit_json(data: Any, out: TextIO) -> None:
 def _report_errors(results: Sequence[admin.ServerResult], err: TextIO) -> None:
     for r in results:
         if not r.ok:
-            err.write(f"error: {r.server}: {r.error}\n")
+            err.write(f"error: {printable(r.server)}: {printable(r.error)}\n")
 
 
 def _status_of(results: Sequence[admin.ServerResult]) -> int:
@@ -142,29 +145,36 @@ def workers_data(results: Sequence[admin.ServerResult]) -> dict:
     for r in results:
         servers.append({"server": r.server, "reachable": r.ok, "error": r.error,
                         "connections": admin.plain(r.value) if r.ok else []})
-    return {"ok": admin.all_ok(results), "servers": servers}
+    return {"ok": admin.all_ok(results), "servers": servers,
+            "processes": [admin.plain(p) for p in admin.group_processes(results)]}
 
 
 def workers_text(data: dict) -> str:
     rows, others = [], 0
     for s in data["servers"]:
         if not s["reachable"]:
-            rows.append([s["server"], "(unreachable)", None, None, None, None, s["error"]])
+            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"]])
             continue
         for c in s["connections"]:
             if c["client_id"] == "-" and not c["functions"]:
                 others += 1  # a client or admin connection (this one included), not a worker
                 continue
             if c["name"] is not None:
-                rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"],
+                rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
                              c["functions"]])
             else:  # not a geartask client id: shown as it is
-                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["functions"]])
-    text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "FUNCTIONS"], rows, right=["PID", "THREAD"])
+                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"]])
+    text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "SILENT", "FUNCTIONS"], rows,
+                  right=["PID", "THREAD"])
     if not rows:
         text += "\n(no workers connected)"
     if others:
         text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
+    procs = data["processes"]
+    if procs:
+        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
+                                 [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
+                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 
 
@@ -208,7 +218,7 @@ def cmd_status_or_workers(args, adm: admin.Admin, out: TextIO, err: TextIO) -> i
     if args.command == "status":
         fetch, to_data, to_text = adm.status, status_data, status_text
     else:
-        fetch, to_data, to_text = adm.workers, workers_data, workers_text
+        fetch, to_data, to_text = (lambda: adm.workers(ping=args.ping)), workers_data, workers_text
 
     def once() -> tuple[str, int]:
         results = fetch()
@@ -227,7 +237,7 @@ def cmd_status_or_workers(args, adm: admin.Admin, out: TextIO, err: TextIO) -> i
 
 
 def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: TextIO) -> int:
-    functions = args.functions or None
+    functions = [admin.check_function(f) for f in args.functions] or None
     what = ", ".join(functions) if functions else "all functions"
     where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
     if not args.yes and inp.isatty():
@@ -236,7 +246,7 @@ def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: Tex
             for f in (r.value["functions"] if r.ok else []):
                 if f.queued and (functions is None or f.function in functions):
                     queued[f.function] = queued.get(f.function, 0) + f.queued
-        found = ", ".join(f"{fn} {n}" for fn, n in sorted(queued.items())) or "none found"
+        found = ", ".join(f"{printable(fn)} {n}" for fn, n in sorted(queued.items())) or "none found"
         if not _confirm(f"Remove the queued jobs of {what} on {where} ({found})?", inp, out):
             err.write("nothing cleared\n")
             return EXIT_FAILED
@@ -271,7 +281,7 @@ def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> in
     log = _logger(config, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
-        log.info("shutdown", worker=f"{p.name}:{p.ip}:{p.pid}", server=p.sent_to, now=args.now,
+        log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
         log.warning("shutdown: server unreachable", server=server, error=error)
@@ -279,16 +289,16 @@ def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> in
         _emit_json({"ok": report.ok, **report.to_dict()}, out)
     else:
         for server, error in report.errors.items():
-            err.write(f"error: {server}: {error}\n")
+            err.write(f"error: {printable(server)}: {printable(error)}\n")
         if report.processes:
-            out.write(render(["NAME", "IP", "PID", "SENT TO", "OUTCOME"],
-                             [[p.name, p.ip, p.pid, p.sent_to, p.outcome + (f" ({'; '.join(p.errors)})"
-                                                                            if p.errors else "")]
+            out.write(render(["NAME", "IPS", "PID", "SENT TO", "OUTCOME"],
+                             [[p.name, p.ips, p.pid, p.sent_to, p.outcome + (f" ({'; '.join(p.errors)})"
+                                                                             if p.errors else "")]
                               for p in report.processes], right=["PID"]) + "\n")
-        else:
-            filters = " ".join(x for x in (f"--name {args.name}" if args.name else "",
-                                           f"--host {args.host}" if args.host else "") if x)
-            out.write(f"no worker process{' matches ' + filters if filters else 'es connected'}\n")
+    if not report.processes:  # nothing to stop is not success: a typo in --name must not look like one
+        filters = " ".join(x for x in (f"--name {args.name}" if args.name else "",
+                                       f"--host {args.host}" if args.host else "") if x)
+        err.write(f"error: no worker process{' matches ' + filters if filters else 'es connected'}\n")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -302,12 +312,12 @@ def cmd_jobs(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
         if not r.ok:
             continue
         jobs, uniques = r.value["jobs"], r.value["unique_keys"]
-        out.write(f"{r.server}: {len(jobs)} job{'s' if len(jobs) != 1 else ''}\n")
+        out.write(f"{printable(r.server)}: {len(jobs)} job{'s' if len(jobs) != 1 else ''}\n")
         if jobs:
             out.write(render(["HANDLE", "STATE", "RETRIES"], [[j["handle"], j["state"], j["retries"]] for j in jobs],
                              right=["RETRIES"]) + "\n")
         if uniques:
-            out.write("unique keys: " + " ".join(uniques) + "\n")
+            out.write("unique keys: " + " ".join(printable(u) for u in uniques) + "\n")
         out.write("\n")
     return _status_of(results)
 
@@ -332,7 +342,8 @@ def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
     status = _simple(results, "RESULT", args, out, err)
     if status == EXIT_OK and not any(r.value == "cancelled" for r in results):
         outcomes = ", ".join(f"{r.server}: {r.value}" for r in results)
-        err.write(f"error: job {args.handle} not cancelled ({outcomes}); only queued jobs can be cancelled\n")
+        err.write(f"error: job {printable(args.handle)} not cancelled ({printable(outcomes)}); "
+                  "only queued jobs can be cancelled\n")
         return EXIT_FAILED
     return status
 

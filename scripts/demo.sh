@@ -36,7 +36,7 @@ step "start 4 workers named demo (log: $DEMO/logs/worker-demo.log)"
 $PY worker_client/runworkers.py --name demo --threads 4 2>>"$DEMO/worker-console.log" &
 worker_pid=$!
 for _ in $(seq 100); do
-  $PY manage_client/manage_client.py workers --json 2>/dev/null | grep -q '"name": *"demo"' && break
+  $PY manage_client/manage_client.py workers --no-ping --json 2>/dev/null | grep -q '"name": *"demo"' && break
   sleep 0.1
 done
 

@@ -123,3 +123,76 @@ def test_check_command_exits_2_without_traceback(tmp_path):
                         cwd=REPO, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "config.yaml" in ok.stdout and "eg" in ok.stdout
+
+
+# -- files that are not configs, keys given twice, numbers that are not numbers (issue 11) -----
+
+@pytest.mark.parametrize("text, key, message", [
+    ("worker: {job_timeout: .nan}\n", "worker.job_timeout", "must be a finite number, got nan"),
+    ("worker: {job_timeout: .inf}\n", "worker.job_timeout", "must be a finite number, got inf"),
+    ("worker: {retry_backoff: -.inf}\n", "worker.retry_backoff", "must be a finite number, got -inf"),
+    ("sender: {submit_timeout: .NaN}\n", "sender.submit_timeout", "must be a finite number"),
+    ("worker: {shell: {heartbeat: .Inf}}\n", "worker.shell.heartbeat", "must be a finite number"),
+    ("server: {keepalive: {idle: 0}}\n", "server.keepalive.idle", "must be greater than 0"),
+    ("server: {keepalive: {interval: 40000}}\n", "server.keepalive.interval", "must be at most 32767"),
+    ("server: {keepalive: {count: 200}}\n", "server.keepalive.count", "must be at most 127"),
+    ("server: {keepalive: {count: 2.5}}\n", "server.keepalive.count", "expected an integer"),
+    ("server: {keepalive: {idle: 5, every: 3}}\n", "server.keepalive.every", "unknown key"),
+])
+def test_nan_infinity_and_keepalive_limits_are_refused(tmp_path, text, key, message):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.key == key and message in str(exc.value)
+
+
+def test_server_keepalive_defaults_and_values(tmp_path):
+    from geartask.server import LocalServer
+    cfg = load_config(write(tmp_path / "c.yaml", "server: {keepalive: {idle: 5, interval: 2, count: 4}}\n"))
+    assert LocalServer.from_config(cfg).keepalive == (5, 2, 4)
+    default = load_config(write(tmp_path / "d.yaml", "{}\n")).server.keepalive
+    assert default.idle + default.interval * default.count <= 60  # "within about a minute"
+
+
+@pytest.mark.parametrize("text, line, column, key", [
+    ("servers: ['127.0.0.1:1']\nservers: ['127.0.0.1:2']\n", 2, 1, "servers"),
+    ("worker:\n  threads: 2\n  grace: 1\n  threads: 3\n", 4, 3, "threads"),
+    ("worker: {shell: {allow: [echo], allow: [rm]}}\n", 1, 33, "allow"),
+])
+def test_a_key_given_twice_is_an_error_with_its_line(tmp_path, text, line, column, key):
+    """PyYAML keeps the last of two equal keys without a word: a second `allow` would replace
+    the first list unseen."""
+    path = write(tmp_path / "twice.yaml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert (exc.value.line, exc.value.column) == (line, column)
+    assert f"duplicate key {key!r} (first given at line" in str(exc.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    text = "x-base: &base {threads: 2, grace: 1}\nworker:\n  <<: *base\n  threads: 5\n"
+    with pytest.raises(ConfigError, match="x-base: unknown key"):  # merges parse; the key is still unknown
+        load_config(write(tmp_path / "m.yaml", text))
+    cfg = load_config(write(tmp_path / "m2.yaml", "worker: {<<: {threads: 2, grace: 1}, threads: 5}\n"))
+    assert (cfg.worker.threads, cfg.worker.grace) == (5, 1.0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"servers: ['127.0.0.1:1']\n# caf\xe9\n"), ":2:6: not UTF-8 text (byte 0xe9)"),
+    (lambda p: p.mkdir(), ": is a directory, not a config file"),
+    (lambda p: p.write_text("# padding\n" * 200_000), ": larger than 1024 KiB: not a config file"),
+    (lambda p: p.write_text("[" * 50_000), ": nested too deeply to be a config"),
+    (lambda p: p.symlink_to("/dev/zero"), ": is not a regular file (a device or socket)"),
+], ids=["latin-1", "directory", "2 MB", "50000 levels deep", "/dev/zero"])
+def test_a_file_that_is_not_a_config_says_what_it_is(tmp_path, make, message):
+    path = tmp_path / "config.yaml"
+    make(path)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith(str(path)) and message in str(exc.value)
+
+
+def test_a_directory_named_by_the_environment_is_reported_as_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEARTASK_CONFIG", str(tmp_path))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config()

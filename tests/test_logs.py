@@ -184,3 +184,75 @@ def test_an_unwritable_log_dir_is_a_config_error_not_a_traceback(tmp_path):
                         "--name", "x", "--threads", "1"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "log.dir" in r.stderr and "cannot write the log file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- a log file that disappears or can't be written (issue 11) ----------------------------------
+
+def test_a_deleted_log_dir_is_made_again_and_nothing_is_lost_after_the_check(tmp_path):
+    """rm -r log.dir while a process runs: its lines went to a deleted file for ever. The
+    handler checks once per WATCH_INTERVAL (not per line) and makes the folder and file again."""
+    import shutil
+    from geartask import logs
+    from helpers import wait_until
+    path = configure_logging(LogConfig(dir=tmp_path / "logs", format="json"), "sender", "d", stream=io.StringIO())
+    log = get_logger()
+    log.info("before")
+    shutil.rmtree(tmp_path / "logs")
+    n = iter(range(10**6))
+    wait_until(lambda: log.info("after", i=next(n)) or path.exists(), logs.WATCH_INTERVAL * 5,
+               message="the log file made again")
+    log.info("last")
+    events = read_events(path)
+    assert events[-1]["event"] == "last" and all("dropped_lines" not in e for e in events)
+
+
+def test_lines_a_full_disk_refused_are_counted_and_reported_once(tmp_path, capsys):
+    """A full disk: logging stopped with a traceback per line on stderr (or silently, buffered).
+    Now: one warning on stderr, the lost lines counted, and the count in the next line written."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "worker-full.log").symlink_to("/dev/full")  # every write: ENOSPC
+    path = configure_logging(LogConfig(dir=folder, format="json"), "worker", "full", stream=io.StringIO())
+    log = get_logger()
+    for i in range(5):
+        log.info("lost", i=i)
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log file") == 1 and "No space left on device" in err
+    assert "Traceback" not in err
+    path.unlink()  # the disk has room again (the next write checks at once after a failure)
+    log.info("back")
+    (event,) = read_events(path)
+    assert event["event"] == "back" and event["dropped_lines"] == 5
+    log.info("after")
+    assert "dropped_lines" not in read_events(path)[-1]
+
+
+def test_buffered_lines_a_full_disk_refused_are_counted_too(tmp_path, capsys):
+    from geartask.logs import HotLogger, flush_logs
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "worker-fullb.log").symlink_to("/dev/full")
+    path = configure_logging(LogConfig(dir=folder, format="json"), "worker", "fullb", stream=io.StringIO(),
+                             buffered=True)
+    hot = HotLogger("geartask.worker")
+    for i in range(7):
+        hot.info("job", i=i)
+    flush_logs()
+    assert capsys.readouterr().err.count("cannot write the log file") == 1
+    path.unlink()
+    hot.info("job", i=7)
+    flush_logs()
+    (event,) = read_events(path)
+    assert event["i"] == 7 and event["dropped_lines"] == 7
+    configure_logging(LogConfig(dir=tmp_path / "other"), "worker", "c", stream=io.StringIO())  # unbuffered again
+
+
+def test_a_console_on_a_terminal_gets_a_peers_text_escaped(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty = Tty()
+    path = configure_logging(LogConfig(dir=tmp_path), "manager", stream=tty)
+    get_logger().warning("shutdown", worker="evil\x1b]0;pwned\x07\nforged")
+    assert "\x1b]0" not in tty.getvalue() and "evil\\x1b]0;pwned\\x07\\nforged" in tty.getvalue()
+    assert read_events(path)[0]["worker"] == "evil\x1b]0;pwned\x07\nforged"  # the file keeps it exact

@@ -118,9 +118,11 @@ def test_status_and_workers_two_servers_two_processes(gearmand_factory, make_con
     assert totals["eg.reverse"]["workers"] == 10
     assert totals[control_function("alpha", alpha)]["workers"] == 2
 
-    r = manage("workers", "--json", "--config", str(path))
+    r = manage("workers", "--json", "--no-ping", "--config", str(path))
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
+    assert {(p["name"], p["pid"]): (p["ips"], len(p["servers"])) for p in data["processes"]} == {
+        ("alpha", alpha.pid): (["127.0.0.1"], 2), ("beta", beta.pid): (["127.0.0.1"], 2)}
     for server in data["servers"]:
         conns = [c for c in server["connections"] if c["name"] in ("alpha", "beta")]
         by_proc = {(c["name"], c["pid"]) for c in conns}
@@ -137,7 +139,7 @@ def test_status_and_workers_two_servers_two_processes(gearmand_factory, make_con
     assert r.returncode == 0
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith(fname))
     assert line.split()[1:4] == ["7", "0", "0"] and "4/0/0" in line and "3/0/0" in line
-    r = manage("workers", "--config", str(path))
+    r = manage("workers", "--no-ping", "--config", str(path))
     assert r.returncode == 0
     assert f"alpha  127.0.0.1  {alpha.pid}" in r.stdout and f"beta   127.0.0.1  {beta.pid}" in r.stdout
 
@@ -320,17 +322,18 @@ def test_shutdown_by_name_stops_that_name_only(gearmand_factory, make_config, wo
         [("alpha", alpha1.pid, "stopped"), ("alpha", alpha2.pid, "stopped")])
     assert alpha1.wait(10) == 0 and alpha2.wait(10) == 0
     assert beta.poll() is None
-    alive, _ = admin.Admin([(s1.host, s1.port), (s2.host, s2.port)]).connected_processes()
-    assert {(w.name, w.pid) for w in alive} == {("beta", beta.pid)}
+    alive = admin.Admin([(s1.host, s1.port), (s2.host, s2.port)]).processes()
+    assert {(p.name, p.pid) for p in alive} == {("beta", beta.pid)}
     # no control job is left behind in any queue
     for s in (s1, s2):
         for f in admin.server_status(s.host, s.port)["functions"]:
             assert f.total == 0, f
 
+    # nothing matching is a failure (a typo must not look like success), and stops nothing
     r = manage("shutdown", "--name", "nobody", "--config", str(path))
-    assert r.returncode == 0 and "no worker process matches --name nobody" in r.stdout
+    assert r.returncode == 1 and "no worker process matches --name nobody" in r.stderr
     r = manage("shutdown", "--host", "10.9.9.9", "--config", str(path))
-    assert r.returncode == 0 and beta.poll() is None
+    assert r.returncode == 1 and "no worker process matches --host 10.9.9.9" in r.stderr and beta.poll() is None
     r = manage("shutdown", "--host", "127.0.0.1", "--now", "--config", str(path))
     assert r.returncode == 0 and "stopped" in r.stdout
     assert beta.wait(10) == 0
@@ -439,12 +442,17 @@ def test_maxqueue_version_ping(gearmand, make_config, fname):
 def test_server_start_status_stop(tmp_path, make_config):
     port = free_port()
     path, _ = make_config([f"127.0.0.1:{port}"],
-                          f"server:\n  port: {port}\n  queue:\n    path: {tmp_path / 'q.sqlite'}\n")
+                          f"server:\n  port: {port}\n  queue:\n    path: {tmp_path / 'q.sqlite'}\n"
+                          "  keepalive: {idle: 9, interval: 3, count: 2}\n")
     try:
         r = manage("server", "start", "--config", str(path))
         assert r.returncode == 0 and f"127.0.0.1:{port}" in r.stdout, r.stderr
         r = manage("server", "status", "--json", "--config", str(path))
         assert r.returncode == 0 and json.loads(r.stdout)["running"] is True
+        argv = Path(f"/proc/{json.loads(r.stdout)['pid']}/cmdline").read_bytes().decode().split("\0")
+        i = argv.index("--keepalive")  # server.keepalive reaches gearmand
+        assert argv[i:i + 7] == ["--keepalive", "--keepalive-idle", "9", "--keepalive-interval", "3",
+                                 "--keepalive-count", "2"]
         assert manage("ping", "--config", str(path)).returncode == 0
     finally:
         r = manage("server", "stop", "--config", str(path))
@@ -533,3 +541,144 @@ def test_watch_json_without_terminal_prints_one_document_per_refresh(gearmand):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+# -- silent workers, addresses, and every admin path through a slicing proxy (issue 10) ----------
+
+from fakeworker import FakeControlWorker  # noqa: E402
+from netproxy import SliceProxy  # noqa: E402
+
+
+def _addr(server) -> tuple[str, int]:
+    return (server.host, server.port)
+
+
+def test_workers_marks_a_process_that_does_not_answer_its_ping_as_silent(gearmand_factory):
+    """A process whose host is cut off keeps its connections listed; the ping tells it apart."""
+    s1, s2 = gearmand_factory(queue="none"), gearmand_factory(queue="none")
+    alive = FakeControlWorker([_addr(s1), _addr(s2)], "alive", 1001)
+    frozen = FakeControlWorker([_addr(s1), _addr(s2)], "frozen", 1002, answer=False)
+    try:
+        servers = f"{s1.address},{s2.address}"
+        t0 = time.monotonic()
+        r = manage("workers", "--json", "--timeout", "1", "--servers", servers)
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        silent = {(c["name"], s["server"]): c["silent"] for s in data["servers"] for c in s["connections"]
+                  if c["name"] in ("alive", "frozen")}
+        assert silent == {("alive", s1.address): False, ("alive", s2.address): False,
+                          ("frozen", s1.address): True, ("frozen", s2.address): True}
+        procs = {p["name"]: p for p in data["processes"]}
+        assert procs["frozen"]["silent_on"] == [s1.address, s2.address] and procs["alive"]["silent_on"] == []
+        assert elapsed < 8, f"the ping's deadline did not hold: {elapsed:.1f}s"
+        assert [c["command"] for _, c in alive.received] == ["ping", "ping"]  # one per server
+        # an unanswered ping stays, marked ignored (never handed out); the next one joins it
+        assert manage("workers", "--json", "--timeout", "0.5", "--servers", servers).returncode == 0
+        for s in (s1, s2):
+            assert function_counts(s, frozen.control_function())[0] == 1
+            (job,) = admin.server_jobs(s.host, s.port)["jobs"]
+            assert job["cancelled"]
+
+        r = manage("workers", "--timeout", "1", "--servers", servers)
+        assert r.returncode == 0
+        rows = {ln.split()[1]: ln.split() for ln in r.stdout.splitlines() if ln.split()[1:2] in (["alive"], ["frozen"])}
+        assert rows["alive"][6] == "no" and rows["frozen"][6] == "yes"  # the SILENT column
+    finally:
+        alive.close()
+        frozen.close()
+
+
+def test_ping_workers_is_a_library_call_with_each_reply(gearmand):
+    worker = FakeControlWorker([_addr(gearmand)], "lib", 2001)
+    try:
+        (res,) = admin.Admin([_addr(gearmand)], timeout=2).ping_workers()
+        assert res.ok
+        (ping,) = [p for p in res.value if p.name == "lib"]
+        assert ping.answered and ping.pid == 2001 and ping.ip == "127.0.0.1" and ping.seconds < 2
+        assert ping.reply["command"] == "ping" and ping.reply["pid"] == 2001
+    finally:
+        worker.close()
+
+
+def test_workers_pings_real_worker_processes_which_keep_running(gearmand, make_config, workers):
+    path, _ = make_config(gearmand)
+    proc = workers(path, "real", 1)
+    wait_registered([gearmand], "real", proc)
+    (res,) = admin.Admin([_addr(gearmand)], timeout=3).ping_workers()
+    (ping,) = [p for p in res.value if p.pid == proc.pid]
+    if ping.reply is not None and "pid" not in ping.reply:
+        # the worker_client of this branch treats every control job as a shutdown; the
+        # answering side of the ping contract is built on the worker branch
+        pytest.skip("this branch's worker does not answer pings yet (it stops instead)")
+    assert ping.answered and ping.reply["pid"] == proc.pid
+    r = manage("workers", "--json", "--config", str(path))
+    conns = [c for s in json.loads(r.stdout)["servers"] for c in s["connections"] if c["pid"] == proc.pid]
+    assert conns and all(c["silent"] is False for c in conns)
+    assert proc.poll() is None
+
+
+def test_a_process_seen_at_two_addresses_is_one_process_and_shutdown_host_matches_either(gearmand_factory):
+    """Each server sees the process at the address it connected from (127.0.0.2 and 127.0.0.3)."""
+    s1, s2 = gearmand_factory(queue="none"), gearmand_factory(queue="none")
+    servers = f"{s1.address},{s2.address}"
+    for host in ("127.0.0.3", "127.0.0.2"):
+        w = FakeControlWorker([_addr(s1), _addr(s2)], "multi", 3001, source_ips=["127.0.0.2", "127.0.0.3"])
+        try:
+            r = manage("workers", "--json", "--no-ping", "--servers", servers)
+            (proc,) = [p for p in json.loads(r.stdout)["processes"] if p["name"] == "multi"]
+            assert proc["ips"] == ["127.0.0.2", "127.0.0.3"] and proc["servers"] == [s1.address, s2.address]
+
+            r = manage("shutdown", "--host", host, "--json", "--wait", "5", "--servers", servers)
+            assert r.returncode == 0, r.stdout + r.stderr
+            (p,) = json.loads(r.stdout)["processes"]
+            assert (p["name"], p["pid"], p["outcome"], p["ip"]) == ("multi", 3001, "stopped", host)
+            assert p["sent_to"] == (s2.address if host == "127.0.0.3" else s1.address)  # where it is that address
+            assert [c["command"] for _, c in w.received] == ["shutdown"]  # one job, never two
+            for s in (s1, s2):  # and nothing left queued to outlive the process
+                assert all(f.total == 0 for f in admin.server_status(s.host, s.port)["functions"])
+        finally:
+            w.close()
+
+
+def test_status_workers_jobs_and_clear_answer_the_same_through_a_slicing_proxy(fresh_gearmand, fname):
+    """Every admin path reads its replies correctly however the stream is cut (1-48-byte slices)."""
+    srv = fresh_gearmand
+    submit_bg(srv, fname + ".a", 150, "a")
+    submit_bg(srv, fname + ".b", 150, "b")
+    many = [f"{fname}.fn{i:03d}" for i in range(150)]  # a long 'workers' line
+    worker = FakeControlWorker([_addr(srv)], "sliced", 4001, extra_functions=many)
+    proxy = SliceProxy(_addr(srv), seed=11).start()
+    try:
+        direct = admin.Admin([_addr(srv)], timeout=10)
+        sliced = admin.Admin([(proxy.host, proxy.port)], timeout=10)
+
+        def status(adm):
+            (r,) = adm.status()
+            assert r.ok, r.error
+            return sorted((f.function, f.queued, f.running, f.workers) for f in r.value["functions"])
+
+        def listing(adm):
+            (r,) = adm.workers(ping=True)
+            assert r.ok, r.error
+            return sorted((w.client_id, tuple(sorted(w.functions)), w.silent) for w in r.value if w.functions)
+
+        def jobs(adm):
+            (r,) = adm.jobs()
+            assert r.ok, r.error
+            return sorted((j["handle"], j["state"]) for j in r.value["jobs"]), sorted(r.value["unique_keys"])
+
+        assert status(sliced) == status(direct)
+        assert listing(sliced) == listing(direct)
+        assert ("sliced:127.0.0.1:4001:0", tuple(sorted([worker.control_function()] + many)), False) in listing(direct)
+        assert jobs(sliced) == jobs(direct) and len(jobs(direct)[0]) == 300
+        (a,) = sliced.clear([fname + ".a"])
+        (b,) = direct.clear([fname + ".b"])
+        assert a.ok and b.ok, (a.error, b.error)
+        assert a.value == {"cleared": {fname + ".a": 150}, "stranded": 0}
+        assert b.value == {"cleared": {fname + ".b": 150}, "stranded": 0}
+        assert queued(srv, fname + ".a") == 0 and queued(srv, fname + ".b") == 0
+        assert proxy.slices > 1000  # the replies really came in pieces
+    finally:
+        proxy.stop()
+        worker.close()

@@ -146,3 +146,54 @@ def test_bad_job_definition_names_plugin(tmp_path):
     """})
     with pytest.raises(JobDefinitionError, match="cannot be serialised"):
         load_plugins(cfg).jobs()
+
+
+# -- plugins that exit, and names the config gets wrong (issue 11) ------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ("import sys\nsys.exit(0)\n", "cannot import: SystemExit: 0"),
+    ("import sys\nsys.exit('bye')\n", "cannot import: SystemExit: bye"),
+    ("raise KeyboardInterrupt\n", "cannot import: KeyboardInterrupt"),
+])
+def test_a_plugin_that_exits_at_import_is_a_plugin_error(tmp_path, body, message):
+    cfg = config_with(tmp_path, {"quitter": body})
+    with pytest.raises(PluginError) as exc:
+        load_plugins(cfg)
+    assert exc.value.plugin == "quitter" and message in str(exc.value)
+    assert "geartask_plugin_quitter" not in sys.modules
+
+
+@pytest.mark.parametrize("hook, call", [("geartask_tasks", "tasks"), ("geartask_jobs", "jobs")])
+@pytest.mark.parametrize("raised", ["SystemExit(0)", "KeyboardInterrupt()"])
+def test_a_hook_that_exits_is_a_plugin_error(tmp_path, hook, call, raised):
+    cfg = config_with(tmp_path, {"quitter": f"""
+        from geartask import hookimpl
+        @hookimpl
+        def {hook}():
+            raise {raised}
+    """})
+    with pytest.raises(PluginError, match=rf"plugin 'quitter' \(.*quitter.py\): hook {hook} raised "
+                                          rf"{raised.split('(')[0]}"):
+        getattr(load_plugins(cfg), call)()
+
+
+def test_a_jobs_generator_that_exits_half_way_is_a_plugin_error(tmp_path):
+    cfg = config_with(tmp_path, {"quitter": """
+        import sys
+        from geartask import hookimpl
+        @hookimpl
+        def geartask_jobs():
+            yield {"task": "a"}
+            sys.exit(0)
+    """})
+    with pytest.raises(PluginError, match="hook geartask_jobs raised SystemExit"):
+        load_plugins(cfg).jobs()
+
+
+def test_an_unknown_name_in_plugins_enabled_names_the_file_and_the_key(tmp_path):
+    from geartask.errors import ConfigError
+    cfg = config_with(tmp_path, {"alpha": GOOD % {"name": "alpha"}}, enabled=["alpha", "alhpa"])
+    with pytest.raises(ConfigError) as exc:
+        load_plugins(cfg)
+    assert exc.value.key == "plugins.enabled[1]" and exc.value.path == str(tmp_path / "c.yaml")
+    assert str(exc.value) == f"{tmp_path / 'c.yaml'}: plugins.enabled[1]: unknown plugin 'alhpa'; available: alpha"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +111,43 @@ def test_unreachable_server_is_a_server_error():
     port = free_port()
     with pytest.raises(ServerError, match=f"127.0.0.1:{port}: cannot connect"):
         protocol.Connection("127.0.0.1", port, connect_timeout=1).connect()
+
+
+def _gearmand_side_timer(server_port: int, client_port: int) -> tuple[int, float]:
+    """(timer kind, seconds left) of gearmand's end of one loopback connection, from /proc/net/tcp:
+    kind 2 is the keepalive timer."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, remote, timer = fields[1], fields[2], fields[5]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            kind, when = timer.split(":")
+            return int(kind, 16), int(when, 16) / os.sysconf("SC_CLK_TCK")
+    raise AssertionError(f"no connection {server_port} <- {client_port} in /proc/net/tcp")
+
+
+@pytest.mark.parametrize("keepalive", [(7, 2, 3), None])
+def test_gearmand_runs_with_the_configured_tcp_keepalive(tmp_path, keepalive):
+    """gearmand keeps a silent peer's connection (and its running jobs) for about 2 h 11 min
+    with the kernel's keepalive defaults: `server start` passes server.keepalive, and gearmand's
+    end of a connection then has its keepalive timer armed for `idle` seconds, not 7200."""
+    server = LocalServer("127.0.0.1", free_port(), tmp_path / "run", queue_type="none", keepalive=keepalive)
+    pid = server.start()
+    client = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        flags = ["--keepalive", "--keepalive-idle", "7", "--keepalive-interval", "2", "--keepalive-count", "3"]
+        if keepalive:
+            i = argv.index("--keepalive")
+            assert argv[i:i + len(flags)] == flags
+        else:
+            assert not any(a.startswith("--keepalive") for a in argv)
+        kind, left = wait_until(lambda: _gearmand_side_timer(server.port, client.getsockname()[1]), 5,
+                                message="gearmand's end of the connection")
+        assert kind == 2
+        if keepalive:
+            assert 0 < left <= 7, left
+        else:  # the kernel's default idle time: 2 hours (tcp_keepalive_time)
+            assert left > 3600, left
+    finally:
+        client.close()
+        server.stop()

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
+from geartask.protocol import Connection, admin_command
 from geartask.server import LocalServer, _alive, port_open
 
 from helpers import REPO, wait_until, write_config
@@ -197,6 +198,17 @@ class Host:
         ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
         self.addresses.append(address)
         return address
+
+    def prefer_source(self, target: str, source: str) -> None:
+        """Reach ``target`` from ``source`` (one of this host's addresses) instead of the first."""
+        ip("-n", self.ns, "route", "add", f"{target}/32", "dev", "eth0", "src", source)
+
+    def tcp_timers(self, peer: str) -> list[str]:
+        """The kernel's timer of each TCP connection of this host with ``peer`` (``ss -o``):
+        keepalive (idle, probing) or on (retransmitting unacknowledged data)."""
+        out = subprocess.run([*self.prefix, "ss", "-tnoH", "state", "established", "dst", peer],
+                             capture_output=True, text=True, timeout=30).stdout
+        return [line.split("timer:", 1)[1].split()[0] if "timer:" in line else "-" for line in out.splitlines()]
 
     def popen(self, cmd: Sequence[str], **kw: Any) -> subprocess.Popen:
         """Start ``cmd`` on this host; the lab stops it by pid at teardown."""
@@ -456,6 +468,12 @@ def open_lab(tmp: Path) -> Iterator[NetLab]:
 
 
 # -- what a scenario records -------------------------------------------------------------
+
+def admin_status(address: str) -> list[str]:
+    """gearmand's text `status` lines (function, queued, running, workers), tab-separated."""
+    host, port = address.rsplit(":", 1)
+    return admin_command(host, int(port), "status", timeout=5)
+
 
 def marker_runs(marker: Path) -> collections.Counter:
     """unique -> how many times a job ran (each run of t.record appends one line)."""

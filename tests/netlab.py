@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from geartask.protocol import Connection, admin_command
+from geartask.protocol import admin_command
 from geartask.server import LocalServer, _alive, port_open
 
 from helpers import REPO, wait_until, write_config

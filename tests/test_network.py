@@ -10,11 +10,15 @@ Needs root (skipped without it, a failure in CI). The issue behind every scenari
 from __future__ import annotations
 
 import json
+import socket
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from geartask.protocol import Connection
 
 import netlab as nl
 from netlab import KEEPALIVE, NetLab, marker_runs, outcome
@@ -53,13 +57,13 @@ def last_line(text: str) -> str:
 def test_cleanup_removes_dead_runs_only(netlab: NetLab):
     """Leftovers of a run whose process is gone are removed with what still runs in them;
     those of a live process (here: this one) are kept, as another test run's would be."""
-    gone = nl.subprocess.Popen(["true"])
+    gone = subprocess.Popen(["true"])
     gone.wait()
     dead_ns, live_ns = f"{nl.PREFIX}{gone.pid}-0-left", f"{netlab.tag}-kept"
     for ns in (dead_ns, live_ns):
         nl.ip("netns", "add", ns)
     try:
-        orphan = nl.subprocess.Popen(["ip", "netns", "exec", dead_ns, "sleep", "60"])
+        orphan = subprocess.Popen(["ip", "netns", "exec", dead_ns, "sleep", "60"])
         wait_until(lambda: nl._netns_pids(dead_ns) == [orphan.pid], 10, message="a process in the leftover")
         removed = nl.cleanup_stale()
         assert dead_ns in removed and live_ns not in removed
@@ -73,7 +77,7 @@ def test_cleanup_removes_dead_runs_only(netlab: NetLab):
 
 def connect_error(host: str, port: int) -> str:
     try:
-        nl.socket.create_connection((host, port), timeout=1.0).close()
+        socket.create_connection((host, port), timeout=1.0).close()
     except OSError as e:
         return str(e)
     return "connected"
@@ -262,7 +266,7 @@ def test_ten_ms_round_trip(netlab: NetLab, tmp_path):
 
 def _echo_rtt(address: str) -> float:
     host, port = address.rsplit(":", 1)
-    conn = nl.Connection(host, int(port)).connect()
+    conn = Connection(host, int(port)).connect()
     try:
         return min(conn.echo(5) for _ in range(5))
     finally:
@@ -407,7 +411,7 @@ def test_shutdown_by_either_address_of_a_two_address_host(netlab: NetLab):
         r = netlab.manage(mgr, manager_cfg, "shutdown", "--host", address, "--wait", "30")
         try:
             stopped = worker.wait(10) is not None
-        except nl.subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:
             stopped = False
         outcomes[address] = (r.returncode, stopped, last_line(r.stdout), last_line(r.stderr)[:200])
         worker.stop()

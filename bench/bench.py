@@ -238,6 +238,18 @@ def start_gearmand(run_dir: Path):
     return server
 
 
+class ExternalServer:
+    """A gearmand someone else runs (--gearmand): used as it is, never stopped by us."""
+
+    def __init__(self, address: str):
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host, int(port)
+
+    def stop(self) -> None:
+        pass
+
+
 class Redis:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -327,6 +339,10 @@ def parse_args(argv):
     ap.add_argument("--no-chart", action="store_true", help="skip the PNG")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite benchmarks.md/.png from OUT/benchmarks.json (after editing bench/findings.md)")
+    ap.add_argument("--gearmand", metavar="HOST:PORT",
+                    help="use this running gearmand instead of starting one (bench/net.py: across the test network)")
+    ap.add_argument("--worker-prefix", default="", metavar="CMD",
+                    help="put CMD before every worker command, e.g. 'ip netns exec NS' (bench/net.py)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a count of the profile, e.g. --set w1=1000 --set repeat=1 (development)")
     return ap.parse_args(argv)
@@ -364,6 +380,12 @@ def main(argv=None) -> int:
         if bad:
             print(f"bench: unknown workload(s) {', '.join(bad)} (use {', '.join(WORKLOADS)})", file=sys.stderr)
             return 2
+    if args.gearmand and not args.gearmand.rpartition(":")[2].isdigit():
+        print(f"bench: --gearmand: expected HOST:PORT, got {args.gearmand!r}", file=sys.stderr)
+        return 2
+    import shlex
+    from bench import common
+    common.COMMAND_PREFIX[:] = shlex.split(args.worker_prefix)
     systems = all_systems()
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -385,7 +407,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="geartask-bench-") as tmp:
         run_dir = Path(tmp)
-        gearmand = start_gearmand(run_dir)
+        gearmand = ExternalServer(args.gearmand) if args.gearmand else start_gearmand(run_dir)
         redis = Redis(run_dir)
         env = Env(run_dir=run_dir, gearmand=gearmand, smoke=args.smoke)
         try:

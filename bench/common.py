@@ -76,8 +76,14 @@ class Proc:
         return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-n:])
 
 
+# Put before every command spawn() runs: bench/net.py sets it to run workers on another host
+# of the test network (``ip netns exec NS``).
+COMMAND_PREFIX: list[str] = []
+
+
 def spawn(name: str, cmd: list[str], run_dir: Path, env: dict | None = None, cwd: Path = REPO) -> Proc:
     log = run_dir / f"{name}.out"
+    cmd = [*COMMAND_PREFIX, *cmd]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH", "")]))
     full_env.update(env or {})

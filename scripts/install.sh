@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what geartask needs on a Debian machine: gearmand and the C gearman tools from
-# apt (only when missing), then a venv in .venv with geartask and its test extras.
+# Installs what geartask needs on a Debian machine: gearmand, the C gearman tools and
+# iproute2 (the network tests build hosts with 'ip netns') from apt (only when missing),
+# then a venv in .venv with geartask and its test extras.
 # Safe to run again; it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need_apt+=(gearman-job-server)
 command -v gearadmin >/dev/null 2>&1 || need_apt+=(gearman-tools)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv python3-pip)

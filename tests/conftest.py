@@ -74,3 +74,12 @@ def make_config(tmp_path):
         path = write_config(tmp_path / name, addrs, extra)
         return path, load_config(path)
     return make
+
+
+@pytest.fixture
+def netlab(tmp_path):
+    """A test network (tests/netlab.py): hosts as namespaces on a bridge, torn down afterwards.
+    Skipped where namespaces can't be made (not root); in CI that is a failure instead."""
+    import netlab as lab_module
+    with lab_module.open_lab(tmp_path) as lab:
+        yield lab

@@ -8,13 +8,20 @@ added round trip per direction) and *cut* (``cut()``: bytes are held, nothing is
 no RST is sent, as with a dead cable; ``restore()`` delivers what was held).
 
 Everything runs in daemon threads; ``stop()`` closes the listener and every connection.
+
+As a program (so it can run inside a network namespace of the test network, tests/netlab.py):
+    python tests/netproxy.py --listen IP:PORT --target IP:PORT [--slice] [--delay S]
+prints ``listening on IP:PORT`` once it accepts connections and runs until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import random
+import signal
 import socket
+import sys
 import threading
 import time
 
@@ -92,7 +99,7 @@ class SliceProxy:
     """A forwarding proxy from a free port on ``listen_host`` to ``target`` (host, port)."""
 
     def __init__(self, target: tuple[str, int] | str, listen_host: str = "127.0.0.1", *,
-                 slice_down: bool = True, slice_up: bool = True, delay: float = 0.0,
+                 listen_port: int = 0, slice_down: bool = True, slice_up: bool = True, delay: float = 0.0,
                  min_slice: int = 1, max_slice: int = 48, pause_chance: float = 0.02,
                  seed: int | None = None):
         if isinstance(target, str):
@@ -112,7 +119,7 @@ class SliceProxy:
         self._lock = threading.Lock()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((listen_host, 0))
+        self.listener.bind((listen_host, listen_port))
         self.listener.listen(512)
         self.host, self.port = self.listener.getsockname()[:2]
         self._accepter = threading.Thread(target=self._accept_loop, daemon=True, name="netproxy-accept")
@@ -190,3 +197,36 @@ class SliceProxy:
                 s.close()
             except OSError:
                 pass
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Forward TCP connections, sliced and/or delayed.")
+    parser.add_argument("--listen", type=_address, required=True, metavar="IP:PORT")
+    parser.add_argument("--target", type=_address, required=True, metavar="IP:PORT")
+    parser.add_argument("--slice", action="store_true", help="deliver both directions in 1-48-byte slices")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="S",
+                        help="hold each chunk S seconds per direction (half the added round trip)")
+    args = parser.parse_args(argv)
+    proxy = SliceProxy(args.target, args.listen[0], listen_port=args.listen[1], slice_down=args.slice,
+                       slice_up=args.slice, delay=args.delay).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"listening on {proxy.address}", flush=True)
+    while not done.wait(1.0):  # a timed wait lets the signal handler run
+        pass
+    proxy.stop()
+    print(f"stopped: {proxy.connections} connection(s), {proxy.bytes_forwarded} bytes, {proxy.slices} slices",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 from geartask import protocol as gp
 
@@ -23,32 +24,40 @@ def worker_connections(address: str) -> list[str]:
         return []
 
 
-def attached(address: str, name: str, pid: int, threads: int) -> bool:
+def attached(address: str, name: str, pid: int, threads: int,
+             connections: Callable[[str], list[str]] = worker_connections) -> bool:
     """All ``threads`` job connections and the control connection of that process are up."""
-    mine = [line for line in worker_connections(address) if f" {name}:" in line and f":{pid}:" in line]
+    mine = [line for line in connections(address) if f" {name}:" in line and f":{pid}:" in line]
     return len(mine) >= threads + 1
 
 
 class WorkerProc:
-    def __init__(self, config: Path, name: str, threads: int, *extra: str):
+    """``prefix`` goes before the command, e.g. ``ip netns exec NS`` to run it on a test-network host."""
+
+    def __init__(self, config: Path, name: str, threads: int, *extra: str, prefix: Sequence[str] = ()):
         self.name, self.threads = name, threads
         self.config = config
         # Output to a file, never an unread pipe: a worker that logs a lot would block on it.
         self.output = config.parent / f"worker-{name}-{len(list(config.parent.glob('worker-*.out')))}.out"
         with open(self.output, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(RUNWORKERS), "--config", str(config), "--name", name,
+                [*prefix, sys.executable, str(RUNWORKERS), "--config", str(config), "--name", name,
                  "--threads", str(threads), *extra],
                 stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
         self.pid = self.proc.pid
 
     def wait_attached(self, addresses: list[str], timeout: float = 15) -> "WorkerProc":
         for address in addresses:
-            wait_until(lambda: attached(address, self.name, self.pid, self.threads) or self.proc.poll() is not None,
+            wait_until(lambda: attached(address, self.name, self.pid, self.threads, self.connections)
+                       or self.proc.poll() is not None,
                        timeout, message=f"worker {self.name} attached to {address}")
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}: {self.text()[-2000:]}")
         return self
+
+    def connections(self, address: str) -> list[str]:
+        """The server's worker connections (a subclass asks from where the server is reachable)."""
+        return worker_connections(address)
 
     def signal(self, sig=signal.SIGTERM) -> None:
         if self.proc.poll() is None:

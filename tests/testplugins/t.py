@@ -11,11 +11,13 @@ from geartask import hookimpl
 
 
 def record(job):
-    """Append {data, pid, thread, attempt} to the file named in data['file']; sleep data['sleep']."""
+    """Append {id, pid, thread, attempt, handle, unique, time} to the file named in data['file'],
+    after sleeping data['sleep'] seconds."""
     data = job.data
     time.sleep(float(data.get("sleep", 0)))
     line = json.dumps({"id": data.get("id"), "pid": os.getpid(), "thread": threading.current_thread().name,
-                       "attempt": job.attempt, "handle": job.handle, "unique": job.unique}) + "\n"
+                       "attempt": job.attempt, "handle": job.handle, "unique": job.unique,
+                       "time": round(time.time(), 3)}) + "\n"
     fd = os.open(data["file"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

@@ -186,6 +186,32 @@ def test_an_isolated_task_runs_in_its_own_process_with_progress_and_failures(gea
     assert gc.run_one(gearmand.address, "eg.reverse", "ab", timeout=10).result == {"reversed": "ba"}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_an_isolated_task_dies_with_a_killed_worker(fresh_gearmand, start_worker, tmp_path):
+    """kill -9 of the worker while an isolated task runs: the task's process (and the spare
+    one waiting for the next job) dies too, rather than running on, adopted by init, while
+    gearmand gives the job to another worker."""
+    w = start_worker(fresh_gearmand, name="orphan", threads=1, extra="  isolate: [h.gil]\n")
+    rec = tmp_path / "runs.jsonl"
+    conn = gc.connect(fresh_gearmand.address)
+    gc.submit(conn, "h.gil", [{"file": str(rec), "n": 10**11, "retries": 0}])
+    [run] = wait_until(lambda: runs(rec), 15, message="the isolated task started")
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert run["pid"] in children and len(children) == 2  # the task's process and the spare
+    w.signal(signal.SIGKILL)
+    w.wait(10)
+    wait_until(lambda: not any(_alive(p) for p in children), 10, message="the isolated processes gone")
+    conn.close()
+
+
 def test_worker_isolate_naming_no_task_is_a_config_error(gearmand, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", [gearmand.address], "worker:\n  isolate: [no.such]\n",
                        plugin_paths=[REPO / "plugins"])

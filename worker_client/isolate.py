@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,17 +52,32 @@ def isolated_tasks(plugin_tasks: dict[str, tuple[Any, str]], config: Any) -> dic
 
 
 class IsolatedTask:
-    """A task callable that runs ``task`` of ``plugin`` in a fresh child per attempt."""
+    """A task callable that runs ``task`` of ``plugin`` in a fresh child per attempt.
+
+    A child takes ~0.2 s to import and load the plugin, so one is started ahead (after the
+    first call), loads, and waits for its one request: a spare, never a reused process.
+    """
 
     def __init__(self, task: str, plugin: str, config: Any):
         self.task, self.plugin = task, plugin
         self.config_path = str(config.source) if config.source else ""
         self.timeout = config.worker.job_timeout
+        self._lock = threading.Lock()
+        self._spare: tuple[subprocess.Popen, int] | None = None
+        self._closed = False
 
     def __call__(self, job: Any) -> bytes:
         request = json.dumps({"task": job.task, "handle": job.handle, "unique": job.unique,
                               "attempt": job.attempt, "retries": job.retries,
                               "raw": _b64(job.raw)}).encode()
+        proc, r = self._take()
+        try:
+            return self._talk(proc, r, request, job)
+        finally:
+            _kill(proc)
+            os.close(r)
+
+    def _start(self) -> tuple[subprocess.Popen, int]:
         r, w = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -73,11 +89,38 @@ class IsolatedTask:
             raise AttemptFailed(f"cannot start the isolated task's process: {e.strerror or e}") from None
         finally:
             os.close(w)
+        return proc, r
+
+    def _take(self) -> tuple[subprocess.Popen, int]:
+        """The spare child if it is alive, else a new one; and a new spare for the next call."""
+        with self._lock:
+            child, self._spare = self._spare, None
+        if child is not None and child[0].poll() is not None:
+            _kill(child[0])
+            os.close(child[1])
+            child = None
+        if child is None:
+            child = self._start()
         try:
-            return self._talk(proc, r, request, job)
-        finally:
-            _kill(proc)
-            os.close(r)
+            spare = self._start()
+        except AttemptFailed:
+            return child  # out of processes for a spare: this job still runs
+        with self._lock:
+            if self._spare is None and not self._closed:
+                self._spare, spare = spare, None
+        if spare is not None:
+            _kill(spare[0])
+            os.close(spare[1])
+        return child
+
+    def close(self) -> None:
+        """End the spare child (a worker's exit ends it anyway: it dies with its parent)."""
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            _kill(spare[0])
+            os.close(spare[1])
 
     def _talk(self, proc: subprocess.Popen, r: int, request: bytes, job: Any) -> bytes:
         deadline = time.monotonic() + self.timeout
@@ -197,8 +240,6 @@ def child_main(argv: Sequence[str]) -> int:
     _die_with_parent()
     out = _PipeConn(fd)
     try:
-        import threading
-
         from geartask.config import load_config
         from geartask.logs import configure_logging
         from geartask.plugins import load_plugins

@@ -773,6 +773,9 @@ class WorkerProcess:
         return 0
 
     def close(self) -> None:
+        for fn in self.tasks.values():
+            if isinstance(fn, IsolatedTask):
+                fn.close()
         for fd in (self._stop_r, self._stop_w, self._fin_r, self._fin_w):
             try:
                 os.close(fd)

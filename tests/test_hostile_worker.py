@@ -26,7 +26,7 @@ from fakegearmand import FakeGearmand
 from geartask import protocol as gp
 from geartask.control import ping_request, shutdown_request
 from helpers import REPO, run_script, wait_until, write_config
-from test_worker import TEST_PLUGINS, start_worker, wait_running  # noqa: F401 (start_worker: a fixture)
+from test_worker import start_worker  # noqa: F401 (a fixture)
 from workers import worker_connections
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # JSON nested 100,000 deep: more than any parser's stack

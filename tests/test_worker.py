@@ -16,7 +16,7 @@ import gearclient as gc
 from geartask import protocol as gp
 from geartask.control import shutdown_request
 from helpers import REPO, PYTHON, run_script, wait_until, write_config
-from workers import WorkerProc, worker_connections
+from workers import WorkerProc, in_process_worker, worker_connections
 
 TEST_PLUGINS = Path(__file__).parent / "testplugins"
 SHELL = """worker:
@@ -177,16 +177,19 @@ def test_shutdown_control_job_with_ten_thousand_jobs_queued(gearmand_factory, st
     conn.close()
 
 
-def test_sigterm_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path, sig):
+    """SIGHUP (the worker's terminal closed) is a graceful shutdown too."""
     w = start_worker(gearmand, threads=1)
     rec = tmp_path / "rec.jsonl"
     conn = gc.connect(gearmand.address)
     [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight"}])
     wait_running(gearmand, "t.record")
-    w.signal(signal.SIGTERM)
+    w.signal(sig)
     out = gc.wait(conn, [h], 15)
     assert out[h].state == "complete"
     assert w.wait(15) == 0
+    assert [e["reason"] for e in w.log_lines() if e["event"] == "shutdown requested"] == [sig.name]
     conn.close()
 
 
@@ -350,15 +353,8 @@ def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, s
 
 def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
     """One thread per server sleeps; the rest park, so a job does not wake eight threads."""
-    from geartask.plugins import load_plugins
-    from worker_client.worker_client import WorkerProcess
     _, config = make_config(gearmand, "worker:\n  poll_timeout: 30\n")
-    tasks = {name: fn for name, (fn, _) in load_plugins(config, only=["eg"]).tasks().items()}
-    process = WorkerProcess(config, "herd", 8, tasks)
-    process.start()
-    try:
-        wait_until(lambda: len([l for l in worker_connections(gearmand.address) if " herd:" in l]) == 9, 10,
-                   message="8 job threads and the control thread attached")
+    with in_process_worker(config, gearmand.address, "herd", 8) as process:
         wait_until(lambda: sum(t.no_jobs for t in process.job_threads) >= 8, 10, message="all threads idle")
         before = sum(t.no_jobs for t in process.job_threads)
         for i in range(40):
@@ -369,10 +365,6 @@ def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
         outs = gc.run(gearmand.address, "eg.slow", [{"seconds": 0.3}] * 8, timeout=30)
         assert all(o.state == "complete" for o in outs)
         assert sum(t.jobs_done > 0 for t in process.job_threads) == 8
-    finally:
-        process.request_shutdown(now=True)
-        process.wait()
-        process.close()
 
 
 def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearmand, start_worker):
@@ -389,20 +381,6 @@ def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearman
     assert "t.hang" in dead and "timed out" in dead
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0  # the stuck thread does not hold up the exit
-
-
-def test_sighup_is_a_graceful_shutdown(gearmand, start_worker, tmp_path):
-    """Closing the worker's terminal (SIGHUP) stops it like SIGTERM: the job in flight finishes."""
-    w = start_worker(gearmand, threads=1)
-    rec = tmp_path / "rec.jsonl"
-    conn = gc.connect(gearmand.address)
-    [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 1.5, "id": "hup"}])
-    wait_running(gearmand, "t.record")
-    w.signal(signal.SIGHUP)
-    assert gc.wait(conn, [h], 15)[h].state == "complete"
-    assert w.wait(15) == 0
-    assert [e["reason"] for e in w.log_lines() if e["event"] == "shutdown requested"] == ["SIGHUP"]
-    conn.close()
 
 
 # -- the dead-letter file ---------------------------------------------------------------------

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 
 import gearclient as gc
-from geartask import protocol as gp
 from geartask.control import ping_request
 from geartask.server import LocalServer, free_port
 from helpers import REPO, wait_until, write_config
 from netproxy import SliceProxy
-from test_worker import TEST_PLUGINS, start_worker, wait_running  # noqa: F401 (start_worker: a fixture)
-from workers import WorkerProc, worker_connections
+from test_worker import start_worker, wait_running  # noqa: F401 (start_worker: a fixture)
+from workers import WorkerProc, in_process_worker, worker_connections
 
 
 def runs(path: Path) -> list[dict]:
@@ -104,25 +103,14 @@ def test_a_late_server_does_not_hold_up_the_others_and_its_late_job_is_served(ge
 
 def test_worker_sockets_have_keepalive_and_a_user_timeout(gearmand, make_config):
     """worker.keepalive 20: idle 10 s, then 3 probes 3 s apart; unacknowledged data waits 20 s."""
-    from geartask.plugins import load_plugins
-    from worker_client.worker_client import WorkerProcess
     _, config = make_config(gearmand, "worker:\n  keepalive: 20\n")
-    tasks = {name: fn for name, (fn, _) in load_plugins(config, only=["eg"]).tasks().items()}
-    process = WorkerProcess(config, "ka", 2, tasks)
-    process.start()
-    try:
-        wait_until(lambda: len([l for l in worker_connections(gearmand.address) if " ka:" in l]) == 3, 10,
-                   message="2 job threads and the control thread attached")
+    with in_process_worker(config, gearmand.address, "ka", 2) as process:
         for t in [*process.job_threads, process.control]:
             sock = t.links[0].conn.sock
             opts = {name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
                     for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT")}
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             assert opts == {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 3, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 20_000}
-    finally:
-        process.request_shutdown(now=True)
-        process.wait()
-        process.close()
 
 
 def test_ping_through_the_slicing_proxy_lists_the_running_jobs(gearmand, start_worker, tmp_path):

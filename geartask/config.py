@@ -80,6 +80,8 @@ class WorkerConfig:
     retry_backoff: float = 0.5  # seconds, doubled per attempt
     grace: float = 30.0  # seconds in-flight jobs get to finish on shutdown
     poll_timeout: float = 5.0  # seconds a sleeping worker waits before it asks again
+    keepalive: float = 60.0  # seconds after which a silent server's connection is declared dead
+    isolate: list[str] = field(default_factory=list)  # plugin tasks run in a child process each
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -140,7 +142,7 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "sender.connect_timeout",
+_POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
              "sender.submit_timeout", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count"}

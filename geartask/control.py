@@ -1,10 +1,11 @@
 """Worker identity and remote control: the names the manager sends to and the worker answers.
 
 Gearman hands a job to exactly one worker, so each worker *process* registers its own
-control function, ``geartask.control:<name>:<host-ip>:<pid>``; a shutdown job sent there
+control function, ``geartask.control:<name>:<ip>:<pid>``; a shutdown job sent there
 reaches that process and no other. Each worker thread identifies itself to the server with
-the client id ``<name>:<host-ip>:<pid>:<thread-index>``, which ``gearadmin --workers`` and
-the manager show. The manager sends (``shutdown_request``), the worker handles
+the client id ``<name>:<ip>:<pid>:<thread-index>``, which ``gearadmin --workers`` and
+the manager show. ``<ip>`` is the local address of that very connection (what that server
+sees), so one process may show a different IP to each server. The manager sends (``shutdown_request``), the worker handles
 (``parse_command``): both halves of the contract live here.
 """
 
@@ -55,6 +56,10 @@ class WorkerIdentity:
     def for_thread(self, index: int) -> "WorkerIdentity":
         return WorkerIdentity(self.name, self.ip, self.pid, index)
 
+    def at(self, ip: str) -> "WorkerIdentity":
+        """The same process (and thread) as seen from a connection whose local address is ``ip``."""
+        return WorkerIdentity(self.name, ip, self.pid, self.thread)
+
 
 def _is_number(text: str) -> bool:
     """ASCII digits only: str.isdigit() also says yes to '²', which int() refuses (a peer chose it)."""
@@ -98,12 +103,21 @@ def ping_request() -> bytes:
     return json.dumps({"command": "ping"}).encode()
 
 
+MAX_COMMAND_BYTES = 4096  # a control payload is a few dozen bytes; anything bigger is refused unread
+
+
 def parse_command(raw: bytes) -> dict:
-    """Validate a control job's payload; UsageError names what is wrong."""
+    """Validate a control job's payload; UsageError names what is wrong (never anything else:
+    anyone who reaches a job server can send one, and it must not disable the control thread)."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise UsageError(f"control payload of {len(raw)} bytes refused (at most {MAX_COMMAND_BYTES})")
     try:
         cmd = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise UsageError(f"control payload is not JSON: {raw[:80]!r}") from None
     if not isinstance(cmd, dict) or cmd.get("command") not in COMMANDS:
-        raise UsageError(f"unknown control command {cmd!r}; known: {', '.join(COMMANDS)}")
+        shown = repr(cmd.get("command") if isinstance(cmd, dict) else cmd)[:80]
+        raise UsageError(f"unknown control command {shown}; known: {', '.join(COMMANDS)}")
+    if not isinstance(cmd.get("now", False), bool):
+        raise UsageError(f"control 'now' must be true or false, got {repr(cmd['now'])[:80]}")
     return cmd

@@ -48,8 +48,26 @@ def submit(conn: gp.Connection, task: str, payloads: list, *, background: bool =
         conn.send_raw(b"".join(gp.pack(cmd, task=task, unique=u, data=encode_payload(p))
                                for p, u in zip(part, uniques[i:i + chunk])))
         for _ in part:
-            handles.append(conn.expect(gp.JOB_CREATED, timeout).text("job_handle"))
+            handles.append(_job_created(conn, timeout))
     return handles
+
+
+def _job_created(conn: gp.Connection, timeout: float) -> str:
+    """The next JOB_CREATED's handle; answers about earlier jobs that come first are kept
+    for wait() (with pipelined submits, the first jobs may finish before the last are created)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pkt = conn.recv(deadline - time.monotonic())
+        if pkt is None:
+            raise AssertionError(f"no JOB_CREATED within {timeout:g}s")
+        if pkt.cmd == gp.JOB_CREATED:
+            return pkt.text("job_handle")
+        if pkt.cmd == gp.ERROR:
+            raise AssertionError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}")
+        _early.setdefault(id(conn), []).append(pkt)
+
+
+_early: dict[int, list] = {}  # connection id -> packets read by submit() before wait() asked
 
 
 def wait(conn: gp.Connection, handles: list[str], timeout: float = 30) -> dict[str, Outcome]:
@@ -57,11 +75,12 @@ def wait(conn: gp.Connection, handles: list[str], timeout: float = 30) -> dict[s
     out = {h: Outcome(h) for h in handles}
     left = set(handles)
     deadline = time.monotonic() + timeout
+    early = _early.pop(id(conn), [])
     while left:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AssertionError(f"{len(left)} of {len(handles)} jobs unfinished after {timeout}s")
-        pkt = conn.recv(remaining)
+        pkt = early.pop(0) if early else conn.recv(remaining)
         if pkt is None:
             continue
         handle = pkt.text("job_handle") if "job_handle" in pkt.args else None

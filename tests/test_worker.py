@@ -16,7 +16,7 @@ import gearclient as gc
 from geartask import protocol as gp
 from geartask.control import shutdown_request
 from helpers import REPO, PYTHON, run_script, wait_until, write_config
-from workers import WorkerProc, worker_connections
+from workers import WorkerProc, in_process_worker, worker_connections
 
 TEST_PLUGINS = Path(__file__).parent / "testplugins"
 SHELL = """worker:
@@ -177,16 +177,19 @@ def test_shutdown_control_job_with_ten_thousand_jobs_queued(gearmand_factory, st
     conn.close()
 
 
-def test_sigterm_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_lets_the_job_in_flight_finish(gearmand, start_worker, tmp_path, sig):
+    """SIGHUP (the worker's terminal closed) is a graceful shutdown too."""
     w = start_worker(gearmand, threads=1)
     rec = tmp_path / "rec.jsonl"
     conn = gc.connect(gearmand.address)
     [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight"}])
     wait_running(gearmand, "t.record")
-    w.signal(signal.SIGTERM)
+    w.signal(sig)
     out = gc.wait(conn, [h], 15)
     assert out[h].state == "complete"
     assert w.wait(15) == 0
+    assert [e["reason"] for e in w.log_lines() if e["event"] == "shutdown requested"] == [sig.name]
     conn.close()
 
 
@@ -350,15 +353,8 @@ def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, s
 
 def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
     """One thread per server sleeps; the rest park, so a job does not wake eight threads."""
-    from geartask.plugins import load_plugins
-    from worker_client.worker_client import WorkerProcess
     _, config = make_config(gearmand, "worker:\n  poll_timeout: 30\n")
-    tasks = {name: fn for name, (fn, _) in load_plugins(config, only=["eg"]).tasks().items()}
-    process = WorkerProcess(config, "herd", 8, tasks)
-    process.start()
-    try:
-        wait_until(lambda: len([l for l in worker_connections(gearmand.address) if " herd:" in l]) == 9, 10,
-                   message="8 job threads and the control thread attached")
+    with in_process_worker(config, gearmand.address, "herd", 8) as process:
         wait_until(lambda: sum(t.no_jobs for t in process.job_threads) >= 8, 10, message="all threads idle")
         before = sum(t.no_jobs for t in process.job_threads)
         for i in range(40):
@@ -369,10 +365,6 @@ def test_idle_threads_are_not_all_woken_for_every_job(gearmand, make_config):
         outs = gc.run(gearmand.address, "eg.slow", [{"seconds": 0.3}] * 8, timeout=30)
         assert all(o.state == "complete" for o in outs)
         assert sum(t.jobs_done > 0 for t in process.job_threads) == 8
-    finally:
-        process.request_shutdown(now=True)
-        process.wait()
-        process.close()
 
 
 def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearmand, start_worker):
@@ -389,3 +381,59 @@ def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearman
     assert "t.hang" in dead and "timed out" in dead
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0  # the stuck thread does not hold up the exit
+
+
+# -- the dead-letter file ---------------------------------------------------------------------
+def _record(i: int, size: int = 1000) -> dict:
+    from worker_client.dead_letters import payload_fields
+    return {"task": "t", "unique": f"u{i}", **payload_fields(b"x" * size)}
+
+
+def test_dead_letters_rotate_by_size_and_keep_a_few_backups(tmp_path):
+    from worker_client.dead_letters import DeadLetters
+    path = tmp_path / "dead-letter.jsonl"
+    dl = DeadLetters(path, max_bytes=20_000, backups=2)
+    for i in range(100):
+        dl.append(_record(i))
+    files = sorted(tmp_path.glob("dead-letter.jsonl*"))
+    assert [f.name for f in files if not f.name.endswith(".lock")] == \
+        ["dead-letter.jsonl", "dead-letter.jsonl.1", "dead-letter.jsonl.2"]
+    for f in (path, Path(f"{path}.1"), Path(f"{path}.2")):
+        assert f.stat().st_size <= 20_000
+        assert all(json.loads(line)["task"] == "t" for line in f.read_text().splitlines())
+    assert json.loads(path.read_text().splitlines()[-1])["unique"] == "u99"
+
+
+def test_dead_letters_from_many_processes_are_whole_lines_across_rotations(tmp_path):
+    path = tmp_path / "dead-letter.jsonl"
+    code = ("import sys; from worker_client.dead_letters import DeadLetters, payload_fields; "
+            f"dl = DeadLetters({str(path)!r}, max_bytes=50_000, backups=100); "
+            "[dl.append({'p': sys.argv[1], 'i': i, **payload_fields(b'y' * 500)}) for i in range(200)]")
+    procs = [subprocess.Popen([PYTHON, "-c", code, str(p)], cwd=REPO) for p in range(4)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+    lines = [line for f in tmp_path.glob("dead-letter.jsonl*") if not f.name.endswith(".lock")
+             for line in f.read_text().splitlines()]
+    got = sorted((r["p"], r["i"]) for r in map(json.loads, lines))
+    assert got == sorted((str(p), i) for p in range(4) for i in range(200))
+
+
+def test_a_dead_letter_that_does_not_fit_on_disk_leaves_no_half_line(tmp_path):
+    """A full disk (here: the file-size limit) cuts a write short: the part written is taken
+    back, so the next record is not glued to half a line. A half line left by a crash is
+    ended before the next record is appended."""
+    path = tmp_path / "dead-letter.jsonl"
+    path.write_text(json.dumps({"before": 1}) + "\n")
+    code = ("import resource, signal, sys; from worker_client.dead_letters import DeadLetters; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY)); "
+            f"dl = DeadLetters({str(path)!r})\n"
+            "try:\n    dl.append({'big': 'z' * 5000})\nexcept OSError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "refused:" in r.stdout, r.stderr
+    assert path.read_text() == json.dumps({"before": 1}) + "\n"
+    with path.open("a") as f:
+        f.write('{"torn": ')  # a writer that died mid-line
+    from worker_client.dead_letters import DeadLetters
+    DeadLetters(path).append({"after": 2})
+    lines = path.read_text().splitlines()
+    assert lines == ['{"before": 1}', '{"torn": ', '{"after": 2}']

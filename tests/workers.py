@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,3 +87,22 @@ class WorkerProc:
         text = path.read_text()
         complete = text[:text.rfind("\n") + 1]  # a line still being written is not read yet
         return [json.loads(l) for l in complete.splitlines() if l.strip()]
+
+
+@contextlib.contextmanager
+def in_process_worker(config, address: str, name: str, threads: int, plugins: tuple = ("eg",)):
+    """A WorkerProcess in this test's own process (to look at its threads), attached to
+    ``address`` with every thread and its control thread; stopped at the end."""
+    from geartask.plugins import load_plugins
+    from worker_client.worker_client import WorkerProcess
+    tasks = {task: fn for task, (fn, _) in load_plugins(config, only=list(plugins)).tasks().items()}
+    process = WorkerProcess(config, name, threads, tasks)
+    process.start()
+    try:
+        wait_until(lambda: len([l for l in worker_connections(address) if f" {name}:" in l]) == threads + 1, 10,
+                   message=f"{threads} job threads and the control thread attached")
+        yield process
+    finally:
+        process.request_shutdown(now=True)
+        process.wait()
+        process.close()

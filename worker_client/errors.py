@@ -1,8 +1,8 @@
-"""How a task says an attempt failed, and whether trying again could help."""
+"""How a task says an attempt failed, and whether trying again could help; how a worker fails."""
 
 from __future__ import annotations
 
-from geartask.errors import JobError
+from geartask.errors import GeartaskError, JobError
 
 
 class AttemptFailed(JobError):
@@ -16,3 +16,7 @@ class AttemptFailed(JobError):
 
 class JobRejected(AttemptFailed):
     """The job can never succeed as sent (bad data, refused command): fail it without retrying."""
+
+
+class WorkerFailed(GeartaskError):
+    """The worker process stopped because something kept failing that retrying will not cure (exit 1)."""

@@ -3,9 +3,9 @@
     python worker_client/runworkers.py --name w1 --threads 10 [--config PATH] [--servers H:P,...]
                                        [--plugins eg,...]
 
-Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM or SIGINT; then
-stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0. A
-second signal exits at once (gearmand requeues what was in flight).
+Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM, SIGINT or SIGHUP;
+then stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0.
+A second signal exits at once (gearmand requeues what was in flight).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ if __package__ in (None, ""):  # run as a file, from the repository root or from
 
 from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
 from geartask.control import check_name  # noqa: E402
-from geartask.errors import UsageError  # noqa: E402
 from geartask.logs import configure_logging, flush_logs  # noqa: E402
 from geartask.plugins import load_plugins  # noqa: E402
 
 from worker_client import veryeasyprocess  # noqa: E402
+from worker_client.isolate import isolated_tasks  # noqa: E402
+from worker_client.resources import check_keepalive, check_threads, ensure_open_files  # noqa: E402
 from worker_client.worker_client import WorkerProcess  # noqa: E402
 
 
@@ -44,13 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     name = check_name(args.name if args.name is not None else config.worker.name)
-    threads = args.threads if args.threads is not None else config.worker.threads
-    if threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+    source = str(config.source) if config.source else None
+    if args.threads is not None:
+        threads = check_threads(args.threads)
+    else:
+        threads = check_threads(config.worker.threads, source, flag=False)
+    check_keepalive(config.worker.keepalive, source)
     only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
     # Everything that can fail on bad input fails here, before a single thread starts.
     plugins = load_plugins(config, only=only)
-    tasks = {task: fn for task, (fn, _) in plugins.tasks().items()}
+    tasks = isolated_tasks(plugins.tasks(), config)
+    ensure_open_files(threads, len(config.servers))
     configure_logging(config.log, "worker", name, buffered=True)
 
     process = WorkerProcess(config, name, threads, tasks)
@@ -64,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
         process.request_shutdown(now=False, reason=signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: its terminal was closed
+        signal.signal(sig, on_signal)
     process.start()
     try:
         return process.wait()

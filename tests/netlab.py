@@ -359,12 +359,8 @@ class NetLab:
         address = address or host.ip
         run_dir = self.folder(f"gearmand-{host.name}-{port}")
         server = LocalServer(host=address, port=port, run_dir=run_dir, queue_type="sqlite",
-                             queue_path=run_dir / "queue.sqlite")
+                             queue_path=run_dir / "queue.sqlite", keepalive=keepalive)
         cmd = server.command()
-        if keepalive:
-            idle, interval, count = keepalive
-            cmd += ["--keepalive", "--keepalive-idle", str(idle), "--keepalive-interval", str(interval),
-                    "--keepalive-count", str(count)]
         with open(server.log_file, "ab") as out:
             server.process = host.popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                         start_new_session=True)

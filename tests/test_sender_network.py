@@ -210,7 +210,7 @@ def test_a_broken_connection_is_resubmitted_to_the_same_server(net):
 
 def test_the_same_unique_from_another_process_meets_the_original(net, tmp_path):
     """Two senders (this process and a subprocess) send the same 12 uniques, in opposite
-    orders, while the first ones run: rendezvous routing sends each unique to the same one of
+    orders, while the first ones are queued or running: rendezvous routing sends each unique to the same one of
     the two servers, gearmand coalesces them, and each job runs once."""
     n = net(2, threads=12, slice_down=False, slice_up=False)
     n.start_workers()
@@ -225,17 +225,23 @@ def test_the_same_unique_from_another_process_meets_the_original(net, tmp_path):
               "    rs = s.submit_many(list(reversed(jobs)), timeout=60)\n"
               "print(json.dumps([[r.unique, r.state, r.server] for r in rs]))\n")
     first = []
+    accepted = threading.Event()
+
+    def on_progress(p):
+        if p.accepted == 12:
+            accepted.set()
     with JobSender(load_config(n.cfg)) as sender:
-        t = threading.Thread(target=lambda: first.extend(sender.submit_many(jobs, timeout=60)))
+        t = threading.Thread(target=lambda: first.extend(sender.submit_many(jobs, timeout=60,
+                                                                              on_progress=on_progress)))
         t.start()
         try:
-            wait_until(lambda: n.running() == 12, 20, message="the first sender's jobs running")
+            assert accepted.wait(20), "the first sender's jobs were not accepted"
             other = subprocess.run([PYTHON, "-c", script, str(n.cfg), json.dumps(jobs)], capture_output=True,
                                    text=True, timeout=90, cwd=REPO)
         finally:
             t.join(60)
     assert other.returncode == 0, other.stderr
-    second = {u: (state, server) for u, state, server in json.loads(other.stdout)}
+    second = {u: (state, server) for u, state, server in json.loads(other.stdout.splitlines()[-1])}
     assert [r.state for r in first] == ["complete"] * 12
     assert all(second[r.unique] == ("complete", r.server) for r in first)
     assert len({r.server for r in first}) == 2  # the uniques were spread over both servers

@@ -353,6 +353,6 @@ def test_memory_is_flat_in_the_number_of_jobs(tmp_path, gearmand_factory):
     assert peaks[300_000][0] - peaks[100_000][0] < 25, peaks
     assert peaks[300_000][1] - peaks[100_000][1] < 25, peaks
     assert peaks[300_000][0] < 200
-    files = sorted((tmp_path / "logs").glob("sender-background.jsonl*"))
+    files = sorted(f for f in (tmp_path / "logs").glob("sender-background.jsonl*") if f.suffix != ".lock")
     assert 1 < len(files) <= 3, files  # the record and at most log.backups rotated ones
     assert all(f.stat().st_size <= 2_000_000 + 4_000_000 for f in files)

@@ -21,7 +21,7 @@ import pytest
 from geartask import protocol as gp
 from geartask.cli import run
 from geartask.config import load_config
-from geartask.errors import JobDefinitionError, NoServerError
+from geartask.errors import JobDefinitionError, NoServerError, UsageError
 from geartask.server import LocalServer, free_port
 from send_job_client import clients
 from send_job_client.clients import JobSender
@@ -326,6 +326,69 @@ def test_same_unique_in_one_batch_and_across_senders_runs_once(fresh_gearmand, s
     assert [r.state for r in results] == ["complete"] * 3
     assert len({r.handle for r in results}) == 1
     assert len(runs(out_file)) == 1
+
+
+# -- streaming ---------------------------------------------------------------------------
+
+def test_stream_yields_each_result_as_it_finishes(fresh_gearmand, setup, workers):
+    """stream(): a quick job is reported while a slow one still runs; index gives the input
+    position, and submit_many puts results back in input order."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    workers(cfg, [fresh_gearmand], threads=2)
+    jobs = [{"task": "st.count", "data": {"file": str(out_file), "id": "slow", "sleep": 1.5}},
+            {"task": "st.count", "data": {"file": str(out_file), "id": "quick"}}]
+    seen = []
+    with JobSender(load_config(cfg)) as sender:
+        for r in sender.stream(iter(jobs), timeout=30):
+            seen.append((r.result["id"], r.index, sender.servers[0].waiting != {}))
+        assert [r.result["id"] for r in sender.submit_many(jobs, timeout=30)] == ["slow", "quick"]
+    assert seen == [("quick", 1, True), ("slow", 0, False)]  # the slow one was still waiting
+
+
+def test_a_bad_definition_after_the_first_window_stops_the_batch_cleanly(fresh_gearmand, setup, monkeypatch):
+    """Within the first window a bad job stops everything before anything is sent; after it,
+    the jobs already taken are sent and reported, then the error is raised (CLI: exit 2)."""
+    monkeypatch.setattr(clients, "OPEN_JOBS", 4)
+    cfg = setup([fresh_gearmand])
+
+    def jobs(bad_at):
+        for i in range(10):
+            yield {"task": "st.bg", "data": i, "background": True} if i != bad_at else {"data": "no task"}
+    with JobSender(load_config(cfg)) as sender:
+        with pytest.raises(JobDefinitionError, match="job #3"):
+            list(sender.stream(jobs(2)))
+        assert queued(fresh_gearmand, "st.bg") == 0
+        got = []
+        with pytest.raises(JobDefinitionError, match="job #7"):
+            for r in sender.stream(jobs(6)):
+                got.append(r)
+    assert sorted(r.index for r in got) == [0, 1, 2, 3, 4, 5] and {r.state for r in got} == {"queued"}
+    assert queued(fresh_gearmand, "st.bg") == 6
+
+
+def test_timeout_reports_jobs_not_yet_sent_too(fresh_gearmand, setup, monkeypatch):
+    """--timeout with more jobs than the window: every job gets a line, the unsent ones say so."""
+    monkeypatch.setattr(clients, "OPEN_JOBS", 2)
+    cfg = setup([fresh_gearmand])
+    with JobSender(load_config(cfg)) as sender:
+        results = sender.submit_many(({"task": "st.nobody", "data": i} for i in range(5)), timeout=1)
+        assert [r.state for r in results] == ["timeout"] * 5
+        assert [r.attempts for r in results] == [1, 1, 0, 0, 0]
+        assert all("(not sent)" in r.error for r in results[2:])
+        (r,) = sender.submit_many([{"task": "eg.reverse", "data": "x", "background": True}])
+        assert r.state == "queued"  # the sender is usable after a timed-out batch
+
+
+def test_one_batch_at_a_time(fresh_gearmand, setup):
+    cfg = setup([fresh_gearmand])
+    with JobSender(load_config(cfg)) as sender:
+        it = sender.stream([{"task": "st.bg", "data": 1, "background": True}])
+        next(it)
+        with pytest.raises(UsageError, match="one at a time"):
+            sender.submit("st.bg", 2, background=True)
+        assert list(it) == []
+        assert sender.submit("st.bg", 3, background=True).state == "queued"
 
 
 def test_max_retries_bounds_resubmission(fresh_gearmand, setup):

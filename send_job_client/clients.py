@@ -626,8 +626,10 @@ class JobSender:
             if s.conn is not None:
                 quiet = now - s.last_rx
                 if s.owed() and quiet > fa:
+                    if p.wait_readable(s.conn.fileno(), 0):
+                        continue  # the answer is here, unread (we were stalled): read it first
                     self._give_up(s, f"no answer for {quiet:.0f}s (sender.failover_after {fa:g}s)")
-                elif s.owed() and quiet > slow and not s.warned:
+                elif s.owed() and quiet > slow and not s.warned and s.healthy:
                     s.warned = True
                     self.log.warning("server slow: waiting for its answer", server=s.address,
                                      seconds=round(quiet, 1), pending=len(s.pending), failover_after=fa)

@@ -7,9 +7,10 @@
     send_job_client.py list
     send_job_client.py status [HANDLE...]
 
-A thin layer over send_job_client.clients.JobSender. Exit 0 when every job completed (or
-was accepted, for background jobs), 1 when any failed or timed out or no server could be
-reached, 2 for usage, config and plugin errors.
+A thin layer over send_job_client.clients.JobSender; each job's line is printed as it
+finishes. Exit 0 when every job completed (or was accepted, for background jobs), 1 when
+any failed or timed out or no server could be reached (status: any handle unknown or
+unreachable), 2 for usage, config and plugin errors. See docs/sender.md.
 """
 
 from __future__ import annotations

@@ -99,6 +99,11 @@ class JobDefinition:
         retries = d.pop("retries", None)
         if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
             raise JobDefinitionError(f"{source}: 'retries' must be a whole number >= 0, got {retries!r}", task)
+        for what, text in (("task", task), ("unique", unique)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise JobDefinitionError(f"{source}: {what!r} is not UTF-8 text: {text!r}", task) from None
         data = d.pop("data", None)
         extra = dict(d.pop("extra", None) or {})
         extra.update(d)

@@ -363,3 +363,14 @@ def test_memory_is_flat_in_the_number_of_jobs(tmp_path, gearmand_factory):
     files = sorted(f for f in (tmp_path / "logs").glob("sender-background.jsonl*") if f.suffix != ".lock")
     assert 1 < len(files) <= 3, files  # the record and at most log.backups rotated ones
     assert all(f.stat().st_size <= 2_000_000 + 4_000_000 for f in files)
+
+
+@pytest.mark.parametrize("job", [{"task": "t\udcff", "data": 1}, {"task": "t", "unique": "u\udcff", "data": 1}])
+def test_a_task_or_unique_that_is_not_utf8_text_is_a_definition_error(gearmand, make_config, job):
+    """A lone surrogate (what a non-UTF-8 file name decodes to) can't go on the wire: one
+    clear error before anything is sent, not a UnicodeEncodeError from deep inside."""
+    from geartask.errors import JobDefinitionError
+    _, config = make_config(gearmand)
+    with JobSender(config) as sender:
+        with pytest.raises(JobDefinitionError, match="UTF-8"):
+            sender.submit_many([job])

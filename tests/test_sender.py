@@ -495,6 +495,9 @@ def test_progress_render_counts():
     line = render(p, 120)
     assert "3 done, 1 failed, 4/10" in line and "2.0/s" in line and "left 00:03" in line and "t 2/5 +1" in line
     assert len(render(p, 40)) < 40
+    # Jobs still coming from a plugin: the total is not known yet.
+    p = clients.Progress(total=None, done=3, failed=0, accepted=6, elapsed=1.0, running=[])
+    assert "3 done, 0 failed, 3/?" in render(p, 120) and "left --:--" in render(p, 120)
 
 
 # -- bad input ---------------------------------------------------------------------------

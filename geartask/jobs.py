@@ -25,16 +25,36 @@ def encode_payload(data: Any, task: str | None = None) -> bytes:
         raise JobDefinitionError(f"data cannot be serialised as JSON: {e}", task) from None
 
 
+# Payloads come from peers: JSON nested deeper than this stays text. json's C code recurses,
+# so about 1,000 levels raise RecursionError in loads, and fewer already in dumps.
+MAX_NESTING = 500
+
+
 def decode_payload(raw: bytes) -> Any:
-    """JSON when it parses, else text when it is UTF-8, else the bytes themselves."""
+    """JSON when it parses (nested at most MAX_NESTING deep), else text when it is UTF-8,
+    else the bytes themselves. Never raises."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw
     try:
-        return json.loads(text)
-    except ValueError:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         return text
+    if raw.count(b"[") + raw.count(b"{") >= MAX_NESTING and _too_deep(value):
+        return text
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_NESTING:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def new_unique() -> str:
@@ -79,6 +99,11 @@ class JobDefinition:
         retries = d.pop("retries", None)
         if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
             raise JobDefinitionError(f"{source}: 'retries' must be a whole number >= 0, got {retries!r}", task)
+        for what, text in (("task", task), ("unique", unique)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise JobDefinitionError(f"{source}: {what!r} is not UTF-8 text: {text!r}", task) from None
         data = d.pop("data", None)
         extra = dict(d.pop("extra", None) or {})
         extra.update(d)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
@@ -138,27 +138,36 @@ class Plugins:
 
     def jobs(self) -> list[tuple[str, JobDefinition]]:
         """Every job definition the loaded plugins yield, validated: (plugin name, job)."""
-        jobs: list[tuple[str, JobDefinition]] = []
+        return list(self.iter_jobs())
+
+    def iter_jobs(self) -> Iterator[tuple[str, JobDefinition]]:
+        """jobs() one at a time, as the plugins yield them: memory stays flat however many."""
         for plugin, result in self._call("geartask_jobs", config=self.config):
             if result is None:
                 continue
+            file = self.files.get(plugin)
             try:
-                items = list(result)
+                items = iter(result)
             except TypeError:
                 raise PluginError(f"geartask_jobs must yield job definitions, got {type(result).__name__}",
-                                  plugin, self.files.get(plugin)) from None
-            except GeartaskError:
-                raise
-            except BaseException as e:  # SystemExit, KeyboardInterrupt raised by the plugin's generator
-                raise PluginError(f"hook geartask_jobs raised {type(e).__name__}: {e}",
-                                  plugin, self.files.get(plugin)) from e
-            for i, item in enumerate(items):
+                                  plugin, file) from None
+            i = 0
+            while True:
                 try:
-                    jobs.append((plugin, JobDefinition.from_any(item, f"plugin {plugin!r} job #{i + 1}")))
-                except JobDefinitionError as e:
-                    e.args = (f"{e} ({self.files.get(plugin)})",)
+                    item = next(items)
+                except StopIteration:
+                    break
+                except GeartaskError:
                     raise
-        return jobs
+                except BaseException as e:  # SystemExit, KeyboardInterrupt raised by the plugin's generator
+                    raise PluginError(f"hook geartask_jobs raised {type(e).__name__}: {e}", plugin, file) from e
+                i += 1
+                try:
+                    job = JobDefinition.from_any(item, f"plugin {plugin!r} job #{i}")
+                except JobDefinitionError as e:
+                    e.args = (f"{e} ({file})",)
+                    raise
+                yield plugin, job
 
 
 def new_manager() -> pluggy.PluginManager:

@@ -152,6 +152,10 @@ class Connection:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as e:
             raise ServerError(f"cannot connect: {e.strerror or e}", self.address) from None
+        return self.adopt(sock)
+
+    def adopt(self, sock: socket.socket) -> "Connection":
+        """Use a socket connected elsewhere (the sender connects without blocking)."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.keepalive.apply(sock)
         sock.settimeout(None)

@@ -1,30 +1,18 @@
-"""The sender's library: submit jobs to one or more gearmand servers and never lose one.
+"""The sender's library: submit jobs to gearmand servers, stream their results, lose none.
 
-``JobSender(config).submit_many(jobs)`` is what the command line and the tests call.
-
-How it keeps jobs safe:
-
-* Every job carries a unique key (the plugin's, or a generated one). gearmand coalesces
-  jobs with the same function and unique key, so a resubmission that raced an accepted
-  submission attaches to the queued/running job instead of running it twice.
-* Submissions are pipelined: many SUBMIT_JOB* go out on a connection, and the JOB_CREATED
-  answers come back in the same order (gearmand answers requests in order per connection).
-* One select loop waits on every connection for WORK_* packets keyed by job handle.
-* A connection that drops, or that stays silent for ``sender.submit_timeout`` while an answer
-  is owed (JOB_CREATED, or an ECHO probe while foreground jobs wait), is closed and every job
-  on it that is not finished is resubmitted, same unique key, to the next live server, up to
-  ``sender.max_retries`` times with exponential backoff. A dead server is retried later, so
-  one that comes back is used again.
-* Background jobs are finished for us once JOB_CREATED arrives; their handle and server are
-  appended to ``log.dir/sender-background.jsonl`` so ``status`` can ask about them later.
-
-We drive the sockets with geartask.protocol.Connection rather than pygearman's client,
-whose wait/poll semantics can't express "resubmit on timeout" (see geartask/protocol.py).
+``JobSender(config).stream(jobs)`` yields each job's JobResult as it finishes, taking job
+definitions from any iterable in bounded windows (memory is flat in the number of jobs);
+``submit_many`` collects them in input order; ``status`` asks about background jobs.
+Each job goes to one server chosen by rendezvous hashing of its unique key, and moves to
+another only when that server refuses connections or stays silent for
+``sender.failover_after`` seconds. docs/sender.md explains the rules and when a job can run
+twice. The sockets are driven here, not by pygearman (see geartask/protocol.py).
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import hashlib
 import logging
 import os
 import select
@@ -33,12 +21,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
-from geartask.errors import JobDefinitionError, NoServerError, ServerError
+from geartask import protocol as p
+from geartask.errors import JobDefinitionError, NoServerError, ServerError, UsageError
 from geartask.jobs import JobDefinition, decode_payload, new_unique
 from geartask.logs import HotLogger, get_logger
-from geartask import protocol as p
+
+from .background import RECORD_NAME, BackgroundRecord, StatusQuery, StatusResult, asks_for
+
+__all__ = ["JobSender", "JobResult", "Progress", "StatusResult", "rendezvous"]
 
 # gearmand 1.1.20 itself accepts payloads up to the wire format's 4 GiB (measured: 200 MB
 # went through) and holds every one in memory; the sender refuses more than this per job so
@@ -46,21 +38,40 @@ from geartask import protocol as p
 MAX_PAYLOAD = 64 * 1024 * 1024
 # gearmand answers ERROR ARGUMENT_TOO_LARGE for a unique key over 64 bytes (measured).
 MAX_UNIQUE = 64
-BACKGROUND_RECORD = "sender-background.jsonl"
-RETRY_BACKOFF = 0.25  # seconds before the first resubmission, doubled each time, capped
-RETRY_BACKOFF_MAX = 4.0
-RECONNECT_DELAY = 0.25  # seconds before a dead server is tried again, doubled, capped
-RECONNECT_DELAY_MAX = 2.0
+BACKGROUND_RECORD = RECORD_NAME
 PIPELINE_WINDOW = 2048  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded (~200 KB)
+OPEN_JOBS = 10_000  # jobs taken from the caller and not yet reported: the memory bound
+OPEN_BYTES = 256 * 1024 * 1024  # ... and their payload bytes (one job always fits)
+RECONNECT_DELAY = 0.25  # seconds before a server is tried again, doubled, capped
+RECONNECT_DELAY_MAX = 2.0
+MAX_WARNINGS = 8  # WORK_WARNINGs kept per job (the last is the failure reason)
+MAX_DATA = MAX_PAYLOAD  # bytes of WORK_DATA kept per job; later chunks are counted, not kept
 
-_batch_log = HotLogger("geartask.sender")  # once per submit(): on the W2 latency path
+_batch_log = HotLogger("geartask.sender")  # once per batch: on the W2 latency path
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
+_OPTION = p.pack(p.OPTION_REQ, option_name=b"exceptions")  # else gearmand turns WORK_EXCEPTION into WORK_FAIL
+_ECHO = p.pack(p.ECHO_REQ, data=b"geartask")
+
+
+def rendezvous(unique: str, servers: list[str]) -> list[str]:
+    """``servers`` ("host:port") in the order a job with this unique key tries them: highest
+    blake2b(server, unique) first. The same in every process and run; removing a server moves
+    only the keys it had."""
+    return sorted(servers, key=lambda s: _score(hashlib.blake2b(s.encode() + b"\0", digest_size=8), unique),
+                  reverse=True)
+
+
+def _score(prefix: Any, unique: str) -> bytes:
+    h = prefix.copy()
+    h.update(unique.encode("utf-8"))
+    return h.digest()
 
 
 @dataclass
 class JobResult:
     """What became of one job. ``state``: complete | failed | timeout | queued (accepted,
-    not waited for). ``result`` is the decoded WORK_COMPLETE payload, ``error`` the reason."""
+    not waited for). ``result`` is the decoded WORK_COMPLETE payload, ``error`` the reason.
+    ``index`` is the job's position in the input."""
 
     task: str
     unique: str
@@ -72,9 +83,11 @@ class JobResult:
     attempts: int = 0
     seconds: float = 0.0
     background: bool = False
-    data: list = field(default_factory=list)  # WORK_DATA chunks, decoded
-    warnings: list = field(default_factory=list)  # WORK_WARNING payloads, decoded
+    data: list = field(default_factory=list)  # WORK_DATA chunks, decoded (up to MAX_DATA bytes)
+    warnings: list = field(default_factory=list)  # the last MAX_WARNINGS WORK_WARNING payloads
     progress: tuple[int, int] | None = None  # last WORK_STATUS (numerator, denominator)
+    index: int = -1
+    data_dropped: int = 0  # WORK_DATA chunks past MAX_DATA, not kept
 
     @property
     def ok(self) -> bool:
@@ -94,9 +107,10 @@ class JobResult:
 
 @dataclass
 class Progress:
-    """A snapshot for on_progress: counts, rate and the WORK_STATUS of running jobs."""
+    """A snapshot for on_progress: counts, rate and the WORK_STATUS of running jobs.
+    ``total`` is None while the jobs come from an iterator that is not exhausted yet."""
 
-    total: int
+    total: int | None
     done: int
     failed: int
     accepted: int
@@ -113,55 +127,28 @@ class Progress:
 
     @property
     def eta(self) -> float | None:
-        if not self.finished or self.finished >= self.total:
+        if self.total is None or not self.finished or self.finished >= self.total:
             return None
         return (self.total - self.finished) / self.rate
 
 
-@dataclass
-class StatusResult:
-    """GET_STATUS for one handle. ``known`` False means the server no longer has it: done
-    (or lost with a server that had no persistent queue)."""
-
-    handle: str
-    server: str | None
-    known: bool | None
-    running: bool = False
-    numerator: int = 0
-    denominator: int = 0
-    task: str | None = None
-    unique: str | None = None
-    error: str | None = None
-
-    @property
-    def state(self) -> str:
-        if self.error:
-            return "unreachable"
-        if not self.known:
-            return "done"
-        return "running" if self.running else "queued"
-
-    def to_json(self) -> dict:
-        return {"handle": self.handle, "server": self.server, "task": self.task, "unique": self.unique,
-                "state": self.state, "known": self.known, "running": self.running,
-                "numerator": self.numerator, "denominator": self.denominator, "error": self.error}
-
-
 class _Job:
-    """One job in flight: its definition, wire payload and where it is."""
+    """One job in flight: its definition, wire payload, rendezvous order and where it is."""
 
     __slots__ = ("index", "task", "unique", "payload", "priority", "background", "max_retries",
-                 "res", "not_before", "started", "last_error", "server")
+                 "res", "started", "last_error", "server", "order", "accepted", "data_bytes")
 
     def __init__(self, index: int, task: str, unique: str, payload: bytes, priority: str,
-                 background: bool, max_retries: int):
+                 background: bool, max_retries: int, order: list["_Server"]):
         self.index, self.task, self.unique, self.payload = index, task, unique, payload
         self.priority, self.background, self.max_retries = priority, background, max_retries
-        self.res = JobResult(task=task, unique=unique, background=background)
-        self.not_before = 0.0
+        self.res = JobResult(task=task, unique=unique, background=background, index=index)
         self.started = time.monotonic()
         self.last_error: str | None = None
         self.server: _Server | None = None
+        self.order = order
+        self.accepted = False
+        self.data_bytes = 0
 
     @property
     def finished(self) -> bool:
@@ -169,31 +156,68 @@ class _Job:
 
 
 class _Server:
-    """One job server: its connection, the submissions awaiting JOB_CREATED in order, and the
-    accepted foreground jobs by handle (several jobs share a handle when gearmand coalesced them)."""
+    """One job server: its connection and the jobs routed to it, sent to it (awaiting
+    JOB_CREATED, in order) and accepted by it (by handle; several jobs share a handle when
+    gearmand coalesced them). ``healthy`` False: given up on (refused, or silent past
+    failover_after) until it answers again; no job is routed to it meanwhile."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
+        self.hash_prefix = hashlib.blake2b(self.address.encode() + b"\0", digest_size=8)
         self.conn: p.Connection | None = None
+        self.connecting: socket.socket | None = None
+        self.connect_started = 0.0
+        self.out = bytearray()  # bytes not yet taken by the socket (never a blocking send)
+        self.todo: deque[_Job] = deque()
         self.pending: deque[_Job] = deque()
         self.waiting: dict[bytes, list[_Job]] = {}
-        self.down_until = 0.0
+        self.option_owed = False
+        self.probe_sent: float | None = None
+        self.healthy = True
+        self.retry_at = 0.0
         self.delay = RECONNECT_DELAY
         self.reason: str | None = None
         self.last_rx = 0.0  # when we last heard from it, or started owing it nothing
-        self.probe_sent: float | None = None
+        self.trouble_since: float | None = None  # unanswered or unreachable since
+        self.warned = False
 
     @property
     def live(self) -> bool:
         return self.conn is not None and self.conn.connected
 
     def owed(self) -> bool:
-        return bool(self.pending) or self.probe_sent is not None
+        return bool(self.pending) or self.option_owed or self.probe_sent is not None
+
+
+class _Batch:
+    """The state of one stream() call."""
+
+    def __init__(self, jobs: Iterable[Any], wait: bool, timeout: float | None):
+        self.source = iter(jobs)
+        self.total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]
+        self.wait = wait
+        self.timeout = timeout
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout if timeout else None
+        self.timed_out = False
+        self.pulled = 0
+        self.exhausted = False
+        self.error: BaseException | None = None  # a bad definition after jobs were sent: raised at the end
+        self.open: dict[int, _Job] = {}
+        self.open_bytes = 0
+        self.finished: deque[_Job] = deque()
+        self.homeless: deque[_Job] = deque()  # no healthy server to route to
+        self.to_record: list[_Job] = []
+        self.done = self.failed = self.accepted = self.yielded = 0
+        self.states: dict[str, int] = {}
+        self.no_server_since: float | None = None
+        self.last_progress = 0.0
 
 
 class JobSender:
-    """Submit jobs to the configured servers. Not thread-safe: one sender per thread."""
+    """Submit jobs to the configured servers. Not thread-safe: one sender per thread, one
+    batch at a time."""
 
     def __init__(self, config: Any, log: Any = None, record_background: bool = True):
         self.config = config
@@ -201,19 +225,25 @@ class JobSender:
         # Bound once: structlog's lazy proxy builds a new logger on every call otherwise.
         self.log = (log or get_logger("geartask.sender")).bind()
         self.servers = [_Server(h, port) for h, port in config.server_addresses]
-        self.record_path = Path(config.log.dir) / BACKGROUND_RECORD
+        fa = self.settings.failover_after
+        # The kernel ends a connection whose peer is silent for about failover_after: unacked
+        # data (TCP_USER_TIMEOUT) or unanswered keepalive probes.
+        self.keepalive = p.Keepalive(idle=max(1, int(fa / 2)), interval=max(1, int(fa / 6)), count=3,
+                                     user_timeout=fa)
+        self.record = BackgroundRecord(Path(config.log.dir) / BACKGROUND_RECORD, config.log.max_bytes,
+                                       config.log.backups)
+        self.record_path = self.record.path
         self.record_background = record_background
         self.max_payload = MAX_PAYLOAD
-        self._rr = 0  # round-robin cursor
+        self.max_data = MAX_DATA
         self._debug = logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG)
-        self._to_record: list[_Job] = []  # accepted background jobs not yet in the record
+        self._b: _Batch | None = None
 
     # -- public API --------------------------------------------------------------------------
     def close(self) -> None:
         for s in self.servers:
-            if s.conn is not None:
-                s.conn.close()
-            s.conn = None
+            self._close(s)
+            s.todo.clear()
             s.pending.clear()
             s.waiting.clear()
 
@@ -232,102 +262,55 @@ class JobSender:
 
     def submit_many(self, jobs: Iterable[Any], wait: bool = True, timeout: float | None = None,
                     on_progress: Callable[[Progress], None] | None = None) -> list[JobResult]:
-        """Submit every job; return one JobResult per job, in the order given.
+        """stream() collected into a list in input order (memory grows with the batch)."""
+        results = list(self.stream(jobs, wait, timeout, on_progress))
+        results.sort(key=lambda r: r.index)
+        return results
 
-        ``jobs``: JobDefinitions or mappings (task, data, unique, priority, background, retries).
+    def stream(self, jobs: Iterable[Any], wait: bool = True, timeout: float | None = None,
+               on_progress: Callable[[Progress], None] | None = None) -> Iterator[JobResult]:
+        """Submit every job; yield each one's JobResult as it finishes (completion order).
+
+        ``jobs``: JobDefinitions or mappings (task, data, unique, priority, background, retries),
+        from any iterable; at most OPEN_JOBS are held at a time.
         ``wait``: wait for foreground jobs' results (background jobs never wait). With
         wait=False every job goes as a background job and is done once accepted, because
         gearmand discards a queued foreground job when its client disconnects.
-        ``timeout``: seconds to wait for all results; unfinished jobs end as state 'timeout'.
-        Raises JobDefinitionError for a bad job before anything is sent, NoServerError when
-        no server can be reached within sender.connect_timeout and nothing was accepted.
+        ``timeout``: seconds for the whole batch; jobs unfinished then end as 'timeout' (jobs
+        not yet taken from ``jobs`` too, without being sent).
+        A bad definition among the first OPEN_JOBS raises JobDefinitionError before anything
+        is sent; a later one (or an error from the iterable) stops taking jobs, lets those
+        sent finish and report, then is raised. NoServerError: no server could be reached
+        within sender.connect_timeout and nothing was accepted.
         """
-        prepared = [self._prepare(i, j, wait) for i, j in enumerate(jobs)]
-        if not prepared:
-            return []
-        self._to_record: list[_Job] = []
-        start = time.monotonic()
-        try:
-            self._run(prepared, wait, timeout, on_progress)
-        finally:
-            self._flush_record()
-        if len(prepared) > 1 or self._debug:  # a one-job submit() is on the latency path (W2)
-            states: dict[str, int] = {}
-            for j in prepared:
-                states[j.res.state] = states.get(j.res.state, 0) + 1
-            _batch_log.info("batch done", jobs=len(prepared), seconds=round(time.monotonic() - start, 3),
-                            **states)
-        return [j.res for j in prepared]
+        if self._b is not None:
+            raise UsageError("this JobSender is already running a batch (one at a time)")
+        self._b = b = _Batch(jobs, wait, timeout)
+        yield from self._run(b, on_progress)
 
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:
-        """GET_STATUS for background jobs.
+        """GET_STATUS for background jobs; list(iter_status(...))."""
+        return list(self.iter_status(handles, timeout))
+
+    def iter_status(self, handles: Iterable[Any] | None = None,
+                    timeout: float | None = None) -> Iterator[StatusResult]:
+        """One StatusResult per handle (or per record line), in order.
 
         ``handles``: handle strings (``HANDLE`` or ``HANDLE@HOST:PORT``), (handle, server) pairs
-        or record dicts; None means every job in the background record. A handle with no server
-        given or recorded is asked of every configured server (handles are only unique per
-        server, so the record or @server is the reliable way).
+        or record dicts; None means every line of the background record. A handle with no
+        server given or recorded is asked of every configured server. A bad handle, record
+        line or server reply is reported as state 'unknown' with the reason; the rest are asked.
         """
-        timeout = timeout or self.settings.submit_timeout
-        records = self.background_records()
-        by_handle = {r["handle"]: r for r in records}
-        wanted: list[dict] = []
-        if handles is None:
-            wanted = records
-        else:
-            for h in handles:
-                if isinstance(h, Mapping):
-                    wanted.append(dict(h))
-                elif isinstance(h, (tuple, list)):
-                    wanted.append({"handle": h[0], "server": h[1]})
-                else:
-                    text = str(h)
-                    handle, _, server = text.partition("@")  # HANDLE@HOST:PORT, as the CLI prints it
-                    rec = dict(by_handle.get(handle, {"handle": handle, "server": None}))
-                    if server:
-                        rec["server"] = server
-                    wanted.append(rec)
-        conns: dict[str, p.Connection] = {}
-        out: list[StatusResult] = []
+        asks = self.record.entries() if handles is None else asks_for(handles, self.record)
+        query = StatusQuery([s.address for s in self.servers], timeout or self.settings.submit_timeout)
         try:
-            for rec in wanted:
-                servers = [rec["server"]] if rec.get("server") else [s.address for s in self.servers]
-                result = None
-                errors = []
-                for addr in servers:
-                    try:
-                        r = self._get_status(conns, addr, rec["handle"], timeout)
-                    except ServerError as e:
-                        errors.append(str(e))
-                        continue
-                    if r.known or result is None:
-                        result = r
-                    if r.known:
-                        break
-                if result is None:
-                    result = StatusResult(handle=rec["handle"], server=rec.get("server"), known=None,
-                                          error="; ".join(errors) or "no server to ask")
-                result.task, result.unique = rec.get("task"), rec.get("unique")
-                out.append(result)
+            yield from query.run(asks)
         finally:
-            for c in conns.values():
-                c.close()
-        return out
+            query.close()
 
     def background_records(self) -> list[dict]:
-        """Every background job this sender's log dir has recorded (JSON lines)."""
-        try:
-            lines = self.record_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn line from a crashed writer is not worth failing over
-            if isinstance(rec, dict) and rec.get("handle"):
-                records.append(rec)
-        return records
+        """Every well-formed background job record in log.dir (rotated files included)."""
+        return list(self.record.records())
 
     # -- preparing ---------------------------------------------------------------------------
     def _prepare(self, index: int, obj: Any, wait: bool = True) -> _Job:
@@ -350,186 +333,280 @@ class JobSender:
         background = self.settings.background if d.background is None else d.background
         if not wait:
             background = True
-        return _Job(index, d.task, d.unique or new_unique(), payload, priority, background,
-                    self.settings.max_retries)
+        unique = d.unique or new_unique()
+        servers = self.servers
+        order = servers if len(servers) == 1 else sorted(
+            servers, key=lambda s: _score(s.hash_prefix, unique), reverse=True)
+        return _Job(index, d.task, unique, payload, priority, background, self.settings.max_retries, order)
+
+    def _fill(self, b: _Batch, first: bool = False) -> None:
+        """Take jobs from the caller until the window is full."""
+        while not b.exhausted and (not b.open or (len(b.open) < OPEN_JOBS and b.open_bytes < OPEN_BYTES)):
+            try:
+                j = self._prepare(b.pulled, next(b.source), b.wait)
+            except StopIteration:
+                b.exhausted, b.total = True, b.pulled
+                return
+            except Exception as e:
+                if first:
+                    raise  # nothing was sent: fail the batch now
+                b.error, b.exhausted = e, True
+                return
+            b.pulled += 1
+            b.open[j.index] = j
+            b.open_bytes += len(j.payload)
+            if b.timed_out:
+                self._finish(j, "timeout", error=f"no result within {b.timeout:g}s (not sent)")
+            else:
+                self._route(j)
+
+    def _route(self, j: _Job) -> None:
+        """To the first healthy server in the job's rendezvous order."""
+        for s in j.order:
+            if s.healthy:
+                j.server = s
+                s.todo.append(j)
+                return
+        j.server = None
+        self._b.homeless.append(j)
 
     # -- the loop ----------------------------------------------------------------------------
-    def _run(self, jobs: list[_Job], wait: bool, timeout: float | None,
-             on_progress: Callable[[Progress], None] | None) -> None:
-        start = time.monotonic()
-        deadline = start + timeout if timeout else None
-        self._wait = wait
-        self._todo: deque[_Job] = deque(jobs)
-        self._next_due: float | None = None
-        self._accepted_any = False
-        self._open = len(jobs)  # kept by _finish: no O(n) scan per packet
-        no_server_since: float | None = None
-        reasons: dict[str, str] = {}
-        last_progress = 0.0
-        while True:
-            now = time.monotonic()
-            if self._send_ready(now):
-                no_server_since = no_server_since or now
-                reasons.update({s.address: s.reason for s in self.servers if s.reason})
-                if now - no_server_since >= self.settings.connect_timeout:
-                    err = NoServerError([s.address for s in self.servers], reasons)
-                    if not self._accepted_any and not any(s.waiting or s.pending for s in self.servers):
-                        self.close()
-                        raise err  # nothing was sent anywhere: one clear error
-                    # Some jobs are out there: report these ones as failed, not the whole batch.
-                    for j in list(self._todo):
-                        self._finish(j, "failed", error=str(err))
-                    self._todo.clear()
-            else:
-                no_server_since = None
-            if on_progress and (now - last_progress >= 0.1 or not self._open):
-                last_progress = now
-                on_progress(self._progress(jobs, start))
-            if not self._open:
-                break
-            if deadline is not None and now >= deadline:
-                for j in jobs:
-                    if not j.finished:
-                        self._finish(j, "timeout", error=f"no result within {timeout:g}s"
-                                     + (f" (last problem: {j.last_error})" if j.last_error else ""))
-                break
-            wake = 0.2
-            if self._next_due is not None:  # a resubmission waiting out its backoff
-                wake = min(wake, max(0.0, self._next_due - now))
-            if deadline is not None:
-                wake = min(wake, max(0.0, deadline - now))
-            self._poll(wake)
-            self._flush_record()  # as they are accepted: a killed sender still leaves a record
-            self._check_silence(time.monotonic())
-        # Foreground jobs we stopped waiting for stay attached to our connections; forget them
-        # so a later batch on this sender doesn't mistake their packets for its own.
-        self._todo.clear()
-        for s in self.servers:
-            s.waiting.clear()
-            if s.pending:  # a timed-out batch left answers owed: the stream is out of step
-                self._close(s)
-                s.pending.clear()
-
-    def _send_ready(self, now: float) -> bool:
-        """Send every job whose backoff has passed; True when jobs wait but no server is live."""
-        if not self._todo:
-            return False
-        batches: dict[_Server, list[_Job]] = {}
-        later: list[_Job] = []  # resubmissions still in their backoff
-        blocked = False
-        todo = self._todo
-        # From the front, and only until every server's window is full: a batch of n jobs
-        # costs O(n) in all, not a scan of the whole queue per network event.
-        while todo:
-            job = todo.popleft()
-            if job.not_before > now:
-                later.append(job)
-                continue
-            server = self._pick(now)
-            if server is None:
-                blocked = True
-                todo.appendleft(job)
-                break
-            job.res.attempts += 1
-            job.server = server
-            if not server.owed():
-                server.last_rx = now  # the submit_timeout clock starts now
-            server.pending.append(job)  # counts against the pipeline window at once
-            batches.setdefault(server, []).append(job)
-        todo.extend(later)
-        self._next_due = min((j.not_before for j in later), default=None)
-        for server, batch in batches.items():
-            data = b"".join(p.pack(p.submit_command(j.priority, j.background), task=j.task,
-                                   unique=j.unique, data=j.payload) for j in batch)
-            if self._debug:
-                for j in batch:
-                    self.log.debug("submit", task=j.task, unique=j.unique, server=server.address,
-                                   attempt=j.res.attempts)
-            try:
-                server.conn.send_raw(data)
-            except ServerError as e:
-                self._drop(server, str(e))
-        # Blocked with a live server means its pipeline window is full: not an outage.
-        return blocked and not any(s.live for s in self.servers)
-
-    def _pick(self, now: float) -> _Server | None:
-        """The next live server round-robin (connecting when needed), None when none is live."""
-        n = len(self.servers)
-        for k in range(n):
-            s = self.servers[(self._rr + k) % n]
-            if len(s.pending) >= PIPELINE_WINDOW:
-                continue
-            if not s.live:
-                if now < s.down_until or not self._connect(s):
-                    continue
-            self._rr = (self._rr + k + 1) % n
-            return s
-        return None
-
-    def _connect(self, s: _Server) -> bool:
-        t = min(self.settings.connect_timeout, self.settings.submit_timeout)
-        conn = p.Connection(s.host, s.port, connect_timeout=t)
+    def _run(self, b: _Batch, on_progress: Callable[[Progress], None] | None) -> Iterator[JobResult]:
         try:
-            conn.connect()
-            # Without this option gearmand swallows WORK_EXCEPTION and we'd only see WORK_FAIL.
-            conn.send(p.OPTION_REQ, option_name=b"exceptions")
-            conn.expect(p.OPTION_RES, t)
-        except ServerError as e:
-            conn.close()
-            self._mark_down(s, e)
-            return False
-        s.conn, s.reason, s.delay = conn, None, RECONNECT_DELAY
-        s.last_rx, s.probe_sent = time.monotonic(), None
-        self.log.debug("connected", server=s.address)
-        return True
+            self._fill(b, first=True)
+            while True:
+                now = time.monotonic()
+                self._fill(b)
+                self._send(b, now)
+                self._check_servers(now)
+                self._check_no_server(b, now)
+                if b.deadline is not None and now >= b.deadline and not b.timed_out:
+                    self._time_out(b)
+                self._flush_record()  # as they are accepted: a killed sender still leaves a record
+                while b.finished:
+                    j = b.finished.popleft()
+                    del b.open[j.index]
+                    b.yielded += 1
+                    yield j.res
+                done = b.exhausted and not b.open
+                if on_progress and (done or now - b.last_progress >= 0.1):
+                    b.last_progress = now
+                    on_progress(self._progress(b))
+                if done:
+                    break
+                self._poll(b, now)
+            if b.error is not None:
+                raise b.error
+        finally:
+            self._end_batch(b)
 
-    def _mark_down(self, s: _Server, reason: Any) -> None:
-        text = str(reason)
-        prefix = s.address + ": "
-        s.reason = text[len(prefix):] if text.startswith(prefix) else text
-        s.down_until = time.monotonic() + s.delay
+    def _end_batch(self, b: _Batch) -> None:
+        self._flush_record()
+        # Connections that still owe answers are out of step with the next batch: close them.
+        # Jobs we stopped waiting for are forgotten, so their packets are ignored.
+        for s in self.servers:
+            if s.owed() or s.out or s.connecting is not None:
+                self._close(s)
+            s.todo.clear()
+            s.pending.clear()
+            s.waiting.clear()
+            s.trouble_since, s.warned = None, False
+        self._b = None
+        if b.pulled > 1 or self._debug:  # a one-job submit() is on the latency path (W2)
+            _batch_log.info("batch done", jobs=b.pulled, seconds=round(time.monotonic() - b.start, 3), **b.states)
+
+    def _time_out(self, b: _Batch) -> None:
+        b.timed_out = True
+        for j in list(b.open.values()):
+            if not j.finished:
+                self._finish(j, "timeout", error=f"no result within {b.timeout:g}s"
+                             + (f" (last problem: {j.last_error})" if j.last_error else ""))
+        b.homeless.clear()
+        for s in self.servers:
+            s.todo.clear()
+
+    def _send(self, b: _Batch, now: float) -> None:
+        """Connect where jobs wait, and pipeline routed jobs up to each server's window."""
+        for s in self.servers:
+            if s.conn is None:
+                wanted = s.todo or (not s.healthy and b.open)  # a given-up server is probed
+                if wanted and s.connecting is None and now >= s.retry_at:
+                    self._start_connect(s, now)
+                continue
+            room = PIPELINE_WINDOW - len(s.pending)
+            if s.todo and room > 0:
+                if not s.owed():
+                    s.last_rx = now  # the clock for its answer starts now
+                packets = []
+                while s.todo and room > 0:
+                    j = s.todo.popleft()
+                    if j.finished:
+                        continue
+                    j.res.attempts += 1
+                    s.pending.append(j)
+                    room -= 1
+                    packets.append(p.pack(p.submit_command(j.priority, j.background), task=j.task,
+                                          unique=j.unique, data=j.payload))
+                    if self._debug:
+                        self.log.debug("submit", task=j.task, unique=j.unique, server=s.address,
+                                       attempt=j.res.attempts)
+                s.out += b"".join(packets)
+            if s.out:
+                self._flush_out(s)
+
+    def _flush_out(self, s: _Server) -> None:
+        try:
+            while s.out:
+                n = s.conn.sock.send(s.out, socket.MSG_DONTWAIT)
+                del s.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket buffer is full: poll says when it drains
+        except OSError as e:
+            self._lost(s, e, f"connection lost while sending: {e.strerror or e}")
+
+    def _start_connect(self, s: _Server, now: float) -> None:
+        """A non-blocking connect, so a silent host doesn't stall the other servers."""
+        s.connect_started = now
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(s.host, s.port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as e:
+            self._connect_failed(s, f"cannot connect: {e.strerror or e}", refused=False)
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err in (0, errno.EINPROGRESS):
+            s.connecting = sock
+            return
+        sock.close()
+        self._connect_failed(s, f"cannot connect: {os.strerror(err)}", refused=err == errno.ECONNREFUSED)
+
+    def _connect_done(self, s: _Server) -> None:
+        sock, s.connecting = s.connecting, None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self._connect_failed(s, f"cannot connect: {os.strerror(err)}", refused=err == errno.ECONNREFUSED)
+            return
+        s.conn = p.Connection(s.host, s.port, keepalive=self.keepalive).adopt(sock)
+        s.out = bytearray(_OPTION)
+        s.option_owed, s.probe_sent = True, None
+        s.last_rx = time.monotonic()
+        self.log.debug("connected", server=s.address)
+
+    def _connect_failed(self, s: _Server, reason: str, refused: bool) -> None:
+        now = time.monotonic()
+        s.reason = reason
+        s.retry_at = now + s.delay
         s.delay = min(s.delay * 2, RECONNECT_DELAY_MAX)
+        if refused:
+            # Nothing listens: the process is gone, and with it any foreground job it held.
+            self._give_up(s, reason)
+        elif s.trouble_since is None:
+            s.trouble_since = s.connect_started
 
     def _close(self, s: _Server) -> None:
         if s.conn is not None:
             s.conn.close()
-        s.conn, s.probe_sent = None, None
+        if s.connecting is not None:
+            s.connecting.close()
+        s.conn = s.connecting = None
+        s.out = bytearray()
+        s.option_owed, s.probe_sent = False, None
 
-    def _drop(self, s: _Server, reason: str) -> None:
-        """The connection failed: close it and resubmit everything on it that isn't finished."""
-        self.log.warning("connection lost; resubmitting its jobs", server=s.address, reason=reason,
-                         pending=len(s.pending), waiting=sum(len(v) for v in s.waiting.values()))
-        self._close(s)
-        self._mark_down(s, reason)
+    def _lost(self, s: _Server, exc: BaseException, reason: str | None = None) -> None:
+        """A connection failed. The kernel's verdict that the peer is dead (keepalive or user
+        timeout) fails its jobs over; anything else (reset, EOF, garbage) reconnects to it."""
+        reason = reason or str(exc)
+        if _errno(exc) == errno.ETIMEDOUT:
+            self._give_up(s, reason)
+        else:
+            self._broken(s, reason)
+
+    def _broken(self, s: _Server, reason: str) -> None:
+        """Reconnect to the same server and resubmit its unfinished jobs there, same unique:
+        gearmand attaches them to the originals if those are still queued or running."""
+        now = time.monotonic()
         jobs = list(s.pending) + [j for js in s.waiting.values() for j in js]
+        if jobs:
+            self.log.warning("connection lost; resubmitting its jobs to it", server=s.address, reason=reason,
+                             jobs=len(jobs))
+        if s.trouble_since is None:
+            s.trouble_since = s.last_rx if s.owed() else now
+        self._close(s)
         s.pending.clear()
         s.waiting.clear()
-        for j in jobs:
-            if not j.finished:
-                self._requeue(j, reason)
+        s.reason = reason
+        s.retry_at = now + s.delay
+        s.delay = min(s.delay * 2, RECONNECT_DELAY_MAX)
+        for j in reversed(jobs):
+            self._requeue(j, reason, s)
 
-    def _requeue(self, j: _Job, reason: str) -> None:
+    def _give_up(self, s: _Server, reason: str) -> None:
+        """Fail over: every job routed to ``s`` goes to the next healthy server in its order."""
+        sent = list(s.pending) + [j for js in s.waiting.values() for j in js]
+        unsent = list(s.todo)
+        if sent or unsent:
+            self.log.warning("failing over: its jobs go to the next server", server=s.address, reason=reason,
+                             jobs=len(sent) + len(unsent))
+        s.healthy = False
+        self._close(s)
+        s.todo.clear()
+        s.pending.clear()
+        s.waiting.clear()
+        s.reason, s.trouble_since, s.warned = reason, None, False
+        s.retry_at = max(s.retry_at, time.monotonic() + s.delay)
+        for j in sent:
+            self._requeue(j, f"{s.address}: {reason}")
+        for j in unsent:
+            if not j.finished:
+                self._route(j)
+
+    def _requeue(self, j: _Job, reason: str, to: _Server | None = None) -> None:
+        if j.finished:
+            return
         j.last_error = reason
-        resubmissions = j.res.attempts - 1
-        if resubmissions >= j.max_retries:
+        if j.res.attempts - 1 >= j.max_retries:
             self._finish(j, "failed", error=f"gave up after {j.res.attempts} attempt(s): {reason}")
             return
-        j.not_before = time.monotonic() + min(RETRY_BACKOFF * 2 ** resubmissions, RETRY_BACKOFF_MAX)
         j.res.handle = None
-        self._todo.append(j)
+        if to is not None:
+            to.todo.appendleft(j)
+        else:
+            self._route(j)
+
+    def _recovered(self, s: _Server) -> None:
+        """``s`` answers again: route jobs that had nowhere to go."""
+        s.delay, s.reason = RECONNECT_DELAY, None
+        if not s.healthy:
+            s.healthy = True
+            self.log.info("server answering again", server=s.address)
+            b = self._b
+            if b is not None:
+                homeless, b.homeless = b.homeless, deque()
+                for j in homeless:
+                    if not j.finished:
+                        self._route(j)
 
     def _finish(self, j: _Job, state: str, result: Any = None, error: Any = None) -> None:
         if j.finished:
             return
-        self._open -= 1
+        b = self._b
         j.res.state, j.res.result, j.res.error = state, result, error
         j.res.seconds = time.monotonic() - j.started
-        if j.server is not None:
+        if j.server is not None and j.res.server is None:
             j.res.server = j.server.address
+        b.open_bytes -= len(j.payload)
+        j.payload = b""  # kept only while it may have to be sent again
+        ok = state in ("complete", "queued")
+        if ok:
+            b.done += 1
+        else:
+            b.failed += 1
+        b.states[state] = b.states.get(state, 0) + 1
+        b.finished.append(j)
         # A job that went well is a debug line (the worker logs each job at info; background
         # jobs are in the record file): at info level it cost more than the job itself.
-        # Failures and timeouts are warnings.
-        ok = state in ("complete", "queued")
         if ok and not self._debug:
             return
         self.log.log(logging.DEBUG if ok else logging.WARNING, "job " + state,
@@ -537,50 +614,137 @@ class JobSender:
                      attempts=j.res.attempts, seconds=round(j.res.seconds, 3),
                      **({"error": error} if error is not None else {}))
 
-    def _poll(self, wake: float) -> None:
-        live = [s for s in self.servers if s.live and (s.pending or s.waiting or s.probe_sent)]
-        if not live:
-            time.sleep(wake)
+    def _check_servers(self, now: float) -> None:
+        """Late answers: a warning and an echo after submit_timeout, failover after
+        failover_after. Quiet connections with jobs running get an echo every submit_timeout."""
+        slow, fa = self.settings.submit_timeout, self.settings.failover_after
+        for s in self.servers:
+            if s.connecting is not None and now - s.connect_started > min(slow, self.settings.connect_timeout):
+                self._close(s)
+                self._connect_failed(s, f"cannot connect: no answer within {min(slow, self.settings.connect_timeout):g}s",
+                                     refused=False)
+            if s.conn is not None:
+                quiet = now - s.last_rx
+                if s.owed() and quiet > fa:
+                    if p.wait_readable(s.conn.fileno(), 0):
+                        continue  # the answer is here, unread (we were stalled): read it first
+                    self._give_up(s, f"no answer for {quiet:.0f}s (sender.failover_after {fa:g}s)")
+                elif s.owed() and quiet > slow and not s.warned and s.healthy:
+                    s.warned = True
+                    self.log.warning("server slow: waiting for its answer", server=s.address,
+                                     seconds=round(quiet, 1), pending=len(s.pending), failover_after=fa)
+                elif s.waiting and not s.owed() and quiet > slow:
+                    # A foreground job can run for hours without a packet; an echo proves the
+                    # server (and so our place in its queue) is still there.
+                    s.out += _ECHO
+                    s.probe_sent = s.last_rx = now
+                    self._flush_out(s)
+            elif not s.todo:
+                s.trouble_since = None  # nothing waits for it
+            elif s.healthy and s.trouble_since is not None and now - s.trouble_since > fa:
+                self._give_up(s, f"unreachable for {now - s.trouble_since:.0f}s (sender.failover_after "
+                                 f"{fa:g}s; last: {s.reason})")
+
+    def _check_no_server(self, b: _Batch, now: float) -> None:
+        """Every server given up for connect_timeout: jobs with nowhere to go fail (or, when
+        nothing was accepted yet, the batch raises NoServerError)."""
+        if any(s.healthy for s in self.servers):
+            b.no_server_since = None
             return
-        # Packets already buffered must be handled before select, which only sees the socket.
-        buffered = [s for s in live if s.conn.has_buffered_packet()]
-        readable: set = set()
-        if not buffered:
-            try:
-                r, _, _ = select.select([s.conn.sock for s in live], [], [], wake)
-            except (OSError, ValueError):
-                r = [s.conn.sock for s in live]  # the read will say which one is broken
-            readable = set(r)
-        for s in buffered or [s for s in live if s.conn.sock in readable]:
-            self._read(s, s.conn.sock in readable)
+        b.no_server_since = b.no_server_since or now
+        if not b.homeless or now - b.no_server_since < self.settings.connect_timeout:
+            return
+        err = NoServerError([s.address for s in self.servers],
+                            {s.address: s.reason for s in self.servers if s.reason})
+        if not b.accepted and not b.yielded and not any(s.pending or s.waiting for s in self.servers):
+            raise err  # nothing was sent anywhere: one clear error
+        homeless, b.homeless = b.homeless, deque()
+        for j in homeless:
+            self._finish(j, "failed", error=str(err))
+
+    def _poll(self, b: _Batch, now: float) -> None:
+        wake = 0.2
+        for s in self.servers:
+            if s.conn is None and s.connecting is None and (s.todo or not s.healthy) and s.retry_at > now:
+                wake = min(wake, s.retry_at - now)
+        if b.deadline is not None:
+            wake = min(wake, b.deadline - now)
+        if b.finished or (not b.exhausted and len(b.open) < OPEN_JOBS and b.open_bytes < OPEN_BYTES):
+            wake = 0.0
+        poller = select.poll()
+        watched: dict[int, _Server] = {}
+        buffered = []
+        for s in self.servers:
+            if s.connecting is not None:
+                poller.register(s.connecting, select.POLLOUT)
+                watched[s.connecting.fileno()] = s
+            elif s.conn is not None:
+                poller.register(s.conn.sock, select.POLLIN | (select.POLLOUT if s.out else 0))
+                watched[s.conn.sock.fileno()] = s
+                if s.conn.has_buffered_packet():
+                    buffered.append(s)
+        if buffered:
+            wake = 0.0
+        if not watched:
+            time.sleep(max(0.0, wake))
+            return
+        events = poller.poll(max(0, int(wake * 1000 + 0.999)))
+        for fd, ev in events:
+            s = watched[fd]
+            if s.connecting is not None and s.connecting.fileno() == fd:
+                self._connect_done(s)
+                continue
+            if s.conn is None or s.conn.sock.fileno() != fd:
+                continue  # closed by an earlier event in this round
+            if ev & select.POLLOUT and s.out:
+                self._flush_out(s)
+            if s.conn is not None and ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                self._read(s, True)
+                buffered = [x for x in buffered if x is not s]
+        for s in buffered:
+            if s.conn is not None:
+                self._read(s, False)
 
     def _read(self, s: _Server, readable: bool) -> None:
         try:
-            # One recv for what select saw (never a blocking one), then every whole packet.
+            # One recv for what poll saw (never a blocking one), then every whole packet.
             packets = s.conn.read_packets() if readable else s.conn.buffered_packets()
-            if packets:
-                s.last_rx = time.monotonic()
-            for pkt in packets:
-                self._handle(s, pkt)
-                if not s.live:
-                    return
         except ServerError as e:
-            self._drop(s, str(e))
+            self._lost(s, e)
+            return
+        if packets:
+            s.last_rx = time.monotonic()
+            if s.warned:
+                self.log.info("server answering again", server=s.address)
+            s.trouble_since, s.warned = None, False
+        for pkt in packets:
+            self._handle(s, pkt)
+            if s.conn is None:
+                return
 
     def _handle(self, s: _Server, pkt: p.Packet) -> None:
         cmd = pkt.cmd
+        if s.option_owed and cmd in (p.OPTION_RES, p.ERROR):  # the first answer on a connection
+            s.option_owed = False
+            if cmd == p.ERROR:
+                self.log.warning("server refused the 'exceptions' option", server=s.address,
+                                 error=pkt.text("error_text"))
+            self._recovered(s)
+            return
         if cmd == p.JOB_CREATED:
             if not s.pending:
                 return  # an answer owed to a batch we stopped waiting for
             j = s.pending.popleft()
             handle = pkt["job_handle"]
             j.res.handle, j.res.server = p.to_text(handle), s.address
-            self._accepted_any = True
+            if not j.accepted:
+                j.accepted = True
+                self._b.accepted += 1
             if j.finished:
                 return
-            if j.background or not self._wait:
+            if j.background or not self._b.wait:
                 self._finish(j, "queued")
-                self._to_record.append(j)
+                self._b.to_record.append(j)
             else:
                 s.waiting.setdefault(handle, []).append(j)
             return
@@ -592,7 +756,7 @@ class JobSender:
             if s.pending:  # gearmand answers a submission it refuses with ERROR, in order
                 self._finish(s.pending.popleft(), "failed", error=text)
             else:
-                self._drop(s, text)
+                self._broken(s, text)
             return
         handle = pkt.args.get("job_handle")
         jobs = s.waiting.get(handle) if handle is not None else None
@@ -622,78 +786,51 @@ class JobSender:
             for j in jobs:
                 j.res.progress = prog
         elif cmd == p.WORK_DATA:
-            chunk = decode_payload(pkt["data"])
+            raw = pkt["data"]
+            chunk = decode_payload(raw)
             for j in jobs:
+                if j.data_bytes + len(raw) > self.max_data:
+                    j.res.data_dropped += 1
+                    continue
+                j.data_bytes += len(raw)
                 j.res.data.append(chunk)
         elif cmd == p.WORK_WARNING:
             warning = decode_payload(pkt["data"])
             for j in jobs:
                 j.res.warnings.append(warning)
+                if len(j.res.warnings) > MAX_WARNINGS:
+                    del j.res.warnings[0]
 
-    def _check_silence(self, now: float) -> None:
-        """Drop connections that owe us an answer and stay silent; probe idle ones with waiters."""
-        limit = self.settings.submit_timeout
-        for s in self.servers:
-            if not s.live:
-                continue
-            if s.owed() and now - s.last_rx > limit:
-                what = "JOB_CREATED" if s.pending else "an echo"
-                self._drop(s, f"no {what} within {limit:g}s")
-            elif s.waiting and not s.owed() and now - s.last_rx > limit:
-                # A foreground job can run for hours without a packet; an echo proves the
-                # server (and so our place in its queue) is still there.
-                try:
-                    s.conn.send(p.ECHO_REQ, data=b"geartask")
-                    s.probe_sent = now
-                    s.last_rx = now
-                except ServerError as e:
-                    self._drop(s, str(e))
+    def _progress(self, b: _Batch) -> Progress:
+        running = [(j.task, *j.res.progress) for j in b.open.values()
+                   if j.res.progress is not None and not j.finished]
+        return Progress(total=b.total, done=b.done, failed=b.failed, accepted=b.accepted,
+                        elapsed=time.monotonic() - b.start, running=running)
 
-    def _progress(self, jobs: list[_Job], start: float) -> Progress:
-        done = failed = accepted = 0
-        running = []
-        for j in jobs:
-            st = j.res.state
-            if st in ("complete", "queued"):
-                done += 1
-            elif st in ("failed", "timeout"):
-                failed += 1
-            elif j.res.progress is not None:
-                running.append((j.task, *j.res.progress))
-            if j.res.handle:
-                accepted += 1
-        return Progress(total=len(jobs), done=done, failed=failed, accepted=accepted,
-                        elapsed=time.monotonic() - start, running=running)
-
-    # -- background record and status -----------------------------------------------------------
+    # -- background record -----------------------------------------------------------------------
     def _flush_record(self) -> None:
-        jobs, self._to_record = self._to_record, []
-        if jobs and self.record_background:
-            self._record(jobs)
-
-    def _record(self, jobs: Iterable[_Job]) -> None:
+        b = self._b
+        if b is None or not b.to_record:
+            return
+        jobs, b.to_record = b.to_record, []
+        if not self.record_background:
+            return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        lines = "".join(json.dumps({"time": stamp, "task": j.task, "unique": j.unique,
-                                    "handle": j.res.handle, "server": j.res.server,
-                                    "priority": j.priority, "host": socket.gethostname(),
-                                    "pid": os.getpid()}) + "\n" for j in jobs)
-        # One append per batch: O_APPEND keeps concurrent senders' lines whole.
+        host, pid = socket.gethostname(), os.getpid()
         try:
-            self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.record_path, "a", encoding="utf-8") as f:
-                f.write(lines)
+            self.record.append([{"time": stamp, "task": j.task, "unique": j.unique, "handle": j.res.handle,
+                                 "server": j.res.server, "priority": j.priority, "host": host, "pid": pid}
+                                for j in jobs])
         except OSError as e:  # the jobs are accepted and their handles printed; don't fail them
-            self.log.error("cannot record background jobs", path=str(self.record_path), error=str(e))
+            self.log.error("cannot record background jobs", path=str(self.record.path), error=str(e))
 
-    def _get_status(self, conns: dict[str, p.Connection], addr: str, handle: str,
-                    timeout: float) -> StatusResult:
-        conn = conns.get(addr)
-        if conn is None or not conn.connected:
-            host, _, port = addr.rpartition(":")
-            conn = conns[addr] = p.Connection(host, int(port), connect_timeout=timeout).connect()
-        conn.send(p.GET_STATUS, job_handle=handle)
-        pkt = conn.expect(p.STATUS_RES, timeout)
-        num = int(pkt["numerator"] or 0) if pkt["numerator"].isdigit() else 0
-        den = int(pkt["denominator"] or 0) if pkt["denominator"].isdigit() else 0
-        return StatusResult(handle=handle, server=addr, known=pkt["known"] == b"1",
-                            running=pkt["running"] == b"1", numerator=num, denominator=den)
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno behind a ServerError (protocol.Connection raises it from the OSError)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

@@ -27,8 +27,11 @@ def _duration(seconds: float | None) -> str:
 def render(p: Progress, width: int = 80) -> str:
     """The bar as text, fitted to ``width`` columns."""
     finished = p.finished
-    frac = finished / p.total if p.total else 1.0
-    text = (f" {p.done} done, {p.failed} failed, {finished}/{p.total}"
+    if p.total is None:  # jobs still coming from a plugin: the bar shows what was accepted
+        frac = min(1.0, finished / p.accepted) if p.accepted else 0.0
+    else:
+        frac = finished / p.total if p.total else 1.0
+    text = (f" {p.done} done, {p.failed} failed, {finished}/{'?' if p.total is None else p.total}"
             f"  {p.rate:.1f}/s  left {_duration(p.eta)}")
     if p.running:
         task, num, den = p.running[0]
@@ -54,7 +57,7 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < self.min_interval and progress.finished < progress.total:
+        if now - self._last < self.min_interval and progress.finished != progress.total:
             return
         self._last = now
         width = shutil.get_terminal_size((80, 24)).columns

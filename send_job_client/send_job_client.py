@@ -7,18 +7,21 @@
     send_job_client.py list
     send_job_client.py status [HANDLE...]
 
-A thin layer over send_job_client.clients.JobSender. Exit 0 when every job completed (or
-was accepted, for background jobs), 1 when any failed or timed out or no server could be
-reached, 2 for usage, config and plugin errors.
+A thin layer over send_job_client.clients.JobSender; each job's line is printed as it
+finishes. Exit 0 when every job completed (or was accepted, for background jobs), 1 when
+any failed or timed out or no server could be reached (status: any handle unknown or
+unreachable), 2 for usage, config and plugin errors. See docs/sender.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -112,43 +115,54 @@ def _job_line(r: JobResult) -> str:
     return f"{head} -> {_short(r.result)}"
 
 
-def _report(results: list[JobResult], as_json: bool) -> int:
-    out = sys.stdout
-    for r in results:
-        if as_json:
-            out.write(json.dumps(r.to_json(), ensure_ascii=False, default=repr) + "\n")
-        else:
-            out.write(_job_line(r) + "\n")
-    if not as_json:
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.state] = counts.get(r.state, 0) + 1
-        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-        seconds = max((r.seconds for r in results), default=0.0)
-        out.write(f"{len(results)} job(s): {summary} in {seconds:.2f}s\n")
-        if any(r.state == "queued" for r in results):
-            out.write("background jobs recorded; check them with: send_job_client.py status\n")
-    out.flush()
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-
-
-def _send(config: Any, args: argparse.Namespace, jobs: list[Any], timeout: float | None,
+def _send(config: Any, args: argparse.Namespace, jobs: Iterable[Any], timeout: float | None,
           plugin: tuple[str, str | None] | None = None) -> int:
+    """Stream the jobs; print each one's line as it finishes, then a summary."""
     overrides = {}
     if args.priority:
         overrides["priority"] = args.priority
     if args.background:
         overrides["background"] = True
-    jobs = [_override(j, overrides) for j in jobs]
+    if overrides:
+        jobs = (_override(j, overrides) for j in jobs)
+    out = sys.stdout
     bar = ProgressBar(sys.stderr)
-    with JobSender(config) as sender, bar:
-        try:
-            results = sender.submit_many(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar)
-        except JobDefinitionError as e:
-            if plugin is None:
-                raise
-            raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
-    return _report(results, args.json)
+    clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
+    counts: dict[str, int] = {}
+    start = last_flush = time.monotonic()
+    try:
+        with JobSender(config) as sender, bar:
+            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+                if clear_bar:
+                    bar.clear()
+                out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
+                           else _job_line(r)) + "\n")
+                counts[r.state] = counts.get(r.state, 0) + 1
+                if time.monotonic() - last_flush > 0.2:
+                    out.flush()
+                    last_flush = time.monotonic()
+    except JobDefinitionError as e:
+        _summary(counts, start, args.json)
+        if plugin is None:
+            raise
+        raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
+    except GeartaskError:
+        _summary(counts, start, args.json)
+        raise
+    _summary(counts, start, args.json)
+    ok = sum(counts.get(state, 0) for state in ("complete", "queued"))
+    return EXIT_OK if ok == sum(counts.values()) else EXIT_FAILED
+
+
+def _summary(counts: dict[str, int], start: float, as_json: bool) -> None:
+    out = sys.stdout
+    if counts and not as_json:
+        total = sum(counts.values())
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        out.write(f"{total} job(s): {summary} in {time.monotonic() - start:.2f}s\n")
+        if counts.get("queued"):
+            out.write("background jobs recorded; check them with: send_job_client.py status\n")
+    out.flush()
 
 
 def _override(job: Any, overrides: dict) -> Any:
@@ -161,10 +175,12 @@ def _override(job: Any, overrides: dict) -> Any:
 
 def cmd_plugin(config: Any, args: argparse.Namespace) -> int:
     plugins = load_plugins(config, only=[args.name])
-    jobs = [job for _, job in plugins.jobs()]
-    if not jobs:
+    jobs = (job for _, job in plugins.iter_jobs())  # taken as they are sent: memory stays flat
+    first = next(jobs, None)
+    if first is None:
         raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
-    return _send(config, args, jobs, args.timeout, (args.name, plugins.files.get(args.name)))
+    return _send(config, args, itertools.chain([first], jobs), args.timeout,
+                 (args.name, plugins.files.get(args.name)))
 
 
 def cmd_shell(config: Any, args: argparse.Namespace) -> int:
@@ -190,37 +206,45 @@ def cmd_job(config: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_list(config: Any, args: argparse.Namespace) -> int:
+    """Each plugin and the jobs it would send, printed as the plugin yields them."""
     found = discover(config)
     enabled = list(config.plugins.enabled)
-    out = []
+    out = sys.stdout
     status = EXIT_OK
+    if not found and not args.json:
+        out.write("no plugins found in " + ", ".join(str(p) for p in config.plugins.paths) + "\n")
     for name, src in sorted(found.items()):
-        item = {"plugin": name, "file": src.file, "enabled": not enabled or name in enabled, "jobs": []}
+        item = {"plugin": name, "file": src.file, "enabled": not enabled or name in enabled}
+        head = f"{name} ({src.file}){'' if item['enabled'] else ' [not enabled]'}"
+        if args.json:  # one object per plugin, its "jobs" list written as they come
+            out.write(json.dumps(item, ensure_ascii=False)[:-1] + ', "jobs": [')
+        n, error = 0, None
         try:
-            jobs = [job for _, job in load_plugins(config, only=[name]).jobs()]
+            for _, j in load_plugins(config, only=[name]).iter_jobs():
+                data = j.data if not isinstance(j.data, bytes) else f"<{len(j.data)} bytes>"
+                if args.json:
+                    entry = {"task": j.task, "unique": j.unique, "priority": j.priority,
+                             "background": j.background, "data": data}
+                    out.write((", " if n else "") + json.dumps(entry, ensure_ascii=False, default=repr))
+                else:
+                    if not n:
+                        out.write(f"{head}:\n")
+                    extra = "".join(f" {k}={v}" for k, v in (("unique", j.unique), ("priority", j.priority),
+                                                             ("background", j.background)) if v is not None)
+                    out.write(f"  {j.task}{extra} data={_short(data, 70)}\n")
+                n += 1
         except GeartaskError as e:  # one broken plugin doesn't hide the others
-            item["error"] = str(e)
-            status = e.exit_status
-            jobs = []
-        item["jobs"] = [{"task": j.task, "unique": j.unique, "priority": j.priority, "background": j.background,
-                         "data": j.data if not isinstance(j.data, bytes) else f"<{len(j.data)} bytes>"}
-                        for j in jobs]
-        out.append(item)
-    if args.json:
-        for item in out:
-            print(json.dumps(item, ensure_ascii=False, default=repr))
-        return status
-    if not out:
-        print("no plugins found in " + ", ".join(str(p) for p in config.plugins.paths))
-    for item in out:
-        head = f"{item['plugin']} ({item['file']}){'' if item['enabled'] else ' [not enabled]'}"
-        if "error" in item:
-            print(f"{head}: error: {item['error']}")
-            continue
-        print(f"{head}: {len(item['jobs'])} job(s)")
-        for j in item["jobs"]:
-            extra = "".join(f" {k}={j[k]}" for k in ("unique", "priority", "background") if j[k] is not None)
-            print(f"  {j['task']}{extra} data={_short(j['data'], 70)}")
+            error = str(e)
+            status = max(status, e.exit_status)
+        if args.json:
+            out.write("]" + (f', "error": {json.dumps(error, ensure_ascii=False)}' if error else "") + "}\n")
+        elif not n:
+            out.write(f"{head}: " + (f"error: {error}" if error else "0 job(s)") + "\n")
+        else:
+            if error:
+                out.write(f"  error: {error}\n")
+            out.write(f"  {n} job(s)\n")
+    out.flush()
     return status
 
 
@@ -235,18 +259,22 @@ def _status_line(s: StatusResult) -> str:
 
 
 def cmd_status(config: Any, args: argparse.Namespace) -> int:
+    counts: dict[str, int] = {}
     with JobSender(config) as sender:
-        results = sender.status(args.handles or None)
-    if not results:
+        for s in sender.iter_status(args.handles or None):
+            print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
+            counts[s.state] = counts.get(s.state, 0) + 1
+    total = sum(counts.values())
+    if not total:
         if not args.json:
             print(f"no background jobs recorded in {sender.record_path}")
         return EXIT_OK
-    for s in results:
-        print(json.dumps(s.to_json()) if args.json else _status_line(s))
     if not args.json:
-        done = sum(1 for s in results if s.state == "done")
-        print(f"{len(results)} job(s): {done} done, {len(results) - done} not done")
-    return EXIT_FAILED if any(s.state == "unreachable" for s in results) else EXIT_OK
+        done = counts.get("done", 0)
+        not_done = counts.get("queued", 0) + counts.get("running", 0)
+        print(f"{total} job(s): {done} done, {not_done} not done"
+              + "".join(f", {counts[k]} {k}" for k in ("unknown", "unreachable") if counts.get(k)))
+    return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") else EXIT_OK
 
 
 COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status}

@@ -21,7 +21,7 @@ import pytest
 from geartask import protocol as gp
 from geartask.cli import run
 from geartask.config import load_config
-from geartask.errors import JobDefinitionError, NoServerError
+from geartask.errors import JobDefinitionError, NoServerError, UsageError
 from geartask.server import LocalServer, free_port
 from send_job_client import clients
 from send_job_client.clients import JobSender
@@ -120,14 +120,16 @@ def test_eg_plugin_end_to_end_json(fresh_gearmand, setup, workers):
     r = run_script(SCRIPT, "--config", str(cfg), "plugin", "eg", "--json", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [json.loads(l) for l in r.stdout.splitlines()]
-    assert len(lines) == 6
-    assert [l["task"] for l in lines] == ["eg.reverse", "eg.wordcount", "eg.flaky", "shell", "shell", "shell"]
+    assert len(lines) == 6  # one per job, in the order they finished
+    assert sorted(l["task"] for l in lines) == ["eg.flaky", "eg.reverse", "eg.wordcount", "shell", "shell", "shell"]
     for l in lines:
         assert set(l) == {"task", "unique", "handle", "server", "state", "result", "attempts", "seconds"}
         assert l["state"] == "complete" and l["server"] == fresh_gearmand.address and l["attempts"] == 1
-    assert lines[0]["result"] == {"reversed": "ksatraeg"} and lines[0]["unique"] == "eg-reverse-1"
-    assert lines[2]["result"]["attempt"] == 2  # eg.flaky failed once and the worker retried it
-    assert lines[3]["result"]["output"] == "hello from a geartask worker\n"
+    by_task = {l["task"]: l for l in lines}
+    assert by_task["eg.reverse"]["result"] == {"reversed": "ksatraeg"}
+    assert by_task["eg.reverse"]["unique"] == "eg-reverse-1"
+    assert by_task["eg.flaky"]["result"]["attempt"] == 2  # eg.flaky failed once and the worker retried it
+    assert "hello from a geartask worker\n" in [l["result"].get("output") for l in lines if l["task"] == "shell"]
 
 
 def test_job_and_shell_text_output(fresh_gearmand, setup, workers, capsys):
@@ -253,7 +255,8 @@ def test_server_starting_3s_after_the_sender(tmp_path, setup, workers):
 
 
 def test_server_killed_mid_batch_every_job_completes(gearmand_factory, setup, workers):
-    """Two servers; kill -9 one while a batch runs: its jobs go to the other, all complete."""
+    """Two servers; kill -9 one while a batch runs: its unfinished jobs go to the other (the
+    next in their rendezvous order) as soon as it refuses connections, and all complete."""
     a, b = gearmand_factory(), gearmand_factory()
     cfg = setup([a, b])
     out_file = cfg.parent / "runs.jsonl"
@@ -270,9 +273,13 @@ def test_server_killed_mid_batch_every_job_completes(gearmand_factory, setup, wo
     assert killed and killed[0] < 24
     assert [r.state for r in results] == ["complete"] * 24, [r.to_json() for r in results if r.state != "complete"]
     assert [r.result["id"] for r in results] == list(range(24))
-    moved = [r for r in results if r.attempts > 1]
-    assert moved and all(r.server == b.address for r in moved)
-    assert {r.server for r in results} == {a.address, b.address}  # jobs were spread over both
+    servers = [a.address, b.address]
+    home = {r.unique: clients.rendezvous(r.unique, servers)[0] for r in results}
+    assert set(home.values()) == set(servers)  # jobs were spread over both
+    # b's own jobs never moved; a's that were unfinished went to b at once (a refuses connections).
+    assert all(r.server == b.address and r.attempts == 1 for r in results if home[r.unique] == b.address)
+    moved = [r for r in results if r.server != home[r.unique]]
+    assert moved and all(home[r.unique] == a.address and r.server == b.address for r in moved)
 
 
 def test_resubmission_with_same_unique_runs_once(fresh_gearmand, setup, workers):
@@ -321,6 +328,69 @@ def test_same_unique_in_one_batch_and_across_senders_runs_once(fresh_gearmand, s
     assert len(runs(out_file)) == 1
 
 
+# -- streaming ---------------------------------------------------------------------------
+
+def test_stream_yields_each_result_as_it_finishes(fresh_gearmand, setup, workers):
+    """stream(): a quick job is reported while a slow one still runs; index gives the input
+    position, and submit_many puts results back in input order."""
+    cfg = setup([fresh_gearmand])
+    out_file = cfg.parent / "runs.jsonl"
+    workers(cfg, [fresh_gearmand], threads=2)
+    jobs = [{"task": "st.count", "data": {"file": str(out_file), "id": "slow", "sleep": 1.5}},
+            {"task": "st.count", "data": {"file": str(out_file), "id": "quick"}}]
+    seen = []
+    with JobSender(load_config(cfg)) as sender:
+        for r in sender.stream(iter(jobs), timeout=30):
+            seen.append((r.result["id"], r.index, sender.servers[0].waiting != {}))
+        assert [r.result["id"] for r in sender.submit_many(jobs, timeout=30)] == ["slow", "quick"]
+    assert seen == [("quick", 1, True), ("slow", 0, False)]  # the slow one was still waiting
+
+
+def test_a_bad_definition_after_the_first_window_stops_the_batch_cleanly(fresh_gearmand, setup, monkeypatch):
+    """Within the first window a bad job stops everything before anything is sent; after it,
+    the jobs already taken are sent and reported, then the error is raised (CLI: exit 2)."""
+    monkeypatch.setattr(clients, "OPEN_JOBS", 4)
+    cfg = setup([fresh_gearmand])
+
+    def jobs(bad_at):
+        for i in range(10):
+            yield {"task": "st.bg", "data": i, "background": True} if i != bad_at else {"data": "no task"}
+    with JobSender(load_config(cfg)) as sender:
+        with pytest.raises(JobDefinitionError, match="job #3"):
+            list(sender.stream(jobs(2)))
+        assert queued(fresh_gearmand, "st.bg") == 0
+        got = []
+        with pytest.raises(JobDefinitionError, match="job #7"):
+            for r in sender.stream(jobs(6)):
+                got.append(r)
+    assert sorted(r.index for r in got) == [0, 1, 2, 3, 4, 5] and {r.state for r in got} == {"queued"}
+    assert queued(fresh_gearmand, "st.bg") == 6
+
+
+def test_timeout_reports_jobs_not_yet_sent_too(fresh_gearmand, setup, monkeypatch):
+    """--timeout with more jobs than the window: every job gets a line, the unsent ones say so."""
+    monkeypatch.setattr(clients, "OPEN_JOBS", 2)
+    cfg = setup([fresh_gearmand])
+    with JobSender(load_config(cfg)) as sender:
+        results = sender.submit_many(({"task": "st.nobody", "data": i} for i in range(5)), timeout=1)
+        assert [r.state for r in results] == ["timeout"] * 5
+        assert [r.attempts for r in results] == [1, 1, 0, 0, 0]
+        assert all("(not sent)" in r.error for r in results[2:])
+        (r,) = sender.submit_many([{"task": "eg.reverse", "data": "x", "background": True}])
+        assert r.state == "queued"  # the sender is usable after a timed-out batch
+
+
+def test_one_batch_at_a_time(fresh_gearmand, setup):
+    cfg = setup([fresh_gearmand])
+    with JobSender(load_config(cfg)) as sender:
+        it = sender.stream([{"task": "st.bg", "data": 1, "background": True}])
+        next(it)
+        with pytest.raises(UsageError, match="one at a time"):
+            sender.submit("st.bg", 2, background=True)
+        assert list(it) == []
+        assert sender.submit("st.bg", 3, background=True).state == "queued"
+
+
 def test_max_retries_bounds_resubmission(fresh_gearmand, setup):
     """With sender.max_retries 0 a job whose connection drops after acceptance fails, naming why."""
     cfg = setup([fresh_gearmand], EXTRA.replace("submit_timeout: 2", "submit_timeout: 2\n  max_retries: 0"))
@@ -339,22 +409,50 @@ def test_max_retries_bounds_resubmission(fresh_gearmand, setup):
     assert "gave up after 1 attempt(s)" in r.error and "connection" in r.error
 
 
-def test_silent_server_is_skipped(fresh_gearmand, setup, workers):
-    """A server that accepts TCP but never answers is given up on after submit_timeout; the
-    jobs complete on the live one."""
+class LogRecorder:
+    """A logger for JobSender(log=...) that keeps (level, event, fields)."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def bind(self, **kw):
+        return self
+
+    def log(self, level, event, **kw):
+        self.lines.append((str(level), event, kw))
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.lines.append((level, event, kw))
+
+
+def test_silent_server_is_failed_over_after_failover_after(fresh_gearmand, setup, workers):
+    """A server that accepts TCP but never answers: after submit_timeout the sender only warns
+    ("server slow"); after sender.failover_after its jobs go to the next server in their
+    rendezvous order and complete there. Jobs routed to the live server never wait."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
     try:
         address = f"127.0.0.1:{silent.getsockname()[1]}"
-        cfg = setup([address, fresh_gearmand], EXTRA.replace("submit_timeout: 2", "submit_timeout: 0.5"))
+        cfg = setup([address, fresh_gearmand],
+                    EXTRA.replace("submit_timeout: 2", "submit_timeout: 0.5\n  failover_after: 4"))
         workers(setup([fresh_gearmand], name="workers.yaml"), [fresh_gearmand])
+        servers = [address, fresh_gearmand.address]
+        to_silent = [u for u in (f"u{i}" for i in range(100)) if clients.rendezvous(u, servers)[0] == address][:3]
+        to_live = [u for u in (f"u{i}" for i in range(100)) if clients.rendezvous(u, servers)[0] != address][:3]
         t0 = time.monotonic()
-        with JobSender(load_config(cfg)) as sender:
-            results = sender.submit_many([{"task": "eg.reverse", "data": str(i)} for i in range(6)], timeout=20)
+        log = LogRecorder()
+        with JobSender(load_config(cfg), log=log) as sender:
+            results = sender.submit_many([{"task": "eg.reverse", "data": u, "unique": u}
+                                          for u in to_silent + to_live], timeout=20)
         assert [r.state for r in results] == ["complete"] * 6
         assert {r.server for r in results} == {fresh_gearmand.address}
-        assert time.monotonic() - t0 < 5
+        assert [r.attempts for r in results] == [2, 2, 2, 1, 1, 1]
+        assert all(r.seconds >= 4 for r in results[:3]) and all(r.seconds < 4 for r in results[3:])
+        assert time.monotonic() - t0 < 12
+        events = [(level, event) for level, event, _ in log.lines]
+        assert events.index(("warning", "server slow: waiting for its answer")) < \
+            events.index(("warning", "failing over: its jobs go to the next server"))
     finally:
         silent.close()
 
@@ -397,6 +495,9 @@ def test_progress_render_counts():
     line = render(p, 120)
     assert "3 done, 1 failed, 4/10" in line and "2.0/s" in line and "left 00:03" in line and "t 2/5 +1" in line
     assert len(render(p, 40)) < 40
+    # Jobs still coming from a plugin: the total is not known yet.
+    p = clients.Progress(total=None, done=3, failed=0, accepted=6, elapsed=1.0, running=[])
+    assert "3 done, 0 failed, 3/?" in render(p, 120) and "left --:--" in render(p, 120)
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -497,7 +598,7 @@ def test_list_shows_plugins_and_their_jobs(bad_config, capsys):
     """`list`: every plugin found with the jobs it would send; a broken one is named, exit 2."""
     status, out, err = cli(["--config", str(bad_config), "list"], capsys)
     assert status == 2
-    assert re.search(r"^eg \(.*eg\.py\): 6 job\(s\)$", out, re.M)
+    assert re.search(r"^eg \(.*eg\.py\):\n(  .*\n){6}  6 job\(s\)$", out, re.M), out
     assert "  eg.reverse unique=eg-reverse-1 data=geartask" in out
     assert re.search(r"^raiser \(.*raiser\.py\): error: .*RuntimeError: db down", out, re.M)
     assert re.search(r"^empty \(.*\): 0 job\(s\)$", out, re.M)

@@ -30,7 +30,8 @@ def attached(address: str, name: str, pid: int, threads: int) -> bool:
 
 
 class WorkerProc:
-    def __init__(self, config: Path, name: str, threads: int, *extra: str):
+    def __init__(self, config: Path, name: str, threads: int, *extra: str, env: dict | None = None):
+        """``env``: the worker's whole environment (default: the test process's)."""
         self.name, self.threads = name, threads
         self.config = config
         # Output to a file, never an unread pipe: a worker that logs a lot would block on it.
@@ -39,7 +40,7 @@ class WorkerProc:
             self.proc = subprocess.Popen(
                 [sys.executable, str(RUNWORKERS), "--config", str(config), "--name", name,
                  "--threads", str(threads), *extra],
-                stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
+                stdout=out, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
         self.pid = self.proc.pid
 
     def wait_attached(self, addresses: list[str], timeout: float = 15) -> "WorkerProc":

@@ -193,7 +193,8 @@ def _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace)
 
 def _child_env(env: Mapping[str, str] | None) -> dict[bytes, bytes]:
     """Our environment, the reaper's token, then ``env`` on top (as bytes: no decoding per command)."""
-    full = dict(os.environb)
+    data = getattr(os.environ, "_data", None)  # CPython's bytes dict behind os.environ: 1 µs, not 20
+    full = dict(data) if isinstance(data, dict) else dict(os.environb)
     full[TOKEN_VAR.encode()] = _reaper.token().encode()
     for key, value in (env or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

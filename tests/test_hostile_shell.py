@@ -260,11 +260,17 @@ def test_commands_die_with_a_worker_killed_by_sigkill(fresh_gearmand, shell_work
         groups = {g for argv, g in procs.values() if argv == ["sleep", "301.25"]}
         return {p: g for p, (_, g) in procs.items() if g in groups}
 
-    running = wait_until(lambda: (lambda c: c if len(c) >= 3 else None)(command_processes()), 15,
-                         message="sh and both sleeps running")
-    groups = set(running.values())
+    wait_until(lambda: len(command_processes()) >= 3, 15, message="sh and both sleeps running")
+    groups = set(command_processes().values())
+
+    def reaper():
+        return [p for p, (argv, _) in processes().items()
+                if any(a.endswith("reaper.py") for a in argv) and argv[-1].startswith(f"{w.pid}.")]
+
+    assert reaper(), "the worker's reaper runs beside it"
     w.signal(signal.SIGKILL)
     w.wait(10)
     wait_until(lambda: not {p for p, (_, g) in processes().items() if g in groups}, 10,
                message=f"every process of the command's group {groups} gone")
+    wait_until(lambda: not reaper(), 10, message="the worker's reaper gone, its work done")
     conn.close()

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import math
 import os
-import reprlib
 from typing import Any
 
 from geartask.logs import get_logger
 from geartask.shellenv import check_shell_config, never_passed
 
 from . import veryeasyprocess
+from .veryeasyprocess import shown
 from .errors import AttemptFailed, JobRejected
 
 log = get_logger("geartask.shell")
 KEYS = ("cmd", "cwd", "timeout", "env", "retries")
-_show = reprlib.Repr()  # a job's value quoted in a reason: cut, so a reason stays small
-_show.maxstring = _show.maxother = 80
-_show.maxlist = _show.maxdict = 4
 
 
 def find_program(name: str, search_path: str | None = None) -> str | None:
@@ -42,19 +39,19 @@ def find_program(name: str, search_path: str | None = None) -> str | None:
 def _text(value: Any, where: str) -> str:
     """``value`` as a string a program can be given, or JobRejected naming ``where``."""
     if not isinstance(value, str):
-        raise JobRejected(f"{where} must be a string, got {_show.repr(value)}")
+        raise JobRejected(f"{where} must be a string, got {shown(value)}")
     if "\0" in value:
-        raise JobRejected(f"{where} contains a NUL byte: {_show.repr(value)}")
+        raise JobRejected(f"{where} contains a NUL byte: {shown(value)}")
     try:
         os.fsencode(value)
     except UnicodeEncodeError:
-        raise JobRejected(f"{where} is not valid Unicode text: {_show.repr(value)}") from None
+        raise JobRejected(f"{where} is not valid Unicode text: {shown(value)}") from None
     return value
 
 
 def _finite(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JobRejected(f"{where} must be a finite number, got {_show.repr(value)}")
+        raise JobRejected(f"{where} must be a finite number, got {shown(value)}")
     return value
 
 
@@ -84,25 +81,25 @@ class ShellTask:
                               f"got {type(data).__name__}")
         unknown = sorted(k for k in data if k not in KEYS)
         if unknown:
-            raise JobRejected(f"shell job data has unknown keys: {_show.repr(unknown)} (known: {', '.join(KEYS)})")
+            raise JobRejected(f"shell job data has unknown keys: {shown(unknown)} (known: {', '.join(KEYS)})")
         cmd = data.get("cmd")
         if isinstance(cmd, str):
             raise JobRejected("'cmd' must be a list of arguments, not a string (no shell is used): "
-                              f"e.g. {_show.repr(cmd.split())}")
+                              f"e.g. {shown(cmd.split())}")
         if not isinstance(cmd, list) or not cmd:
-            raise JobRejected(f"'cmd' must be a non-empty list of strings, got {_show.repr(cmd)}")
+            raise JobRejected(f"'cmd' must be a non-empty list of strings, got {shown(cmd)}")
         for i, arg in enumerate(cmd):
             _text(arg, f"'cmd' argument {i}")
         executable = self.programs.get(cmd[0])
         if cmd[0] not in self.programs:
             allowed = ", ".join(self.allow) if self.allow else "nothing (worker.shell.allow is empty)"
-            raise JobRejected(f"program {_show.repr(cmd[0])} is not on this worker's allowlist; allowed: "
-                              f"{_show.repr(allowed)[1:-1]}")
+            raise JobRejected(f"program {shown(cmd[0])} is not on this worker's allowlist; allowed: "
+                              f"{shown(allowed)[1:-1]}")
         if executable is None:
             raise JobRejected(f"program {cmd[0]!r} is allowed but was not found on this worker's PATH at start")
         cwd = data.get("cwd")
         if cwd is not None and not os.path.isabs(_text(cwd, "'cwd'")):
-            raise JobRejected(f"'cwd' must be an absolute path, got {_show.repr(cwd)}")
+            raise JobRejected(f"'cwd' must be an absolute path, got {shown(cwd)}")
         limit = self.cfg.job_timeout
         timeout = _finite(data.get("timeout", min(self.cfg.shell.default_timeout, limit)), "'timeout'")
         if timeout <= 0:
@@ -119,12 +116,12 @@ class ShellTask:
         if env is None:
             return None
         if not isinstance(env, dict):
-            raise JobRejected(f"'env' must be an object of strings, got {_show.repr(env)}")
+            raise JobRejected(f"'env' must be an object of strings, got {shown(env)}")
         refused = [k for k in env if k not in self.env_allow or never_passed(k)]
         if refused:
             allowed = ", ".join(sorted(self.env_allow)) or "nothing"
-            raise JobRejected(f"'env' sets {_show.repr(refused[0])}, which this worker does not let a job set "
-                              f"(worker.shell.env_allow: {_show.repr(allowed)[1:-1]})")
+            raise JobRejected(f"'env' sets {shown(refused[0])}, which this worker does not let a job set "
+                              f"(worker.shell.env_allow: {shown(allowed)[1:-1]})")
         for key, value in env.items():
             _text(value, f"'env' value of {key}")
         return env

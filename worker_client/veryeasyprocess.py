@@ -38,8 +38,14 @@ log = get_logger("geartask.veryeasyprocess")
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 _running: set[int] = set()  # process groups of commands running now, for kill_all()
 _TICK = 0.05  # how often the wait loop looks at ``cancel``
-_show = reprlib.Repr()  # a caller's value quoted in a reason: cut, so reasons stay small
+_show = reprlib.Repr()
 _show.maxstring = _show.maxother = 80
+_show.maxlist = _show.maxdict = 4
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short: a caller's (or a job's) value quoted in a reason stays small."""
+    return _show.repr(value)
 
 
 @dataclass
@@ -62,14 +68,14 @@ class Result:
 
 
 def _start_error(cmd, cwd, exc: OSError) -> str:
-    program = _show.repr(cmd[0] if isinstance(cmd, (list, tuple)) and cmd else cmd)
+    program = shown(cmd[0] if isinstance(cmd, (list, tuple)) and cmd else cmd)
     if exc.errno == errno.E2BIG:
         size = sum(len(os.fsencode(a)) + 1 for a in cmd) if isinstance(cmd, list) else len(cmd)
         return (f"argument list too long for the kernel ({len(cmd) if isinstance(cmd, list) else 1} arguments, "
                 f"{size} bytes; the limit is about {os.sysconf('SC_ARG_MAX')} bytes with the environment, "
                 f"{32 * os.sysconf('SC_PAGE_SIZE')} per argument)")
     if cwd is not None and not os.path.isdir(cwd):
-        return f"working directory {_show.repr(str(cwd))} does not exist or is not a directory"
+        return f"working directory {shown(str(cwd))} does not exist or is not a directory"
     if isinstance(exc, FileNotFoundError):
         return f"program not found: {program}"
     if isinstance(exc, PermissionError):
@@ -88,7 +94,7 @@ def _seconds(value, name: str, zero_ok: bool = False) -> str | None:
     """Why ``value`` is not a usable number of seconds, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not zero_ok):
-        return f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, got {_show.repr(value)}"
+        return f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, got {shown(value)}"
     return None
 
 
@@ -115,7 +121,7 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     try:
         full_env = _child_env(env)
     except (TypeError, ValueError) as e:
-        return Result(None, reason=f"bad environment: {_show.repr(str(e))}")
+        return Result(None, reason=f"bad environment: {shown(str(e))}")
 
     out = tempfile.TemporaryFile() if capture else None
     try:
@@ -125,7 +131,7 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
                                     stderr=subprocess.STDOUT if capture else None,
                                     start_new_session=True, close_fds=True)
         except (OSError, ValueError) as e:
-            reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {_show.repr(str(e))}"
+            reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"
             return Result(None, reason=reason, duration=time.monotonic() - t0)
 
         _running.add(proc.pid)

@@ -241,7 +241,7 @@ class _Reaper:
         return self.proc.poll() is None
 
     def _start(self) -> None:
-        if self.pid != os.getpid():  # a forked child: its commands are its own
+        if self.pid != os.getpid():  # first use, or a forked child: its commands are its own
             self.pid, self._token, self.proc = os.getpid(), f"{os.getpid()}.{secrets.token_hex(8)}", None
         if self.pipe is not None:
             os.close(self.pipe)
@@ -261,7 +261,15 @@ class _Reaper:
             os.close(read)
 
 
+    def forget(self) -> None:
+        """In a forked child: let go of the parent's pipe, or the parent's reaper would wait for us."""
+        if self.pipe is not None:
+            os.close(self.pipe)
+        self.pipe, self.proc, self.pid = None, None, None
+
+
 _reaper = _Reaper()
+os.register_at_fork(after_in_child=_reaper.forget)
 
 
 class _exit_waiter:

@@ -195,3 +195,39 @@ def test_a_reaper_that_died_is_replaced_with_the_same_token():
     r = vep.shell_2_tempfile(["sh", "-c", 'echo "$GEARTASK_RUN_TOKEN"'])
     assert r.output == token + "\n"
     assert vep._reaper.proc is not first and vep._reaper.proc.poll() is None
+
+
+FORKING_CHILD = """
+import os, sys, threading, time
+sys.path.insert(0, %r)
+from worker_client import veryeasyprocess as v
+v.shell_2_tempfile(["true"])  # the reaper runs
+fork = os.fork()
+if fork == 0:
+    time.sleep(60)  # a forked helper that outlives its parent
+    os._exit(0)
+print(fork, flush=True)
+threading.Thread(target=v.shell_2_tempfile, args=(["sleep", "305.5"],), kwargs={"timeout": 600}).start()
+threading.Event().wait()
+"""
+
+
+def test_a_forked_child_does_not_keep_the_reaper_waiting():
+    child = subprocess.Popen([sys.executable, "-c", FORKING_CHILD % str(REPO)], stdout=subprocess.PIPE, text=True)
+    fork = int(child.stdout.readline())
+    try:
+        def command():
+            return [p for p, (argv, _) in processes().items() if argv == ["sleep", "305.5"]]
+        wait_until(command, 15, message="the command running")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        wait_until(lambda: not command(), 10, message="the command gone while the fork still lives")
+        assert os.path.exists(f"/proc/{fork}")
+    finally:
+        for pid in (child.pid, fork):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.wait()
+        child.stdout.close()

@@ -208,13 +208,15 @@ def test_failure_reasons_are_capped(gearmand, shell_worker, tmp_path):
 
 def test_nan_and_infinite_numbers_are_refused(gearmand, shell_worker):
     """A client sends "timeout": NaN (or Infinity, or 1e999, or a NaN retries), which compares
-    false with every limit. It gets: the job refused at once; no command starts."""
+    false with every limit, or an integer too large for a float. It gets: the job refused at
+    once; no command starts."""
     shell_worker(gearmand, allow=["sleep"])
     conn = gc.connect(gearmand.address)
     try:
-        for raw in (b'{"cmd": ["sleep", "7.31"], "timeout": NaN}', b'{"cmd": ["sleep", "7.31"], "timeout": Infinity}',
-                    b'{"cmd": ["sleep", "7.31"], "timeout": -Infinity}', b'{"cmd": ["sleep", "7.31"], "timeout": 1e999}',
-                    b'{"cmd": ["sleep", "7.31"], "retries": NaN}'):
+        huge = b"1" + b"0" * 400
+        for key, value in ((b"timeout", b"NaN"), (b"timeout", b"Infinity"), (b"timeout", b"-Infinity"),
+                           (b"timeout", b"1e999"), (b"timeout", huge), (b"retries", b"NaN"), (b"retries", huge)):
+            raw = b'{"cmd": ["sleep", "7.31"], "%s": %s}' % (key, value)
             [h] = gc.submit(conn, "shell", [raw])
             o = gc.wait(conn, [h], 30)[h]
             assert refused(o, "finite"), (raw, o.reason)

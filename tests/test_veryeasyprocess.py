@@ -124,7 +124,7 @@ def test_a_tick_that_raises_kills_and_reaps_the_command_first():
 
 @pytest.mark.parametrize("kwargs", [{"timeout": math.nan}, {"timeout": math.inf}, {"timeout": -1},
                                     {"timeout": 0}, {"timeout": "5"}, {"tick_interval": math.nan},
-                                    {"kill_grace": math.inf}])
+                                    {"kill_grace": math.inf}, {"timeout": 10 ** 400}])
 def test_numbers_that_are_not_finite_seconds_are_refused_before_starting(kwargs):
     r = vep.shell_2_tempfile(["sleep", "303.75"], **kwargs)
     assert r.returncode is None and r.pid is None and "finite number of seconds" in r.reason

@@ -9,7 +9,6 @@ What that guarantees and what it doesn't: docs/shell.md.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -17,7 +16,7 @@ from geartask.logs import get_logger
 from geartask.shellenv import check_shell_config, never_passed
 
 from . import veryeasyprocess
-from .veryeasyprocess import shown
+from .veryeasyprocess import finite, shown
 from .errors import AttemptFailed, JobRejected
 
 log = get_logger("geartask.shell")
@@ -50,7 +49,7 @@ def _text(value: Any, where: str) -> str:
 
 
 def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite(value):
         raise JobRejected(f"{where} must be a finite number, got {shown(value)}")
     return value
 

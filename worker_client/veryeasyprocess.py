@@ -90,10 +90,19 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def finite(value) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite, nor an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _seconds(value, name: str, zero_ok: bool = False) -> str | None:
     """Why ``value`` is not a usable number of seconds, or None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not zero_ok):
+    if not finite(value) or value < 0 or (value == 0 and not zero_ok):
         return f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, got {shown(value)}"
     return None
 

@@ -110,15 +110,16 @@ def test_empty_allowlist_refuses_everything(gearmand, start_worker):
 
 
 def test_allowed_names_are_found_once_at_start_and_a_missing_one_is_refused(gearmand, start_worker):
-    w = start_worker(gearmand, allow="[echo, no-such-program-geartask]")
-    events = wait_until(lambda: {e["event"]: e for e in w.log_lines()} if any(
-        e["event"] == "worker started" for e in w.log_lines()) else None, 5, message="the start lines in the log")
-    assert events["allowed program not found on this worker's PATH; jobs that ask for it are refused"]["program"] \
-        == "no-such-program-geartask"
-    found = events["shell programs"]["programs"]
+    w = start_worker(gearmand, allow="[echo, no-such-program-geartask, /no/such/program]")
+    lines = wait_until(lambda: (lambda ls: ls if any(e["event"] == "worker started" for e in ls) else None)(
+        w.log_lines()), 5, message="the start lines in the log")
+    missing = [e["program"] for e in lines if e["event"].startswith("allowed program not found at start")]
+    assert missing == ["no-such-program-geartask", "/no/such/program"]
+    [found] = [e["programs"] for e in lines if e["event"] == "shell programs"]
     assert os.path.isabs(found["echo"]) and os.path.samefile(found["echo"], shutil.which("echo"))
-    o = gc.run_one(gearmand.address, "shell", {"cmd": ["no-such-program-geartask"]})
-    assert o.state == "failed" and o.reason["attempts"] == 1 and "not found on this worker's PATH" in o.reason["error"]
+    for program in missing:
+        o = gc.run_one(gearmand.address, "shell", {"cmd": [program]})
+        assert o.state == "failed" and o.reason["attempts"] == 1 and "did not find it at start" in o.reason["error"]
     assert gc.run_one(gearmand.address, "shell", {"cmd": ["echo", "ok"]}).result["output"] == "ok\n"
 
 

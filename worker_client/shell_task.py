@@ -66,9 +66,13 @@ class ShellTask:
         # job's cwd with a relative entry on ours, must never choose which file runs.
         self.programs: dict[str, str | None] = {}
         for entry in self.allow:
-            self.programs[entry] = entry if os.path.isabs(entry) else find_program(entry)
-            if self.programs[entry] is None or not os.access(self.programs[entry], os.X_OK):
-                log.warning("allowed program not found on this worker's PATH; jobs that ask for it are refused",
+            if os.path.isabs(entry):
+                found = entry if os.path.isfile(entry) and os.access(entry, os.X_OK) else None
+            else:
+                found = find_program(entry)
+            self.programs[entry] = found
+            if found is None:
+                log.warning("allowed program not found at start; jobs that ask for it are refused",
                             program=entry, path=os.environ.get("PATH", os.defpath))
         if self.allow:
             log.info("shell programs", programs=self.programs, env_allow=sorted(self.env_allow))
@@ -95,19 +99,19 @@ class ShellTask:
             raise JobRejected(f"program {shown(cmd[0])} is not on this worker's allowlist; allowed: "
                               f"{shown(allowed)[1:-1]}")
         if executable is None:
-            raise JobRejected(f"program {cmd[0]!r} is allowed but was not found on this worker's PATH at start")
+            raise JobRejected(f"program {cmd[0]!r} is allowed but this worker did not find it at start")
         cwd = data.get("cwd")
         if cwd is not None and not os.path.isabs(_text(cwd, "'cwd'")):
             raise JobRejected(f"'cwd' must be an absolute path, got {shown(cwd)}")
         limit = self.cfg.job_timeout
         timeout = _finite(data.get("timeout", min(self.cfg.shell.default_timeout, limit)), "'timeout'")
         if timeout <= 0:
-            raise JobRejected(f"'timeout' must be a number of seconds > 0, got {timeout!r}")
+            raise JobRejected(f"'timeout' must be a number of seconds > 0, got {shown(timeout)}")
         if timeout > limit:
             raise JobRejected(f"'timeout' {timeout:g}s is over this worker's job_timeout ({limit:g}s)")
         retries = data.get("retries", 0)
         if _finite(retries, "'retries'") < 0 or not isinstance(retries, int):
-            raise JobRejected(f"'retries' must be a whole number >= 0, got {retries!r}")
+            raise JobRejected(f"'retries' must be a whole number >= 0, got {shown(retries)}")
         return {"cmd": cmd, "executable": executable, "cwd": cwd, "timeout": float(timeout),
                 "env": self._env(data.get("env"))}
 

@@ -267,7 +267,7 @@ def test_commands_die_with_a_worker_killed_by_sigkill(fresh_gearmand, shell_work
 
     def reaper():
         return [p for p, (argv, _) in processes().items()
-                if any(a.endswith("reaper.py") for a in argv) and argv[-1].startswith(f"{w.pid}.")]
+                if any(a.endswith("reaper.py") for a in argv) and argv[-1] == str(w.pid)]
 
     assert reaper(), "the worker's reaper runs beside it"
     w.signal(signal.SIGKILL)

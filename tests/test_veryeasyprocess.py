@@ -190,6 +190,7 @@ def test_commands_die_with_their_process_even_by_sigkill():
 def test_a_reaper_that_died_is_replaced_with_the_same_token():
     vep.shell_2_tempfile(["true"])
     first, token = vep._reaper.proc, vep._reaper.token()
+    assert token.encode() not in open(f"/proc/{first.pid}/cmdline", "rb").read()  # ps shows it to every user
     first.kill()
     first.wait()
     r = vep.shell_2_tempfile(["sh", "-c", 'echo "$GEARTASK_RUN_TOKEN"'])

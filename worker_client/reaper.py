@@ -1,6 +1,8 @@
 """The reaper: when the process that started it ends, however it ends, end the commands it ran.
 
-    python -I -S reaper.py TOKEN      (stdin: a pipe only that process writes to, and never does)
+    GEARTASK_REAPER_TOKEN=TOKEN python -I -S reaper.py PID
+    (stdin: a pipe only process PID writes to, and never does; the token is not in argv,
+    where every user could read it)
 
 veryeasyprocess starts one per process and puts GEARTASK_RUN_TOKEN=TOKEN in every command's
 environment, which whatever a command starts inherits. At end of file on stdin (its
@@ -15,7 +17,8 @@ import signal
 import sys
 import time
 
-VAR = "GEARTASK_RUN_TOKEN"
+VAR = "GEARTASK_RUN_TOKEN"  # in every command's environment
+TOKEN_VAR = "GEARTASK_REAPER_TOKEN"  # in the reaper's
 DEADLINE = 10.0  # seconds the reaper keeps looking for carriers before it gives up
 
 
@@ -65,8 +68,9 @@ def end_all(token: str, deadline: float = DEADLINE) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1]:
-        print("usage: reaper.py TOKEN (stdin: the pipe to watch)", file=sys.stderr)
+    token = os.environ.get(TOKEN_VAR, "")
+    if len(argv) != 2 or not token:
+        print(f"usage: {TOKEN_VAR}=TOKEN reaper.py PID (stdin: the pipe to watch)", file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGHUP):  # a closed terminal or Ctrl-C is for the worker to handle
         signal.signal(sig, signal.SIG_IGN)
@@ -78,7 +82,7 @@ def main(argv: list[str]) -> int:
             continue
         except OSError:
             break
-    end_all(argv[1])
+    end_all(token)
     return 0
 
 

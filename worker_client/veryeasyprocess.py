@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 from geartask.logs import get_logger
 from geartask.protocol import wait_readable
 
+from .reaper import TOKEN_VAR as REAPER_TOKEN_VAR
 from .reaper import VAR as TOKEN_VAR
 
 log = get_logger("geartask.veryeasyprocess")
@@ -258,7 +259,8 @@ class _Reaper:
         read, write = os.pipe()  # not inheritable: no command holds it open
         try:
             # The same token as before: a new reaper also covers commands started under the old one.
-            self.proc = subprocess.Popen([sys.executable, "-I", "-S", self.script, self._token], stdin=read,
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", self.script, str(os.getpid())],
+                                         env={REAPER_TOKEN_VAR: self._token}, stdin=read,
                                          stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
             self.pipe = write
         except OSError as e:

@@ -271,7 +271,6 @@ class _Reaper:
         finally:
             os.close(read)
 
-
     def forget(self) -> None:
         """In a forked child: let go of the parent's pipe, or the parent's reaper would wait for us."""
         if self.pipe is not None:

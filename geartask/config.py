@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .shellenv import check_shell_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "GEARTASK_CONFIG"
@@ -65,6 +66,7 @@ class PluginsConfig:
 @dataclass
 class ShellConfig:
     allow: list[str] = field(default_factory=list)  # program names or absolute paths; empty refuses all
+    env_allow: list[str] = field(default_factory=list)  # variables a job's "env" may set; empty: none
     max_output: int = 1024 * 1024  # bytes of output returned; the rest is cut and flagged
     heartbeat: float = 30.0  # seconds between WORK_STATUS heartbeats of a long command
     default_timeout: float = 600.0  # seconds a command may run unless the job says otherwise
@@ -353,6 +355,7 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
     return cfg
 
 

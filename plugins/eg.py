@@ -57,4 +57,4 @@ def geartask_jobs():
     yield {"task": "eg.flaky", "data": {}, "retries": 2}
     yield {"task": "shell", "data": {"cmd": ["echo", "hello from a geartask worker"]}}
     yield {"task": "shell", "data": {"cmd": ["uname", "-srm"]}}
-    yield {"task": "shell", "data": {"cmd": ["ls", "-1", "/"], "timeout": 10}}
+    yield {"task": "shell", "data": {"cmd": ["uname", "-n"], "timeout": 10}}

@@ -15,7 +15,7 @@ servers: ["127.0.0.1:$PORT"]
 log: {dir: logs}
 plugins: {paths: [../../plugins]}
 worker:
-  shell: {allow: [echo, uname, ls]}
+  shell: {allow: [echo, uname]}
 server:
   port: $PORT
   queue: {type: sqlite, path: queue.sqlite}

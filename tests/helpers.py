@@ -44,3 +44,20 @@ def write_config(path: Path, servers: list[str], extra: str = "",
     path.write_text(f"servers:\n{server_lines}log:\n  dir: logs\n  format: json\n"
                     f"plugins:\n  paths: [{paths}]\n{extra}")
     return path
+
+
+def processes() -> dict[int, tuple[list[str], int]]:
+    """Every live process now (zombies left out): pid -> (argv, process group)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z":
+            found[int(entry)] = (argv, int(fields[2]))
+    return found

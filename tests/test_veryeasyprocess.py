@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
 import time
 
-from helpers import REPO, wait_until
+import pytest
+
+from helpers import REPO, processes, wait_until
 from worker_client import veryeasyprocess as vep
 
 
@@ -98,3 +103,132 @@ def test_cancel_kills_the_command():
     r = vep.shell_2_tempfile(["sleep", "100"], timeout=60, cancel=cancel)
     assert r.cancelled and not r.ok and r.duration < 10
     wait_until(lambda: group_gone(r.pid), 10, message="the cancelled command gone")
+
+
+def test_a_tick_that_raises_kills_and_reaps_the_command_first():
+    class HeartbeatLost(Exception):
+        pass
+
+    def tick(elapsed):
+        raise HeartbeatLost("the connection to the job server is gone")
+
+    started = time.monotonic()
+    with pytest.raises(HeartbeatLost):
+        vep.shell_2_tempfile(["sh", "-c", "sleep 303.5 & sleep 303.5"], timeout=60, on_tick=tick, tick_interval=0.1)
+    assert time.monotonic() - started < 10
+    # Nothing of the command is left: not the sh (reaped, so no zombie either), not its sleeps.
+    wait_until(lambda: not [p for p, (argv, _) in processes().items() if "303.5" in " ".join(argv)], 10,
+               message="every process of the command gone")
+    assert not vep._running
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout": math.nan}, {"timeout": math.inf}, {"timeout": -1},
+                                    {"timeout": 0}, {"timeout": "5"}, {"tick_interval": math.nan},
+                                    {"kill_grace": math.inf}, {"timeout": 10 ** 400}])
+def test_numbers_that_are_not_finite_seconds_are_refused_before_starting(kwargs):
+    r = vep.shell_2_tempfile(["sleep", "303.75"], **kwargs)
+    assert r.returncode is None and r.pid is None and "finite number of seconds" in r.reason
+    assert not [p for p, (argv, _) in processes().items() if argv == ["sleep", "303.75"]]
+
+
+def test_descriptor_numbers_past_1024_work():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the open-file limit ({hard}) is too low for descriptors past 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        r = vep.shell_2_tempfile(["sleep", "0.2"], cancel=threading.Event(), on_tick=lambda e: None,
+                                 tick_interval=0.05)
+        assert r.ok, r.reason
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_executable_is_what_runs_and_the_name_stays_argv0(tmp_path):
+    (tmp_path / "sh").write_text("#!/bin/sh\necho planted\n")
+    (tmp_path / "sh").chmod(0o755)
+    r = vep.shell_2_tempfile(["custom-name", "-c", 'echo "$0"'], executable="/bin/sh", env={"PATH": str(tmp_path)})
+    assert r.ok and r.output == "custom-name\n"
+
+
+def test_an_argument_list_too_long_is_a_reason():
+    r = vep.shell_2_tempfile(["echo", "x" * 200_000])
+    assert r.returncode is None and r.reason.startswith("argument list too long") and len(r.reason) < 300
+
+
+CHILD = """
+import sys, threading
+sys.path.insert(0, %r)
+from worker_client import veryeasyprocess as v
+for cmd in (["sh", "-c", "sleep 304.25 & setsid sleep 304.5 & sleep 304.25"], ["sleep", "304.75"]):
+    threading.Thread(target=v.shell_2_tempfile, args=(cmd,), kwargs={"timeout": 600}).start()
+threading.Event().wait()
+"""
+
+
+def test_commands_die_with_their_process_even_by_sigkill():
+    """What a command started goes too: its group, and a grandchild that left it (setsid)."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD % str(REPO)])
+    try:
+        def commands():
+            return [p for p, (argv, _) in processes().items() if argv[:1] == ["sleep"] and "304." in argv[1]]
+        wait_until(lambda: len(commands()) == 4, 15, message="the four sleeps running")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        wait_until(lambda: not commands(), 10, message="every command of the killed process gone")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_reaper_that_died_is_replaced_with_the_same_token():
+    vep.shell_2_tempfile(["true"])
+    first, token = vep._reaper.proc, vep._reaper.token()
+    assert token.encode() not in open(f"/proc/{first.pid}/cmdline", "rb").read()  # ps shows it to every user
+    first.kill()
+    first.wait()
+    r = vep.shell_2_tempfile(["sh", "-c", 'echo "$GEARTASK_RUN_TOKEN"'])
+    assert r.output == token + "\n"
+    assert vep._reaper.proc is not first and vep._reaper.proc.poll() is None
+
+
+FORKING_CHILD = """
+import os, sys, threading, time
+sys.path.insert(0, %r)
+from worker_client import veryeasyprocess as v
+v.shell_2_tempfile(["true"])  # the reaper runs
+fork = os.fork()
+if fork == 0:
+    time.sleep(60)  # a forked helper that outlives its parent
+    os._exit(0)
+print(fork, flush=True)
+threading.Thread(target=v.shell_2_tempfile, args=(["sleep", "305.5"],), kwargs={"timeout": 600}).start()
+threading.Event().wait()
+"""
+
+
+def test_a_forked_child_does_not_keep_the_reaper_waiting():
+    child = subprocess.Popen([sys.executable, "-c", FORKING_CHILD % str(REPO)], stdout=subprocess.PIPE, text=True)
+    fork = int(child.stdout.readline())
+    try:
+        def command():
+            return [p for p, (argv, _) in processes().items() if argv == ["sleep", "305.5"]]
+        wait_until(command, 15, message="the command running")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        wait_until(lambda: not command(), 10, message="the command gone while the fork still lives")
+        assert os.path.exists(f"/proc/{fork}")
+    finally:
+        for pid in (child.pid, fork):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.wait()
+        child.stdout.close()

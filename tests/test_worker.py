@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,20 @@ def test_empty_allowlist_refuses_everything(gearmand, start_worker):
     start_worker(gearmand, name="noshell", allow="[]")
     o = gc.run_one(gearmand.address, "shell", {"cmd": ["echo", "hi"]})
     assert o.state == "failed" and "allowed: nothing" in o.reason["error"]
+
+
+def test_allowed_names_are_found_once_at_start_and_a_missing_one_is_refused(gearmand, start_worker):
+    w = start_worker(gearmand, allow="[echo, no-such-program-geartask, /no/such/program]")
+    lines = wait_until(lambda: (lambda ls: ls if any(e["event"] == "worker started" for e in ls) else None)(
+        w.log_lines()), 5, message="the start lines in the log")
+    missing = [e["program"] for e in lines if e["event"].startswith("allowed program not found at start")]
+    assert missing == ["no-such-program-geartask", "/no/such/program"]
+    [found] = [e["programs"] for e in lines if e["event"] == "shell programs"]
+    assert os.path.isabs(found["echo"]) and os.path.samefile(found["echo"], shutil.which("echo"))
+    for program in missing:
+        o = gc.run_one(gearmand.address, "shell", {"cmd": [program]})
+        assert o.state == "failed" and o.reason["attempts"] == 1 and "did not find it at start" in o.reason["error"]
+    assert gc.run_one(gearmand.address, "shell", {"cmd": ["echo", "ok"]}).result["output"] == "ok\n"
 
 
 def test_retries_are_counted_and_the_client_sees_failure_with_reason(gearmand, start_worker, tmp_path):

@@ -33,9 +33,11 @@ def attached(address: str, name: str, pid: int, threads: int,
 
 
 class WorkerProc:
-    """``prefix`` goes before the command, e.g. ``ip netns exec NS`` to run it on a test-network host."""
+    """``prefix`` goes before the command, e.g. ``ip netns exec NS`` to run it on a test-network host;
+    ``env`` is the worker's whole environment (default: the test process's)."""
 
-    def __init__(self, config: Path, name: str, threads: int, *extra: str, prefix: Sequence[str] = ()):
+    def __init__(self, config: Path, name: str, threads: int, *extra: str, prefix: Sequence[str] = (),
+                 env: dict | None = None):
         self.name, self.threads = name, threads
         self.config = config
         # Output to a file, never an unread pipe: a worker that logs a lot would block on it.
@@ -44,7 +46,7 @@ class WorkerProc:
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, str(RUNWORKERS), "--config", str(config), "--name", name,
                  "--threads", str(threads), *extra],
-                stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
+                stdout=out, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
         self.pid = self.proc.pid
 
     def wait_attached(self, addresses: list[str], timeout: float = 15) -> "WorkerProc":

@@ -79,7 +79,8 @@ class DeadLetters:
 
     def append(self, record: dict) -> None:
         """Write one record; OSError when it could not be written (nothing half-written stays)."""
-        line = (_dumps(record) + "\n").encode("utf-8")
+        # backslashreplace: a lone surrogate from a job's JSON ("\\ud800") must not fail the write
+        line = (_dumps(record) + "\n").encode("utf-8", "backslashreplace")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:

@@ -1,36 +1,52 @@
 """Run a command with a timeout, and kill everything it started when the time is up.
 
-The two helpers of the original design, made safe:
-
 * ``shell_2_tty(cmd, cwd=None, timeout=600)``: output goes straight to our own stdout/stderr.
 * ``shell_2_tempfile(cmd, cwd=None, timeout=10)``: output (stdout and stderr, interleaved)
-  is captured through a temporary file, so a command that prints megabytes never blocks on
-  a full pipe, and returned.
+  is captured through a temporary file (megabytes never block a pipe) and returned.
 
-For both: a list runs without a shell; a string runs through /bin/sh only with
-``shell=True`` (otherwise it is an error result, not a guess). The child leads its own
-process group; on timeout (or ``cancel``) the whole group gets SIGTERM and, after
-``kill_grace`` seconds, SIGKILL, so ``sh -c 'sleep 100 & sleep 100'`` leaves nothing
-behind. The child is always reaped, and whatever is left in its group when it exits is
-ended too. A missing program, a bad cwd or a permission error comes back as a result with
-a ``reason``; nothing escapes as an exception.
+A list runs without a shell; a string only with ``shell=True``. The child leads its own
+session; on timeout, ``cancel`` or an exception from ``on_tick`` its whole group is killed
+(SIGTERM, then SIGKILL after ``kill_grace``), and when it exits whatever is left in its
+group goes too. The child is always reaped. If this process dies (even by SIGKILL), the
+reaper (``reaper.py``) kills every command it started. Failures to start are results with a
+``reason``, never exceptions.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
-import select
+import reprlib
+import secrets
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from geartask.logs import get_logger
+from geartask.protocol import wait_readable
+
+from .reaper import TOKEN_VAR as REAPER_TOKEN_VAR
+from .reaper import VAR as TOKEN_VAR
+
+log = get_logger("geartask.veryeasyprocess")
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 _running: set[int] = set()  # process groups of commands running now, for kill_all()
 _TICK = 0.05  # how often the wait loop looks at ``cancel``
+_show = reprlib.Repr()
+_show.maxstring = _show.maxother = 80
+_show.maxlist = _show.maxdict = 4
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short: a caller's (or a job's) value quoted in a reason stays small."""
+    return _show.repr(value)
 
 
 @dataclass
@@ -53,14 +69,19 @@ class Result:
 
 
 def _start_error(cmd, cwd, exc: OSError) -> str:
-    program = cmd[0] if isinstance(cmd, (list, tuple)) and cmd else cmd
+    program = shown(cmd[0] if isinstance(cmd, (list, tuple)) and cmd else cmd)
+    if exc.errno == errno.E2BIG:
+        size = sum(len(os.fsencode(a)) + 1 for a in cmd) if isinstance(cmd, list) else len(cmd)
+        return (f"argument list too long for the kernel ({len(cmd) if isinstance(cmd, list) else 1} arguments, "
+                f"{size} bytes; the limit is about {os.sysconf('SC_ARG_MAX')} bytes with the environment, "
+                f"{32 * os.sysconf('SC_PAGE_SIZE')} per argument)")
     if cwd is not None and not os.path.isdir(cwd):
-        return f"working directory {str(cwd)!r} does not exist or is not a directory"
+        return f"working directory {shown(str(cwd))} does not exist or is not a directory"
     if isinstance(exc, FileNotFoundError):
-        return f"program not found: {program!r}"
+        return f"program not found: {program}"
     if isinstance(exc, PermissionError):
-        return f"permission denied running {program!r}"
-    return f"cannot start {program!r}: {exc.strerror or exc}"
+        return f"permission denied running {program}"
+    return f"cannot start {program}: {exc.strerror or exc}"
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -70,13 +91,32 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def finite(value) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite, nor an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _seconds(value, name: str, zero_ok: bool = False) -> str | None:
+    """Why ``value`` is not a usable number of seconds, or None."""
+    if not finite(value) or value < 0 or (value == 0 and not zero_ok):
+        return f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, got {shown(value)}"
+    return None
+
+
 def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout: float | None = 600,
-        *, shell: bool = False, env: Mapping[str, str] | None = None, capture: bool = True,
-        max_output: int = 1024 * 1024, cancel: threading.Event | None = None,
+        *, shell: bool = False, env: Mapping[str, str] | None = None, executable: str | None = None,
+        capture: bool = True, max_output: int = 1024 * 1024, cancel: threading.Event | None = None,
         on_tick: Callable[[float], None] | None = None, tick_interval: float = 30.0,
         kill_grace: float = KILL_GRACE) -> Result:
-    """Run ``cmd``; see the module docstring. ``on_tick(elapsed)`` is called every
-    ``tick_interval`` seconds while the command runs (the worker's heartbeat)."""
+    """Run ``cmd``; see the module docstring. ``env`` is added to our own environment;
+    ``executable`` is the file to run (``cmd[0]`` stays the program's argv[0]).
+    ``on_tick(elapsed)`` is called every ``tick_interval`` seconds while the command runs
+    (the worker's heartbeat); if it raises, the command is killed and reaped first."""
     t0 = time.monotonic()
     if isinstance(cmd, str) and not shell:
         return Result(None, reason="a command string needs shell=True; pass a list of arguments instead")
@@ -84,54 +124,40 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
         if not cmd or not all(isinstance(a, str) for a in cmd):
             return Result(None, reason="the command must be a non-empty list of strings")
         cmd = list(cmd)
-    full_env = None
-    if env is not None:
-        full_env = dict(os.environ)
-        full_env.update({str(k): str(v) for k, v in env.items()})
+    bad = ((timeout is not None and _seconds(timeout, "timeout")) or _seconds(tick_interval, "tick_interval")
+           or _seconds(kill_grace, "kill_grace", zero_ok=True))
+    if bad:
+        return Result(None, reason=bad)
+    try:
+        full_env = _child_env(env)
+    except (TypeError, ValueError) as e:
+        return Result(None, reason=f"bad environment: {shown(str(e))}")
 
     out = tempfile.TemporaryFile() if capture else None
     try:
         try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, shell=shell, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT if capture else None,
+            proc = subprocess.Popen(cmd, executable=executable, cwd=cwd, env=full_env, shell=shell,
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT if capture else None,
                                     start_new_session=True, close_fds=True)
         except (OSError, ValueError) as e:
-            reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {e}"
+            reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"
             return Result(None, reason=reason, duration=time.monotonic() - t0)
 
         _running.add(proc.pid)
-        timed_out = cancelled = False
-        next_tick = t0 + tick_interval
-        deadline = None if timeout is None else t0 + timeout
         exited = _exit_waiter(proc)
-        while True:
-            now = time.monotonic()
-            wait = _TICK if cancel is not None else tick_interval
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            if on_tick is not None:
-                wait = min(wait, next_tick - now)
-            if exited(max(0.0, wait)):
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                timed_out = True
-            elif cancel is not None and cancel.is_set():
-                cancelled = True
-            if timed_out or cancelled:
-                _signal_group(proc.pid, signal.SIGTERM)
-                exited(kill_grace)
-                break
-            if on_tick is not None and now >= next_tick:
-                next_tick = now + tick_interval
-                on_tick(now - t0)
-        # The leader has exited (or is being killed) but is not reaped yet, so its pid, which
-        # is the group id, cannot have been reused: whatever the command left running in its
-        # group (a daemonised grandchild, the rest of a killed pipeline) goes now.
-        _signal_group(proc.pid, signal.SIGKILL)
-        exited.close()
-        proc.wait()
-        _running.discard(proc.pid)
+        timed_out = cancelled = False
+        try:
+            timed_out, cancelled = _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace)
+        finally:
+            # Whatever happened (an exception from on_tick included), the command ends here.
+            # The leader has exited or is being killed but is not reaped yet, so its pid, which
+            # is the group id, cannot have been reused: whatever the command left running in
+            # its group (a daemonised grandchild, the rest of a killed pipeline) goes now.
+            _signal_group(proc.pid, signal.SIGKILL)
+            exited.close()
+            proc.wait()
+            _running.discard(proc.pid)
         duration = time.monotonic() - t0
 
         output, cut = "", False
@@ -156,10 +182,104 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
             out.close()
 
 
+def _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace) -> tuple[bool, bool]:
+    """Wait for the command to exit, time out or be cancelled; return (timed_out, cancelled)."""
+    next_tick = t0 + tick_interval
+    deadline = None if timeout is None else t0 + timeout
+    while True:
+        now = time.monotonic()
+        wait = _TICK if cancel is not None else tick_interval
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        if on_tick is not None:
+            wait = min(wait, next_tick - now)
+        if exited(max(0.0, wait)):
+            return False, False
+        now = time.monotonic()
+        timed_out = deadline is not None and now >= deadline
+        cancelled = not timed_out and cancel is not None and cancel.is_set()
+        if timed_out or cancelled:
+            _signal_group(proc.pid, signal.SIGTERM)
+            exited(kill_grace)
+            return timed_out, cancelled
+        if on_tick is not None and now >= next_tick:
+            next_tick = now + tick_interval
+            on_tick(now - t0)
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[bytes, bytes]:
+    """Our environment, the reaper's token, then ``env`` on top (as bytes: no decoding per command)."""
+    data = getattr(os.environ, "_data", None)  # CPython's bytes dict behind os.environ: 1 µs, not 20
+    full = dict(data) if isinstance(data, dict) else dict(os.environb)
+    full[TOKEN_VAR.encode()] = _reaper.token().encode()
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("environment keys and values must be strings")
+        full[os.fsencode(key)] = os.fsencode(value)
+    return full
+
+
 def kill_all() -> None:
     """SIGKILL every command still running (a process about to exit at once leaves none behind)."""
     for pgid in list(_running):
         _signal_group(pgid, signal.SIGKILL)
+
+
+class _Reaper:
+    """One reaper process per process that runs commands; started with the first command."""
+
+    script = str(Path(__file__).with_name("reaper.py"))
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pid = None  # ours: a forked child needs its own token and reaper
+        self.proc: subprocess.Popen | None = None
+        self.pipe: int | None = None  # the write end, never written: its closing is the signal
+        self._token = ""
+        self.retry_at = 0.0
+
+    def token(self) -> str:
+        if self.pid != os.getpid() or not self._alive():
+            with self.lock:
+                if self.pid != os.getpid() or not self._alive():
+                    self._start()
+        return self._token
+
+    def _alive(self) -> bool:
+        if self.proc is None:
+            return time.monotonic() < self.retry_at  # it could not start: try again later, not per command
+        return self.proc.poll() is None
+
+    def _start(self) -> None:
+        if self.pid != os.getpid():  # first use, or a forked child: its commands are its own
+            self.pid, self._token, self.proc = os.getpid(), f"{os.getpid()}.{secrets.token_hex(8)}", None
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
+        read, write = os.pipe()  # not inheritable: no command holds it open
+        try:
+            # The same token as before: a new reaper also covers commands started under the old one.
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", self.script, str(os.getpid())],
+                                         env={REAPER_TOKEN_VAR: self._token}, stdin=read,
+                                         stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            self.pipe = write
+        except OSError as e:
+            os.close(write)
+            self.proc, self.retry_at = None, time.monotonic() + 10
+            log.warning("cannot start the reaper: commands may outlive this process if it is killed",
+                        error=str(e))
+        finally:
+            os.close(read)
+
+    def forget(self) -> None:
+        """In a forked child: let go of the parent's pipe, or the parent's reaper would wait for us."""
+        if self.pipe is not None:
+            os.close(self.pipe)
+        self.pipe, self.proc, self.pid = None, None, None
+
+
+_reaper = _Reaper()
+os.register_at_fork(after_in_child=_reaper.forget)
 
 
 class _exit_waiter:
@@ -175,8 +295,7 @@ class _exit_waiter:
 
     def __call__(self, timeout: float) -> bool:
         if self.fd is not None:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            return bool(ready)
+            return wait_readable(self.fd, timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:

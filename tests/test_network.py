@@ -120,7 +120,7 @@ def normalised(doc, replace: dict[str, str]):
     """A manager's JSON answer without what differs between any two asks (round-trip times,
     file descriptors) and with the proxy's address read as the server's; lists sorted."""
     if isinstance(doc, dict):
-        return {k: normalised(v, replace) for k, v in doc.items() if k not in _VOLATILE}
+        return {normalised(k, replace): normalised(v, replace) for k, v in doc.items() if k not in _VOLATILE}
     if isinstance(doc, list):
         return sorted((normalised(v, replace) for v in doc), key=lambda v: json.dumps(v, sort_keys=True))
     if isinstance(doc, str):

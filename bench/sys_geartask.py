@@ -52,9 +52,9 @@ class Geartask(System):
 
     def check(self, env: Env) -> None:
         try:
-            from send_job_client.clients import JobSender  # noqa: F401
+            from geartask.sender.sender import JobSender  # noqa: F401
         except Exception as e:  # the sender is a separate part; report what is wrong with it
-            raise Skip(f"send_job_client.clients does not import: {type(e).__name__}: {e}") from None
+            raise Skip(f"geartask.sender.sender does not import: {type(e).__name__}: {e}") from None
 
     def _conf(self, env: Env):
         if self._config is None:
@@ -65,7 +65,7 @@ class Geartask(System):
     def sender(self, env: Env):
         if self._sender is None:
             from geartask.logs import configure_logging
-            from send_job_client.clients import JobSender
+            from geartask.sender.sender import JobSender
             cfg = self._conf(env)
             # As the send_job_client command does: JSON log file plus console (here a file too).
             self._console = open(env.run_dir / f"sender-{self.log_level}.console", "a")

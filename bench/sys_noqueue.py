@@ -17,7 +17,7 @@ class NoQueue(System):
         return Workers()
 
     def shell_batch(self, env: Env, n: int, timeout: float) -> None:
-        from worker_client.veryeasyprocess import shell_2_tempfile
+        from geartask.shell.veryeasyprocess import shell_2_tempfile
         with ThreadPoolExecutor(self.threads) as pool:
             results = list(pool.map(lambda _: shell_2_tempfile(["true"], timeout=timeout), range(n)))
         bad = [r for r in results if not r.ok]

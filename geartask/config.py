@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .shellenv import check_shell_config
+from .shell.env import check_shell_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "GEARTASK_CONFIG"

@@ -25,7 +25,7 @@ from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
 ENTRY_POINT_GROUP = "geartask.plugins"
-BUILTIN_TASKS = ("shell",)  # served by every worker itself (worker_client.shell_task)
+BUILTIN_TASKS = ("shell",)  # served by every worker itself (geartask.shell.task)
 
 
 def is_reserved_task(name: str) -> bool:

@@ -23,8 +23,8 @@ from geartask import protocol as gp
 from geartask.cli import run
 from geartask.jobs import decode_payload
 from geartask.server import LocalServer
-from send_job_client.clients import JobSender
-from send_job_client.send_job_client import main
+from geartask.sender.sender import JobSender
+from geartask.sender.cli import main
 
 from helpers import PYTHON, REPO, wait_until, write_config
 

@@ -20,8 +20,8 @@ from geartask.protocol import (CAN_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREAT
 from geartask.errors import ServerError
 from geartask.server import free_port
 from helpers import PYTHON, REPO, run_script, wait_until
-from manage_client import admin
-from manage_client.manage_client import main
+from geartask.admin import admin
+from geartask.admin.cli import main
 
 SCRIPT = "manage_client/manage_client.py"
 
@@ -682,3 +682,12 @@ def test_status_workers_jobs_and_clear_answer_the_same_through_a_slicing_proxy(f
     finally:
         proxy.stop()
         worker.close()
+
+
+def test_workers_reply_with_a_closing_connection_is_read():
+    """gearmand lists a connection it is closing with file descriptor -1 (seen under load):
+    that is a gearmand reply, not a sign of a foreign peer."""
+    (w,) = admin.parse_workers(["-1 127.0.0.1 - :"])
+    assert (w.fd, w.ip, w.client_id, w.functions) == (-1, "127.0.0.1", "-", [])
+    with pytest.raises(ServerError):
+        admin.parse_workers(["-2 127.0.0.1 - :"])

@@ -23,10 +23,10 @@ from geartask.cli import run
 from geartask.config import load_config
 from geartask.errors import JobDefinitionError, NoServerError, UsageError
 from geartask.server import LocalServer, free_port
-from send_job_client import clients
-from send_job_client.clients import JobSender
-from send_job_client.progress import render
-from send_job_client.send_job_client import main
+from geartask.sender import sender as clients
+from geartask.sender.sender import JobSender
+from geartask.sender.progress import render
+from geartask.sender.cli import main
 
 from helpers import PYTHON, REPO, run_script, wait_until, write_config
 from workers import WorkerProc

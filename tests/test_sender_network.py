@@ -19,8 +19,8 @@ import pytest
 
 from geartask import protocol as gp
 from geartask.config import load_config
-from send_job_client import clients
-from send_job_client.clients import JobSender
+from geartask.sender import sender as clients
+from geartask.sender.sender import JobSender
 
 from helpers import PYTHON, REPO, wait_until, write_config
 from netproxy import SliceProxy
@@ -219,7 +219,7 @@ def test_the_same_unique_from_another_process_meets_the_original(net, tmp_path):
         j["unique"] = f"same-{i}"
         j["data"]["sleep"] = 3
     script = ("import json,sys\nfrom geartask.config import load_config\n"
-              "from send_job_client.clients import JobSender\n"
+              "from geartask.sender.sender import JobSender\n"
               "jobs = json.loads(sys.argv[2])\n"
               "with JobSender(load_config(sys.argv[1])) as s:\n"
               "    rs = s.submit_many(list(reversed(jobs)), timeout=60)\n"
@@ -255,7 +255,7 @@ def test_rendezvous_order_is_stable_spread_and_minimal():
     counts = collections.Counter(first)
     assert all(800 < counts[s] < 1200 for s in servers), counts
     # Another process computes the same order (a real hash, not Python's salted hash()).
-    code = ("import json,sys\nfrom send_job_client.clients import rendezvous\n"
+    code = ("import json,sys\nfrom geartask.sender.sender import rendezvous\n"
             "print(json.dumps([rendezvous(u, json.loads(sys.argv[2]))[0] for u in json.loads(sys.argv[1])]))")
     out = subprocess.run([PYTHON, "-c", code, json.dumps(uniques[:200]), json.dumps(servers)],
                          capture_output=True, text=True, cwd=REPO, timeout=30, check=True).stdout

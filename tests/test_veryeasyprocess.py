@@ -14,7 +14,7 @@ import time
 import pytest
 
 from helpers import REPO, processes, wait_until
-from worker_client import veryeasyprocess as vep
+from geartask.shell import veryeasyprocess as vep
 
 
 def group_gone(pgid: int) -> bool:
@@ -85,7 +85,7 @@ def test_stderr_is_captured_with_stdout_and_env_and_cwd_apply(tmp_path):
 
 
 def test_shell_2_tty_writes_to_our_own_output():
-    code = ("import sys; sys.path.insert(0, %r); from worker_client import veryeasyprocess as v; "
+    code = ("import sys; sys.path.insert(0, %r); from geartask.shell import veryeasyprocess as v; "
             "r = v.shell_2_tty(['echo', 'to the tty']); print('rc', r.returncode, repr(r.output))" % str(REPO))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
     assert out == "to the tty\nrc 0 ''\n"
@@ -164,7 +164,7 @@ def test_an_argument_list_too_long_is_a_reason():
 CHILD = """
 import sys, threading
 sys.path.insert(0, %r)
-from worker_client import veryeasyprocess as v
+from geartask.shell import veryeasyprocess as v
 for cmd in (["sh", "-c", "sleep 304.25 & setsid sleep 304.5 & sleep 304.25"], ["sleep", "304.75"]):
     threading.Thread(target=v.shell_2_tempfile, args=(cmd,), kwargs={"timeout": 600}).start()
 threading.Event().wait()
@@ -201,7 +201,7 @@ def test_a_reaper_that_died_is_replaced_with_the_same_token():
 FORKING_CHILD = """
 import os, sys, threading, time
 sys.path.insert(0, %r)
-from worker_client import veryeasyprocess as v
+from geartask.shell import veryeasyprocess as v
 v.shell_2_tempfile(["true"])  # the reaper runs
 fork = os.fork()
 if fork == 0:

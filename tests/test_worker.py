@@ -400,12 +400,12 @@ def test_a_plugin_task_past_job_timeout_fails_and_its_thread_is_replaced(gearman
 
 # -- the dead-letter file ---------------------------------------------------------------------
 def _record(i: int, size: int = 1000) -> dict:
-    from worker_client.dead_letters import payload_fields
+    from geartask.worker.dead_letters import payload_fields
     return {"task": "t", "unique": f"u{i}", **payload_fields(b"x" * size)}
 
 
 def test_dead_letters_rotate_by_size_and_keep_a_few_backups(tmp_path):
-    from worker_client.dead_letters import DeadLetters
+    from geartask.worker.dead_letters import DeadLetters
     path = tmp_path / "dead-letter.jsonl"
     dl = DeadLetters(path, max_bytes=20_000, backups=2)
     for i in range(100):
@@ -421,7 +421,7 @@ def test_dead_letters_rotate_by_size_and_keep_a_few_backups(tmp_path):
 
 def test_dead_letters_from_many_processes_are_whole_lines_across_rotations(tmp_path):
     path = tmp_path / "dead-letter.jsonl"
-    code = ("import sys; from worker_client.dead_letters import DeadLetters, payload_fields; "
+    code = ("import sys; from geartask.worker.dead_letters import DeadLetters, payload_fields; "
             f"dl = DeadLetters({str(path)!r}, max_bytes=50_000, backups=100); "
             "[dl.append({'p': sys.argv[1], 'i': i, **payload_fields(b'y' * 500)}) for i in range(200)]")
     procs = [subprocess.Popen([PYTHON, "-c", code, str(p)], cwd=REPO) for p in range(4)]
@@ -438,7 +438,7 @@ def test_a_dead_letter_that_does_not_fit_on_disk_leaves_no_half_line(tmp_path):
     ended before the next record is appended."""
     path = tmp_path / "dead-letter.jsonl"
     path.write_text(json.dumps({"before": 1}) + "\n")
-    code = ("import resource, signal, sys; from worker_client.dead_letters import DeadLetters; "
+    code = ("import resource, signal, sys; from geartask.worker.dead_letters import DeadLetters; "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY)); "
             f"dl = DeadLetters({str(path)!r})\n"
@@ -448,7 +448,7 @@ def test_a_dead_letter_that_does_not_fit_on_disk_leaves_no_half_line(tmp_path):
     assert path.read_text() == json.dumps({"before": 1}) + "\n"
     with path.open("a") as f:
         f.write('{"torn": ')  # a writer that died mid-line
-    from worker_client.dead_letters import DeadLetters
+    from geartask.worker.dead_letters import DeadLetters
     DeadLetters(path).append({"after": 2})
     lines = path.read_text().splitlines()
     assert lines == ['{"before": 1}', '{"torn": ', '{"after": 2}']

@@ -57,8 +57,11 @@ def test_a_result_finished_during_a_cut_is_delivered_after_it(fresh_gearmand, st
         connections = proxy.connections
         rec = tmp_path / "runs.jsonl"
         conn = gc.connect(fresh_gearmand.address)
-        [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 1.0, "id": "during-cut"}])
-        wait_running(fresh_gearmand, "t.record")
+        started = tmp_path / "started"
+        [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 1.0, "id": "during-cut",
+                                            "started": str(started)}])
+        # The worker has the job (gearmand's "running" may precede the assignment's delivery).
+        wait_until(started.exists, 10, message="the worker starting the job")
         proxy.cut()
         cut_at = time.monotonic()
         wait_until(lambda: runs(rec), 10, message="the job finished during the cut")

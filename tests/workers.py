@@ -96,7 +96,7 @@ def in_process_worker(config, address: str, name: str, threads: int, plugins: tu
     """A WorkerProcess in this test's own process (to look at its threads), attached to
     ``address`` with every thread and its control thread; stopped at the end."""
     from geartask.plugins import load_plugins
-    from worker_client.worker_client import WorkerProcess
+    from geartask.worker.process import WorkerProcess
     tasks = {task: fn for task, (fn, _) in load_plugins(config, only=list(plugins)).tasks().items()}
     process = WorkerProcess(config, name, threads, tasks)
     process.start()

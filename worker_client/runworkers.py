@@ -1,86 +1,12 @@
-"""runworkers: start N threaded Gearman workers for the enabled plugins' tasks and `shell`.
+#!/usr/bin/env python3
+"""runworkers: start N threaded geartask workers (the same as `geartask worker`; docs/worker.md)."""
 
-    python worker_client/runworkers.py --name w1 --threads 10 [--config PATH] [--servers H:P,...]
-                                       [--plugins eg,...]
-
-Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM, SIGINT or SIGHUP;
-then stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0.
-A second signal exits at once (gearmand requeues what was in flight).
-"""
-
-from __future__ import annotations
-
-import os
-import signal
 import sys
 from pathlib import Path
-from typing import Sequence
 
-if __package__ in (None, ""):  # run as a file, from the repository root or from inside worker_client/
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "worker_client"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this clone's geartask, wherever we run from
 
-from geartask.cli import ArgumentParser, add_common_args, config_from_args, run  # noqa: E402
-from geartask.control import check_name  # noqa: E402
-from geartask.logs import configure_logging, flush_logs  # noqa: E402
-from geartask.plugins import load_plugins  # noqa: E402
-
-from worker_client import veryeasyprocess  # noqa: E402
-from worker_client.isolate import isolated_tasks  # noqa: E402
-from worker_client.resources import check_keepalive, check_threads, ensure_open_files  # noqa: E402
-from worker_client.worker_client import WorkerProcess  # noqa: E402
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="runworkers", description="Start threaded geartask workers.")
-    add_common_args(p)
-    p.add_argument("--name", help="worker name shown by the manager (default: worker.name, the host name)")
-    p.add_argument("--threads", type=int, help="worker threads (default: worker.threads)")
-    p.add_argument("--plugins", metavar="NAME,...",
-                   help="plugins whose tasks to serve (default: plugins.enabled, or every plugin found)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    name = check_name(args.name if args.name is not None else config.worker.name)
-    source = str(config.source) if config.source else None
-    if args.threads is not None:
-        threads = check_threads(args.threads)
-    else:
-        threads = check_threads(config.worker.threads, source, flag=False)
-    check_keepalive(config.worker.keepalive, source)
-    only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
-    # Everything that can fail on bad input fails here, before a single thread starts.
-    plugins = load_plugins(config, only=only)
-    tasks = isolated_tasks(plugins.tasks(), config)
-    ensure_open_files(threads, len(config.servers))
-    configure_logging(config.log, "worker", name, buffered=True)
-
-    process = WorkerProcess(config, name, threads, tasks)
-    signals_seen = []
-
-    def on_signal(signum, frame):
-        signals_seen.append(signum)
-        if len(signals_seen) > 1:
-            veryeasyprocess.kill_all()  # no command outlives us in its own process group
-            flush_logs()
-            os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
-        process.request_shutdown(now=False, reason=signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: its terminal was closed
-        signal.signal(sig, on_signal)
-    process.start()
-    try:
-        return process.wait()
-    finally:
-        process.close()
-
-
-def cli() -> None:
-    sys.exit(run(main))
-
+from geartask.worker.cli import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli()

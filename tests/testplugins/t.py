@@ -12,8 +12,11 @@ from geartask import hookimpl
 
 def record(job):
     """Append {id, pid, thread, attempt, handle, unique, time} to the file named in data['file'],
-    after sleeping data['sleep'] seconds."""
+    after sleeping data['sleep'] seconds; data['started'], if given, names a file created first
+    (so a test knows the worker really has the job, not just gearmand)."""
     data = job.data
+    if data.get("started"):
+        open(data["started"], "a").close()
     time.sleep(float(data.get("sleep", 0)))
     line = json.dumps({"id": data.get("id"), "pid": os.getpid(), "thread": threading.current_thread().name,
                        "attempt": job.attempt, "handle": job.handle, "unique": job.unique,

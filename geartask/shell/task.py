@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from geartask.logs import get_logger
-from geartask.shellenv import check_shell_config, never_passed
+from ..logs import get_logger
+from ..worker.errors import AttemptFailed, JobRejected
+from .env import check_shell_config, never_passed
 
 from . import veryeasyprocess
 from .veryeasyprocess import finite, shown
-from .errors import AttemptFailed, JobRejected
 
 log = get_logger("geartask.shell")
 KEYS = ("cmd", "cwd", "timeout", "env", "retries")

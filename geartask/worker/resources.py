@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import resource
 
-from geartask.errors import ConfigError, UsageError
+from ..errors import ConfigError, UsageError
 
 MAX_THREADS = 1000  # per process: past this, threads mostly wait for the GIL; start more processes
 FDS_PER_THREAD_EXTRA = 5  # besides one socket per server: a wake-up pipe (2) and a running command's (3)

@@ -35,17 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from geartask import protocol as gp
-from geartask.control import WorkerIdentity, parse_command, parse_control_function
-from geartask.errors import GeartaskError, PluginError, ServerError, UsageError
-from geartask.plugins import is_reserved_task
-from geartask.jobs import decode_payload, encode_payload
-from geartask.logs import HotLogger, get_logger, job_context
+from .. import protocol as gp
+from ..control import WorkerIdentity, parse_command, parse_control_function
+from ..errors import GeartaskError, PluginError, ServerError, UsageError
+from ..jobs import decode_payload, encode_payload
+from ..logs import HotLogger, get_logger, job_context
+from ..plugins import is_reserved_task
+from ..shell.task import ShellTask
 
 from .dead_letters import DeadLetters, cap_text, payload_fields
 from .errors import AttemptFailed, JobRejected, WorkerFailed
 from .isolate import IsolatedTask
-from .shell_task import ShellTask
 
 log = get_logger("geartask.worker")
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from geartask import protocol as p
-from geartask.config import parse_hostport
-from geartask.errors import ConfigError, ServerError
+from .. import protocol as p
+from ..config import parse_hostport
+from ..errors import ConfigError, ServerError
 
 RECORD_NAME = "sender-background.jsonl"
 MAX_HANDLE = 64  # bytes; gearmand's handles are shorter ("H:host:number")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # What glibc itself ignores for setuid programs (its "unsecure" list), the shells' and
 # interpreters' start-up variables, and tools that run a command named in a variable.

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from geartask import protocol as p
-from geartask.errors import JobDefinitionError, NoServerError, ServerError, UsageError
-from geartask.jobs import JobDefinition, decode_payload, new_unique
-from geartask.logs import HotLogger, get_logger
+from .. import protocol as p
+from ..errors import JobDefinitionError, NoServerError, ServerError, UsageError
+from ..jobs import JobDefinition, decode_payload, new_unique
+from ..logs import HotLogger, get_logger
 
 from .background import RECORD_NAME, BackgroundRecord, StatusQuery, StatusResult, asks_for
 

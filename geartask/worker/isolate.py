@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # run as a file by the worker: python .../worker_client/isolate.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "worker_client"
+if __package__ in (None, ""):  # run as a file by the worker: python .../geartask/worker/isolate.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "geartask.worker"
 
 from geartask import protocol as gp  # noqa: E402
 from geartask.errors import ConfigError  # noqa: E402
@@ -243,7 +243,7 @@ def child_main(argv: Sequence[str]) -> int:
         from geartask.config import load_config
         from geartask.logs import configure_logging
         from geartask.plugins import load_plugins
-        from worker_client.worker_client import Job
+        from geartask.worker.process import Job
 
         config = load_config(config_path or None)
         configure_logging(config.log, "isolated", task, to_file=False)

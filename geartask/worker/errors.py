@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geartask.errors import GeartaskError, JobError
+from ..errors import GeartaskError, JobError
 
 
 class AttemptFailed(JobError):

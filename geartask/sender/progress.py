@@ -12,7 +12,7 @@ import sys
 import time
 from typing import IO, Any
 
-from .clients import Progress
+from .sender import Progress
 
 
 def _duration(seconds: float | None) -> str:

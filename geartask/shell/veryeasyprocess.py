@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from geartask.logs import get_logger
-from geartask.protocol import wait_readable
+from ..logs import get_logger
+from ..protocol import wait_readable
 
 from .reaper import TOKEN_VAR as REAPER_TOKEN_VAR
 from .reaper import VAR as TOKEN_VAR

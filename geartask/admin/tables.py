@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from geartask.display import printable
+from ..display import printable
 
 
 def _cell(value: Any) -> str:

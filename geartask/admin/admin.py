@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from geartask.control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
+from ..control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
                               ping_request, shutdown_request)
-from geartask.errors import GeartaskError, ServerError, UsageError
-from geartask.protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
+from ..errors import GeartaskError, ServerError, UsageError
+from ..protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
                                JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE,
                                WORK_EXCEPTION, WORK_FAIL, Connection, pack, submit_command)
 
@@ -166,7 +166,7 @@ class WorkerConnection:
     silent: bool | None = None  # its process did not answer a ping here; None: not asked
 
 
-_WORKER_LINE = re.compile(r"([0-9]{1,10}) (\S+) ")
+_WORKER_LINE = re.compile(r"(-1|[0-9]{1,10}) (\S+) ")  # fd -1: a connection gearmand is closing
 
 
 def parse_workers(lines: list[str]) -> list[WorkerConnection]:

@@ -1,0 +1,417 @@
+"""manage_client: every job server at a glance, worker IPs, queues that really clear, shutdown.
+
+A thin command line over geartask.admin.admin (the library the tests call directly).
+Exit status: 0 success, 1 a server could not be reached or something did not happen
+(the reachable servers are still reported), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable, Sequence, TextIO
+
+from ..cli import ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds, run
+from ..display import printable
+from ..errors import EXIT_FAILED, EXIT_OK, UsageError
+from ..logs import configure_logging, get_logger
+from ..server import LocalServer
+from . import admin
+from .tables import render
+
+DEFAULT_WATCH = 2.0
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    # The shared options are accepted before and after the command; SUPPRESS keeps a
+    # subcommand's unset option from overwriting one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_args(common)
+    common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    common.add_argument("--timeout", type=positive_seconds, metavar="S",
+                        help=f"seconds each server gets to answer (default {admin.DEFAULT_TIMEOUT:g})")
+    for action in common._actions:
+        action.default = argparse.SUPPRESS
+
+    parser = ArgumentParser(prog="manage_client", parents=[common],
+                            description="Inspect and manage the gearmand job servers and geartask workers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
+
+    def add(name: str, help: str) -> ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help)
+
+    watch_help = f"refresh in place every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C"
+    p = add("status", "queued, running and available workers per function and server")
+    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
+    p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process")
+    p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
+    p.add_argument("--no-ping", dest="ping", action="store_false",
+                   help="don't ping the worker processes (no SILENT column): no control jobs are sent")
+    p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions")
+    p.add_argument("functions", nargs="*", metavar="FUNCTION")
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
+    p = add("shutdown", "stop worker processes through their control functions")
+    p.add_argument("--name", help="only workers of this name")
+    p.add_argument("--host", metavar="IP", help="only workers on this IP")
+    p.add_argument("--now", action="store_true", help="skip the grace period for running jobs")
+    p.add_argument("--wait", type=non_negative_seconds, default=30.0, metavar="S",
+                   help="seconds to wait for them to disconnect (default 30; 0: don't wait)")
+    add("jobs", "the jobs each server holds, and their unique keys")
+    p = add("cancel", "cancel a queued background job by its handle")
+    p.add_argument("handle", metavar="HANDLE")
+    p = add("maxqueue", "limit how many jobs of FUNCTION a server queues (0: no limit)")
+    p.add_argument("function", metavar="FUNCTION")
+    p.add_argument("size", type=count, metavar="N")
+    add("version", "each server's gearmand version")
+    add("ping", "round-trip time to each server")
+    p = add("server", "the local gearmand of the config's 'server' section")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    return parser
+
+
+# -- output -----------------------------------------------------------------------------
+
+def _emit_json(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _report_errors(results: Sequence[admin.ServerResult], err: TextIO) -> None:
+    for r in results:
+        if not r.ok:
+            err.write(f"error: {printable(r.server)}: {printable(r.error)}\n")
+
+
+def _status_of(results: Sequence[admin.ServerResult]) -> int:
+    return EXIT_OK if admin.all_ok(results) else EXIT_FAILED
+
+
+def status_data(results: Sequence[admin.ServerResult]) -> dict:
+    servers, totals = [], {}
+    for r in results:
+        entry = {"server": r.server, "reachable": r.ok, "error": r.error, "version": None, "rtt_ms": None,
+                 "functions": []}
+        if r.ok:
+            entry.update(version=r.value["version"], rtt_ms=r.value["rtt_ms"],
+                         functions=[admin.plain(f) for f in r.value["functions"]])
+            for f in r.value["functions"]:
+                t = totals.setdefault(f.function, {"function": f.function, "queued": 0, "running": 0, "workers": 0})
+                t["queued"] += f.queued
+                t["running"] += f.running
+                t["workers"] += f.workers
+        servers.append(entry)
+    return {"ok": admin.all_ok(results), "servers": servers, "totals": [totals[k] for k in sorted(totals)]}
+
+
+def status_text(data: dict) -> str:
+    srv = render(["SERVER", "REACHABLE", "VERSION", "RTT ms", "ERROR"],
+                 [[s["server"], s["reachable"], s["version"], s["rtt_ms"], s["error"]] for s in data["servers"]],
+                 right=["RTT ms"])
+    if not data["totals"]:
+        return srv + "\n\n(no functions registered)"
+    # One row per function: the sums, then queued/running/workers on each reachable server.
+    servers = [s for s in data["servers"] if s["reachable"]]
+    per_server = {s["server"]: {f["function"]: f for f in s["functions"]} for s in servers}
+    several = len(data["servers"]) > 1
+    headers = ["FUNCTION", "QUEUED", "RUNNING", "WORKERS"] + ([s["server"] for s in servers] if several else [])
+    rows = []
+    for t in data["totals"]:
+        row = [t["function"], t["queued"], t["running"], t["workers"]]
+        if several:
+            for s in servers:
+                f = per_server[s["server"]].get(t["function"])
+                row.append(f"{f['queued']}/{f['running']}/{f['workers']}" if f else "-")
+        rows.append(row)
+    text = srv + "\n\n" + render(headers, rows, right=headers[1:])
+    if several:
+        text += "\n(totals over reachable servers; per server: queued/running/workers)"
+    return text
+
+
+def workers_data(results: Sequence[admin.ServerResult]) -> dict:
+    servers = []
+    for r in results:
+        servers.append({"server": r.server, "reachable": r.ok, "error": r.error,
+                        "connections": admin.plain(r.value) if r.ok else []})
+    return {"ok": admin.all_ok(results), "servers": servers,
+            "processes": [admin.plain(p) for p in admin.group_processes(results)]}
+
+
+def workers_text(data: dict) -> str:
+    rows, others = [], 0
+    for s in data["servers"]:
+        if not s["reachable"]:
+            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"]])
+            continue
+        for c in s["connections"]:
+            if c["client_id"] == "-" and not c["functions"]:
+                others += 1  # a client or admin connection (this one included), not a worker
+                continue
+            if c["name"] is not None:
+                rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
+                             c["functions"]])
+            else:  # not a geartask client id: shown as it is
+                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"]])
+    text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "SILENT", "FUNCTIONS"], rows,
+                  right=["PID", "THREAD"])
+    if not rows:
+        text += "\n(no workers connected)"
+    if others:
+        text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
+    procs = data["processes"]
+    if procs:
+        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
+                                 [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
+                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
+    return text
+
+
+def watch(render_once: Callable[[], tuple[str, int]], interval: float, out: TextIO, redraw: bool) -> int:
+    """Render every ``interval`` seconds until Ctrl-C; on a terminal, redraw in place."""
+    status = EXIT_OK
+    try:
+        while True:
+            text, status = render_once()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            if redraw:
+                # Home the cursor, rewrite each line clearing its rest, clear below: no flicker.
+                body = f"every {interval:g}s, {stamp}; Ctrl-C to stop\n\n{text}"
+                out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in body.split("\n")) + "\x1b[J")
+            else:
+                out.write(text + "\n")
+            out.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        if redraw:
+            out.write("\n")
+            out.flush()
+        return status
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def _logger(config, command: str):
+    configure_logging(config.log, "manager")
+    return get_logger("geartask.manager", command=command)
+
+
+def _confirm(question: str, inp: TextIO, out: TextIO) -> bool:
+    out.write(question + " [y/N] ")
+    out.flush()
+    answer = inp.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_status_or_workers(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
+    if args.command == "status":
+        fetch, to_data, to_text = adm.status, status_data, status_text
+    else:
+        fetch, to_data, to_text = (lambda: adm.workers(ping=args.ping)), workers_data, workers_text
+
+    def once() -> tuple[str, int]:
+        results = fetch()
+        data = to_data(results)
+        if getattr(args, "json", False):
+            return json.dumps(data, default=str, indent=None if args.watch else 2), _status_of(results)
+        if not args.watch:
+            _report_errors(results, err)
+        return to_text(data), _status_of(results)
+
+    if args.watch:
+        return watch(once, args.watch, out, redraw=out.isatty() and not getattr(args, "json", False))
+    text, status = once()
+    out.write(text + "\n")
+    return status
+
+
+def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: TextIO) -> int:
+    functions = [admin.check_function(f) for f in args.functions] or None
+    what = ", ".join(functions) if functions else "all functions"
+    where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+    if not args.yes and inp.isatty():
+        queued: dict[str, int] = {}
+        for r in adm.status():
+            for f in (r.value["functions"] if r.ok else []):
+                if f.queued and (functions is None or f.function in functions):
+                    queued[f.function] = queued.get(f.function, 0) + f.queued
+        found = ", ".join(f"{printable(fn)} {n}" for fn, n in sorted(queued.items())) or "none found"
+        if not _confirm(f"Remove the queued jobs of {what} on {where} ({found})?", inp, out):
+            err.write("nothing cleared\n")
+            return EXIT_FAILED
+    log = _logger(config, "clear")
+    results = adm.clear(functions)
+    rows, total, stranded = [], 0, 0
+    for r in results:
+        log.info("clear", server=r.server, functions=functions or "all", ok=r.ok, error=r.error,
+                 cleared=r.value["cleared"] if r.ok else None, stranded=r.value["stranded"] if r.ok else None)
+        if r.ok:
+            for fn, n in r.value["cleared"].items():
+                if n or functions is not None:  # clearing all: only what had something to clear
+                    rows.append([fn, r.server, n])
+                total += n
+            stranded += r.value["stranded"]
+    if getattr(args, "json", False):
+        _emit_json({"ok": admin.all_ok(results), "cleared": total, "stranded": stranded,
+                    "servers": [r.to_dict() for r in results]}, out)
+    else:
+        _report_errors(results, err)
+        if rows:
+            out.write(render(["FUNCTION", "SERVER", "CLEARED"], rows, right=["CLEARED"]) + "\n")
+        out.write(f"{total} queued job{'s' if total != 1 else ''} cleared\n")
+        if stranded:
+            err.write(f"warning: {stranded} queued job{'s' if stranded != 1 else ''} belong to no function "
+                      "(left by gearmand's 'drop function'); gearmand can't hand them out or delete them "
+                      "until it restarts: run clear again after a restart\n")
+    return _status_of(results)
+
+
+def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+    log = _logger(config, "shutdown")
+    report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
+    for p in report.processes:
+        log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
+                 outcome=p.outcome, errors=p.errors or None)
+    for server, error in report.errors.items():
+        log.warning("shutdown: server unreachable", server=server, error=error)
+    if getattr(args, "json", False):
+        _emit_json({"ok": report.ok, **report.to_dict()}, out)
+    else:
+        for server, error in report.errors.items():
+            err.write(f"error: {printable(server)}: {printable(error)}\n")
+        if report.processes:
+            out.write(render(["NAME", "IPS", "PID", "SENT TO", "OUTCOME"],
+                             [[p.name, p.ips, p.pid, p.sent_to, p.outcome + (f" ({'; '.join(p.errors)})"
+                                                                             if p.errors else "")]
+                              for p in report.processes], right=["PID"]) + "\n")
+    if not report.processes:  # nothing to stop is not success: a typo in --name must not look like one
+        filters = " ".join(x for x in (f"--name {args.name}" if args.name else "",
+                                       f"--host {args.host}" if args.host else "") if x)
+        err.write(f"error: no worker process{' matches ' + filters if filters else 'es connected'}\n")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_jobs(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
+    results = adm.jobs()
+    if getattr(args, "json", False):
+        _emit_json({"ok": admin.all_ok(results), "servers": [r.to_dict() for r in results]}, out)
+        return _status_of(results)
+    _report_errors(results, err)
+    for r in results:
+        if not r.ok:
+            continue
+        jobs, uniques = r.value["jobs"], r.value["unique_keys"]
+        out.write(f"{printable(r.server)}: {len(jobs)} job{'s' if len(jobs) != 1 else ''}\n")
+        if jobs:
+            out.write(render(["HANDLE", "STATE", "RETRIES"], [[j["handle"], j["state"], j["retries"]] for j in jobs],
+                             right=["RETRIES"]) + "\n")
+        if uniques:
+            out.write("unique keys: " + " ".join(printable(u) for u in uniques) + "\n")
+        out.write("\n")
+    return _status_of(results)
+
+
+def _simple(results: Sequence[admin.ServerResult], header: str, args, out: TextIO, err: TextIO,
+            ok: Callable[[admin.ServerResult], bool] = lambda r: r.ok) -> int:
+    if getattr(args, "json", False):
+        _emit_json({"ok": all(ok(r) for r in results), "servers": [r.to_dict() for r in results]}, out)
+    else:
+        _report_errors(results, err)
+        out.write(render(["SERVER", header], [[r.server, r.value if r.ok else f"unreachable: {r.error}"]
+                                              for r in results], right=["RTT ms"]) + "\n")
+    return EXIT_OK if all(ok(r) for r in results) else EXIT_FAILED
+
+
+def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+    log = _logger(config, "cancel")
+    results = adm.cancel(args.handle)
+    for r in results:
+        log.info("cancel", handle=args.handle, server=r.server, outcome=r.value if r.ok else "unreachable",
+                 error=r.error)
+    status = _simple(results, "RESULT", args, out, err)
+    if status == EXIT_OK and not any(r.value == "cancelled" for r in results):
+        outcomes = ", ".join(f"{r.server}: {r.value}" for r in results)
+        err.write(f"error: job {printable(args.handle)} not cancelled ({printable(outcomes)}); "
+                  "only queued jobs can be cancelled\n")
+        return EXIT_FAILED
+    return status
+
+
+def cmd_maxqueue(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+    log = _logger(config, "maxqueue")
+    results = adm.maxqueue(args.function, args.size)
+    for r in results:
+        log.info("maxqueue", function=args.function, size=args.size, server=r.server,
+                 outcome="OK" if r.ok else "failed", error=r.error)
+    return _simple(results, "RESULT", args, out, err)
+
+
+def cmd_server(args, config, out: TextIO, err: TextIO) -> int:
+    srv = LocalServer.from_config(config)
+    if args.action == "status":
+        st = srv.status()
+        if getattr(args, "json", False):
+            _emit_json(st, out)
+        else:
+            out.write(render(["ADDRESS", "RUNNING", "PID", "QUEUE", "QUEUE FILE", "LOG"],
+                             [[st["address"], st["running"], st["pid"], st["queue"], st["queue_path"], st["log"]]])
+                      + "\n")
+        return EXIT_OK if st["running"] else EXIT_FAILED
+    log = _logger(config, f"server {args.action}")
+    if args.action == "start":
+        try:
+            pid = srv.start()
+        except Exception as e:
+            log.error("server start", address=srv.address, outcome="failed", error=str(e))
+            raise
+        log.info("server start", address=srv.address, pid=pid, outcome="running")
+        msg = {"address": srv.address, "pid": pid, "running": True}
+        text = f"gearmand running on {srv.address} (pid {pid}); log {srv.log_file}"
+    else:
+        stopped = srv.stop()
+        log.info("server stop", address=srv.address, outcome="stopped" if stopped else "was not running")
+        msg = {"address": srv.address, "stopped": stopped}
+        text = f"gearmand on {srv.address} " + ("stopped" if stopped else "was not running (started from here)")
+    if getattr(args, "json", False):
+        _emit_json(msg, out)
+    else:
+        out.write(text + "\n")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
+         stdin: TextIO | None = None) -> int:
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.command == "server":
+        return cmd_server(args, config, out, err)
+    adm = admin.Admin.from_config(config, getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT)
+    if args.command in ("status", "workers"):
+        return cmd_status_or_workers(args, adm, out, err)
+    if args.command == "clear":
+        return cmd_clear(args, adm, config, out, err, inp)
+    if args.command == "shutdown":
+        return cmd_shutdown(args, adm, config, out, err)
+    if args.command == "jobs":
+        return cmd_jobs(args, adm, out, err)
+    if args.command == "cancel":
+        return cmd_cancel(args, adm, config, out, err)
+    if args.command == "maxqueue":
+        return cmd_maxqueue(args, adm, config, out, err)
+    if args.command == "version":
+        return _simple(adm.version(), "VERSION", args, out, err)
+    if args.command == "ping":
+        return _simple(adm.ping(), "RTT ms", args, out, err)
+    raise UsageError(f"unknown command {args.command!r}")  # argparse's choices make this unreachable
+
+
+def cli() -> None:
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,294 @@
+"""send_job_client: send jobs to the job servers from the command line.
+
+    send_job_client.py [--config PATH] [--servers H:P,...] plugin NAME [--background]
+                       [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
+    send_job_client.py shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    send_job_client.py job TASK DATA
+    send_job_client.py list
+    send_job_client.py status [HANDLE...]
+
+A thin layer over geartask.sender.JobSender; each job's line is printed as it
+finishes. Exit 0 when every job completed (or was accepted, for background jobs), 1 when
+any failed or timed out or no server could be reached (status: any handle unknown or
+unreachable), 2 for usage, config and plugin errors. See docs/sender.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+from ..cli import ArgumentParser, add_common_args, config_from_args, count, positive_seconds, run
+from ..config import PRIORITIES
+from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
+from ..jobs import JobDefinition
+from ..logs import configure_logging
+from ..plugins import discover, load_plugins
+from .progress import ProgressBar
+from .sender import JobResult, JobSender, StatusResult
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    # --config/--servers are accepted after the subcommand too; SUPPRESS keeps the
+    # top-level value when they are not repeated here.
+    sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub.add_argument("--servers", metavar="HOST:PORT,...", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
+    sub.add_argument("--background", action="store_true", default=None,
+                     help="send as background jobs: done once a server accepts them (see 'status')")
+    sub.add_argument("--priority", choices=PRIORITIES, help="job priority (default: sender.priority)")
+    sub.add_argument("--no-wait", action="store_true",
+                     help="return once every job is accepted, without results (sent as background jobs, "
+                          "because gearmand drops a foreground job whose client has gone)")
+    sub.add_argument("--timeout", type=positive_seconds, metavar="S", help=timeout_help)
+    sub.add_argument("--json", action="store_true", help="print one JSON object per job and nothing else")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="send_job_client.py",
+                            description="Send jobs to the geartask job servers.")
+    add_common_args(parser)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    subs.required = True
+
+    sp = subs.add_parser("plugin", help="send every job a plugin defines")
+    _common(sp)
+    sp.add_argument("name", metavar="NAME", help="plugin name (see 'list')")
+    _submit_flags(sp, "seconds to wait for all results; the rest end as 'timeout'")
+
+    sp = subs.add_parser("shell", help="one ad hoc command for the workers' shell task")
+    _common(sp)
+    _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
+    sp.add_argument("--retries", type=count, metavar="N",
+                    help="times the worker retries a failed command (up to its worker.max_retries)")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+
+    sp = subs.add_parser("job", help="one job for any task")
+    _common(sp)
+    sp.add_argument("task", metavar="TASK")
+    sp.add_argument("data", metavar="DATA", help="JSON, else taken as a string")
+    sp.add_argument("--unique", help="unique key (default: generated)")
+    _submit_flags(sp, "seconds to wait for the result")
+
+    sp = subs.add_parser("list", help="the plugins found and the jobs each would send")
+    _common(sp)
+    sp.add_argument("--json", action="store_true", help="JSON output")
+
+    sp = subs.add_parser("status", help="ask the servers about background jobs")
+    _common(sp)
+    sp.add_argument("handles", nargs="*", metavar="HANDLE",
+                    help="job handles (default: every background job recorded in log.dir)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    return parser
+
+
+def _parse_data(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _short(value: Any, width: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _job_line(r: JobResult) -> str:
+    where = f"{r.handle or '-'}@{r.server or '-'}"
+    head = f"{r.state:8} {r.task} [{r.unique}] {where} attempts={r.attempts} {r.seconds:.2f}s"
+    if r.state in ("failed", "timeout"):
+        return f"{head} error: {_short(r.error)}"
+    if r.state == "queued":
+        return head
+    return f"{head} -> {_short(r.result)}"
+
+
+def _send(config: Any, args: argparse.Namespace, jobs: Iterable[Any], timeout: float | None,
+          plugin: tuple[str, str | None] | None = None) -> int:
+    """Stream the jobs; print each one's line as it finishes, then a summary."""
+    overrides = {}
+    if args.priority:
+        overrides["priority"] = args.priority
+    if args.background:
+        overrides["background"] = True
+    if overrides:
+        jobs = (_override(j, overrides) for j in jobs)
+    out = sys.stdout
+    bar = ProgressBar(sys.stderr)
+    clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
+    counts: dict[str, int] = {}
+    start = last_flush = time.monotonic()
+    try:
+        with JobSender(config) as sender, bar:
+            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+                if clear_bar:
+                    bar.clear()
+                out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
+                           else _job_line(r)) + "\n")
+                counts[r.state] = counts.get(r.state, 0) + 1
+                if time.monotonic() - last_flush > 0.2:
+                    out.flush()
+                    last_flush = time.monotonic()
+    except JobDefinitionError as e:
+        _summary(counts, start, args.json)
+        if plugin is None:
+            raise
+        raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
+    except GeartaskError:
+        _summary(counts, start, args.json)
+        raise
+    _summary(counts, start, args.json)
+    ok = sum(counts.get(state, 0) for state in ("complete", "queued"))
+    return EXIT_OK if ok == sum(counts.values()) else EXIT_FAILED
+
+
+def _summary(counts: dict[str, int], start: float, as_json: bool) -> None:
+    out = sys.stdout
+    if counts and not as_json:
+        total = sum(counts.values())
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        out.write(f"{total} job(s): {summary} in {time.monotonic() - start:.2f}s\n")
+        if counts.get("queued"):
+            out.write("background jobs recorded; check them with: send_job_client.py status\n")
+    out.flush()
+
+
+def _override(job: Any, overrides: dict) -> Any:
+    if not overrides:
+        return job
+    d = dict(job.__dict__) if isinstance(job, JobDefinition) else dict(job)
+    d.update(overrides)
+    return d
+
+
+def cmd_plugin(config: Any, args: argparse.Namespace) -> int:
+    plugins = load_plugins(config, only=[args.name])
+    jobs = (job for _, job in plugins.iter_jobs())  # taken as they are sent: memory stays flat
+    first = next(jobs, None)
+    if first is None:
+        raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
+    return _send(config, args, itertools.chain([first], jobs), args.timeout,
+                 (args.name, plugins.files.get(args.name)))
+
+
+def cmd_shell(config: Any, args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("shell: no command given; usage: send_job_client.py shell [options] -- CMD ARGS...")
+    data: dict[str, Any] = {"cmd": cmd}
+    if args.timeout:
+        data["timeout"] = args.timeout
+    if args.retries is not None:
+        data["retries"] = args.retries
+    # The command's own timeout bounds the job on the worker, so we don't add a second one.
+    return _send(config, args, [{"task": "shell", "data": data}], None)
+
+
+def cmd_job(config: Any, args: argparse.Namespace) -> int:
+    job = {"task": args.task, "data": _parse_data(args.data)}
+    if args.unique:
+        job["unique"] = args.unique
+    return _send(config, args, [job], args.timeout)
+
+
+def cmd_list(config: Any, args: argparse.Namespace) -> int:
+    """Each plugin and the jobs it would send, printed as the plugin yields them."""
+    found = discover(config)
+    enabled = list(config.plugins.enabled)
+    out = sys.stdout
+    status = EXIT_OK
+    if not found and not args.json:
+        out.write("no plugins found in " + ", ".join(str(p) for p in config.plugins.paths) + "\n")
+    for name, src in sorted(found.items()):
+        item = {"plugin": name, "file": src.file, "enabled": not enabled or name in enabled}
+        head = f"{name} ({src.file}){'' if item['enabled'] else ' [not enabled]'}"
+        if args.json:  # one object per plugin, its "jobs" list written as they come
+            out.write(json.dumps(item, ensure_ascii=False)[:-1] + ', "jobs": [')
+        n, error = 0, None
+        try:
+            for _, j in load_plugins(config, only=[name]).iter_jobs():
+                data = j.data if not isinstance(j.data, bytes) else f"<{len(j.data)} bytes>"
+                if args.json:
+                    entry = {"task": j.task, "unique": j.unique, "priority": j.priority,
+                             "background": j.background, "data": data}
+                    out.write((", " if n else "") + json.dumps(entry, ensure_ascii=False, default=repr))
+                else:
+                    if not n:
+                        out.write(f"{head}:\n")
+                    extra = "".join(f" {k}={v}" for k, v in (("unique", j.unique), ("priority", j.priority),
+                                                             ("background", j.background)) if v is not None)
+                    out.write(f"  {j.task}{extra} data={_short(data, 70)}\n")
+                n += 1
+        except GeartaskError as e:  # one broken plugin doesn't hide the others
+            error = str(e)
+            status = max(status, e.exit_status)
+        if args.json:
+            out.write("]" + (f', "error": {json.dumps(error, ensure_ascii=False)}' if error else "") + "}\n")
+        elif not n:
+            out.write(f"{head}: " + (f"error: {error}" if error else "0 job(s)") + "\n")
+        else:
+            if error:
+                out.write(f"  error: {error}\n")
+            out.write(f"  {n} job(s)\n")
+    out.flush()
+    return status
+
+
+def _status_line(s: StatusResult) -> str:
+    who = f"{s.task} [{s.unique}] " if s.task else ""
+    line = f"{s.state:11} {who}{s.handle}@{s.server or '-'}"
+    if s.state == "running" and s.denominator:
+        line += f" {s.numerator}/{s.denominator}"
+    if s.error:
+        line += f" error: {s.error}"
+    return line
+
+
+def cmd_status(config: Any, args: argparse.Namespace) -> int:
+    counts: dict[str, int] = {}
+    with JobSender(config) as sender:
+        for s in sender.iter_status(args.handles or None):
+            print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
+            counts[s.state] = counts.get(s.state, 0) + 1
+    total = sum(counts.values())
+    if not total:
+        if not args.json:
+            print(f"no background jobs recorded in {sender.record_path}")
+        return EXIT_OK
+    if not args.json:
+        done = counts.get("done", 0)
+        not_done = counts.get("queued", 0) + counts.get("running", 0)
+        print(f"{total} job(s): {done} done, {not_done} not done"
+              + "".join(f", {counts[k]} {k}" for k in ("unknown", "unreachable") if counts.get(k)))
+    return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") else EXIT_OK
+
+
+COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    # Every job's story goes to the log file; the console (stderr, under the progress bar)
+    # gets only warnings and errors unless log.level is debug: stdout already has the report.
+    configure_logging(config.log, "sender", None, to_file=True, stream=sys.stderr,
+                      console_level=None if config.log.level == "debug" else "warning")
+    return COMMANDS[args.command](config, args)
+
+
+def cli() -> None:
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""The built-in ``shell`` task and veryeasyprocess, the timeout-and-kill subprocess helper."""

@@ -1,0 +1,80 @@
+"""runworkers: start N threaded Gearman workers for the enabled plugins' tasks and `shell`.
+
+    python worker_client/runworkers.py --name w1 --threads 10 [--config PATH] [--servers H:P,...]
+                                       [--plugins eg,...]
+
+Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM, SIGINT or SIGHUP;
+then stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0.
+A second signal exits at once (gearmand requeues what was in flight).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Sequence
+
+from ..cli import ArgumentParser, add_common_args, config_from_args, run
+from ..control import check_name
+from ..logs import configure_logging, flush_logs
+from ..plugins import load_plugins
+from ..shell import veryeasyprocess
+from .isolate import isolated_tasks
+from .process import WorkerProcess
+from .resources import check_keepalive, check_threads, ensure_open_files
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="runworkers", description="Start threaded geartask workers.")
+    add_common_args(p)
+    p.add_argument("--name", help="worker name shown by the manager (default: worker.name, the host name)")
+    p.add_argument("--threads", type=int, help="worker threads (default: worker.threads)")
+    p.add_argument("--plugins", metavar="NAME,...",
+                   help="plugins whose tasks to serve (default: plugins.enabled, or every plugin found)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    name = check_name(args.name if args.name is not None else config.worker.name)
+    source = str(config.source) if config.source else None
+    if args.threads is not None:
+        threads = check_threads(args.threads)
+    else:
+        threads = check_threads(config.worker.threads, source, flag=False)
+    check_keepalive(config.worker.keepalive, source)
+    only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
+    # Everything that can fail on bad input fails here, before a single thread starts.
+    plugins = load_plugins(config, only=only)
+    tasks = isolated_tasks(plugins.tasks(), config)
+    ensure_open_files(threads, len(config.servers))
+    configure_logging(config.log, "worker", name, buffered=True)
+
+    process = WorkerProcess(config, name, threads, tasks)
+    signals_seen = []
+
+    def on_signal(signum, frame):
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            veryeasyprocess.kill_all()  # no command outlives us in its own process group
+            flush_logs()
+            os._exit(1)  # second signal: now; gearmand requeues in-flight jobs
+        process.request_shutdown(now=False, reason=signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: its terminal was closed
+        signal.signal(sig, on_signal)
+    process.start()
+    try:
+        return process.wait()
+    finally:
+        process.close()
+
+
+def cli() -> None:
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

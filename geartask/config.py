@@ -21,7 +21,6 @@ import yaml
 from .errors import ConfigError
 from .shell.env import check_shell_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
@@ -248,8 +247,15 @@ def _check_servers(servers: list[str], key: str, path: str | None) -> None:
         parse_hostport(s, f"{key}[{i}]" if key == "servers" else key, path)
 
 
+def search_path() -> list[Path]:
+    """Where a config is looked for when neither --config nor $GEARTASK_CONFIG names one."""
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path.cwd() / "config.yaml", Path(xdg) / "geartask" / "config.yaml", Path("/etc/geartask/config.yaml")]
+
+
 def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
-    """--config PATH, else $GEARTASK_CONFIG, else ./config.yaml, else the repository's config.yaml."""
+    """--config PATH, else $GEARTASK_CONFIG, else the first of search_path() that exists;
+    None means built-in defaults (relative paths then start at the working directory)."""
     if explicit:
         p = Path(explicit)
         if not os.path.lexists(p):
@@ -261,7 +267,7 @@ def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
         if not os.path.lexists(p):
             raise ConfigError(f"config file named by ${CONFIG_ENV} not found", str(p))
         return p
-    for p in (Path.cwd() / "config.yaml", REPO_ROOT / "config.yaml"):
+    for p in search_path():
         if p.is_file():
             return p
     return None
@@ -363,7 +369,7 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
     """Find, read and validate the config; ``servers`` overrides the file's list (--servers)."""
     found = find_config(path)
     if found is None:
-        cfg = parse_config({}, None, REPO_ROOT)
+        cfg = parse_config({}, None, Path.cwd())  # never the package's folder: it may be site-packages
     else:
         text = read_config_text(found)
         try:

@@ -1,42 +1,88 @@
-"""The ``geartask`` command: one entry point for every role (worker, send, manage, check)."""
+"""The ``geartask`` command: every role behind one name, with one set of global options."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Sequence
 
 from . import __version__
 from .cli import run
+from .errors import EXIT_OK, EXIT_USAGE
 
-ROLES = {
-    "worker": ("geartask.worker.cli", "start threaded workers (runworkers)"),
-    "send": ("geartask.sender.cli", "send jobs (send_job_client)"),
-    "manage": ("geartask.admin.cli", "see and manage servers and workers (manage_client)"),
-    "check": ("geartask.__main__", "validate the config and load the enabled plugins"),
+# command -> (module with main(argv), what it does, the older command it is the same as)
+COMMANDS = {
+    "worker": ("geartask.worker.cli", "start threaded workers", "runworkers"),
+    "send": ("geartask.sender.cli", "send jobs and read their outcomes", "send_job_client"),
+    "manage": ("geartask.admin.cli", "see and manage job servers, workers and outcomes", "manage_client"),
+    "check": ("geartask.check", "validate the config and load the enabled plugins", None),
+    "init": ("geartask.init", "write a commented config.yaml and an example plugin", None),
+    "version": (None, "print geartask's version", None),
 }
+_VALUED = ("--config", "--servers", "--log-format")  # global options that take a value
+_FLAGS = ("-v", "--verbose", "-q", "--quiet")
 
-USAGE = "usage: geartask {" + ",".join([*ROLES, "version"]) + "} ...\n"
+USAGE = ("usage: geartask [--config PATH] [--servers HOST:PORT,...] [-v | -q] [--log-format text|json]\n"
+         "                [--version] COMMAND [ARGS...]\n")
+
+
+def _help() -> str:
+    lines = [USAGE, "commands:"]
+    for name, (_, what, alias) in COMMANDS.items():
+        lines.append(f"  {name:8} {what}" + (f" (also: {alias})" if alias else ""))
+    lines += ["", "global options (also accepted after the command):",
+              "  --config PATH           config file (default: $GEARTASK_CONFIG, ./config.yaml,",
+              "                          ~/.config/geartask/config.yaml, /etc/geartask/config.yaml)",
+              "  --servers HOST:PORT,... job servers instead of the config's",
+              "  -v, --verbose           more on the console (debug; the worker: every job)",
+              "  -q, --quiet             errors only on the console",
+              "  --log-format text|json  the console log's format (files are always JSON lines)",
+              "  --version               print the version and exit",
+              "", "`geartask COMMAND --help` shows a command's own options."]
+    return "\n".join(lines) + "\n"
+
+
+def split(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+    """(global options, command, the command's arguments); UsageError-free: main reports."""
+    args = list(argv)
+    globals_: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in _VALUED:
+            globals_ += args[i:i + 2]
+            i += 2
+        elif a.split("=", 1)[0] in _VALUED or a in _FLAGS or a in ("-h", "--help", "--version"):
+            globals_.append(a)
+            i += 1
+        else:
+            return globals_, a, args[i + 1:]
+    return globals_, None, []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        text = USAGE + "\n" + "".join(f"  {name:8} {what}\n" for name, (_, what) in ROLES.items())
-        text += "  version  print geartask's version\n"
-        sys.stdout.write(text)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command in ("version", "--version"):
+    globals_, command, rest = split(sys.argv[1:] if argv is None else argv)
+    if "--version" in globals_:
         print(f"geartask {__version__}")
-        return 0
-    if command not in ROLES:
-        sys.stderr.write(USAGE + f"geartask: error: unknown command {command!r}\n")
-        return 2
-    import importlib
-    module = importlib.import_module(ROLES[command][0])
-    if command == "check":
-        rest = ["check", *rest]
-    return module.main(rest)
+        return EXIT_OK
+    if command is None:
+        helped = "-h" in globals_ or "--help" in globals_
+        (sys.stdout if helped else sys.stderr).write(_help())
+        return EXIT_OK if helped else EXIT_USAGE
+    if command not in COMMANDS:
+        sys.stderr.write(USAGE + f"geartask: error: unknown command {command!r} "
+                         f"(choose from {', '.join(COMMANDS)})\n")
+        return EXIT_USAGE
+    if command == "version":
+        print(f"geartask {__version__}")
+        return EXIT_OK
+    if any(g in ("-h", "--help") for g in globals_):
+        rest = ["--help", *rest]
+    globals_ = [g for g in globals_ if g not in ("-h", "--help")]
+    module = importlib.import_module(COMMANDS[command][0])
+    if command == "init":
+        return module.main(rest)
+    return module.main([*globals_, *rest])
 
 
 def cli() -> None:

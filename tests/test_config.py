@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask.config import REPO_ROOT, find_config, load_config, parse_hostport
+from geartask.config import find_config, load_config, parse_hostport
 from geartask.errors import ConfigError
 
 from helpers import REPO
@@ -20,14 +20,22 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_without_a_file(tmp_path, monkeypatch):
+def test_defaults_without_a_file_live_in_the_working_directory(tmp_path, monkeypatch):
+    """No config anywhere: built-in defaults, with every relative path under the working
+    directory (never the package's folder, which may be site-packages)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GEARTASK_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if Path("/etc/geartask/config.yaml").exists():
+        pytest.skip("this machine has /etc/geartask/config.yaml")
     cfg = load_config()
-    # falls back to the repository's config.yaml
-    assert cfg.source == REPO_ROOT / "config.yaml"
+    assert cfg.source is None
     assert cfg.servers == ["127.0.0.1:4730"]
     assert cfg.server.host == "127.0.0.1"
+    assert cfg.log.dir == tmp_path / "logs"
+    assert cfg.plugins.paths == [tmp_path / "plugins"]
+    assert cfg.server.queue.path == tmp_path / "var" / "gearmand-queue.sqlite"
 
 
 def test_search_order(tmp_path, monkeypatch):
@@ -40,8 +48,13 @@ def test_search_order(tmp_path, monkeypatch):
     assert load_config().servers == ["127.0.0.1:1002"]
     monkeypatch.delenv("GEARTASK_CONFIG")
     assert load_config().servers == ["127.0.0.1:1003"]
+    user = write(tmp_path / "xdg" / "geartask" / "config.yaml", "servers: ['127.0.0.1:1004']\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    assert find_config() == REPO_ROOT / "config.yaml"
+    assert find_config() == user
+    user.unlink()
+    if not Path("/etc/geartask/config.yaml").exists():
+        assert find_config() is None
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):

@@ -1,0 +1,1 @@
+"""Periodic jobs: schedules from config and plugins, sent by any number of schedulers, each slot once."""

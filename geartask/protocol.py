@@ -401,7 +401,10 @@ _MAX_POLL_MS = 2**31 - 1
 # several microseconds each in set building, format strings and copies; these do the same
 # checks against pygearman's own parameter table, with one precompiled struct.
 _HEADER = struct.Struct("!4sII")
-_PARAMS = gp.GEARMAN_PARAMS_FOR_COMMAND
+# SUBMIT_JOB_EPOCH (36): a background job that gearmand holds until a Unix time (gearmand 1.1
+# keeps it in its persistent queue too); pygearman's table lacks it.
+SUBMIT_JOB_EPOCH = 36
+_PARAMS = {**gp.GEARMAN_PARAMS_FOR_COMMAND, SUBMIT_JOB_EPOCH: ["task", "unique", "epoch", "data"]}
 _NUL = b"\0"
 _PARAM_SETS = {cmd: frozenset(params) for cmd, params in _PARAMS.items()}
 

@@ -42,3 +42,36 @@ def test_pack_encodes_str_and_int_and_refuses_bad_arguments():
     with pytest.raises(pg.ProtocolError):
         gp.pack(gp.submit_command("normal", True),
                 task=b"a\0b", unique=b"u", data=b"d")  # NUL inside a non-final argument
+
+
+def test_submit_job_epoch_is_held_until_its_time_and_coalesced(fresh_gearmand):
+    """gearmand 1.1 holds a SUBMIT_JOB_EPOCH job until its Unix time; a second submission of the
+    same unique while it is held gets the same job (the scheduler relies on both)."""
+    import time
+
+    from geartask import protocol as gp
+
+    conn = gp.Connection(fresh_gearmand.host, fresh_gearmand.port).connect()
+    worker = gp.Connection(fresh_gearmand.host, fresh_gearmand.port).connect()
+    try:
+        when = int(time.time()) + 3
+        handles = []
+        for _ in range(2):
+            conn.send(gp.SUBMIT_JOB_EPOCH, task="t.epoch", unique="slot-1", epoch=when, data=b"x")
+            handles.append(conn.expect(gp.JOB_CREATED, 5).text("job_handle"))
+        assert handles[0] == handles[1]
+        worker.send(gp.CAN_DO, task="t.epoch")
+        worker.send(gp.GRAB_JOB_UNIQ)
+        assert worker.expect({gp.JOB_ASSIGN_UNIQ, gp.NO_JOB}, 5).cmd == gp.NO_JOB  # not yet
+        deadline = time.monotonic() + 10
+        while True:
+            worker.send(gp.GRAB_JOB_UNIQ)
+            pkt = worker.expect({gp.JOB_ASSIGN_UNIQ, gp.NO_JOB}, 5)
+            if pkt.cmd == gp.JOB_ASSIGN_UNIQ:
+                break
+            assert time.monotonic() < deadline, "the epoch job never came"
+            time.sleep(0.2)
+        assert time.time() >= when - 1 and pkt.text("unique") == "slot-1"
+    finally:
+        conn.close()
+        worker.close()

@@ -128,6 +128,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sender: SenderConfig = field(default_factory=SenderConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    schedules: list[dict] = field(default_factory=list)  # periodic jobs, checked by geartask.scheduler
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -175,6 +176,10 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", path, key)
         return _build(tp, value, key, path, base)
+    if tp is dict:  # free-form: the module that uses it checks the inside, naming this key
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", path, key)
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}", path, key)

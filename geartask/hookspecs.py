@@ -60,3 +60,16 @@ def geartask_jobs(config: Any) -> Iterable[Any]:
     ``unique`` (the key gearmand coalesces on; generated when missing), ``priority``
     (``low``/``normal``/``high``), ``background`` (bool) and ``retries``.
     """
+
+
+@hookspec
+def geartask_schedules(config: Any) -> Iterable[dict]:
+    """Scheduler side: yield periodic job definitions, like the config's ``schedules`` list.
+
+    :param config: the loaded :class:`geartask.config.Config`.
+
+    Each is a mapping with ``name`` (unique among all schedules), ``task``, exactly one of
+    ``cron`` (a cron expression, e.g. ``"*/5 * * * *"``) and ``every`` (seconds), and
+    optionally ``data``, ``priority``, ``timezone`` (for the cron fields; default UTC),
+    ``jitter`` (seconds), ``misfire`` (``latest``/``skip``/``all``) and ``misfire_cap``.
+    """

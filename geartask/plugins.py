@@ -136,6 +136,25 @@ class Plugins:
                 tasks[name] = (fn, plugin)
         return tasks
 
+    def schedules(self) -> list[tuple[str, int, Any]]:
+        """Every schedule definition the plugins yield, unchecked: (plugin, index, definition)."""
+        out: list[tuple[str, int, Any]] = []
+        for plugin, result in self._call("geartask_schedules", config=self.config):
+            if result is None:
+                continue
+            try:
+                items = list(result)
+            except GeartaskError:
+                raise
+            except TypeError:
+                raise PluginError(f"geartask_schedules must yield schedule mappings, got {type(result).__name__}",
+                                  plugin, self.files.get(plugin)) from None
+            except BaseException as e:  # SystemExit, KeyboardInterrupt raised by the plugin's generator
+                raise PluginError(f"hook geartask_schedules raised {type(e).__name__}: {e}",
+                                  plugin, self.files.get(plugin)) from e
+            out += [(plugin, i, item) for i, item in enumerate(items)]
+        return out
+
     def jobs(self) -> list[tuple[str, JobDefinition]]:
         """Every job definition the loaded plugins yield, validated: (plugin name, job)."""
         return list(self.iter_jobs())

@@ -23,7 +23,7 @@ from geartask.cli import run
 from geartask.config import load_config
 from geartask.errors import JobDefinitionError, NoServerError, UsageError
 from geartask.server import LocalServer, free_port
-from geartask.sender import sender as clients
+from geartask.sender import batch, sender as clients
 from geartask.sender.sender import JobSender
 from geartask.sender.progress import render
 from geartask.sender.cli import main
@@ -123,8 +123,9 @@ def test_eg_plugin_end_to_end_json(fresh_gearmand, setup, workers):
     assert len(lines) == 6  # one per job, in the order they finished
     assert sorted(l["task"] for l in lines) == ["eg.flaky", "eg.reverse", "eg.wordcount", "shell", "shell", "shell"]
     for l in lines:
-        assert set(l) == {"task", "unique", "handle", "server", "state", "result", "attempts", "seconds"}
-        assert l["state"] == "complete" and l["server"] == fresh_gearmand.address and l["attempts"] == 1
+        assert set(l) == {"task", "unique", "handle", "server", "state", "result", "attempts", "submissions",
+                          "seconds"}
+        assert l["state"] == "complete" and l["server"] == fresh_gearmand.address and l["submissions"] == 1
     by_task = {l["task"]: l for l in lines}
     assert by_task["eg.reverse"]["result"] == {"reversed": "ksatraeg"}
     assert by_task["eg.reverse"]["unique"] == "eg-reverse-1"
@@ -138,7 +139,7 @@ def test_job_and_shell_text_output(fresh_gearmand, setup, workers, capsys):
     workers(cfg, [fresh_gearmand])
     rc, out, err = cli(["--config", str(cfg), "job", "eg.reverse", "abc"], capsys)
     assert rc == 0, err
-    assert re.search(r"^complete +eg\.reverse .*attempts=1 .*\{\"reversed\": \"cba\"\}", out, re.M)
+    assert re.search(r"^complete +eg\.reverse .* attempts=1 submissions=1 .*\{\"reversed\": \"cba\"\}", out, re.M)
     assert "1 job(s): 1 complete" in out
     rc, out, err = cli(["--config", str(cfg), "shell", "--timeout", "5", "--", "echo", "-n", "hi"], capsys)
     assert rc == 0, err
@@ -277,7 +278,7 @@ def test_server_killed_mid_batch_every_job_completes(gearmand_factory, setup, wo
     home = {r.unique: clients.rendezvous(r.unique, servers)[0] for r in results}
     assert set(home.values()) == set(servers)  # jobs were spread over both
     # b's own jobs never moved; a's that were unfinished went to b at once (a refuses connections).
-    assert all(r.server == b.address and r.attempts == 1 for r in results if home[r.unique] == b.address)
+    assert all(r.server == b.address and r.submissions == 1 for r in results if home[r.unique] == b.address)
     moved = [r for r in results if r.server != home[r.unique]]
     assert moved and all(home[r.unique] == a.address and r.server == b.address for r in moved)
 
@@ -302,7 +303,7 @@ def test_resubmission_with_same_unique_runs_once(fresh_gearmand, setup, workers)
     finally:
         sender.close()
     assert dropped
-    assert r.state == "complete" and r.attempts == 2, r
+    assert r.state == "complete" and r.submissions == 2 and r.attempts == 1, r
     assert len(runs(out_file)) == 1
 
 
@@ -341,7 +342,7 @@ def test_stream_yields_each_result_as_it_finishes(fresh_gearmand, setup, workers
     seen = []
     with JobSender(load_config(cfg)) as sender:
         for r in sender.stream(iter(jobs), timeout=30):
-            seen.append((r.result["id"], r.index, sender.servers[0].waiting != {}))
+            seen.append((r.result["id"], r.index, sender._batch.lanes[0].waiting != {}))
         assert [r.result["id"] for r in sender.submit_many(jobs, timeout=30)] == ["slow", "quick"]
     assert seen == [("quick", 1, True), ("slow", 0, False)]  # the slow one was still waiting
 
@@ -349,7 +350,7 @@ def test_stream_yields_each_result_as_it_finishes(fresh_gearmand, setup, workers
 def test_a_bad_definition_after_the_first_window_stops_the_batch_cleanly(fresh_gearmand, setup, monkeypatch):
     """Within the first window a bad job stops everything before anything is sent; after it,
     the jobs already taken are sent and reported, then the error is raised (CLI: exit 2)."""
-    monkeypatch.setattr(clients, "OPEN_JOBS", 4)
+    monkeypatch.setattr(batch, "OPEN_JOBS", 4)
     cfg = setup([fresh_gearmand])
 
     def jobs(bad_at):
@@ -369,12 +370,13 @@ def test_a_bad_definition_after_the_first_window_stops_the_batch_cleanly(fresh_g
 
 def test_timeout_reports_jobs_not_yet_sent_too(fresh_gearmand, setup, monkeypatch):
     """--timeout with more jobs than the window: every job gets a line, the unsent ones say so."""
-    monkeypatch.setattr(clients, "OPEN_JOBS", 2)
+    monkeypatch.setattr(batch, "OPEN_JOBS", 2)
     cfg = setup([fresh_gearmand])
     with JobSender(load_config(cfg)) as sender:
         results = sender.submit_many(({"task": "st.nobody", "data": i} for i in range(5)), timeout=1)
         assert [r.state for r in results] == ["timeout"] * 5
-        assert [r.attempts for r in results] == [1, 1, 0, 0, 0]
+        assert [r.submissions for r in results] == [1, 1, 0, 0, 0]
+        assert [r.attempts for r in results] == [None] * 5  # no worker ran them
         assert all("(not sent)" in r.error for r in results[2:])
         (r,) = sender.submit_many([{"task": "eg.reverse", "data": "x", "background": True}])
         assert r.state == "queued"  # the sender is usable after a timed-out batch
@@ -405,8 +407,8 @@ def test_max_retries_bounds_resubmission(fresh_gearmand, setup):
         (r,) = sender.submit_many([{"task": "st.nobody", "data": 1}], timeout=10, on_progress=on_progress)
     finally:
         sender.close()
-    assert r.state == "failed" and r.attempts == 1
-    assert "gave up after 1 attempt(s)" in r.error and "connection" in r.error
+    assert r.state == "failed" and r.submissions == 1 and r.attempts is None
+    assert "gave up after 1 submission(s)" in r.error and "connection" in r.error
 
 
 class LogRecorder:
@@ -447,7 +449,7 @@ def test_silent_server_is_failed_over_after_failover_after(fresh_gearmand, setup
                                           for u in to_silent + to_live], timeout=20)
         assert [r.state for r in results] == ["complete"] * 6
         assert {r.server for r in results} == {fresh_gearmand.address}
-        assert [r.attempts for r in results] == [2, 2, 2, 1, 1, 1]
+        assert [r.submissions for r in results] == [2, 2, 2, 1, 1, 1]
         assert all(r.seconds >= 4 for r in results[:3]) and all(r.seconds < 4 for r in results[3:])
         assert time.monotonic() - t0 < 12
         events = [(level, event) for level, event, _ in log.lines]

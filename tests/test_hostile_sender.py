@@ -151,16 +151,22 @@ def test_a_flood_of_warnings_and_data_is_not_kept_without_bound(gearmand, fname,
     assert r.data_dropped == 80 - len(r.data) > 0
 
 
+def answered(config, address: str, function: str, packets):
+    """The JobResult of one job that a hostile worker answers with ``packets``."""
+    t = hostile_worker(address, function, lambda h: packets)
+    with JobSender(config) as sender:
+        r = sender.submit(function, "x", timeout=20)
+    t.join(10)
+    return r
+
+
 def test_the_workers_attempts_notice_is_read_and_not_a_warning(gearmand, fname, make_config, capsys):
     """The contract with geartask workers: WORK_WARNING {"geartask": {"attempts": N}} just
     before WORK_COMPLETE gives the job's attempts, and is not one of its warnings."""
     path, config = make_config(gearmand)
     notice = json.dumps({"geartask": {"attempts": 3}}).encode()
-    t = hostile_worker(gearmand.address, fname, lambda h: [(gp.WORK_WARNING, b'"careful"'),
-                                                           (gp.WORK_WARNING, notice), (gp.WORK_COMPLETE, b'"ok"')])
-    with JobSender(config) as sender:
-        r = sender.submit(fname, "x", timeout=20)
-    t.join(10)
+    r = answered(config, gearmand.address, fname,
+                 [(gp.WORK_WARNING, b'"careful"'), (gp.WORK_WARNING, notice), (gp.WORK_COMPLETE, b'"ok"')])
     assert (r.state, r.result, r.attempts, r.submissions, r.warnings) == ("complete", "ok", 3, 1, ["careful"])
     t = hostile_worker(gearmand.address, fname, lambda h: [(gp.WORK_WARNING, notice), (gp.WORK_COMPLETE, b"1")])
     rc, out, err = cli(["--config", str(path), "job", fname, "1", "--timeout", "20"], capsys)
@@ -181,11 +187,8 @@ def test_the_workers_attempts_notice_is_read_and_not_a_warning(gearmand, fname, 
 ])
 def test_anything_but_the_exact_notice_is_an_ordinary_warning(gearmand, fname, make_config, warning):
     _, config = make_config(gearmand)
-    t = hostile_worker(gearmand.address, fname, lambda h: [(gp.WORK_WARNING, json.dumps(warning).encode()),
-                                                           (gp.WORK_COMPLETE, b"1")])
-    with JobSender(config) as sender:
-        r = sender.submit(fname, "x", timeout=20)
-    t.join(10)
+    r = answered(config, gearmand.address, fname,
+                 [(gp.WORK_WARNING, json.dumps(warning).encode()), (gp.WORK_COMPLETE, b"1")])
     assert (r.state, r.attempts, r.warnings) == ("complete", 1, [warning])
 
 
@@ -199,11 +202,7 @@ def test_anything_but_the_exact_notice_is_an_ordinary_warning(gearmand, fname, m
 ])
 def test_attempts_come_from_the_failure_reason_when_it_has_a_count(gearmand, fname, make_config, reason, attempts):
     _, config = make_config(gearmand)
-    t = hostile_worker(gearmand.address, fname, lambda h: [(gp.WORK_WARNING, json.dumps(reason).encode()),
-                                                           (gp.WORK_FAIL, b"")])
-    with JobSender(config) as sender:
-        r = sender.submit(fname, "x", timeout=20)
-    t.join(10)
+    r = answered(config, gearmand.address, fname, [(gp.WORK_WARNING, json.dumps(reason).encode()), (gp.WORK_FAIL, b"")])
     assert (r.state, r.error, r.attempts, r.submissions) == ("failed", reason, attempts, 1)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -148,6 +149,61 @@ def test_a_flood_of_warnings_and_data_is_not_kept_without_bound(gearmand, fname,
     assert len(r.warnings) <= 10 and r.warnings[-1] == "w99"
     assert sum(len(c) for c in r.data) <= 16 * 1024 * 1024
     assert r.data_dropped == 80 - len(r.data) > 0
+
+
+def answered(config, address: str, function: str, packets):
+    """The JobResult of one job that a hostile worker answers with ``packets``."""
+    t = hostile_worker(address, function, lambda h: packets)
+    with JobSender(config) as sender:
+        r = sender.submit(function, "x", timeout=20)
+    t.join(10)
+    return r
+
+
+def test_the_workers_attempts_notice_is_read_and_not_a_warning(gearmand, fname, make_config, capsys):
+    """The contract with geartask workers: WORK_WARNING {"geartask": {"attempts": N}} just
+    before WORK_COMPLETE gives the job's attempts, and is not one of its warnings."""
+    path, config = make_config(gearmand)
+    notice = json.dumps({"geartask": {"attempts": 3}}).encode()
+    r = answered(config, gearmand.address, fname,
+                 [(gp.WORK_WARNING, b'"careful"'), (gp.WORK_WARNING, notice), (gp.WORK_COMPLETE, b'"ok"')])
+    assert (r.state, r.result, r.attempts, r.submissions, r.warnings) == ("complete", "ok", 3, 1, ["careful"])
+    t = hostile_worker(gearmand.address, fname, lambda h: [(gp.WORK_WARNING, notice), (gp.WORK_COMPLETE, b"1")])
+    rc, out, err = cli(["--config", str(path), "job", fname, "1", "--timeout", "20"], capsys)
+    t.join(10)
+    assert rc == 0 and re.search(r"^complete .* attempts=3 submissions=1 ", out, re.M), out + err
+
+
+@pytest.mark.parametrize("warning", [
+    {"geartask": {"attempts": 3}, "more": 1},  # not exactly the notice: an ordinary warning
+    {"geartask": {"attempts": 3, "more": 1}},
+    {"geartask": {"attempts": "3"}},
+    {"geartask": {"attempts": True}},
+    {"geartask": {"attempts": 0}},
+    {"geartask": {"attempts": -2}},
+    {"geartask": {"attempts": 10 ** 30}},
+    {"geartask": [3]},
+    {"geartask": {"attempts": 3.0}},
+])
+def test_anything_but_the_exact_notice_is_an_ordinary_warning(gearmand, fname, make_config, warning):
+    _, config = make_config(gearmand)
+    r = answered(config, gearmand.address, fname,
+                 [(gp.WORK_WARNING, json.dumps(warning).encode()), (gp.WORK_COMPLETE, b"1")])
+    assert (r.state, r.attempts, r.warnings) == ("complete", 1, [warning])
+
+
+@pytest.mark.parametrize("reason, attempts", [
+    ({"error": "boom", "attempts": 4}, 4),  # a geartask worker's reason
+    ({"error": "no such task", "attempts": 0}, 0),  # never ran
+    ({"error": "boom", "attempts": "4"}, None),
+    ({"error": "boom", "attempts": -1}, None),
+    ({"error": "boom"}, None),
+    ("plain text", None),
+])
+def test_attempts_come_from_the_failure_reason_when_it_has_a_count(gearmand, fname, make_config, reason, attempts):
+    _, config = make_config(gearmand)
+    r = answered(config, gearmand.address, fname, [(gp.WORK_WARNING, json.dumps(reason).encode()), (gp.WORK_FAIL, b"")])
+    assert (r.state, r.error, r.attempts, r.submissions) == ("failed", reason, attempts, 1)
 
 
 # -- status: bad handles, bad records, hostile replies ------------------------------------------

@@ -101,7 +101,7 @@ def test_5000_foreground_jobs_through_slicing_proxies(net):
     took = time.monotonic() - t0
     print(f"5000 foreground jobs through slicing proxies: {took:.1f}s, slices {[p.slices for p in n.proxies]}")
     assert collections.Counter(r.state for r in results) == {"complete": 5000}
-    assert {r.attempts for r in results} == {1}
+    assert {r.submissions for r in results} == {1}
     assert {r.server for r in results} == {p.address for p in n.proxies}
     assert all(p.slices > 5000 for p in n.proxies)  # the streams really were cut up
     assert_ran_once(n, results)
@@ -115,7 +115,7 @@ def test_2000_background_jobs_and_status_through_slicing_proxies(net):
     with JobSender(load_config(n.cfg)) as sender:
         results = sender.submit_many(n.jobs(2000, background=True), timeout=120)
         assert collections.Counter(r.state for r in results) == {"queued": 2000}
-        assert {r.attempts for r in results} == {1}
+        assert {r.submissions for r in results} == {1}
         records = sender.background_records()
     assert len(records) == 2000
     direct_cfg = write_config(n.cfg.parent / "direct.yaml", [s.address for s in n.servers])
@@ -151,7 +151,7 @@ def test_5000_foreground_jobs_with_10ms_added_round_trip(net):
         results = sender.submit_many(n.jobs(5000), timeout=240)
     print(f"5000 foreground jobs with 10 ms round trip: {time.monotonic() - t0:.1f}s")
     assert collections.Counter(r.state for r in results) == {"complete": 5000}
-    assert {r.attempts for r in results} == {1}
+    assert {r.submissions for r in results} == {1}
     assert_ran_once(n, results)
 
 
@@ -177,7 +177,7 @@ def test_a_15s_cut_to_a_live_server_mid_batch_runs_nothing_twice(net):
     print(f"2000 jobs with a 15 s cut: {took:.1f}s")
     assert events, "the batch finished before the cut"
     assert collections.Counter(r.state for r in results) == {"complete": 2000}
-    assert {r.attempts for r in results} == {1}
+    assert {r.submissions for r in results} == {1}
     assert_ran_once(n, results)
     held = [r for r in results if r.server == cut.address and r.seconds >= 10]
     assert held, "no job waited out the cut"  # the cut really held answers back
@@ -193,10 +193,10 @@ def test_a_broken_connection_is_resubmitted_to_the_same_server(net):
     broken = []
 
     def on_progress(p):
-        for s in sender.servers:
-            if not broken and s.waiting and n.running() == 1:
-                broken.append(s.address)
-                s.conn.sock.shutdown(socket.SHUT_RDWR)  # what a reset does to our end
+        for lane in sender._batch.lanes:  # this call's jobs per server
+            if not broken and lane.waiting and n.running() == 1:
+                broken.append(lane.address)
+                lane.link.conn.sock.shutdown(socket.SHUT_RDWR)  # what a reset does to our end
 
     try:
         (r,) = sender.submit_many([{"task": "t.record", "data": {"file": str(n.marker), "sleep": 1.5}}],
@@ -204,7 +204,7 @@ def test_a_broken_connection_is_resubmitted_to_the_same_server(net):
     finally:
         sender.close()
     assert broken and r.state == "complete", r
-    assert r.server == broken[0] and r.attempts == 2
+    assert r.server == broken[0] and r.submissions == 2
     assert sum(n.runs().values()) == 1
 
 

@@ -29,7 +29,9 @@ from ..jobs import JobDefinition
 from ..logs import configure_logging
 from ..plugins import discover, load_plugins
 from .progress import ProgressBar
-from .sender import JobResult, JobSender, StatusResult
+from .background import StatusResult
+from .results import JobResult
+from .sender import JobSender
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
@@ -103,7 +105,8 @@ def _short(value: Any, width: int = 100) -> str:
 
 def _job_line(r: JobResult) -> str:
     where = f"{r.handle or '-'}@{r.server or '-'}"
-    head = f"{r.state:8} {r.task} [{r.unique}] {where} attempts={r.attempts} {r.seconds:.2f}s"
+    attempts = "-" if r.attempts is None else r.attempts
+    head = f"{r.state:8} {r.task} [{r.unique}] {where} attempts={attempts} submissions={r.submissions} {r.seconds:.2f}s"
     if r.state in ("failed", "timeout"):
         return f"{head} error: {_short(r.error)}"
     if r.state == "queued":

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .. import protocol as p
 from ..errors import JobDefinitionError, NoServerError, ServerError, UsageError
 from ..jobs import JobDefinition, decode_payload, new_unique
-from ..logs import HotLogger, get_logger
+from ..logs import get_logger
 
 from .background import RECORD_NAME, BackgroundRecord, StatusQuery, StatusResult, asks_for
 
@@ -47,7 +47,7 @@ RECONNECT_DELAY_MAX = 2.0
 MAX_WARNINGS = 8  # WORK_WARNINGs kept per job (the last is the failure reason)
 MAX_DATA = MAX_PAYLOAD  # bytes of WORK_DATA kept per job; later chunks are counted, not kept
 
-_batch_log = HotLogger("geartask.sender")  # once per batch: on the W2 latency path
+_batch_log = get_logger("geartask.sender")  # once per batch: on the W2 latency path
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
 _OPTION = p.pack(p.OPTION_REQ, option_name=b"exceptions")  # else gearmand turns WORK_EXCEPTION into WORK_FAIL
 _ECHO = p.pack(p.ECHO_REQ, data=b"geartask")

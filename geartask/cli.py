@@ -70,23 +70,21 @@ count = number(int, what="a whole number")
 def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
     """--config, --servers, -v/-q and --log-format. ``after_command``: a subcommand's copy, which
     leaves unset options unset (SUPPRESS), so they don't overwrite ones given before the
-    subcommand, and stays out of its help."""
-    hide = {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS} if after_command else {}
-
-    def helped(text: str) -> dict:
-        return hide or {"help": text}
-
-    parser.add_argument("--config", metavar="PATH",
-                        **helped("config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)"))
-    parser.add_argument("--servers", metavar="HOST:PORT,...",
-                        **helped("job servers to use instead of the config's 'servers'"))
+    subcommand, and keeps --config/--servers/--log-format out of its help."""
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    hidden = {"help": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--config", metavar="PATH", **unset, **(hidden or {
+        "help": "config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)"}))
+    parser.add_argument("--servers", metavar="HOST:PORT,...", **unset, **(hidden or {
+        "help": "job servers to use instead of the config's 'servers'"}))
+    # Shown in every help: argparse can't print the usage of a group whose options are all hidden.
     loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
-                          **helped("console logs: debug lines too, and the worker's line per job"))
-    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
-                          **helped("console logs: errors only"))
-    parser.add_argument("--log-format", choices=("text", "json"),
-                        **helped("console log lines: human text (default: log.format) or JSON lines"))
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, **unset,
+                          help="console logs: debug lines too, and the worker's line per job")
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, **unset,
+                          help="console logs: errors only")
+    parser.add_argument("--log-format", choices=("text", "json"), **unset, **(hidden or {
+        "help": "console log lines: human text or JSON lines (default: log.format, text)"}))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -373,11 +373,17 @@ class _Listener(logging.handlers.QueueListener):
             self.flush_handlers()
             record.done.set()
             return
-        super().handle(record)
+        try:
+            super().handle(record)
+        except Exception:
+            pass  # handlers report their own errors (handleError); nothing may end this thread
 
     def flush_handlers(self) -> None:
         for h in self.handlers:
-            h.flush()
+            try:
+                h.flush()
+            except Exception:
+                pass  # a closed console (a test's captured stderr) must not end this thread
 
 
 class _ToListener(logging.handlers.QueueHandler):

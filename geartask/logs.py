@@ -145,15 +145,18 @@ class _EventRecord(logging.LogRecord):
         self.exc_info = self.exc_text = self.stack_info = None
 
 
-_second: list = [None, ""]  # the last whole second formatted, and its text
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 
 
 def _iso(created: float) -> str:
     """ISO 8601 in UTC to the microsecond, e.g. 2026-11-25T22:29:31.123456Z."""
+    global _last_second
     second = int(created)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int((created - second) * 1e6):06d}Z"
+    cached, text = _last_second
+    if second != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int((created - second) * 1e6):06d}Z"
 
 
 def _json_fallback(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""What every role's command line shares: --config/--servers, config loading, exit codes.
+"""What every role's command line shares: --config/--servers, -v/-q/--log-format, config
+loading, logging setup, exit codes.
 
 Each role's ``main(argv)`` parses, loads config, calls its library and returns an exit
 status; ``run`` turns geartask errors into one line on stderr, never a traceback.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Config, load_config
 from .display import printable
 from .errors import EXIT_FAILED, EXIT_USAGE, GeartaskError
+from .logs import configure_logging
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,15 +67,35 @@ non_negative_seconds = number(float)
 count = number(int, what="a whole number")
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH",
-                        help="config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)")
-    parser.add_argument("--servers", metavar="HOST:PORT,...",
-                        help="job servers to use instead of the config's 'servers'")
+def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """--config, --servers, -v/-q and --log-format. ``after_command``: a subcommand's copy, which
+    leaves unset options unset (SUPPRESS), so they don't overwrite ones given before the
+    subcommand, and keeps --config/--servers/--log-format out of its help."""
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    hidden = {"help": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--config", metavar="PATH", **unset, **(hidden or {
+        "help": "config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)"}))
+    parser.add_argument("--servers", metavar="HOST:PORT,...", **unset, **(hidden or {
+        "help": "job servers to use instead of the config's 'servers'"}))
+    # Shown in every help: argparse can't print the usage of a group whose options are all hidden.
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, **unset,
+                          help="console logs: debug lines too, and the worker's line per job")
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, **unset,
+                          help="console logs: errors only")
+    parser.add_argument("--log-format", choices=("text", "json"), **unset, **(hidden or {
+        "help": "console log lines: human text or JSON lines (default: log.format, text)"}))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), getattr(args, "servers", None))
+
+
+def setup_logging(config: Config, args: argparse.Namespace, role: str, name: str | None = None) -> Path | None:
+    """configure_logging with the command line's -v/-q/--log-format: the one place every role
+    maps them."""
+    return configure_logging(config.log, role, name, verbosity=getattr(args, "verbosity", None) or 0,
+                             console_format=getattr(args, "log_format", None))
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

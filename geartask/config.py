@@ -51,7 +51,7 @@ def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> 
 class LogConfig:
     dir: Path = Path("logs")  # JSON-lines log files, one per role and name
     level: str = "info"  # debug|info|warning|error
-    format: str = "auto"  # console output: auto (console on a terminal, else json)|console|json
+    format: str = "text"  # console lines: text|json (auto and console, the old names, mean text)
     max_bytes: int = 10 * 1024 * 1024  # a log file is rotated past this size
     backups: int = 5  # rotated files kept
 
@@ -154,7 +154,7 @@ _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767, 
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace",
                  "sender.max_retries", "log.backups"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
-            "log.format": ("auto", "console", "json"),
+            "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
             "server.queue.type": ("sqlite", "none")}
 

@@ -1,24 +1,25 @@
-"""structlog, configured once per process: readable on a terminal, JSON lines in the file.
+"""Logging for every role: structlog loggers, JSON lines in a file, human text on the console.
 
-Every event carries role, name, pid and thread; per-job context (task, handle, unique)
-is bound with ``job_context`` and lives in contextvars, which each thread has its own of,
-so one job's story can be pulled out of a multi-threaded log with grep or jq.
-Stdlib logging (pygearman's included) goes through the same processors and handlers.
+A log call renders and writes nothing: the event goes on a queue, and one listener thread
+(the standard library's QueueListener) writes the file and the console. Per-job context
+(task, handle, unique) is bound with ``job_context``; stdlib logging takes the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import logging.handlers
 import os
+import queue
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import structlog
 
@@ -26,162 +27,269 @@ from .config import LogConfig
 from .display import printable
 from .errors import UsageError
 
-_process_fields: dict[str, Any] = {}
-_handlers: list[logging.Handler] = []
+JOB_LOGGER = "geartask.worker.job"  # the worker's line per job: on the console only with -v
+LINGER = 0.05  # seconds the listener waits after its queue runs dry, so lines are written in batches
+WATCH_INTERVAL = 1.0  # seconds between checks that the log file still exists (log.dir deleted)
+FLUSH_TIMEOUT = 5.0  # flush_logs waits at most this long for the listener
+
+# The console's level per role at the default verbosity; other roles use log.level.
+# The sender and the manager report on stdout, so their console shows only what went wrong.
+CONSOLE_LEVELS = {"worker": logging.INFO, "sender": logging.WARNING, "manager": logging.WARNING}
+
+_MULTILINE_FIELDS = ("exception", "stack")  # tracebacks keep their lines on the console
+_PROCESS_FIELDS = ("role", "name", "pid", "thread")  # in every file line; left off the console
+
+console_lock = threading.RLock()  # held while anything is written on the console or the status line
 
 
-def _add_process_fields(logger: Any, method: str, event: dict) -> dict:
-    for key, value in _process_fields.items():
-        event.setdefault(key, value)
-    event.setdefault("pid", os.getpid())
-    event.setdefault("thread", threading.current_thread().name)
+class StatusLine(Protocol):
+    """A line drawn under the log on a terminal (the sender's progress bar): a console log
+    line erases it, is printed, and draws it again, all under ``console_lock``."""
+
+    def erase(self) -> None: ...
+
+    def redraw(self) -> None: ...
+
+
+_status_line: StatusLine | None = None
+
+
+def set_status_line(line: StatusLine | None) -> None:
+    """Register (or, with None, remove) the status line the console keeps under its lines."""
+    global _status_line
+    with console_lock:
+        _status_line = line
+
+
+# -- the caller's side: structlog's bound loggers put finished events on the queue ----------------
+
+class _EventSink:
+    """What structlog's bound loggers hand a finished event to: the caller's time and thread
+    name are taken here, the rendering and writing happen in the listener thread."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str | None = None):
+        self.name = name or "geartask"
+
+
+def _sink_method(levelno: int) -> Callable[[_EventSink, dict], None]:
+    def method(self: _EventSink, event: dict) -> None:
+        _state.put((time.time(), levelno, self.name, threading.current_thread().name, event))
+    return method
+
+
+for _name, _levelno in (("debug", logging.DEBUG), ("info", logging.INFO), ("warning", logging.WARNING),
+                        ("error", logging.ERROR), ("critical", logging.CRITICAL)):
+    setattr(_EventSink, _name, _sink_method(_levelno))
+
+
+def _to_sink(logger: Any, method: str, event: dict) -> tuple:
+    return (event,), {}
+
+
+_format_exc_info = structlog.processors.format_exc_info
+_render_stack = structlog.processors.StackInfoRenderer()
+
+
+def _exceptions(logger: Any, method: str, event: dict) -> dict:
+    """structlog's exception and stack renderers, called only when there is one to render
+    (on the caller's thread: a traceback can't be rendered later)."""
+    if "exc_info" in event:
+        event = _format_exc_info(logger, method, event)
+    if "stack_info" in event:
+        event = _render_stack(logger, method, event)
     return event
 
 
-def _shared_processors() -> list:
-    return [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        _add_process_fields,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
-    ]
+class _State:
+    """The current configuration: where events go, and the listener to stop when it changes."""
+    put: Callable[[Any], None] = staticmethod(lambda item: None)
+    listener: "_Listener | None" = None
+    root_handlers: list[logging.Handler] = []
+    handlers: list[logging.Handler] = []
+    started = False
 
 
-BUFFER_LINES = 2000  # buffered mode: lines that wake the writer early
-FLUSH_INTERVAL = 0.05  # buffered mode: seconds a line may wait before it is written
-WATCH_INTERVAL = 1.0  # seconds between checks that the log file still exists (log.dir deleted)
+_state = _State()
+_proxies: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loggers from get_logger, cached on first use
 
 
-class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """Formats each record once: the stdlib's shouldRollover formats every record a second
-    time (and stats the file twice) only to learn its length; we count what we wrote.
-    ``mirror``: a stream that gets the same line (the console, when it is JSON too), so a
-    record is rendered once for both."""
+def get_logger(name: str = "geartask", **bound: Any) -> Any:
+    """A structlog logger; ``bound`` fields go on every event it logs."""
+    proxy = structlog.get_logger(name)
+    _proxies.add(proxy)
+    return proxy.bind(**bound) if bound else proxy
 
-    _size: int | None = None
-    _ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
-    _next_check = 0.0
-    dropped = 0  # lines lost since the last successful write: full disk, deleted or unwritable file
-    mirror: Any = None
-    mirror_level: int = logging.NOTSET
-    _pending: list | None = None  # buffered mode: lines waiting for the writer thread
-    _writer: threading.Thread | None = None
+
+@contextlib.contextmanager
+def job_context(**fields: Any) -> Iterator[None]:
+    """Bind task/handle/unique (or anything) to every event logged inside, in this thread only."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    tokens = structlog.contextvars.bind_contextvars(**fields)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
+
+
+# -- the listener's side: records, rendering, the file and the console ---------------------------
+
+class _EventRecord(logging.LogRecord):
+    """A structlog event on its way to the handlers; ``msg`` is the event dict. Sets only what
+    handlers and formatters read: a full LogRecord costs more than the rest of the line."""
+
+    def __init__(self, created: float, levelno: int, name: str, thread: str, event: dict):  # no super(): on purpose
+        self.name, self.levelno, self.levelname = name, levelno, logging.getLevelName(levelno)
+        self.msg, self.args, self.created, self.threadName = event, None, created, thread
+        self.exc_info = self.exc_text = self.stack_info = None
+
+
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def _iso(created: float) -> str:
+    """ISO 8601 in UTC to the microsecond, e.g. 2026-11-25T22:29:31.123456Z."""
+    global _last_second
+    second = int(created)
+    cached, text = _last_second
+    if second != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int((created - second) * 1e6):06d}Z"
+
+
+def _json_fallback(value: Any) -> str:
+    return repr(value)
+
+
+_to_json = json.JSONEncoder(default=_json_fallback).encode  # built once: json.dumps(default=) builds one a call
+
+
+def _render_json(logger: Any, method: str, event: dict) -> str:
+    return _to_json(event)
+
+
+class _EventFormatter(logging.Formatter):
+    """Renders a record as one line with a structlog renderer: our events and the standard
+    library's records (pygearman's, warnings) alike."""
+
+    def __init__(self, renderer: Callable, fields: dict, console: bool):
+        super().__init__()
+        self.renderer, self.fields, self.console = renderer, fields, console
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record, _EventRecord):
+            event = {**self.fields, "thread": record.threadName, **record.msg}
+        else:
+            event = {**self.fields, "thread": record.threadName, "event": record.getMessage()}
+            if record.exc_info:
+                event["exception"] = self.formatException(record.exc_info)
+        event["level"] = record.levelname.lower()
+        event["logger"] = record.name
+        event["timestamp"] = _iso(record.created)
+        if self.console:
+            event = self._for_console(event, record)
+        return self.renderer(None, event["level"], event)
+
+    @staticmethod
+    def _for_console(event: dict, record: logging.LogRecord) -> dict:
+        """Time to the second, no process fields (one process per console), and a peer's text
+        (a client id, a task name) escaped so it can't drive the operator's terminal."""
+        for key in _PROCESS_FIELDS:
+            event.pop(key, None)
+        if record.name.startswith("geartask"):
+            event.pop("logger")
+        event["timestamp"] = event["timestamp"][:19] + "Z"
+        return {k: printable(v) if isinstance(v, str) and k not in _MULTILINE_FIELDS else v
+                for k, v in event.items()}
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The JSON-lines file, rotated by size like its parent, but counting the bytes it writes
+    (the parent formats every record twice and stats the file to learn its size), flushed by
+    the listener once per batch, made again when deleted or replaced (checked once per
+    WATCH_INTERVAL), and counting the lines it could not write: one warning on stderr per
+    outage, and the count in the next line written, as ``dropped_lines``."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int):
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        self._size = 0
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._next_check = 0.0
+        self.dropped = 0  # lines lost and not yet reported in a line written
+        self._carried = 0  # lost lines reported in a line not flushed yet
+        self._unflushed = 0  # lines written since the last flush
+        self._failing = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.write_line(self.format(record) + self.terminator, record.levelno)
+            line = self.format(record)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
-
-    def write_line(self, msg: str, levelno: int) -> None:
-        """Write one rendered line, or queue it for the writer thread. Caller holds the lock."""
-        if self._pending is None:
-            self._write([(msg, levelno)])
             return
-        self._pending.append((msg, levelno))
-        if levelno >= logging.WARNING or len(self._pending) >= BUFFER_LINES:
-            self._wake.set()
-
-    def start_writer(self) -> None:
-        """Buffered mode: a thread writes queued lines every FLUSH_INTERVAL seconds (at once for
-        a warning), in one write per batch. Every line written from a busy multi-threaded
-        process cost two syscalls, each a GIL hand-off: a third of a no-op job's time (bench)."""
-        if self._writer is not None:
-            return
-        self._pending, self._wake = [], threading.Event()
-        self._writer = threading.Thread(target=self._drain_forever, name="log-writer", daemon=True)
-        self._writer.start()
-
-    def _drain_forever(self) -> None:
-        while self._writer is not None:
-            self._wake.wait(FLUSH_INTERVAL)
-            self._wake.clear()
-            self.drain()
-
-    def drain(self) -> None:
-        """Write every queued line now (the writer thread, flush_logs, and close).
-
-        Only the handler's own lock, held while writing: a second lock taken in the other
-        order by logging.shutdown (handler lock, then close -> drain) deadlocked the exit.
-        """
-        if self._pending is None:
-            return
-        self.acquire()
+        if self.dropped and line.endswith("}"):
+            line = f'{line[:-1]}, "dropped_lines": {self.dropped}}}'
+            self._carried, self.dropped = self._carried + self.dropped, 0
+        line += "\n"
         try:
-            lines, self._pending = self._pending, []
-            if lines:
-                self._write(lines)
-        except Exception:
-            pass  # a full disk must not stop the process; lines are lost, not jobs
-        finally:
-            self.release()
-
-    def _write(self, lines: list) -> None:
-        now = time.monotonic()
-        if now >= self._next_check:  # a stat a second, not a line: the worker logs every job
-            self._next_check = now + WATCH_INTERVAL
-            self._reopen_if_replaced()
-        if self.dropped:
-            msg, levelno = lines[0]
-            if msg.endswith("}\n"):  # the next line written says how many went missing
-                lines = [(f'{msg[:-2]}, "dropped_lines": {self.dropped}}}\n', levelno)] + lines[1:]
-        try:
-            self._write_file(lines)
-        except OSError as e:
-            self._lost(len(lines), e)
-        else:
-            self.dropped = 0
-        if self.mirror is not None:
-            shown = [msg for msg, levelno in lines if levelno >= self.mirror_level]
-            if shown:
-                self.mirror.write("".join(shown))
-                self.mirror.flush()
-
-    def _write_file(self, lines: list) -> None:
-        self._ensure_open()
-        chunk: list[str] = []
-        for msg, _ in lines:
-            size = len(msg) if msg.isascii() else len(msg.encode(self.encoding or "utf-8"))
+            if time.monotonic() >= self._next_check:  # a stat a second, not a line
+                self._next_check = time.monotonic() + WATCH_INTERVAL
+                self._close_if_replaced()
+            self._ensure_open()
+            size = len(line) if line.isascii() else len(line.encode("utf-8"))
             if 0 < self.maxBytes < self._size + size and self._size:
-                if chunk:
-                    self.stream.write("".join(chunk))
-                    chunk = []
+                self.stream.flush()
+                self._unflushed = self._carried = 0
                 self.doRollover()
                 self._ident = None  # a new file (or none, if the rename failed)
                 self._ensure_open()
-            chunk.append(msg)
+            self.stream.write(line)
             self._size += size
-        if chunk:
-            self.stream.write("".join(chunk))
-        self.stream.flush()
+            self._unflushed += 1
+        except OSError as e:
+            self._lost(e, 1)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None and self._unflushed:
+                try:
+                    self.stream.flush()
+                except OSError as e:
+                    self._lost(e, 0)
+                else:
+                    self._unflushed = self._carried = 0
+                    self._failing = False
+        finally:
+            self.release()
+
+    def _open(self) -> Any:
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
 
     def _ensure_open(self) -> None:
         if self.stream is None:
-            os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
             self.stream = self._open()
         if self._ident is None:  # a file not seen yet: the first, rotated or recreated
             st = os.fstat(self.stream.fileno())
             self._ident, self._size = (st.st_dev, st.st_ino), st.st_size
-            if self.dropped and st.st_size:
+            if st.st_size and self._failing:
                 self._end_torn_line()
 
     def _end_torn_line(self) -> None:
-        """A write that failed half way may have left half a line: end it, so the next line
-        is a line of its own."""
+        """A write that failed half way may have left half a line: end it."""
         with open(self.baseFilename, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 self.stream.write("\n")
-                self._size = (self._size or 0) + 1
+                self._size += 1
 
-    def _reopen_if_replaced(self) -> None:
-        """Like WatchedFileHandler: when the file was deleted or replaced (log.dir removed,
-        logrotate), close ours so the next write makes a new one."""
+    def _close_if_replaced(self) -> None:
+        """Like WatchedFileHandler: the file was deleted or replaced (log.dir removed,
+        logrotate): close ours, so the next write makes a new one."""
         if self.stream is None or self._ident is None:
             return
         try:
@@ -202,9 +310,11 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
             except OSError:
                 pass  # its buffer is lost with the disk that refused it; counted by the caller
 
-    def _lost(self, count: int, error: OSError) -> None:
-        """Lines that could not be written: counted, reported on stderr once per outage."""
-        if not self.dropped:
+    def _lost(self, error: OSError, current: int) -> None:
+        """Lines that could not be written (a full disk, an unwritable file): counted, and
+        reported on stderr once per outage."""
+        if not self._failing:
+            self._failing = True
             try:
                 sys.stderr.write(f"geartask: cannot write the log file {self.baseFilename}: "
                                  f"{error.strerror or error}; log lines are dropped (and counted, as "
@@ -212,74 +322,109 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
                 sys.stderr.flush()
             except (OSError, ValueError):
                 pass
-        self.dropped += count
-        self._close_stream()  # reopened (the folder recreated) at the next write
+        self.dropped += self._carried + self._unflushed + current
+        self._carried = self._unflushed = 0
+        self._close_stream()  # reopened (the folder made again) at the next write
         self._next_check = 0.0
 
+
+class _Console(logging.StreamHandler):
+    """The console: a line per record; a status line (the progress bar) is erased before it
+    and drawn again after it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            with console_lock:
+                status = _status_line
+                if status is not None:
+                    status.erase()
+                self.stream.write(line)
+                self.stream.flush()
+                if status is not None:
+                    status.redraw()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class _FlushRequest:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The thread that renders and writes every line. After its queue runs dry it flushes the
+    file and waits LINGER seconds, so a busy process writes a batch at a time: a write per line
+    is a system call and a GIL hand-off among busy job threads."""
+
+    def dequeue(self, block: bool) -> Any:
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.flush_handlers()
+        time.sleep(LINGER)
+        return self.queue.get(block)
+
+    def prepare(self, item: Any) -> Any:
+        return _EventRecord(*item) if type(item) is tuple else item
+
+    def handle(self, record: Any) -> None:
+        if isinstance(record, _FlushRequest):
+            self.flush_handlers()
+            record.done.set()
+            return
+        try:
+            super().handle(record)
+        except Exception:
+            pass  # handlers report their own errors (handleError); nothing may end this thread
+
+    def flush_handlers(self) -> None:
+        for h in self.handlers:
+            try:
+                h.flush()
+            except Exception:
+                pass  # a closed console (a test's captured stderr) must not end this thread
+
+
+class _ToListener(logging.handlers.QueueHandler):
+    """The root logger's handler: standard-library records join structlog's events on the
+    listener's queue. Lock-free (the queue is thread-safe), so logging.shutdown can't hold a
+    lock the listener waits for; closing it drains the queue."""
+
+    def createLock(self) -> None:
+        self.lock = None  # type: ignore[assignment]
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)  # the message now: its arguments may change before the listener runs
+        record.msg, record.args = record.getMessage(), None
+        return record
+
     def close(self) -> None:
-        self.drain()
-        self._writer = None
+        _stop_listener()
         super().close()
 
 
+def _stop_listener() -> None:
+    listener, _state.listener = _state.listener, None
+    if listener is not None and _state.started:
+        _state.started = False
+        listener.stop()  # the sentinel goes after every queued line: they are all written first
+
+
 def flush_logs() -> None:
-    """Write out every buffered log line now (before os._exit, or at the end of a test)."""
-    for h in _handlers:
-        if isinstance(h, _RotatingFileHandler):
-            h.drain()
-
-
-# Set by configure_logging when every handler writes JSON lines, so HotLogger may write
-# its lines straight to the file handler (which mirrors them to a JSON console).
-_hot: dict[str, Any] = {}
-
-
-class HotLogger:
-    """For events logged once per job, where the usual path costs more than the job.
-
-    Writes the same JSON line the structlog pipeline would (event, level, logger, role,
-    name, pid, thread, timestamp, the job context and the fields), but renders it with one
-    json.dumps and writes it straight to the log file, skipping the stdlib LogRecord and
-    the processor chain. Falls back to the usual path whenever logging is not JSON-only
-    (a console on a terminal, or logging not configured)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._log(logging.INFO, "info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log(logging.WARNING, "warning", event, fields)
-
-    def _log(self, levelno: int, level: str, event: str, fields: dict) -> None:
-        handler = _hot.get("handler")
-        if handler is None:
-            getattr(structlog.get_logger(self.name), level)(event, **fields)
-            return
-        if levelno < _hot["level"]:
-            return
-        line = {**_process_fields, "pid": os.getpid(), "thread": threading.current_thread().name,
-                **structlog.contextvars.get_contextvars(), **fields,
-                "event": event, "level": level, "logger": self.name,
-                "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
-        msg = json.dumps(line, default=repr) + "\n"
-        handler.acquire()
-        try:
-            handler.write_line(msg, levelno)
-        except Exception:
-            pass  # a full disk must not fail a job; the usual path would print to stderr
-        finally:
-            handler.release()
-
-
-def _printable_values(logger: Any, method: str, event: dict) -> dict:
-    """Readable console only (JSON escapes by itself): a peer's text in an event (a client id,
-    a task name) must not drive the operator's terminal."""
-    return {k: printable(v) if isinstance(v, str) and k not in _MULTILINE_FIELDS else v for k, v in event.items()}
-
-
-_MULTILINE_FIELDS = ("exception", "stack")  # tracebacks keep their lines
+    """Write out every queued log line now (before os._exit, or in a test before reading the file)."""
+    listener = _state.listener
+    if listener is None:
+        return
+    if not _state.started:
+        listener.flush_handlers()
+        return
+    request = _FlushRequest()
+    _state.put(request)
+    request.done.wait(FLUSH_TIMEOUT)
 
 
 def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
@@ -287,91 +432,92 @@ def log_file_path(log: LogConfig, role: str, name: str | None = None) -> Path:
     return Path(log.dir) / (f"{role}-{safe}.log" if safe else f"{role}.log")
 
 
+def console_level(role: str, log: LogConfig, verbosity: int = 0) -> int:
+    """-q (verbosity -1): errors only; -v (1): debug; else the role's CONSOLE_LEVELS entry."""
+    if verbosity < 0:
+        return logging.ERROR
+    if verbosity > 0:
+        return logging.DEBUG
+    return CONSOLE_LEVELS.get(role, getattr(logging, log.level.upper()))
+
+
 def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
-                      to_file: bool = True, stream: Any = None,
-                      console_level: str | None = None, buffered: bool = False) -> Path | None:
+                      to_file: bool = True, stream: Any = None, verbosity: int = 0,
+                      console_format: str | None = None) -> Path | None:
     """Set up logging for this process; returns the JSON log file's path (or None).
 
-    ``console_level`` (e.g. "warning") keeps the console quieter than the log file.
-    ``buffered``: a writer thread writes the file (and a JSON console) in batches, at most
-    FLUSH_INTERVAL seconds late, at once for warnings; for busy multi-threaded processes.
-
-    Safe to call again (tests do): earlier geartask handlers are replaced, not stacked.
+    The file gets JSON lines at ``log.level``. The console (``stream``, default stderr) gets
+    human text, or JSON lines when ``console_format`` (else ``log.format``) is ``json``, at
+    the level ``console_level`` gives for the role and ``verbosity`` (-1 for -q, 1 for -v);
+    the worker's per-job lines only at -v. With a file, a listener thread does the writing;
+    without one, lines are written at once. Safe to call again (tests do): the previous
+    setup is drained and replaced.
     """
     stream = stream or sys.stderr
-    _process_fields.clear()
-    _process_fields.update(role=role, name=name or role)
-    level = getattr(logging, log.level.upper())
-    shared = _shared_processors()
+    _teardown()
+    fields = {"role": role, "name": name or role, "pid": os.getpid()}
+    file_level = getattr(logging, log.level.upper())
+    shown = console_level(role, log, verbosity)
+    fmt = (console_format or log.format).lower()
 
-    structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *shared,
-                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
-    )
-
-    fmt = log.format
-    if fmt == "auto":
-        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
-    console_renderer = (structlog.dev.ConsoleRenderer(colors=False) if fmt == "console"
-                        else structlog.processors.JSONRenderer())
-
-    root = logging.getLogger()
-    for h in _handlers:
-        root.removeHandler(h)
-        h.close()
-    _handlers.clear()
-
+    handlers: list[logging.Handler] = []
     path = None
-    fh = None
     if to_file:
         path = log_file_path(log, role, name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = _RotatingFileHandler(path, maxBytes=log.max_bytes, backupCount=log.backups, encoding="utf-8")
+            with open(path, "a", encoding="utf-8"):
+                pass
         except OSError as e:
             raise UsageError(f"log.dir: cannot write the log file {path}: {e.strerror or e}") from None
-        if buffered:
-            fh.start_writer()  # logging.shutdown closes the handler at exit, which drains it
-        fh.setFormatter(structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.JSONRenderer()]))
-    console_level = getattr(logging, console_level.upper()) if console_level else logging.NOTSET
-    _hot.clear()
-    if fh is not None and fmt == "json":
-        fh.mirror, fh.mirror_level = stream, console_level  # the console line is the file line: render it once
-        _hot.update(handler=fh, level=level)
-    else:
-        console = logging.StreamHandler(stream)
-        console.setFormatter(structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        *([_printable_values] if fmt == "console" else []), console_renderer]))
-        console.setLevel(console_level)
-        _handlers.append(console)
-    if fh is not None:
-        _handlers.append(fh)
+        file = _LogFile(path, log.max_bytes, log.backups)
+        file.setFormatter(_EventFormatter(_render_json, fields, console=False))
+        file.setLevel(file_level)
+        handlers.append(file)
+    console = _Console(stream)
+    console.setFormatter(_EventFormatter(
+        _render_json if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False),
+        fields, console=fmt != "json"))
+    console.setLevel(shown)
+    if verbosity <= 0:
+        console.addFilter(lambda record: record.name != JOB_LOGGER)
+    handlers.append(console)
 
-    for h in _handlers:
+    listener = _Listener(queue.SimpleQueue(), *handlers, respect_handler_level=True)
+    _state.listener, _state.handlers = listener, handlers
+    root = logging.getLogger()
+    if to_file:
+        _state.put = listener.queue.put
+        _state.root_handlers = [_ToListener(listener.queue)]  # made last: logging.shutdown closes it first
+        listener.start()
+        _state.started = True
+    else:  # a short-lived helper (an isolated task's process): written at once
+        _state.put = listener.handle
+        _state.root_handlers = handlers
+    for h in _state.root_handlers:
         root.addHandler(h)
+
+    level = min(file_level if to_file else logging.CRITICAL, shown)
     root.setLevel(level)
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, _exceptions, _to_sink],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=_EventSink,
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    )
+    for proxy in list(_proxies):  # loggers cached under the previous setup build themselves again
+        proxy.__dict__.pop("bind", None)
     logging.captureWarnings(True)
     return path
 
 
-def get_logger(name: str = "geartask", **bound: Any) -> Any:
-    return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
-
-
-@contextlib.contextmanager
-def job_context(**fields: Any) -> Iterator[None]:
-    """Bind task/handle/unique (or anything) to every event logged inside, in this thread only."""
-    fields = {k: v for k, v in fields.items() if v is not None}
-    tokens = structlog.contextvars.bind_contextvars(**fields)
-    try:
-        yield
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+def _teardown() -> None:
+    """Drain and close the previous setup's handlers."""
+    root = logging.getLogger()
+    for h in _state.root_handlers:
+        root.removeHandler(h)
+    _stop_listener()
+    for h in {*_state.root_handlers, *_state.handlers}:
+        h.close()
+    _state.root_handlers, _state.handlers = [], []

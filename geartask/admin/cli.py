@@ -13,10 +13,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from ..cli import ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds, run
+from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
+                   run, setup_logging)
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
-from ..logs import configure_logging, get_logger
+from ..logs import get_logger
 from ..server import LocalServer
 from . import admin
 from .tables import render
@@ -194,8 +195,8 @@ def watch(render_once: Callable[[], tuple[str, int]], interval: float, out: Text
 
 # -- commands ---------------------------------------------------------------------------
 
-def _logger(config, command: str):
-    configure_logging(config.log, "manager")
+def _logger(config, args, command: str):
+    setup_logging(config, args, "manager")
     return get_logger("geartask.manager", command=command)
 
 
@@ -242,7 +243,7 @@ def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: Tex
         if not _confirm(f"Remove the queued jobs of {what} on {where} ({found})?", inp, out):
             err.write("nothing cleared\n")
             return EXIT_FAILED
-    log = _logger(config, "clear")
+    log = _logger(config, args, "clear")
     results = adm.clear(functions)
     rows, total, stranded = [], 0, 0
     for r in results:
@@ -270,7 +271,7 @@ def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: Tex
 
 
 def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
-    log = _logger(config, "shutdown")
+    log = _logger(config, args, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
         log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
@@ -326,7 +327,7 @@ def _simple(results: Sequence[admin.ServerResult], header: str, args, out: TextI
 
 
 def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
-    log = _logger(config, "cancel")
+    log = _logger(config, args, "cancel")
     results = adm.cancel(args.handle)
     for r in results:
         log.info("cancel", handle=args.handle, server=r.server, outcome=r.value if r.ok else "unreachable",
@@ -341,7 +342,7 @@ def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_maxqueue(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
-    log = _logger(config, "maxqueue")
+    log = _logger(config, args, "maxqueue")
     results = adm.maxqueue(args.function, args.size)
     for r in results:
         log.info("maxqueue", function=args.function, size=args.size, server=r.server,
@@ -360,7 +361,7 @@ def cmd_server(args, config, out: TextIO, err: TextIO) -> int:
                              [[st["address"], st["running"], st["pid"], st["queue"], st["queue_path"], st["log"]]])
                       + "\n")
         return EXIT_OK if st["running"] else EXIT_FAILED
-    log = _logger(config, f"server {args.action}")
+    log = _logger(config, args, f"server {args.action}")
     if args.action == "start":
         try:
             pid = srv.start()

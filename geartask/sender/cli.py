@@ -22,11 +22,10 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-from ..cli import ArgumentParser, add_common_args, config_from_args, count, positive_seconds, run
+from ..cli import ArgumentParser, add_common_args, config_from_args, count, positive_seconds, run, setup_logging
 from ..config import PRIORITIES
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
-from ..logs import configure_logging
 from ..plugins import discover, load_plugins
 from .progress import ProgressBar
 from .background import StatusResult
@@ -35,10 +34,7 @@ from .sender import JobSender
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
-    # --config/--servers are accepted after the subcommand too; SUPPRESS keeps the
-    # top-level value when they are not repeated here.
-    sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub.add_argument("--servers", metavar="HOST:PORT,...", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_common_args(sub, after_command=True)  # the shared options, after the subcommand too
 
 
 def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
@@ -283,9 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     # Every job's story goes to the log file; the console (stderr, under the progress bar)
-    # gets only warnings and errors unless log.level is debug: stdout already has the report.
-    configure_logging(config.log, "sender", None, to_file=True, stream=sys.stderr,
-                      console_level=None if config.log.level == "debug" else "warning")
+    # gets only warnings and errors unless -v: stdout already has the report.
+    setup_logging(config, args, "sender")
     return COMMANDS[args.command](config, args)
 
 

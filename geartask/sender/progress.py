@@ -1,8 +1,8 @@
 """A one-line progress bar for the sender on a terminal: done, failed, total, rate, time left,
 and the WORK_STATUS numerator/denominator that running jobs report.
 
-Only drawn when the stream is a terminal; the line is redrawn in place with a carriage
-return and cleared before the per-job lines are printed.
+Only drawn when the stream is a terminal. It is the console's status line (geartask.logs):
+a log line erases it, is printed, and the bar is drawn again under it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 import time
 from typing import IO, Any
 
+from .. import logs
 from .sender import Progress
 
 
@@ -44,14 +45,16 @@ def render(p: Progress, width: int = 80) -> str:
 
 
 class ProgressBar:
-    """on_progress callback that draws on a terminal and does nothing elsewhere."""
+    """on_progress callback that draws on a terminal and does nothing elsewhere. Used as a
+    context manager, it is the console's status line while it lasts."""
 
     def __init__(self, stream: IO[str] | None = None, enabled: bool | None = None, min_interval: float = 0.1):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.min_interval = min_interval
         self._last = 0.0
-        self._drawn = False
+        self._text: str | None = None  # the bar last drawn; None after clear()
+        self._drawn = False  # on the terminal now
 
     def __call__(self, progress: Progress) -> None:
         if not self.enabled:
@@ -61,18 +64,37 @@ class ProgressBar:
             return
         self._last = now
         width = shutil.get_terminal_size((80, 24)).columns
-        self.stream.write("\r\x1b[K" + render(progress, width))
-        self.stream.flush()
-        self._drawn = True
+        with logs.console_lock:
+            self._text = render(progress, width)
+            self.redraw()
+
+    def erase(self) -> None:
+        """Take the bar off the terminal; redraw() puts it back."""
+        with logs.console_lock:
+            if self.enabled and self._drawn:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self._drawn = False
+
+    def redraw(self) -> None:
+        with logs.console_lock:
+            if self.enabled and self._text is not None:
+                self.stream.write("\r\x1b[K" + self._text)
+                self.stream.flush()
+                self._drawn = True
 
     def clear(self) -> None:
-        if self.enabled and self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        """Erase the bar until the next progress report (before a line is printed on stdout)."""
+        with logs.console_lock:
+            self.erase()
+            self._text = None
 
     def __enter__(self) -> "ProgressBar":
+        if self.enabled:
+            logs.set_status_line(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            logs.set_status_line(None)
         self.clear()

@@ -15,9 +15,9 @@ import signal
 import sys
 from typing import Sequence
 
-from ..cli import ArgumentParser, add_common_args, config_from_args, run
+from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_logging
 from ..control import check_name
-from ..logs import configure_logging, flush_logs
+from ..logs import flush_logs
 from ..plugins import load_plugins
 from ..shell import veryeasyprocess
 from .isolate import isolated_tasks
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugins = load_plugins(config, only=only)
     tasks = isolated_tasks(plugins.tasks(), config)
     ensure_open_files(threads, len(config.servers))
-    configure_logging(config.log, "worker", name, buffered=True)
+    setup_logging(config, args, "worker", name)
 
     process = WorkerProcess(config, name, threads, tasks)
     signals_seen = []

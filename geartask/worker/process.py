@@ -39,7 +39,7 @@ from .. import protocol as gp
 from ..control import WorkerIdentity, parse_command, parse_control_function
 from ..errors import GeartaskError, PluginError, ServerError, UsageError
 from ..jobs import decode_payload, encode_payload
-from ..logs import HotLogger, get_logger, job_context
+from ..logs import JOB_LOGGER, get_logger, job_context
 from ..plugins import is_reserved_task
 from ..shell.task import ShellTask
 
@@ -600,8 +600,7 @@ class WorkerProcess:
         self._stop_r, self._stop_w = os.pipe()
         self._fin_r, self._fin_w = os.pipe()
         self.job_threads: list[GrabLoop] = []
-        # The per-job line: HotLogger renders it with one json.dumps when logs are JSON lines.
-        self.job_log = HotLogger("geartask.worker")
+        self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
         self.control: GrabLoop | None = None
         self.shutdown_reason = ""
         self.fatal_reason: str | None = None

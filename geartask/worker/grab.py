@@ -455,7 +455,7 @@ class GrabLoop(threading.Thread):
     def _grab_next(self, prefix: bytes = b"", after: Link | None = None) -> None:
         """Send GRAB_JOB_UNIQ on the next link that wants one (with ``prefix`` packets on ``after``)."""
         if (after is not None and self.outstanding is None and not self.wants and not self.stop.is_set()
-                and self._permit()):
+                and (self.budget is None or self.budget.take(self))):
             link = after  # the fast path: result and next grab in one write
         else:
             if after is not None:

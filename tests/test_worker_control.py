@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,9 +34,19 @@ def dead_letters(w) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def children_running(*words: str) -> list[int]:
-    """Live processes whose command line has every one of ``words`` (a test's own command)."""
-    return [p for p, (argv, _) in processes().items() if all(any(w in a for a in argv) for w in words)]
+def children_running(*words: str, parent: int | None = None) -> list[int]:
+    """Live processes whose command line has every one of ``words`` (and whose parent is
+    ``parent``, if given: other test runs may run the same commands)."""
+    found = [p for p, (argv, _) in processes().items() if all(any(w in a for a in argv) for w in words)]
+    return [p for p in found if parent is None or _parent(p) == parent]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2:].split()[1])
 
 
 # -- the attempts of a job that succeeded after retries ----------------------------------------
@@ -140,14 +151,14 @@ def test_stop_kills_an_isolated_tasks_process(gearmand, start_worker):
     [h] = gc.submit(conn, "t.hang", [{"seconds": 60}])
     wait_running(gearmand, "t.hang")
     # the job's child and the spare started beside it
-    wait_until(lambda: len(children_running("isolate.py", "t.hang")) == 2, 10, message="two children")
+    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 2, 10, message="two children")
     reply = gc.run_one(gearmand.address, control_function(gearmand.address, w.pid), stop_request(h),
                        timeout=10).result
     assert reply["stopped"] is True
     o = gc.wait(conn, [h], 10)[h]
     conn.close()
     assert o.state == "failed" and o.reason["error"] == "stopped by operator" and o.reason["attempts"] == 1
-    wait_until(lambda: len(children_running("isolate.py", "t.hang")) == 1, 10, message="the job's child gone")
+    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 1, 10, message="the job's child gone")
 
 
 @pytest.mark.parametrize("payload, message", [

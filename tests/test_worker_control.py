@@ -49,6 +49,17 @@ def _parent(pid: int) -> int | None:
     return int(stat[stat.rfind(")") + 2:].split()[1])
 
 
+def stop_and_see_it_fail(address: str, pid: int, conn, handle: str) -> None:
+    """Stop the running job ``handle`` of worker ``pid``; its client (``conn``) sees it fail
+    with "stopped by operator" after its first attempt."""
+    reply = gc.run_one(address, control_function(address, pid), stop_request(handle), timeout=10).result
+    assert reply["stopped"] is True
+    o = gc.wait(conn, [handle], 10)[handle]
+    conn.close()
+    assert o.state == "failed" and o.reason["error"] == "stopped by operator" and o.reason["attempts"] == 1
+    assert o.reason["stopped"] is True
+
+
 # -- the attempts of a job that succeeded after retries ----------------------------------------
 def test_a_job_that_succeeds_after_retries_says_how_many_attempts_it_took(gearmand, start_worker):
     """WORK_WARNING {"geartask": {"attempts": N}} comes right before WORK_COMPLETE, through a
@@ -131,12 +142,7 @@ def test_stop_abandons_a_plugin_task_and_replaces_its_thread(gearmand, start_wor
     conn = gc.connect(gearmand.address)
     [h] = gc.submit(conn, "t.hang", [{"seconds": 60, "retries": 2}])
     wait_running(gearmand, "t.hang")
-    reply = gc.run_one(gearmand.address, control_function(gearmand.address, w.pid), stop_request(h),
-                       timeout=10).result
-    assert reply["stopped"] is True
-    o = gc.wait(conn, [h], 10)[h]
-    conn.close()
-    assert o.state == "failed" and o.reason["error"] == "stopped by operator" and o.reason["attempts"] == 1
+    stop_and_see_it_fail(gearmand.address, w.pid, conn, h)
     assert gc.run_one(gearmand.address, "eg.reverse", "ok", timeout=10).result == {"reversed": "ko"}
     ids = [line.split()[2] for line in worker_connections(gearmand.address) if " stopplug:" in line]
     assert sorted(i.rsplit(":", 1)[1] for i in ids) == ["0", "1"]
@@ -151,14 +157,11 @@ def test_stop_kills_an_isolated_tasks_process(gearmand, start_worker):
     [h] = gc.submit(conn, "t.hang", [{"seconds": 60}])
     wait_running(gearmand, "t.hang")
     # the job's child and the spare started beside it
-    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 2, 10, message="two children")
-    reply = gc.run_one(gearmand.address, control_function(gearmand.address, w.pid), stop_request(h),
-                       timeout=10).result
-    assert reply["stopped"] is True
-    o = gc.wait(conn, [h], 10)[h]
-    conn.close()
-    assert o.state == "failed" and o.reason["error"] == "stopped by operator" and o.reason["attempts"] == 1
-    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 1, 10, message="the job's child gone")
+    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 2, 10,
+               message="two children")
+    stop_and_see_it_fail(gearmand.address, w.pid, conn, h)
+    wait_until(lambda: len(children_running("isolate.py", "t.hang", parent=w.pid)) == 1, 10,
+               message="the job's child gone")
 
 
 @pytest.mark.parametrize("payload, message", [

@@ -84,6 +84,20 @@ def test_max_jobs_from_the_config_and_a_slow_last_job_is_finished(gearmand_facto
     assert not [line for line in worker_connections(server.address) if " three:" in line]
 
 
+def test_max_jobs_counts_only_jobs_whose_answer_got_out(gearmand, start_worker, tmp_path):
+    """--max-jobs 2: a job whose answer never gets out (its task cuts its own connection) is
+    requeued by gearmand and not counted; its third coming is refused (answered: 1), then
+    one more job (2), then the exit."""
+    w = start_worker(gearmand, name="cutcap", threads=1, args=("--max-jobs", "2"))
+    marker = tmp_path / "runs.jsonl"
+    o = gc.run_one(gearmand.address, "h.cut", {"file": str(marker)}, timeout=60)
+    assert o.state == "failed" and "without running it again" in o.reason["error"]
+    assert len(records(marker)) == 2
+    assert w.proc.poll() is None
+    assert gc.run_one(gearmand.address, "eg.reverse", "ab", timeout=20).result == {"reversed": "ba"}
+    assert w.wait(30) == 0
+
+
 def test_a_task_with_threads_of_its_own_cannot_take_every_thread(fresh_gearmand, start_worker):
     """worker.tasks {shell: {threads: 2}} of 10 threads: with 50 slow shell jobs queued, at
     most 2 run at a time, and a fast plugin task is answered at once, each time (without the

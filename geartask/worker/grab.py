@@ -286,10 +286,13 @@ class GrabLoop(threading.Thread):
         link.state, link.since = state, time.monotonic()
 
     def _forget(self, link: Link) -> None:
-        """Unregister and close ``link``'s socket; a job it was busy with went unanswered, a
-        permit its GRAB held goes back."""
+        """Unregister and close ``link``'s socket; a job it was busy with went unanswered
+        (gearmand requeues it, so its max_jobs permit goes back, unless the watchdog answered
+        for it), and so does a permit its GRAB held."""
         if link.state is BUSY and link.job:
             self.process.unanswered.count(link.job)
+            if self.budget is not None and not self.abandoned:
+                self.budget.give_back()
         if link.permit:
             link.permit = False
             self.budget.give_back()
@@ -536,8 +539,9 @@ class GrabLoop(threading.Thread):
             except Exception as e:  # a worker bug or a job it can't handle: fail the job, once
                 reply = self._serve_failed(link.job, e)
             self._grab_next(reply, after=link)
+            answered = link.state is not DOWN  # else the answer did not get out: see _forget
             link.job = ()
-            if self.budget is not None:
+            if self.budget is not None and answered:
                 self.budget.job_done()  # after the answer is out: the last one must not be lost
         elif cmd == gp.ERROR:
             log.warning("server error", server=link.conn.address, code=cap_text(pkt.text("error_code"), 100),

@@ -72,6 +72,11 @@ class ShellConfig:
 
 
 @dataclass
+class TaskOptions:
+    threads: int = 1  # threads that serve only this task
+
+
+@dataclass
 class WorkerConfig:
     name: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "worker")
     threads: int = 10
@@ -83,6 +88,8 @@ class WorkerConfig:
     poll_timeout: float = 5.0  # seconds a sleeping worker waits before it asks again
     keepalive: float = 60.0  # seconds after which a silent server's connection is declared dead
     isolate: list[str] = field(default_factory=list)  # plugin tasks run in a child process each
+    max_jobs: int = 0  # exit 0 after this many jobs (a supervisor starts a fresh process); 0: no limit
+    tasks: dict[str, TaskOptions] = field(default_factory=dict)  # tasks with threads of their own
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -151,7 +158,7 @@ _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "wor
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count"}
 _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127}
-_NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace",
+_NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace", "worker.max_jobs",
                  "sender.max_retries", "log.backups"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
@@ -167,6 +174,18 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any:
     """Check one value against its field type; resolve relative paths against the file's folder."""
     origin = getattr(tp, "__origin__", None)
+    if origin is dict:  # a mapping of names chosen by the user (worker.tasks)
+        _, item_tp = tp.__args__
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", path, key)
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"keys must be names, got {name!r}", path, key)
+            if item is None:
+                raise ConfigError("has no value", path, f"{key}.{name}")
+            out[name] = _convert(item, item_tp, f"{key}.{name}", path, base)
+        return out
     if origin is list:
         (item_tp,) = tp.__args__
         if not isinstance(value, list):
@@ -366,6 +385,9 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    for name, options in cfg.worker.tasks.items():
+        if options.threads <= 0:
+            raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
     return cfg
 

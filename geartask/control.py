@@ -1,12 +1,10 @@
 """Worker identity and remote control: the names the manager sends to and the worker answers.
 
-Gearman hands a job to exactly one worker, so each worker *process* registers its own
-control function, ``geartask.control:<name>:<ip>:<pid>``; a shutdown job sent there
-reaches that process and no other. Each worker thread identifies itself to the server with
-the client id ``<name>:<ip>:<pid>:<thread-index>``, which ``gearadmin --workers`` and
-the manager show. ``<ip>`` is the local address of that very connection (what that server
-sees), so one process may show a different IP to each server. The manager sends (``shutdown_request``), the worker handles
-(``parse_command``): both halves of the contract live here.
+Each worker process registers its own control function, ``geartask.control:<name>:<ip>:<pid>``
+(Gearman hands a job to exactly one worker); each thread's client id is
+``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees. The send side of
+each control command is here (``*_request``, ``parse_command``); the worker's side is
+geartask.worker.control. docs/worker.md#control-commands describes them.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 CONTROL_PREFIX = "geartask.control"
-COMMANDS = ("shutdown", "ping")
+COMMANDS = ("shutdown", "ping", "stop")
 
 
 def check_name(name: str) -> str:
@@ -95,15 +93,40 @@ def ping_request() -> bytes:
 
     A live process answers at once (its control thread never runs jobs) with a JSON object:
     ``{"ok": true, "command": "ping", "worker": label, "name", "pid", "ips": [...],
-    "threads", "busy", "jobs_done", "started": epoch seconds, "running": [{"handle",
-    "task", "unique", "server", "seconds"}]}``. A process that does not answer within the
-    deadline is *silent*: its host is cut off, frozen or gone. Being a foreground job, an
-    unanswered ping vanishes from gearmand's queue when the asking client disconnects.
+    "threads", "busy" (threads running a job now), "jobs_done", "started": epoch seconds,
+    "running": [{"handle", "task", "unique", "server", "seconds"}], "dedicated": {task:
+    threads}, "max_jobs" (0: none), "tasks": {task: {"complete", "failed", "retried",
+    "seconds_sum", "buckets": {"0.005": n, ..., "+Inf": n}}}}``: counters since the process
+    started, ``buckets`` a cumulative histogram of job durations (Prometheus "le" bounds,
+    geartask.worker.stats.BOUNDS). A process that does not answer within the deadline is
+    *silent*: its host is cut off, frozen or gone.
+
+    An unanswered foreground ping is *not* removed when the asking client disconnects:
+    gearmand keeps it, marked "ignored", and counts it in the function's queue until a grab
+    of that process skips it. So every ping is sent with one shared unique key (the
+    manager's PING_UNIQUE): gearmand coalesces the next ping with a waiting one, leaving at
+    most one such job per silent process however often anyone asks.
     """
     return json.dumps({"command": "ping"}).encode()
 
 
+def stop_request(handle: str, server: str | None = None) -> bytes:
+    """The payload of a stop control job: end the running job ``handle`` (of job server
+    ``server``, "host:port" as the worker's config names it, when handles may clash).
+
+    The worker kills a shell command's process group or an isolated task's child, abandons a
+    plugin task as its watchdog does, and fails the job with "stopped by operator" (not
+    retried). It answers ``{"ok": true, "command": "stop", "worker": label, "handle": H,
+    "stopped": true|false}``: false when that process does not run the job.
+    """
+    cmd: dict = {"command": "stop", "handle": handle}
+    if server is not None:
+        cmd["server"] = server
+    return json.dumps(cmd).encode()
+
+
 MAX_COMMAND_BYTES = 4096  # a control payload is a few dozen bytes; anything bigger is refused unread
+MAX_HANDLE = 1024  # characters of a job handle or server address in a stop command
 
 
 def parse_command(raw: bytes) -> dict:
@@ -120,4 +143,12 @@ def parse_command(raw: bytes) -> dict:
         raise UsageError(f"unknown control command {shown}; known: {', '.join(COMMANDS)}")
     if not isinstance(cmd.get("now", False), bool):
         raise UsageError(f"control 'now' must be true or false, got {repr(cmd['now'])[:80]}")
+    if cmd["command"] == "stop":
+        for key, required in (("handle", True), ("server", False)):
+            value = cmd.get(key)
+            if value is None and not required:
+                continue
+            if not isinstance(value, str) or not value or len(value) > MAX_HANDLE:
+                raise UsageError(f"control 'stop' needs '{key}' as a non-empty string of at most "
+                                 f"{MAX_HANDLE} characters, got {repr(value)[:80]}")
     return cmd

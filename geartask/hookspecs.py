@@ -38,9 +38,10 @@ def geartask_tasks(config: Any) -> dict[str, Callable[[Any], Any]]:
     Each callable is called as ``fn(job)`` for every job of that name, in a worker
     thread. ``job`` has: ``data`` (the payload, JSON-decoded when it is JSON, else text,
     else bytes), ``raw`` (the payload bytes), ``task``, ``handle``, ``unique``, ``attempt``
-    (1 for the first try), ``retries`` (how many retries this job gets), ``config``, ``log`` (a logger bound to this job), and
-    ``status(numerator, denominator)`` and ``send_data(data)`` to report progress and
-    partial output. The return value becomes the job's result: bytes as they are,
+    (1 for the first try), ``retries`` (how many retries this job gets), ``config``, ``log`` (a logger bound to this job),
+    ``cancel`` (a threading.Event set when the job must end: the shutdown grace is over, or an
+    operator stopped it; a long task may watch it), and ``status(numerator, denominator)`` and
+    ``send_data(data)`` to report progress and partial output. The return value becomes the job's result: bytes as they are,
     anything else as JSON. An exception fails this attempt; the worker retries it up to
     ``worker.retries`` times and then fails the job with the reason.
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what geartask needs on a Debian machine: gearmand, the C gearman tools and
-# iproute2 (the network tests build hosts with 'ip netns') from apt (only when missing),
+# Installs what geartask needs on a Debian machine: gearmand, the C gearman tools,
+# iproute2 (the network tests build hosts with 'ip netns') and systemd's systemd-analyze
+# (the deploy/ units are verified with it) from apt (only when missing),
 # then a venv in .venv with geartask and its test extras.
 # Safe to run again; it only adds what is missing.
 set -euo pipefail
@@ -13,6 +14,7 @@ need_apt=()
 command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need_apt+=(gearman-job-server)
 command -v gearadmin >/dev/null 2>&1 || need_apt+=(gearman-tools)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv python3-pip)

@@ -24,15 +24,16 @@ import socket
 import sys
 import threading
 import time
+from typing import Callable
 
 
 class _Pump(threading.Thread):
     """Copies one direction of one connection, slicing and delaying on the way."""
 
     def __init__(self, proxy: "SliceProxy", src: socket.socket, dst: socket.socket, sliced: bool,
-                 delay: float, rng: random.Random):
+                 delay: float, rng: random.Random, down: bool = False):
         super().__init__(daemon=True, name="netproxy-pump")
-        self.proxy, self.src, self.dst = proxy, src, dst
+        self.proxy, self.src, self.dst, self.down = proxy, src, dst, down
         self.sliced, self.delay, self.rng = sliced, delay, rng
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.cond = threading.Condition()
@@ -46,6 +47,8 @@ class _Pump(threading.Thread):
                 chunk = self.src.recv(65536)
                 if not chunk:
                     break
+                if self.proxy.tap is not None:
+                    self.proxy.tap(self, chunk)
                 with self.cond:
                     self.queue.append((time.monotonic() + self.delay, chunk))
                     self.cond.notify()
@@ -101,7 +104,9 @@ class SliceProxy:
     def __init__(self, target: tuple[str, int] | str, listen_host: str = "127.0.0.1", *,
                  listen_port: int = 0, slice_down: bool = True, slice_up: bool = True, delay: float = 0.0,
                  min_slice: int = 1, max_slice: int = 48, pause_chance: float = 0.02,
-                 seed: int | None = None):
+                 seed: int | None = None, tap: Callable[["_Pump", bytes], None] | None = None):
+        """``tap(pump, chunk)``, if given, sees every chunk as it arrives (``pump.down``: from
+        the target), before slicing: a test can parse what the server sends."""
         if isinstance(target, str):
             host, _, port = target.rpartition(":")
             target = (host, int(port))
@@ -109,6 +114,7 @@ class SliceProxy:
         self.slice_down, self.slice_up, self.delay = slice_down, slice_up, delay
         self.min_slice, self.max_slice, self.pause_chance = min_slice, max_slice, pause_chance
         self.rng = random.Random(seed)
+        self.tap = tap
         self.stopped = threading.Event()
         self.is_cut = False
         self.connections = 0
@@ -179,7 +185,7 @@ class SliceProxy:
                 self.connections += 1
             rng = random.Random(self.rng.random())
             self._open[(client, upstream)] = 2
-            _Pump(self, upstream, client, self.slice_down, self.delay, rng).start()
+            _Pump(self, upstream, client, self.slice_down, self.delay, rng, down=True).start()
             _Pump(self, client, upstream, self.slice_up, self.delay, random.Random(rng.random())).start()
 
     def _forget(self, src: socket.socket, dst: socket.socket) -> None:

@@ -1,11 +1,12 @@
 """runworkers: start N threaded Gearman workers for the enabled plugins' tasks and `shell`.
 
     python worker_client/runworkers.py --name w1 --threads 10 [--config PATH] [--servers H:P,...]
-                                       [--plugins eg,...]
+                                       [--plugins eg,...] [--max-jobs N]
 
-Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM, SIGINT or SIGHUP;
-then stops taking jobs, lets in-flight jobs finish within worker.grace seconds and exits 0.
-A second signal exits at once (gearmand requeues what was in flight).
+Runs until a shutdown control job (``manage_client.py shutdown``), SIGTERM, SIGINT, SIGHUP or
+``--max-jobs`` jobs done; then stops taking jobs, lets in-flight jobs finish within
+worker.grace seconds and exits 0. A second signal exits at once (gearmand requeues what was
+in flight).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Sequence
 
 from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_logging
 from ..control import check_name
+from ..errors import UsageError
 from ..logs import flush_logs
 from ..plugins import load_plugins
 from ..shell import veryeasyprocess
@@ -32,6 +34,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, help="worker threads (default: worker.threads)")
     p.add_argument("--plugins", metavar="NAME,...",
                    help="plugins whose tasks to serve (default: plugins.enabled, or every plugin found)")
+    p.add_argument("--max-jobs", type=int, metavar="N",
+                   help="exit 0 after N jobs, for a supervisor to start a fresh process (default: "
+                        "worker.max_jobs; 0: no limit)")
     return p
 
 
@@ -45,14 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         threads = check_threads(config.worker.threads, source, flag=False)
     check_keepalive(config.worker.keepalive, source)
+    max_jobs = config.worker.max_jobs if args.max_jobs is None else args.max_jobs
+    if max_jobs < 0:
+        raise UsageError(f"--max-jobs must be 0 (no limit) or more, got {max_jobs}")
     only = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else None
     # Everything that can fail on bad input fails here, before a single thread starts.
     plugins = load_plugins(config, only=only)
     tasks = isolated_tasks(plugins.tasks(), config)
+    WorkerProcess.plan(config, threads, tasks)  # worker.tasks against the tasks and threads
     ensure_open_files(threads, len(config.servers))
     setup_logging(config, args, "worker", name)
 
-    process = WorkerProcess(config, name, threads, tasks)
+    process = WorkerProcess(config, name, threads, tasks, max_jobs=max_jobs)
     signals_seen = []
 
     def on_signal(signum, frame):

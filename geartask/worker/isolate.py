@@ -243,7 +243,7 @@ def child_main(argv: Sequence[str]) -> int:
         from geartask.config import load_config
         from geartask.logs import configure_logging
         from geartask.plugins import load_plugins
-        from geartask.worker.process import Job
+        from geartask.worker.job import Job
 
         config = load_config(config_path or None)
         configure_logging(config.log, "isolated", task, to_file=False)

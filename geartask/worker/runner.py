@@ -1,0 +1,166 @@
+"""Running one job to its answer: attempts under the retry policy, the result or the failure."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import GeartaskError, ServerError
+from ..jobs import encode_payload
+from ..logs import JOB_LOGGER, get_logger, job_context
+
+from .dead_letters import DeadLetters, cap_text, payload_fields
+from .errors import AttemptFailed, JobRejected
+from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_packets
+from .retry import RetryPolicy
+
+log = get_logger("geartask.worker")
+
+UNANSWERED_LIMIT = 2  # a job handed to this process this often without an answer is failed unrun
+REMEMBERED_JOBS = 10_000  # jobs remembered as unanswered (or failed by the watchdog)
+
+
+class UnansweredJobs:
+    """Jobs (server, handle, unique) handed to this process whose answer never got out, and
+    how often. A job at ``limit`` is failed unrun when gearmand hands it out again: its
+    connection keeps breaking (a poison job), or the watchdog already failed it. Bounded."""
+
+    def __init__(self, limit: int = UNANSWERED_LIMIT, remembered: int = REMEMBERED_JOBS):
+        self.limit, self.remembered = limit, remembered
+        self.seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def count(self, key: tuple, at_least: int = 0) -> None:
+        with self._lock:
+            seen = self.seen
+            seen[key] = max(seen.pop(key, 0) + 1, at_least)
+            while len(seen) > self.remembered:
+                seen.popitem(last=False)
+
+
+class JobRunner:
+    """Runs a job's attempts and returns the packets that answer it.
+
+    A task that raises is retried per the RetryPolicy (a JobRejected never is); after the
+    last attempt the job fails with the reason, which is also written as a dead letter. A
+    success after retries carries its attempts (success_packets). A job whose thread was
+    cancelled ends as ``Abandoned`` (shutdown past grace: gearmand gives it to another
+    worker), or, when an operator stopped it, fails with "stopped by operator", not retried.
+    Each ending is counted in the thread's TaskCounters, and logged as one "job" line per
+    attempt.
+    """
+
+    def __init__(self, config: Any, tasks: dict[str, Callable], label: str, unanswered: UnansweredJobs):
+        self.tasks = tasks
+        self.label = label  # the worker's label in reasons and dead letters (updated by the process)
+        self.retry = RetryPolicy(config.worker)
+        self.unanswered = unanswered
+        self.dead_letters = DeadLetters(Path(config.log.dir) / "dead-letter.jsonl",
+                                        max_bytes=config.log.max_bytes, backups=config.log.backups)
+        self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
+
+    def run(self, thread: Any, job: Job) -> bytes:
+        """Run ``job`` on ``thread`` (a GrabLoop: its cancel, stop_requested, abandoned and
+        counters); the answer's packets. Raises Abandoned, or ServerError when the job's own
+        connection is gone (gearmand requeues the job)."""
+        fn = self.tasks.get(job.task)
+        job_log = self.job_log
+        counters = thread.counters
+        with job_context(task=job.task, handle=job.handle, unique=job.unique):
+            if fn is None:  # only a misbehaving server assigns a task we did not CAN_DO
+                return self.fail(job, {"error": f"no such task {cap_text(job.task, 200)!r} on this worker"},
+                                 0, 0.0)
+            try:
+                job.retries = retries = self.retry.retries_for(job)
+            except JobRejected as e:
+                job_log.info("job", attempt=1, outcome="rejected", seconds=0.0, reason=e.reason)
+                counters.finished(job.task, 0.0, False)
+                return self.fail(job, {"error": e.reason, **e.details}, 1, 0.0)
+            cancel = job.cancel
+            t0 = time.monotonic()
+            attempt = 0
+            while True:
+                attempt += 1
+                job.attempt = attempt
+                a0 = time.monotonic()
+                thread.attempt_started = a0
+                try:
+                    result = fn(job)
+                except BaseException as e:  # SystemExit and KeyboardInterrupt too: a task's, not ours
+                    if isinstance(e, ServerError) and not job._conn.connected:
+                        raise  # our connection is gone: gearmand requeues the job
+                    if cancel.is_set() or thread.abandoned:
+                        return self._interrupted(thread, job, attempt, t0)
+                    now = time.monotonic()
+                    if isinstance(e, JobRejected):
+                        job_log.info("job", attempt=attempt, outcome="rejected", seconds=round(now - a0, 6),
+                                     reason=e.reason)
+                        counters.finished(job.task, now - t0, False)
+                        return self.fail(job, {"error": e.reason, **e.details}, attempt, now - t0)
+                    if isinstance(e, AttemptFailed):
+                        reason = {"error": e.reason, **e.details}
+                    else:
+                        reason = {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
+                    last = attempt > retries
+                    job_log.info("job", attempt=attempt, outcome="failed" if last else "retrying",
+                                 seconds=round(now - a0, 6), reason=cap_text(reason["error"], 500))
+                    if last:
+                        counters.finished(job.task, now - t0, False)
+                        return self.fail(job, reason, attempt, now - t0)
+                    counters.retried(job.task)
+                    if cancel.wait(self.retry.backoff(attempt)) or thread.abandoned:
+                        return self._interrupted(thread, job, attempt, t0)
+                    continue
+                if cancel.is_set() or thread.abandoned:
+                    return self._interrupted(thread, job, attempt, t0)
+                try:
+                    payload = encode_payload(result, job.task)
+                except GeartaskError as e:
+                    counters.finished(job.task, time.monotonic() - t0, False)
+                    return self.fail(job, {"error": f"task result {e}"}, attempt, time.monotonic() - t0)
+                except Exception as e:  # nested too deep for JSON, or a broken container type
+                    counters.finished(job.task, time.monotonic() - t0, False)
+                    return self.fail(job, {"error": f"task result cannot be serialised as JSON: "
+                                                    f"{type(e).__name__}: {e}"}, attempt, time.monotonic() - t0)
+                now = time.monotonic()
+                job_log.info("job", attempt=attempt, outcome="complete", seconds=round(now - a0, 6),
+                             server=job._conn.address)
+                counters.finished(job.task, now - t0, True)
+                return success_packets(job.handle, payload, attempt)
+
+    def _interrupted(self, thread: Any, job: Job, attempt: int, t0: float) -> bytes:
+        """The job's cancel was set: an operator's stop fails it; anything else abandons it."""
+        if thread.stop_requested and not thread.abandoned:
+            seconds = time.monotonic() - t0
+            self.job_log.info("job", attempt=attempt, outcome="stopped", seconds=round(seconds, 6),
+                              reason=STOPPED_BY_OPERATOR)
+            thread.counters.finished(job.task, seconds, False)
+            return self.fail(job, {"error": STOPPED_BY_OPERATOR, "stopped": True}, attempt, seconds)
+        raise Abandoned(job.handle)
+
+    def fail(self, job: Job, reason: dict, attempts: int, seconds: float) -> bytes:
+        """A final failure: the dead letter written, and the packets that tell the client."""
+        reason = {**reason, "error": cap_text(str(reason.get("error"))), "task": job.task,
+                  "attempts": attempts, "worker": self.label}
+        record = {"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
+                  **payload_fields(job.raw, job._data if job._decoded else None), "reason": reason["error"],
+                  "attempts": attempts, "worker": self.label, "seconds": round(seconds, 6)}
+        try:
+            self.dead_letters.append(record)
+        except OSError as e:
+            log.error("cannot write dead letter", error=str(e), path=str(self.dead_letters.path))
+        return failure_packets(job.handle, reason)
+
+    def refuse(self, key: tuple, task: str) -> bytes:
+        """Fail a job that came back after it went unanswered here ``unanswered.limit`` times
+        (or after the watchdog failed it), without running it again."""
+        server, handle, unique = key
+        with job_context(task=task, handle=handle, unique=unique):
+            log.warning("job handed out again after it went unanswered here; failing it unrun",
+                        times=self.unanswered.seen.get(key))
+        return failure_packets(handle, {"error": "this job was handed to this worker again after it "
+                                                 "timed out or went unanswered here: failed without "
+                                                 "running it again", "task": task, "worker": self.label})

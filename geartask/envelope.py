@@ -29,11 +29,16 @@ class EnvelopeError(ValueError):
     """Raised for a payload that starts like an envelope but is not a valid one."""
 
 
+def header(**options: Any) -> bytes:
+    """The envelope that goes in front of a payload (None values are left out): build it once
+    and reuse it for every job with the same options."""
+    fields = {k: v for k, v in options.items() if v is not None}
+    return MAGIC + json.dumps(fields, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
+
+
 def wrap(payload: bytes, **options: Any) -> bytes:
-    """The payload with an envelope holding ``options`` (None values are left out)."""
-    header = {k: v for k, v in options.items() if v is not None}
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return MAGIC + text.encode("ascii") + b"\n" + payload
+    """The payload with an envelope holding ``options``."""
+    return header(**options) + payload
 
 
 def unwrap(raw: bytes) -> tuple[dict | None, bytes]:
@@ -73,3 +78,23 @@ def _check(h: dict) -> None:
             raise EnvelopeError(f"envelope {key!r} must be a string of at most {limit} characters")
     if "prio" in h and h["prio"] not in ("low", "normal", "high"):
         raise EnvelopeError(f"envelope 'prio' must be low, normal or high, got {h['prio']!r}")
+
+
+_CACHE: dict[bytes, dict] = {}
+_CACHE_SIZE = 256  # distinct headers remembered: a sender builds one per set of options per call
+
+
+def unwrap_cached(raw: bytes) -> tuple[dict | None, bytes]:
+    """unwrap(), remembering recent headers: a worker sees the same few over and over, and
+    parsing one per job would be a JSON decode on every no-op job's path."""
+    if not raw.startswith(MAGIC):
+        return None, raw
+    end = raw.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER + 1)
+    head = raw[:end + 1] if end >= 0 else b""
+    options = _CACHE.get(head)
+    if options is None:
+        options, _ = unwrap(raw)  # raises EnvelopeError for a bad one: not cached
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        _CACHE[head] = options
+    return dict(options), raw[end + 1:]

@@ -7,6 +7,7 @@ job server could then run code in every worker.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -71,6 +72,7 @@ class JobDefinition:
     priority: str | None = None
     background: bool | None = None
     retries: int | None = None
+    at: int | None = None  # Unix time: a background job that gearmand holds until then
     extra: dict = field(default_factory=dict)  # anything else a plugin wants to carry along
     _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -104,28 +106,26 @@ class JobDefinition:
                 (text or "").encode("utf-8")
             except UnicodeEncodeError:
                 raise JobDefinitionError(f"{source}: {what!r} is not UTF-8 text: {text!r}", task) from None
+        at = d.pop("at", None)
+        if at is not None:
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at <= 0:
+                raise JobDefinitionError(f"{source}: 'at' must be a Unix time in seconds, got {at!r}", task)
+            if background is False:
+                raise JobDefinitionError(f"{source}: 'at' needs a background job (gearmand holds only those)", task)
+            at = int(math.ceil(at))
         data = d.pop("data", None)
         extra = dict(d.pop("extra", None) or {})
         extra.update(d)
         job = cls(task=task, data=data, unique=unique, priority=priority, background=background,
-                  retries=retries, extra=extra)
+                  retries=retries, at=at, extra=extra)
         job.payload()  # fail now, naming the task, if the data can't be sent
         return job
 
     def payload(self) -> bytes:
-        """The bytes sent to the worker, encoded once (build a new definition to change it).
-
-        ``retries`` travel inside a JSON-object payload, as the key "retries" (a key the data
-        already has wins): Gearman has no field for them, and the worker reads them there.
-        For other data they can't travel, which ``retries_lost`` tells.
-        """
+        """The user's data as the bytes the worker's task gets, encoded once (build a new
+        definition to change it). geartask's own options travel in the envelope in front
+        of them (geartask.envelope), added by the sender."""
         if self._encoded is None:
-            data = self.data
-            if self.retries is not None and isinstance(data, dict) and "retries" not in data:
-                data = {**data, "retries": self.retries}
-            self._encoded = encode_payload(data, self.task)
+            self._encoded = encode_payload(self.data, self.task)
         return self._encoded
 
-    @property
-    def retries_lost(self) -> bool:
-        return self.retries is not None and not isinstance(self.data, dict)

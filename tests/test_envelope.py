@@ -40,3 +40,43 @@ def test_unknown_fields_are_kept_for_newer_senders():
 def test_a_malformed_envelope_is_an_error_naming_what(raw, what):
     with pytest.raises(EnvelopeError, match=what):
         unwrap(raw)
+
+
+# -- through a real worker -------------------------------------------------------------
+
+import gearclient as gc  # noqa: E402
+from geartask import JobSender, load_config  # noqa: E402
+from test_worker import start_worker  # noqa: E402,F401 (a fixture)
+
+
+def test_the_senders_options_reach_the_worker_and_the_data_is_untouched(gearmand, start_worker):
+    w = start_worker(gearmand, name="env")
+    with JobSender(load_config(w.config)) as sender:
+        r = sender.submit_many([{"task": "t.describe", "data": {"x": [1, "two"]}, "retries": 4}])[0]
+    assert r.state == "complete", r.error
+    assert r.result["data"] == {"x": [1, "two"]}  # no "retries" key added to the user's data
+    assert r.result["retries"] == 4
+    assert r.result["options"]["bg"] is False and r.result["options"]["retries"] == 4
+    assert r.result["options"]["prio"] == "normal" and r.result["options"]["host"]
+
+
+def test_a_plain_job_has_no_envelope_and_the_worker_defaults(gearmand, start_worker):
+    start_worker(gearmand, name="plain")
+    o = gc.run_one(gearmand.address, "t.describe", {"retries": 1, "y": 2})
+    assert o.state == "complete" and o.result["options"] is None
+    assert o.result["retries"] == 1  # a plain client's data key, as before the envelope
+
+
+def test_a_hostile_envelope_fails_the_job_once_with_the_reason(gearmand, start_worker):
+    """A client sends a payload that starts like an envelope but isn't one: the job fails at
+    once, not retried, with a reason naming the envelope; the worker goes on."""
+    start_worker(gearmand, name="badenv")
+    for raw in (MAGIC + b"{not json\n{}", MAGIC + b'{"retries": -3}\n{}', MAGIC + b"x" * 10000):
+        conn = gc.connect(gearmand.address)
+        try:
+            [h] = gc.submit(conn, "t.describe", [raw])
+            o = gc.wait(conn, [h], 20)[h]
+        finally:
+            conn.close()
+        assert o.state == "failed" and "envelope" in o.reason["error"] and o.reason["attempts"] == 1, o.reason
+    assert gc.run_one(gearmand.address, "t.describe", "ok").state == "complete"

@@ -166,8 +166,6 @@ def test_attempts_are_the_workers_and_submissions_the_senders(fresh_gearmand, se
     assert (line["state"], line["attempts"], line["submissions"]) == ("failed", 3, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the worker to send its attempts notice, "
-                                       "{\"geartask\": {\"attempts\": N}}, before WORK_COMPLETE (issue 12)")
 def test_a_job_that_succeeded_on_a_retry_shows_the_workers_attempts(fresh_gearmand, setup, workers):
     """eg.flaky fails once and succeeds on the worker's retry: 2 attempts, 1 submission
     (it showed attempts=1 next to a result saying attempt 2)."""

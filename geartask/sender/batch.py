@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from .. import envelope
 from .. import protocol as p
 from ..errors import JobDefinitionError, NoServerError, ServerError
 from ..jobs import JobDefinition, decode_payload, new_unique
@@ -29,17 +30,18 @@ OPEN_JOBS = 10_000  # jobs taken from the caller and not yet reported: the memor
 OPEN_BYTES = 256 * 1024 * 1024  # ... and their payload bytes (one job always fits)
 MAX_WARNINGS = 8  # WORK_WARNINGs kept per job (the last is the failure reason)
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
+HOST = socket.gethostname()  # the envelope's "host": where a job was sent from
 
 
 class _Job:
     """One job in flight: its definition, wire payload, rendezvous order and where it is."""
 
     __slots__ = ("index", "task", "unique", "payload", "priority", "background", "max_retries",
-                 "res", "started", "last_error", "lane", "order", "accepted", "data_bytes")
+                 "res", "started", "last_error", "lane", "order", "accepted", "data_bytes", "at")
 
     def __init__(self, index: int, task: str, unique: str, payload: bytes, priority: str,
-                 background: bool, max_retries: int, order: list["_Lane"]):
-        self.index, self.task, self.unique, self.payload = index, task, unique, payload
+                 background: bool, max_retries: int, order: list["_Lane"], at: int | None = None):
+        self.index, self.task, self.unique, self.payload, self.at = index, task, unique, payload, at
         self.priority, self.background, self.max_retries = priority, background, max_retries
         self.res = JobResult(task=task, unique=unique, background=background, index=index)
         self.started = time.monotonic()
@@ -95,6 +97,8 @@ class Batch:
         self.wait = wait
         self.timeout = timeout
         self.start = time.monotonic()
+        self.submitted_at = round(time.time(), 3)  # the envelope's "at": one per call, so headers are reused
+        self._headers: dict[tuple, bytes] = {}
         self.deadline = self.start + timeout if timeout else None
         self.timed_out = False
         self.pulled = 0
@@ -165,9 +169,6 @@ class Batch:
             raise JobDefinitionError(f"{source} ({d.task}): unique key {d.unique[:20]!r}... is "
                                      f"{len(d.unique.encode('utf-8'))} bytes; gearmand takes at most {MAX_UNIQUE}",
                                      d.task, d.unique)
-        if d.retries_lost:
-            self.log.warning("job retries ignored: they travel only in a JSON-object payload",
-                             task=d.task, unique=d.unique)
         payload = d.payload()  # encoded once, by from_any's check
         if len(payload) > self.max_payload:
             raise JobDefinitionError(f"{source} ({d.task}): data is {len(payload)} bytes, over the "
@@ -177,12 +178,22 @@ class Batch:
         # wait=False sends foreground jobs as background ones: gearmand discards a queued
         # foreground job as soon as its client disconnects (measured on 1.1.20).
         background = settings.background if d.background is None else d.background
-        if not self.wait:
+        if not self.wait or d.at is not None:
             background = True
         unique = d.unique or new_unique()
         lanes = self.lanes
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
-        return _Job(index, d.task, unique, payload, priority, background, settings.max_retries, order)
+        return _Job(index, d.task, unique, self._envelope(background, d.retries, priority) + payload, priority,
+                    background, settings.max_retries, order, d.at)
+
+    def _envelope(self, background: bool, retries: int | None, priority: str) -> bytes:
+        """The job's envelope (geartask.envelope): built once per set of options in a call."""
+        key = (background, retries, priority)
+        head = self._headers.get(key)
+        if head is None:
+            head = self._headers[key] = envelope.header(bg=background, retries=retries, prio=priority,
+                                                        at=self.submitted_at, host=HOST)
+        return head
 
     def _fill(self, first: bool = False) -> None:
         """Take jobs from the caller until the window is full."""
@@ -249,8 +260,12 @@ class Batch:
                     j.res.submissions += 1
                     s.pending.append(j)
                     room -= 1
-                    packets.append(p.pack(p.submit_command(j.priority, j.background), task=j.task,
-                                          unique=j.unique, data=j.payload))
+                    if j.at is None:
+                        packets.append(p.pack(p.submit_command(j.priority, j.background), task=j.task,
+                                              unique=j.unique, data=j.payload))
+                    else:  # held by gearmand until then (gearmand has no priorities for these)
+                        packets.append(p.pack(p.SUBMIT_JOB_EPOCH, task=j.task, unique=j.unique, epoch=j.at,
+                                              data=j.payload))
                     if self.debug:
                         self.log.debug("submit", task=j.task, unique=j.unique, server=s.address,
                                        submission=j.res.submissions)

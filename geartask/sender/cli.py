@@ -27,6 +27,7 @@ from ..config import PRIORITIES
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
+from ..scheduler import cli as schedule_cli
 from .progress import ProgressBar
 from .background import StatusResult
 from .results import JobResult
@@ -83,6 +84,7 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("handles", nargs="*", metavar="HANDLE",
                     help="job handles (default: every background job recorded in log.dir)")
     sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    schedule_cli.add_parser(subs, _common)
     return parser
 
 
@@ -187,10 +189,11 @@ def cmd_shell(config: Any, args: argparse.Namespace) -> int:
     data: dict[str, Any] = {"cmd": cmd}
     if args.timeout:
         data["timeout"] = args.timeout
+    job: dict[str, Any] = {"task": "shell", "data": data}
     if args.retries is not None:
-        data["retries"] = args.retries
+        job["retries"] = args.retries  # in the envelope (geartask.envelope), not the command's data
     # The command's own timeout bounds the job on the worker, so we don't add a second one.
-    return _send(config, args, [{"task": "shell", "data": data}], None)
+    return _send(config, args, [job], None)
 
 
 def cmd_job(config: Any, args: argparse.Namespace) -> int:
@@ -272,7 +275,8 @@ def cmd_status(config: Any, args: argparse.Namespace) -> int:
     return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") else EXIT_OK
 
 
-COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status}
+COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status,
+            "schedule": schedule_cli.cmd_schedule}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from .. import protocol as gp
+from ..envelope import EnvelopeError, unwrap_cached
 from ..errors import GeartaskError
 from ..jobs import decode_payload, encode_payload
 from ..logs import get_logger
@@ -27,7 +28,7 @@ class Job:
     """
 
     __slots__ = ("task", "handle", "unique", "raw", "attempt", "config", "cancel",
-                 "_conn", "_data", "_decoded", "retries", "_log", "started")
+                 "_conn", "_data", "_decoded", "retries", "_log", "started", "options")
 
     def __init__(self, conn: Any, handle: str, task: str, unique: str, raw: bytes,
                  config: Any, cancel: threading.Event):
@@ -40,6 +41,16 @@ class Job:
         self._data = None
         self._log = None
         self.started = 0.0  # monotonic time the worker took the job (for ping)
+        self.options: dict | None = None  # the sender's envelope (geartask.envelope); None for a plain job
+
+    def open_envelope(self) -> None:
+        """Take geartask's options off the payload, leaving ``raw`` as the user's bytes.
+        JobRejected for a malformed envelope: a job that says it is geartask's but can't be
+        read must fail clearly, not run with guessed options."""
+        try:
+            self.options, self.raw = unwrap_cached(self.raw)
+        except EnvelopeError as e:
+            raise JobRejected(str(e)) from None
 
     @property
     def log(self) -> Any:

@@ -21,8 +21,12 @@ class RetryPolicy:
         self.base = worker_config.retry_backoff
 
     def retries_for(self, job: Any) -> int:
-        """The job's retries. JobRejected when its data can't be decoded or its "retries" is
-        not a whole number >= 0."""
+        """The job's retries: its envelope's, else a "retries" key of JSON-object data (plain
+        clients, and the shell task's documented key), else worker.retries. JobRejected when
+        its data can't be decoded or its "retries" is not a whole number >= 0."""
+        options = job.options
+        if options is not None and "retries" in options:
+            return min(options["retries"], self.ceiling)  # checked by geartask.envelope
         data = job.data
         asked = data.get("retries") if isinstance(data, dict) else None
         if asked is None:

@@ -74,6 +74,7 @@ class JobRunner:
                 return self.fail(job, {"error": f"no such task {cap_text(job.task, 200)!r} on this worker"},
                                  0, 0.0)
             try:
+                job.open_envelope()
                 job.retries = retries = self.retry.retries_for(job)
             except JobRejected as e:
                 job_log.info("job", attempt=1, outcome="rejected", seconds=0.0, reason=e.reason)

@@ -46,6 +46,11 @@ def hang(job):
     return "woke up"
 
 
+def describe(job):
+    """What the worker made of a job: its data, retries and envelope options."""
+    return {"data": job.data, "retries": job.retries, "options": job.options}
+
+
 @hookimpl
 def geartask_tasks():
-    return {"t.record": record, "t.fail": fail, "t.progress": progress, "t.hang": hang}
+    return {"t.describe": describe, "t.record": record, "t.fail": fail, "t.progress": progress, "t.hang": hang}

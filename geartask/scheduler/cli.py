@@ -1,0 +1,136 @@
+"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from ..display import printable
+from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError
+from ..plugins import load_plugins
+from .load import load_schedules
+from .schedule import Schedule, slot_text
+from .scheduler import Decision, Scheduler
+
+LIST_BACK = 8  # slots looked back for a schedule's last run
+
+
+def add_parser(subs: Any, common: Any) -> None:
+    sp = subs.add_parser("schedule", help="run the periodic jobs of the config and plugins (a scheduler)",
+                         description="Send each schedule's job at each slot; any number of schedulers may run "
+                                     "at once (each slot runs once). 'schedule list' shows the schedules.")
+    common(sp)
+    sp.add_argument("action", nargs="?", choices=["list"], help="list the schedules, their next runs and last run")
+    sp.add_argument("--once", action="store_true", help="send what is due now and exit (for system cron)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _sender_send(sender: Any):
+    def send(jobs: list[dict]) -> list[str | None]:
+        try:
+            results = sender.submit_many(jobs, wait=False)
+        except GeartaskError as e:
+            return [str(e)] * len(jobs)
+        return [None if r.ok else str(r.error or r.state) for r in results]
+    return send
+
+
+def _outcomes(config: Any) -> Any:
+    """The outcomes client the scheduler asks about missed slots, or None when there is none."""
+    try:
+        from ..outcomes.client import OutcomeClient
+    except ImportError:  # pragma: no cover - outcomes are part of geartask
+        return None
+    return _Ran(OutcomeClient(config))
+
+
+class _Ran:
+    """Adapts the outcomes client to the scheduler's question: did this unique run?"""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def ran(self, unique: str) -> bool | None:
+        try:
+            return self.client.latest(unique=unique) is not None
+        except GeartaskError:
+            return None
+
+    def last(self, unique: str) -> dict | None:
+        try:
+            return self.client.latest(unique=unique)
+        except GeartaskError:
+            return None
+
+
+def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
+    plugins = load_plugins(config)
+    schedules = load_schedules(config, plugins)
+    if args.action == "list":
+        return _list(config, schedules, args.json)
+    if not schedules:
+        print("no schedules: add a 'schedules' list to the config or a geartask_schedules hook to a plugin",
+              file=sys.stderr)
+        return EXIT_FAILED
+    from ..sender.sender import JobSender
+    with JobSender(config) as sender:
+        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config))
+
+        def show(d: Decision) -> None:
+            if args.json:
+                print(json.dumps(d.to_json()), flush=True)
+            elif d.action in ("sent", "ahead", "failed", "unreachable"):
+                what = {"ahead": "handed over", "sent": "sent (missed)", "failed": "NOT sent",
+                        "unreachable": "NOT sent (outcomes unreachable)"}[d.action]
+                when = f" runs {time.strftime('%H:%M:%S', time.localtime(d.run_at))}" if d.run_at else ""
+                print(f"{slot_text(d.slot)} {printable(d.schedule)}: {what}{when}"
+                      + (f" error: {printable(d.error)}" if d.error else ""), flush=True)
+        if args.once:
+            decisions = scheduler.tick()
+            for d in decisions:
+                show(d)
+            return EXIT_FAILED if any(d.action in ("failed", "unreachable") for d in decisions) else EXIT_OK
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: scheduler.stop())
+        scheduler.run_forever(show)
+    return EXIT_OK
+
+
+def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:
+    now = time.time()
+    outcomes = _outcomes(config)
+    rows = []
+    for s in schedules:
+        it = s.after(now)
+        upcoming = [next(it) for _ in range(3)]
+        last = None
+        slot = s.last(now)
+        for _ in range(LIST_BACK):
+            if slot is None or outcomes is None:
+                break
+            rec = outcomes.last(s.unique(slot))
+            if rec is not None:
+                last = {"slot": slot_text(slot), "state": rec.get("state"), "finished_at": rec.get("finished_at"),
+                        "worker": rec.get("worker")}
+                break
+            slot = s.last(slot - 1)
+        rows.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,
+                     "misfire": s.misfire, "next": [slot_text(x) for x in upcoming], "last": last,
+                     "source": s.source})
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return EXIT_OK
+    if not rows:
+        print("no schedules")
+    for r in rows:
+        last = r["last"]
+        last_text = (f"{last['slot']} {last['state']} on {printable(str(last['worker']))}" if last
+                     else "no run known to the outcomes store")
+        print(f"{printable(r['name'])}: {printable(r['task'])} {printable(r['when'])} ({r['timezone']}, "
+              f"misfire {r['misfire']})\n  next: {', '.join(r['next'])}\n  last: {last_text}")
+    return EXIT_OK

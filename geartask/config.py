@@ -84,6 +84,7 @@ class WorkerConfig:
     poll_timeout: float = 5.0  # seconds a sleeping worker waits before it asks again
     keepalive: float = 60.0  # seconds after which a silent server's connection is declared dead
     isolate: list[str] = field(default_factory=list)  # plugin tasks run in a child process each
+    metrics_listen: str = ""  # host:port of this process's own Prometheus /metrics; empty: off
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -122,6 +123,13 @@ class ServerConfig:
 
 
 @dataclass
+class DashboardConfig:
+    listen: str = "127.0.0.1:8470"  # the web dashboard's address; not loopback needs a token
+    refresh: float = 2.0  # seconds between the dashboard's looks at the servers and workers
+    token: str = ""  # when set, every request must carry it (required off loopback)
+
+
+@dataclass
 class Config:
     servers: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_PORT}"])
     log: LogConfig = field(default_factory=LogConfig)
@@ -129,6 +137,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sender: SenderConfig = field(default_factory=SenderConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -148,7 +157,8 @@ class Config:
 _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
-             "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count"}
+             "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
+             "dashboard.refresh"}
 _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace",
@@ -356,6 +366,9 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    for key, value in (("dashboard.listen", cfg.dashboard.listen), ("worker.metrics_listen", cfg.worker.metrics_listen)):
+        if value:
+            parse_hostport(value, key, path)
     return cfg
 
 

@@ -103,6 +103,16 @@ def ping_request() -> bytes:
     return json.dumps({"command": "ping"}).encode()
 
 
+def stop_request(handle: str) -> bytes:
+    """The payload of a stop control job for the running job ``handle``, sent as a foreground job.
+
+    The worker process running it kills a shell command's process group or abandons a plugin
+    task, fails the job with the reason ``stopped by operator`` and answers
+    ``{"ok": true, "stopped": true|false, "handle": H}`` (false: it no longer runs that job).
+    """
+    return json.dumps({"command": "stop", "handle": handle}).encode()
+
+
 MAX_COMMAND_BYTES = 4096  # a control payload is a few dozen bytes; anything bigger is refused unread
 
 

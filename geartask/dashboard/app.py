@@ -181,6 +181,8 @@ class Dashboard:
                        "workers": len(look.processes), "silent": sum(p.silent for p in look.processes),
                        "hosts": len({p.host for p in look.processes}),
                        "connections": sum(f["workers"] for f in functions)},
+            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h)}
+                      for h in sorted({p.host for p in look.processes})],
             "rates": self.monitor.rates(),
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
             "collector": self.settings.collector,

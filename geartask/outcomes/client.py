@@ -122,8 +122,9 @@ class OutcomeClient:
             finally:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
-        raise NoCollectorError(f"no outcomes collector answered within {self.timeout:g}s (is `manage_client.py "
-                               f"outcomes serve` running?): {detail}")
+        within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
+        raise NoCollectorError(f"no outcomes collector answered{within} (is `manage_client.py outcomes serve` "
+                               f"running?): {detail}")
 
 
 def _collector_attached(conn: gp.Connection, timeout: float) -> bool:

@@ -39,6 +39,7 @@ CONNECT_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 10.0  # seconds gearmand may take to answer our grabs before the connection is dropped
 PIPELINE = 50  # grabs in flight per round trip, at most ...
 PIPELINE_BYTES = 64 * 1024 * 1024  # ... and as many as jobs of the last round's biggest size fit in this
+QUERY_PIPELINE = 8  # queries are few, and each may be big (an import)
 MIN_JOB_LIMIT = 16 * 1024 * 1024  # an outcome job bigger than max(this, 8 x max_result) is refused unread
 PRUNE_INTERVAL = 600.0  # seconds between prunes of records past outcomes.keep_days
 RIVAL_FIRST, RIVAL_INTERVAL = 1.0, 60.0  # seconds to the first look for another collector, and between looks
@@ -133,12 +134,12 @@ class _Attachment(threading.Thread):
     collector runs: grab in pipelined rounds, let ``handle`` answer a round, sleep when empty."""
 
     def __init__(self, collector: "Collector", host: str, port: int, function: str, max_job: int,
-                 handle: Callable[[list[gp.Packet], str], bytes]):
+                 handle: Callable[[list[gp.Packet], str], bytes], pipeline: int):
         super().__init__(name=f"collector-{'query' if function == QUERY_FUNCTION else 'outcomes'}-{host}:{port}",
                          daemon=True)
         self.collector, self.host, self.port, self.function = collector, host, port, function
         self.address = f"{host}:{port}"
-        self.max_job, self.handle = max_job, handle
+        self.max_job, self.handle, self.pipeline = max_job, handle, pipeline
         self.attached = False
         self.rounds = 0
 
@@ -180,7 +181,7 @@ class _Attachment(threading.Thread):
             delay = min(delay * 2, RECONNECT_MAX)
 
     def _serve(self, conn: _Guarded) -> None:
-        c, grab, n = self.collector, gp.pack(gp.GRAB_JOB_UNIQ), PIPELINE
+        c, grab, n = self.collector, gp.pack(gp.GRAB_JOB_UNIQ), self.pipeline
         while not c.stopping:
             conn.send_raw(grab * n)
             jobs, empty = [], False
@@ -194,7 +195,7 @@ class _Attachment(threading.Thread):
             if jobs:
                 conn.send_raw(self.handle(jobs, self.address))
                 biggest = max(int(p.args["oversize"]) if "oversize" in p.args else len(p["data"]) for p in jobs)
-                n = max(1, min(PIPELINE, PIPELINE_BYTES // (biggest + 1)))
+                n = max(1, min(self.pipeline, PIPELINE_BYTES // (biggest + 1)))
                 continue  # more may have come while we stored these: grab again before sleeping
             if empty:
                 conn.send(gp.PRE_SLEEP)
@@ -275,25 +276,35 @@ class Collector:
         self.started_at = time.time()
         for host, port in self.servers:
             self._attachments.append(_Attachment(self, host, port, OUTCOME_FUNCTION, self.max_job,
-                                                 self._store_round))
+                                                 self._store_round, PIPELINE))
             self._attachments.append(_Attachment(self, host, port, QUERY_FUNCTION, MAX_REQUEST,
-                                                 self._query_round))
+                                                 self._query_round, QUERY_PIPELINE))
+        self._launch()
+
+    def _launch(self) -> None:
+        log.info("collector starting", client_id=self.client_id, servers=self.addresses,
+                 keep_days=self.config.outcomes.keep_days, max_result=self.max_result)
         self._threads = [*self._attachments, threading.Thread(target=self._housekeeping, daemon=True,
                                                               name="collector-housekeeping")]
         for t in self._threads:
             t.start()
-        log.info("collector started", client_id=self.client_id, servers=self.addresses,
-                 keep_days=self.config.outcomes.keep_days, max_result=self.max_result)
 
     @property
     def addresses(self) -> list[str]:
         return [f"{h}:{p}" for h, p in self.servers]
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Stop taking jobs; each thread finishes the batch it has. True when all have ended."""
+    def request_stop(self) -> None:
+        """Tell every thread to stop, without waiting (safe in a signal handler)."""
         if not self._stop.is_set():
             self._stop.set()
-            os.write(self._wake_w, b"x")
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking jobs; each thread finishes the batch it has. True when all have ended."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():
@@ -439,8 +450,7 @@ class Collector:
                 self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "
                               f"{server}; this one ({self.client_id}) stops")
                 log.error("collector conflict: stopping", server=server, other=w.client_id, ip=w.ip)
-                self._stop.set()
-                os.write(self._wake_w, b"x")
+                self.request_stop()
                 return
             if (server, w.client_id) not in self._warned:
                 self._warned.add((server, w.client_id))

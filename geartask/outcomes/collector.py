@@ -273,17 +273,18 @@ class Collector:
             named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in rivals)
             raise CollectorConflict(f"another outcomes collector is registered: {named}; "
                                     "run one collector for all servers (stop that one first)")
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start the threads (start() without the check: tests use it to make two collectors race)."""
+        log.info("collector starting", client_id=self.client_id, servers=self.addresses,
+                 keep_days=self.config.outcomes.keep_days, max_result=self.max_result)
         self.started_at = time.time()
         for host, port in self.servers:
             self._attachments.append(_Attachment(self, host, port, OUTCOME_FUNCTION, self.max_job,
                                                  self._store_round, PIPELINE))
             self._attachments.append(_Attachment(self, host, port, QUERY_FUNCTION, MAX_REQUEST,
                                                  self._query_round, QUERY_PIPELINE))
-        self._launch()
-
-    def _launch(self) -> None:
-        log.info("collector starting", client_id=self.client_id, servers=self.addresses,
-                 keep_days=self.config.outcomes.keep_days, max_result=self.max_result)
         self._threads = [*self._attachments, threading.Thread(target=self._housekeeping, daemon=True,
                                                               name="collector-housekeeping")]
         for t in self._threads:

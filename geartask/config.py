@@ -123,6 +123,14 @@ class ServerConfig:
 
 
 @dataclass
+class OutcomesConfig:
+    path: Path = Path("var/outcomes.sqlite")  # the collector's store (docs/outcomes.md)
+    keep_days: float = 7.0  # outcomes older than this are pruned
+    max_result: int = 1024 * 1024  # bytes of a result (and of a failed job's data) kept; the rest is cut and flagged
+    store: str = "sqlite"  # backend: geartask.outcomes.store.BACKENDS
+
+
+@dataclass
 class DashboardConfig:
     listen: str = "127.0.0.1:8470"  # the web dashboard's address; not loopback needs a token
     refresh: float = 2.0  # seconds between the dashboard's looks at the servers and workers
@@ -137,6 +145,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sender: SenderConfig = field(default_factory=SenderConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    outcomes: OutcomesConfig = field(default_factory=OutcomesConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: Path | None = None  # the file this came from, None for pure defaults
 
@@ -158,15 +167,17 @@ _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "wor
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
-             "dashboard.refresh"}
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh"}
 _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
-            "server.keepalive.count": 127}
+            "server.keepalive.count": 127,
+            "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace",
                  "sender.max_retries", "log.backups"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("auto", "console", "json"),
             "sender.priority": PRIORITIES,
-            "server.queue.type": ("sqlite", "none")}
+            "server.queue.type": ("sqlite", "none"),
+            "outcomes.store": ("sqlite",)}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
 
 
 def _type_name(tp: Any) -> str:

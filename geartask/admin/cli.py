@@ -13,12 +13,14 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from ..cli import ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds, run
+from ..cli import (ArgumentParser, add_common_args, config_from_args, count, duration, non_negative_seconds,
+                   positive_seconds, run)
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import configure_logging, get_logger
 from ..server import LocalServer
 from . import admin
+from .outcomes_cli import add_outcome_commands, outcome_command
 from .tables import render
 
 DEFAULT_WATCH = 2.0
@@ -80,6 +82,7 @@ def build_parser() -> ArgumentParser:
     add("ping", "round-trip time to each server")
     p = add("server", "the local gearmand of the config's 'server' section")
     p.add_argument("action", choices=("start", "stop", "status"))
+    add_outcome_commands(add, common)
     return parser
 
 
@@ -429,6 +432,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     config = config_from_args(args)
     if args.command == "server":
         return cmd_server(args, config, out, err)
+    if args.command in ("outcomes", "failed"):
+        return outcome_command(args, config, out, err, inp)
     adm = admin.Admin.from_config(config, getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT)
     if args.command in ("status", "workers"):
         return cmd_status_or_workers(args, adm, out, err)

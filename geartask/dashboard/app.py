@@ -96,8 +96,7 @@ def _results(results: list[ServerResult]) -> list[dict]:
 class Dashboard:
     """The application and what it reads: the fleet monitor, the admin API, the outcomes."""
 
-    def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings,
-                 outcomes: OutcomesView | None = None):
+    def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings, outcomes: OutcomesView):
         self.admin, self.monitor, self.settings, self.outcomes = admin, monitor, settings, outcomes
         self.csrf = secrets.token_urlsafe(32)  # per process: a page from here is needed to act
         self.registry = registry_for(self._families)
@@ -239,15 +238,22 @@ class Dashboard:
         task = request.args.get("task", "").strip() or None
         since_text = request.args.get("since", "").strip()
         since = time.time() - parse_duration(since_text, "since") if since_text else None
-        rows = self.outcomes.failed(task=task, since=since) if self.outcomes else []
-        tasks = sorted({r["task"] for r in (self.outcomes.failed() if self.outcomes else [])})
+        rows, tasks, error = [], [], None
+        try:
+            rows = self.outcomes.failed(task=task, since=since)
+            tasks = sorted({r["task"] for r in (rows if task is None and since is None else self.outcomes.failed())})
+        except GeartaskError as e:  # the collector elsewhere did not answer
+            error = str(e)
         return {"task": task, "since": since_text, "failed": rows, "limit": FAILED_LIMIT, "tasks": tasks,
-                "available": self.outcomes is not None,
-                "can_requeue": bool(self.outcomes and self.outcomes.can_requeue)}
+                "error": error}
 
     def job_data(self) -> dict:
         key = request.args.get("key", "").strip()
-        records = self.outcomes.job(key) if (key and self.outcomes) else []
+        records, error = [], None
+        try:
+            records = self.outcomes.job(key) if key else []
+        except GeartaskError as e:
+            error = str(e)
         look = self.monitor.latest()
         running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
                    if key and key in (j.get("handle"), j.get("unique"))]
@@ -266,8 +272,7 @@ class Dashboard:
                 rec["result_text"] = text
             shown.append(rec)
         state = ("running" if running else (shown[-1]["state"] if shown else "unknown"))
-        return {"key": key, "state": state, "outcomes": shown, "running": running,
-                "available": self.outcomes is not None}
+        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error}
 
     # -- actions ------------------------------------------------------------------------------------
     def _fields(self) -> dict:
@@ -409,45 +414,38 @@ class Dashboard:
         if f.get("all") == "yes":
             task = str(f.get("task") or "") or None
             since = time.time() - parse_duration(str(f["since"]), "since") if f.get("since") else None
-            ids = [r["id"] for r in self.outcomes.failed(task=task, since=since)] if self.outcomes else []
+            ids = [r["id"] for r in self.outcomes.failed(task=task, since=since)]
         return ids[:FAILED_LIMIT]
 
-    def _need_outcomes(self) -> OutcomesView:
-        if self.outcomes is None:
-            raise UsageError("no outcome store here: the collector runs elsewhere (--no-collector)")
-        return self.outcomes
-
     def _requeue_describe(self, f: dict) -> str:
-        self._need_outcomes()
         n = len(self._ids(f))
         return f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
 
     def _requeue(self, f: dict) -> tuple[bool, str, Any]:
-        out = self._need_outcomes()
         ids = self._ids(f)
         if not ids:
             return False, "nothing to requeue", []
-        results = out.requeue(ids, by=f"dashboard@{request.remote_addr}")
+        results = self.outcomes.requeue(ids, by=f"dashboard@{request.remote_addr}")
         for r in results:
-            log.info("dashboard requeue", id=r.get("id"), ok=r.get("ok"), handle=r.get("handle"),
-                     error=r.get("error"), client=request.remote_addr)
-        done = sum(1 for r in results if r.get("ok"))
-        return done == len(results), f"{done} of {len(results)} failed job{'s' if len(results) != 1 else ''} requeued", results
+            log.info("dashboard requeue", unique=r.get("unique"), ids=r.get("ids") or r.get("id"), ok=r["ok"],
+                     handle=r.get("handle"), server=r.get("server"), error=r.get("error"), client=request.remote_addr)
+        done = sum(1 for r in results if r["ok"])
+        why = "; ".join(str(r["error"]) for r in results if not r["ok"])
+        return done == len(results), (f"{done} of {len(results)} failed job{'s' if len(results) != 1 else ''} "
+                                      "requeued" + (f" ({why})" if why else "")), results
 
     def _purge_describe(self, f: dict) -> str:
-        self._need_outcomes()
         if f.get("older_than"):
             return f"Delete every failed job record older than {printable(str(f['older_than']))}?"
         n = len(self._ids(f))
         return f"Delete {n} failed job record{'s' if n != 1 else ''}? They can't be requeued afterwards."
 
     def _purge(self, f: dict) -> tuple[bool, str, Any]:
-        out = self._need_outcomes()
         if f.get("older_than"):
-            n = out.purge(older_than=time.time() - parse_duration(str(f["older_than"]), "older than"))
+            n = self.outcomes.purge(older_than=time.time() - parse_duration(str(f["older_than"]), "older than"))
         else:
             ids = self._ids(f)
-            n = out.purge(ids=ids) if ids else 0
+            n = self.outcomes.purge(ids=ids) if ids else 0
         log.info("dashboard purge", purged=n, client=request.remote_addr)
         return True, f"{n} failed job record{'s' if n != 1 else ''} purged", {"purged": n}
 

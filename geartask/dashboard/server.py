@@ -15,7 +15,10 @@ from ..errors import GeartaskError, UsageError
 from ..logs import configure_logging, get_logger
 from .app import Dashboard, Settings
 from .fleet import FleetMonitor
-from .outcomes import OutcomesView
+from ..outcomes.client import OutcomeClient
+from ..outcomes.collector import Collector
+from ..outcomes.store import open_store
+from .outcomes import LocalOutcomeClient, OutcomesView
 
 log = get_logger("geartask.dashboard")
 THREADS = 8  # waitress request threads: pages wait on servers (with deadlines), never on each other
@@ -64,29 +67,34 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
 
     Returns (dashboard, things to start in order: each has start() and stop())."""
     admin = Admin.from_config(config, timeout)
-    outcomes, parts = None, []
-    if collector and hasattr(config, "outcomes"):  # TODO(collector merge): drop this guard
-        from ..outcomes.collector import Collector
-        from ..outcomes.store import open_store
+    parts: list = []
+    if collector:
         store = open_store(config.outcomes.store, config.outcomes.path)
-        parts.append(Collector(config, store))
-        outcomes = OutcomesView(store, _requeuer(config, store))
-    monitor = FleetMonitor(admin, refresh, outcomes.counts if outcomes else None)
+        parts.append(_Closing(store))  # stopped last: after the collector
+        running = Collector(config, store)
+        parts.append(running)
+        client: OutcomeClient = LocalOutcomeClient(config, running.queries)
+    else:
+        client = OutcomeClient(config, timeout)
+    outcomes = OutcomesView(config, client)
+    monitor = FleetMonitor(admin, refresh, outcomes.counts)
     parts.append(monitor)
     settings = Settings(refresh=refresh, token=token, allowed_hosts=allowed_hosts(where),
                         collector="in this process" if collector else "elsewhere")
     return Dashboard(admin, monitor, settings, outcomes), parts
 
 
-def _requeuer(config: Config, store):
-    try:
-        from ..outcomes.requeue import requeue_records
-    except ImportError:
-        return None
+class _Closing:
+    """Closes the outcome store when the dashboard stops (the collector does not own it)."""
 
-    def requeue(records: list[dict], by: str) -> list[dict]:
-        return requeue_records(config, store, records, by)
-    return requeue
+    def __init__(self, store):
+        self.store = store
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.store.close()
 
 
 def serve(config: Config, *, listen: str, refresh: float, token: str, collector: bool,
@@ -131,8 +139,8 @@ def serve(config: Config, *, listen: str, refresh: float, token: str, collector:
         server.close()
         for part in reversed(started):
             part.stop()
-            if hasattr(part, "join"):
-                part.join()
+            if hasattr(part, "close"):
+                part.close()
         log.info("dashboard stopped")
     return 0
 

@@ -397,3 +397,69 @@ def test_stop_a_real_running_shell_job(gearmand, make_config, fname):
         conn.close()
     finally:
         w.stop()
+
+
+# -- failed jobs, through the collector the dashboard runs ----------------------------------
+
+def _report_failed(server, task: str, unique: str, data: bytes, attempts: int = 3) -> dict:
+    """What a worker does for a job that failed for good: a background job of geartask.outcomes."""
+    from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
+    rec = make_record(server=server.address, handle=f"H:test:{unique}", task=task, state="failed", unique=unique,
+                      attempts=attempts, worker="fw:127.0.0.1:1", reason={"error": f"exit status 1 ({unique})"},
+                      data=data, background=True)
+    conn = gearclient.connect(server.address)
+    try:
+        for payload in encode_batches([rec]):
+            conn.send(gearclient.gp.submit_command("normal", True), task=OUTCOME_FUNCTION, unique=rec["id"],
+                      data=payload)
+            conn.expect(gearclient.gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+    return rec
+
+
+def test_failed_page_lists_filters_requeues_and_purges(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    d = dashboards(path, refresh=0.5)
+    a = _report_failed(srv, fname, f"{fname}-a", b'{"n": 1}')
+    b = _report_failed(srv, fname + ".other", f"{fname}-b", b'{"n": 2}')
+    c = _report_failed(srv, fname, f"{fname}-c", b'{"n": 3}')
+    wait_until(lambda: len(d.get_json("/failed")["failed"]) == 3, 15, message="3 failed jobs stored and listed")
+    page = d.get_json(f"/failed?task={fname}&since=1h")
+    assert sorted(r["unique"] for r in page["failed"]) == [f"{fname}-a", f"{fname}-c"]
+    assert all(r["attempts"] == 3 and "exit status 1" in r["error"] for r in page["failed"])
+    assert d.get_json("/failed?since=0s")["failed"] == []
+    html = d.get(f"/failed?task={fname}").text
+    assert f"{fname}-a" in html and f"{fname}-b" not in html
+    job = d.get_json(f"/job?key={fname}-a")
+    assert job["state"] == "failed" and job["outcomes"][0]["reason"] == {"error": f"exit status 1 ({fname}-a)"}
+    # requeue one: the original task and data go back to gearmand (no worker runs fname here)
+    r = d.act("requeue", only=a["id"])
+    assert r.status == 200 and r.json()["ok"], r.text
+    assert gearclient.queued(srv.address, fname) == 1
+    assert [x["unique"] for x in d.get_json("/failed")["failed"]] == [c["unique"], b["unique"]]
+    rec = d.get_json(f"/job?key={fname}-a")["outcomes"][0]
+    assert rec["requeues"][0]["by"] == "dashboard@127.0.0.1" and rec["requeues"][0]["handle"]
+    # purge one by id, then everything older than now
+    r = d.act("purge", only=b["id"])
+    assert r.status == 200 and r.json()["details"] == {"purged": 1}
+    r = d.act("purge", older_than="0s")  # c, and a's record (requeued, but still a failure)
+    assert r.status == 200 and r.json()["details"] == {"purged": 2}
+    assert d.get_json("/failed")["failed"] == []
+    log = (path.parent / "logs" / "dashboard.log").read_text()
+    assert '"dashboard requeue"' in log and '"dashboard purge"' in log
+
+
+def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    lone = dashboards(path, "--no-collector", refresh=0.5)
+    err = lone.get_json("/failed")["error"]
+    assert "no outcomes collector answered" in err  # shown on the page, not a crash
+    path2, _ = make_config(srv, f"outcomes:\n  path: {path.parent / 'other.sqlite'}\n", name="collector.yaml")
+    with_collector = dashboards(path2, refresh=0.5)
+    _report_failed(srv, fname, f"{fname}-x", b"{}")
+    wait_until(lambda: [r["unique"] for r in lone.get_json("/failed")["failed"]] == [f"{fname}-x"], 15,
+               message="read through gearmand from the other dashboard's collector")
+    assert with_collector.get_json("/failed")["failed"][0]["unique"] == f"{fname}-x"

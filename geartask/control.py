@@ -103,14 +103,19 @@ def ping_request() -> bytes:
     return json.dumps({"command": "ping"}).encode()
 
 
-def stop_request(handle: str) -> bytes:
-    """The payload of a stop control job for the running job ``handle``, sent as a foreground job.
+def stop_request(handle: str, server: str | None = None) -> bytes:
+    """The payload of a stop control job: end the running job ``handle`` (of job server
+    ``server``, "host:port" as the worker's config names it, when handles may clash).
 
-    The worker process running it kills a shell command's process group or abandons a plugin
-    task, fails the job with the reason ``stopped by operator`` and answers
-    ``{"ok": true, "stopped": true|false, "handle": H}`` (false: it no longer runs that job).
+    The worker kills a shell command's process group or an isolated task's child, abandons a
+    plugin task as its watchdog does, and fails the job with "stopped by operator" (not
+    retried). It answers ``{"ok": true, "command": "stop", "worker": label, "handle": H,
+    "stopped": true|false}``: false when that process does not run the job.
     """
-    return json.dumps({"command": "stop", "handle": handle}).encode()
+    cmd: dict = {"command": "stop", "handle": handle}
+    if server is not None:
+        cmd["server"] = server
+    return json.dumps(cmd).encode()
 
 
 MAX_COMMAND_BYTES = 4096  # a control payload is a few dozen bytes; anything bigger is refused unread

@@ -347,7 +347,8 @@ def test_stop_goes_to_the_process_that_runs_the_job_through_a_slicing_proxy(fres
         assert report.ok, report.to_dict()
         (j,) = report.jobs
         assert (j.handle, j.name, j.pid, j.outcome) == ("H:test:77", "busy", 6002, "stopped")
-        assert [c for _, c in runner.received if c["command"] == "stop"] == [{"command": "stop", "handle": "H:test:77"}]
+        assert [c for _, c in runner.received if c["command"] == "stop"] == [{"command": "stop", "handle": "H:test:77",
+                                                                                 "server": srv.address}]
         assert not [c for _, c in other.received if c["command"] == "stop"]
         again = sliced.stop_job("H:test:77")  # no longer running anywhere
         assert not again.ok and again.jobs == []
@@ -463,3 +464,27 @@ def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand
     wait_until(lambda: [r["unique"] for r in lone.get_json("/failed")["failed"]] == [f"{fname}-x"], 15,
                message="read through gearmand from the other dashboard's collector")
     assert with_collector.get_json("/failed")["failed"][0]["unique"] == f"{fname}-x"
+
+
+def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):
+    """worker.metrics_listen: geartask.metrics.start_worker_metrics fed by a real WorkerProcess's
+    ping reply (the worker starts it when the key is set)."""
+    import urllib.request
+
+    from geartask.metrics import start_worker_metrics
+    from workers import in_process_worker
+    path, config = make_config(gearmand)
+    with in_process_worker(config, gearmand.address, "mx", 2) as process:
+        port = free_port()
+        server = start_worker_metrics(f"127.0.0.1:{port}", process.ping_reply)
+        try:
+            assert all(o.state == "complete" for o in gearclient.run(gearmand.address, "eg.reverse", ["ab"] * 7))
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            _promtool(text)
+            m = _samples(text)
+            assert m[("geartask_worker_threads", (("host", "127.0.0.1"), ("name", "mx")))] == 2
+            if "tasks" in process.ping_reply():  # the per-task counters (branch worker12)
+                assert m[("geartask_jobs_total", (("outcome", "complete"), ("task", "eg.reverse")))] == 7
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -682,7 +682,7 @@ class Admin:
             stop = JobStop(handle, str(job.get("task")), str(job.get("unique")), job_server, name, pid, server)
             h, _, port = server.rpartition(":")
             try:
-                reply = server_control_call(h, int(port), function, stop_request(handle),
+                reply = server_control_call(h, int(port), function, stop_request(handle, job_server),
                                             f"{CONTROL_PREFIX}:stop:{handle}"[:MAX_FUNCTION], self.timeout)
                 stop.outcome = "stopped" if reply.get("stopped") is True else "not running"
             except GeartaskError as e:

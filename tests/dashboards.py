@@ -12,11 +12,21 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import gearclient
 from geartask.server import free_port
 
 from helpers import REPO, wait_until
 
 MANAGE = REPO / "manage_client" / "manage_client.py"
+
+
+def queue_background(server, function: str, n: int) -> None:
+    """Queue ``n`` background jobs of ``function`` on ``server`` (no worker needed)."""
+    conn = gearclient.connect(server.address)
+    try:
+        gearclient.submit(conn, function, [{"i": i} for i in range(n)], background=True)
+    finally:
+        conn.close()
 
 
 class Reply:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gearclient
-from dashboards import DashboardProc
+from dashboards import DashboardProc, queue_background
 from fakeworker import FakeControlWorker
 from geartask.admin import admin
 from geartask.control import COMMANDS
@@ -33,14 +33,6 @@ PAGES = ["/", "/functions", "/workers", "/jobs", "/failed", "/job?key=nothing"]
 def _addr(server) -> tuple[str, int]:
     host, port = server.address.rsplit(":", 1)
     return host, int(port)
-
-
-def _queue(server, function: str, n: int) -> None:
-    conn = gearclient.connect(server.address)
-    try:
-        gearclient.submit(conn, function, [{"i": i} for i in range(n)], background=True)
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -81,7 +73,7 @@ def test_bad_listen_is_a_usage_error(gearmand, make_config):
 
 def test_with_a_token_every_request_needs_it_and_changes_nothing_without(gearmand, make_config, fname, dashboards):
     path, _ = make_config(gearmand)
-    _queue(gearmand, fname, 3)
+    queue_background(gearmand, fname, 3)
     d = dashboards(path, "--token", "s3cret-token-for-tests")
     for page in PAGES + ["/metrics", "/static/dashboard.css"]:
         r = d.get(page)
@@ -110,7 +102,7 @@ def test_with_a_token_every_request_needs_it_and_changes_nothing_without(gearman
 
 def test_post_without_csrf_or_confirmation_changes_nothing(gearmand, make_config, fname, dashboards):
     path, _ = make_config(gearmand)
-    _queue(gearmand, fname, 4)
+    queue_background(gearmand, fname, 4)
     d = dashboards(path)
     json_hdr = {"Accept": "application/json"}
     for fields in ({"function": fname, "confirm": "yes"}, {"function": fname, "confirm": "yes", "csrf": "forged"}):
@@ -156,7 +148,7 @@ def test_every_page_is_html_and_json(gearmand, make_config, dashboards):
 def test_hostile_names_are_escaped(fresh_gearmand, make_config, dashboards):
     path, _ = make_config(fresh_gearmand)
     evil = "<script>alert(1)</script>\x1b[2J"
-    _queue(fresh_gearmand, evil, 1)
+    queue_background(fresh_gearmand, evil, 1)
     d = dashboards(path)
     wait_until(lambda: any(f["function"] == evil for f in d.get_json("/functions")["functions"]), 10,
                message="the function is listed")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import gearclient
-from dashboards import DashboardProc
+from dashboards import DashboardProc, queue_background
 from helpers import REPO, wait_until
 from workers import WorkerProc
 
@@ -53,7 +52,7 @@ def browser(tmp_path, request):
 def fleet(gearmand_factory, make_config, tmp_path):
     """Two servers, a config naming both, and a way to start workers and the dashboard."""
     s1, s2 = gearmand_factory(), gearmand_factory()
-    path, _ = make_config([s1, s2], "worker:\n  shell:\n    allow: [sleep, 'false']\n  retries: 0\n")
+    path, _ = make_config([s1, s2], "worker:\n  shell:\n    allow: [sleep, sh]\n  retries: 0\n")
     procs: list = []
 
     class Fleet:
@@ -103,14 +102,6 @@ def _shows(driver, css: str, *texts: str) -> None:
     wait_until(lambda: all(t in _text(driver, css) for t in texts), 10, 0.1, message=f"{css} showing {texts}")
 
 
-def _queue(server, function: str, n: int) -> None:
-    conn = gearclient.connect(server.address)
-    try:
-        gearclient.submit(conn, function, [{"i": i} for i in range(n)], background=True)
-    finally:
-        conn.close()
-
-
 def _gearadmin_queued(server, function: str) -> int:
     host, port = server.address.rsplit(":", 1)
     out = subprocess.run(["gearadmin", "-h", host, "-p", port, "--status"], capture_output=True, text=True,
@@ -133,8 +124,8 @@ def test_overview_shows_both_servers_and_the_worker_ips_and_counts_change_live(b
     wait_until(lambda: "127.0.0.1" in _text(browser, ".hosts"), 10, message="the worker's IP shown")
     assert _text(browser, "#total-queued") == "0"
     browser.execute_script("window.notReloaded = true;")
-    _queue(s1, fname, 5)
-    _queue(s2, fname, 2)
+    queue_background(s1, fname, 5)
+    queue_background(s2, fname, 2)
     wait_until(lambda: _text(browser, "#total-queued") == "7", 10, message="7 queued shown")
     assert browser.execute_script("return window.notReloaded === true;"), "the page was reloaded"
     # the per-function chart appeared for the new function, as inline SVG
@@ -144,17 +135,17 @@ def test_overview_shows_both_servers_and_the_worker_ips_and_counts_change_live(b
     browser.execute_script("window.notReloaded = true;")
     row = f'tr[data-function="{fname}"] td.queued'
     wait_until(lambda: _text(browser, row) == "7", 10, message="7 queued on the Functions page")
-    _queue(s1, fname, 3)
+    queue_background(s1, fname, 3)
     wait_until(lambda: _text(browser, row) == "10", 10, message="10 queued, without reloading")
     assert browser.execute_script("return window.notReloaded === true;")
 
 
 def test_clear_a_function_from_the_functions_page(browser, fleet, fname):
     s1, s2 = fleet.servers
-    _queue(s1, fname, 6)
-    _queue(s2, fname, 4)
+    queue_background(s1, fname, 6)
+    queue_background(s2, fname, 4)
     other = fname + ".other"
-    _queue(s1, other, 3)
+    queue_background(s1, other, 3)
     d = fleet.dashboard()
     browser.get(d.url + "/functions?sort=queued&desc=1")
     wait_until(lambda: _text(browser, f'tr[data-function="{fname}"] td.queued') == "10", 10, message="10 queued")
@@ -216,11 +207,12 @@ def test_requeue_a_failed_job_from_the_failed_page(browser, fleet, fname, tmp_pa
     fleet.worker("rw")
     d = fleet.dashboard()
     # fails while the flag file is missing, succeeds once it is there
-    from geartask.sender.sender import JobSender  # noqa: F401  (the sender the user would use)
-    from helpers import run_script
-    r = run_script("send_job_client/send_job_client.py", "--config", str(fleet.config), "shell", "--background",
-                   "--unique", fname, "--", "sh", "-c", f"test -e {flag}", timeout=60)
-    assert r.returncode == 0, r.stderr
+    from geartask.config import load_config
+    from geartask.sender.sender import JobSender
+    with JobSender(load_config(fleet.config), record_background=False) as sender:
+        (res,) = sender.submit_many([{"task": "shell", "data": {"cmd": ["sh", "-c", f"test -e {flag}"]},
+                                      "unique": fname, "background": True, "retries": 0}], wait=False)
+    assert res.state == "queued", res
     browser.get(d.url + "/failed")
     wait_until(lambda: fname in _text(browser, "table.failed"), 30, message="the failed job listed")
     flag.write_text("now it works")

@@ -211,17 +211,21 @@ def _version(conn: Connection, timeout: float) -> str:
     return m.group(1)
 
 
+def _status_on(conn: Connection, timeout: float) -> dict:
+    t0 = time.monotonic()
+    version = _version(conn, timeout)
+    rtt = time.monotonic() - t0
+    functions = parse_status(conn.text_command("status", timeout))
+    return {"version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions}
+
+
 def server_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Round trip, version and per-function counts of one server."""
     conn = _connect(host, port, timeout)
     try:
-        t0 = time.monotonic()
-        version = _version(conn, timeout)
-        rtt = time.monotonic() - t0
-        functions = parse_status(conn.text_command("status", timeout))
+        return {"reachable": True, **_status_on(conn, timeout)}
     finally:
         conn.close()
-    return {"reachable": True, "version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions}
 
 
 def server_workers(host: str, port: int, ping: bool = False,
@@ -353,17 +357,13 @@ def server_snapshot(host: str, port: int, ping: bool = True, timeout: float = DE
     per-function counts, every connection and (with ``ping``) every worker process's ping."""
     conn = _connect(host, port, timeout)
     try:
-        t0 = time.monotonic()
-        version = _version(conn, timeout)
-        rtt = time.monotonic() - t0
-        functions = parse_status(conn.text_command("status", timeout))
+        status = _status_on(conn, timeout)
         connections = parse_workers(conn.text_command("workers", timeout))
         pings = _ping(conn, _control_functions(connections), timeout) if ping else []
         _mark_silent(connections, pings)
     finally:
         conn.close()
-    return {"version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions,
-            "connections": connections, "pings": pings}
+    return {**status, "connections": connections, "pings": pings}
 
 
 def server_control_call(host: str, port: int, function: str, payload: bytes, unique: str,

@@ -480,3 +480,58 @@ def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_jobs_page_cancels_a_queued_job_and_searches_by_unique(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    conn = gearclient.connect(srv.address)
+    handles = gearclient.submit(conn, fname, [{"i": 1}, {"i": 2}], background=True,
+                                uniques=[f"{fname}-1", f"{fname}-2"])
+    conn.close()
+    d = dashboards(path)
+    jobs = d.get_json("/jobs")["servers"][0]
+    assert sorted(j["handle"] for j in jobs["jobs"]) == sorted(handles)
+    assert all(j["state"] == "queued" for j in jobs["jobs"])
+    assert sorted(jobs["unique_keys"]) == [f"{fname}-1", f"{fname}-2"]
+    assert d.get_json(f"/jobs?unique={fname}-2")["servers"][0]["unique_keys"] == [f"{fname}-2"]
+    r = d.act("cancel", handle=handles[0])
+    assert r.status == 200 and r.json()["ok"], r.text
+    states = {j["handle"]: j["state"] for j in d.get_json("/jobs")["servers"][0]["jobs"]}
+    assert states[handles[0]] == "cancelled" and states[handles[1]] == "queued"
+    r = d.act("cancel", handle=handles[0])
+    assert r.status == 409 and "already cancelled" in r.json()["message"]
+
+
+def test_functions_sort_and_shutdown_per_host(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    queue_background(srv, fname + ".few", 2)
+    queue_background(srv, fname + ".many", 9)
+    here = FakeControlWorker([_addr(srv)], "here", 7001)
+    there = FakeControlWorker([_addr(srv)], "there", 7002, source_ips=["127.0.0.2"])
+    try:
+        d = dashboards(path, refresh=0.5)
+        rows = d.get_json("/functions?sort=queued&desc=1")["functions"]
+        assert [r["function"] for r in rows[:2]] == [fname + ".many", fname + ".few"]
+        assert [r["function"] for r in d.get_json("/functions?sort=queued")["functions"]
+                if r["function"].startswith(fname)] == [fname + ".few", fname + ".many"]
+        wait_until(lambda: {h["host"] for h in d.get_json("/workers")["hosts"]} == {"127.0.0.1", "127.0.0.2"}, 10,
+                   message="two hosts")
+        r = d.act("shutdown", host="127.0.0.2")
+        assert r.status == 200 and r.json()["ok"], r.text
+        wait_until(lambda: there.stopped.is_set(), 10, message="the worker on 127.0.0.2 told to stop")
+        assert [c["command"] for _, c in there.received if c["command"] != "ping"] == ["shutdown"]
+        assert not [c for _, c in here.received if c["command"] == "shutdown"]
+        # 'now' needs a second confirmation
+        r = d.post("/actions/shutdown", {"csrf": d.csrf(), "confirm": "yes", "name": "here", "pid": "7001",
+                                         "now": "yes"}, headers={"Accept": "application/json"})
+        assert r.status == 409 and "confirm_now=yes" in r.json()["message"]
+        assert not [c for _, c in here.received if c["command"] == "shutdown"]
+        r = d.act("shutdown", name="here", pid="7001", now="yes", confirm_now="yes")
+        assert r.status == 200 and r.json()["ok"], r.text
+        wait_until(lambda: [c for _, c in here.received if c["command"] == "shutdown"] ==
+                   [{"command": "shutdown", "now": True}], 10, message="shutdown now received")
+    finally:
+        here.close()
+        there.close()

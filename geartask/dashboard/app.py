@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-import re
 import secrets
 import time
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..admin.admin import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
+from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
@@ -36,16 +37,12 @@ TOKEN_COOKIE = "geartask_dashboard_token"
 RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; the rest is cut
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_duration(text: str, what: str) -> float:
-    """'90', '30m', '1h', '7d' -> seconds; UsageError naming ``what`` otherwise."""
-    m = _DURATION.fullmatch(text.strip())
-    if m is None:
-        raise UsageError(f"{what}: expected a duration like 30m, 1h or 7d, got {text[:40]!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
+    try:
+        return duration(text.strip())
+    except ArgumentTypeError as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 @dataclass

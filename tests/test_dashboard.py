@@ -538,3 +538,32 @@ def test_functions_sort_and_shutdown_per_host(fresh_gearmand, make_config, fname
     finally:
         here.close()
         there.close()
+
+
+def test_silent_and_lying_worker_processes(fresh_gearmand, make_config, dashboards):
+    """A process that never answers its control function is flagged silent; one whose ping reply
+    has the wrong shapes (anyone can register a control function) breaks no page."""
+    srv = fresh_gearmand
+    silent = FakeControlWorker([_addr(srv)], "mute", 8001, answer=False)
+    liar = FakeControlWorker([_addr(srv)], "liar", 8002, reply_extra={
+        "threads": "many", "busy": True, "jobs_done": 1e300, "started": "yesterday",
+        "running": [1, {"handle": 5, "seconds": "long", "unique": ["x"]}, "<b>"],
+        "tasks": {"t": "x", "u": {"complete": "7", "buckets": {"nope": 1}}}, "name": "<script>"})
+    try:
+        path, _ = make_config(srv)
+        d = dashboards(path, "--timeout", "1", refresh=0.5)
+        def procs():
+            return {p["name"]: p for h in d.get_json("/workers")["hosts"] for p in h["processes"]}
+        wait_until(lambda: procs().get("mute", {}).get("silent") is True, 15, message="mute flagged silent")
+        liar_row = procs()["liar"]
+        assert liar_row["silent"] is False and liar_row["threads"] is None and liar_row["started"] is None
+        assert liar_row["running"] == [{"handle": "5", "task": None, "unique": "['x']", "server": None,
+                                        "seconds": None}]
+        for page in PAGES + ["/metrics"]:
+            assert d.get(page).status == 200, page
+        assert "<script>" not in d.get("/workers").text
+        _promtool(d.get("/metrics").text)
+        assert d.get_json("/")["totals"]["silent"] == 1
+    finally:
+        silent.close()
+        liar.close()

@@ -26,6 +26,19 @@ MAX_CHARTED = 200  # functions with a history; anyone can register names, memory
 log = get_logger("geartask.dashboard")
 
 
+def _number(value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e15:
+        return None
+    return kind(value)
+
+
+def _running(job: dict) -> dict:
+    """One entry of a ping's "running" list, as strings and a number."""
+    out = {k: str(job[k])[:1024] if job.get(k) is not None else None for k in ("handle", "task", "unique", "server")}
+    out["seconds"] = _number(job.get("seconds"), float)
+    return out
+
+
 def is_control(function: str) -> bool:
     return function.startswith(CONTROL_PREFIX + ":")
 
@@ -188,11 +201,12 @@ class FleetMonitor:
                         sorted(functions.get(key, ())), silent=bool(proc.control) and (
                             key not in self._last_seen or self._missed.get(key, 0) >= 2),
                         last_seen=self._last_seen.get(key))
-            if reply is not None:
-                p.threads, p.busy, p.jobs_done = reply.get("threads"), reply.get("busy"), reply.get("jobs_done")
-                p.started = reply.get("started")
+            if reply is not None:  # a peer's answer: only what has the documented shape is kept
+                p.threads, p.busy, p.jobs_done = (_number(reply.get(k), int) for k in ("threads", "busy", "jobs_done"))
+                p.started = _number(reply.get("started"), float)
                 running = reply.get("running")
-                p.running = [j for j in running if isinstance(j, dict)][:1000] if isinstance(running, list) else []
+                p.running = [_running(j) for j in running[:1000] if isinstance(j, dict)] \
+                    if isinstance(running, list) else []
                 replies.append((host, reply))
             out.append(p)
         live = {(p.name, p.pid) for p in out}

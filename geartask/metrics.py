@@ -212,6 +212,7 @@ def start_worker_metrics(listen: str, ping_reply: Callable[[], dict]):
     from prometheus_client import start_http_server
 
     from .config import parse_hostport
+    from .errors import UsageError
 
     host, port = parse_hostport(listen, "worker.metrics_listen")
 
@@ -220,5 +221,8 @@ def start_worker_metrics(listen: str, ping_reply: Callable[[], dict]):
         ips = reply.get("ips") or ["127.0.0.1"]
         return job_families(clean_tasks(reply.get("tasks"))) + worker_families([(str(ips[0]), reply)])
 
-    server, _thread = start_http_server(port, addr=host, registry=registry_for(families))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry_for(families))
+    except OSError as e:
+        raise UsageError(f"worker.metrics_listen {listen}: cannot listen there: {e.strerror or e}") from None
     return server

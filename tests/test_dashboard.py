@@ -567,3 +567,13 @@ def test_silent_and_lying_worker_processes(fresh_gearmand, make_config, dashboar
     finally:
         silent.close()
         liar.close()
+
+
+def test_worker_metrics_on_a_taken_port_is_a_clear_usage_error():
+    from geartask.errors import UsageError
+    from geartask.metrics import start_worker_metrics
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(UsageError, match=r"worker.metrics_listen 127.0.0.1:\d+: cannot listen there"):
+            start_worker_metrics(f"127.0.0.1:{taken.getsockname()[1]}", dict)

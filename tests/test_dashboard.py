@@ -463,22 +463,27 @@ def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand
 
 def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):
     """worker.metrics_listen: geartask.metrics.start_worker_metrics fed by a real WorkerProcess's
-    ping reply (the worker starts it when the key is set)."""
+    ping reply (here asked through its control function; the worker passes its own)."""
     import urllib.request
 
     from geartask.metrics import start_worker_metrics
     from workers import in_process_worker
     path, config = make_config(gearmand)
-    with in_process_worker(config, gearmand.address, "mx", 2) as process:
+    with in_process_worker(config, gearmand.address, "mx", 2):
         port = free_port()
-        server = start_worker_metrics(f"127.0.0.1:{port}", process.ping_reply)
+        adm = admin.Admin([_addr(gearmand)])
+
+        def reply() -> dict:
+            (p,) = [p for p in adm.ping_workers()[0].value if p.name == "mx"]
+            return p.reply
+        server = start_worker_metrics(f"127.0.0.1:{port}", reply)
         try:
             assert all(o.state == "complete" for o in gearclient.run(gearmand.address, "eg.reverse", ["ab"] * 7))
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
             _promtool(text)
             m = _samples(text)
             assert m[("geartask_worker_threads", (("host", "127.0.0.1"), ("name", "mx")))] == 2
-            if "tasks" in process.ping_reply():  # the per-task counters (branch worker12)
+            if "tasks" in reply():  # the per-task counters (branch worker12)
                 assert m[("geartask_jobs_total", (("outcome", "complete"), ("task", "eg.reverse")))] == 7
         finally:
             server.shutdown()

@@ -122,7 +122,7 @@ def test_overview_shows_both_servers_and_the_worker_ips_and_counts_change_live(b
         row = f'tr[data-server="{s.address}"]'
         wait_until(lambda: "up" in _text(browser, row), 10, message=f"{s.address} shown up")
     wait_until(lambda: "127.0.0.1" in _text(browser, ".hosts"), 10, message="the worker's IP shown")
-    assert _text(browser, "#total-queued") == "0"
+    wait_until(lambda: _text(browser, "#total-queued") == "0", 10, message="0 queued")  # "" while replaced
     browser.execute_script("window.notReloaded = true;")
     queue_background(s1, fname, 5)
     queue_background(s2, fname, 2)
@@ -166,7 +166,7 @@ def test_shut_down_worker_processes_from_the_workers_page(browser, fleet):
     browser.get(d.url + "/workers")
     wait_until(lambda: "answering" in _text(browser, f'tr[data-name="wa"][data-pid="{wa.pid}"]'), 15,
                message="wa listed and answering")
-    assert "127.0.0.1" in _text(browser, 'section.host[data-host="127.0.0.1"] h2')
+    _shows(browser, 'section.host[data-host="127.0.0.1"] h2', "127.0.0.1")
     # graceful: one confirmation
     _click(browser, f'tr[data-name="wa"][data-pid="{wa.pid}"] button.shutdown')
     _shows(browser, ".question", "Shut down worker process wa")

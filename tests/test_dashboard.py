@@ -394,12 +394,14 @@ def test_stop_a_real_running_shell_job(gearmand, make_config, fname):
 
 # -- failed jobs, through the collector the dashboard runs ----------------------------------
 
-def _report_failed(server, task: str, unique: str, data: bytes, attempts: int = 3) -> dict:
-    """What a worker does for a job that failed for good: a background job of geartask.outcomes."""
+def _report_failed(server, task: str, unique: str, data: bytes, attempts: int = 3, **fields) -> dict:
+    """What a worker does for a job that failed for good: a background job of geartask.outcomes
+    (``fields`` change the record: state="complete", result=...)."""
     from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
-    rec = make_record(server=server.address, handle=f"H:test:{unique}", task=task, state="failed", unique=unique,
-                      attempts=attempts, worker="fw:127.0.0.1:1", reason={"error": f"exit status 1 ({unique})"},
-                      data=data, background=True)
+    rec = make_record(**{"server": server.address, "handle": f"H:test:{unique}", "task": task, "state": "failed",
+                         "unique": unique, "attempts": attempts, "worker": "fw:127.0.0.1:1",
+                         "reason": {"error": f"exit status 1 ({unique})"}, "data": data, "background": True,
+                         **fields})
     conn = gearclient.connect(server.address)
     try:
         for payload in encode_batches([rec]):
@@ -503,6 +505,8 @@ def test_jobs_page_cancels_a_queued_job_and_searches_by_unique(fresh_gearmand, m
     assert all(j["state"] == "queued" for j in jobs["jobs"])
     assert sorted(jobs["unique_keys"]) == [f"{fname}-1", f"{fname}-2"]
     assert d.get_json(f"/jobs?unique={fname}-2")["servers"][0]["unique_keys"] == [f"{fname}-2"]
+    html = d.get("/jobs").text
+    assert html.count('class="danger cancel"') == 2 and handles[0] in html
     r = d.act("cancel", handle=handles[0])
     assert r.status == 200 and r.json()["ok"], r.text
     states = {j["handle"]: j["state"] for j in d.get_json("/jobs")["servers"][0]["jobs"]}
@@ -582,3 +586,29 @@ def test_worker_metrics_on_a_taken_port_is_a_clear_usage_error():
         taken.listen(1)
         with pytest.raises(UsageError, match=r"worker.metrics_listen 127.0.0.1:\d+: cannot listen there"):
             start_worker_metrics(f"127.0.0.1:{taken.getsockname()[1]}", dict)
+
+
+def test_job_page_shows_outcomes_results_and_timings(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    d = dashboards(path, refresh=0.5)
+    _report_failed(srv, "eg.reverse", fname, b'"abc"', attempts=2, started_at=time.time() - 1.5)
+    _report_failed(srv, "eg.reverse", fname, b'"abc"', state="complete", reason=None, attempts=1,
+                   result=json.dumps({"reversed": "cba", "note": "<i>peer text</i>"}).encode(),
+                   started_at=time.time() - 0.25, submitted_at=time.time() - 3)
+    big = "x" * 200_000
+    _report_failed(srv, "shell", fname + "-big", b"{}", state="complete", reason=None, result=big.encode())
+    wait_until(lambda: d.get_json(f"/job?key={fname}-big")["state"] == "complete", 15, message="stored")
+    job = d.get_json(f"/job?key={fname}")
+    assert job["state"] == "complete" and [o["state"] for o in job["outcomes"]] == ["failed", "complete"]
+    html = d.get(f"/job?key={fname}")
+    assert html.status == 200, html.text[:300]
+    text = html.text
+    assert "exit status 1" in text and "&#34;reversed&#34;: &#34;cba&#34;" in text and "<i>peer" not in text
+    assert "Duration" in text and "Submitted" in text and "fw:127.0.0.1:1" in text
+    by_handle = d.get_json(f"/job?key=H:test:{fname}-big")
+    assert by_handle["outcomes"] and by_handle["outcomes"][0]["result_shown_cut"] is True
+    big_html = d.get(f"/job?key={fname}-big").text
+    assert "first 64 KiB shown" in big_html and big_html.count("x" * 1000) < 70
+    unknown = d.get("/job?key=no-such-job")
+    assert unknown.status == 200 and "No outcome recorded" in unknown.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,6 +61,21 @@ def number(kind: type = float, *, positive: bool = False, what: str = "a number 
             raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text!r}")
         return value
     return parse
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 100 * 366 * 86400  # seconds: a century
+_DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,6})?)([smhdw])")
+
+
+def duration(text: str) -> float:
+    """An argparse ``type=`` for '30s', '30m', '1h', '7d', '2w' (digits, then one unit) -> seconds."""
+    m = _DURATION.fullmatch(text)
+    seconds = float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
+    if not 0 < seconds <= MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30m, 1h or 7d (s, m, h, d or w after a "
+                                         f"number; more than 0, at most 100 years), got {text!r}")
+    return seconds
 
 
 positive_seconds = number(float, positive=True)

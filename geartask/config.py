@@ -90,6 +90,7 @@ class WorkerConfig:
     isolate: list[str] = field(default_factory=list)  # plugin tasks run in a child process each
     max_jobs: int = 0  # exit 0 after this many jobs (a supervisor starts a fresh process); 0: no limit
     tasks: dict[str, TaskOptions] = field(default_factory=dict)  # tasks with threads of their own
+    metrics_listen: str = ""  # host:port of this process's own Prometheus /metrics; empty: off
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -128,6 +129,21 @@ class ServerConfig:
 
 
 @dataclass
+class OutcomesConfig:
+    path: Path = Path("var/outcomes.sqlite")  # the collector's store (docs/outcomes.md)
+    keep_days: float = 7.0  # outcomes older than this are pruned
+    max_result: int = 1024 * 1024  # bytes of a result (and of a failed job's data) kept; the rest is cut and flagged
+    store: str = "sqlite"  # backend: geartask.outcomes.store.BACKENDS
+
+
+@dataclass
+class DashboardConfig:
+    listen: str = "127.0.0.1:8470"  # the web dashboard's address; not loopback needs a token
+    refresh: float = 2.0  # seconds between the dashboard's looks at the servers and workers
+    token: str = ""  # when set, every request must carry it (required off loopback)
+
+
+@dataclass
 class Config:
     servers: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_PORT}"])
     log: LogConfig = field(default_factory=LogConfig)
@@ -136,6 +152,8 @@ class Config:
     sender: SenderConfig = field(default_factory=SenderConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     schedules: list[dict] = field(default_factory=list)  # periodic jobs, checked by geartask.scheduler
+    outcomes: OutcomesConfig = field(default_factory=OutcomesConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -155,15 +173,18 @@ class Config:
 _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
-             "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count"}
+             "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh"}
 _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
-            "server.keepalive.count": 127}
+            "server.keepalive.count": 127,
+            "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace", "worker.max_jobs",
                  "sender.max_retries", "log.backups"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
-            "server.queue.type": ("sqlite", "none")}
+            "server.queue.type": ("sqlite", "none"),
+            "outcomes.store": ("sqlite",)}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
 
 
 def _type_name(tp: Any) -> str:
@@ -389,6 +410,9 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    for key, value in (("dashboard.listen", cfg.dashboard.listen), ("worker.metrics_listen", cfg.worker.metrics_listen)):
+        if value:
+            parse_hostport(value, key, path)
     return cfg
 
 

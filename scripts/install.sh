@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what geartask needs on a Debian machine: gearmand, the C gearman tools,
-# iproute2 (the network tests build hosts with 'ip netns') and systemd's systemd-analyze
-# (the deploy/ units are verified with it) from apt (only when missing),
-# then a venv in .venv with geartask and its test extras.
+# iproute2 (the network tests build hosts with 'ip netns'), systemd's systemd-analyze (the
+# deploy/ units are verified with it), chromium and chromium-driver (the dashboard's browser
+# tests) and promtool (Debian's prometheus package: /metrics is checked with it) from apt
+# (only when missing), then a venv in .venv with geartask and its test extras.
 # Safe to run again; it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ command -v gearmand >/dev/null 2>&1 || [ -x /usr/sbin/gearmand ] || need_apt+=(g
 command -v gearadmin >/dev/null 2>&1 || need_apt+=(gearman-tools)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv python3-pip)
@@ -22,7 +26,8 @@ fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing with apt-get: ${need_apt[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # --no-install-recommends: prometheus would bring node-exporter; only promtool is wanted
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # Debian puts gearmand in /usr/sbin, which a normal user's PATH may lack.
 export PATH="$PATH:/usr/sbin"

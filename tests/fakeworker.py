@@ -5,24 +5,29 @@ address, so each server sees another IP), sets the client id ``NAME:IP:PID:0`` a
 ``geartask.control:NAME:IP:PID`` with that server's view of its IP, as a real worker does.
 With ``answer=True`` it grabs its control jobs and answers ``ping`` with the documented reply
 and ``shutdown`` by closing every connection; with ``answer=False`` it never grabs anything:
-a process whose host went silent.
+a process whose host went silent. ``reply_extra`` is merged into every ping reply (per-task
+counters, running jobs); a ``stop`` command answers whether ``reply_extra["running"]`` lists it.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 from geartask import protocol as gp
 from geartask.control import WorkerIdentity, parse_command
+from geartask.errors import UsageError
 from geartask.jobs import encode_payload
 
 
 class FakeControlWorker:
     def __init__(self, servers: list[tuple[str, int]], name: str, pid: int, *, answer: bool = True,
-                 source_ips: list[str] | None = None, extra_functions: list[str] = ()):
+                 source_ips: list[str] | None = None, extra_functions: list[str] = (),
+                 reply_extra: dict | None = None):
         self.name, self.pid, self.answer = name, pid, answer
+        self.reply_extra = reply_extra or {}
         self.received: list[tuple[str, dict]] = []  # (server, command) of every control job taken
         self.stopped = threading.Event()
         self.started = time.time()
@@ -64,14 +69,25 @@ class FakeControlWorker:
                     while not self.stopped.is_set() and conn.recv(0.1) is None:
                         pass
                     continue
-                cmd = parse_command(pkt["data"])
+                try:
+                    cmd = parse_command(pkt["data"])
+                except UsageError:  # 'stop' (the worker side is not on every branch yet)
+                    cmd = json.loads(pkt["data"])
+                    assert cmd["command"] == "stop"
                 self.received.append((conn.address, cmd))
                 handle = pkt["job_handle"]
                 if cmd["command"] == "ping":
                     reply = {"ok": True, "command": "ping", "worker": f"{self.name}:{self.pid}", "name": self.name,
                              "pid": self.pid, "ips": self.ips, "threads": 0, "busy": 0, "jobs_done": 0,
-                             "started": self.started, "running": []}
+                             "started": self.started, "running": [], **self.reply_extra}
                     conn.send(gp.WORK_COMPLETE, job_handle=handle, data=encode_payload(reply))
+                elif cmd["command"] == "stop":
+                    running = self.reply_extra.get("running", [])
+                    hit = [j for j in running if j["handle"] == cmd["handle"]]
+                    for j in hit:
+                        running.remove(j)
+                    conn.send(gp.WORK_COMPLETE, job_handle=handle,
+                              data=encode_payload({"ok": True, "stopped": bool(hit), "handle": cmd["handle"]}))
                 else:
                     conn.send(gp.WORK_COMPLETE, job_handle=handle,
                               data=encode_payload({"ok": True, "command": cmd["command"], "now": bool(cmd.get("now"))}))

@@ -54,3 +54,15 @@ def test_bench_rejects_bad_arguments_with_status_2(args, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "benchmarks.json").exists()
+
+
+def test_dashboard_idle_bench_runs_and_stays_within_budget(tmp_path):
+    """bench/dashboard_idle.py end to end, short; memory within the budget, CPU within twice it
+    (ten seconds of a loaded test machine measure coarsely: the 60 s bench run is the figure)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "dashboard_idle.py"), "--seconds", "10",
+                           "--warmup", "2"], capture_output=True, text=True, timeout=180, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["worker_processes"] == 2 and result["servers"] == 2
+    assert result["rss_mb"] < 80, result
+    assert result["cpu_percent_of_a_core"] < 2.0, result

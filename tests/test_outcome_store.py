@@ -107,3 +107,33 @@ def test_a_bad_record_stores_nothing_of_its_batch(store):
     with pytest.raises(BadOutcome):
         store.add([rec(), dict(rec(), state="??")])
     assert store.size() == 0
+
+
+def test_summaries_leave_out_the_heavy_fields_and_full_records_keep_them(store):
+    now = time.time()
+    r = rec(unique="h", state="failed", finished_at=now, reason={"error": "boom " * 200, "output": "o"},
+            data="payload", data_encoding="text")
+    store.add([r, rec(unique="h", finished_at=now + 1)])
+    full = store.get(r["id"])
+    assert full["reason"] == r["reason"] and full["data"] == "payload" and full["result"] == '{"ok":true}'
+    assert full["error"].startswith("boom") and len(full["error"]) <= 500
+    for summary in (store.failed()[0], store.history("h")[0], store.recent(state="failed")[0]):
+        assert summary["id"] == r["id"] and not {"reason", "data", "result"} & set(summary)
+        assert summary["error"] == full["error"] and summary["attempts"] == 1
+    assert [x["state"] for x in store.history("h")] == ["failed", "complete"]
+    assert [x["state"] for x in store.history("h", limit=1)] == ["complete"]  # the newest, oldest first
+    assert [x["state"] for x in store.recent(since=now + 0.5)] == ["complete"]
+
+
+def test_requeue_notes_accumulate_with_the_new_server(store):
+    r = rec(state="failed")
+    store.add([r])
+    assert store.mark_requeued(r["id"], by="a@h", handle="H:1", server="s1:4730")
+    assert store.mark_requeued(r["id"], by="b@h", handle="H:2", server="s2:4730")
+    notes = store.get(r["id"])["requeues"]
+    assert [(n["by"], n["handle"], n["server"]) for n in notes] == [("a@h", "H:1", "s1:4730"), ("b@h", "H:2", "s2:4730")]
+    assert store.recent(state="failed", include_requeued=False) == []
+
+
+def test_checked_records_skip_the_second_check(store):
+    assert store.add([check(rec())], checked=True) == 1

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
-                              ping_request, shutdown_request)
+                              ping_request, shutdown_request, stop_request)
 from ..errors import GeartaskError, ServerError, UsageError
 from ..protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
                                JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE,
@@ -211,17 +211,21 @@ def _version(conn: Connection, timeout: float) -> str:
     return m.group(1)
 
 
+def _status_on(conn: Connection, timeout: float) -> dict:
+    t0 = time.monotonic()
+    version = _version(conn, timeout)
+    rtt = time.monotonic() - t0
+    functions = parse_status(conn.text_command("status", timeout))
+    return {"version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions}
+
+
 def server_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Round trip, version and per-function counts of one server."""
     conn = _connect(host, port, timeout)
     try:
-        t0 = time.monotonic()
-        version = _version(conn, timeout)
-        rtt = time.monotonic() - t0
-        functions = parse_status(conn.text_command("status", timeout))
+        return {"reachable": True, **_status_on(conn, timeout)}
     finally:
         conn.close()
-    return {"reachable": True, "version": version, "rtt_ms": round(rtt * 1000, 3), "functions": functions}
 
 
 def server_workers(host: str, port: int, ping: bool = False,
@@ -346,6 +350,50 @@ def server_ping_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) 
         return _ping(conn, _control_functions(parse_workers(conn.text_command("workers", timeout))), timeout)
     finally:
         conn.close()
+
+
+def server_snapshot(host: str, port: int, ping: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Everything a dashboard shows of one server, over one connection: version, round trip,
+    per-function counts, every connection and (with ``ping``) every worker process's ping."""
+    conn = _connect(host, port, timeout)
+    try:
+        status = _status_on(conn, timeout)
+        connections = parse_workers(conn.text_command("workers", timeout))
+        pings = _ping(conn, _control_functions(connections), timeout) if ping else []
+        _mark_silent(connections, pings)
+    finally:
+        conn.close()
+    return {**status, "connections": connections, "pings": pings}
+
+
+def server_control_call(host: str, port: int, function: str, payload: bytes, unique: str,
+                        timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Send one foreground high-priority control job and return the worker's JSON answer.
+
+    Raises ServerError when it fails or nobody answers within ``timeout`` (being a foreground
+    job, an unanswered one leaves gearmand's queue when this connection closes).
+    """
+    conn = _connect(host, port, timeout, f"{MANAGER_CLIENT_ID}:control")
+    try:
+        conn.send(submit_command("high", False), task=function, unique=unique, data=payload)
+        handle = conn.expect(JOB_CREATED, timeout).text("job_handle")
+        deadline = time.monotonic() + timeout
+        while True:
+            pkt = conn.expect({WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION}, max(deadline - time.monotonic(), 0.001))
+            if pkt.text("job_handle") == handle:
+                break
+    finally:
+        conn.close()
+    if pkt.cmd != WORK_COMPLETE:
+        raise ServerError(f"the control job to {function} failed", f"{host}:{port}")
+    try:
+        reply = json.loads(pkt["data"])
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise ServerError(f"{function} answered something that is not a JSON object: {pkt['data'][:80]!r}",
+                          f"{host}:{port}")
+    return reply
 
 
 def _job_states(conn: Connection, handles: list[str], timeout: float) -> dict[str, tuple[bool, bool]]:
@@ -558,6 +606,10 @@ class Admin:
         """
         return self.each(server_ping_workers)
 
+    def snapshot(self, ping: bool = True) -> list[ServerResult]:
+        """Per server, over one connection: status, connections and worker pings (dashboards)."""
+        return self.each(server_snapshot, ping)
+
     def jobs(self) -> list[ServerResult]:
         return self.each(server_jobs)
 
@@ -600,13 +652,51 @@ class Admin:
                                             elapsed=r.elapsed))
         return results
 
+    def stop_job(self, target: str) -> "StopReport":
+        """Stop a running job, by handle or unique key, through the control function of the
+        worker process whose ping lists it (the worker kills or abandons it and fails it with
+        the reason ``stopped by operator``). Every running job with that unique key is stopped;
+        a handle running on two servers (handles are per server) is refused."""
+        if not target or len(target) > 1024 or not target.isprintable():
+            raise UsageError(f"stop: bad handle or unique key {target[:80]!r}")
+        pings = self.ping_workers()
+        report = StopReport(target, errors={r.server: r.error for r in pings if not r.ok})
+        found: dict[tuple, tuple[str, str, dict]] = {}  # (process, job server, handle) -> where to send
+        for r in pings:
+            for p in r.value if r.ok else []:
+                for job in (p.reply or {}).get("running") or []:
+                    if not isinstance(job, dict) or target not in (job.get("handle"), job.get("unique")):
+                        continue
+                    key = (p.name, p.pid, str(job.get("server")), str(job.get("handle")))
+                    # the control function on the job's own server when pinged there, else the first
+                    if key not in found or str(job.get("server")) == r.server:
+                        found[key] = (r.server, p.function, job)
+        by_handle = {}
+        for key in found:
+            if found[key][2].get("handle") == target:
+                by_handle.setdefault(target, set()).add(key[2])
+        if len(by_handle.get(target, ())) > 1:
+            raise UsageError(f"job handle {target} runs on {', '.join(sorted(by_handle[target]))}: "
+                             "choose one with --servers HOST:PORT or stop it by its unique key")
+        for (name, pid, job_server, handle), (server, function, job) in found.items():
+            stop = JobStop(handle, str(job.get("task")), str(job.get("unique")), job_server, name, pid, server)
+            h, _, port = server.rpartition(":")
+            try:
+                reply = server_control_call(h, int(port), function, stop_request(handle, job_server),
+                                            f"{CONTROL_PREFIX}:stop:{handle}"[:MAX_FUNCTION], self.timeout)
+                stop.outcome = "stopped" if reply.get("stopped") is True else "not running"
+            except GeartaskError as e:
+                stop.outcome, stop.error = "failed", str(e)
+            report.jobs.append(stop)
+        return report
+
     # worker processes
     def processes(self, results: list[ServerResult] | None = None) -> list["WorkerProcess"]:
         """Worker processes grouped by (name, pid) over every server, from ``workers`` results."""
         return group_processes(self.workers(ping=False) if results is None else results)
 
     def shutdown(self, name: str | None = None, host: str | None = None, now: bool = False,
-                 wait: float = 30.0, poll: float = 0.1) -> "ShutdownReport":
+                 wait: float = 30.0, poll: float = 0.1, pid: int | None = None) -> "ShutdownReport":
         """Send each matching worker process one high-priority shutdown job; wait for it to leave.
 
         ``host`` matches any of a process's addresses (each server may see another one). One
@@ -625,7 +715,8 @@ class Admin:
         payload = shutdown_request(now)
         unique = f"{CONTROL_PREFIX}:shutdown" + (":now" if now else "")
         for proc in group_processes(listing):
-            if (name and proc.name != name) or (host and host not in proc.ips) or not proc.control:
+            if ((name and proc.name != name) or (host and host not in proc.ips) or not proc.control
+                    or (pid is not None and proc.pid != pid)):
                 continue
             # where to send: servers that see it at ``host`` first
             servers = sorted(proc.control, key=lambda srv: host is not None and
@@ -716,6 +807,35 @@ def _probe_job(host: str, port: int, handle: str, timeout: float = DEFAULT_TIMEO
         return _job_states(conn, [handle], timeout)[handle]
     finally:
         conn.close()
+
+
+@dataclass
+class JobStop:
+    handle: str
+    task: str
+    unique: str
+    job_server: str  # where the job came from, as the worker names it
+    name: str  # the worker process that ran it
+    pid: int
+    sent_to: str  # the server whose control function the stop went through
+    outcome: str = "not sent"  # stopped | not running (finished before the stop came) | failed
+    error: str | None = None
+
+
+@dataclass
+class StopReport:
+    target: str
+    jobs: list[JobStop] = field(default_factory=list)
+    errors: dict[str, str | None] = field(default_factory=dict)  # server -> why it was unreachable
+
+    @property
+    def ok(self) -> bool:
+        """Some worker ran it and every match was stopped."""
+        return bool(self.jobs) and all(j.outcome == "stopped" for j in self.jobs)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "target": self.target, "jobs": [asdict(j) for j in self.jobs],
+                "server_errors": self.errors}
 
 
 @dataclass

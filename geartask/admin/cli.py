@@ -13,13 +13,14 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
-                   run, setup_logging)
+from ..cli import (ArgumentParser, add_common_args, config_from_args, count, duration, non_negative_seconds,
+                   positive_seconds, run, setup_logging)
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import get_logger
 from ..server import LocalServer
 from . import admin
+from .outcomes_cli import add_outcome_commands, outcome_command
 from .tables import render
 
 DEFAULT_WATCH = 2.0
@@ -65,6 +66,15 @@ def build_parser() -> ArgumentParser:
     add("jobs", "the jobs each server holds, and their unique keys")
     p = add("cancel", "cancel a queued background job by its handle")
     p.add_argument("handle", metavar="HANDLE")
+    p = add("stop", "stop a running job (by handle or unique key) through the worker that runs it")
+    p.add_argument("target", metavar="HANDLE|UNIQUE")
+    p = add("dashboard", "serve the web dashboard and /metrics (and run the outcomes collector)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="where to serve (default: dashboard.listen, 127.0.0.1:8470)")
+    p.add_argument("--refresh", type=positive_seconds, metavar="S",
+                   help="seconds between looks at the fleet (default: dashboard.refresh, 2)")
+    p.add_argument("--no-collector", dest="collector", action="store_false",
+                   help="don't run the outcomes collector here (it runs elsewhere)")
+    p.add_argument("--token", metavar="T", help="every request must carry this token (default: dashboard.token)")
     p = add("maxqueue", "limit how many jobs of FUNCTION a server queues (0: no limit)")
     p.add_argument("function", metavar="FUNCTION")
     p.add_argument("size", type=count, metavar="N")
@@ -72,6 +82,7 @@ def build_parser() -> ArgumentParser:
     add("ping", "round-trip time to each server")
     p = add("server", "the local gearmand of the config's 'server' section")
     p.add_argument("action", choices=("start", "stop", "status"))
+    add_outcome_commands(add, common)
     return parser
 
 
@@ -341,6 +352,37 @@ def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def cmd_stop(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+    log = _logger(config, args, "stop")
+    report = adm.stop_job(args.target)
+    for j in report.jobs:
+        log.info("stop", handle=j.handle, unique=j.unique, task=j.task, worker=f"{j.name}:{j.pid}", server=j.sent_to,
+                 outcome=j.outcome, error=j.error)
+    for server, error in report.errors.items():
+        log.warning("stop: server unreachable", server=server, error=error)
+    if getattr(args, "json", False):
+        _emit_json(report.to_dict(), out)
+    else:
+        for server, error in report.errors.items():
+            err.write(f"error: {printable(server)}: {printable(error)}\n")
+        if report.jobs:
+            out.write(render(["HANDLE", "TASK", "UNIQUE", "WORKER", "OUTCOME"],
+                             [[j.handle, j.task, j.unique, f"{j.name}:{j.pid}", j.outcome + (f" ({j.error})" if j.error
+                                                                                          else "")]
+                              for j in report.jobs]) + "\n")
+    if not report.jobs:
+        err.write(f"error: no worker runs {printable(args.target)}\n")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_dashboard(args, config, err: TextIO) -> int:
+    from ..dashboard.server import serve
+    d = config.dashboard
+    return serve(config, listen=args.listen or d.listen, refresh=args.refresh or d.refresh,
+                 token=args.token if args.token is not None else d.token, collector=args.collector,
+                 timeout=getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT, err=err)
+
+
 def cmd_maxqueue(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
     log = _logger(config, args, "maxqueue")
     results = adm.maxqueue(args.function, args.size)
@@ -390,6 +432,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     config = config_from_args(args)
     if args.command == "server":
         return cmd_server(args, config, out, err)
+    if args.command in ("outcomes", "failed"):
+        return outcome_command(args, config, out, err, inp)
     adm = admin.Admin.from_config(config, getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT)
     if args.command in ("status", "workers"):
         return cmd_status_or_workers(args, adm, out, err)
@@ -403,6 +447,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return cmd_cancel(args, adm, config, out, err)
     if args.command == "maxqueue":
         return cmd_maxqueue(args, adm, config, out, err)
+    if args.command == "stop":
+        return cmd_stop(args, adm, config, out, err)
+    if args.command == "dashboard":
+        return cmd_dashboard(args, config, err)
     if args.command == "version":
         return _simple(adm.version(), "VERSION", args, out, err)
     if args.command == "ping":

@@ -1,6 +1,13 @@
-"""Job outcomes for the whole fleet: what workers report, the collector stores, anyone reads."""
+"""Job outcomes for the whole fleet: what workers report, the collector stores, anyone reads.
 
-from .record import BadOutcome, check
+docs/outcomes.md has the contracts: the record, the outcome jobs, the query protocol.
+"""
+
+from .errors import CollectorConflict, NoCollectorError, OutcomeError, QueryError, StoreError
+from .record import (OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, check, decode_bytes, encode_batches,
+                     make_record)
 from .store import BACKENDS, OutcomeStore, SqliteOutcomeStore, open_store
 
-__all__ = ["BadOutcome", "check", "OutcomeStore", "SqliteOutcomeStore", "BACKENDS", "open_store"]
+__all__ = ["BadOutcome", "check", "make_record", "encode_batches", "decode_bytes", "OUTCOME_FUNCTION",
+           "QUERY_FUNCTION", "OutcomeStore", "SqliteOutcomeStore", "BACKENDS", "open_store", "OutcomeError",
+           "NoCollectorError", "QueryError", "CollectorConflict", "StoreError"]

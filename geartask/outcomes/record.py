@@ -1,24 +1,45 @@
-"""One job outcome: what a worker reports and the store keeps. Checked field by field on
-the way in, because anyone who reaches gearmand can submit a ``geartask.outcomes`` job."""
+"""One job outcome: what a worker reports and the store keeps (the fields: docs/outcomes.md).
+
+Workers build records with ``make_record`` and send them, a JSON object or a list of
+them, as background jobs of ``OUTCOME_FUNCTION`` (``encode_batches``). The collector checks
+every record with ``check``, field by field, because anyone who reaches gearmand can
+submit such a job.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
-from typing import Any
+import socket
+import time
+import uuid
+from typing import Any, Iterable, Iterator
+
+OUTCOME_FUNCTION = "geartask.outcomes"  # workers submit outcomes here (background jobs)
+QUERY_FUNCTION = "geartask.outcomes.query"  # the collector answers queries here (foreground jobs)
 
 STATES = ("complete", "failed")
+PRIORITIES = ("low", "normal", "high")
+ENCODINGS = ("text", "base64")
+DEFAULT_MAX_RESULT = 1024 * 1024  # outcomes.max_result's default
 MAX_ID = 64
 MAX_NAME = 1024  # task, unique, handle, server, worker: gearmand's own limits are far lower
-MAX_TEXT = 64 * 1024 * 1024  # result, data, reason: the worker caps them much earlier
+MAX_TEXT = 64 * 1024 * 1024  # result, data: the worker (and the collector) cap them much earlier
+MAX_REASON_DEPTH = 32  # a failure reason is a small JSON value; deeper is not one of ours
+BATCH_RECORDS = 20  # records per outcome job (encode_batches)
+BATCH_BYTES = 4 * 1024 * 1024  # bytes per outcome job, unless one record alone is bigger
 
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
         "worker": MAX_NAME, "host": MAX_NAME, "sender_host": MAX_NAME, "priority": 16,
-        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16,
-        "requeued_by": MAX_NAME, "requeue_of": MAX_ID}
-_NUM = ("finished_at", "started_at", "submitted_at", "duration", "requeued_at", "result_size", "data_size")
-_BOOL = ("background", "result_cut", "data_cut")
+        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID}
+_NUM = ("finished_at", "started_at", "submitted_at", "duration")
+_COUNT = ("attempts", "retries", "result_size", "data_size")
+_BOOL = ("background", "result_cut", "data_cut", "reason_cut")
 REQUIRED = ("id", "server", "handle", "task", "state", "finished_at")
-ENCODINGS = ("text", "base64")
+FIELDS = frozenset((*_STR, *_NUM, *_COUNT, *_BOOL, "state", "reason"))
+HEAVY = ("result", "data", "reason")  # left out of list answers (see geartask.outcomes.query)
 
 
 class BadOutcome(ValueError):
@@ -50,25 +71,208 @@ def check(obj: Any) -> dict:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadOutcome(f"{key!r} must be a finite number, got {value!r}")
+            raise BadOutcome(f"{key!r} must be a finite number, got {_shown(value)}")
         out[key] = float(value)
+    for key in _COUNT:
+        value = obj.get(key, 1 if key == "attempts" else None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+            raise BadOutcome(f"{key!r} must be a whole number >= 0, got {_shown(value)}")
+        out[key] = value
     for key in _BOOL:
         value = obj.get(key)
         if value is None:
             continue
         if not isinstance(value, bool):
-            raise BadOutcome(f"{key!r} must be true or false, got {value!r}")
+            raise BadOutcome(f"{key!r} must be true or false, got {_shown(value)}")
         out[key] = value
-    attempts = obj.get("attempts", 1)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= 1_000_000:
-        raise BadOutcome(f"'attempts' must be a whole number >= 0, got {attempts!r}")
-    out["attempts"] = attempts
     if obj["state"] not in STATES:
-        raise BadOutcome(f"'state' must be one of {', '.join(STATES)}, got {obj['state']!r}")
+        raise BadOutcome(f"'state' must be one of {', '.join(STATES)}, got {_shown(obj['state'])}")
     out["state"] = obj["state"]
-    for key in ("result_encoding", "data_encoding"):
-        if key in out and out[key] not in ENCODINGS:
-            raise BadOutcome(f"{key!r} must be one of {', '.join(ENCODINGS)}, got {out[key]!r}")
-    if "reason" in obj and obj["reason"] is not None:
+    if "priority" in out and out["priority"] not in PRIORITIES:
+        raise BadOutcome(f"'priority' must be one of {', '.join(PRIORITIES)}, got {out['priority']!r}")
+    for key in ("result", "data"):
+        enc = out.get(f"{key}_encoding")
+        if enc is not None and enc not in ENCODINGS:
+            raise BadOutcome(f"'{key}_encoding' must be one of {', '.join(ENCODINGS)}, got {enc!r}")
+        if key in out:
+            out[f"{key}_encoding"] = enc = enc or "text"
+            if enc == "base64":
+                try:
+                    base64.b64decode(out[key], validate=True)
+                except (binascii.Error, ValueError):
+                    raise BadOutcome(f"{key!r} is not valid base64") from None
+    if obj.get("reason") is not None:
+        if not _shallow(obj["reason"], MAX_REASON_DEPTH):
+            raise BadOutcome(f"'reason' is nested more than {MAX_REASON_DEPTH} levels deep")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _shallow(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+# -- building records (the worker side) -------------------------------------------------
+
+_HOST = socket.gethostname()
+
+
+def encode_bytes(raw: bytes | str, limit: int) -> dict[str, Any]:
+    """How a record holds bytes: ``{"": text, "encoding", "size", "cut"}``, the value UTF-8 text
+    when it is that, else base64; at most ``limit`` bytes of it (cut at a character boundary)."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    size, cut = len(raw), len(raw) > limit
+    kept = raw[:limit] if cut else raw
+    try:
+        text = kept.decode("utf-8")
+        enc = "text"
+    except UnicodeDecodeError as e:
+        if cut and e.start >= len(kept) - 3 and _utf8(raw):  # the cut split a character: drop its head
+            text, enc = kept[:e.start].decode("utf-8"), "text"
+        else:
+            text, enc = base64.b64encode(kept).decode("ascii"), "base64"
+    return {"": text, "encoding": enc, "size": size, "cut": cut}
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def decode_bytes(record: dict, key: str) -> bytes | None:
+    """The bytes of a record's ``result`` or ``data`` (None when it has none)."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if record.get(f"{key}_encoding") == "base64":
+        return base64.b64decode(value)
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _put_bytes(record: dict, key: str, raw: bytes | str, limit: int) -> None:
+    enc = encode_bytes(raw, limit)
+    record[key], record[f"{key}_encoding"], record[f"{key}_size"] = enc[""], enc["encoding"], enc["size"]
+    if enc["cut"]:
+        record[f"{key}_cut"] = True
+
+
+def make_record(*, server: str, handle: str, task: str, state: str, unique: str | None = None,
+                finished_at: float | None = None, started_at: float | None = None,
+                submitted_at: float | None = None, attempts: int = 1, retries: int | None = None,
+                background: bool | None = None, worker: str | None = None, host: str | None = None,
+                sender_host: str | None = None, priority: str | None = None,
+                result: bytes | str | None = None, reason: Any = None, data: bytes | str | None = None,
+                requeue_of: str | None = None, max_result: int = DEFAULT_MAX_RESULT,
+                id: str | None = None) -> dict:
+    """One outcome record, as a worker reports it (the fields: docs/outcomes.md).
+
+    ``result`` (a complete job's WORK_COMPLETE payload) and ``data`` (the job's own payload,
+    without the envelope: pass it for failed jobs, so ``failed requeue`` can send it again) are
+    kept up to ``max_result`` bytes each, as text or base64, with their full size and a
+    ``*_cut`` flag. ``reason`` (a failure's JSON reason) longer than ``max_result`` as JSON
+    becomes its cut JSON text with ``reason_cut``. ``id`` (new by default) makes the record
+    idempotent: build it once and send that same dict again on a retry.
+    """
+    now = time.time() if finished_at is None else finished_at
+    rec: dict[str, Any] = {"id": id or uuid.uuid4().hex, "server": server, "handle": handle, "task": task,
+                           "state": state, "finished_at": now, "attempts": attempts, "host": host or _HOST}
+    for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
+                       ("retries", retries), ("background", background), ("worker", worker),
+                       ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of)):
+        if value is not None:
+            rec[key] = value
+    if started_at is not None:
+        rec["duration"] = round(max(0.0, now - started_at), 6)
+    if result is not None:
+        _put_bytes(rec, "result", result, max_result)
+    if data is not None:
+        _put_bytes(rec, "data", data, max_result)
+    if reason is not None:
+        rec.update(cap_reason(reason, max_result))
+    return rec
+
+
+def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
+    """``{"reason": reason}``, or its JSON text cut to ``limit`` characters and ``reason_cut``."""
+    try:
+        text = json.dumps(reason, ensure_ascii=False, allow_nan=False, default=str)
+    except (ValueError, RecursionError):
+        return {"reason": f"<a {type(reason).__name__} JSON can't hold>", "reason_cut": True}
+    if len(text) <= limit and _shallow(reason, MAX_REASON_DEPTH):
+        return {"reason": reason}
+    return {"reason": text[:limit], "reason_cut": True}
+
+
+def cap_record(rec: dict, limit: int) -> dict:
+    """A checked record with ``result``, ``data`` and ``reason`` cut to ``limit`` (the collector's
+    ``outcomes.max_result``), flagged; the record itself when nothing is over."""
+    over = [k for k in ("result", "data") if k in rec and _bytes_over(rec, k, limit)]
+    reason = rec.get("reason")
+    reason_big = isinstance(reason, (str, list, dict)) and _json_len(reason) > limit
+    if not over and not reason_big:
+        return rec
+    rec = dict(rec)
+    for key in over:
+        raw = decode_bytes(rec, key)
+        size = max(rec.get(f"{key}_size", 0), len(raw))
+        _put_bytes(rec, key, raw, limit)
+        rec[f"{key}_size"], rec[f"{key}_cut"] = size, True
+    if reason_big:
+        rec.update(cap_reason(reason, limit))
+        rec["reason_cut"] = True
+    return rec
+
+
+def _bytes_over(rec: dict, key: str, limit: int) -> bool:
+    value = rec[key]
+    if len(value) <= limit // 4:  # no encoding makes that many characters more than limit bytes
+        return False
+    return len(decode_bytes(rec, key)) > limit
+
+
+def _json_len(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if len(value) == 0:
+        return 2
+    return len(json.dumps(value, ensure_ascii=False))
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def encode_batches(records: Iterable[dict], max_records: int = BATCH_RECORDS,
+                   max_bytes: int = BATCH_BYTES) -> Iterator[bytes]:
+    """Outcome job payloads for ``records``: JSON lists of at most ``max_records`` records and
+    ``max_bytes`` bytes (a record bigger than that goes alone). Submit each as a background
+    job of OUTCOME_FUNCTION."""
+    parts: list[bytes] = []
+    size = 0
+    for rec in records:
+        part = dumps(rec).encode("utf-8", "surrogatepass")
+        if parts and (len(parts) >= max_records or size + len(part) + 1 > max_bytes):
+            yield b"[" + b",".join(parts) + b"]"
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        yield b"[" + b",".join(parts) + b"]"

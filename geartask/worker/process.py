@@ -14,7 +14,7 @@ from ..plugins import is_reserved_task
 from ..shell.task import ShellTask
 
 from .budget import JobBudget
-from .control import ControlLoop
+from .control import ControlLoop, ping_reply
 from .errors import WorkerFailed
 from .grab import GrabLoop, Outage, keepalive_for
 from .groups import ThreadGroup, plan_groups
@@ -80,6 +80,7 @@ class WorkerProcess:
         self.control: GrabLoop | None = None
         self.watchdog = Watchdog(self)
         self.shutdown_reason = ""
+        self.metrics_server = None  # worker.metrics_listen's HTTP server
         self.fatal_reason: str | None = None
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -106,6 +107,9 @@ class WorkerProcess:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        if self.config.worker.metrics_listen:  # before the threads: a port it can't take fails the start
+            from ..metrics import start_worker_metrics
+            self.metrics_server = start_worker_metrics(self.config.worker.metrics_listen, lambda: ping_reply(self))
         index = 0
         for group in self.groups:
             for _ in range(group.threads):
@@ -213,6 +217,8 @@ class WorkerProcess:
         return 0
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         for fn in self.tasks.values():
             if isinstance(fn, IsolatedTask):
                 fn.close()

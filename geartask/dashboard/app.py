@@ -1,0 +1,515 @@
+"""The dashboard's web application (Flask): pages, their JSON, the actions and /metrics.
+
+Pages are rendered on the server; a few lines of vendored JavaScript fetch the page's live
+part again every refresh. Every page is also JSON (``Accept: application/json`` or
+``?format=json``). Every action is a POST that carries the CSRF token and is confirmed on a
+page of its own (``confirm=yes``; shutting down "now" needs a second ``confirm_now=yes``),
+and is logged with the client's address. With a token, every request must carry it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import secrets
+import time
+from argparse import ArgumentTypeError
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, render_template, request
+from markupsafe import Markup
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..admin.admin import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
+from ..cli import duration
+from ..display import printable
+from ..errors import GeartaskError, UsageError
+from ..logs import get_logger
+from ..metrics import job_families, registry_for, server_families, worker_families
+from .fleet import HISTORY_SECONDS, FleetMonitor, Look
+from .outcomes import FAILED_LIMIT, OutcomesView
+
+log = get_logger("geartask.dashboard")
+
+TOKEN_COOKIE = "geartask_dashboard_token"
+RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; the rest is cut
+JOBS_SHOWN = 500  # jobs per server on the Jobs page
+SORT_KEYS = ("function", "queued", "running", "workers")
+def parse_duration(text: str, what: str) -> float:
+    """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
+    try:
+        return duration(text.strip())
+    except ArgumentTypeError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+@dataclass
+class Settings:
+    refresh: float
+    token: str = ""  # empty: no token (loopback only)
+    allowed_hosts: set[str] = field(default_factory=set)  # Host header names accepted without a token
+    collector: str = "off"  # what runs the collector: "in this process", "elsewhere", "off"
+
+
+# -- small view helpers -------------------------------------------------------------------
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + " UTC"
+
+
+def ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    s = max(time.time() - ts, 0)
+    return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago")
+
+
+def sparkline(points: list[tuple[float, int]], now: float, width: int = 240, height: int = 36) -> Markup:
+    """Queue depth over the last hour as an inline SVG polyline (no script, no library)."""
+    top = max([v for _, v in points] + [1])
+    xy = []
+    for t, v in points:
+        x = width * (1 - min(max(now - t, 0), HISTORY_SECONDS) / HISTORY_SECONDS)
+        xy.append(f"{x:.1f},{height - 2 - (height - 4) * v / top:.1f}")
+    line = (f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{" ".join(xy)}"/>'
+            if len(xy) > 1 else "")
+    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+                  f'role="img" aria-label="queue depth, last hour, peak {top}"><title>peak {top}</title>'
+                  f'<line x1="0" y1="{height - 2}" x2="{width}" y2="{height - 2}" class="axis"/>{line}</svg>')
+
+
+def _server_rows(look: Look) -> list[dict]:
+    return [{k: s[k] for k in ("server", "up", "error", "version", "rtt_ms")} for s in look.servers]
+
+
+def _results(results: list[ServerResult]) -> list[dict]:
+    return [r.to_dict() for r in results]
+
+
+class Dashboard:
+    """The application and what it reads: the fleet monitor, the admin API, the outcomes."""
+
+    def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings, outcomes: OutcomesView):
+        self.admin, self.monitor, self.settings, self.outcomes = admin, monitor, settings, outcomes
+        self.csrf = secrets.token_urlsafe(32)  # per process: a page from here is needed to act
+        self.registry = registry_for(self._families)
+        self.app = Flask(__name__)
+        self.app.jinja_env.filters.update(p=printable, when=when, ago=ago)
+        self.app.jinja_env.globals.update(sparkline=sparkline, csrf=lambda: self.csrf,
+                                          refresh=lambda: settings.refresh)
+        self._routes()
+
+    # -- request checks ---------------------------------------------------------------------
+    def _token_ok(self) -> bool:
+        token = self.settings.token.encode()
+        given: list[str] = []
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given.append(auth[7:].strip())
+        elif auth.startswith("Basic "):
+            try:
+                given.append(base64.b64decode(auth[6:], validate=True).decode().partition(":")[2])
+            except (ValueError, UnicodeDecodeError):
+                pass
+        given += [request.cookies.get(TOKEN_COOKIE, ""), request.args.get("token", "")]
+        return any(g and hmac.compare_digest(g.encode(), token) for g in given)
+
+    def _check_request(self) -> Response | None:
+        if self.settings.token:
+            if not self._token_ok():
+                return Response("401: this dashboard needs its token (dashboard.token): log in with any user "
+                                "name and the token as password, or send 'Authorization: Bearer TOKEN'\n",
+                                401, {"WWW-Authenticate": 'Basic realm="geartask dashboard"',
+                                      "Content-Type": "text/plain; charset=utf-8"})
+        else:
+            # Without a token the dashboard is on loopback: a page elsewhere that rebinds its own
+            # DNS name to 127.0.0.1 must not get to read or act here (DNS rebinding).
+            host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in self.settings.allowed_hosts:
+                return Response(f"400: unexpected Host {printable(host)[:80]!r}\n", 400,
+                                {"Content-Type": "text/plain; charset=utf-8"})
+        return None
+
+    def _after(self, resp: Response) -> Response:
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                                           "frame-ancestors 'none'; form-action 'self'")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Cache-Control", "no-store")
+        if self.settings.token and request.args.get("token") and self._token_ok():
+            resp.set_cookie(TOKEN_COOKIE, self.settings.token, httponly=True, samesite="Strict")
+        return resp
+
+    # -- rendering ----------------------------------------------------------------------------
+    @staticmethod
+    def wants_json() -> bool:
+        if request.args.get("format") == "json":
+            return True
+        best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+        return best == "application/json" and request.accept_mimetypes["application/json"] > \
+            request.accept_mimetypes["text/html"]
+
+    def page(self, template: str, data: dict, **extra: Any) -> Any:
+        if self.wants_json():
+            return jsonify({**data, "csrf": self.csrf})
+        return render_template(template, fragment=request.args.get("fragment") == "1", data=data,
+                               path=request.path, **extra)
+
+    def _families(self) -> list:
+        look = self.monitor.latest()
+        return (server_families(look.servers) + job_families(self.monitor.counters.snapshot())
+                + worker_families(look.replies))
+
+    # -- page data ------------------------------------------------------------------------------
+    def overview_data(self) -> dict:
+        look = self.monitor.latest()
+        functions = look.functions()
+        charts = self.monitor.charts()
+        return {
+            "taken_at": look.taken_at, "servers": _server_rows(look),
+            "totals": {"queued": sum(f["queued"] for f in functions),
+                       "running": sum(f["running"] for f in functions),
+                       "workers": len(look.processes), "silent": sum(p.silent for p in look.processes),
+                       "hosts": len({p.host for p in look.processes}),
+                       "connections": sum(f["workers"] for f in functions)},
+            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h)}
+                      for h in sorted({p.host for p in look.processes})],
+            "rates": self.monitor.rates(),
+            "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
+            "collector": self.settings.collector,
+        }
+
+    def functions_data(self) -> dict:
+        look = self.monitor.latest()
+        sort = request.args.get("sort", "function")
+        sort = sort if sort in SORT_KEYS else "function"
+        desc = request.args.get("desc") == "1"
+        rows = sorted(look.functions(), key=lambda f: (f[sort], f["function"]), reverse=desc)
+        return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows, "sort": sort,
+                "desc": desc, "hidden_control_functions": look.hidden_control_functions()}
+
+    def workers_data(self) -> dict:
+        look = self.monitor.latest()
+        hosts: dict[str, list] = {}
+        for p in look.processes:
+            hosts.setdefault(p.host, []).append(p.to_dict())
+        return {"taken_at": look.taken_at, "servers": _server_rows(look),
+                "hosts": [{"host": h, "processes": ps} for h, ps in sorted(hosts.items())],
+                "others": look.others}
+
+    def jobs_data(self) -> dict:
+        look = self.monitor.latest()
+        unique = request.args.get("unique", "").strip()
+        running = {}  # (job server, handle) -> what the worker says of it
+        for p in look.processes:
+            for j in p.running:
+                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{p.host}:{p.pid}"}
+        servers = []
+        for r in self.admin.jobs():
+            entry: dict[str, Any] = {"server": r.server, "ok": r.ok, "error": r.error, "jobs": [],
+                                     "unique_keys": [], "total": 0}
+            if r.ok:
+                jobs = []
+                for j in r.value["jobs"]:
+                    info = running.get((r.server, j["handle"]), {})
+                    jobs.append({"handle": j["handle"], "state": j["state"], "retries": j["retries"],
+                                 "function": info.get("task"), "unique": info.get("unique"),
+                                 "worker": info.get("worker"), "seconds": info.get("seconds")})
+                if unique:
+                    jobs = [j for j in jobs if j["unique"] == unique]
+                    entry["unique_keys"] = [u for u in r.value["unique_keys"] if u == unique]
+                else:
+                    entry["unique_keys"] = r.value["unique_keys"][:JOBS_SHOWN]
+                entry["total"] = len(jobs)
+                entry["jobs"] = jobs[:JOBS_SHOWN]
+            servers.append(entry)
+        return {"unique": unique, "servers": servers, "running": list(running.values())
+                if not unique else [j for j in running.values() if j.get("unique") == unique]}
+
+    def failed_data(self) -> dict:
+        task = request.args.get("task", "").strip() or None
+        since_text = request.args.get("since", "").strip()
+        since = time.time() - parse_duration(since_text, "since") if since_text else None
+        rows, tasks, error = [], [], None
+        try:
+            rows = self.outcomes.failed(task=task, since=since)
+            tasks = sorted({r["task"] for r in (rows if task is None and since is None else self.outcomes.failed())})
+        except GeartaskError as e:  # the collector elsewhere did not answer
+            error = str(e)
+        return {"task": task, "since": since_text, "failed": rows, "limit": FAILED_LIMIT, "tasks": tasks,
+                "error": error}
+
+    def job_data(self) -> dict:
+        key = request.args.get("key", "").strip()
+        records, error = [], None
+        try:
+            records = self.outcomes.job(key) if key else []
+        except GeartaskError as e:
+            error = str(e)
+        look = self.monitor.latest()
+        running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
+                   if key and key in (j.get("handle"), j.get("unique"))]
+        shown = []
+        for rec in records:
+            rec = dict(rec)
+            result = rec.get("result")
+            if isinstance(result, str):
+                rec["result_shown_cut"] = len(result) > RESULT_SHOWN
+                text = result[:RESULT_SHOWN]
+                try:
+                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if not rec["result_shown_cut"] \
+                        and rec.get("result_encoding", "text") == "text" else text
+                except (ValueError, RecursionError):
+                    pass
+                rec["result_text"] = text
+            shown.append(rec)
+        state = ("running" if running else (shown[-1]["state"] if shown else "unknown"))
+        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error}
+
+    # -- actions ------------------------------------------------------------------------------------
+    def _fields(self) -> dict:
+        if request.is_json:
+            body = request.get_json(silent=True)
+            return body if isinstance(body, dict) else {}
+        return {k: (v if len(v) > 1 else v[0]) for k, v in request.form.lists()}
+
+    def _act(self, name: str, describe: Callable[[dict], str], perform: Callable[[dict], tuple[bool, str, Any]],
+             second: Callable[[dict], str | None] = lambda f: None) -> Any:
+        """CSRF check, confirmation page(s), then ``perform``; every step answers JSON when asked."""
+        fields = self._fields()
+        sent = str(fields.get("csrf") or request.headers.get("X-CSRF-Token") or "")
+        client = request.remote_addr
+        if not hmac.compare_digest(sent.encode(), self.csrf.encode()):
+            log.warning(f"dashboard {name} refused", reason="missing or wrong CSRF token", client=client)
+            return self._answer(403, False, "missing or wrong CSRF token: nothing was changed", name)
+        try:
+            question = describe(fields)
+        except GeartaskError as e:
+            return self._answer(400, False, str(e), name)
+        if fields.get("confirm") != "yes":
+            return self._confirm(name, question, fields, {"confirm": "yes"})
+        again = second(fields)
+        if again and fields.get("confirm_now") != "yes":
+            return self._confirm(name, again, fields, {"confirm": "yes", "confirm_now": "yes"}, danger=True)
+        try:
+            ok, message, details = perform(fields)
+        except GeartaskError as e:
+            ok, message, details = False, str(e), None
+        log.info(f"dashboard {name}", outcome="ok" if ok else "failed", message=message, client=client)
+        self.monitor.poke()
+        return self._answer(200 if ok else 409, ok, message, name, details)
+
+    def _answer(self, status: int, ok: bool, message: str, name: str, details: Any = None) -> Any:
+        if self.wants_json():
+            return jsonify({"ok": ok, "action": name, "message": message, "details": plain(details)}), status
+        back = request.form.get("back") or "/"
+        back = back if back.startswith("/") and not back.startswith("//") else "/"
+        return render_template("result.html", ok=ok, action=name, message=message, details=plain(details),
+                               back=back, fragment=False, path=back), status
+
+    def _confirm(self, name: str, question: str, fields: dict, add: dict, danger: bool = False) -> Any:
+        if self.wants_json():
+            return jsonify({"ok": False, "action": name, "confirm": question,
+                            "message": f"not done: send again with {' and '.join(f'{k}={v}' for k, v in add.items())}"}), 409
+        hidden = [(k, v) for k, vs in fields.items() if k not in ("confirm", "confirm_now", "csrf")
+                  for v in (vs if isinstance(vs, list) else [vs])] + list(add.items())
+        back = request.form.get("back") or "/"
+        return render_template("confirm.html", action=name, question=question, hidden=hidden, danger=danger,
+                               target=request.path, back=back if back.startswith("/") and not back.startswith("//")
+                               else "/", fragment=False, path=back)
+
+    # clear
+    def _clear_describe(self, f: dict) -> str:
+        fn = check_function(str(f.get("function", "")))
+        queued = sum(x["queued"] for x in self.monitor.latest().functions() if x["function"] == fn)
+        return (f"Remove the {queued} queued job{'s' if queued != 1 else ''} of {printable(fn)} on every server? "
+                "Running jobs are not touched.")
+
+    def _clear(self, f: dict) -> tuple[bool, str, Any]:
+        fn = check_function(str(f["function"]))
+        results = self.admin.clear([fn])
+        for r in results:
+            log.info("dashboard clear", function=fn, server=r.server, ok=r.ok, error=r.error,
+                     cleared=r.value["cleared"].get(fn) if r.ok else None, client=request.remote_addr)
+        n = sum(r.value["cleared"].get(fn, 0) for r in results if r.ok)
+        bad = [f"{r.server}: {r.error}" for r in results if not r.ok]
+        return not bad, f"{n} queued job{'s' if n != 1 else ''} of {printable(fn)} cleared" + (
+            f"; not reached: {'; '.join(bad)}" if bad else ""), _results(results)
+
+    # shutdown
+    def _shutdown_target(self, f: dict) -> tuple[str | None, int | None, str | None, bool]:
+        name = check_worker_name(str(f["name"])) if f.get("name") else None
+        pid = None
+        if f.get("pid"):
+            if not str(f["pid"]).isdigit():
+                raise UsageError(f"pid: expected a number, got {str(f['pid'])[:20]!r}")
+            pid = int(f["pid"])
+        host = check_host(str(f["host"])) if f.get("host") else None
+        if pid is None and host is None:
+            raise UsageError("shutdown needs a process (name and pid) or a host")
+        return name, pid, host, f.get("now") in ("1", "yes", "true", True)
+
+    def _shutdown_describe(self, f: dict) -> str:
+        name, pid, host, now = self._shutdown_target(f)
+        what = f"worker process {name} (pid {pid})" if pid is not None else f"every worker process on {host}"
+        return (f"Shut down {printable(what)}? " + ("It stops NOW: running jobs are interrupted and go back "
+                "to the queue." if now else "Running jobs get the grace period (worker.grace) to finish."))
+
+    def _shutdown_now(self, f: dict) -> str | None:
+        return ("Second confirmation: stopping now interrupts the jobs running there. Really stop now?"
+                if self._shutdown_target(f)[3] else None)
+
+    def _shutdown(self, f: dict) -> tuple[bool, str, Any]:
+        name, pid, host, now = self._shutdown_target(f)
+        report = self.admin.shutdown(name=name, host=host, pid=pid, now=now, wait=0)
+        for p in report.processes:
+            log.info("dashboard shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to,
+                     now=now, outcome=p.outcome, errors=p.errors or None, client=request.remote_addr)
+        if not report.processes:
+            return False, "no such worker process is connected", report.to_dict()
+        sent = [p for p in report.processes if p.outcome == "sent"]
+        return len(sent) == len(report.processes), (
+            f"shutdown{' now' if now else ''} sent to {len(sent)} of {len(report.processes)} worker "
+            f"process{'es' if len(report.processes) != 1 else ''}"), report.to_dict()
+
+    # cancel / stop
+    def _cancel(self, f: dict) -> tuple[bool, str, Any]:
+        handle = check_handle(str(f.get("handle", "")))
+        results = self.admin.cancel(handle)
+        for r in results:
+            log.info("dashboard cancel", handle=handle, server=r.server, outcome=r.value if r.ok else "unreachable",
+                     error=r.error, client=request.remote_addr)
+        done = any(r.ok and r.value == "cancelled" for r in results)
+        shown = ", ".join(f"{r.server}: {r.value if r.ok else r.error}" for r in results)
+        return done, f"job {printable(handle)}: {printable(shown)}", _results(results)
+
+    def _stop(self, f: dict) -> tuple[bool, str, Any]:
+        target = str(f.get("target", ""))
+        report = self.admin.stop_job(target)
+        for j in report.jobs:
+            log.info("dashboard stop", handle=j.handle, unique=j.unique, worker=f"{j.name}:{j.pid}",
+                     server=j.sent_to, outcome=j.outcome, error=j.error, client=request.remote_addr)
+        if not report.jobs:
+            return False, f"no worker runs {printable(target)}", report.to_dict()
+        return report.ok, "; ".join(f"{j.handle}: {j.outcome}" for j in report.jobs), report.to_dict()
+
+    def _target(self, f: dict, what: str) -> str:
+        value = str(f.get(what, ""))
+        if not value or len(value) > 1024:
+            raise UsageError(f"{what}: missing or too long")
+        return value
+
+    # requeue / purge
+    def _ids(self, f: dict) -> list[str]:
+        ids = f.get("only") or f.get("id") or []  # "only": one row's own button in the bulk form
+        ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
+        if f.get("all") == "yes":
+            task = str(f.get("task") or "") or None
+            since = time.time() - parse_duration(str(f["since"]), "since") if f.get("since") else None
+            ids = [r["id"] for r in self.outcomes.failed(task=task, since=since)]
+        return ids[:FAILED_LIMIT]
+
+    def _requeue_describe(self, f: dict) -> str:
+        n = len(self._ids(f))
+        return f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
+
+    def _requeue(self, f: dict) -> tuple[bool, str, Any]:
+        ids = self._ids(f)
+        if not ids:
+            return False, "nothing to requeue", []
+        results = self.outcomes.requeue(ids, by=f"dashboard@{request.remote_addr}")
+        for r in results:
+            log.info("dashboard requeue", unique=r.get("unique"), ids=r.get("ids") or r.get("id"), ok=r["ok"],
+                     handle=r.get("handle"), server=r.get("server"), error=r.get("error"), client=request.remote_addr)
+        done = sum(1 for r in results if r["ok"])
+        why = "; ".join(str(r["error"]) for r in results if not r["ok"])
+        return done == len(results), (f"{done} of {len(results)} failed job{'s' if len(results) != 1 else ''} "
+                                      "requeued" + (f" ({why})" if why else "")), results
+
+    def _purge_describe(self, f: dict) -> str:
+        if f.get("older_than"):
+            return f"Delete every failed job record older than {printable(str(f['older_than']))}?"
+        n = len(self._ids(f))
+        return f"Delete {n} failed job record{'s' if n != 1 else ''}? They can't be requeued afterwards."
+
+    def _purge(self, f: dict) -> tuple[bool, str, Any]:
+        if f.get("older_than"):
+            n = self.outcomes.purge(older_than=time.time() - parse_duration(str(f["older_than"]), "older than"))
+        else:
+            ids = self._ids(f)
+            n = self.outcomes.purge(ids=ids) if ids else 0
+        log.info("dashboard purge", purged=n, client=request.remote_addr)
+        return True, f"{n} failed job record{'s' if n != 1 else ''} purged", {"purged": n}
+
+    # -- routes ----------------------------------------------------------------------------------
+    def _routes(self) -> None:
+        app = self.app
+        app.before_request(self._check_request)
+        app.after_request(self._after)
+
+        @app.errorhandler(UsageError)
+        def usage(e: UsageError):
+            if self.wants_json():
+                return jsonify({"ok": False, "message": str(e)}), 400
+            return render_template("result.html", ok=False, action="request", message=str(e), details=None,
+                                   back=request.path, fragment=False, path=request.path), 400
+
+        @app.get("/")
+        def overview():
+            return self.page("overview.html", self.overview_data(), now=time.time())
+
+        @app.get("/functions")
+        def functions():
+            return self.page("functions.html", self.functions_data())
+
+        @app.get("/workers")
+        def workers():
+            return self.page("workers.html", self.workers_data(), now=time.time())
+
+        @app.get("/jobs")
+        def jobs():
+            return self.page("jobs.html", self.jobs_data())
+
+        @app.get("/failed")
+        def failed():
+            return self.page("failed.html", self.failed_data())
+
+        @app.get("/job")
+        def job():
+            return self.page("job.html", self.job_data())
+
+        @app.get("/metrics")
+        def metrics():
+            return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)
+
+        @app.post("/actions/clear")
+        def clear():
+            return self._act("clear", self._clear_describe, self._clear)
+
+        @app.post("/actions/shutdown")
+        def shutdown():
+            return self._act("shutdown", self._shutdown_describe, self._shutdown, self._shutdown_now)
+
+        @app.post("/actions/cancel")
+        def cancel():
+            return self._act("cancel", lambda f: f"Cancel the queued job {printable(check_handle(str(f.get('handle', ''))))}?",
+                             self._cancel)
+
+        @app.post("/actions/stop")
+        def stop():
+            return self._act("stop", lambda f: f"Stop the running job {printable(self._target(f, 'target'))}? "
+                             "It fails with the reason 'stopped by operator'.", self._stop)
+
+        @app.post("/actions/requeue")
+        def requeue():
+            return self._act("requeue", self._requeue_describe, self._requeue)
+
+        @app.post("/actions/purge")
+        def purge():
+            return self._act("purge", self._purge_describe, self._purge)
+

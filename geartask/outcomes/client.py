@@ -1,0 +1,171 @@
+"""Asking the outcomes collector from any machine that reaches a job server.
+
+``OutcomeClient(config).latest(unique=...)`` sends a foreground high-priority job of
+``geartask.outcomes.query`` to the first configured server that has a collector attached
+(the admin ``status`` says so), and waits for the answer until a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from .. import protocol as gp
+from ..admin.admin import parse_status
+from ..errors import ServerError
+from .errors import NoCollectorError, QueryError
+from .query import Refused, check_request
+from .record import QUERY_FUNCTION
+
+DEFAULT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+UNIQUE_PREFIX = QUERY_FUNCTION + ":"
+
+
+def query_unique(payload: bytes) -> str:
+    """The unique key of a query: the same for the same request, so gearmand coalesces them.
+
+    A query nobody answered stays in gearmand, marked ignored, until a grab skips it
+    (docs/gearmand.md); with one unique per request, asking again (a dashboard polling while
+    the collector is down) adds no second one. Requests say times relative to the collector's
+    clock (``max_age``, ``min_age``) so that repeating one gives the same bytes.
+    """
+    return UNIQUE_PREFIX + hashlib.sha256(payload).hexdigest()[:32]
+
+
+class OutcomeClient:
+    """Queries the collector (docs/outcomes.md lists the ops and what they return).
+
+    Every call raises NoCollectorError when no collector answers within ``timeout`` seconds
+    (none attached to any reachable server, or it did not answer in time), and QueryError when
+    the collector refused the request or answered something that is not an answer.
+    """
+
+    def __init__(self, config: Any, timeout: float = DEFAULT_TIMEOUT):
+        if not timeout > 0:
+            raise ValueError(f"timeout must be greater than 0, got {timeout!r}")
+        self.servers = list(config.server_addresses)
+        self.timeout = timeout
+
+    # -- the ops ---------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return self.ask("ping")
+
+    def size(self) -> int:
+        return self.ask("size")
+
+    def latest(self, *, unique: str | None = None, handle: str | None = None,
+               server: str | None = None) -> dict | None:
+        return self.ask("latest", unique=unique, handle=handle, server=server)
+
+    def get(self, id: str) -> dict | None:
+        return self.ask("get", id=id)
+
+    def history(self, unique: str, limit: int | None = None) -> dict:
+        return self.ask("history", unique=unique, limit=limit)
+
+    def failed(self, *, task: str | None = None, max_age: float | None = None, since: float | None = None,
+               limit: int | None = None, include_requeued: bool | None = None) -> dict:
+        return self.ask("failed", task=task, max_age=max_age, since=since, limit=limit,
+                        include_requeued=include_requeued)
+
+    def recent(self, *, state: str | None = None, task: str | None = None, max_age: float | None = None,
+               since: float | None = None, limit: int | None = None) -> dict:
+        return self.ask("recent", state=state, task=task, max_age=max_age, since=since, limit=limit)
+
+    def counts(self, *, max_age: float | None = None, since: float | None = None) -> list[dict]:
+        return self.ask("counts", max_age=max_age, since=since)
+
+    def mark_requeued(self, id: str, by: str, handle: str | None = None, server: str | None = None) -> bool:
+        return self.ask("mark_requeued", id=id, by=by, handle=handle, server=server)
+
+    def purge(self, *, min_age: float | None = None, older_than: float | None = None,
+              ids: list[str] | None = None) -> int:
+        return self.ask("purge", min_age=min_age, older_than=older_than, ids=ids)
+
+    def import_records(self, records: list[dict]) -> dict:
+        return self.ask("import", records=records)
+
+    # -- the protocol ----------------------------------------------------------------------
+    def ask(self, op: str, **fields: Any) -> Any:
+        """Send one request; its result. The request is checked here first (QueryError)."""
+        request = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
+        try:
+            check_request(request)
+        except Refused as e:
+            raise QueryError(f"bad query: {e}") from None
+        payload = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                             allow_nan=False).encode("utf-8", "surrogatepass")
+        unique = query_unique(payload)
+        deadline = time.monotonic() + self.timeout
+        tried: dict[str, str] = {}
+        for host, port in self.servers:
+            address = f"{host}:{port}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn = gp.Connection(host, port, connect_timeout=min(left, CONNECT_TIMEOUT))
+            try:
+                conn.connect()
+                if not _collector_attached(conn, max(0.1, deadline - time.monotonic())):
+                    tried[address] = "no collector attached"
+                    continue
+                reply = _submit(conn, unique, payload, deadline)
+                if reply is None:
+                    tried[address] = f"no answer within {self.timeout:g}s"
+                    break
+                return _result(reply, address)
+            except ServerError as e:
+                tried[address] = str(e).removeprefix(address + ": ")
+            finally:
+                conn.close()
+        detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
+        within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
+        raise NoCollectorError(f"no outcomes collector answered{within} (is `manage_client.py outcomes serve` "
+                               f"running?): {detail}")
+
+
+def _collector_attached(conn: gp.Connection, timeout: float) -> bool:
+    """Whether a worker of the query function is connected to this server: if none is, a
+    query would only wait for its deadline (and stay queued, ignored, after it)."""
+    for f in parse_status(conn.text_command("status", timeout)):
+        if f.function == QUERY_FUNCTION:
+            return f.workers > 0
+    return False
+
+
+def _submit(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -> bytes | None:
+    """Submit the query, wait for its answer until ``deadline``; None when none came."""
+    conn.send(gp.submit_command("high", False), task=QUERY_FUNCTION, unique=unique, data=payload)
+    handle, warning = None, None
+    while True:
+        pkt = conn.recv(max(0.0, deadline - time.monotonic()))
+        if pkt is None:
+            return None
+        if pkt.cmd == gp.JOB_CREATED and handle is None:
+            handle = pkt["job_handle"]
+        elif pkt.cmd == gp.ERROR:
+            raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+        elif handle is None or pkt.args.get("job_handle") != handle:
+            continue
+        elif pkt.cmd == gp.WORK_COMPLETE:
+            return pkt["data"]
+        elif pkt.cmd == gp.WORK_WARNING:
+            warning = pkt["data"]
+        elif pkt.cmd in (gp.WORK_FAIL, gp.WORK_EXCEPTION):
+            raise QueryError(f"the query failed on {conn.address}: "
+                             f"{warning[:300].decode('utf-8', 'replace') if warning else 'no reason given'}")
+
+
+def _result(reply: bytes, address: str) -> Any:
+    try:
+        answer = json.loads(reply.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise QueryError(f"the answer from {address} is not a collector's: {reply[:80]!r}")
+    if not answer["ok"]:
+        raise QueryError(f"the collector refused the query: {str(answer.get('error'))[:1000]}")
+    return answer.get("result")

@@ -1,0 +1,461 @@
+"""The outcome collector: the one worker of ``geartask.outcomes`` and ``geartask.outcomes.query``.
+
+It attaches to every configured server with two connections (outcomes, queries), each in
+its own thread. Outcome jobs are grabbed in pipelined batches; a batch's records are stored
+in one transaction, synced, and only then is each job answered WORK_COMPLETE, so an outcome
+leaves gearmand only once it is on disk (the store is idempotent by record id: a job handed
+out again after a crash stores nothing twice). A malformed job is logged and answered
+WORK_FAIL, which drops it. Queries are answered at once. docs/outcomes.md for users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import sqlite3
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from .. import protocol as gp
+from ..admin.admin import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
+from ..errors import ServerError
+from ..logs import get_logger
+from ..worker.process import keepalive_for
+from .errors import CollectorConflict, StoreError
+from .query import MAX_REQUEST, Queries
+from .record import OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, cap_record, check
+from .store import OutcomeStore
+
+log = get_logger("geartask.collector")
+
+CLIENT_PREFIX = "geartask-collector"
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
+STORE_RETRY = 5.0  # seconds before jobs are taken again after the store failed to write
+CONNECT_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 10.0  # seconds gearmand may take to answer our grabs before the connection is dropped
+PIPELINE = 50  # grabs in flight per round trip, at most ...
+PIPELINE_BYTES = 64 * 1024 * 1024  # ... and as many as jobs of the last round's biggest size fit in this
+QUERY_PIPELINE = 8  # queries are few, and each may be big (an import)
+MIN_JOB_LIMIT = 16 * 1024 * 1024  # an outcome job bigger than max(this, 8 x max_result) is refused unread
+PRUNE_INTERVAL = 600.0  # seconds between prunes of records past outcomes.keep_days
+RIVAL_FIRST, RIVAL_INTERVAL = 1.0, 60.0  # seconds to the first look for another collector, and between looks
+MALFORMED_SHOWN = 3  # bad records of one job named in the log
+
+_HEADER = struct.Struct("!4sII")  # a Gearman packet header: magic, command, body length
+_RES = b"\0RES"
+_MAX_HANDLE = 64
+
+
+def collector_client_id(host: str | None = None, pid: int | None = None) -> str:
+    """``geartask-collector:<host>:<pid>``: how a collector's connections show in ``workers``."""
+    host = host or socket.gethostname().split(".")[0] or "localhost"
+    return f"{CLIENT_PREFIX}:{host}:{os.getpid() if pid is None else pid}"
+
+
+def is_collector_id(client_id: str) -> bool:
+    return client_id.startswith(CLIENT_PREFIX + ":")
+
+
+class _Guarded(gp.Connection):
+    """A Connection that never buffers a job bigger than ``max_job``: it keeps the job's handle,
+    reads past the rest, and hands it out as a JOB_ASSIGN_UNIQ with an ``oversize`` argument
+    (the body's length) instead of its data, so the job can still be answered and dropped."""
+
+    def __init__(self, host: str, port: int, max_job: int, **kw: Any):
+        super().__init__(host, port, **kw)
+        self.max_job = max_job
+        self._skip = 0
+
+    def _take_packet(self) -> gp.Packet | None:
+        buf = self._buf
+        if len(buf) >= 12:
+            magic, cmd, length = _HEADER.unpack_from(buf)
+            if length > self.max_job and magic == _RES and cmd == gp.JOB_ASSIGN_UNIQ:
+                end = buf.find(b"\0", 12, 12 + _MAX_HANDLE + 1)
+                if end < 0:
+                    if len(buf) <= 12 + _MAX_HANDLE:
+                        return None  # the handle is still on its way
+                    raise self._fail("protocol error: a job handle longer than 64 bytes")
+                handle = bytes(buf[12:end])
+                dropped = min(12 + length, len(buf))
+                del buf[:dropped]
+                self._skip = 12 + length - dropped
+                return gp.Packet(gp.JOB_ASSIGN_UNIQ, {"job_handle": handle, "oversize": str(length).encode()})
+        return super()._take_packet()
+
+    def _read_some(self, timeout: float | None) -> bool:
+        got = super()._read_some(timeout)
+        if self._skip and self._buf:
+            n = min(self._skip, len(self._buf))
+            del self._buf[:n]
+            self._skip -= n
+        return got
+
+
+class _StoreFailed(Exception):
+    """The store could not write a batch: its jobs stay unanswered (gearmand keeps them)."""
+
+
+def _complete(handle: bytes, data: bytes = b"") -> bytes:
+    return gp.pack(gp.WORK_COMPLETE, job_handle=handle, data=data)
+
+
+def _refuse(handle: bytes, error: str) -> bytes:
+    """WORK_WARNING with the reason (for a client that waits on it), then WORK_FAIL: gearmand
+    drops the job (and its sqlite row)."""
+    reason = json.dumps({"error": error}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return gp.pack(gp.WORK_WARNING, job_handle=handle, data=reason) + gp.pack(gp.WORK_FAIL, job_handle=handle)
+
+
+def parse_outcomes(raw: bytes) -> list:
+    """The records of one outcome job's payload (a JSON object or a list of them), unchecked;
+    BadOutcome names what is wrong with the payload as a whole."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadOutcome(f"payload is not UTF-8 ({len(raw)} bytes)") from None
+    except RecursionError:
+        raise BadOutcome(f"payload is JSON nested too deeply ({len(raw)} bytes)") from None
+    except ValueError as e:
+        raise BadOutcome(f"payload is not JSON: {e}") from None
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise BadOutcome(f"payload must be a JSON object or a list of them, got {type(value).__name__}")
+
+
+class _Attachment(threading.Thread):
+    """One connection to one server as the worker of one function, kept up for as long as the
+    collector runs: grab in pipelined rounds, let ``handle`` answer a round, sleep when empty."""
+
+    def __init__(self, collector: "Collector", host: str, port: int, function: str, max_job: int,
+                 handle: Callable[[list[gp.Packet], str], bytes], pipeline: int):
+        super().__init__(name=f"collector-{'query' if function == QUERY_FUNCTION else 'outcomes'}-{host}:{port}",
+                         daemon=True)
+        self.collector, self.host, self.port, self.function = collector, host, port, function
+        self.address = f"{host}:{port}"
+        self.max_job, self.handle, self.pipeline = max_job, handle, pipeline
+        self.attached = False
+        self.rounds = 0
+
+    def run(self) -> None:
+        c = self.collector
+        delay, down_since = RECONNECT_MIN, None
+        while not c.stopping:
+            conn = _Guarded(self.host, self.port, self.max_job, connect_timeout=CONNECT_TIMEOUT,
+                            keepalive=c.keepalive)
+            try:
+                conn.connect()
+                conn.send(gp.SET_CLIENT_ID, client_id=c.client_id)
+                conn.send(gp.CAN_DO, task=self.function)
+                conn.echo(ANSWER_TIMEOUT)
+                self.attached = True
+                log.info("attached", server=self.address, function=self.function,
+                         down_for=None if down_since is None else round(time.monotonic() - down_since, 1))
+                down_since, delay = None, RECONNECT_MIN
+                self._serve(conn)
+            except ServerError as e:
+                if down_since is None:  # once per outage
+                    down_since = time.monotonic()
+                    log.warning("server unreachable; retrying" if not self.attached else "connection lost; reconnecting",
+                                server=self.address, function=self.function, error=str(e))
+            except _StoreFailed as e:
+                down_since = down_since or time.monotonic()
+                log.error("outcome store failed; the batch stays in gearmand and is taken again",
+                          server=self.address, error=str(e.__cause__ or e), retry_in=STORE_RETRY)
+                delay = STORE_RETRY
+            except Exception as e:  # a bug: log it, and keep serving rather than leave outcomes unread
+                down_since = down_since or time.monotonic()
+                log.exception("collector thread error; reconnecting", server=self.address, error=repr(e))
+                delay = max(delay, 1.0)
+            finally:
+                conn.close()  # gearmand hands out again any job we grabbed and did not answer
+                self.attached = False
+            if c.stopping or c.wait(delay):
+                break
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    def _serve(self, conn: _Guarded) -> None:
+        c, grab, n = self.collector, gp.pack(gp.GRAB_JOB_UNIQ), self.pipeline
+        while not c.stopping:
+            conn.send_raw(grab * n)
+            jobs, empty = [], False
+            for _ in range(n):
+                pkt = self._next(conn)
+                if pkt.cmd == gp.NO_JOB:
+                    empty = True
+                else:
+                    jobs.append(pkt)
+            self.rounds += 1
+            if jobs:
+                conn.send_raw(self.handle(jobs, self.address))
+                biggest = max(int(p.args["oversize"]) if "oversize" in p.args else len(p["data"]) for p in jobs)
+                n = max(1, min(self.pipeline, PIPELINE_BYTES // (biggest + 1)))
+                continue  # more may have come while we stored these: grab again before sleeping
+            if empty:
+                conn.send(gp.PRE_SLEEP)
+                self._sleep(conn)
+
+    def _next(self, conn: _Guarded) -> gp.Packet:
+        """The answer to one grab (NOOPs from an earlier PRE_SLEEP are skipped)."""
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while True:
+            pkt = conn.recv(max(0.0, deadline - time.monotonic()))
+            if pkt is None:
+                raise ServerError(f"no answer to GRAB_JOB within {ANSWER_TIMEOUT:g}s", conn.address)
+            if pkt.cmd in (gp.JOB_ASSIGN_UNIQ, gp.NO_JOB):
+                return pkt
+            if pkt.cmd == gp.ERROR:
+                raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+
+    def _sleep(self, conn: _Guarded) -> None:
+        """Until the server sends something (its NOOP), the collector stops, or poll_timeout
+        passes: then we grab again anyway (a NOOP can be lost; see the worker's docstring)."""
+        if conn.has_buffered_packet():
+            return
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(self.collector._wake_r, select.POLLIN)
+        poller.poll(int(self.collector.poll_timeout * 1000))
+
+
+class Collector:
+    """Stores the outcomes every configured server receives and answers queries about them.
+
+    ``start()`` checks that no other collector is registered (CollectorConflict: exit 2) and
+    starts the threads; ``stop(timeout)`` lets each thread finish its batch and closes the
+    connections; ``serve_forever()`` does both around a wait, for ``outcomes serve``. The
+    caller owns ``store`` (opens and closes it). ``error`` says why it stopped by itself.
+    """
+
+    def __init__(self, config: Any, store: OutcomeStore, *, client_id: str | None = None):
+        self.config, self.store = config, store
+        self.servers = list(config.server_addresses)
+        self.max_result = config.outcomes.max_result
+        self.keep_seconds = config.outcomes.keep_days * 86400
+        self.max_job = max(MIN_JOB_LIMIT, 8 * self.max_result)
+        self.poll_timeout = config.worker.poll_timeout
+        self.keepalive = keepalive_for(config.worker.keepalive)
+        self.client_id = client_id or collector_client_id()
+        self.prune_interval, self.rival_interval = PRUNE_INTERVAL, RIVAL_INTERVAL
+        self.queries = Queries(store, self.max_result, info=self.info,
+                               on_error=lambda what, e: log.error(what, error=str(e)))
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0}
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._threads: list[threading.Thread] = []
+        self._attachments: list[_Attachment] = []
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- life cycle ------------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the collector is stopping."""
+        return self._stop.wait(seconds)
+
+    def start(self) -> None:
+        """Refuse (CollectorConflict) if another collector is registered; else start serving."""
+        if self._threads:
+            raise RuntimeError("this collector was started already")
+        rivals = self.rivals()
+        if rivals:
+            named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in rivals)
+            raise CollectorConflict(f"another outcomes collector is registered: {named}; "
+                                    "run one collector for all servers (stop that one first)")
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start the threads (start() without the check: tests use it to make two collectors race)."""
+        log.info("collector starting", client_id=self.client_id, servers=self.addresses,
+                 keep_days=self.config.outcomes.keep_days, max_result=self.max_result)
+        self.started_at = time.time()
+        for host, port in self.servers:
+            self._attachments.append(_Attachment(self, host, port, OUTCOME_FUNCTION, self.max_job,
+                                                 self._store_round, PIPELINE))
+            self._attachments.append(_Attachment(self, host, port, QUERY_FUNCTION, MAX_REQUEST,
+                                                 self._query_round, QUERY_PIPELINE))
+        self._threads = [*self._attachments, threading.Thread(target=self._housekeeping, daemon=True,
+                                                              name="collector-housekeeping")]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"{h}:{p}" for h, p in self.servers]
+
+    def request_stop(self) -> None:
+        """Tell every thread to stop, without waiting (safe in a signal handler)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking jobs; each thread finishes the batch it has. True when all have ended."""
+        self.request_stop()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        done = not any(t.is_alive() for t in self._threads)
+        if done:
+            log.info("collector stopped", **self.counts)
+        return done
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def serve_forever(self) -> int:
+        """start(), then run until stop() (a signal handler calls it); 0, or 2 after a conflict."""
+        self.start()
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+        return 2 if self.error else 0
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- one round of jobs -------------------------------------------------------------------
+    def _store_round(self, jobs: list[gp.Packet], server: str) -> bytes:
+        """Store every good record of these outcome jobs in one transaction; their answers."""
+        records: list[dict] = []
+        answers: list[bytes] = []
+        malformed = refused = 0
+        for pkt in jobs:
+            handle = pkt["job_handle"]
+            if "oversize" in pkt.args:
+                error = f"outcome job of {int(pkt.args['oversize'])} bytes refused unread (at most {self.max_job})"
+                log.warning("malformed outcome job skipped", server=server, handle=handle.decode(errors="replace"),
+                            error=error)
+                answers.append(_refuse(handle, error))
+                malformed += 1
+                continue
+            try:
+                raw = parse_outcomes(pkt["data"])
+            except BadOutcome as e:
+                log.warning("malformed outcome job skipped", server=server, handle=pkt.text("job_handle"),
+                            unique=pkt.text("unique"), error=str(e), head=pkt["data"][:80].decode("utf-8", "replace"))
+                answers.append(_refuse(handle, str(e)))
+                malformed += 1
+                continue
+            bad = []
+            for i, obj in enumerate(raw):
+                try:
+                    records.append(cap_record(check(obj), self.max_result))
+                except BadOutcome as e:
+                    bad.append(f"record {i}: {e}")
+            if bad:
+                log.warning("malformed outcome records skipped", server=server, handle=pkt.text("job_handle"),
+                            unique=pkt.text("unique"), refused=len(bad), of=len(raw), errors=bad[:MALFORMED_SHOWN])
+                answers.append(_refuse(handle, f"{len(bad)} of {len(raw)} records refused: {'; '.join(bad[:MALFORMED_SHOWN])}"))
+                refused += len(bad)
+            else:
+                answers.append(_complete(handle))
+        try:
+            added = self.store.add(records, checked=True) if records else 0
+        except (sqlite3.Error, OSError, StoreError) as e:
+            raise _StoreFailed(str(e)) from e
+        with self._count_lock:
+            self.counts["stored"] += added
+            self.counts["known"] += len(records) - added
+            self.counts["malformed_jobs"] += malformed
+            self.counts["refused_records"] += refused
+        return b"".join(answers)
+
+    def _query_round(self, jobs: list[gp.Packet], server: str) -> bytes:
+        answers = []
+        for pkt in jobs:
+            if "oversize" in pkt.args:
+                error = f"request of {int(pkt.args['oversize'])} bytes refused (at most {MAX_REQUEST})"
+                answer = json.dumps({"ok": False, "error": error}).encode()
+            else:
+                answer = self.queries.answer(pkt["data"])
+            answers.append(_complete(pkt["job_handle"], answer))
+        with self._count_lock:
+            self.counts["queries"] += len(jobs)
+        return b"".join(answers)
+
+    def info(self) -> dict:
+        """What ``ping`` answers: who this collector is, where it is attached, what it did."""
+        servers: dict[str, dict[str, bool]] = {}
+        for a in self._attachments:
+            servers.setdefault(a.address, {})["query" if a.function == QUERY_FUNCTION else "outcomes"] = a.attached
+        with self._count_lock:
+            counts = dict(self.counts)
+        return {"collector": self.client_id, "started_at": self.started_at, "servers": servers,
+                "keep_days": self.config.outcomes.keep_days, "max_result": self.max_result,
+                "store": self.config.outcomes.store, **counts}
+
+    # -- housekeeping: pruning, and other collectors ------------------------------------------
+    def _housekeeping(self) -> None:
+        next_prune, next_rivals = 0.0, time.monotonic() + RIVAL_FIRST
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_prune:
+                next_prune = now + self.prune_interval
+                self.prune()
+            if now >= next_rivals:
+                next_rivals = now + self.rival_interval
+                self._yield_to_rivals()
+            if self.wait(max(0.05, min(next_prune, next_rivals) - time.monotonic())):
+                break
+
+    def prune(self) -> int:
+        """Delete records older than outcomes.keep_days; how many."""
+        try:
+            n = self.store.prune(self.keep_seconds)
+        except (sqlite3.Error, OSError) as e:
+            log.error("outcome store prune failed", error=str(e))
+            return 0
+        if n:
+            log.info("pruned outcomes", count=n, keep_days=self.config.outcomes.keep_days)
+        return n
+
+    def rivals(self) -> list[tuple[str, WorkerConnection]]:
+        """(server, connection) of every other worker of OUTCOME_FUNCTION on the reachable servers."""
+        found = []
+        for r in Admin(self.servers, DEFAULT_TIMEOUT).each(server_workers, False):
+            if not r.ok:
+                log.warning("cannot list the workers of a server", server=r.server, error=r.error)
+                continue
+            for w in r.value:
+                if OUTCOME_FUNCTION in w.functions and w.client_id != self.client_id:
+                    found.append((r.server, w))
+        return found
+
+    def _yield_to_rivals(self) -> None:
+        """Two collectors that started at the same instant both got past start()'s check: the
+        one whose client id sorts higher stops, so one remains (docs/outcomes.md)."""
+        for server, w in self.rivals():
+            if is_collector_id(w.client_id) and w.client_id < self.client_id:
+                self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "
+                              f"{server}; this one ({self.client_id}) stops")
+                log.error("collector conflict: stopping", server=server, other=w.client_id, ip=w.ip)
+                self.request_stop()
+                return
+            if (server, w.client_id) not in self._warned:
+                self._warned.add((server, w.client_id))
+                log.warning("another worker of geartask.outcomes is registered: it takes outcomes this "
+                            "collector never sees" if not is_collector_id(w.client_id) else
+                            "another outcomes collector is registered; it should stop by itself",
+                            server=server, other=w.client_id, ip=w.ip)

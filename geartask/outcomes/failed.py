@@ -1,0 +1,236 @@
+"""Failed jobs, for the manager's ``failed`` commands: requeue them, import a dead-letter file.
+
+Both work through an OutcomeClient, so they run on any machine that reaches a job server.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import UsageError
+from .client import OutcomeClient
+from .query import MAX_LIST
+from .record import BATCH_BYTES, BadOutcome, check, decode_bytes, encode_bytes
+
+IMPORT_RECORDS = 500  # records per import request ...
+IMPORT_BYTES = BATCH_BYTES  # ... and bytes (one record may be bigger)
+MAX_LINE = 64 * 1024 * 1024  # a dead-letter line longer than this is not one
+BAD_LINES_KEPT = 20
+
+
+def requester() -> str:
+    """user@host: who requeued, as the record says."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Requeued:
+    """What became of one failed job sent again."""
+
+    unique: str | None
+    task: str
+    ids: list[str]  # the failed records marked requeued (all of this unique not requeued before)
+    handle: str | None = None  # the new job's, on ``server``
+    server: str | None = None
+    error: str | None = None  # why it was not sent (then nothing is marked)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: str | None = None,
+                   every: bool = False) -> tuple[list[list[dict]], list[str]]:
+    """The failed records to send again, grouped by unique key (newest first in each group), and
+    the uniques asked for that have none (unknown, or nothing failed left to requeue)."""
+    groups: dict[str, list[dict]] = {}
+    missing: list[str] = []
+    for unique in uniques:
+        rows = [r for r in client.history(unique, MAX_LIST)["records"]
+                if r["state"] == "failed" and not r.get("requeues")]
+        if rows:
+            groups[unique] = rows[::-1]
+        else:
+            missing.append(unique)
+    if task is not None or every:
+        seen: set[str] = set()
+        while True:  # pages: what is marked requeued drops out of the list
+            page = [r for r in client.failed(task=task, limit=MAX_LIST)["records"] if r["id"] not in seen]
+            if not page:
+                break
+            for r in page:
+                seen.add(r["id"])
+                groups.setdefault(r.get("unique") or f"\0{r['id']}", []).append(r)
+            if len(page) < MAX_LIST:
+                break
+    return list(groups.values()), missing
+
+
+def requeue(config: Any, client: OutcomeClient, groups: list[list[dict]], by: str | None = None) -> list[Requeued]:
+    """Send each group's newest failed job again: its task, data and priority, the same unique
+    key, as a background job; then mark every record of the group requeued, by ``by``, with
+    the new handle. A record whose data was not kept whole can't be sent (its ``error`` says)."""
+    from ..sender.sender import JobSender  # the sender is only needed here
+
+    by = by or requester()
+    out: list[Requeued] = []
+    jobs: list[dict] = []
+    for group in groups:
+        newest = client.get(group[0]["id"]) or group[0]
+        r = Requeued(newest.get("unique"), newest["task"], [g["id"] for g in group])
+        out.append(r)
+        if newest.get("data") is None:
+            r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
+        elif newest.get("data_cut"):
+            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data'))} of {newest.get('data_size')} bytes"
+        else:
+            # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
+            jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),
+                         "priority": newest.get("priority"), "background": True, "retries": newest.get("retries"),
+                         "requeue_of": newest["id"], "_index": len(out) - 1})
+    if not jobs:
+        return out
+    index = [j.pop("_index") for j in jobs]
+    with JobSender(config, record_background=False) as sender:
+        results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
+    for i, res in zip(index, results):
+        r = out[i]
+        if res.state != "queued":
+            r.error = f"not accepted by any server: {res.error or res.state}"
+            continue
+        r.handle, r.server = res.handle, res.server
+        for id in r.ids:
+            client.mark_requeued(id, by, handle=r.handle, server=r.server)
+    return out
+
+
+# -- dead-letter files ---------------------------------------------------------------------
+
+def from_dead_letter(obj: Any, line: bytes) -> dict:
+    """An outcome record from one dead-letter line: an outcome record as it is (a worker writes
+    one there when no server took it), or a worker's older dead-letter record, converted (its
+    id derived from the line, so importing a file twice stores nothing twice)."""
+    if not isinstance(obj, dict):
+        raise BadOutcome(f"a dead letter must be a JSON object, got {type(obj).__name__}")
+    if "id" in obj and "state" in obj:
+        return check(obj)
+    rec: dict[str, Any] = {"id": "dl-" + hashlib.sha256(line).hexdigest()[:40], "state": "failed",
+                           "server": obj.get("server") or "unknown", "finished_at": obj.get("time")}
+    for key in ("task", "unique", "handle", "attempts", "worker", "host"):
+        if obj.get(key) is not None:
+            rec[key] = obj[key]
+    if obj.get("seconds") is not None:
+        rec["duration"] = obj["seconds"]
+    if obj.get("reason") is not None:
+        rec["reason"] = obj["reason"] if isinstance(obj["reason"], dict) else {"error": obj["reason"]}
+    size = obj.get("data_bytes")
+    if "data" in obj:  # the payload whole: JSON kept decoded, or its text
+        value = obj["data"]
+        raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else \
+            json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        _put(rec, raw, size, cut=False)
+    elif "data_hex" in obj or "data_head_hex" in obj or "data_head" in obj:
+        hexed = obj.get("data_hex", obj.get("data_head_hex"))
+        try:
+            raw = bytes.fromhex(hexed) if isinstance(hexed, str) else str(obj["data_head"]).encode("utf-8")
+        except ValueError:
+            raise BadOutcome("'data_hex' is not hexadecimal") from None
+        _put(rec, raw, size, cut="data_hex" not in obj)
+    rec.setdefault("handle", "unknown")
+    return check(rec)
+
+
+def _put(rec: dict, raw: bytes, size: Any, cut: bool) -> None:
+    enc = encode_bytes(raw, len(raw))
+    rec["data"], rec["data_encoding"] = enc[""], enc["encoding"]
+    rec["data_size"] = size if isinstance(size, int) and not isinstance(size, bool) and size >= len(raw) else len(raw)
+    if cut:
+        rec["data_cut"] = True
+
+
+@dataclass
+class ImportReport:
+    added: int = 0  # new records stored
+    known: int = 0  # records the store had already
+    refused: int = 0  # lines that are no record (bad_lines names the first of them)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "known": self.known, "refused": self.refused,
+                "bad_lines": [{"line": n, "error": e} for n, e in self.bad_lines]}
+
+
+def read_dead_letters(path: Path, report: ImportReport) -> Iterator[dict]:
+    """The records of a dead-letter file, line by line; lines that are none go to ``report``."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for number, line in enumerate(_lines(f), 1):
+            if not line.strip():
+                continue
+            try:
+                if line is _TOO_LONG:
+                    raise BadOutcome(f"line longer than {MAX_LINE} bytes")
+                try:
+                    obj = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    raise BadOutcome("not a JSON line") from None
+                yield from_dead_letter(obj, line.rstrip(b"\r\n"))
+            except BadOutcome as e:
+                report.refused += 1
+                if len(report.bad_lines) < BAD_LINES_KEPT:
+                    report.bad_lines.append((number, str(e)))
+
+
+_TOO_LONG = b"\0too long"
+
+
+def _lines(f: Any) -> Iterator[bytes]:
+    while True:
+        line = f.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
+                pass
+            yield _TOO_LONG
+            continue
+        yield line
+
+
+def import_dead_letters(client: OutcomeClient, path: Path) -> ImportReport:
+    """Store every record of a dead-letter file through the collector (``failed import``)."""
+    report = ImportReport()
+    chunk: list[dict] = []
+    size = 0
+    for rec in read_dead_letters(Path(path), report):
+        n = len(json.dumps(rec, ensure_ascii=False))
+        if chunk and (len(chunk) >= IMPORT_RECORDS or size + n > IMPORT_BYTES):
+            _send(client, chunk, report)
+            chunk, size = [], 0
+        chunk.append(rec)
+        size += n
+    if chunk:
+        _send(client, chunk, report)
+    return report
+
+
+def _send(client: OutcomeClient, chunk: list[dict], report: ImportReport) -> None:
+    answer = client.import_records(chunk)
+    report.added += answer["added"]
+    report.known += answer["known"]
+    report.refused += answer["refused_count"]
+    for r in answer["refused"]:
+        if len(report.bad_lines) < BAD_LINES_KEPT:
+            report.bad_lines.append((0, f"refused by the collector: {r['error']}"))

@@ -1,0 +1,614 @@
+"""The dashboard over HTTP (no browser): safety (token, CSRF, Host), JSON pages, /metrics,
+dead and silent servers, and stopping a running job. Real gearmand, real dashboard process;
+the fake control worker (tests/fakeworker.py) stands in for workers where a test needs
+replies a real worker can't be made to give (counters of a process that then exits)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import gearclient
+from dashboards import DashboardProc, queue_background
+from fakeworker import FakeControlWorker
+from geartask.admin import admin
+from geartask.control import COMMANDS
+from geartask.metrics import FleetCounters
+from geartask.server import free_port
+from helpers import run_script, wait_until
+from netproxy import SliceProxy
+from workers import WorkerProc
+
+MANAGE = "manage_client/manage_client.py"
+PAGES = ["/", "/functions", "/workers", "/jobs", "/failed", "/job?key=nothing"]
+
+
+def _addr(server) -> tuple[str, int]:
+    host, port = server.address.rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.fixture
+def dashboards():
+    started: list[DashboardProc] = []
+
+    def start(config, *extra, **kw) -> DashboardProc:
+        d = DashboardProc(config, *extra, **kw)
+        started.append(d)
+        return d.wait_ready()
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+# -- where it listens, and who may ask ------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_non_loopback_listen_without_token_refuses_to_start(gearmand, make_config, how):
+    port = free_port()
+    extra = f"dashboard:\n  listen: 0.0.0.0:{port}\n" if how == "config" else ""
+    path, _ = make_config(gearmand, extra)
+    args = ["--listen", f"0.0.0.0:{port}"] if how == "flag" else []
+    r = run_script(MANAGE, "--config", str(path), "dashboard", *args, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "not a loopback address" in r.stderr and "token" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    with socket.socket() as s:  # and nothing was left listening
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bad_listen_is_a_usage_error(gearmand, make_config):
+    path, _ = make_config(gearmand)
+    r = run_script(MANAGE, "--config", str(path), "dashboard", "--listen", "127.0.0.1:99999", timeout=30)
+    assert r.returncode == 2 and "--listen" in r.stderr and "port" in r.stderr, r.stderr
+
+
+def test_with_a_token_every_request_needs_it_and_changes_nothing_without(gearmand, make_config, fname, dashboards):
+    path, _ = make_config(gearmand)
+    queue_background(gearmand, fname, 3)
+    d = dashboards(path, "--token", "s3cret-token-for-tests")
+    for page in PAGES + ["/metrics", "/static/dashboard.css"]:
+        r = d.get(page)
+        assert r.status == 401, (page, r.status)
+        assert "Basic" in r.headers.get("WWW-Authenticate", "")
+    assert d.get("/", headers={"Authorization": "Bearer wrong"}).status == 401
+    # An action without the token: refused before anything else, queue untouched.
+    r = d.post("/actions/clear", {"function": fname, "confirm": "yes", "csrf": "x"})
+    assert r.status == 401
+    assert gearclient.queued(gearmand.address, fname) == 3
+    # With it: a bearer header, basic auth (a browser's prompt), or ?token= once (then a cookie).
+    d.token = "s3cret-token-for-tests"
+    assert d.get("/").status == 200
+    basic = "Basic " + __import__("base64").b64encode(b"anyone:s3cret-token-for-tests").decode()
+    assert d.get("/functions", headers={"Authorization": basic}).status == 200
+    d.token = None
+    r = d.get("/?token=s3cret-token-for-tests")
+    assert r.status == 200
+    cookie = r.headers["Set-Cookie"].split(";")[0]
+    assert "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Strict" in r.headers["Set-Cookie"]
+    assert d.get("/workers", headers={"Cookie": cookie}).status == 200
+    d.token = "s3cret-token-for-tests"
+    assert d.act("clear", function=fname).status == 200
+    assert gearclient.queued(gearmand.address, fname) == 0
+
+
+def test_post_without_csrf_or_confirmation_changes_nothing(gearmand, make_config, fname, dashboards):
+    path, _ = make_config(gearmand)
+    queue_background(gearmand, fname, 4)
+    d = dashboards(path)
+    json_hdr = {"Accept": "application/json"}
+    for fields in ({"function": fname, "confirm": "yes"}, {"function": fname, "confirm": "yes", "csrf": "forged"}):
+        r = d.post("/actions/clear", fields, headers=json_hdr)
+        assert r.status == 403 and "CSRF" in r.json()["message"]
+    r = d.post("/actions/clear", {"function": fname, "csrf": d.csrf()})  # the confirmation page, as HTML
+    assert r.status == 200 and "Confirm: clear" in r.text and "Remove the 4 queued jobs" in r.text
+    r = d.post("/actions/clear", {"function": fname, "csrf": d.csrf()}, headers=json_hdr)
+    assert r.status == 409 and "confirm=yes" in r.json()["message"]
+    assert gearclient.queued(gearmand.address, fname) == 4
+    r = d.act("clear", function=fname)
+    assert r.status == 200 and r.json()["ok"], r.text
+    assert gearclient.queued(gearmand.address, fname) == 0
+    log = (path.parent / "logs" / "dashboard.log").read_text()
+    assert '"dashboard clear"' in log and '"client": "127.0.0.1"' in log and fname in log
+
+
+def test_foreign_host_header_is_refused_without_a_token(gearmand, make_config, dashboards):
+    """DNS rebinding: a page elsewhere whose name now points at 127.0.0.1 must not read or act."""
+    path, _ = make_config(gearmand)
+    d = dashboards(path)
+    assert d.get("/", headers={"Host": f"evil.example:{d.port}"}).status == 400
+    assert d.get("/", headers={"Host": f"localhost:{d.port}"}).status == 200
+
+
+def test_every_page_is_html_and_json(gearmand, make_config, dashboards):
+    path, _ = make_config(gearmand)
+    d = dashboards(path)
+    for page in PAGES:
+        html = d.get(page)
+        assert html.status == 200 and "<html" in html.text and 'id="live"' in html.text, page
+        assert "frame-ancestors 'none'" in html.headers["Content-Security-Policy"]
+        frag = d.get(page + ("&" if "?" in page else "?") + "fragment=1")
+        assert frag.status == 200 and "<html" not in frag.text, page
+        for r in (d.get(page, headers={"Accept": "application/json"}), d.get(page + ("&" if "?" in page else "?")
+                                                                              + "format=json")):
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/json"), page
+            assert "csrf" in r.json()
+    overview = d.get_json("/")
+    assert [s["server"] for s in overview["servers"]] == [gearmand.address] and overview["servers"][0]["up"]
+
+
+def test_hostile_names_are_escaped(fresh_gearmand, make_config, dashboards):
+    path, _ = make_config(fresh_gearmand)
+    evil = "<script>alert(1)</script>\x1b[2J"
+    queue_background(fresh_gearmand, evil, 1)
+    d = dashboards(path)
+    wait_until(lambda: any(f["function"] == evil for f in d.get_json("/functions")["functions"]), 10,
+               message="the function is listed")
+    for page in ("/functions", "/"):
+        text = d.get(page).text
+        assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;\\x1b[2J" in text
+
+
+# -- dead and silent servers ---------------------------------------------------------------
+
+def test_a_server_going_down_shows_within_two_refreshes_and_comes_back(gearmand_factory, make_config, dashboards):
+    s1, s2 = gearmand_factory(), gearmand_factory()
+    path, _ = make_config([s1, s2])
+    refresh = 1.0
+    d = dashboards(path, refresh=refresh)
+    states = lambda: {s["server"]: s["up"] for s in d.get_json("/", timeout=5)["servers"]}  # noqa: E731
+    wait_until(lambda: states() == {s1.address: True, s2.address: True}, 10, message="both up")
+    s2.kill()
+    t0 = time.monotonic()
+    wait_until(lambda: states()[s2.address] is False, 2 * refresh + admin.DEFAULT_TIMEOUT + 5, message="s2 down")
+    seen_after = time.monotonic() - t0
+    assert states()[s1.address] is True
+    metrics = {(s.name, s.labels.get("server")): s.value for f in text_string_to_metric_families(d.get("/metrics").text)
+               for s in f.samples}
+    assert metrics[("geartask_server_up", s2.address)] == 0 and metrics[("geartask_server_up", s1.address)] == 1
+    s2.start()
+    wait_until(lambda: states()[s2.address] is True, 2 * refresh + 10, message="s2 up again")
+    print(f"down shown after {seen_after:.2f}s (refresh {refresh}s)")
+
+
+class Blackhole:
+    """A TCP listener that accepts and never answers: a server that hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self):
+        self.stopped = True
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_pages_never_hang_on_a_server_that_does_not_answer(gearmand, make_config, dashboards):
+    hole = Blackhole()
+    try:
+        path, _ = make_config([gearmand.address, f"127.0.0.1:{hole.port}"])
+        d = dashboards(path, "--timeout", "1", refresh=1.0)
+        for page in PAGES + ["/metrics"]:
+            t0 = time.monotonic()
+            r = d.get(page, timeout=10)
+            assert r.status == 200, page
+            assert time.monotonic() - t0 < 5, f"{page} took {time.monotonic() - t0:.1f}s"
+        ov = d.get_json("/")
+        by = {s["server"]: s for s in ov["servers"]}
+        assert by[gearmand.address]["up"] and not by[f"127.0.0.1:{hole.port}"]["up"]
+        assert "within 1s" in by[f"127.0.0.1:{hole.port}"]["error"]
+        jobs = d.get_json("/jobs")
+        assert {s["server"]: s["ok"] for s in jobs["servers"]} == {gearmand.address: True,
+                                                                     f"127.0.0.1:{hole.port}": False}
+    finally:
+        hole.close()
+
+
+# -- /metrics -------------------------------------------------------------------------------
+
+def _samples(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _promtool(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: scripts/install.sh installs Debian's prometheus package")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_metrics_fold_the_workers_counters_and_keep_an_exited_process_share(gearmand, make_config, fname, dashboards):
+    """Two processes report per-task counters in their pings; the fleet totals add them up,
+    pass promtool, and keep the share of a process that then exits."""
+    def counters(complete, failed, retried, le):
+        return {"tasks": {fname: {"complete": complete, "failed": failed, "retried": retried,
+                                  "seconds_sum": 0.5 * (complete + failed), "buckets": le}},
+                "threads": 4, "busy": 1}
+    a = FakeControlWorker([_addr(gearmand)], "ma", 5001,
+                          reply_extra=counters(7, 2, 1, {"0.1": 3, "1": 9, "+Inf": 9}))
+    b = FakeControlWorker([_addr(gearmand)], "mb", 5002,
+                          reply_extra=counters(5, 0, 0, {"0.1": 5, "1": 5, "+Inf": 5}))
+    try:
+        path, _ = make_config(gearmand)
+        d = dashboards(path, refresh=0.5)
+        key = lambda metric, **labels: (metric, tuple(sorted(labels.items())))  # noqa: E731
+        wait_until(lambda: _samples(d.get("/metrics").text).get(key("geartask_jobs_total", task=fname,
+                                                                     outcome="complete")) == 12, 15,
+                   message="12 complete jobs counted")
+        text = d.get("/metrics").text
+        _promtool(text)
+        m = _samples(text)
+        assert m[key("geartask_jobs_total", task=fname, outcome="failed")] == 2
+        assert m[key("geartask_jobs_total", task=fname, outcome="retried")] == 1
+        assert m[key("geartask_job_duration_seconds_bucket", task=fname, le="0.1")] == 8
+        assert m[key("geartask_job_duration_seconds_count", task=fname)] == 14
+        assert m[key("geartask_job_duration_seconds_sum", task=fname)] == 7.0
+        assert m[key("geartask_worker_threads", host="127.0.0.1", name="ma")] == 4
+        assert m[key("geartask_worker_busy_threads", host="127.0.0.1", name="mb")] == 1
+        assert m[key("geartask_server_up", server=gearmand.address)] == 1
+        a.reply_extra.update(counters(10, 2, 1, {"0.1": 3, "1": 12, "+Inf": 12}))  # 3 more done
+        wait_until(lambda: _samples(d.get("/metrics").text)[key("geartask_jobs_total", task=fname,
+                                                                 outcome="complete")] == 15, 15,
+                   message="15 complete")
+        a.close()  # the process exits: its jobs stay counted
+        wait_until(lambda: key("geartask_worker_threads", host="127.0.0.1", name="ma")
+                   not in _samples(d.get("/metrics").text), 15, message="ma gone")
+        assert _samples(d.get("/metrics").text)[key("geartask_jobs_total", task=fname, outcome="complete")] == 15
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fleet_counters_ignore_malformed_replies():
+    c = FleetCounters()
+    c.update([{"name": "w", "pid": 1, "started": 1, "tasks": {"t": {"complete": "many", "failed": -3,
+                                                                   "buckets": {"x": 1, "nan": 2, "0.5": 1}}}},
+              {"name": "w", "pid": 2, "started": 1, "tasks": ["not", "a", "dict"]},
+              "not a reply", {"name": "w", "pid": 3, "started": 1, "tasks": {"t": {"complete": 2}}}])
+    assert c.snapshot()["t"]["complete"] == 2 and c.snapshot()["t"]["failed"] == 0
+    assert c.snapshot()["t"]["buckets"] == {0.5: 1.0}
+
+
+def test_metrics_count_the_jobs_a_real_worker_ran(gearmand_factory, make_config, fname, dashboards):
+    s1, s2 = gearmand_factory(), gearmand_factory()
+    path, _ = make_config([s1, s2])
+    w = WorkerProc(path, "mw", 2).wait_attached([s1.address, s2.address])
+    try:
+        reply = admin.Admin([_addr(s1)]).ping_workers()[0].value[0].reply
+        if "tasks" not in reply:
+            pytest.skip("the worker's ping has no per-task counters yet (issue 14, branch worker12)")
+        d = dashboards(path, refresh=0.5)
+        assert all(o.state == "complete" for o in gearclient.run(s1.address, "eg.reverse", ["abc"] * 30))
+        assert all(o.state == "complete" for o in gearclient.run(s2.address, "eg.reverse", ["xyz"] * 20))
+        key = ("geartask_jobs_total", (("outcome", "complete"), ("task", "eg.reverse")))
+        wait_until(lambda: _samples(d.get("/metrics").text).get(key) == 50, 15, message="50 jobs counted")
+        text = d.get("/metrics").text
+        _promtool(text)
+        m = _samples(text)
+        assert m[("geartask_job_duration_seconds_count", (("task", "eg.reverse"),))] == 50
+        assert m[("geartask_function_workers", (("function", "eg.reverse"), ("server", s1.address)))] == 2
+    finally:
+        w.stop()
+
+
+# -- stopping a running job -----------------------------------------------------------------
+
+def test_stop_exits_1_when_no_worker_runs_it(gearmand, make_config):
+    path, _ = make_config(gearmand)
+    r = run_script(MANAGE, "--config", str(path), "stop", "no-such-unique-key", timeout=30)
+    assert r.returncode == 1 and "no worker runs no-such-unique-key" in r.stderr, r.stderr
+
+
+def test_stop_goes_to_the_process_that_runs_the_job_through_a_slicing_proxy(fresh_gearmand):
+    srv = fresh_gearmand
+    job = {"handle": "H:test:77", "task": "shell", "unique": "u-77", "server": srv.address, "seconds": 3.5}
+    other = FakeControlWorker([_addr(srv)], "idle", 6001)
+    runner = FakeControlWorker([_addr(srv)], "busy", 6002, reply_extra={"running": [dict(job)]})
+    proxy = SliceProxy(_addr(srv), seed=5).start()
+    try:
+        sliced = admin.Admin([(proxy.host, proxy.port)], timeout=10)
+        report = sliced.stop_job("u-77")
+        assert report.ok, report.to_dict()
+        (j,) = report.jobs
+        assert (j.handle, j.name, j.pid, j.outcome) == ("H:test:77", "busy", 6002, "stopped")
+        assert [c for _, c in runner.received if c["command"] == "stop"] == [{"command": "stop", "handle": "H:test:77",
+                                                                                 "server": srv.address}]
+        assert not [c for _, c in other.received if c["command"] == "stop"]
+        again = sliced.stop_job("H:test:77")  # no longer running anywhere
+        assert not again.ok and again.jobs == []
+        assert proxy.slices > 10
+    finally:
+        proxy.stop()
+        other.close()
+        runner.close()
+
+
+def test_stop_command_line_and_dashboard_action(fresh_gearmand, make_config, dashboards):
+    srv = fresh_gearmand
+    jobs = [{"handle": f"H:test:{i}", "task": "shell", "unique": f"u-{i}", "server": srv.address, "seconds": 1}
+            for i in (1, 2)]
+    runner = FakeControlWorker([_addr(srv)], "busy", 6003, reply_extra={"running": jobs})
+    try:
+        path, _ = make_config(srv)
+        r = run_script(MANAGE, "--config", str(path), "--json", "stop", "u-1", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["jobs"][0]["outcome"] == "stopped"
+        d = dashboards(path, refresh=0.5)
+        wait_until(lambda: [j["handle"] for j in d.get_json("/job?key=u-2")["running"]] == ["H:test:2"], 10,
+                   message="the Job page shows it running")
+        r = d.act("stop", target="u-2")
+        assert r.status == 200 and r.json()["ok"], r.text
+        r = d.act("stop", target="u-2")
+        assert r.status == 409 and "no worker runs u-2" in r.json()["message"]
+    finally:
+        runner.close()
+
+
+def test_stop_a_real_running_shell_job(gearmand, make_config, fname):
+    if "stop" not in COMMANDS:
+        pytest.skip("the worker side of 'stop' is not on this branch yet (issue 14, branch worker12)")
+    path, _ = make_config(gearmand, "worker:\n  shell:\n    allow: [sleep]\n")
+    w = WorkerProc(path, "sw", 1).wait_attached([gearmand.address])
+    try:
+        conn = gearclient.connect(gearmand.address)
+        (handle,) = gearclient.submit(conn, "shell", [{"cmd": ["sleep", "60"]}], uniques=[fname])
+        adm = admin.Admin([_addr(gearmand)])
+        wait_until(lambda: any(j.get("unique") == fname for r in adm.ping_workers() for p in r.value
+                               for j in (p.reply or {}).get("running", [])), 10, message="running")
+        r = run_script(MANAGE, "--config", str(path), "stop", fname, timeout=30)
+        assert r.returncode == 0, r.stderr
+        out = gearclient.wait(conn, [handle], timeout=15)[handle]
+        assert out.state == "failed" and "stopped by operator" in json.dumps(out.warnings)
+        conn.close()
+    finally:
+        w.stop()
+
+
+# -- failed jobs, through the collector the dashboard runs ----------------------------------
+
+def _report_failed(server, task: str, unique: str, data: bytes, attempts: int = 3, **fields) -> dict:
+    """What a worker does for a job that failed for good: a background job of geartask.outcomes
+    (``fields`` change the record: state="complete", result=...)."""
+    from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
+    rec = make_record(**{"server": server.address, "handle": f"H:test:{unique}", "task": task, "state": "failed",
+                         "unique": unique, "attempts": attempts, "worker": "fw:127.0.0.1:1",
+                         "reason": {"error": f"exit status 1 ({unique})"}, "data": data, "background": True,
+                         **fields})
+    conn = gearclient.connect(server.address)
+    try:
+        for payload in encode_batches([rec]):
+            conn.send(gearclient.gp.submit_command("normal", True), task=OUTCOME_FUNCTION, unique=rec["id"],
+                      data=payload)
+            conn.expect(gearclient.gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+    return rec
+
+
+def test_failed_page_lists_filters_requeues_and_purges(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    d = dashboards(path, refresh=0.5)
+    a = _report_failed(srv, fname, f"{fname}-a", b'{"n": 1}')
+    b = _report_failed(srv, fname + ".other", f"{fname}-b", b'{"n": 2}')
+    c = _report_failed(srv, fname, f"{fname}-c", b'{"n": 3}')
+    wait_until(lambda: len(d.get_json("/failed")["failed"]) == 3, 15, message="3 failed jobs stored and listed")
+    page = d.get_json(f"/failed?task={fname}&since=1h")
+    assert sorted(r["unique"] for r in page["failed"]) == [f"{fname}-a", f"{fname}-c"]
+    assert all(r["attempts"] == 3 and "exit status 1" in r["error"] for r in page["failed"])
+    assert d.get("/failed?since=soon").status == 400
+    html = d.get(f"/failed?task={fname}").text
+    assert f"{fname}-a" in html and f"{fname}-b" not in html
+    job = d.get_json(f"/job?key={fname}-a")
+    assert job["state"] == "failed" and job["outcomes"][0]["reason"] == {"error": f"exit status 1 ({fname}-a)"}
+    # requeue one: the original task and data go back to gearmand (no worker runs fname here)
+    r = d.act("requeue", only=a["id"])
+    assert r.status == 200 and r.json()["ok"], r.text
+    assert gearclient.queued(srv.address, fname) == 1
+    assert [x["unique"] for x in d.get_json("/failed")["failed"]] == [c["unique"], b["unique"]]
+    rec = d.get_json(f"/job?key={fname}-a")["outcomes"][0]
+    assert rec["requeues"][0]["by"] == "dashboard@127.0.0.1" and rec["requeues"][0]["handle"]
+    # purge one by id, then everything older than now
+    r = d.act("purge", only=b["id"])
+    assert r.status == 200 and r.json()["details"] == {"purged": 1}
+    r = d.act("purge", older_than="1h")
+    assert r.status == 200 and r.json()["details"] == {"purged": 0}
+    r = d.act("purge", all="yes", task=fname)  # every one shown (a, requeued, is not)
+    assert r.status == 200 and r.json()["details"] == {"purged": 1}
+    assert d.get_json("/failed")["failed"] == []
+    assert d.get_json(f"/job?key={fname}-a")["outcomes"][0]["requeues"]  # the requeued record stays
+    log = (path.parent / "logs" / "dashboard.log").read_text()
+    assert '"dashboard requeue"' in log and '"dashboard purge"' in log
+
+
+def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    lone = dashboards(path, "--no-collector", refresh=0.5)
+    err = lone.get_json("/failed")["error"]
+    assert "no outcomes collector answered" in err  # shown on the page, not a crash
+    path2, _ = make_config(srv, f"outcomes:\n  path: {path.parent / 'other.sqlite'}\n", name="collector.yaml")
+    with_collector = dashboards(path2, refresh=0.5)
+    _report_failed(srv, fname, f"{fname}-x", b"{}")
+    wait_until(lambda: [r["unique"] for r in lone.get_json("/failed")["failed"]] == [f"{fname}-x"], 15,
+               message="read through gearmand from the other dashboard's collector")
+    assert with_collector.get_json("/failed")["failed"][0]["unique"] == f"{fname}-x"
+
+
+def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):
+    """worker.metrics_listen: geartask.metrics.start_worker_metrics fed by a real WorkerProcess's
+    ping reply (here asked through its control function; the worker passes its own)."""
+    import urllib.request
+
+    from geartask.metrics import start_worker_metrics
+    from workers import in_process_worker
+    path, config = make_config(gearmand)
+    with in_process_worker(config, gearmand.address, "mx", 2):
+        port = free_port()
+        adm = admin.Admin([_addr(gearmand)])
+
+        def reply() -> dict:
+            (p,) = [p for p in adm.ping_workers()[0].value if p.name == "mx"]
+            return p.reply
+        server = start_worker_metrics(f"127.0.0.1:{port}", reply)
+        try:
+            assert all(o.state == "complete" for o in gearclient.run(gearmand.address, "eg.reverse", ["ab"] * 7))
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            _promtool(text)
+            m = _samples(text)
+            assert m[("geartask_worker_threads", (("host", "127.0.0.1"), ("name", "mx")))] == 2
+            if "tasks" in reply():  # the per-task counters (branch worker12)
+                assert m[("geartask_jobs_total", (("outcome", "complete"), ("task", "eg.reverse")))] == 7
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_jobs_page_cancels_a_queued_job_and_searches_by_unique(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    conn = gearclient.connect(srv.address)
+    handles = gearclient.submit(conn, fname, [{"i": 1}, {"i": 2}], background=True,
+                                uniques=[f"{fname}-1", f"{fname}-2"])
+    conn.close()
+    d = dashboards(path)
+    jobs = d.get_json("/jobs")["servers"][0]
+    assert sorted(j["handle"] for j in jobs["jobs"]) == sorted(handles)
+    assert all(j["state"] == "queued" for j in jobs["jobs"])
+    assert sorted(jobs["unique_keys"]) == [f"{fname}-1", f"{fname}-2"]
+    assert d.get_json(f"/jobs?unique={fname}-2")["servers"][0]["unique_keys"] == [f"{fname}-2"]
+    html = d.get("/jobs").text
+    assert html.count('class="danger cancel"') == 2 and handles[0] in html
+    r = d.act("cancel", handle=handles[0])
+    assert r.status == 200 and r.json()["ok"], r.text
+    states = {j["handle"]: j["state"] for j in d.get_json("/jobs")["servers"][0]["jobs"]}
+    assert states[handles[0]] == "cancelled" and states[handles[1]] == "queued"
+    r = d.act("cancel", handle=handles[0])
+    assert r.status == 409 and "already cancelled" in r.json()["message"]
+
+
+def test_functions_sort_and_shutdown_per_host(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    queue_background(srv, fname + ".few", 2)
+    queue_background(srv, fname + ".many", 9)
+    here = FakeControlWorker([_addr(srv)], "here", 7001)
+    there = FakeControlWorker([_addr(srv)], "there", 7002, source_ips=["127.0.0.2"])
+    try:
+        d = dashboards(path, refresh=0.5)
+        rows = d.get_json("/functions?sort=queued&desc=1")["functions"]
+        assert [r["function"] for r in rows[:2]] == [fname + ".many", fname + ".few"]
+        assert [r["function"] for r in d.get_json("/functions?sort=queued")["functions"]
+                if r["function"].startswith(fname)] == [fname + ".few", fname + ".many"]
+        wait_until(lambda: {h["host"] for h in d.get_json("/workers")["hosts"]} == {"127.0.0.1", "127.0.0.2"}, 10,
+                   message="two hosts")
+        r = d.act("shutdown", host="127.0.0.2")
+        assert r.status == 200 and r.json()["ok"], r.text
+        wait_until(lambda: there.stopped.is_set(), 10, message="the worker on 127.0.0.2 told to stop")
+        assert [c["command"] for _, c in there.received if c["command"] != "ping"] == ["shutdown"]
+        assert not [c for _, c in here.received if c["command"] == "shutdown"]
+        # 'now' needs a second confirmation
+        r = d.post("/actions/shutdown", {"csrf": d.csrf(), "confirm": "yes", "name": "here", "pid": "7001",
+                                         "now": "yes"}, headers={"Accept": "application/json"})
+        assert r.status == 409 and "confirm_now=yes" in r.json()["message"]
+        assert not [c for _, c in here.received if c["command"] == "shutdown"]
+        r = d.act("shutdown", name="here", pid="7001", now="yes", confirm_now="yes")
+        assert r.status == 200 and r.json()["ok"], r.text
+        wait_until(lambda: [c for _, c in here.received if c["command"] == "shutdown"] ==
+                   [{"command": "shutdown", "now": True}], 10, message="shutdown now received")
+    finally:
+        here.close()
+        there.close()
+
+
+def test_silent_and_lying_worker_processes(fresh_gearmand, make_config, dashboards):
+    """A process that never answers its control function is flagged silent; one whose ping reply
+    has the wrong shapes (anyone can register a control function) breaks no page."""
+    srv = fresh_gearmand
+    silent = FakeControlWorker([_addr(srv)], "mute", 8001, answer=False)
+    liar = FakeControlWorker([_addr(srv)], "liar", 8002, reply_extra={
+        "threads": "many", "busy": True, "jobs_done": 1e300, "started": "yesterday",
+        "running": [1, {"handle": 5, "seconds": "long", "unique": ["x"]}, "<b>"],
+        "tasks": {"t": "x", "u": {"complete": "7", "buckets": {"nope": 1}}}, "name": "<script>"})
+    try:
+        path, _ = make_config(srv)
+        d = dashboards(path, "--timeout", "1", refresh=0.5)
+        def procs():
+            return {p["name"]: p for h in d.get_json("/workers")["hosts"] for p in h["processes"]}
+        wait_until(lambda: procs().get("mute", {}).get("silent") is True, 15, message="mute flagged silent")
+        liar_row = procs()["liar"]
+        assert liar_row["silent"] is False and liar_row["threads"] is None and liar_row["started"] is None
+        assert liar_row["running"] == [{"handle": "5", "task": None, "unique": "['x']", "server": None,
+                                        "seconds": None}]
+        for page in PAGES + ["/metrics"]:
+            assert d.get(page).status == 200, page
+        assert "<script>" not in d.get("/workers").text
+        _promtool(d.get("/metrics").text)
+        assert d.get_json("/")["totals"]["silent"] == 1
+    finally:
+        silent.close()
+        liar.close()
+
+
+def test_worker_metrics_on_a_taken_port_is_a_clear_usage_error():
+    from geartask.errors import UsageError
+    from geartask.metrics import start_worker_metrics
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(UsageError, match=r"worker.metrics_listen 127.0.0.1:\d+: cannot listen there"):
+            start_worker_metrics(f"127.0.0.1:{taken.getsockname()[1]}", dict)
+
+
+def test_job_page_shows_outcomes_results_and_timings(fresh_gearmand, make_config, fname, dashboards):
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    d = dashboards(path, refresh=0.5)
+    _report_failed(srv, "eg.reverse", fname, b'"abc"', attempts=2, started_at=time.time() - 1.5)
+    _report_failed(srv, "eg.reverse", fname, b'"abc"', state="complete", reason=None, attempts=1,
+                   result=json.dumps({"reversed": "cba", "note": "<i>peer text</i>"}).encode(),
+                   started_at=time.time() - 0.25, submitted_at=time.time() - 3)
+    big = "x" * 200_000
+    _report_failed(srv, "shell", fname + "-big", b"{}", state="complete", reason=None, result=big.encode())
+    wait_until(lambda: d.get_json(f"/job?key={fname}-big")["state"] == "complete", 15, message="stored")
+    job = d.get_json(f"/job?key={fname}")
+    assert job["state"] == "complete" and [o["state"] for o in job["outcomes"]] == ["failed", "complete"]
+    html = d.get(f"/job?key={fname}")
+    assert html.status == 200, html.text[:300]
+    text = html.text
+    assert "exit status 1" in text and "&#34;reversed&#34;: &#34;cba&#34;" in text and "<i>peer" not in text
+    assert "Duration" in text and "Submitted" in text and "fw:127.0.0.1:1" in text
+    by_handle = d.get_json(f"/job?key=H:test:{fname}-big")
+    assert by_handle["outcomes"] and by_handle["outcomes"][0]["result_shown_cut"] is True
+    big_html = d.get(f"/job?key={fname}-big").text
+    assert "first 64 KiB shown" in big_html and big_html.count("x" * 1000) < 70
+    unknown = d.get("/job?key=no-such-job")
+    assert unknown.status == 200 and "No outcome recorded" in unknown.text

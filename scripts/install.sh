@@ -38,4 +38,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
-echo "installed: $(.venv/bin/python -c 'import geartask; print("geartask", geartask.__version__)'), $(gearmand --version 2>&1 | head -1)"
+echo "installed: $(.venv/bin/python -c 'import geartask; print("geartask", geartask.__version__)'), $(gearmand --version 2>&1 | grep -m1 .)"

@@ -247,7 +247,8 @@ class Collector:
                                on_error=lambda what, e: log.error(what, error=str(e)))
         self.error: str | None = None
         self.started_at: float | None = None
-        self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0}
+        self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0,
+                       "store_failures": 0}
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -374,6 +375,8 @@ class Collector:
         try:
             added = self.store.add(records, checked=True) if records else 0
         except (sqlite3.Error, OSError, StoreError) as e:
+            with self._count_lock:
+                self.counts["store_failures"] += 1
             raise _StoreFailed(str(e)) from e
         with self._count_lock:
             self.counts["stored"] += added

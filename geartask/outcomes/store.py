@@ -147,11 +147,12 @@ class SqliteOutcomeStore(OutcomeStore):
     batch, synced to disk before ``add`` returns (synchronous=FULL: the collector acknowledges
     an outcome to gearmand only after that). Safe to share between threads."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        # busy_timeout: how long a write waits for another process's (a second reader's) lock
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import Any, Iterable, Iterator
 
+from ..jobs import too_deep
+
 OUTCOME_FUNCTION = "geartask.outcomes"  # workers submit outcomes here (background jobs)
 QUERY_FUNCTION = "geartask.outcomes.query"  # the collector answers queries here (foreground jobs)
 
@@ -104,7 +106,7 @@ def check(obj: Any) -> dict:
                 except (binascii.Error, ValueError):
                     raise BadOutcome(f"{key!r} is not valid base64") from None
     if obj.get("reason") is not None:
-        if not _shallow(obj["reason"], MAX_REASON_DEPTH):
+        if too_deep(obj["reason"], MAX_REASON_DEPTH):
             raise BadOutcome(f"'reason' is nested more than {MAX_REASON_DEPTH} levels deep")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
@@ -113,17 +115,6 @@ def check(obj: Any) -> dict:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _shallow(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > limit:
-                return False
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
 
 
 # -- building records (the worker side) -------------------------------------------------
@@ -216,7 +207,7 @@ def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
         text = json.dumps(reason, ensure_ascii=False, allow_nan=False, default=str)
     except (ValueError, RecursionError):
         return {"reason": f"<a {type(reason).__name__} JSON can't hold>", "reason_cut": True}
-    if len(text) <= limit and _shallow(reason, MAX_REASON_DEPTH):
+    if len(text) <= limit and not too_deep(reason, MAX_REASON_DEPTH):
         return {"reason": reason}
     return {"reason": text[:limit], "reason_cut": True}
 

@@ -92,6 +92,9 @@ def _nested(depth):
     (dict(reason=_nested(40)), "nested"),
     (dict(duration=math.inf), "'duration'"),
     (dict(reason_cut="yes"), "'reason_cut'"),
+    (dict(unique="\ud800"), "'unique' is not Unicode text"),
+    (dict(reason={"error": "\udfff"}), "'reason' is not Unicode text"),
+    (dict(reason={"n": math.nan}), "NaN"),
 ])
 def test_check_names_the_bad_field(bad, what):
     with pytest.raises(BadOutcome, match=what):
@@ -135,6 +138,7 @@ def test_check_drops_unknown_keys_and_defaults_encoding():
     (b'{"op": "purge", "min_age": -1}', "'min_age'"),
     (b'{"op": "mark_requeued", "id": "a"}', "needs 'by'"),
     (b'{"op": "import", "records": {}}', "'records' must be a list"),
+    (b'{"op": "latest", "unique": "\\ud800"}', "lone surrogate"),
 ])
 def test_hostile_requests_are_refused_with_the_reason(raw, what):
     with pytest.raises(Refused, match=what):

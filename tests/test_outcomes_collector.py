@@ -4,6 +4,7 @@ outcomes serve`), raw outcome jobs as a worker sends them, queries from other co
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -194,6 +195,8 @@ def test_malformed_outcome_jobs_are_logged_dropped_and_the_collector_keeps_servi
     good, half = records(srv.address, 2, "good")
     bad = [b"not json", b"\xff\xfe\x00", b"42", b'{"id": "x"}', b"[" * 200_000,
            json.dumps([half, dict(half, id="y" * 100)]).encode(),  # one good record, one bad: the good one is kept
+           json.dumps(dict(good, id="s", unique="\ud800")).encode(),  # JSON can say it, UTF-8 and sqlite can't
+           json.dumps(dict(good, id="n", reason={"x": math.nan})).encode(),
            b"[" + b" " * (17 * 1024 * 1024) + b"]"]  # over the 16 MiB an outcome job may have: never read whole
     submit(srv.address, bad + [json.dumps(good).encode()])
     client = OutcomeClient(load_config(cfg))
@@ -202,10 +205,11 @@ def test_malformed_outcome_jobs_are_logged_dropped_and_the_collector_keeps_servi
     warnings = [e for e in c.log_lines() if e["event"].startswith("malformed outcome")]
     said = " | ".join(str(e.get("error") or e.get("errors")) for e in warnings)
     for what in ("not JSON", "not UTF-8", "got int", "missing 'server'", "nested too deeply", "'id' is 100 characters",
-                 "refused unread"):
+                 "refused unread", "'unique' is not Unicode text", "'reason' holds NaN"):
         assert what in said, said
     # hostile queries are answered with the reason, the collector goes on
-    for raw in (b"\xff", b'{"op": "drop"}', b"[" * 100_000, b'{"op": "failed", "limit": 1e9}'):
+    for raw in (b"\xff", b'{"op": "drop"}', b"[" * 100_000, b'{"op": "failed", "limit": 1e9}',
+                b'{"op": "latest", "unique": "\\ud800"}'):
         (o,) = gearclient.run(srv.address, QUERY_FUNCTION, [raw], timeout=10)
         assert o.state == "complete" and o.result["ok"] is False and o.result["error"]
     assert client.latest(unique="good0")["id"] == good["id"] and c.proc.poll() is None
@@ -428,7 +432,7 @@ def test_one_collector_serves_several_servers_and_any_of_them_answers(fresh_gear
                                                                         collectors):
     servers = [fresh_gearmand, gearmand_factory(), gearmand_factory()]
     addresses = [s.address for s in servers]
-    collectors(collector_config(tmp_path, addresses), addresses)
+    c = collectors(collector_config(tmp_path, addresses), addresses)
     for i, s in enumerate(servers):
         submit(s.address, list(encode_batches(records(s.address, 10, f"srv{i}-"))))
     for i, address in enumerate(addresses):  # each config names one server only
@@ -437,12 +441,18 @@ def test_one_collector_serves_several_servers_and_any_of_them_answers(fresh_gear
         assert client.latest(unique=f"srv{(i + 1) % 3}-4")["server"] == addresses[(i + 1) % 3]
         info = client.ping()
         assert info["servers"] == {a: {"outcomes": True, "query": True} for a in addresses}
-    # one server down: queries go to the next one
+    # one server down: queries go to the next one; back up, the collector attaches again
     servers[0].stop()
     client = OutcomeClient(load_config(reader_config(tmp_path, addresses, "reader-all")))
     assert client.size() == 30
+    wait_until(lambda: client.ping()["servers"][addresses[0]] == {"outcomes": False, "query": False}, 10,
+               message="the collector sees the server gone")
     status = manage(reader_config(tmp_path, addresses, "reader-cli"), "outcomes", "status")
     assert status.returncode == 0 and "30 outcomes kept" in status.stdout
+    servers[0].start()
+    c.wait_attached([addresses[0]])
+    submit(addresses[0], list(encode_batches(records(addresses[0], 5, "back-"))))
+    wait_until(lambda: client.size() == 35, 20, message="stored after the server came back")
 
 
 def test_the_collector_api_starts_and_stops_in_a_host_process(fresh_gearmand, tmp_path):

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from .record import BadOutcome, STATES, cap_record, check
+from .record import STATES, BadOutcome, _encodable, cap_record, check
 from .store import OutcomeStore
 
 MAX_REQUEST = 64 * 1024 * 1024  # bytes of one request (an import carries records)
@@ -36,6 +36,8 @@ def _text(value: Any, name: str, limit: int = MAX_KEY) -> str:
         raise Refused(f"{name!r} must be a non-empty string, got {_shown(value)}")
     if len(value) > limit:
         raise Refused(f"{name!r} is {len(value)} characters, over {limit}")
+    if not _encodable(value):
+        raise Refused(f"{name!r} is not Unicode text (it holds a lone surrogate)")
     return value
 
 
@@ -172,8 +174,12 @@ class Queries:
             if self.on_error:
                 self.on_error("outcome store failed a query", e)
             reply = {"ok": False, "error": f"the collector's store failed: {e}"}
-        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8",
-                                                                                                  "surrogatepass")
+        except Exception as e:  # a bug: the query must still be answered, or it would come back for ever
+            if self.on_error:
+                self.on_error("query failed", e)
+            reply = {"ok": False, "error": f"the collector failed on this query: {type(e).__name__}: {e}"}
+        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+            "utf-8", "backslashreplace")  # a lone surrogate quoted in an error stays a JSON escape
 
     def run(self, req: dict) -> Any:
         """The result of a checked request (check_request); Refused, or the store's errors."""

@@ -67,6 +67,8 @@ def check(obj: Any) -> dict:
             raise BadOutcome(f"{key!r} must be a string, got {type(value).__name__}")
         if len(value) > limit:
             raise BadOutcome(f"{key!r} is {len(value)} characters, over {limit}")
+        if not _encodable(value):
+            raise BadOutcome(f"{key!r} is not Unicode text (it holds a lone surrogate)")
         out[key] = value
     for key in _NUM:
         value = obj.get(key)
@@ -108,8 +110,23 @@ def check(obj: Any) -> dict:
     if obj.get("reason") is not None:
         if too_deep(obj["reason"], MAX_REASON_DEPTH):
             raise BadOutcome(f"'reason' is nested more than {MAX_REASON_DEPTH} levels deep")
+        try:
+            text = json.dumps(obj["reason"], ensure_ascii=False, allow_nan=False)
+        except (ValueError, TypeError):
+            raise BadOutcome("'reason' holds NaN or Infinity, which JSON can't") from None
+        if not _encodable(text):
+            raise BadOutcome("'reason' is not Unicode text (it holds a lone surrogate)")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
+
+
+def _encodable(text: str) -> bool:
+    """UTF-8 can hold it: JSON's "\\ud800" escape gives a lone surrogate, which it can't (nor sqlite)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _shown(value: Any) -> str:

@@ -477,3 +477,21 @@ def test_the_collector_api_starts_and_stops_in_a_host_process(fresh_gearmand, tm
     assert not any(w.client_id == collector.client_id for w in admin.server_workers(srv.host, srv.port))
     with pytest.raises(QueryError, match="unknown op"):
         OutcomeClient(config).ask("drop")
+
+
+def test_requeue_targets_page_through_more_failed_jobs_than_one_answer_holds(fresh_gearmand, tmp_path, collectors):
+    from geartask.outcomes.failed import failed_targets
+
+    srv = fresh_gearmand
+    cfg = collector_config(tmp_path, [srv.address])
+    collectors(cfg, [srv.address])
+    many = records(srv.address, 2500, "p", state="failed", data=b"{}", reason="x")
+    for i, r in enumerate(many):
+        r["finished_at"] = 1_700_000_000 + i // 3  # ties across page boundaries too
+    submit(srv.address, list(encode_batches(many)))
+    client = OutcomeClient(load_config(cfg), timeout=20)
+    wait_until(lambda: client.size() == 2500, 60, message="stored")
+    groups, missing = failed_targets(client, every=True)
+    assert missing == [] and sorted(g[0]["unique"] for g in groups) == sorted(r["unique"] for r in many)
+    groups, _ = failed_targets(client, task="other")
+    assert groups == []

@@ -67,13 +67,13 @@ class OutcomeClient:
         return self.ask("history", unique=unique, limit=limit)
 
     def failed(self, *, task: str | None = None, max_age: float | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool | None = None) -> dict:
-        return self.ask("failed", task=task, max_age=max_age, since=since, limit=limit,
+               until: float | None = None, limit: int | None = None, include_requeued: bool | None = None) -> dict:
+        return self.ask("failed", task=task, max_age=max_age, since=since, until=until, limit=limit,
                         include_requeued=include_requeued)
 
     def recent(self, *, state: str | None = None, task: str | None = None, max_age: float | None = None,
-               since: float | None = None, limit: int | None = None) -> dict:
-        return self.ask("recent", state=state, task=task, max_age=max_age, since=since, limit=limit)
+               since: float | None = None, until: float | None = None, limit: int | None = None) -> dict:
+        return self.ask("recent", state=state, task=task, max_age=max_age, since=since, until=until, limit=limit)
 
     def counts(self, *, max_age: float | None = None, since: float | None = None) -> list[dict]:
         return self.ask("counts", max_age=max_age, since=since)

@@ -85,7 +85,7 @@ def _shown(value: Any) -> str:
 
 
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}
-_LISTING = {"task": _text, **_TIME, "limit": _limit, "include_requeued": _flag}
+_LISTING = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
 # op -> {field: checker}; each checker returns the clean value or raises Refused
 OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "ping": {},
@@ -199,7 +199,7 @@ class Queries:
         if op in ("failed", "recent"):
             limit = req.get("limit", DEFAULT_LIST)
             rows = s.recent(state="failed" if op == "failed" else req.get("state"), task=req.get("task"),
-                            since=_since(req), limit=limit + 1,
+                            since=_since(req), until=req.get("until"), limit=limit + 1,
                             include_requeued=req.get("include_requeued", op == "recent"))
             return {"records": rows[:limit], "more": len(rows) > limit}
         if op == "counts":

@@ -50,13 +50,15 @@ class OutcomeStore(ABC):
 
     @abstractmethod
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        """Summaries, newest first, of outcomes finished since ``since`` (of ``state``, ``task``)."""
+               until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
+        """Summaries, newest first, of outcomes finished between ``since`` and ``until`` (both
+        included; ``until`` pages back through a long list), of ``state`` and ``task``."""
 
-    def failed(self, *, task: str | None = None, since: float | None = None, limit: int | None = None,
-               include_requeued: bool = False) -> list[dict]:
+    def failed(self, *, task: str | None = None, since: float | None = None, until: float | None = None,
+               limit: int | None = None, include_requeued: bool = False) -> list[dict]:
         """Summaries of failed outcomes, newest first; requeued ones only when asked."""
-        return self.recent(state="failed", task=task, since=since, limit=limit, include_requeued=include_requeued)
+        return self.recent(state="failed", task=task, since=since, until=until, limit=limit,
+                           include_requeued=include_requeued)
 
     @abstractmethod
     def mark_requeued(self, id: str, by: str, at: float | None = None, handle: str | None = None,
@@ -213,7 +215,7 @@ class SqliteOutcomeStore(OutcomeStore):
         return rows[0] if rows else None
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool = True) -> list[dict]:
+               until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
         where, args = [], []
         for column, value in (("state", state), ("task", task)):
             if value is not None:
@@ -224,6 +226,9 @@ class SqliteOutcomeStore(OutcomeStore):
         if since is not None:
             where.append("finished_at >= ?")
             args.append(since)
+        if until is not None:
+            where.append("finished_at <= ?")
+            args.append(until)
         sql = f"SELECT {_LIGHT} FROM outcomes" + (" WHERE " + " AND ".join(where) if where else "")
         return self._rows(sql + _NEWEST + " LIMIT ?", (*args, -1 if limit is None else int(limit)))
 

@@ -54,6 +54,8 @@ def test_make_record_cuts_a_large_reason_and_flags_it():
     assert check(r)["reason_cut"] is True
     r = rec(state="failed", reason={"error": float("nan")})  # JSON can't hold it: said so, not raised
     assert r["reason_cut"] and "JSON" in r["reason"]
+    r = rec(state="failed", reason={"error": "bad \udc80 byte", "raw": b"\x00"})  # what a task may put there
+    assert check(r)["reason"] == {"error": "bad ? byte", "raw": "b'\\x00'"}
 
 
 def test_encode_batches_bounds_records_and_bytes():

@@ -23,7 +23,6 @@ from geartask.outcomes.client import OutcomeClient
 from geartask.outcomes.collector import Collector
 from geartask.outcomes.errors import NoCollectorError, QueryError
 from geartask.outcomes.store import SqliteOutcomeStore
-from geartask.worker.dead_letters import DeadLetters, payload_fields
 from helpers import PYTHON, REPO, run_script, wait_until, write_config
 from netproxy import SliceProxy
 from workers import WorkerProc
@@ -461,12 +460,17 @@ def test_the_collector_api_starts_and_stops_in_a_host_process(fresh_gearmand, tm
     config = load_config(collector_config(tmp_path, [srv.address]))
     store = open_store("sqlite", config.outcomes.path)
     collector = Collector(config, store)
+    collector.prune_interval = 0.2
     collector.start()
     try:
         with pytest.raises(RuntimeError):
             collector.start()
-        submit(srv.address, list(encode_batches(records(srv.address, 3))))
-        wait_until(lambda: store.size() == 3, 10, message="stored")
+        old = records(srv.address, 2, "old")
+        for r in old:
+            r["finished_at"] = time.time() - 8 * 86400  # past keep_days (7)
+        submit(srv.address, list(encode_batches(records(srv.address, 3) + old)))
+        wait_until(lambda: collector.counts["stored"] == 5, 10, message="stored")
+        wait_until(lambda: store.size() == 3, 10, message="the old ones pruned")
         assert collector.queries.run({"op": "size"}) == 3
     finally:
         t0 = time.monotonic()

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from .record import STATES, BadOutcome, _encodable, cap_record, check
+from .record import STATES, BadOutcome, _encodable, _shown, cap_record, check
 from .store import OutcomeStore
 
 MAX_REQUEST = 64 * 1024 * 1024  # bytes of one request (an import carries records)
@@ -77,11 +77,6 @@ def _ids(value: Any, name: str) -> list[str]:
     if not isinstance(value, list) or not value or len(value) > MAX_IDS:
         raise Refused(f"{name!r} must be a list of 1-{MAX_IDS} ids")
     return [_text(v, f"{name}[{i}]", 64) for i, v in enumerate(value)]
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}

@@ -12,9 +12,9 @@ import base64
 import binascii
 import json
 import math
+import os
 import socket
 import time
-import uuid
 from typing import Any, Iterable, Iterator
 
 from ..jobs import too_deep
@@ -40,8 +40,7 @@ _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
 _BOOL = ("background", "result_cut", "data_cut", "reason_cut")
 REQUIRED = ("id", "server", "handle", "task", "state", "finished_at")
-FIELDS = frozenset((*_STR, *_NUM, *_COUNT, *_BOOL, "state", "reason"))
-HEAVY = ("result", "data", "reason")  # left out of list answers (see geartask.outcomes.query)
+HEAVY = ("result", "data", "reason")  # possibly large: kept apart by the store, left out of summaries
 
 
 class BadOutcome(ValueError):
@@ -200,7 +199,7 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     idempotent: build it once and send that same dict again on a retry.
     """
     now = time.time() if finished_at is None else finished_at
-    rec: dict[str, Any] = {"id": id or uuid.uuid4().hex, "server": server, "handle": handle, "task": task,
+    rec: dict[str, Any] = {"id": id or os.urandom(16).hex(), "server": server, "handle": handle, "task": task,
                            "state": state, "finished_at": now, "attempts": attempts, "host": host or _HOST}
     for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
                        ("retries", retries), ("background", background), ("worker", worker),
@@ -224,8 +223,10 @@ def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
         text = json.dumps(reason, ensure_ascii=False, allow_nan=False, default=str)
     except (ValueError, RecursionError):
         return {"reason": f"<a {type(reason).__name__} JSON can't hold>", "reason_cut": True}
+    if not _encodable(text):  # a lone surrogate (from a task's text) would get the record refused
+        text = text.encode("utf-8", "replace").decode("utf-8")
     if len(text) <= limit and not too_deep(reason, MAX_REASON_DEPTH):
-        return {"reason": reason}
+        return {"reason": json.loads(text)}  # plain JSON now: what default=str made of the rest
     return {"reason": text[:limit], "reason_cut": True}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import StoreError
-from .record import check
+from .record import HEAVY, check
 
 ERROR_CHARS = 500  # characters of a failure's message kept as a summary's "error"
 
@@ -171,7 +171,7 @@ class SqliteOutcomeStore(OutcomeStore):
         for rec in records:
             if not checked:
                 rec = check(rec)
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in ("reason", "result", "data")}
+            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY}
             reason = rec.get("reason")
             rows.append((rec["id"], rec.get("unique"), rec["handle"], rec["server"], rec["task"], rec["state"],
                          rec["finished_at"], json.dumps(light, ensure_ascii=False, separators=(",", ":")),

@@ -28,28 +28,28 @@ if __package__ in (None, ""):
 from bench.common import PY, REPO, cpu_seconds, spawn, wait_until  # noqa: E402
 from geartask import protocol as gp  # noqa: E402
 from geartask.admin import admin  # noqa: E402
-from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record  # noqa: E402
+from geartask.outcomes import OUTCOME_FUNCTION, make_record, outcome_jobs  # noqa: E402
 from geartask.server import LocalServer, free_port  # noqa: E402
 
 MANAGE = REPO / "manage_client" / "manage_client.py"
 
 
-def outcome_payloads(server: str, count: int, per_job: int) -> list[bytes]:
+def outcome_payloads(server: str, count: int, per_job: int) -> list[tuple[str, bytes]]:
     """What a worker sends for ``count`` background no-op jobs: small results, ``per_job`` a job."""
     records = (make_record(server=server, handle=f"H:bench:{i}", task="bench.noop", state="complete",
                            unique=f"bench-{i:08d}", started_at=time.time(), background=True, attempts=1,
                            worker="bench:127.0.0.1:1", result=b"null") for i in range(count))
-    return list(encode_batches(records, max_records=per_job))
+    return list(outcome_jobs(records, max_records=per_job))
 
 
-def submit(server: LocalServer, payloads: list[bytes]) -> float:
+def submit(server: LocalServer, payloads: list[tuple[str, bytes]]) -> float:
     conn = gp.Connection(server.host, server.port).connect()
     t0 = time.monotonic()
     cmd = gp.submit_command("normal", True)
     try:
         for i in range(0, len(payloads), 1000):
             part = payloads[i:i + 1000]
-            conn.send_raw(b"".join(gp.pack(cmd, task=OUTCOME_FUNCTION, unique="", data=p) for p in part))
+            conn.send_raw(b"".join(gp.pack(cmd, task=OUTCOME_FUNCTION, unique=u, data=p) for u, p in part))
             for _ in part:
                 conn.expect(gp.JOB_CREATED, 120)
     finally:

@@ -18,7 +18,8 @@ import gearclient
 from geartask import protocol as gp
 from geartask.admin import admin
 from geartask.config import load_config
-from geartask.outcomes import OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store
+from geartask.outcomes import (OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store,
+                               outcome_jobs)
 from geartask.outcomes.client import OutcomeClient
 from geartask.outcomes.collector import Collector
 from geartask.outcomes.errors import NoCollectorError, QueryError
@@ -115,11 +116,12 @@ def records(server: str, n: int, prefix: str = "u", *, state: str = "complete", 
             for i in range(n)]
 
 
-def submit(address: str, payloads: list[bytes], background: bool = True) -> list[str]:
-    """Outcome jobs, as a worker submits them (raw bytes, pipelined); their handles."""
+def submit(address: str, payloads: list[bytes], uniques: list[str] | None = None) -> list[str]:
+    """Outcome jobs, as a worker submits them (raw bytes, pipelined, background); their handles.
+    Without ``uniques`` each gets a new unique key."""
     conn = gearclient.connect(address)
     try:
-        return gearclient.submit(conn, OUTCOME_FUNCTION, payloads, background=background, timeout=60)
+        return gearclient.submit(conn, OUTCOME_FUNCTION, payloads, background=True, uniques=uniques, timeout=60)
     finally:
         conn.close()
 
@@ -167,7 +169,8 @@ def test_2000_outcomes_survive_a_stopped_collector_and_a_killed_gearmand(fresh_g
     batch = records(srv.address, 2000, "k")
     ids = {r["id"] for r in batch}
     submit(srv.address, [json.dumps(r).encode() for r in batch])
-    submit(srv.address, list(encode_batches(batch[:100])))  # the same 100 records again, batched
+    uniques, payloads = zip(*outcome_jobs(batch[:100]))  # the same 100 records again, batched as a worker does
+    submit(srv.address, list(payloads), list(uniques))
     assert total(srv.address, OUTCOME_FUNCTION) == 2005
     srv.kill()
     srv.start()
@@ -182,6 +185,23 @@ def test_2000_outcomes_survive_a_stopped_collector_and_a_killed_gearmand(fresh_g
     assert len(stored) == 2000 and set(stored) == ids  # 0 lost, 0 duplicated
     stopped = [e for e in c.log_lines() if e["event"] == "collector stopped"][-1]
     assert stopped["stored"] == 2000 and stopped["known"] == 100
+
+
+def test_outcome_jobs_need_unique_keys_of_their_own_to_survive_a_restart(fresh_gearmand):
+    """gearmand's sqlite queue keeps one row per (unique key, function): background jobs with an
+    empty (or the same) key overwrite each other there, and a restart brings back only one.
+    outcome_jobs gives every payload its own key."""
+    srv = fresh_gearmand
+    batch = records(srv.address, 60, "r")
+    jobs = list(outcome_jobs(batch, max_records=20))
+    uniques, payloads = zip(*jobs)
+    assert len(set(uniques)) == 3 and all(len(u) <= 64 for u in uniques)
+    submit(srv.address, list(payloads), [""] * 3)
+    submit(srv.address, list(payloads), list(uniques))
+    assert total(srv.address, OUTCOME_FUNCTION) == 6
+    srv.kill()
+    srv.start()
+    assert total(srv.address, OUTCOME_FUNCTION) == 4  # the three keyed jobs, and one of the three without a key
 
 
 # -- hostile and broken input -------------------------------------------------------------------

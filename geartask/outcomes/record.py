@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -269,11 +270,29 @@ def dumps(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def outcome_jobs(records: Iterable[dict], max_records: int = BATCH_RECORDS,
+                 max_bytes: int = BATCH_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(unique key, payload) of each outcome job for ``records`` (encode_batches): submit each
+    as a background job of OUTCOME_FUNCTION with that unique key.
+
+    The key is derived from the payload. It must not be empty nor shared by different
+    payloads: gearmand's sqlite queue keeps one row per unique key and function, so such jobs
+    overwrite each other there and all but one are lost if gearmand restarts (docs/gearmand.md).
+    The same payload sent twice gets the same key, and gearmand runs it once.
+    """
+    for payload in encode_batches(records, max_records, max_bytes):
+        yield job_unique(payload), payload
+
+
+def job_unique(payload: bytes) -> str:
+    """``geartask.outcomes:`` and 32 hex digits of the payload's hash (50 characters: gearmand takes 64)."""
+    return f"{OUTCOME_FUNCTION}:{hashlib.blake2b(payload, digest_size=16).hexdigest()}"
+
+
 def encode_batches(records: Iterable[dict], max_records: int = BATCH_RECORDS,
                    max_bytes: int = BATCH_BYTES) -> Iterator[bytes]:
     """Outcome job payloads for ``records``: JSON lists of at most ``max_records`` records and
-    ``max_bytes`` bytes (a record bigger than that goes alone). Submit each as a background
-    job of OUTCOME_FUNCTION."""
+    ``max_bytes`` bytes (a record bigger than that goes alone). outcome_jobs adds their keys."""
     parts: list[bytes] = []
     size = 0
     for rec in records:

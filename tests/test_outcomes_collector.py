@@ -519,3 +519,43 @@ def test_requeue_targets_page_through_more_failed_jobs_than_one_answer_holds(fre
     assert missing == [] and sorted(g[0]["unique"] for g in groups) == sorted(r["unique"] for r in many)
     groups, _ = failed_targets(client, task="other")
     assert groups == []
+
+
+def test_a_peer_that_answers_queries_with_nonsense_gets_a_one_line_error(fresh_gearmand, tmp_path):
+    """Anyone can register as a worker of the query function: what it answers is checked."""
+    import threading
+
+    srv = fresh_gearmand
+    cfg = collector_config(tmp_path, [srv.address])
+    answers = iter([b"not json", b'{"ok": true, "result": {"records": [{"id": 5}], "more": false}}',
+                    b'{"ok": true, "result": {"id": "x", "server": "s", "handle": "h", "task": "t", '
+                    b'"state": "complete", "finished_at": 1, "duration": "\\u001b[2J"}}',
+                    b'{"ok": true, "result": "many"}'])
+    stop = threading.Event()
+
+    def impostor():
+        conn = gearclient.connect(srv.address)
+        conn.send(gp.CAN_DO, task=QUERY_FUNCTION)
+        while not stop.is_set():
+            conn.send(gp.GRAB_JOB_UNIQ)
+            pkt = conn.recv(5)
+            if pkt is not None and pkt.cmd == gp.JOB_ASSIGN_UNIQ:
+                conn.send(gp.WORK_COMPLETE, job_handle=pkt["job_handle"], data=next(answers, b"{}"))
+            elif pkt is not None and pkt.cmd == gp.NO_JOB:
+                conn.send(gp.PRE_SLEEP)
+                conn.recv(0.5)
+        conn.close()
+
+    t = threading.Thread(target=impostor, daemon=True)
+    t.start()
+    try:
+        for args, said in ((["failed", "list"], "is not a collector's"),
+                           (["failed", "list"], "malformed record: missing 'server'"),
+                           (["failed", "show", "x"], "malformed record: 'duration' must be a finite number"),
+                           (["outcomes", "status"], "is not a collector's")):
+            r = manage(cfg, *args)
+            assert r.returncode == 1 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+            assert "\x1b" not in r.stderr
+    finally:
+        stop.set()
+        t.join(10)

@@ -42,17 +42,18 @@ def decode_payload(raw: bytes) -> Any:
         value = json.loads(text)
     except (ValueError, RecursionError):
         return text
-    if raw.count(b"[") + raw.count(b"{") >= MAX_NESTING and _too_deep(value):
+    if raw.count(b"[") + raw.count(b"{") >= MAX_NESTING and too_deep(value):
         return text
     return value
 
 
-def _too_deep(value: Any) -> bool:
+def too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether JSON ``value`` nests lists and objects more than ``limit`` levels deep."""
     stack = [(value, 1)]
     while stack:
         v, depth = stack.pop()
         if isinstance(v, (dict, list)):
-            if depth > MAX_NESTING:
+            if depth > limit:
                 return True
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
     return False

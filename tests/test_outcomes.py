@@ -54,6 +54,8 @@ def test_make_record_cuts_a_large_reason_and_flags_it():
     assert check(r)["reason_cut"] is True
     r = rec(state="failed", reason={"error": float("nan")})  # JSON can't hold it: said so, not raised
     assert r["reason_cut"] and "JSON" in r["reason"]
+    r = rec(state="failed", reason={"error": "bad \udc80 byte", "raw": b"\x00"})  # what a task may put there
+    assert check(r)["reason"] == {"error": "bad ? byte", "raw": "b'\\x00'"}
 
 
 def test_encode_batches_bounds_records_and_bytes():
@@ -92,6 +94,9 @@ def _nested(depth):
     (dict(reason=_nested(40)), "nested"),
     (dict(duration=math.inf), "'duration'"),
     (dict(reason_cut="yes"), "'reason_cut'"),
+    (dict(unique="\ud800"), "'unique' is not Unicode text"),
+    (dict(reason={"error": "\udfff"}), "'reason' is not Unicode text"),
+    (dict(reason={"n": math.nan}), "NaN"),
 ])
 def test_check_names_the_bad_field(bad, what):
     with pytest.raises(BadOutcome, match=what):
@@ -135,6 +140,7 @@ def test_check_drops_unknown_keys_and_defaults_encoding():
     (b'{"op": "purge", "min_age": -1}', "'min_age'"),
     (b'{"op": "mark_requeued", "id": "a"}', "needs 'by'"),
     (b'{"op": "import", "records": {}}', "'records' must be a list"),
+    (b'{"op": "latest", "unique": "\\ud800"}', "lone surrogate"),
 ])
 def test_hostile_requests_are_refused_with_the_reason(raw, what):
     with pytest.raises(Refused, match=what):

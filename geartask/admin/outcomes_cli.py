@@ -7,6 +7,7 @@ collector answered, an unknown unique, a job not sent), 2 usage or config error.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -62,7 +63,6 @@ def add_outcome_commands(add: Callable[[str, str], Any], common: Any) -> None:
 
 
 def _list_limit(text: str) -> int:
-    import argparse
     n = count(text)
     if not 1 <= n <= MAX_LIST:
         raise argparse.ArgumentTypeError(f"must be 1-{MAX_LIST}, got {text!r}")
@@ -81,11 +81,23 @@ def outcome_command(args: Any, config: Any, out: TextIO, err: TextIO, inp: TextI
 
 
 def _emit(data: Any, out: TextIO) -> None:
-    out.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    out.write(json.dumps(data, indent=2, default=str) + "\n")  # ASCII: a peer's text can't reach the terminal raw
 
 
 def _when(ts: Any) -> str | None:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else None
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return None
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds (records come from peers)
+        return repr(ts)
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _log(config: Any, command: str) -> Any:
@@ -127,13 +139,15 @@ def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO)
     if as_json:
         _emit({"ok": True, **info}, out)
         return EXIT_OK
-    out.write(f"collector {printable(info.get('collector'))}, started {_when(info.get('started_at'))}; "
-              f"{info.get('size')} outcomes kept ({info.get('keep_days')} days)\n")
-    rows = [[server, sides.get("outcomes"), sides.get("query")] for server, sides in sorted(info.get("servers", {}).items())]
+    out.write(printable(f"collector {info.get('collector')}, started {_when(info.get('started_at'))}; "
+                        f"{info.get('size')} outcomes kept ({info.get('keep_days')} days)") + "\n")
+    servers = info.get("servers") if isinstance(info.get("servers"), dict) else {}
+    rows = [[server, sides.get("outcomes"), sides.get("query")] for server, sides in sorted(servers.items())
+            if isinstance(sides, dict)]
     out.write(render(["SERVER", "OUTCOMES", "QUERIES"], rows) + "\n")
-    out.write(f"since start: {info.get('stored')} stored, {info.get('known')} already known, "
-              f"{info.get('malformed_jobs')} malformed jobs, {info.get('refused_records')} records refused, "
-              f"{info.get('queries')} queries\n")
+    out.write(printable(f"since start: {info.get('stored')} stored, {info.get('known')} already known, "
+                        f"{info.get('malformed_jobs')} malformed jobs, {info.get('refused_records')} records "
+                        f"refused, {info.get('queries')} queries") + "\n")
     return EXIT_OK
 
 
@@ -268,7 +282,7 @@ def cmd_requeue(args: Any, config: Any, client: outcome_client.OutcomeClient, as
 
 def cmd_purge(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
               err: TextIO, inp: TextIO) -> int:
-    what = f"failed outcomes older than {args.older_than:g}s" if args.older_than else "every failed outcome"
+    what = f"failed outcomes older than {_age(args.older_than)}" if args.older_than else "every failed outcome"
     if not args.yes and inp.isatty():
         out.write(f"Delete {what} from the outcome store? [y/N] ")
         out.flush()

@@ -17,7 +17,7 @@ from ..admin.admin import parse_status
 from ..errors import ServerError
 from .errors import NoCollectorError, QueryError
 from .query import Refused, check_request
-from .record import QUERY_FUNCTION
+from .record import QUERY_FUNCTION, BadOutcome, check
 
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
@@ -49,44 +49,52 @@ class OutcomeClient:
         self.servers = list(config.server_addresses)
         self.timeout = timeout
 
-    # -- the ops ---------------------------------------------------------------------------
+    # -- the ops (answers checked: any peer can serve the query function) ----------------------
     def ping(self) -> dict:
-        return self.ask("ping")
+        return _shaped(self.ask("ping"), dict, "ping")
 
     def size(self) -> int:
-        return self.ask("size")
+        return _shaped(self.ask("size"), int, "size")
 
     def latest(self, *, unique: str | None = None, handle: str | None = None,
                server: str | None = None) -> dict | None:
-        return self.ask("latest", unique=unique, handle=handle, server=server)
+        return _record(self.ask("latest", unique=unique, handle=handle, server=server), "latest")
 
     def get(self, id: str) -> dict | None:
-        return self.ask("get", id=id)
+        return _record(self.ask("get", id=id), "get")
 
     def history(self, unique: str, limit: int | None = None) -> dict:
-        return self.ask("history", unique=unique, limit=limit)
+        return _listing(self.ask("history", unique=unique, limit=limit), "history")
 
     def failed(self, *, task: str | None = None, max_age: float | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool | None = None) -> dict:
-        return self.ask("failed", task=task, max_age=max_age, since=since, limit=limit,
-                        include_requeued=include_requeued)
+               until: float | None = None, limit: int | None = None, include_requeued: bool | None = None) -> dict:
+        return _listing(self.ask("failed", task=task, max_age=max_age, since=since, until=until, limit=limit,
+                                 include_requeued=include_requeued), "failed")
 
     def recent(self, *, state: str | None = None, task: str | None = None, max_age: float | None = None,
-               since: float | None = None, limit: int | None = None) -> dict:
-        return self.ask("recent", state=state, task=task, max_age=max_age, since=since, limit=limit)
+               since: float | None = None, until: float | None = None, limit: int | None = None) -> dict:
+        return _listing(self.ask("recent", state=state, task=task, max_age=max_age, since=since, until=until,
+                                 limit=limit), "recent")
 
     def counts(self, *, max_age: float | None = None, since: float | None = None) -> list[dict]:
-        return self.ask("counts", max_age=max_age, since=since)
+        rows = _shaped(self.ask("counts", max_age=max_age, since=since), list, "counts")
+        for row in rows:
+            _fields(row, {"task": str, "state": str, "count": int}, "counts")
+        return rows
 
     def mark_requeued(self, id: str, by: str, handle: str | None = None, server: str | None = None) -> bool:
-        return self.ask("mark_requeued", id=id, by=by, handle=handle, server=server)
+        return _shaped(self.ask("mark_requeued", id=id, by=by, handle=handle, server=server), bool, "mark_requeued")
 
     def purge(self, *, min_age: float | None = None, older_than: float | None = None,
               ids: list[str] | None = None) -> int:
-        return self.ask("purge", min_age=min_age, older_than=older_than, ids=ids)
+        return _shaped(self.ask("purge", min_age=min_age, older_than=older_than, ids=ids), int, "purge")
 
     def import_records(self, records: list[dict]) -> dict:
-        return self.ask("import", records=records)
+        answer = _fields(self.ask("import", records=records),
+                         {"added": int, "known": int, "refused": list, "refused_count": int}, "import")
+        for r in answer["refused"]:
+            _fields(r, {"index": int, "error": str}, "import")
+        return answer
 
     # -- the protocol ----------------------------------------------------------------------
     def ask(self, op: str, **fields: Any) -> Any:
@@ -169,3 +177,42 @@ def _result(reply: bytes, address: str) -> Any:
     if not answer["ok"]:
         raise QueryError(f"the collector refused the query: {str(answer.get('error'))[:1000]}")
     return answer.get("result")
+
+
+def _malformed(op: str) -> QueryError:
+    return QueryError(f"the answer to {op!r} is not a collector's (wrong shape)")
+
+
+def _shaped(value: Any, kind: type, op: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _malformed(op)
+    return value
+
+
+def _fields(value: Any, kinds: dict[str, type], op: str) -> dict:
+    _shaped(value, dict, op)
+    for key, kind in kinds.items():
+        _shaped(value.get(key), kind, op)
+    return value
+
+
+def _record(value: Any, op: str) -> dict | None:
+    """A record (or None), checked as the collector checked it when it stored it."""
+    if value is None:
+        return None
+    try:
+        check(value)
+    except BadOutcome as e:
+        raise QueryError(f"the answer to {op!r} holds a malformed record: {e}") from None
+    requeues = value.get("requeues", [])
+    if not isinstance(value.get("error", ""), str) or not isinstance(requeues, list) or \
+            not all(isinstance(q, dict) for q in requeues):
+        raise _malformed(op)
+    return value
+
+
+def _listing(value: Any, op: str) -> dict:
+    _fields(value, {"records": list, "more": bool}, op)
+    for r in value["records"]:
+        _record(r, op)
+    return value

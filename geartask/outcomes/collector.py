@@ -26,7 +26,7 @@ from ..errors import ServerError
 from ..logs import get_logger
 from ..worker.process import keepalive_for
 from .errors import CollectorConflict, StoreError
-from .query import MAX_REQUEST, Queries
+from .query import Queries
 from .record import OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, cap_record, check
 from .store import OutcomeStore
 
@@ -40,7 +40,7 @@ ANSWER_TIMEOUT = 10.0  # seconds gearmand may take to answer our grabs before th
 PIPELINE = 50  # grabs in flight per round trip, at most ...
 PIPELINE_BYTES = 64 * 1024 * 1024  # ... and as many as jobs of the last round's biggest size fit in this
 QUERY_PIPELINE = 8  # queries are few, and each may be big (an import)
-MIN_JOB_LIMIT = 16 * 1024 * 1024  # an outcome job bigger than max(this, 8 x max_result) is refused unread
+MIN_JOB_LIMIT = 16 * 1024 * 1024  # an outcome job or query bigger than max(this, 8 x max_result) is refused unread
 PRUNE_INTERVAL = 600.0  # seconds between prunes of records past outcomes.keep_days
 RIVAL_FIRST, RIVAL_INTERVAL = 1.0, 60.0  # seconds to the first look for another collector, and between looks
 MALFORMED_SHOWN = 3  # bad records of one job named in the log
@@ -247,7 +247,8 @@ class Collector:
                                on_error=lambda what, e: log.error(what, error=str(e)))
         self.error: str | None = None
         self.started_at: float | None = None
-        self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0}
+        self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0,
+                       "store_failures": 0}
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -283,7 +284,7 @@ class Collector:
         for host, port in self.servers:
             self._attachments.append(_Attachment(self, host, port, OUTCOME_FUNCTION, self.max_job,
                                                  self._store_round, PIPELINE))
-            self._attachments.append(_Attachment(self, host, port, QUERY_FUNCTION, MAX_REQUEST,
+            self._attachments.append(_Attachment(self, host, port, QUERY_FUNCTION, self.max_job,
                                                  self._query_round, QUERY_PIPELINE))
         self._threads = [*self._attachments, threading.Thread(target=self._housekeeping, daemon=True,
                                                               name="collector-housekeeping")]
@@ -338,61 +339,87 @@ class Collector:
     # -- one round of jobs -------------------------------------------------------------------
     def _store_round(self, jobs: list[gp.Packet], server: str) -> bytes:
         """Store every good record of these outcome jobs in one transaction; their answers."""
-        records: list[dict] = []
-        answers: list[bytes] = []
-        malformed = refused = 0
+        checked: list[tuple[bytes, list[dict]]] = []  # (handle, good records) per job
+        answers: dict[bytes, bytes] = {}
         for pkt in jobs:
-            handle = pkt["job_handle"]
-            if "oversize" in pkt.args:
-                error = f"outcome job of {int(pkt.args['oversize'])} bytes refused unread (at most {self.max_job})"
-                log.warning("malformed outcome job skipped", server=server, handle=handle.decode(errors="replace"),
-                            error=error)
-                answers.append(_refuse(handle, error))
-                malformed += 1
-                continue
             try:
-                raw = parse_outcomes(pkt["data"])
-            except BadOutcome as e:
-                log.warning("malformed outcome job skipped", server=server, handle=pkt.text("job_handle"),
-                            unique=pkt.text("unique"), error=str(e), head=pkt["data"][:80].decode("utf-8", "replace"))
-                answers.append(_refuse(handle, str(e)))
-                malformed += 1
-                continue
-            bad = []
-            for i, obj in enumerate(raw):
-                try:
-                    records.append(cap_record(check(obj), self.max_result))
-                except BadOutcome as e:
-                    bad.append(f"record {i}: {e}")
-            if bad:
-                log.warning("malformed outcome records skipped", server=server, handle=pkt.text("job_handle"),
-                            unique=pkt.text("unique"), refused=len(bad), of=len(raw), errors=bad[:MALFORMED_SHOWN])
-                answers.append(_refuse(handle, f"{len(bad)} of {len(raw)} records refused: {'; '.join(bad[:MALFORMED_SHOWN])}"))
-                refused += len(bad)
-            else:
-                answers.append(_complete(handle))
+                records, refusal = self._records_of(pkt, server)
+            except Exception as e:  # a bug must not leave the job to come back for ever
+                log.exception("outcome job could not be read; dropped", server=server, error=repr(e))
+                records, refusal = [], f"the collector failed on this job: {type(e).__name__}"
+            checked.append((pkt["job_handle"], records))
+            answers[pkt["job_handle"]] = _refuse(pkt["job_handle"], refusal) if refusal else _complete(pkt["job_handle"])
+        every = [r for _, records in checked for r in records]
         try:
-            added = self.store.add(records, checked=True) if records else 0
+            added = self.store.add(every, checked=True) if every else 0
         except (sqlite3.Error, OSError, StoreError) as e:
+            self._count("store_failures")
             raise _StoreFailed(str(e)) from e
+        except Exception:  # a record the checks let through and the store can't take: find its job
+            added = self._store_each(checked, answers, server)
         with self._count_lock:
             self.counts["stored"] += added
-            self.counts["known"] += len(records) - added
-            self.counts["malformed_jobs"] += malformed
-            self.counts["refused_records"] += refused
-        return b"".join(answers)
+            self.counts["known"] += len(every) - added
+        return b"".join(answers.values())
+
+    def _records_of(self, pkt: gp.Packet, server: str) -> tuple[list[dict], str | None]:
+        """The good records of one outcome job, and why (some of) it was refused."""
+        handle = pkt.text("job_handle")
+        if "oversize" in pkt.args:
+            error = f"outcome job of {int(pkt.args['oversize'])} bytes refused unread (at most {self.max_job})"
+            log.warning("malformed outcome job skipped", server=server, handle=handle, error=error)
+            self._count("malformed_jobs")
+            return [], error
+        try:
+            raw = parse_outcomes(pkt["data"])
+        except BadOutcome as e:
+            log.warning("malformed outcome job skipped", server=server, handle=handle, unique=pkt.text("unique"),
+                        error=str(e), head=pkt["data"][:80].decode("utf-8", "replace"))
+            self._count("malformed_jobs")
+            return [], str(e)
+        records, bad = [], []
+        for i, obj in enumerate(raw):
+            try:
+                records.append(cap_record(check(obj), self.max_result))
+            except BadOutcome as e:
+                bad.append(f"record {i}: {e}")
+        if not bad:
+            return records, None
+        log.warning("malformed outcome records skipped", server=server, handle=handle, unique=pkt.text("unique"),
+                    refused=len(bad), of=len(raw), errors=bad[:MALFORMED_SHOWN])
+        self._count("refused_records", len(bad))
+        return records, f"{len(bad)} of {len(raw)} records refused: {'; '.join(bad[:MALFORMED_SHOWN])}"
+
+    def _store_each(self, checked: list[tuple[bytes, list[dict]]], answers: dict[bytes, bytes], server: str) -> int:
+        """Store job by job; a job whose records the store refuses is dropped (and logged)."""
+        added = 0
+        for handle, records in checked:
+            try:
+                added += self.store.add(records, checked=True) if records else 0
+            except (sqlite3.Error, OSError, StoreError) as e:
+                self._count("store_failures")
+                raise _StoreFailed(str(e)) from e
+            except Exception as e:
+                log.exception("outcome records the store can't take; job dropped", server=server,
+                              handle=handle.decode(errors="replace"), error=repr(e))
+                self._count("malformed_jobs")
+                answers[handle] = _refuse(handle, f"the store refused these records: {type(e).__name__}")
+        return added
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counts[key] += n
 
     def _query_round(self, jobs: list[gp.Packet], server: str) -> bytes:
         answers = []
         for pkt in jobs:
             if "oversize" in pkt.args:
-                error = f"request of {int(pkt.args['oversize'])} bytes refused (at most {MAX_REQUEST})"
+                error = f"request of {int(pkt.args['oversize'])} bytes refused (at most {self.max_job})"
                 answer = json.dumps({"ok": False, "error": error}).encode()
             else:
                 answer = self.queries.answer(pkt["data"])
             answers.append(_complete(pkt["job_handle"], answer))
-        with self._count_lock:
-            self.counts["queries"] += len(jobs)
+        self._count("queries", len(jobs))
         return b"".join(answers)
 
     def info(self) -> dict:

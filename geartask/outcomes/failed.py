@@ -63,15 +63,16 @@ def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: 
             missing.append(unique)
     if task is not None or every:
         seen: set[str] = set()
-        while True:  # pages: what is marked requeued drops out of the list
-            page = [r for r in client.failed(task=task, limit=MAX_LIST)["records"] if r["id"] not in seen]
-            if not page:
-                break
-            for r in page:
+        until = None
+        while True:  # page back in time; a page ends where the next begins (``until`` includes it)
+            page = client.failed(task=task, limit=MAX_LIST, until=until)["records"]
+            new = [r for r in page if r["id"] not in seen]
+            for r in new:
                 seen.add(r["id"])
                 groups.setdefault(r.get("unique") or f"\0{r['id']}", []).append(r)
-            if len(page) < MAX_LIST:
+            if len(page) < MAX_LIST or not new:
                 break
+            until = page[-1]["finished_at"]
     return list(groups.values()), missing
 
 

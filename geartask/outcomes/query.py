@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from .record import BadOutcome, STATES, cap_record, check
+from .record import STATES, BadOutcome, _encodable, _shown, cap_record, check
 from .store import OutcomeStore
 
 MAX_REQUEST = 64 * 1024 * 1024  # bytes of one request (an import carries records)
@@ -36,6 +36,8 @@ def _text(value: Any, name: str, limit: int = MAX_KEY) -> str:
         raise Refused(f"{name!r} must be a non-empty string, got {_shown(value)}")
     if len(value) > limit:
         raise Refused(f"{name!r} is {len(value)} characters, over {limit}")
+    if not _encodable(value):
+        raise Refused(f"{name!r} is not Unicode text (it holds a lone surrogate)")
     return value
 
 
@@ -77,13 +79,8 @@ def _ids(value: Any, name: str) -> list[str]:
     return [_text(v, f"{name}[{i}]", 64) for i, v in enumerate(value)]
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}
-_LISTING = {"task": _text, **_TIME, "limit": _limit, "include_requeued": _flag}
+_LISTING = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
 # op -> {field: checker}; each checker returns the clean value or raises Refused
 OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "ping": {},
@@ -172,8 +169,12 @@ class Queries:
             if self.on_error:
                 self.on_error("outcome store failed a query", e)
             reply = {"ok": False, "error": f"the collector's store failed: {e}"}
-        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8",
-                                                                                                  "surrogatepass")
+        except Exception as e:  # a bug: the query must still be answered, or it would come back for ever
+            if self.on_error:
+                self.on_error("query failed", e)
+            reply = {"ok": False, "error": f"the collector failed on this query: {type(e).__name__}: {e}"}
+        return json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+            "utf-8", "backslashreplace")  # a lone surrogate quoted in an error stays a JSON escape
 
     def run(self, req: dict) -> Any:
         """The result of a checked request (check_request); Refused, or the store's errors."""
@@ -193,7 +194,7 @@ class Queries:
         if op in ("failed", "recent"):
             limit = req.get("limit", DEFAULT_LIST)
             rows = s.recent(state="failed" if op == "failed" else req.get("state"), task=req.get("task"),
-                            since=_since(req), limit=limit + 1,
+                            since=_since(req), until=req.get("until"), limit=limit + 1,
                             include_requeued=req.get("include_requeued", op == "recent"))
             return {"records": rows[:limit], "more": len(rows) > limit}
         if op == "counts":

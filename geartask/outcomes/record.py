@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
+import os
 import socket
 import time
-import uuid
 from typing import Any, Iterable, Iterator
+
+from ..jobs import too_deep
 
 OUTCOME_FUNCTION = "geartask.outcomes"  # workers submit outcomes here (background jobs)
 QUERY_FUNCTION = "geartask.outcomes.query"  # the collector answers queries here (foreground jobs)
@@ -38,8 +41,7 @@ _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
 _BOOL = ("background", "result_cut", "data_cut", "reason_cut")
 REQUIRED = ("id", "server", "handle", "task", "state", "finished_at")
-FIELDS = frozenset((*_STR, *_NUM, *_COUNT, *_BOOL, "state", "reason"))
-HEAVY = ("result", "data", "reason")  # left out of list answers (see geartask.outcomes.query)
+HEAVY = ("result", "data", "reason")  # possibly large: kept apart by the store, left out of summaries
 
 
 class BadOutcome(ValueError):
@@ -65,6 +67,8 @@ def check(obj: Any) -> dict:
             raise BadOutcome(f"{key!r} must be a string, got {type(value).__name__}")
         if len(value) > limit:
             raise BadOutcome(f"{key!r} is {len(value)} characters, over {limit}")
+        if not _encodable(value):
+            raise BadOutcome(f"{key!r} is not Unicode text (it holds a lone surrogate)")
         out[key] = value
     for key in _NUM:
         value = obj.get(key)
@@ -104,26 +108,30 @@ def check(obj: Any) -> dict:
                 except (binascii.Error, ValueError):
                     raise BadOutcome(f"{key!r} is not valid base64") from None
     if obj.get("reason") is not None:
-        if not _shallow(obj["reason"], MAX_REASON_DEPTH):
+        if too_deep(obj["reason"], MAX_REASON_DEPTH):
             raise BadOutcome(f"'reason' is nested more than {MAX_REASON_DEPTH} levels deep")
+        try:
+            text = json.dumps(obj["reason"], ensure_ascii=False, allow_nan=False)
+        except (ValueError, TypeError):
+            raise BadOutcome("'reason' holds NaN or Infinity, which JSON can't") from None
+        if not _encodable(text):
+            raise BadOutcome("'reason' is not Unicode text (it holds a lone surrogate)")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
+
+
+def _encodable(text: str) -> bool:
+    """UTF-8 can hold it: JSON's "\\ud800" escape gives a lone surrogate, which it can't (nor sqlite)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _shallow(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > limit:
-                return False
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
 
 
 # -- building records (the worker side) -------------------------------------------------
@@ -192,7 +200,7 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     idempotent: build it once and send that same dict again on a retry.
     """
     now = time.time() if finished_at is None else finished_at
-    rec: dict[str, Any] = {"id": id or uuid.uuid4().hex, "server": server, "handle": handle, "task": task,
+    rec: dict[str, Any] = {"id": id or os.urandom(16).hex(), "server": server, "handle": handle, "task": task,
                            "state": state, "finished_at": now, "attempts": attempts, "host": host or _HOST}
     for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
                        ("retries", retries), ("background", background), ("worker", worker),
@@ -216,8 +224,10 @@ def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
         text = json.dumps(reason, ensure_ascii=False, allow_nan=False, default=str)
     except (ValueError, RecursionError):
         return {"reason": f"<a {type(reason).__name__} JSON can't hold>", "reason_cut": True}
-    if len(text) <= limit and _shallow(reason, MAX_REASON_DEPTH):
-        return {"reason": reason}
+    if not _encodable(text):  # a lone surrogate (from a task's text) would get the record refused
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) <= limit and not too_deep(reason, MAX_REASON_DEPTH):
+        return {"reason": json.loads(text)}  # plain JSON now: what default=str made of the rest
     return {"reason": text[:limit], "reason_cut": True}
 
 
@@ -260,11 +270,29 @@ def dumps(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def outcome_jobs(records: Iterable[dict], max_records: int = BATCH_RECORDS,
+                 max_bytes: int = BATCH_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(unique key, payload) of each outcome job for ``records`` (encode_batches): submit each
+    as a background job of OUTCOME_FUNCTION with that unique key.
+
+    The key is derived from the payload. It must not be empty nor shared by different
+    payloads: gearmand's sqlite queue keeps one row per unique key and function, so such jobs
+    overwrite each other there and all but one are lost if gearmand restarts (docs/gearmand.md).
+    The same payload sent twice gets the same key, and gearmand runs it once.
+    """
+    for payload in encode_batches(records, max_records, max_bytes):
+        yield job_unique(payload), payload
+
+
+def job_unique(payload: bytes) -> str:
+    """``geartask.outcomes:`` and 32 hex digits of the payload's hash (50 characters: gearmand takes 64)."""
+    return f"{OUTCOME_FUNCTION}:{hashlib.blake2b(payload, digest_size=16).hexdigest()}"
+
+
 def encode_batches(records: Iterable[dict], max_records: int = BATCH_RECORDS,
                    max_bytes: int = BATCH_BYTES) -> Iterator[bytes]:
     """Outcome job payloads for ``records``: JSON lists of at most ``max_records`` records and
-    ``max_bytes`` bytes (a record bigger than that goes alone). Submit each as a background
-    job of OUTCOME_FUNCTION."""
+    ``max_bytes`` bytes (a record bigger than that goes alone). outcome_jobs adds their keys."""
     parts: list[bytes] = []
     size = 0
     for rec in records:

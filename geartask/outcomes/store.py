@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import StoreError
-from .record import check
+from .record import HEAVY, check
 
 ERROR_CHARS = 500  # characters of a failure's message kept as a summary's "error"
 
@@ -50,13 +50,15 @@ class OutcomeStore(ABC):
 
     @abstractmethod
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        """Summaries, newest first, of outcomes finished since ``since`` (of ``state``, ``task``)."""
+               until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
+        """Summaries, newest first, of outcomes finished between ``since`` and ``until`` (both
+        included; ``until`` pages back through a long list), of ``state`` and ``task``."""
 
-    def failed(self, *, task: str | None = None, since: float | None = None, limit: int | None = None,
-               include_requeued: bool = False) -> list[dict]:
+    def failed(self, *, task: str | None = None, since: float | None = None, until: float | None = None,
+               limit: int | None = None, include_requeued: bool = False) -> list[dict]:
         """Summaries of failed outcomes, newest first; requeued ones only when asked."""
-        return self.recent(state="failed", task=task, since=since, limit=limit, include_requeued=include_requeued)
+        return self.recent(state="failed", task=task, since=since, until=until, limit=limit,
+                           include_requeued=include_requeued)
 
     @abstractmethod
     def mark_requeued(self, id: str, by: str, at: float | None = None, handle: str | None = None,
@@ -147,11 +149,12 @@ class SqliteOutcomeStore(OutcomeStore):
     batch, synced to disk before ``add`` returns (synchronous=FULL: the collector acknowledges
     an outcome to gearmand only after that). Safe to share between threads."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        # busy_timeout: how long a write waits for another process's (a second reader's) lock
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -168,7 +171,7 @@ class SqliteOutcomeStore(OutcomeStore):
         for rec in records:
             if not checked:
                 rec = check(rec)
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in ("reason", "result", "data")}
+            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY}
             reason = rec.get("reason")
             rows.append((rec["id"], rec.get("unique"), rec["handle"], rec["server"], rec["task"], rec["state"],
                          rec["finished_at"], json.dumps(light, ensure_ascii=False, separators=(",", ":")),
@@ -212,7 +215,7 @@ class SqliteOutcomeStore(OutcomeStore):
         return rows[0] if rows else None
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
-               limit: int | None = None, include_requeued: bool = True) -> list[dict]:
+               until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
         where, args = [], []
         for column, value in (("state", state), ("task", task)):
             if value is not None:
@@ -223,6 +226,9 @@ class SqliteOutcomeStore(OutcomeStore):
         if since is not None:
             where.append("finished_at >= ?")
             args.append(since)
+        if until is not None:
+            where.append("finished_at <= ?")
+            args.append(until)
         sql = f"SELECT {_LIGHT} FROM outcomes" + (" WHERE " + " AND ".join(where) if where else "")
         return self._rows(sql + _NEWEST + " LIMIT ?", (*args, -1 if limit is None else int(limit)))
 

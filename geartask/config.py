@@ -134,6 +134,7 @@ class OutcomesConfig:
     keep_days: float = 7.0  # outcomes older than this are pruned
     max_result: int = 1024 * 1024  # bytes of a result (and of a failed job's data) kept; the rest is cut and flagged
     store: str = "sqlite"  # backend: geartask.outcomes.store.BACKENDS
+    report: bool = True  # workers report outcomes (needs a collector: they wait in gearmand until one runs)
 
 
 @dataclass

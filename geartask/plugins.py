@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Iterator
 import pluggy
 
 from . import hookspecs
-from .control import CONTROL_PREFIX
 from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
@@ -28,9 +27,13 @@ ENTRY_POINT_GROUP = "geartask.plugins"
 BUILTIN_TASKS = ("shell",)  # served by every worker itself (geartask.shell.task)
 
 
+RESERVED_PREFIX = "geartask."  # geartask.control:*, geartask.outcomes, geartask.outcomes.query, ...
+
+
 def is_reserved_task(name: str) -> bool:
-    """Task names geartask serves itself: the shell task and the workers' control functions."""
-    return name in BUILTIN_TASKS or name.startswith(CONTROL_PREFIX + ":")
+    """Task names geartask serves itself: the shell task, the workers' control functions, the
+    outcomes collector's functions (everything under ``geartask.``)."""
+    return name in BUILTIN_TASKS or name.startswith(RESERVED_PREFIX)
 
 
 @dataclass

@@ -34,7 +34,9 @@ def shell_worker(tmp_path):
         if max_output is not None:
             shell["max_output"] = max_output
         worker = {"poll_timeout": 1, "retry_backoff": 0.05, "retries": 2, "shell": shell}
-        cfg = write_config(tmp_path / f"{name}.yaml", [server.address], yaml.safe_dump({"worker": worker}))
+        # outcomes.report off: failures are followed through the local dead-letter file
+        cfg = write_config(tmp_path / f"{name}.yaml", [server.address],
+                           yaml.safe_dump({"worker": worker, "outcomes": {"report": False}}))
         w = WorkerProc(cfg, name, threads, env=env)
         started.append(w)
         return w.wait_attached([server.address])

@@ -20,7 +20,11 @@ from helpers import REPO, PYTHON, run_script, wait_until, write_config
 from workers import WorkerProc, in_process_worker, worker_connections
 
 TEST_PLUGINS = Path(__file__).parent / "testplugins"
-SHELL = """worker:
+# outcomes.report off: these tests follow failures through the local dead-letter file
+# (tests/test_worker_outcomes.py has the outcomes).
+SHELL = """outcomes:
+  report: false
+worker:
   grace: {grace}
   poll_timeout: 1
   retry_backoff: 0.05

@@ -28,8 +28,10 @@ _MAX_DIGITS = 18  # a numerator/denominator longer than this is not a count
 @dataclass
 class StatusResult:
     """What a server says about one background job. ``state``: queued | running | done (the
-    server no longer has a job we recorded) | unknown (a bad handle, record or reply, or a
-    handle nobody knows that is not in the record) | unreachable (the server could not be asked)."""
+    server no longer has a job we recorded; geartask.sender.outcomes.resolve turns it into
+    complete or failed from the job's outcome, or unknown) | unknown (a bad handle, record or
+    reply, or a handle nobody knows that is not in the record) | unreachable (the server could
+    not be asked)."""
 
     handle: str
     server: str | None
@@ -41,11 +43,17 @@ class StatusResult:
     task: str | None = None
     unique: str | None = None
     error: str | None = None
+    outcome: dict | None = None  # the job's outcome record, once it finished (complete | failed)
 
     def to_json(self) -> dict:
-        return {"handle": self.handle, "server": self.server, "task": self.task, "unique": self.unique,
-                "state": self.state, "known": self.known, "running": self.running,
-                "numerator": self.numerator, "denominator": self.denominator, "error": self.error}
+        out = {"handle": self.handle, "server": self.server, "task": self.task, "unique": self.unique,
+               "state": self.state, "known": self.known, "running": self.running,
+               "numerator": self.numerator, "denominator": self.denominator, "error": self.error}
+        if self.outcome is not None:
+            from .outcomes import Outcome
+            out.update({k: v for k, v in Outcome(self.unique or self.handle, self.state, self.outcome).to_json().items()
+                        if k in ("attempts", "worker", "finished_at", "result", "reason", "result_cut")})
+        return out
 
 
 @dataclass

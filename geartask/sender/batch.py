@@ -183,16 +183,17 @@ class Batch:
         unique = d.unique or new_unique()
         lanes = self.lanes
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
-        return _Job(index, d.task, unique, self._envelope(background, d.retries, priority) + payload, priority,
-                    background, settings.max_retries, order, d.at)
+        head = self._envelope(background, d.retries, priority, d.extra.get("requeue_of"))
+        return _Job(index, d.task, unique, head + payload, priority, background, settings.max_retries, order, d.at)
 
-    def _envelope(self, background: bool, retries: int | None, priority: str) -> bytes:
+    def _envelope(self, background: bool, retries: int | None, priority: str, requeue_of: Any = None) -> bytes:
         """The job's envelope (geartask.envelope): built once per set of options in a call."""
-        key = (background, retries, priority)
+        key = (background, retries, priority, requeue_of)
         head = self._headers.get(key)
         if head is None:
             head = self._headers[key] = envelope.header(bg=background, retries=retries, prio=priority,
-                                                        at=self.submitted_at, host=HOST)
+                                                        at=self.submitted_at, host=HOST,
+                                                        requeue_of=requeue_of if isinstance(requeue_of, str) else None)
         return head
 
     def _fill(self, first: bool = False) -> None:

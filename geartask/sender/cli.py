@@ -22,12 +22,15 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-from ..cli import ArgumentParser, add_common_args, config_from_args, count, positive_seconds, run, setup_logging
+from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
+                   run, setup_logging)
+from ..display import printable
 from ..config import PRIORITIES
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
 from ..scheduler import cli as schedule_cli
+from . import outcomes
 from .progress import ProgressBar
 from .background import StatusResult
 from .results import JobResult
@@ -84,6 +87,11 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("handles", nargs="*", metavar="HANDLE",
                     help="job handles (default: every background job recorded in log.dir)")
     sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    sp = subs.add_parser("result", help="a job's outcome (result or failure) from the outcomes collector")
+    _common(sp)
+    sp.add_argument("key", metavar="UNIQUE|HANDLE", help="the job's unique key, or its handle (HANDLE@HOST:PORT)")
+    sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
+    sp.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     schedule_cli.add_parser(subs, _common)
     return parser
 
@@ -96,15 +104,17 @@ def _parse_data(text: str) -> Any:
 
 
 def _short(value: Any, width: int = 100) -> str:
+    """One line of at most ``width`` characters, with what a peer could use to fool a terminal escaped."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
-    text = text.replace("\n", "\\n")
+    text = printable(text)
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _job_line(r: JobResult) -> str:
-    where = f"{r.handle or '-'}@{r.server or '-'}"
+    where = printable(f"{r.handle or '-'}@{r.server or '-'}")
     attempts = "-" if r.attempts is None else r.attempts
-    head = f"{r.state:8} {r.task} [{r.unique}] {where} attempts={attempts} submissions={r.submissions} {r.seconds:.2f}s"
+    head = (f"{r.state:8} {printable(r.task)} [{printable(r.unique)}] {where} attempts={attempts} "
+            f"submissions={r.submissions} {r.seconds:.2f}s")
     if r.state in ("failed", "timeout"):
         return f"{head} error: {_short(r.error)}"
     if r.state == "queued":
@@ -247,19 +257,25 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
 
 
 def _status_line(s: StatusResult) -> str:
-    who = f"{s.task} [{s.unique}] " if s.task else ""
-    line = f"{s.state:11} {who}{s.handle}@{s.server or '-'}"
+    who = f"{printable(s.task)} [{printable(s.unique)}] " if s.task else ""
+    line = f"{s.state:11} {who}{printable(s.handle)}@{printable(s.server or '-')}"
     if s.state == "running" and s.denominator:
         line += f" {s.numerator}/{s.denominator}"
+    if s.outcome is not None:
+        line += f" attempts={s.outcome.get('attempts')}"
+        if s.state == "complete":
+            line += f" -> {_short(outcomes.Outcome(s.unique or s.handle, s.state, s.outcome).result)}"
+        else:
+            line += f" error: {_short(s.outcome.get('reason'))}"
     if s.error:
-        line += f" error: {s.error}"
+        line += f" error: {printable(s.error)}"
     return line
 
 
 def cmd_status(config: Any, args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     with JobSender(config) as sender:
-        for s in sender.iter_status(args.handles or None):
+        for s in outcomes.resolve(sender.iter_status(args.handles or None), config):
             print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
@@ -268,15 +284,35 @@ def cmd_status(config: Any, args: argparse.Namespace) -> int:
             print(f"no background jobs recorded in {sender.record_path}")
         return EXIT_OK
     if not args.json:
-        done = counts.get("done", 0)
-        not_done = counts.get("queued", 0) + counts.get("running", 0)
-        print(f"{total} job(s): {done} done, {not_done} not done"
-              + "".join(f", {counts[k]} {k}" for k in ("unknown", "unreachable") if counts.get(k)))
-    return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") else EXIT_OK
+        print(f"{total} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") or counts.get("failed") else EXIT_OK
+
+
+def cmd_result(config: Any, args: argparse.Namespace) -> int:
+    o = outcomes.result(config, args.key, wait=args.wait or 0.0)
+    if args.json:
+        print(json.dumps(o.to_json(), ensure_ascii=False, default=repr))
+    elif o.record is None:
+        print(f"unknown  {printable(o.key)}: {printable(o.error)}")
+    else:
+        rec = o.record
+        head = (f"{o.state:8} {printable(rec.get('task'))} [{printable(rec.get('unique') or '-')}] "
+                f"{printable(rec.get('handle'))}@{printable(rec.get('server'))} attempts={rec.get('attempts')} "
+                f"worker={printable(rec.get('worker') or '-')}")
+        if o.state == "complete":
+            result = o.result
+            text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=repr)
+            print(head + "\n" + "\n".join(printable(line) for line in str(text).splitlines())
+                  + ("\n(result cut: the outcome keeps outcomes.max_result bytes)" if rec.get("result_cut") else ""))
+        else:
+            print(f"{head} error: {_short(rec.get('reason'), 500)}")
+        for r in rec.get("requeues") or []:
+            print(f"requeued by {printable(str(r.get('by')))} as {printable(str(r.get('handle')))}")
+    return EXIT_OK if o.state == "complete" else EXIT_FAILED
 
 
 COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status,
-            "schedule": schedule_cli.cmd_schedule}
+            "result": cmd_result, "schedule": schedule_cli.cmd_schedule}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from ..errors import ServerError
 from ..logs import get_logger
 
 from .dead_letters import cap_text
-from .job import Abandoned, Job, failure_packets
+from .job import Abandoned, Job
+from .outcomes import refused
 from .stats import TaskCounters
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class Link:
     fd: int = -1  # the socket's descriptor while registered with the thread's poller
     job: tuple = ()  # (server, handle, unique) of the job it is busy with
     permit: bool = False  # its outstanding GRAB holds one of worker.max_jobs' permits
+    acks: collections.deque = field(default_factory=collections.deque)  # outcome jobs awaiting JOB_CREATED
 
 
 @dataclass
@@ -223,6 +225,7 @@ class GrabLoop(threading.Thread):
         self.cancel = threading.Event()  # the running job's job.cancel: set at shutdown past grace, or by a stop
         self.stop_requested = False  # an operator stopped the running job (set with cancel, under answer_lock)
         self.counters = TaskCounters(abilities)  # written by this thread only
+        self.outcome: dict | None = None  # the outcome record of the job just served, if it is reported
         self.jobs_done = 0
         self.no_jobs = 0  # NO_JOB answers: grabs that found nothing (the herd shows here)
         self._last_error, self._last_error_at, self._repeats = "", 0.0, 0
@@ -296,6 +299,8 @@ class GrabLoop(threading.Thread):
         if link.permit:
             link.permit = False
             self.budget.give_back()
+        self.process.held.forget(link)
+        link.acks.clear()
         if link.fd >= 0:
             try:
                 self.poller.unregister(link.fd)
@@ -360,6 +365,8 @@ class GrabLoop(threading.Thread):
         finally:
             if self.abandoned:  # the watchdog still uses the stuck job's connection
                 self.released.wait(ANSWER_TIMEOUT + 1)
+            else:
+                self._send_held()
             self._close_quietly()  # the nudge pipe stays open: another thread may still write to it
 
     def _thread_error(self, e: Exception) -> None:
@@ -376,6 +383,16 @@ class GrabLoop(threading.Thread):
         self.wants.clear()
         self.outstanding = None
         self.stop.wait(1.0)
+
+    def _send_held(self) -> None:
+        """Send every answer held back for an outcome batch (the thread stops)."""
+        for link in self.links:
+            data = self.process.held.take(link)
+            if data and link.state is not DOWN:
+                try:
+                    link.conn.send_raw(data)
+                except ServerError:
+                    pass  # those jobs are requeued by gearmand
 
     def _close_quietly(self) -> None:
         try:
@@ -512,6 +529,9 @@ class GrabLoop(threading.Thread):
             if state is LATE:
                 self.process.outage.recovered(link.conn.address, self.index)
             if state is GRABBING or state is LATE:  # an answer we asked for
+                held = self.process.held.take(link)  # nothing more is coming: no reason to wait
+                if held:
+                    link.conn.send_raw(held)
                 if self.sleepers.sleep_or_park(link.server, self):
                     link.conn.send_raw(_PRE_SLEEP)
                     link.state, link.since = SLEEPING, time.monotonic()
@@ -532,20 +552,31 @@ class GrabLoop(threading.Thread):
             self.sleepers.wake_one(link.server)  # while we work, another thread listens
             handle = pkt.text("job_handle")
             link.job = (link.conn.address, handle, pkt.text("unique") if "unique" in pkt.args else "")
+            self.outcome = None
             try:
                 reply = self._serve(link, pkt, handle)
             except (ServerError, Abandoned):
                 raise
             except Exception as e:  # a worker bug or a job it can't handle: fail the job, once
                 reply = self._serve_failed(link.job, e)
+            record, self.outcome = self.outcome, None
+            if record is not None:  # the outcome goes before the answer, on this connection
+                reply = self.process.held.now_or_later(link, record, reply,
+                                                       hold=record.get("background") is True and self.budget is None)
             self._grab_next(reply, after=link)
             answered = link.state is not DOWN  # else the answer did not get out: see _forget
             link.job = ()
             if self.budget is not None and answered:
                 self.budget.job_done()  # after the answer is out: the last one must not be lost
+        elif cmd == gp.JOB_CREATED:
+            if link.acks:
+                link.acks.popleft()  # an outcome job is in gearmand
         elif cmd == gp.ERROR:
-            log.warning("server error", server=link.conn.address, code=cap_text(pkt.text("error_code"), 100),
+            code = pkt.text("error_code")
+            log.warning("server error", server=link.conn.address, code=cap_text(code, 100),
                         text=cap_text(pkt.text("error_text"), 500))
+            if link.acks and "NOT_FOUND" not in code:  # our outcome job refused (queue full, ...)
+                self.process.runner.keep_locally(refused(link.acks.popleft()), link.conn.address)
         # anything else needs no answer
 
     def _serve(self, link: Link, pkt: gp.Packet, handle: str) -> bytes:
@@ -569,6 +600,7 @@ class GrabLoop(threading.Thread):
             self.jobs_done += 1
         if abandoned:
             raise Abandoned(handle)
+        self.outcome = job.outcome  # reported before the answer (geartask.worker.outcomes)
         return reply
 
     def _serve_failed(self, job_key: tuple, e: BaseException) -> bytes:
@@ -576,4 +608,4 @@ class GrabLoop(threading.Thread):
         what = cap_text(f"{type(e).__name__}: {e}", 500)
         log.error("worker error while serving a job; failing it", handle=handle, unique=unique, error=what,
                   traceback=traceback.format_exc(), thread=self.index)
-        return failure_packets(handle, {"error": f"worker error: {what}", "worker": self.process.label})
+        return self.runner.fail_unrun(job_key, "?", {"error": f"worker error: {what}"})

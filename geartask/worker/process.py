@@ -20,6 +20,7 @@ from .grab import GrabLoop, Outage, keepalive_for
 from .groups import ThreadGroup, plan_groups
 from .isolate import IsolatedTask
 from .job import Job
+from .outcomes import HeldAnswers
 from .runner import JobRunner, UnansweredJobs
 from .stats import TaskCounters
 from .watchdog import Watchdog
@@ -81,6 +82,7 @@ class WorkerProcess:
         self.watchdog = Watchdog(self)
         self.shutdown_reason = ""
         self.metrics_server = None  # worker.metrics_listen's HTTP server
+        self.held = HeldAnswers()  # background jobs' answers waiting to share an outcome job
         self.fatal_reason: str | None = None
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -217,6 +219,7 @@ class WorkerProcess:
         return 0
 
     def close(self) -> None:
+        self.held.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         for fn in self.tasks.values():

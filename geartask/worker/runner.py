@@ -11,10 +11,12 @@ from typing import Any, Callable
 from ..errors import GeartaskError, ServerError
 from ..jobs import encode_payload
 from ..logs import JOB_LOGGER, get_logger, job_context
+from ..outcomes.record import make_record
 
 from .dead_letters import DeadLetters, cap_text, payload_fields
 from .errors import AttemptFailed, JobRejected
 from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_packets
+from .outcomes import outcome_packets
 from .retry import RetryPolicy
 
 log = get_logger("geartask.worker")
@@ -60,6 +62,8 @@ class JobRunner:
         self.unanswered = unanswered
         self.dead_letters = DeadLetters(Path(config.log.dir) / "dead-letter.jsonl",
                                         max_bytes=config.log.max_bytes, backups=config.log.backups)
+        self.report = config.outcomes.report  # outcomes to the job's server (else dead letters only)
+        self.max_result = config.outcomes.max_result
         self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
 
     def run(self, thread: Any, job: Job) -> bytes:
@@ -79,7 +83,7 @@ class JobRunner:
             except JobRejected as e:
                 job_log.info("job", attempt=1, outcome="rejected", seconds=0.0, reason=e.reason)
                 counters.finished(job.task, 0.0, False)
-                return self.fail(job, {"error": e.reason, **e.details}, 1, 0.0)
+                return self.fail(job, {"error": e.reason, **e.details}, 1, 0.0, defer=True)
             cancel = job.cancel
             t0 = time.monotonic()
             attempt = 0
@@ -100,7 +104,7 @@ class JobRunner:
                         job_log.info("job", attempt=attempt, outcome="rejected", seconds=round(now - a0, 6),
                                      reason=e.reason)
                         counters.finished(job.task, now - t0, False)
-                        return self.fail(job, {"error": e.reason, **e.details}, attempt, now - t0)
+                        return self.fail(job, {"error": e.reason, **e.details}, attempt, now - t0, defer=True)
                     if isinstance(e, AttemptFailed):
                         reason = {"error": e.reason, **e.details}
                     else:
@@ -110,7 +114,7 @@ class JobRunner:
                                  seconds=round(now - a0, 6), reason=cap_text(reason["error"], 500))
                     if last:
                         counters.finished(job.task, now - t0, False)
-                        return self.fail(job, reason, attempt, now - t0)
+                        return self.fail(job, reason, attempt, now - t0, defer=True)
                     counters.retried(job.task)
                     if cancel.wait(self.retry.backoff(attempt)) or thread.abandoned:
                         return self._interrupted(thread, job, attempt, t0)
@@ -121,15 +125,20 @@ class JobRunner:
                     payload = encode_payload(result, job.task)
                 except GeartaskError as e:
                     counters.finished(job.task, time.monotonic() - t0, False)
-                    return self.fail(job, {"error": f"task result {e}"}, attempt, time.monotonic() - t0)
+                    return self.fail(job, {"error": f"task result {e}"}, attempt, time.monotonic() - t0,
+                                     defer=True)
                 except Exception as e:  # nested too deep for JSON, or a broken container type
                     counters.finished(job.task, time.monotonic() - t0, False)
                     return self.fail(job, {"error": f"task result cannot be serialised as JSON: "
-                                                    f"{type(e).__name__}: {e}"}, attempt, time.monotonic() - t0)
+                                                    f"{type(e).__name__}: {e}"}, attempt, time.monotonic() - t0,
+                                     defer=True)
                 now = time.monotonic()
                 job_log.info("job", attempt=attempt, outcome="complete", seconds=round(now - a0, 6),
                              server=job._conn.address)
                 counters.finished(job.task, now - t0, True)
+                options = job.options
+                if self.report and (options is None or options.get("bg")):  # a client waits for the rest
+                    job.outcome = self.record(job, "complete", attempt, result=payload)
                 return success_packets(job.handle, payload, attempt)
 
     def _interrupted(self, thread: Any, job: Job, attempt: int, t0: float) -> bytes:
@@ -139,21 +148,66 @@ class JobRunner:
             self.job_log.info("job", attempt=attempt, outcome="stopped", seconds=round(seconds, 6),
                               reason=STOPPED_BY_OPERATOR)
             thread.counters.finished(job.task, seconds, False)
-            return self.fail(job, {"error": STOPPED_BY_OPERATOR, "stopped": True}, attempt, seconds)
+            return self.fail(job, {"error": STOPPED_BY_OPERATOR, "stopped": True}, attempt, seconds, defer=True)
         raise Abandoned(job.handle)
 
-    def fail(self, job: Job, reason: dict, attempts: int, seconds: float) -> bytes:
-        """A final failure: the dead letter written, and the packets that tell the client."""
+    def fail(self, job: Job, reason: dict, attempts: int, seconds: float, defer: bool = False) -> bytes:
+        """A final failure: the packets that tell the client, after the job's outcome (set on
+        ``job.outcome`` instead when ``defer``: the grab thread sends it). Without outcome
+        reporting the failure is written as a dead letter instead."""
         reason = {**reason, "error": cap_text(str(reason.get("error"))), "task": job.task,
                   "attempts": attempts, "worker": self.label}
-        record = {"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
-                  **payload_fields(job.raw, job._data if job._decoded else None), "reason": reason["error"],
-                  "attempts": attempts, "worker": self.label, "seconds": round(seconds, 6)}
+        packets = failure_packets(job.handle, reason)
+        if not self.report:
+            self._dead_letter({"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
+                               **payload_fields(job.raw, job._data if job._decoded else None),
+                               "reason": reason["error"], "attempts": attempts, "worker": self.label,
+                               "seconds": round(seconds, 6)})
+            return packets
+        job.outcome = self.record(job, "failed", attempts, reason=reason)
+        if defer:
+            return packets
+        return outcome_packets([job.outcome], collections.deque()) + packets
+
+    def record(self, job: Job, state: str, attempts: int, result: bytes | None = None,
+               reason: dict | None = None) -> dict:
+        """The job's outcome record (geartask.outcomes.record)."""
+        opts = job.options or {}
+        now = time.time()
+        return make_record(server=job._conn.address, handle=job.handle, task=job.task, state=state,
+                           unique=job.unique or None, finished_at=now,
+                           started_at=now - (time.monotonic() - job.started) if job.started else None,
+                           submitted_at=opts.get("at"), attempts=attempts, retries=job.retries,
+                           background=opts.get("bg"), worker=self.label, sender_host=opts.get("host"),
+                           priority=opts.get("prio"), result=result, reason=reason,
+                           data=job.raw if state == "failed" else None, requeue_of=opts.get("requeue_of"),
+                           max_result=self.max_result)
+
+    def fail_unrun(self, key: tuple, task: str, reason: dict) -> bytes:
+        """Fail a job that was not run (a worker error, or a job refused unrun), with its outcome."""
+        server, handle, unique = key
+        reason = {**reason, "error": cap_text(str(reason.get("error"))), "task": task, "worker": self.label}
+        packets = failure_packets(handle, reason)
+        if not self.report:
+            self._dead_letter({"time": time.time(), "task": task, "unique": unique, "handle": handle,
+                               "reason": reason["error"], "attempts": 0, "worker": self.label})
+            return packets
+        record = make_record(server=server, handle=handle, task=task, state="failed", unique=unique or None,
+                             attempts=0, worker=self.label, reason=reason, max_result=self.max_result)
+        return outcome_packets([record], collections.deque()) + packets
+
+    def keep_locally(self, records: list[dict], server: str) -> None:
+        """Outcomes gearmand refused: kept in the dead-letter file (``failed import`` reads it)."""
+        log.error("job server refused outcomes; kept in the dead-letter file", server=server, count=len(records),
+                  path=str(self.dead_letters.path))
+        for rec in records:
+            self._dead_letter(rec)
+
+    def _dead_letter(self, record: dict) -> None:
         try:
             self.dead_letters.append(record)
         except OSError as e:
             log.error("cannot write dead letter", error=str(e), path=str(self.dead_letters.path))
-        return failure_packets(job.handle, reason)
 
     def refuse(self, key: tuple, task: str) -> bytes:
         """Fail a job that came back after it went unanswered here ``unanswered.limit`` times
@@ -162,6 +216,6 @@ class JobRunner:
         with job_context(task=task, handle=handle, unique=unique):
             log.warning("job handed out again after it went unanswered here; failing it unrun",
                         times=self.unanswered.seen.get(key))
-        return failure_packets(handle, {"error": "this job was handed to this worker again after it "
-                                                 "timed out or went unanswered here: failed without "
-                                                 "running it again", "task": task, "worker": self.label})
+        return self.fail_unrun(key, task, {"error": "this job was handed to this worker again after it "
+                                                    "timed out or went unanswered here: failed without "
+                                                    "running it again"})

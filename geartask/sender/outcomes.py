@@ -1,0 +1,104 @@
+"""What became of a job after it left the sender, from the outcomes collector (geartask.outcomes).
+
+``result(config, key, wait)`` reads one job's outcome by unique key or handle;
+``resolve(statuses, client)`` turns the status of a background job that the server no
+longer holds into ``complete``, ``failed`` or ``unknown`` (never a bare "done").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from ..errors import GeartaskError
+from ..jobs import decode_payload
+from ..outcomes.client import OutcomeClient
+from ..outcomes.record import decode_bytes
+from .background import StatusResult, handle_problem
+
+POLL = 0.5  # seconds between asks while --wait runs
+
+
+@dataclass
+class Outcome:
+    """One job's outcome as the collector keeps it: ``state`` complete | failed | unknown."""
+
+    key: str
+    state: str
+    record: dict | None = None
+    error: str | None = None  # why it is unknown (not found, or no collector)
+
+    @property
+    def result(self) -> Any:
+        """The job's result, decoded like a foreground result (JSON, else text, else bytes)."""
+        raw = decode_bytes(self.record, "result") if self.record else None
+        return None if raw is None else decode_payload(raw)
+
+    def to_json(self) -> dict:
+        rec = dict(self.record or {})
+        out = {"key": self.key, "state": self.state, "error": self.error}
+        if rec:
+            for k in ("unique", "handle", "server", "task", "attempts", "worker", "finished_at", "duration",
+                      "background", "result_cut", "result_size", "requeues"):
+                if k in rec:
+                    out[k] = rec[k]
+            if self.state == "complete":
+                result = self.result
+                out["result"] = result if not isinstance(result, bytes) else result.hex()
+            else:
+                out["reason"] = rec.get("reason")
+        return out
+
+
+def split_key(key: str) -> tuple[str | None, str | None, str | None]:
+    """A job handle (``H:host:N``, optionally ``@HOST:PORT``) or else a unique key:
+    (unique, handle, server)."""
+    handle, _, server = key.partition("@")
+    if handle.startswith("H:") and handle_problem(handle) is None:
+        return None, handle, server or None
+    return key, None, None
+
+
+def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
+    """The outcome of ``key`` (unique or handle); with ``wait``, ask again until it is there
+    or ``wait`` seconds pass. NoCollectorError when no collector answers."""
+    unique, handle, server = split_key(key)
+    client = OutcomeClient(config, timeout=timeout)
+    deadline = time.monotonic() + wait
+    while True:
+        record = client.latest(unique=unique, handle=handle, server=server)
+        if record is not None:
+            return Outcome(key, record["state"], record)
+        if time.monotonic() >= deadline:
+            return Outcome(key, "unknown", error="the outcomes store has no record of it (not finished, "
+                                                 "not reported, or pruned)")
+        time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+
+def resolve(statuses: Iterable[StatusResult], config: Any, timeout: float = 5.0) -> Iterator[StatusResult]:
+    """Each status as it is, except ``done`` (the server no longer holds the job): that one
+    becomes complete or failed from its outcome, or unknown with the reason."""
+    client: OutcomeClient | None = None
+    no_collector: str | None = None
+    for s in statuses:
+        if s.state != "done":
+            yield s
+            continue
+        if no_collector is None:
+            client = client or OutcomeClient(config, timeout=timeout)
+            try:
+                record = (client.latest(unique=s.unique) if s.unique
+                          else client.latest(handle=s.handle, server=s.server))
+            except GeartaskError as e:
+                no_collector = str(e)  # asked once: the next ones would wait as long again
+                record = None
+        else:
+            record = None
+        if record is not None:
+            s.state, s.outcome = record["state"], record
+        else:
+            s.state = "unknown"
+            s.error = (f"finished, but its outcome can't be read: {no_collector}" if no_collector
+                       else "finished, but the outcomes store has no record of it")
+        yield s

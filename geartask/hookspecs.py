@@ -74,3 +74,22 @@ def geartask_schedules(config: Any) -> Iterable[dict]:
     optionally ``data``, ``priority``, ``timezone`` (for the cron fields; default UTC),
     ``jitter`` (seconds), ``misfire`` (``latest``/``skip``/``all``) and ``misfire_cap``.
     """
+
+
+@hookspec
+def geartask_job_done(job: Any, result: Any) -> None:
+    """Worker side: a job completed (after its retries). ``job`` is what the task received;
+    ``result`` is what the task returned. For sinks: metrics, audit trails.
+
+    Called in the worker thread after the answer is decided and before it is sent, so keep it
+    quick. An exception here is logged and never fails the job.
+    """
+
+
+@hookspec
+def geartask_job_failed(job: Any, reason: dict) -> None:
+    """Worker side: a job failed for good. ``reason`` is the JSON reason the client gets
+    (``error``, ``attempts``, ``task``, ``worker``...). For sinks: Sentry, mail, a chat.
+
+    An exception here is logged and never fails the job (nor changes its reason).
+    """

@@ -139,6 +139,25 @@ class Plugins:
                 tasks[name] = (fn, plugin)
         return tasks
 
+    def sink(self, hook: str) -> Callable[..., None] | None:
+        """A caller of ``hook`` (geartask_job_done/geartask_job_failed) over every plugin that
+        implements it, each call's exception logged and swallowed; None when none does (so
+        the worker's per-job path pays nothing)."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        if not impls:
+            return None
+        from .logs import get_logger
+        log = get_logger("geartask.plugins")
+
+        def call(**kwargs: Any) -> None:
+            for impl in impls:
+                try:
+                    impl.function(**{a: kwargs[a] for a in impl.argnames})
+                except BaseException as e:  # a sink must not fail the job, nor end the thread
+                    log.error("plugin hook raised; the job is not affected", hook=hook, plugin=impl.plugin_name,
+                              error=f"{type(e).__name__}: {e}")
+        return call
+
     def schedules(self) -> list[tuple[str, int, Any]]:
         """Every schedule definition the plugins yield, unchecked: (plugin, index, definition)."""
         out: list[tuple[str, int, Any]] = []

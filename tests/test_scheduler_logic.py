@@ -38,7 +38,7 @@ def test_next_slot_is_handed_over_once_within_the_lead():
     sch, sent = scheduler()
     t0 = utc(2026, 1, 1, 0, 0, 10)
     sch.tick(t0)  # starts: the 00:00 slot is "missed" and did not run: sent now
-    assert [(j["unique"], j["at"]) for j in sent] == [("s@2026-01-01T00:00:00Z", int(t0) + 2)]
+    assert [(j["unique"], j["at"]) for j in sent] == [("s@2026-01-01T00:00:00Z", int(t0) + 3)]
     sent.clear()
     sch.tick(utc(2026, 1, 1, 0, 0, 20))  # 40 s before the next slot: not yet (lead 30 s)
     assert sent == []

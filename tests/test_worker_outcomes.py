@@ -180,3 +180,24 @@ def test_outcomes_gearmand_refuses_are_kept_in_the_dead_letter_file(fleet, colle
     r = run_script(MANAGE, "--config", str(reader), "failed", "import", str(dead))
     assert r.returncode == 0, r.stdout + r.stderr
     assert OutcomeClient(load_config(reader)).latest(unique="ref-0")["state"] == "failed"
+
+
+def test_sink_hooks_see_every_end_and_their_errors_fail_nothing(fresh_gearmand, tmp_path):
+    """geartask_job_done/geartask_job_failed are called for each job's end; a hook that raises
+    (even SystemExit) is logged, and the job's answer is what it would have been."""
+    srv = fresh_gearmand
+    cfg = write_config(tmp_path / "sink" / "config.yaml", [srv.address], WORKER_YAML + "outcomes:\n  report: false\n",
+                       plugin_paths=[REPO / "plugins", TEST_PLUGINS, REPO / "tests" / "sink_plugins"])
+    w = WorkerProc(cfg, "sinky", 1).wait_attached([srv.address])
+    try:
+        assert gc.run_one(srv.address, "eg.reverse", "ab").result == {"reversed": "ba"}
+        assert gc.run_one(srv.address, "t.describe", {"sink_raises": True}).state == "complete"
+        o = gc.run_one(srv.address, "t.fail", {"retries": 1})
+        assert o.state == "failed" and o.reason["attempts"] == 2
+        sink = cfg.parent / "logs" / "sink.jsonl"
+        lines = [json.loads(x) for x in sink.read_text().splitlines()]
+        assert [(x["task"], "done" in x) for x in lines] == [("eg.reverse", True), ("t.fail", False)]
+        assert lines[1]["attempts"] == 2
+        assert gc.run_one(srv.address, "eg.reverse", "cd").result == {"reversed": "dc"}  # the thread lives on
+    finally:
+        w.stop()

@@ -20,7 +20,7 @@ from ..logs import get_logger
 from .schedule import Schedule, slot_text
 
 MAX_LEAD = 30.0  # seconds ahead of its slot that a job is handed to gearmand, at most
-SETTLE = 2  # seconds a missed slot's job waits in gearmand, so late schedulers' copies meet
+SETTLE = 3  # seconds a missed slot's job waits in gearmand, so late schedulers' copies meet
 TICK = 0.5  # seconds between passes
 KEEP = 64  # slots remembered per schedule (what this process already handled)
 

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_open_files(threads, len(config.servers))
     setup_logging(config, args, "worker", name)
 
-    process = WorkerProcess(config, name, threads, tasks, max_jobs=max_jobs)
+    process = WorkerProcess(config, name, threads, tasks, max_jobs=max_jobs, sinks=plugins)
     signals_seen = []
 
     def on_signal(signum, frame):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..control import WorkerIdentity
 from ..errors import PluginError
@@ -45,7 +45,8 @@ class WorkerProcess:
     closed, so gearmand gives them to another worker); ``close()`` frees what is left.
     """
 
-    def __init__(self, config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None):
+    def __init__(self, config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None,
+                 sinks: Any = None):
         self.config = config
         self.name = name
         self.threads_wanted = threads
@@ -64,7 +65,7 @@ class WorkerProcess:
         self.own_timeout = {"shell"} | {t for t, fn in self.tasks.items() if isinstance(fn, IsolatedTask)}
         self.outage = Outage()
         self.unanswered = UnansweredJobs()
-        self.runner = JobRunner(config, self.tasks, self.label, self.unanswered)
+        self.runner = JobRunner(config, self.tasks, self.label, self.unanswered, sinks)
         self.max_jobs = config.worker.max_jobs if max_jobs is None else max_jobs
         self.budget = JobBudget(self.max_jobs, self._max_jobs_done) if self.max_jobs else None
         self.stopping = threading.Event()  # job threads: take no new jobs

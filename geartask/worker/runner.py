@@ -55,7 +55,8 @@ class JobRunner:
     attempt.
     """
 
-    def __init__(self, config: Any, tasks: dict[str, Callable], label: str, unanswered: UnansweredJobs):
+    def __init__(self, config: Any, tasks: dict[str, Callable], label: str, unanswered: UnansweredJobs,
+                 sinks: Any = None):
         self.tasks = tasks
         self.label = label  # the worker's label in reasons and dead letters (updated by the process)
         self.retry = RetryPolicy(config.worker)
@@ -63,6 +64,9 @@ class JobRunner:
         self.dead_letters = DeadLetters(Path(config.log.dir) / "dead-letter.jsonl",
                                         max_bytes=config.log.max_bytes, backups=config.log.backups)
         self.report = config.outcomes.report  # outcomes to the job's server (else dead letters only)
+        # Plugins' geartask_job_done/geartask_job_failed, None when no plugin has them
+        self.on_done = sinks.sink("geartask_job_done") if sinks is not None else None
+        self.on_failed = sinks.sink("geartask_job_failed") if sinks is not None else None
         self.max_result = config.outcomes.max_result
         self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
 
@@ -136,6 +140,8 @@ class JobRunner:
                 job_log.info("job", attempt=attempt, outcome="complete", seconds=round(now - a0, 6),
                              server=job._conn.address)
                 counters.finished(job.task, now - t0, True)
+                if self.on_done is not None:
+                    self.on_done(job=job, result=result)
                 options = job.options
                 if self.report and (options is None or options.get("bg")):  # a client waits for the rest
                     job.outcome = self.record(job, "complete", attempt, result=payload)
@@ -158,6 +164,8 @@ class JobRunner:
         reason = {**reason, "error": cap_text(str(reason.get("error"))), "task": job.task,
                   "attempts": attempts, "worker": self.label}
         packets = failure_packets(job.handle, reason)
+        if self.on_failed is not None:
+            self.on_failed(job=job, reason=reason)
         if not self.report:
             self._dead_letter({"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
                                **payload_fields(job.raw, job._data if job._decoded else None),

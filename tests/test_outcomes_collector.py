@@ -329,14 +329,17 @@ def test_failed_list_show_requeue_purge_and_import_end_to_end(fresh_gearmand, tm
     cfg = write_config(tmp_path / "collector" / "config.yaml", [srv.address],
                        "outcomes:\n  path: outcomes.sqlite\nworker:\n  retries: 0\n", plugin_paths=[PLUGINS])
     collectors(cfg, [srv.address])
-    worker = WorkerProc(cfg, "w1", 1).wait_attached([srv.address])
+    # This worker writes dead letters instead of reporting outcomes: that is what `import` reads.
+    wcfg = write_config(tmp_path / "worker" / "config.yaml", [srv.address],
+                        "outcomes:\n  report: false\nworker:\n  retries: 0\n", plugin_paths=[PLUGINS])
+    worker = WorkerProc(wcfg, "w1", 1).wait_attached([srv.address])
     try:
         marker, ran = tmp_path / "marker", tmp_path / "ran.txt"
         data = {"marker": str(marker), "ran": str(ran)}
         conn = gearclient.connect(srv.address)
         gearclient.submit(conn, "o.flaky", [data], background=True, uniques=["flaky-1"])
         conn.close()
-        dead = cfg.parent / "logs" / "dead-letter.jsonl"
+        dead = wcfg.parent / "logs" / "dead-letter.jsonl"
         wait_until(lambda: dead.exists() and dead.read_text().count("\n") == 1, 20, message="the dead letter")
         with open(dead, "a") as f:
             f.write("{broken\n")

@@ -29,6 +29,7 @@ from geartask.sender.progress import render
 from geartask.sender.cli import main
 
 from helpers import PYTHON, REPO, run_script, wait_until, write_config
+from test_outcomes_collector import collectors  # noqa: F401 (a fixture)
 from workers import WorkerProc
 
 SCRIPT = "send_job_client/send_job_client.py"
@@ -192,8 +193,9 @@ def test_a_failed_job_is_reported_once(fresh_gearmand, setup, workers):
     assert failed["level"] == "info" and failed["attempts"] == 1 and failed["submissions"] == 1
 
 
-def test_background_then_status(fresh_gearmand, setup, workers, capsys):
-    """`plugin eg --background` returns at once with handles; `status` reports queued, then done."""
+def test_background_then_status(fresh_gearmand, setup, workers, capsys, collectors):
+    """`plugin eg --background` returns at once with handles; `status` reports queued, then
+    complete (the outcomes collector says so)."""
     cfg = setup([fresh_gearmand])
     rc, out, err = cli(["--config", str(cfg), "plugin", "eg", "--background", "--json"], capsys)
     assert rc == 0, err
@@ -210,18 +212,20 @@ def test_background_then_status(fresh_gearmand, setup, workers, capsys):
     states = [json.loads(l) for l in out.splitlines()]
     assert [s["state"] for s in states] == ["queued"] * 6 and all(s["known"] for s in states)
 
+    collectors(cfg, [fresh_gearmand.address])
     workers(cfg, [fresh_gearmand], threads=3)
 
     def all_done():
         rc, out, _ = cli(["--config", str(cfg), "status", "--json"], capsys)
-        return rc == 0 and all(json.loads(l)["state"] == "done" for l in out.splitlines())
-    wait_until(all_done, 20, 0.2, "every background job done")
+        return rc == 0 and all(json.loads(l)["state"] == "complete" for l in out.splitlines())
+    wait_until(all_done, 20, 0.2, "every background job complete")
     # Handles as a user pastes them (bare, or HANDLE@SERVER as printed); text output.
     rc, out, err = cli(["--config", str(cfg), "status", lines[0]["handle"],
                         f"{lines[1]['handle']}@{fresh_gearmand.address}"], capsys)
     assert rc == 0, err
-    assert out.splitlines()[0].startswith("done") and "eg.reverse [eg-reverse-1]" in out
-    assert "2 job(s): 2 done, 0 not done" in out
+    assert out.splitlines()[0].startswith("complete") and "eg.reverse [eg-reverse-1]" in out
+    assert '-> {"reversed": "ksatraeg"}' in out
+    assert "2 job(s): 2 complete" in out
 
 
 def test_no_wait_jobs_survive_the_sender(fresh_gearmand, setup, workers, capsys):

@@ -122,12 +122,11 @@ def test_once_from_two_processes_at_the_same_moment_runs_each_slot_once(cron):
     cfg = config([{"name": "minutely", "cron": "* * * * *", "task": "t.record", "data": {"file": str(marker)}}])
     a, b = start(cfg, "--once", "--json"), start(cfg, "--once", "--json")
     assert a.wait(30) == 0 and b.wait(30) == 0
-    due = time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())
     wait_until(lambda: runs(marker), 15, message="the due slot ran")
     time.sleep(2.5)  # a second copy, had it not met the first in gearmand, would run by now
     counts = runs(marker)
-    assert list(counts.values()) == [1], counts
-    assert gc.queued(srv.address, "t.record") <= 1  # the next minute's job, if handed over: once
+    assert counts and all(n == 1 for n in counts.values()), counts  # the due slot (and the next, if it came): once
+    assert gc.queued(srv.address, "t.record") <= 1  # the next minute's job, if handed over and not run yet: once
 
 
 @pytest.mark.parametrize("schedule, words", [

@@ -620,3 +620,19 @@ def dashboard_log(config_path, wanted: str) -> str:
     path = config_path.parent / "logs" / "dashboard.log"
     return wait_until(lambda: wanted in (text := path.read_text() if path.exists() else "") and text, 10,
                       message=f"{wanted} in {path}")
+
+
+def test_schedules_page_shows_next_runs_and_the_last_run(fresh_gearmand, make_config, dashboards):
+    """The Schedules page: each schedule of the dashboard's config, its next three runs, and its
+    last run as the outcomes store knows it (here: none yet)."""
+    srv = fresh_gearmand
+    path, _ = make_config(srv, 'schedules:\n  - {"name": "nightly", "cron": "0 2 * * *", '
+                               '"timezone": "Europe/Berlin", "task": "shell", "data": {"cmd": ["true"]}}\n')
+    d = dashboards(path, refresh=0.5)
+    page = d.get_json("/schedules")
+    (row,) = page["schedules"]
+    assert row["name"] == "nightly" and row["when"] == "0 2 * * *" and len(row["next"]) == 3
+    assert all(t.endswith(("00:00:00Z", "01:00:00Z")) for t in row["next"])  # 02:00 Berlin, in UTC
+    assert row["last"] is None and page["error"] is None
+    html = d.get("/schedules").text
+    assert "nightly" in html and "Europe/Berlin" in html

@@ -95,6 +95,7 @@ class Dashboard:
 
     def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings, outcomes: OutcomesView):
         self.admin, self.monitor, self.settings, self.outcomes = admin, monitor, settings, outcomes
+        self._schedule_cache: tuple[list, str | None] | None = None
         self.csrf = secrets.token_urlsafe(32)  # per process: a page from here is needed to act
         self.registry = registry_for(self._families)
         self.app = Flask(__name__)
@@ -243,6 +244,32 @@ class Dashboard:
             error = str(e)
         return {"task": task, "since": since_text, "failed": rows, "limit": FAILED_LIMIT, "tasks": tasks,
                 "error": error}
+
+    def schedules_data(self) -> dict:
+        """The schedules of this dashboard's config and plugins, their next runs and last run."""
+        from ..scheduler.cli import rows
+        schedules, error = self._schedules()
+        table: list[dict] = []
+        if schedules:
+            def last_of(unique: str) -> dict | None:
+                return self.outcomes.client.latest(unique=unique)
+            try:
+                table = rows(schedules, last_of)
+            except GeartaskError as e:  # the collector elsewhere did not answer: show the plan anyway
+                error = str(e)
+                table = rows(schedules, None)
+        return {"schedules": table, "error": error}
+
+    def _schedules(self) -> tuple[list, str | None]:
+        """Loaded once: the plugins are imported for their geartask_schedules hook and tasks."""
+        if self._schedule_cache is None:
+            from ..plugins import load_plugins
+            from ..scheduler.load import load_schedules
+            try:
+                self._schedule_cache = (load_schedules(self.outcomes.config, load_plugins(self.outcomes.config)), None)
+            except GeartaskError as e:
+                self._schedule_cache = ([], str(e))
+        return self._schedule_cache
 
     def job_data(self) -> dict:
         key = request.args.get("key", "").strip()
@@ -478,6 +505,10 @@ class Dashboard:
         @app.get("/failed")
         def failed():
             return self.page("failed.html", self.failed_data())
+
+        @app.get("/schedules")
+        def schedules():
+            return self.page("schedules.html", self.schedules_data())
 
         @app.get("/job")
         def job():

@@ -100,34 +100,41 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:
-    now = time.time()
-    outcomes = _outcomes(config)
-    rows = []
+def rows(schedules: list[Schedule], last_of: Any, now: float | None = None) -> list[dict]:
+    """Each schedule with its next three slots and its last run as the outcomes know it
+    (``last_of(unique)`` -> the latest outcome record or None); for `schedule list` and the
+    dashboard's Schedules page."""
+    now = time.time() if now is None else now
+    out = []
     for s in schedules:
         it = s.after(now)
         upcoming = [next(it) for _ in range(3)]
         last = None
         slot = s.last(now)
         for _ in range(LIST_BACK):
-            if slot is None or outcomes is None:
+            if slot is None or last_of is None:
                 break
-            rec = outcomes.last(s.unique(slot))
+            rec = last_of(s.unique(slot))
             if rec is not None:
-                last = {"slot": slot_text(slot), "state": rec.get("state"), "finished_at": rec.get("finished_at"),
-                        "worker": rec.get("worker")}
+                last = {"slot": slot_text(slot), "unique": s.unique(slot), "state": rec.get("state"),
+                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker")}
                 break
             slot = s.last(slot - 1)
-        rows.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,
-                     "misfire": s.misfire, "next": [slot_text(x) for x in upcoming], "last": last,
-                     "source": s.source})
+        out.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,
+                    "misfire": s.misfire, "next": [slot_text(x) for x in upcoming], "last": last, "source": s.source})
+    return out
+
+
+def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:
+    outcomes = _outcomes(config)
+    table = rows(schedules, outcomes.last if outcomes is not None else None)
     if as_json:
-        for r in rows:
+        for r in table:
             print(json.dumps(r))
         return EXIT_OK
-    if not rows:
+    if not table:
         print("no schedules")
-    for r in rows:
+    for r in table:
         last = r["last"]
         last_text = (f"{last['slot']} {last['state']} on {printable(str(last['worker']))}" if last
                      else "no run known to the outcomes store")

@@ -8,8 +8,8 @@ WORK_COMPLETE/WORK_FAIL, in the same write on the same connection, and gearmand 
 connection's packets in order: once gearmand considers a job finished, its outcome is in
 gearmand too, whatever happens to the worker next.
 
-A background job's answer may wait a little (OUTCOME_DELAY) so that several outcomes share
-one outcome job: with gearmand's sqlite queue every job costs a row insert and delete, and a
+A background job's answer may wait a little (OUTCOME_DELAY) so that many outcomes share one
+outcome job: with gearmand's sqlite queue every job costs a row insert and delete, and a
 job per outcome would double a drain's cost. Nobody waits for a background job's answer; a
 worker killed meanwhile leaves those jobs unanswered, so gearmand gives them to another worker.
 """
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = get_logger("geartask.worker")
 
-OUTCOME_BATCH = 20  # background outcomes held per connection before they go out together
-OUTCOME_DELAY = 0.02  # seconds a background job's answer may wait for others to share its outcome job
+OUTCOME_BATCH = 100  # background outcomes held per connection before they go out together
+OUTCOME_DELAY = 0.25  # seconds a background job's answer may wait for others to share its outcome job
 _SUBMIT_BG = gp.submit_command("normal", True)
 
 
@@ -40,7 +40,7 @@ def outcome_packets(records: list[dict], acks: "collections.deque[bytes]") -> by
     """The SUBMIT_JOB_BG packets that carry ``records``; each payload is remembered in ``acks``
     until gearmand answers it (JOB_CREATED, or ERROR: then the records are kept locally)."""
     packets = []
-    for unique, payload in outcome_jobs(records):
+    for unique, payload in outcome_jobs(records, max_records=OUTCOME_BATCH):
         acks.append(payload)
         packets.append(gp.pack(_SUBMIT_BG, task=OUTCOME_FUNCTION, unique=unique, data=payload))
     return b"".join(packets)

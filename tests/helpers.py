@@ -61,3 +61,31 @@ def processes() -> dict[int, tuple[list[str], int]]:
         if fields[0] != "Z":
             found[int(entry)] = (argv, int(fields[2]))
     return found
+
+
+def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal as stdin, stdout and stderr (as a user at a
+    terminal would); its exit status and everything it wrote."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1)[0]:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(10)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")

@@ -8,9 +8,7 @@ import io
 import json
 import logging
 import os
-import pty
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -23,7 +21,7 @@ import pytest
 import gearclient
 from geartask.config import LogConfig, load_config
 from geartask.logs import JOB_LOGGER, configure_logging, flush_logs, get_logger, job_context
-from helpers import PYTHON, REPO, run_script, wait_until, write_config
+from helpers import PYTHON, REPO, run_on_a_terminal, run_script, wait_until, write_config
 from workers import WorkerProc
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[(\w+)\s*\] (\S.*)$")
@@ -424,28 +422,6 @@ def screen(raw: str) -> list[str]:
     return lines + ["".join(line)]
 
 
-def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str]:
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
-    os.close(slave)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([master], [], [], 1)[0]:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-        proc.wait(10)
-    return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
 def test_warnings_under_the_progress_bar_leave_no_line_glued_to_it(tmp_path, fresh_gearmand):

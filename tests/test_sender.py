@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import threading
@@ -28,7 +26,7 @@ from geartask.sender.sender import JobSender
 from geartask.sender.progress import render
 from geartask.sender.cli import main
 
-from helpers import PYTHON, REPO, run_script, wait_until, write_config
+from helpers import PYTHON, REPO, run_on_a_terminal, run_script, wait_until, write_config
 from test_outcomes_collector import collectors  # noqa: F401 (a fixture)
 from workers import WorkerProc
 
@@ -529,28 +527,9 @@ def test_progress_bar_on_a_terminal(fresh_gearmand, setup, workers):
     """On a pty the sender draws a bar with counts and the worker's WORK_STATUS n/d."""
     cfg = setup([fresh_gearmand])
     workers(cfg, [fresh_gearmand])
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([PYTHON, str(REPO / SCRIPT), "--config", str(cfg), "job", "eg.slow",
-                             '{"seconds": 1.5}'], stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            r, _, _ = select.select([master], [], [], 30)
-            if not r:
-                break
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-        proc.wait(10)
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, text
+    status, text = run_on_a_terminal([PYTHON, str(REPO / SCRIPT), "--config", str(cfg), "job", "eg.slow",
+                                      '{"seconds": 1.5}'])
+    assert status == 0, text
     assert re.search(r"\[[#-]+\] 0 done, 0 failed, 0/1 .*/s .*left", text), text
     assert re.search(r"eg\.slow \d+/10", text), text  # the worker's WORK_STATUS
     assert "complete eg.slow" in text and "1 job(s): 1 complete" in text

@@ -7,9 +7,7 @@ Rotation and the meaning of each state are in docs/sender.md.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any, Iterable, Iterator
 from .. import protocol as p
 from ..config import parse_hostport
 from ..errors import ConfigError, ServerError
+from ..jsonlines import JsonLinesFile
 
 RECORD_NAME = "sender-background.jsonl"
 MAX_HANDLE = 64  # bytes; gearmand's handles are shorter ("H:host:number")
@@ -99,54 +98,14 @@ def server_problem(server: Any) -> str | None:
     return None
 
 
-class BackgroundRecord:
+class BackgroundRecord(JsonLinesFile):
     """Accepted background jobs as JSON lines, rotated like the logs: past ``max_bytes`` the
-    file becomes FILE.1 (FILE.1 becomes FILE.2 ...), and ``backups`` old files are kept."""
+    file becomes FILE.1 (FILE.1 becomes FILE.2 ...), and ``backups`` old files are kept;
+    senders share it (a JsonLinesFile: whole lines or nothing)."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int):
-        self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
-
-    def files(self) -> list[Path]:
-        """Oldest first: FILE.N ... FILE.1, FILE."""
-        return [self.path.with_name(f"{self.path.name}.{i}") for i in range(self.backups, 0, -1)] + [self.path]
-
-    def append(self, records: list[dict]) -> None:
-        """Append whole lines or nothing (a failed write is cut back); raises OSError."""
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Senders share the record: one lock file serialises rotation and appends.
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._rotate(len(data))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                start = os.fstat(fd).st_size
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                except OSError:
-                    os.ftruncate(fd, start)  # no half line for the next append to be glued to
-                    raise
-            finally:
-                os.close(fd)
-
-    def _rotate(self, incoming: int) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size == 0 or size + incoming <= self.max_bytes:
-            return
-        if self.backups <= 0:
-            os.truncate(self.path, 0)
-            return
-        files = self.files()  # oldest first; the oldest is overwritten
-        for older, newer in zip(files, files[1:]):
-            try:
-                os.replace(newer, older)
-            except FileNotFoundError:
-                pass
+    def append_records(self, records: list[dict]) -> None:
+        """Append whole lines or nothing; raises OSError."""
+        self.append("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
     def entries(self) -> Iterator[_Ask]:
         """Every line of every file, oldest first, as an _Ask (a bad line's problem set)."""

@@ -603,9 +603,9 @@ class Batch:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         host, pid = socket.gethostname(), os.getpid()
         try:
-            self.record.append([{"time": stamp, "task": j.task, "unique": j.unique, "handle": j.res.handle,
-                                 "server": j.res.server, "priority": j.priority, "host": host, "pid": pid}
-                                for j in jobs])
+            self.record.append_records([{"time": stamp, "task": j.task, "unique": j.unique, "handle": j.res.handle,
+                                         "server": j.res.server, "priority": j.priority, "host": host, "pid": pid}
+                                        for j in jobs])
         except OSError as e:  # the jobs are accepted and their handles printed; don't fail them
             self.log.error("cannot record background jobs", path=str(self.record.path), error=str(e))
 

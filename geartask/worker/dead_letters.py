@@ -8,13 +8,12 @@ like the logs (log.max_bytes, log.backups); a line is written whole or not at al
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ..jsonlines import JsonLinesFile
 
 MAX_DATA = 16 * 1024  # bytes of a job's payload kept in its record
 MAX_REASON = 4096  # characters of a failure reason kept (in the record and sent to the client)
@@ -66,60 +65,14 @@ def _dumps(record: dict) -> str:
 
 
 class DeadLetters:
-    """Appends records to ``path``; many worker processes may share one file.
-
-    Appends take an advisory lock (``path`` + ".lock"), so a rotation by one process never
-    races an append by another. A short write (full disk) is truncated away, so the file
-    never holds half a line for the next record to be glued to.
-    """
+    """Appends records to ``path``; many worker processes may share one file (a JsonLinesFile:
+    whole lines or nothing, rotated like the logs)."""
 
     def __init__(self, path: Path, max_bytes: int = 10 * 1024 * 1024, backups: int = 5):
-        self.path = Path(path)
-        self.max_bytes, self.backups = max_bytes, backups
+        self.file = JsonLinesFile(path, max_bytes, backups)
+        self.path = self.file.path
 
     def append(self, record: dict) -> None:
         """Write one record; OSError when it could not be written (nothing half-written stays)."""
         # backslashreplace: a lone surrogate from a job's JSON ("\\ud800") must not fail the write
-        line = (_dumps(record) + "\n").encode("utf-8", "backslashreplace")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._rotate_if_full(len(line))
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                self._write_whole(fd, line)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(lock)  # releases the lock
-
-    def _rotate_if_full(self, adding: int) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size == 0 or size + adding <= self.max_bytes:
-            return
-        if self.backups <= 0:
-            os.truncate(self.path, 0)
-            return
-        for i in range(self.backups - 1, 0, -1):
-            older = Path(f"{self.path}.{i}")
-            if older.exists():
-                os.replace(older, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
-
-    @staticmethod
-    def _write_whole(fd: int, line: bytes) -> None:
-        start = os.fstat(fd).st_size
-        if start and os.pread(fd, 1, start - 1) != b"\n":
-            line = b"\n" + line  # an earlier writer died mid-line: don't glue this record to it
-        try:
-            written = os.write(fd, line)
-        except OSError:
-            os.ftruncate(fd, start)
-            raise
-        if written != len(line):
-            os.ftruncate(fd, start)
-            raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes): the disk may be full")
+        self.file.append((_dumps(record) + "\n").encode("utf-8", "backslashreplace"))

@@ -10,7 +10,6 @@ geartask.worker.control. docs/worker.md#control-commands describes them.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -23,17 +22,6 @@ def check_name(name: str) -> str:
     if not name or any(c.isspace() or c == ":" for c in name):
         raise UsageError(f"worker name {name!r} must be non-empty, without spaces or ':'")
     return name
-
-
-def host_ip(servers: list[tuple[str, int]] | None = None) -> str:
-    """The address this host uses to reach the first job server (no packet is sent)."""
-    host, port = (servers or [("127.0.0.1", 4730)])[0]
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def test_outcomes_gearmand_refuses_are_kept_in_the_dead_letter_file(fleet, colle
     assert OutcomeClient(load_config(reader)).latest(unique="ref-0")["state"] == "failed"
 
 
-def test_sink_hooks_see_every_end_and_their_errors_fail_nothing(fresh_gearmand, tmp_path):
+def test_sink_hooks_see_every_end_and_a_raising_hook_fails_nothing(fresh_gearmand, tmp_path):
     """geartask_job_done/geartask_job_failed are called for each job's end; a hook that raises
     (even SystemExit) is logged, and the job's answer is what it would have been."""
     srv = fresh_gearmand

@@ -188,7 +188,7 @@ def which(name: str) -> str | None:
 
 def admin_status(env: Env) -> dict[str, tuple[int, int, int]]:
     """gearmand's 'status': function -> (queued+running, running, available workers)."""
-    from geartask.protocol import admin_command
+    from geartask.gearman import admin_command
     out = {}
     for line in admin_command(env.host, env.port, "status", timeout=5):
         parts = line.split("\t")

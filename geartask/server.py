@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LocalServerError, ServerError
-from .protocol import Connection
+from .gearman import Connection
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from gearman.protocol import GEARMAN_PARAMS_FOR_COMMAND
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 
 _HEADER = struct.Struct("!4sII")
 

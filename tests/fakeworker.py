@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.control import WorkerIdentity, parse_command
 from geartask.errors import UsageError
 from geartask.jobs import encode_payload

@@ -1,4 +1,4 @@
-"""A minimal Gearman client for tests, on geartask.protocol: pipelined submit, wait by handle.
+"""A minimal Gearman client for tests, on geartask.gearman: pipelined submit, wait by handle.
 
 Tests use it (and the C `gearman` tool) as a client that does not depend on the sender
 role, so a worker test fails only for the worker's faults. Run as a script it submits N
@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.jobs import decode_payload, encode_payload, new_unique
 
 

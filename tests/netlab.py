@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from geartask.protocol import admin_command
+from geartask.gearman import admin_command
 from geartask.server import LocalServer, _alive, port_open
 
 from helpers import REPO, wait_until, write_config

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.errors import ServerError
 from geartask.server import free_port
 

@@ -2,7 +2,7 @@
 
 Each test names the input; the sender must answer with a line or a result, never a
 traceback, and keep serving the inputs that were fine. Hostile workers and hostile job
-servers are hand-written here with geartask.protocol (real sockets, real gearmand).
+servers are hand-written here with geartask.gearman (real sockets, real gearmand).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.cli import run
 from geartask.jobs import decode_payload
 from geartask.server import LocalServer

@@ -23,7 +23,7 @@ import pytest
 
 import gearclient as gc
 from fakegearmand import FakeGearmand
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.control import ping_request, shutdown_request
 from helpers import REPO, run_script, wait_until, write_config
 from test_worker import start_worker  # noqa: F401 (a fixture)

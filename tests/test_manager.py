@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask.protocol import (CAN_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREATED, Connection, admin_command,
+from geartask.gearman import (CAN_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREATED, Connection, admin_command,
                                submit_command)
 from geartask.errors import ServerError
 from geartask.server import free_port
@@ -147,7 +147,7 @@ def test_status_and_workers_two_servers_two_processes(gearmand_factory, make_con
 def test_workers_shows_foreign_client_ids_as_they_are(gearmand):
     conn = Connection(gearmand.host, gearmand.port).connect()
     try:
-        from geartask.protocol import SET_CLIENT_ID
+        from geartask.gearman import SET_CLIENT_ID
         conn.send(SET_CLIENT_ID, client_id="not-a-geartask-worker")
         conn.send(CAN_DO, task="x.foreign")
         conn.echo()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask.protocol import Connection
+from geartask.gearman import Connection
 
 import netlab as nl
 from netlab import KEEPALIVE, NetLab, marker_runs, outcome

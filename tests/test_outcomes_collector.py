@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import gearclient
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.admin import admin
 from geartask.config import load_config
 from geartask.outcomes import (OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gearman.protocol as pg
 import pytest
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 
 COMMANDS = [c for c in pg.GEARMAN_PARAMS_FOR_COMMAND if c != pg.GEARMAN_COMMAND_TEXT_COMMAND]
 
@@ -49,7 +49,7 @@ def test_submit_job_epoch_is_held_until_its_time_and_coalesced(fresh_gearmand):
     same unique while it is held gets the same job (the scheduler relies on both)."""
     import time
 
-    from geartask import protocol as gp
+    from geartask import gearman as gp
 
     conn = gp.Connection(fresh_gearmand.host, fresh_gearmand.port).connect()
     worker = gp.Connection(fresh_gearmand.host, fresh_gearmand.port).connect()

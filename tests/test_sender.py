@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.cli import run
 from geartask.config import load_config
 from geartask.errors import JobDefinitionError, NoServerError, UsageError

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.config import load_config
 from geartask.sender import sender as clients
 from geartask.sender.sender import JobSender

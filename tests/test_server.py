@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from geartask import protocol
+from geartask import gearman as protocol
 from geartask.errors import LocalServerError, ServerError
 from geartask.server import LocalServer, free_port, port_open
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import gearclient as gc
-from geartask import protocol as gp
+from geartask import gearman as gp
 from geartask.control import shutdown_request
 from helpers import REPO, PYTHON, run_script, wait_until, write_config
 from workers import WorkerProc, in_process_worker, worker_connections

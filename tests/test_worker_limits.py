@@ -11,7 +11,7 @@ import time
 import pytest
 
 import gearclient as gc
-from geartask import protocol as gp
+from geartask import gearman as gp
 from helpers import run_script, wait_until, write_config
 from netproxy import SliceProxy
 from test_worker import records, start_worker  # noqa: F401 (start_worker: a fixture)

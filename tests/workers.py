@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from geartask import protocol as gp
+from geartask import gearman as gp
 
 from helpers import REPO, wait_until
 

@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterable
 from ..control import (CONTROL_PREFIX, check_name, parse_client_id, parse_control_function,
                               ping_request, shutdown_request, stop_request)
 from ..errors import GeartaskError, ServerError, UsageError
-from ..protocol import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ,
-                               JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE,
-                               WORK_EXCEPTION, WORK_FAIL, Connection, pack, submit_command)
+from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ,
+                       JOB_CREATED, NO_JOB, SET_CLIENT_ID, STATUS_RES, WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL,
+                       Connection, error_text, pack, submit_command)
 
 DEFAULT_TIMEOUT = 3.0
 MANAGER_CLIENT_ID = "geartask-manager"  # how the manager's own connections show in `workers`
@@ -328,7 +328,7 @@ def _ping(conn: Connection, functions: list[str], timeout: float) -> list[PingRe
             else:
                 r.error = f"answer is not a JSON object: {pkt['data'][:80]!r}"
         elif pkt.cmd == ERROR:
-            raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+            raise ServerError(error_text(pkt), conn.address)
     return results
 
 

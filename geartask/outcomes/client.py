@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..admin.admin import parse_status
 from ..errors import ServerError
 from .errors import NoCollectorError, QueryError
@@ -20,7 +20,6 @@ from .query import Refused, check_request
 from .record import QUERY_FUNCTION, BadOutcome, check
 
 DEFAULT_TIMEOUT = 5.0
-CONNECT_TIMEOUT = 2.0
 UNIQUE_PREFIX = QUERY_FUNCTION + ":"
 
 
@@ -114,7 +113,7 @@ class OutcomeClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            conn = gp.Connection(host, port, connect_timeout=min(left, CONNECT_TIMEOUT))
+            conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT))
             try:
                 conn.connect()
                 if not _collector_attached(conn, max(0.1, deadline - time.monotonic())):
@@ -155,7 +154,7 @@ def _submit(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -
         if pkt.cmd == gp.JOB_CREATED and handle is None:
             handle = pkt["job_handle"]
         elif pkt.cmd == gp.ERROR:
-            raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+            raise ServerError(gp.error_text(pkt), conn.address)
         elif handle is None or pkt.args.get("job_handle") != handle:
             continue
         elif pkt.cmd == gp.WORK_COMPLETE:

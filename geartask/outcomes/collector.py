@@ -15,16 +15,14 @@ import os
 import select
 import socket
 import sqlite3
-import struct
 import threading
 import time
 from typing import Any, Callable
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..admin.admin import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
 from ..errors import ServerError
 from ..logs import get_logger
-from ..worker.process import keepalive_for
 from .errors import CollectorConflict, StoreError
 from .query import Queries
 from .record import OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, cap_record, check
@@ -33,9 +31,7 @@ from .store import OutcomeStore
 log = get_logger("geartask.collector")
 
 CLIENT_PREFIX = "geartask-collector"
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 STORE_RETRY = 5.0  # seconds before jobs are taken again after the store failed to write
-CONNECT_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 10.0  # seconds gearmand may take to answer our grabs before the connection is dropped
 PIPELINE = 50  # grabs in flight per round trip, at most ...
 PIPELINE_BYTES = 64 * 1024 * 1024  # ... and as many as jobs of the last round's biggest size fit in this
@@ -45,8 +41,6 @@ PRUNE_INTERVAL = 600.0  # seconds between prunes of records past outcomes.keep_d
 RIVAL_FIRST, RIVAL_INTERVAL = 1.0, 60.0  # seconds to the first look for another collector, and between looks
 MALFORMED_SHOWN = 3  # bad records of one job named in the log
 
-_HEADER = struct.Struct("!4sII")  # a Gearman packet header: magic, command, body length
-_RES = b"\0RES"
 _MAX_HANDLE = 64
 
 
@@ -73,8 +67,8 @@ class _Guarded(gp.Connection):
     def _take_packet(self) -> gp.Packet | None:
         buf = self._buf
         if len(buf) >= 12:
-            magic, cmd, length = _HEADER.unpack_from(buf)
-            if length > self.max_job and magic == _RES and cmd == gp.JOB_ASSIGN_UNIQ:
+            magic, cmd, length = gp.HEADER.unpack_from(buf)
+            if length > self.max_job and magic == gp.MAGIC_RES and cmd == gp.JOB_ASSIGN_UNIQ:
                 end = buf.find(b"\0", 12, 12 + _MAX_HANDLE + 1)
                 if end < 0:
                     if len(buf) <= 12 + _MAX_HANDLE:
@@ -108,7 +102,7 @@ def _refuse(handle: bytes, error: str) -> bytes:
     """WORK_WARNING with the reason (for a client that waits on it), then WORK_FAIL: gearmand
     drops the job (and its sqlite row)."""
     reason = json.dumps({"error": error}, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    return gp.pack(gp.WORK_WARNING, job_handle=handle, data=reason) + gp.pack(gp.WORK_FAIL, job_handle=handle)
+    return gp.fail_packets(handle, reason)
 
 
 def parse_outcomes(raw: bytes) -> list:
@@ -145,9 +139,9 @@ class _Attachment(threading.Thread):
 
     def run(self) -> None:
         c = self.collector
-        delay, down_since = RECONNECT_MIN, None
+        delay, down_since = gp.RECONNECT_MIN, None
         while not c.stopping:
-            conn = _Guarded(self.host, self.port, self.max_job, connect_timeout=CONNECT_TIMEOUT,
+            conn = _Guarded(self.host, self.port, self.max_job, connect_timeout=gp.CONNECT_TIMEOUT,
                             keepalive=c.keepalive)
             try:
                 conn.connect()
@@ -157,7 +151,7 @@ class _Attachment(threading.Thread):
                 self.attached = True
                 log.info("attached", server=self.address, function=self.function,
                          down_for=None if down_since is None else round(time.monotonic() - down_since, 1))
-                down_since, delay = None, RECONNECT_MIN
+                down_since, delay = None, gp.RECONNECT_MIN
                 self._serve(conn)
             except ServerError as e:
                 if down_since is None:  # once per outage
@@ -178,7 +172,7 @@ class _Attachment(threading.Thread):
                 self.attached = False
             if c.stopping or c.wait(delay):
                 break
-            delay = min(delay * 2, RECONNECT_MAX)
+            delay = min(delay * 2, gp.RECONNECT_MAX)
 
     def _serve(self, conn: _Guarded) -> None:
         c, grab, n = self.collector, gp.pack(gp.GRAB_JOB_UNIQ), self.pipeline
@@ -211,7 +205,7 @@ class _Attachment(threading.Thread):
             if pkt.cmd in (gp.JOB_ASSIGN_UNIQ, gp.NO_JOB):
                 return pkt
             if pkt.cmd == gp.ERROR:
-                raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}", conn.address)
+                raise ServerError(gp.error_text(pkt), conn.address)
 
     def _sleep(self, conn: _Guarded) -> None:
         """Until the server sends something (its NOOP), the collector stops, or poll_timeout
@@ -240,7 +234,7 @@ class Collector:
         self.keep_seconds = config.outcomes.keep_days * 86400
         self.max_job = max(MIN_JOB_LIMIT, 8 * self.max_result)
         self.poll_timeout = config.worker.poll_timeout
-        self.keepalive = keepalive_for(config.worker.keepalive)
+        self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.client_id = client_id or collector_client_id()
         self.prune_interval, self.rival_interval = PRUNE_INTERVAL, RIVAL_INTERVAL
         self.queries = Queries(store, self.max_result, info=self.info,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .. import protocol as p
+from .. import gearman as p
 from ..config import parse_hostport
 from ..errors import ConfigError, ServerError
 from ..jsonlines import JsonLinesFile
@@ -278,7 +278,7 @@ class StatusQuery:
 
 def _reply(a: _Ask, addr: str, pkt: p.Packet) -> StatusResult:
     if pkt.cmd == p.ERROR:
-        return a.result("unknown", addr, f"{addr}: server error {pkt.text('error_code')}: {pkt.text('error_text')}")
+        return a.result("unknown", addr, f"{addr}: {p.error_text(pkt)}")
     args = pkt.args
     if args["job_handle"] != a.handle.encode("utf-8", "surrogatepass"):
         return a.result("unknown", addr, f"{addr}: answered about another handle "

@@ -13,7 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .. import envelope
-from .. import protocol as p
+from .. import gearman as p
 from ..errors import JobDefinitionError, NoServerError, ServerError
 from ..jobs import JobDefinition, decode_payload, new_unique
 from .link import ServerLink
@@ -537,7 +537,7 @@ class Batch:
             link.probe_sent = None
             return
         if cmd == p.ERROR:
-            text = f"server error {pkt.text('error_code')}: {pkt.text('error_text')}"
+            text = p.error_text(pkt)
             if s.pending:  # gearmand answers a submission it refuses with ERROR, in order
                 self._finish(s.pending.popleft(), "failed", error=text)
             else:

@@ -7,7 +7,7 @@ import os
 import socket
 import time
 
-from .. import protocol as p
+from .. import gearman as p
 from .routing import server_hash
 
 RECONNECT_DELAY = 0.25  # seconds before a server is tried again, doubled, capped

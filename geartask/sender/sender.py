@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .. import protocol as p
+from .. import gearman as p
 from ..errors import UsageError
 from ..logs import get_logger
 from .background import RECORD_NAME, BackgroundRecord, StatusQuery, StatusResult, asks_for
@@ -54,8 +54,7 @@ class JobSender:
         fa = self.settings.failover_after
         # The kernel ends a connection whose peer is silent for about failover_after: unacked
         # data (TCP_USER_TIMEOUT) or unanswered keepalive probes.
-        self.keepalive = p.Keepalive(idle=max(1, int(fa / 2)), interval=max(1, int(fa / 6)), count=3,
-                                     user_timeout=fa)
+        self.keepalive = p.keepalive_for(fa)
         self.servers = [ServerLink(h, port, self.keepalive) for h, port in config.server_addresses]
         self.record = BackgroundRecord(Path(config.log.dir) / BACKGROUND_RECORD, config.log.max_bytes,
                                        config.log.backups)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..logs import get_logger
-from ..protocol import wait_readable
+from ..gearman import wait_readable
 
 from .reaper import TOKEN_VAR as REAPER_TOKEN_VAR
 from .reaper import VAR as TOKEN_VAR

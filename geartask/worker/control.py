@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..control import WorkerIdentity, parse_command, parse_control_function
 from ..errors import UsageError
 from ..jobs import encode_payload

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..control import WorkerIdentity
 from ..errors import ServerError
 from ..logs import get_logger
@@ -28,18 +28,8 @@ if TYPE_CHECKING:
 
 log = get_logger("geartask.worker")
 
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 ANSWER_TIMEOUT = 5.0  # seconds to answer ECHO (else the connection is dropped) or GRAB (else it is late)
-CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 REPEATS_FATAL = 5  # the same thread error this many times in a row ends the process (exit 1)
-
-
-def keepalive_for(seconds: float) -> gp.Keepalive:
-    """worker.keepalive -> socket options: a silent peer is declared dead after about
-    ``seconds`` (idle half of it, then 3 probes over the other half; unacknowledged data
-    waits at most ``seconds``)."""
-    half = max(1.0, seconds / 2)
-    return gp.Keepalive(idle=int(half), interval=max(1, int(half / 3)), count=3, user_timeout=seconds)
 
 
 class LinkState(enum.Enum):
@@ -71,7 +61,7 @@ class Link:
     server: int = 0  # index into config.servers
     since: float = 0.0  # when it entered its state
     next_try: float = 0.0  # when to reconnect (state DOWN)
-    backoff: float = RECONNECT_MIN
+    backoff: float = gp.RECONNECT_MIN
     fd: int = -1  # the socket's descriptor while registered with the thread's poller
     job: tuple = ()  # (server, handle, unique) of the job it is busy with
     permit: bool = False  # its outstanding GRAB holds one of worker.max_jobs' permits
@@ -208,7 +198,7 @@ class GrabLoop(threading.Thread):
         cfg = process.config
         self.poll_timeout = cfg.worker.poll_timeout
         # A short connect timeout: while a thread waits on an unreachable server it serves no other.
-        self.links = [Link(gp.Connection(h, p, connect_timeout=CONNECT_TIMEOUT, keepalive=process.keepalive),
+        self.links = [Link(gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive),
                            server=i) for i, (h, p) in enumerate(cfg.server_addresses)]
         # poll, not select: select fails for descriptor numbers past 1024.
         self.poller = select.poll()
@@ -259,7 +249,7 @@ class GrabLoop(threading.Thread):
         link.state, link.since = HELLO, now
 
     def _hello_answered(self, link: Link) -> None:
-        link.state, link.since, link.backoff = IDLE, time.monotonic(), RECONNECT_MIN
+        link.state, link.since, link.backoff = IDLE, time.monotonic(), gp.RECONNECT_MIN
         self.process.outage.recovered(link.conn.address, self.index)
         self.wants.append(link)
 
@@ -317,7 +307,7 @@ class GrabLoop(threading.Thread):
         if was_listening:
             self.sleepers.wake_one(link.server)  # someone else listens when the server is back
         link.next_try = time.monotonic() + link.backoff
-        link.backoff = min(link.backoff * 2, RECONNECT_MAX)  # reset only when the server answers
+        link.backoff = min(link.backoff * 2, gp.RECONNECT_MAX)  # reset only when the server answers
         if self.outstanding is link:
             self.outstanding = None
         if link in self.wants:

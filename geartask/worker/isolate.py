@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file by the worker: python .../geartas
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "geartask.worker"
 
-from geartask import protocol as gp  # noqa: E402
+from geartask import gearman as gp  # noqa: E402
 from geartask.errors import ConfigError  # noqa: E402
 from geartask.jobs import encode_payload  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..envelope import EnvelopeError, unwrap_cached
 from ..errors import GeartaskError
 from ..jobs import decode_payload, encode_payload
@@ -119,4 +119,4 @@ def failure_packets(handle: str, reason: dict) -> bytes:
         data = encode_payload(reason)
     except (GeartaskError, RecursionError):  # details a task filled with what JSON can't hold
         data = encode_payload({k: v for k, v in reason.items() if isinstance(v, (str, int, bool))})
-    return gp.pack(gp.WORK_WARNING, job_handle=handle, data=data) + gp.pack(gp.WORK_FAIL, job_handle=handle)
+    return gp.fail_packets(handle, data)

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..logs import get_logger
 from ..outcomes.record import OUTCOME_FUNCTION, outcome_jobs
 

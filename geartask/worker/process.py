@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .. import gearman as gp
 from ..control import WorkerIdentity
 from ..errors import PluginError
 from ..logs import get_logger
@@ -16,7 +17,7 @@ from ..shell.task import ShellTask
 from .budget import JobBudget
 from .control import ControlLoop, ping_reply
 from .errors import WorkerFailed
-from .grab import GrabLoop, Outage, keepalive_for
+from .grab import GrabLoop, Outage
 from .groups import ThreadGroup, plan_groups
 from .isolate import IsolatedTask
 from .job import Job
@@ -58,7 +59,7 @@ class WorkerProcess:
         self.identity = WorkerIdentity(name, "", os.getpid())
         self.ips: frozenset[str] = frozenset()
         self.label = f"{name}::{self.identity.pid}"
-        self.keepalive = keepalive_for(config.worker.keepalive)
+        self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.tasks = dict(tasks)
         self.tasks["shell"] = ShellTask(config.worker, self.label)
         # Tasks that end themselves at their timeout: the watchdog leaves them alone.

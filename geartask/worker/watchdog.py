@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from .. import protocol as gp
+from .. import gearman as gp
 from ..errors import ServerError
 from ..logs import get_logger, job_context
 
@@ -88,7 +87,7 @@ class Watchdog(threading.Thread):
         handles packets still queued from it (the job then ran again elsewhere). Its answer to
         an ECHO sent after the failure proves the failure was handled."""
         token = b"geartask-watchdog-%d" % id(conn)
-        echo_res = struct.pack("!4sII", b"\0RES", gp.ECHO_RES, len(token)) + token
+        echo_res = gp.response_bytes(gp.ECHO_RES, token)
         sock = conn.sock
         try:
             conn.send_raw(packets + gp.pack(gp.ECHO_REQ, data=token))

@@ -1,27 +1,4 @@
-"""The Gearman wire protocol, and every quirk of pygearman, fenced in one module.
-
-This is the only geartask module that imports ``gearman`` (pygearman, the maintained
-python-gearman for Python >= 3.9; gearman3 0.2.1 dies at its first socket read there).
-We take pygearman's packet codec and constants, but drive the sockets ourselves, because
-pygearman 0.2.6's loops get in the way of what a reliable job system needs:
-
-* Its worker sends PRE_SLEEP after *every* job and waits for a NOOP, an extra round trip
-  per job; and with two or more servers a worker can sleep forever waiting for a NOOP that
-  never comes (the old python-gearman starvation bug). Our worker loop grabs again at once
-  after a job, sleeps only on NO_JOB, and re-sends GRAB_JOB after every poll timeout.
-* ``submit_job``/``submit_multiple_jobs`` wait for completion only when ``poll_timeout`` is a
-  number (``None`` means "don't wait" in places and "wait forever" in others). Our
-  ``Connection.recv`` takes an explicit deadline everywhere; ``None`` is never a timeout.
-* The server sends function names as bytes, and pygearman matches abilities by equality, so
-  a worker registered with ``str`` names silently never receives a job. Everything that goes
-  on the wire is encoded here (``to_bytes``) and function names coming back are decoded.
-* Its packet codec (``pack_binary_command``/``parse_binary_command``) is on every job's path
-  and slow for it (its parser also works only on ``array.array``/``memoryview`` buffers):
-  ``pack`` and ``parse_response`` below do the same checks against its parameter table.
-* pygearman's admin client knows only a few text commands and can't time out reliably;
-  ``admin_command`` speaks the text protocol with a deadline and knows which replies are
-  one line and which end with a ".".
-"""
+"""One blocking connection to one gearmand, its socket options and the admin text protocol."""
 
 from __future__ import annotations
 
@@ -29,92 +6,19 @@ import errno
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import gearman.protocol as gp
-from gearman.errors import ProtocolError as _PgProtocolError
+from gearman.errors import ProtocolError
 
-from .errors import ServerError
+from ..errors import ServerError
+from .codec import ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, Packet, error_text, pack, parse_response, response_bytes
 
-# Command numbers, named once for the rest of geartask.
-CAN_DO = gp.GEARMAN_COMMAND_CAN_DO
-CANT_DO = gp.GEARMAN_COMMAND_CANT_DO
-RESET_ABILITIES = gp.GEARMAN_COMMAND_RESET_ABILITIES
-PRE_SLEEP = gp.GEARMAN_COMMAND_PRE_SLEEP
-NOOP = gp.GEARMAN_COMMAND_NOOP
-JOB_CREATED = gp.GEARMAN_COMMAND_JOB_CREATED
-GRAB_JOB = gp.GEARMAN_COMMAND_GRAB_JOB
-GRAB_JOB_UNIQ = gp.GEARMAN_COMMAND_GRAB_JOB_UNIQ
-NO_JOB = gp.GEARMAN_COMMAND_NO_JOB
-JOB_ASSIGN = gp.GEARMAN_COMMAND_JOB_ASSIGN
-JOB_ASSIGN_UNIQ = gp.GEARMAN_COMMAND_JOB_ASSIGN_UNIQ
-WORK_STATUS = gp.GEARMAN_COMMAND_WORK_STATUS
-WORK_COMPLETE = gp.GEARMAN_COMMAND_WORK_COMPLETE
-WORK_FAIL = gp.GEARMAN_COMMAND_WORK_FAIL
-WORK_EXCEPTION = gp.GEARMAN_COMMAND_WORK_EXCEPTION
-WORK_DATA = gp.GEARMAN_COMMAND_WORK_DATA
-WORK_WARNING = gp.GEARMAN_COMMAND_WORK_WARNING
-GET_STATUS = gp.GEARMAN_COMMAND_GET_STATUS
-STATUS_RES = gp.GEARMAN_COMMAND_STATUS_RES
-ECHO_REQ = gp.GEARMAN_COMMAND_ECHO_REQ
-ECHO_RES = gp.GEARMAN_COMMAND_ECHO_RES
-ERROR = gp.GEARMAN_COMMAND_ERROR
-SET_CLIENT_ID = gp.GEARMAN_COMMAND_SET_CLIENT_ID
-OPTION_REQ = gp.GEARMAN_COMMAND_OPTION_REQ
-OPTION_RES = gp.GEARMAN_COMMAND_OPTION_RES
-
-# (priority, background) -> SUBMIT_JOB* command
-_SUBMIT = {
-    ("normal", False): gp.GEARMAN_COMMAND_SUBMIT_JOB,
-    ("low", False): gp.GEARMAN_COMMAND_SUBMIT_JOB_LOW,
-    ("high", False): gp.GEARMAN_COMMAND_SUBMIT_JOB_HIGH,
-    ("normal", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_BG,
-    ("low", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_LOW_BG,
-    ("high", True): gp.GEARMAN_COMMAND_SUBMIT_JOB_HIGH_BG,
-}
-
-
-def submit_command(priority: str = "normal", background: bool = False) -> int:
-    return _SUBMIT[(priority, background)]
-
-
-def command_name(cmd: int) -> str:
-    return str(gp.get_command_name(cmd)).replace("GEARMAN_COMMAND_", "")
-
-
-def to_bytes(value: Any) -> bytes:
-    """Everything on the wire is bytes; str is UTF-8, numbers are their decimal text."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    return str(value).encode("utf-8")
-
-
-def to_text(value: bytes | str) -> str:
-    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
-
-
-@dataclass
-class Packet:
-    """One binary response from the server; ``args`` keys are pygearman's parameter names."""
-
-    cmd: int
-    args: dict[str, bytes]
-
-    @property
-    def name(self) -> str:
-        return command_name(self.cmd)
-
-    def __getitem__(self, key: str) -> bytes:
-        return self.args[key]
-
-    def text(self, key: str) -> str:
-        return to_text(self.args[key])
+# One set of connection constants for every role.
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
+CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 
 
 class Connection:
@@ -195,7 +99,7 @@ class Connection:
     def _take_packet(self) -> Packet | None:
         try:
             parsed = parse_response(self._buf)
-        except _PgProtocolError as e:
+        except ProtocolError as e:
             raise self._fail(f"protocol error: {e}") from None
         if parsed is None:
             return None
@@ -242,9 +146,9 @@ class Connection:
     def has_buffered_packet(self) -> bool:
         """A *whole* packet is buffered (a header alone is not: its body may still be in flight)."""
         buf = self._buf
-        if len(buf) < gp.COMMAND_HEADER_SIZE:
+        if len(buf) < HEADER_SIZE:
             return False
-        return len(buf) >= gp.COMMAND_HEADER_SIZE + _HEADER.unpack_from(buf)[2]
+        return len(buf) >= HEADER_SIZE + HEADER.unpack_from(buf)[2]
 
     def recv(self, timeout: float | None) -> Packet | None:
         """The next packet, or None when ``timeout`` seconds pass first (None waits forever).
@@ -273,8 +177,7 @@ class Connection:
             if pkt.cmd in wanted:
                 return pkt
             if pkt.cmd == ERROR:
-                raise ServerError(f"server error {pkt.text('error_code')}: {pkt.text('error_text')}",
-                                  self.address)
+                raise ServerError(error_text(pkt), self.address)
 
     def echo(self, timeout: float = 5.0) -> float:
         """Round trip of an ECHO_REQ in seconds: the cheapest proof the server is alive."""
@@ -298,7 +201,7 @@ class Connection:
         if not line or any(c in line for c in "\r\n\0"):
             raise ValueError(f"one admin command per line, got {line!r}")  # a caller's bug
         token = os.urandom(8).hex().encode()
-        end = _HEADER.pack(gp.MAGIC_RES_STRING, ECHO_RES, len(token)) + token
+        end = response_bytes(ECHO_RES, token)
         limit = MAX_TEXT_REPLY if max_bytes is None else max_bytes
         self.send_raw(line.encode("utf-8") + b"\n" + pack(ECHO_REQ, data=token))
         deadline = time.monotonic() + timeout
@@ -396,60 +299,6 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
 _MAX_POLL_MS = 2**31 - 1
 
 
-# The packet codec is on every job's path (a worker packs a result and parses an assignment
-# per job, a sender the reverse). pygearman's pack_binary_command/parse_binary_command cost
-# several microseconds each in set building, format strings and copies; these do the same
-# checks against pygearman's own parameter table, with one precompiled struct.
-_HEADER = struct.Struct("!4sII")
-# SUBMIT_JOB_EPOCH (36): a background job that gearmand holds until a Unix time (gearmand 1.1
-# keeps it in its persistent queue too); pygearman's table lacks it.
-SUBMIT_JOB_EPOCH = 36
-_PARAMS = {**gp.GEARMAN_PARAMS_FOR_COMMAND, SUBMIT_JOB_EPOCH: ["task", "unique", "epoch", "data"]}
-_NUL = b"\0"
-_PARAM_SETS = {cmd: frozenset(params) for cmd, params in _PARAMS.items()}
-
-
-def pack(cmd: int, **args: Any) -> bytes:
-    """A request packet; str/int arguments are encoded (pygearman insists on bytes)."""
-    params = _PARAMS.get(cmd)
-    if params is None or cmd == gp.GEARMAN_COMMAND_TEXT_COMMAND:
-        raise _PgProtocolError(f"Received unknown binary command: {gp.get_command_name(cmd)}")
-    if args.keys() != _PARAM_SETS[cmd]:
-        raise _PgProtocolError(f"Received arguments did not match expected arguments: "
-                               f"{set(params)!r} != {set(args)!r}")
-    items = [v if type(v) is bytes else to_bytes(v) for v in map(args.__getitem__, params)]
-    for a in items[:-1]:
-        if _NUL in a:
-            raise _PgProtocolError("Received arguments with NULL byte in non-final argument")
-    payload = _NUL.join(items)
-    return _HEADER.pack(gp.MAGIC_REQ_STRING, cmd, len(payload)) + payload
-
-
-def parse_response(buf: bytes | bytearray) -> tuple[int, dict[str, bytes], int] | None:
-    """(command, arguments, size) of the server packet at the start of ``buf``; None while
-    it is incomplete. Raises pygearman's ProtocolError on a malformed packet."""
-    if len(buf) < gp.COMMAND_HEADER_SIZE:
-        return None
-    magic, cmd, length = _HEADER.unpack_from(buf)
-    if magic != gp.MAGIC_RES_STRING:
-        raise _PgProtocolError("Malformed Magic")
-    params = _PARAMS.get(cmd)
-    if params is None or cmd == gp.GEARMAN_COMMAND_TEXT_COMMAND:
-        raise _PgProtocolError(f"Received unknown binary command: {cmd}")
-    size = gp.COMMAND_HEADER_SIZE + length
-    if len(buf) < size:
-        return None
-    if not params:
-        if length:
-            raise _PgProtocolError(f"Expected no binary payload: {gp.get_command_name(cmd)}")
-        return cmd, {}, size
-    parts = bytes(buf[gp.COMMAND_HEADER_SIZE:size]).split(_NUL, len(params) - 1)
-    if len(parts) != len(params):
-        raise _PgProtocolError(f"Received {len(parts)} argument(s), expecting {len(params)} "
-                               f"argument(s): {gp.get_command_name(cmd)}")
-    return cmd, dict(zip(params, parts)), size
-
-
 _MULTILINE = ("status", "workers", "show jobs", "show unique jobs", "prioritystatus")
 
 
@@ -465,3 +314,11 @@ def admin_command(host: str, port: int, line: str, timeout: float = 5.0) -> list
         return conn.connect().text_command(line, timeout)
     finally:
         conn.close()
+
+
+def keepalive_for(seconds: float) -> Keepalive:
+    """worker.keepalive -> socket options: a silent peer is declared dead after about
+    ``seconds`` (idle half of it, then 3 probes over the other half; unacknowledged data
+    waits at most ``seconds``)."""
+    half = max(1.0, seconds / 2)
+    return Keepalive(idle=int(half), interval=max(1, int(half / 3)), count=3, user_timeout=seconds)

@@ -238,3 +238,21 @@ def test_init_secure_makes_a_fleet_that_works_out_of_the_box(tmp_path):
             assert tls.recv(100).startswith(b"OK ")
     finally:
         assert gt("manage", "server", "stop", "--config", str(folder / "config.yaml"), cwd=folder).returncode == 0
+
+
+def test_the_config_helpers_load_the_key_and_the_trust_list(tmp_path):
+    from geartask.trust.keys import signing_key
+    from geartask.trust.policy import decide, trust_of
+    from geartask.trust.signing import sign_job
+    pub = gt("keys", "new", "k.key", cwd=tmp_path).stdout.strip()
+    cfg = load_config(write_config(tmp_path / "c.yaml", ["127.0.0.1:4730"], (
+        f"security:\n  key: k.key\n  trust: [{{name: me, public_key: '{pub}', may: [shell]}}]\n")))
+    key = signing_key(cfg)
+    assert public_text(key) == pub
+    assert decide("shell", "u", sign_job("shell", "u", b"p", key), trust_of(cfg), __import__("time").time()).signer == "me"
+    (tmp_path / "k.key").write_text("junk")
+    with pytest.raises(ConfigError) as e:
+        signing_key(cfg)
+    assert e.value.key == "security.key" and "not an unencrypted PEM private key" in str(e.value)
+    from geartask.config import Config
+    assert signing_key(Config()) is None and len(trust_of(Config())) == 0

@@ -60,3 +60,16 @@ def load_private(path: Path, what: str = "security.key") -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise UsageError(f"{what}: {path} is not an Ed25519 key (write one with 'geartask keys new')")
     return key
+
+
+def signing_key(config) -> Ed25519PrivateKey | None:
+    """The config's ``security.key`` loaded (None when unset); ConfigError names the key."""
+    from ..errors import ConfigError
+    path = config.security.key
+    if not path:
+        return None
+    try:
+        return load_private(Path(path), "security.key")
+    except UsageError as e:
+        raise ConfigError(str(e).removeprefix("security.key: "), str(config.source) if config.source else None,
+                          "security.key") from None

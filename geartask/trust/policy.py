@@ -238,3 +238,8 @@ def verify_message(purpose: str, raw: bytes, trust: Trust, now: float, *,
     if not _age_ok(line.stamp.t, now, max_age):
         raise Refused(TOO_OLD)
     return signer.name, body
+
+
+def trust_of(config) -> Trust:
+    """The config's ``security.trust`` as a Trust (validated again; cheap: a few keys)."""
+    return Trust.from_config(config.security.trust, str(config.source) if config.source else None)

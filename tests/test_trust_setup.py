@@ -198,6 +198,7 @@ def test_defaults_are_off():
 @pytest.mark.parametrize("extra, servers, message", [
     ("", ["tls://127.0.0.1:4730"], "tls.cert: not set, but servers has tls://127.0.0.1:4730"),
     ("server:\n  tls: true\n", ["127.0.0.1:4730"], "tls.ca: not set, but server.tls is true"),
+    ("server:\n  tls: true\n", ["127.0.0.1:4730"], "servers: 127.0.0.1:4730 is the TLS terminator"),
     ("security:\n  require_signed: true\n  key: k.key\n  trust: [{name: ops, public_key: '%s', may: ['*']}]\n",
      ["127.0.0.1:4730"], "security.require_signed: nobody in security.trust may 'control'"),
     ("security:\n  require_signed: true\n  trust: [{name: ops, public_key: '%s', may: [control]}]\n",

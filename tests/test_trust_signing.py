@@ -207,3 +207,17 @@ def test_hostile_function_names_are_escaped_in_the_reason():
     raw = signing.sign_job(fn, "u", b"", KEY, T)
     reason = decide(fn, "u", raw, trust(("ops", KEY, ["shell"])), T).reason
     assert reason == "signer ops may not run evil\\n\\x1b[2Jtask"
+
+
+def test_hostile_bytes_in_the_function_unique_and_line_are_handled():
+    t = trust(("ops", KEY, ["*"]))
+    fn = b"\xff\xfe task"  # not UTF-8: signed and checked byte for byte
+    raw = signing.sign_job(fn, b"\x00u", b"p", KEY, T)
+    assert decide(fn, b"\x00u", raw, t, T).allowed
+    assert decide(b"\xff\xfd task", b"\x00u", raw, t, T).reason == "bad signature"
+    long_line = signing.SIG_MAGIC + b'{"key":"' + b"A" * 5000 + b'"}\n'
+    assert decide("shell", "u", long_line, t, T).reason == "bad signature"
+    for line in (b"[]", b'{"key":1,"t":1,"sig":"x"}', b'{"key":"k","t":true,"sig":"x"}',
+                 b'{"key":"k","t":-1,"sig":"x"}', b'{"key":"k","t":1,"sig":"x","rq":[]}',
+                 b'{"key":"k","t":1,"sig":"x","rq":{"key":"k","t":1,"sig":"x"}}', b"\xff"):
+        assert decide("shell", "u", signing.SIG_MAGIC + line + b"\npayload", t, T).reason == "bad signature"

@@ -27,6 +27,12 @@ def problems(config) -> list[str]:
             if not getattr(config.tls, name):
                 found.append(f"tls.{name}: not set, but server.tls is true (stunnel needs the CA, a certificate "
                              "and its key)")
+    if config.server.tls:
+        own = {f"{config.server.host}:{config.server.port}"}
+        for entry in config.servers:
+            if entry.strip() in own:
+                found.append(f"servers: {entry.strip()} is the TLS terminator (server.tls is true): write it "
+                             f"tls://{entry.strip()}")
     if not found and (tls_list or config.server.tls or config.tls.cert or config.tls.ca):
         try:
             client_context(config)  # every file read, the key matched against the certificate

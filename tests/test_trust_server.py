@@ -4,7 +4,6 @@ protocol; the others get a TLS alert or a closed connection."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl

@@ -186,7 +186,7 @@ class TlsFrontedServer:
         s, where = config.server, (str(config.source) if config.source else None)
         backend = s.backend_port or s.port + 1
         if backend > 65535:
-            raise ConfigError(f"server.port + 1 is not a port; set server.backend_port", where, "server.backend_port")
+            raise ConfigError("server.port + 1 is not a port; set server.backend_port", where, "server.backend_port")
         for name in ("ca", "cert", "key"):
             if not getattr(config.tls, name):
                 raise ConfigError("needed by server.tls: true (the terminator's certificate and the CA it "

@@ -257,3 +257,14 @@ def test_the_config_helpers_load_the_key_and_the_trust_list(tmp_path):
     assert e.value.key == "security.key" and "not an unencrypted PEM private key" in str(e.value)
     from geartask.config import Config
     assert signing_key(Config()) is None and len(trust_of(Config())) == 0
+
+
+def test_register_adds_certs_and_keys_to_an_argparse_subparser_set(tmp_path, capsys):
+    import argparse
+    from geartask.trust.cli import register
+    parser = argparse.ArgumentParser(prog="geartask")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["keys", "new", str(tmp_path / "a.key")])
+    assert args.func(args) == 0 and capsys.readouterr().out.startswith("ed25519:")
+    args = parser.parse_args(["certs", "ca", str(tmp_path / "pki")])
+    assert args.func(args) == 0 and (tmp_path / "pki/ca.key").exists()

@@ -16,7 +16,7 @@ from .. import gearman as gp
 from ..control import WorkerIdentity
 from ..errors import ServerError
 from ..gearman.grab import (BUSY, DOWN, GRABBING, HELLO, IDLE, LATE, PARKED, RESTING, SLEEPING,  # noqa: F401
-                            GRAB, HELLO_TIMEOUT, LATE_ACT, WANTS_GRAB, LinkMachine, LinkState)
+                            GRAB, HELLO_TIMEOUT, LATE_ACT, GRAB_PACKET, WANTS_GRAB, LinkMachine, LinkState)
 from ..gearman.timing import ANSWER_FLOOR, RoundTrip
 from ..logs import get_logger
 
@@ -510,13 +510,13 @@ class GrabLoop(threading.Thread):
                 return
         if self.budget is not None:
             link.permit = True
-        self._leave_rest(link)
-        grab = link.grab(time.monotonic())
         try:
-            link.conn.send_raw(prefix + grab if prefix else grab)
+            link.conn.send_raw(prefix + GRAB_PACKET if prefix else GRAB_PACKET)
         except ServerError as e:
-            self._drop(link, str(e))
+            self._drop(link, str(e))  # a job it was busy with is counted unanswered: still BUSY here
             return
+        self._leave_rest(link)
+        link.grab(time.monotonic())
         self.outstanding = link
 
     def _on_packet(self, link: Link, pkt: gp.Packet) -> None:

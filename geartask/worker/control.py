@@ -93,7 +93,7 @@ def stop_job(process: "WorkerProcess", handle: str, server: str | None = None, b
             continue
         with job_context(task=job.task, handle=job.handle, unique=job.unique):
             if job.task in process.own_timeout:
-                stopped = t.request_stop(job)
+                stopped = t.running.request_stop(job)
                 if stopped:
                     log.warning("job stopped by operator; killing it", by=by, thread=t.index)
             else:

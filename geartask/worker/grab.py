@@ -27,7 +27,7 @@ from .running import RunningJob
 from .stats import TaskCounters
 
 if TYPE_CHECKING:
-    from .budget import JobBudget
+    from .budget import JobBudget, Unlimited
     from .outcomes import HeldAnswers
     from .runner import JobRunner, UnansweredJobs
 
@@ -46,7 +46,7 @@ class Host(Protocol):
 
     config: Any
     runner: "JobRunner"
-    budget: "JobBudget | None"  # worker.max_jobs' permits, None without a limit
+    budget: "JobBudget | Unlimited"  # worker.max_jobs' permits
     identity: WorkerIdentity
     keepalive: gp.Keepalive
     outage: "Outage"
@@ -221,7 +221,7 @@ class GrabLoop(threading.Thread):
         self._nudge_r, self._nudge_w = os.pipe()
         self.process = process
         self.runner = process.runner
-        self.budget = process.budget  # None: no worker.max_jobs
+        self.budget = process.budget  # worker.max_jobs' permits (budget.UNLIMITED without a limit)
         self.index = index
         self.identity = process.identity.for_thread(index)
         self.abilities = abilities
@@ -311,7 +311,7 @@ class GrabLoop(threading.Thread):
         for it), and so does a permit its GRAB held."""
         if link.state is BUSY and link.job:
             self.process.unanswered.count(link.job)
-            if self.budget is not None and not self.running.abandoned:
+            if not self.running.abandoned:
                 self.budget.give_back()
         if link.permit:
             link.permit = False
@@ -479,12 +479,12 @@ class GrabLoop(threading.Thread):
 
     def _permit(self) -> bool:
         """worker.max_jobs: may this thread send a GRAB now? (Always, without a limit.)"""
-        return self.budget is None or self.budget.take(self)
+        return self.budget.take(self)
 
     def _grab_next(self, prefix: bytes = b"", after: Link | None = None) -> None:
         """Send GRAB_JOB_UNIQ on the next link that wants one (with ``prefix`` packets on ``after``)."""
         if (after is not None and self.outstanding is None and not self.wants and not self.stop.is_set()
-                and (self.budget is None or self.budget.take(self))):
+                and self.budget.take(self)):
             link = after  # the fast path: result and next grab in one write
         else:
             if after is not None:
@@ -508,8 +508,7 @@ class GrabLoop(threading.Thread):
             if not self._permit():
                 self.wants.appendleft(link)  # grabbed for when a permit comes back (nudge)
                 return
-        if self.budget is not None:
-            link.permit = True
+        link.permit = True  # given back if no job comes of it (a no-op without worker.max_jobs)
         try:
             link.conn.send_raw(prefix + GRAB_PACKET if prefix else GRAB_PACKET)
         except ServerError as e:
@@ -543,11 +542,11 @@ class GrabLoop(threading.Thread):
             record, self.running.outcome = self.running.outcome, None
             if record is not None:  # the outcome goes before the answer, on this connection
                 reply = self.process.held.now_or_later(link, record, reply,
-                                                       hold=record.get("background") is True and self.budget is None)
+                                                       hold=record.get("background") is True and not self.budget.limited)
             self._grab_next(reply, after=link)
             answered = link.state is not DOWN  # else the answer did not get out: see _forget
             link.job = ()
-            if self.budget is not None and answered:
+            if answered:
                 self.budget.job_done()  # after the answer is out: the last one must not be lost
         elif cmd == gp.NO_JOB:
             if self.outstanding is link:
@@ -591,8 +590,7 @@ class GrabLoop(threading.Thread):
     def _serve(self, link: Link, pkt: gp.Packet, handle: str) -> bytes:
         process = self.process
         task = pkt.text("task")
-        unanswered = process.unanswered.seen
-        if unanswered and unanswered.get(link.job, 0) >= process.unanswered.limit:
+        if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)
             return self.runner.refuse(link.job, task)
         running = self.running

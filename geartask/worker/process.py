@@ -14,7 +14,7 @@ from ..logs import get_logger
 from ..plugins import is_reserved_task
 from ..shell.task import ShellTask
 
-from .budget import JobBudget
+from .budget import UNLIMITED, JobBudget
 from .control import ControlLoop, ping_reply
 from .errors import WorkerFailed
 from .grab import GrabLoop, Outage, RoundTrips
@@ -69,7 +69,7 @@ class WorkerProcess:
         self.unanswered = UnansweredJobs()
         self.runner = JobRunner(config, self.tasks, self.label, self.unanswered, sinks)
         self.max_jobs = config.worker.max_jobs if max_jobs is None else max_jobs
-        self.budget = JobBudget(self.max_jobs, self._max_jobs_done) if self.max_jobs else None
+        self.budget = JobBudget(self.max_jobs, self._max_jobs_done) if self.max_jobs else UNLIMITED
         self.stopping = threading.Event()  # job threads: take no new jobs
         self.finished = threading.Event()  # control thread and watchdog: the process is done
         self.cancel_jobs = threading.Event()  # running jobs: cancelled (their job.cancel is set too)

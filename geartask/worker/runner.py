@@ -36,6 +36,11 @@ class UnansweredJobs:
         self.seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def refuses(self, key: tuple) -> bool:
+        """``key`` came back ``limit`` times unanswered (or the watchdog failed it): fail it unrun."""
+        seen = self.seen
+        return bool(seen) and seen.get(key, 0) >= self.limit
+
     def count(self, key: tuple, at_least: int = 0) -> None:
         with self._lock:
             seen = self.seen

@@ -71,8 +71,7 @@ class Watchdog(threading.Thread):
         process.replace_thread(t)
         threading.Thread(target=self._deliver_failure, args=(t, conn, packets), daemon=True,
                          name=f"watchdog-{t.index}").start()
-        if process.budget is not None:
-            process.budget.job_done()
+        process.budget.job_done()
         return True
 
     @staticmethod

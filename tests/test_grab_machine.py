@@ -251,3 +251,48 @@ def test_transitions_run_in_microseconds():
         m.assigned(i)
     per = (time.perf_counter() - t0) / n
     assert per < 50e-6, per
+
+
+class Recorder:
+    """Takes the place of a module's logger: (level, event, fields) of each line."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+def test_outage_is_logged_once_and_its_end_counts_the_failures_it_hid(monkeypatch):
+    from geartask.worker import grab as worker_grab
+    rec = Recorder()
+    monkeypatch.setattr(worker_grab, "log", rec)
+    outage = worker_grab.Outage()
+    for thread in range(3):
+        for _ in range(4):
+            outage.failed("s:1", thread, "connected, but no answer within 5s")
+    assert [e for _, e, _ in rec.lines] == ["server unreachable; retrying with backoff"]
+    outage.recovered("s:1", 0)
+    outage.recovered("s:1", 1)
+    assert len(rec.lines) == 1  # thread 2 still can't reach it
+    outage.recovered("s:1", 2)
+    level, event, fields = rec.lines[-1]
+    assert (level, event, fields["failures"]) == ("info", "server reachable again", 12)
+    assert fields["down_for"] >= 0
+    outage.failed("s:1", 0, "refused")  # a new outage counts afresh
+    outage.recovered("s:1", 0)
+    assert rec.lines[-1][2]["failures"] == 1
+
+
+def test_drain_n_jobs_of_one_function_on_an_adopted_connection():
+    """What the admin drain does: an existing connection, CAN_DO, N grabs, answer, CANT_DO."""
+    m = LinkMachine()
+    sent = m.adopted(0.0, ["f"]) + m.grab(0.0, 3)
+    assert [c for c, _ in commands(sent)] == [gp.CAN_DO] + [gp.GRAB_JOB_UNIQ] * 3
+    acts = [m.on_packet(cmd, 0.1) for cmd in (gp.JOB_ASSIGN_UNIQ, gp.JOB_ASSIGN_UNIQ, gp.NO_JOB)]
+    assert acts == [JOB, JOB, NOTHING] and m.pending == 0  # NO_JOB after jobs in the round: BUSY, answer them
+    m.answered(0.2)
+    m.grab(0.2, 2)
+    assert [m.on_packet(gp.NO_JOB, 0.3) for _ in range(2)] == [NOTHING, REST]
+    from geartask.gearman.grab import cant_do_packets
+    assert commands(cant_do_packets(["f"])) == [(gp.CANT_DO, b"f")]

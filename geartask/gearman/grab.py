@@ -7,7 +7,12 @@ the current time, and answers with the bytes to send or what the caller must do.
 socket, thread or clock, so every transition is unit-tested with a fake clock
 (tests/test_grab_machine.py). The worker's job threads and control thread
 (geartask.worker.grab) and the outcome collector's attachments drive it; so can any code that
-grabs N jobs of one function and answers them (``grab(now, n)``).
+grabs N jobs of one function and answers them::
+
+    link = LinkMachine()
+    conn.send_raw(link.adopted(now, [function]) + link.grab(now, n))
+    for each answer: link.on_packet(pkt.cmd, now) -> JOB (answer it) / REST (the last was NO_JOB)
+    conn.send_raw(answers); link.answered(now); then grab again or cant_do_packets([function])
 
 The cycle:
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import enum
 
-from .codec import CAN_DO, ECHO_REQ, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, NOOP, PRE_SLEEP, \
+from .codec import CAN_DO, CANT_DO, ECHO_REQ, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, NOOP, PRE_SLEEP, \
     RESET_ABILITIES, SET_CLIENT_ID, ECHO_RES, ERROR, JOB_CREATED, pack
 from .connection import RECONNECT_MAX, RECONNECT_MIN
 from .timing import ANSWER_FLOOR, RoundTrip, next_backoff
@@ -85,6 +90,11 @@ def hello_packets(client_id: str, abilities: list[str] | tuple[str, ...], token:
 def abilities_packets(abilities: list[str] | tuple[str, ...]) -> bytes:
     """Replace a live connection's abilities: RESET_ABILITIES, then one CAN_DO each."""
     return pack(RESET_ABILITIES) + b"".join(pack(CAN_DO, task=a) for a in abilities)
+
+
+def cant_do_packets(abilities: list[str] | tuple[str, ...]) -> bytes:
+    """Withdraw abilities from a live connection (one CANT_DO each)."""
+    return b"".join(pack(CANT_DO, task=a) for a in abilities)
 
 
 class LinkMachine:
@@ -156,6 +166,12 @@ class LinkMachine:
         self.state, self.since, self.pending = HELLO, now, 0
         return hello_packets(client_id, abilities) if client_id else \
             b"".join(pack(CAN_DO, task=a) for a in abilities) + pack(ECHO_REQ, data=HELLO_TOKEN)
+
+    def adopted(self, now: float, abilities: list[str] | tuple[str, ...] = ()) -> bytes:
+        """A connection opened and proven elsewhere (an admin connection that drains a
+        function) becomes a link: IDLE at once; the CAN_DOs to send are returned."""
+        self.state, self.since, self.pending = IDLE, now, 0
+        return b"".join(pack(CAN_DO, task=a) for a in abilities)
 
     def hello_answered(self, now: float) -> bool:
         """ECHO_RES: True when it answered our hello (the link is IDLE and may grab)."""

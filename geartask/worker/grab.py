@@ -16,7 +16,7 @@ from .. import gearman as gp
 from ..control import WorkerIdentity
 from ..errors import ServerError
 from ..gearman.grab import (BUSY, DOWN, GRABBING, HELLO, IDLE, LATE, PARKED, RESTING, SLEEPING,  # noqa: F401
-                            GRAB, HELLO_TIMEOUT, LATE_ACT, GRAB_PACKET, WANTS_GRAB, LinkMachine, LinkState)
+                            GRAB, GRAB_PACKET, HELLO_TIMEOUT, LATE_ACT, WANTS_GRAB, LinkMachine, LinkState)  # noqa: F401
 from ..gearman.timing import ANSWER_FLOOR, RoundTrip
 from ..logs import get_logger
 
@@ -275,7 +275,9 @@ class GrabLoop(threading.Thread):
             ip = conn.local_address or conn.host
             self.process.saw_ip(ip, conn.address)
             identity = self.identity.at(ip)
-            conn.send_raw(link.connected(now, identity.client_id, self.abilities_at(identity)))
+            # The hello's clock starts now, not at the cycle's start: the connect itself (and
+            # other links' connects before it) must not count in the server's round trip.
+            conn.send_raw(link.connected(time.monotonic(), identity.client_id, self.abilities_at(identity)))
         except ServerError as e:
             self._drop(link, str(e))
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Config, load_config
-from .errors import (ConfigError, GeartaskError, JobDefinitionError, JobError, LocalServerError,
-                     NoServerError, PluginError, ServerError, UsageError)
+from .errors import (AttemptFailed, ConfigError, GeartaskError, JobDefinitionError, JobError, JobRejected,
+                     LocalServerError, NoServerError, PluginError, ServerError, UsageError)
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -24,9 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "JobSender": "geartask.sender.sender",
     "JobResult": "geartask.sender.sender",
-    "Admin": "geartask.admin.admin",
-    "JobRejected": "geartask.worker.errors",
-    "AttemptFailed": "geartask.worker.errors",
+    "Admin": "geartask.fleet",
     "JobDefinition": "geartask.jobs",
 }
 

@@ -19,7 +19,7 @@ from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import get_logger
 from ..server import LocalServer
-from . import admin
+from .. import fleet as admin
 from .outcomes_cli import add_outcome_commands, outcome_command
 from .tables import render
 

@@ -20,7 +20,8 @@ from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import configure_logging, flush_logs, get_logger
 from ..outcomes import client as outcome_client
-from ..outcomes.failed import failed_targets, import_dead_letters, requeue, requester
+from ..outcomes.failed import failed_targets, import_dead_letters, requester
+from ..sender.requeue import requeue
 from ..outcomes.query import MAX_LIST
 from ..outcomes.record import decode_bytes
 from .tables import render

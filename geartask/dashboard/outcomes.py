@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..outcomes.client import OutcomeClient
-from ..outcomes.failed import failed_targets, requeue
+from ..outcomes.failed import failed_targets
+from ..sender.requeue import requeue
 from ..outcomes.query import MAX_LIST, Queries, Refused, check_request
 from ..outcomes.errors import QueryError
 
@@ -53,7 +54,7 @@ class OutcomesView:
         return self.client.purge(ids=ids) if ids is not None else self.client.purge(older_than=older_than)
 
     def requeue(self, ids: list[str], by: str) -> list[dict]:
-        """Send these failed jobs again (geartask.outcomes.failed.requeue, as `failed requeue` does)."""
+        """Send these failed jobs again (geartask.sender.requeue, as `failed requeue` does)."""
         uniques, lone, results = [], [], []
         for id in dict.fromkeys(ids):
             rec = self.client.get(id)

@@ -29,7 +29,7 @@ from ..config import PRIORITIES
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
-from ..scheduler import cli as schedule_cli
+from . import schedule_cli
 from . import outcomes
 from .progress import ProgressBar
 from .background import StatusResult

@@ -13,8 +13,8 @@ import os
 from typing import Any
 
 from ..logs import get_logger
-from ..worker.errors import AttemptFailed, JobRejected
-from .env import check_shell_config, never_passed
+from ..errors import AttemptFailed, JobRejected
+from ..shellenv import check_shell_config, never_passed
 
 from . import veryeasyprocess
 from .veryeasyprocess import finite, shown

@@ -1,4 +1,8 @@
-"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands."""
+"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands.
+
+Part of the ``send`` command: a scheduler is a sender of periodic jobs (geartask.scheduler
+decides what is due; this module sends it with a JobSender and asks the outcomes store).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ from typing import Any
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError
 from ..plugins import load_plugins
-from .load import load_schedules
-from .schedule import Schedule, slot_text
-from .scheduler import Decision, Scheduler
-
-LIST_BACK = 8  # slots looked back for a schedule's last run
-
+from ..outcomes.client import OutcomeClient
+from ..scheduler.listing import rows
+from ..scheduler.load import load_schedules
+from ..scheduler.schedule import Schedule, slot_text
+from ..scheduler.scheduler import Decision, Scheduler
+from .sender import JobSender
 
 def add_parser(subs: Any, common: Any) -> None:
     sp = subs.add_parser("schedule", help="run the periodic jobs of the config and plugins (a scheduler)",
@@ -40,11 +44,7 @@ def _sender_send(sender: Any):
 
 
 def _outcomes(config: Any) -> Any:
-    """The outcomes client the scheduler asks about missed slots, or None when there is none."""
-    try:
-        from ..outcomes.client import OutcomeClient
-    except ImportError:  # pragma: no cover - outcomes are part of geartask
-        return None
+    """The outcomes client the scheduler asks about missed slots."""
     return _Ran(OutcomeClient(config))
 
 
@@ -76,7 +76,6 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
         print("no schedules: add a 'schedules' list to the config or a geartask_schedules hook to a plugin",
               file=sys.stderr)
         return EXIT_FAILED
-    from ..sender.sender import JobSender
     with JobSender(config) as sender:
         scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config))
 
@@ -98,31 +97,6 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: scheduler.stop())
         scheduler.run_forever(show)
     return EXIT_OK
-
-
-def rows(schedules: list[Schedule], last_of: Any, now: float | None = None) -> list[dict]:
-    """Each schedule with its next three slots and its last run as the outcomes know it
-    (``last_of(unique)`` -> the latest outcome record or None); for `schedule list` and the
-    dashboard's Schedules page."""
-    now = time.time() if now is None else now
-    out = []
-    for s in schedules:
-        it = s.after(now)
-        upcoming = [next(it) for _ in range(3)]
-        last = None
-        slot = s.last(now)
-        for _ in range(LIST_BACK):
-            if slot is None or last_of is None:
-                break
-            rec = last_of(s.unique(slot))
-            if rec is not None:
-                last = {"slot": slot_text(slot), "unique": s.unique(slot), "state": rec.get("state"),
-                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker")}
-                break
-            slot = s.last(slot - 1)
-        out.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,
-                    "misfire": s.misfire, "next": [slot_text(x) for x in upcoming], "last": last, "source": s.source})
-    return out
 
 
 def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:

@@ -24,42 +24,49 @@ from ..outcomes.failed import failed_targets, import_dead_letters, requester
 from ..sender.requeue import requeue
 from ..outcomes.query import MAX_LIST
 from ..outcomes.record import decode_bytes
+from .call import Call
 from .tables import render
 
 SHOWN_CHARS = 2000  # characters of a result, data or reason printed by `failed show` (--json has all)
 
 
-def add_outcome_commands(add: Callable[[str, str], Any], common: Any) -> None:
+def add_outcome_commands(add: Callable[..., Any], common: Any) -> None:
     """The ``outcomes`` and ``failed`` subcommands, on the manager's parser."""
     from ..cli import ArgumentParser
 
     def actions(parser: Any) -> Any:
         return parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=ArgumentParser)
 
-    def action(sub: Any, name: str, help: str) -> Any:
-        return sub.add_parser(name, parents=[common], help=help, description=help)
+    def action(sub: Any, name: str, help: str, run: Callable[[Call], int]) -> Any:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=run)
+        return p
 
-    sub = actions(add("outcomes", "the outcomes collector: run it, or see how it is"))
+    sub = actions(add("outcomes", "the outcomes collector: run it, or see how it is", _unreachable))
     action(sub, "serve", "run the collector: store every job outcome the servers receive, answer queries "
-                         "(SIGTERM/SIGINT stop it)")
-    action(sub, "status", "which collector answers, where it is attached, what it stored")
+                         "(SIGTERM/SIGINT stop it)", lambda call: cmd_serve(call.config))
+    action(sub, "status", "which collector answers, where it is attached, what it stored",
+           lambda call: cmd_status(_client(call), call.args.json, call.out))
 
-    sub = actions(add("failed", "jobs that failed for good, as the outcomes collector keeps them"))
-    p = action(sub, "list", "failed jobs, newest first (not those requeued already)")
+    sub = actions(add("failed", "jobs that failed for good, as the outcomes collector keeps them", _unreachable))
+    p = action(sub, "list", "failed jobs, newest first (not those requeued already)", _with_client(cmd_list))
     p.add_argument("--task", help="only this task")
     p.add_argument("--since", type=duration, metavar="AGE", help="only those that failed within AGE (30m, 1h, 7d)")
     p.add_argument("--limit", type=_list_limit, default=100, metavar="N", help=f"at most N (default 100, max {MAX_LIST})")
     p.add_argument("--requeued", action="store_true", help="include those requeued already")
-    p = action(sub, "show", "the latest outcome of a unique key (or a record id), and its history")
+    p = action(sub, "show", "the latest outcome of a unique key (or a record id), and its history",
+               _with_client(cmd_show))
     p.add_argument("unique", metavar="UNIQUE")
-    p = action(sub, "requeue", "send failed jobs again: same task, data, priority and unique key, as background jobs")
+    p = action(sub, "requeue", "send failed jobs again: same task, data, priority and unique key, as background jobs",
+               _with_client(cmd_requeue))
     p.add_argument("uniques", nargs="*", metavar="UNIQUE")
     p.add_argument("--task", help="every failed job of this task")
     p.add_argument("--all", action="store_true", help="every failed job")
-    p = action(sub, "purge", "delete failed outcomes (all, or those older than AGE)")
+    p = action(sub, "purge", "delete failed outcomes (all, or those older than AGE)", _with_client(cmd_purge))
     p.add_argument("--older-than", type=duration, metavar="AGE", help="only those that failed more than AGE ago (7d)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
-    p = action(sub, "import", "store the records of a worker host's dead-letter file (logs/dead-letter.jsonl)")
+    p = action(sub, "import", "store the records of a worker host's dead-letter file (logs/dead-letter.jsonl)",
+               _with_client(cmd_import))
     p.add_argument("file", metavar="FILE")
 
 
@@ -70,15 +77,19 @@ def _list_limit(text: str) -> int:
     return n
 
 
-def outcome_command(args: Any, config: Any, out: TextIO, err: TextIO, inp: TextIO) -> int:
-    if args.command == "outcomes" and args.action == "serve":
-        return cmd_serve(config)
-    client = outcome_client.OutcomeClient(config, getattr(args, "timeout", None) or outcome_client.DEFAULT_TIMEOUT)
-    as_json = getattr(args, "json", False)
-    if args.command == "outcomes":
-        return cmd_status(client, as_json, out)
-    run = {"list": cmd_list, "show": cmd_show, "requeue": cmd_requeue, "purge": cmd_purge, "import": cmd_import}
-    return run[args.action](args, config, client, as_json, out, err, inp)
+def _unreachable(call: Call) -> int:  # pragma: no cover - the ACTION subparser is required
+    raise AssertionError(f"{call.args.command}: no action")
+
+
+def _client(call: Call) -> outcome_client.OutcomeClient:
+    return outcome_client.OutcomeClient(call.config, call.args.timeout or outcome_client.DEFAULT_TIMEOUT)
+
+
+def _with_client(cmd: Callable[..., int]) -> Callable[[Call], int]:
+    """A ``failed`` action run with an outcomes client."""
+    def run(call: Call) -> int:
+        return cmd(call.args, call.config, _client(call), call.args.json, call.out, call.err, call.inp)
+    return run
 
 
 def _emit(data: Any, out: TextIO) -> None:

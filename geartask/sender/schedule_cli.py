@@ -23,11 +23,11 @@ from ..scheduler.schedule import Schedule, slot_text
 from ..scheduler.scheduler import Decision, Scheduler
 from .sender import JobSender
 
-def add_parser(subs: Any, common: Any) -> None:
-    sp = subs.add_parser("schedule", help="run the periodic jobs of the config and plugins (a scheduler)",
-                         description="Send each schedule's job at each slot; any number of schedulers may run "
-                                     "at once (each slot runs once). 'schedule list' shows the schedules.")
-    common(sp)
+def add_parser(add: Any) -> None:
+    """The ``schedule`` command, on the send command's parser (``add(name, help, run)``)."""
+    sp = add("schedule", "run the periodic jobs of the config and plugins (a scheduler)", cmd_schedule)
+    sp.description = ("Send each schedule's job at each slot; any number of schedulers may run "
+                      "at once (each slot runs once). 'schedule list' shows the schedules.")
     sp.add_argument("action", nargs="?", choices=["list"], help="list the schedules, their next runs and last run")
     sp.add_argument("--once", action="store_true", help="send what is due now and exit (for system cron)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")

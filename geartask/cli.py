@@ -11,6 +11,7 @@ import argparse
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -83,24 +84,64 @@ non_negative_seconds = number(float)
 count = number(int, what="a whole number")
 
 
+@dataclass(frozen=True)
+class GlobalOption:
+    """An option every command takes, before or after its name (``geartask -v worker``,
+    ``geartask worker -v``). GLOBAL_OPTIONS is the one list: each role's parser
+    (add_common_args) and ``geartask``'s own usage, help and argument split (main.py) read it."""
+
+    flags: tuple[str, ...]
+    overview: str  # its line in `geartask --help` ("\n" continues it on the next line)
+    help: str | None = None  # in each command's --help; None: `geartask` itself only (--version)
+    metavar: str | None = None  # takes a value
+    choices: tuple[str, ...] | None = None  # takes one of these
+    verbosity: int | None = None  # -v/-q: the console verbosity it sets (one of them at most)
+
+    @property
+    def takes_value(self) -> bool:
+        return self.metavar is not None or self.choices is not None
+
+    @property
+    def shown(self) -> str:
+        """'--config PATH', '-v, --verbose', '--log-format text|json'."""
+        value = self.metavar or ("|".join(self.choices) if self.choices else None)
+        return self.flags[0] + f" {value}" if value else ", ".join(self.flags)
+
+
+GLOBAL_OPTIONS = (
+    GlobalOption(("--config",), "config file (default: $GEARTASK_CONFIG, ./config.yaml,\n"
+                 "~/.config/geartask/config.yaml, /etc/geartask/config.yaml)",
+                 "config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)",
+                 metavar="PATH"),
+    GlobalOption(("--servers",), "job servers instead of the config's",
+                 "job servers to use instead of the config's 'servers'", metavar="HOST:PORT,..."),
+    GlobalOption(("-v", "--verbose"), "more on the console (debug; the worker: every job)",
+                 "console logs: debug lines too, and the worker's line per job", verbosity=1),
+    GlobalOption(("-q", "--quiet"), "errors only on the console", "console logs: errors only", verbosity=-1),
+    GlobalOption(("--log-format",), "the console log's format (files are always JSON lines)",
+                 "console log lines: human text or JSON lines (default: log.format, text)", choices=("text", "json")),
+    GlobalOption(("--version",), "print the version and exit"),
+)
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
-    """--config, --servers, -v/-q and --log-format. ``after_command``: a subcommand's copy, which
+    """The GLOBAL_OPTIONS a command takes. ``after_command``: a subcommand's copy, which
     leaves unset options unset (SUPPRESS), so they don't overwrite ones given before the
     subcommand, and keeps --config/--servers/--log-format out of its help."""
     unset = {"default": argparse.SUPPRESS} if after_command else {}
-    hidden = {"help": argparse.SUPPRESS} if after_command else {}
-    parser.add_argument("--config", metavar="PATH", **unset, **(hidden or {
-        "help": "config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)"}))
-    parser.add_argument("--servers", metavar="HOST:PORT,...", **unset, **(hidden or {
-        "help": "job servers to use instead of the config's 'servers'"}))
     # Shown in every help: argparse can't print the usage of a group whose options are all hidden.
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, **unset,
-                          help="console logs: debug lines too, and the worker's line per job")
-    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, **unset,
-                          help="console logs: errors only")
-    parser.add_argument("--log-format", choices=("text", "json"), **unset, **(hidden or {
-        "help": "console log lines: human text or JSON lines (default: log.format, text)"}))
+    loudness = None
+    for opt in GLOBAL_OPTIONS:
+        if opt.help is None:
+            continue
+        if opt.verbosity is not None:
+            loudness = loudness or parser.add_mutually_exclusive_group()
+            loudness.add_argument(*opt.flags, dest="verbosity", action="store_const", const=opt.verbosity,
+                                  **unset, help=opt.help)
+            continue
+        extra = {"metavar": opt.metavar} if opt.metavar else {"choices": opt.choices}
+        parser.add_argument(*opt.flags, **extra, **unset,
+                            help=argparse.SUPPRESS if after_command else opt.help)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

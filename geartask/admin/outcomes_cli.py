@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from ..cli import count, duration
 from ..display import printable
@@ -26,6 +26,9 @@ from ..outcomes.query import MAX_LIST
 from ..outcomes.record import decode_bytes
 from .call import Call
 from .tables import render
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SHOWN_CHARS = 2000  # characters of a result, data or reason printed by `failed show` (--json has all)
 
@@ -112,14 +115,14 @@ def _age(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _log(config: Any, command: str) -> Any:
+def _log(config: Config, command: str) -> Any:
     configure_logging(config.log, "manager")
     return get_logger("geartask.manager", command=command)
 
 
 # -- outcomes -------------------------------------------------------------------------------
 
-def cmd_serve(config: Any) -> int:
+def cmd_serve(config: Config) -> int:
     """The collector as a long-running process: SIGTERM/SIGINT/SIGHUP stop it after the batch
     in hand; a second signal exits at once (unanswered outcome jobs stay in gearmand)."""
     from ..outcomes.collector import Collector
@@ -170,7 +173,7 @@ def _error(rec: dict) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def cmd_list(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_list(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
              err: TextIO, inp: TextIO) -> int:
     answer = client.failed(task=args.task, max_age=args.since, limit=args.limit,
                            include_requeued=True if args.requeued else None)
@@ -241,7 +244,7 @@ def render_value(value: Any) -> str:
     return "yes" if value is True else "no" if value is False else printable(value)
 
 
-def cmd_show(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_show(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
              err: TextIO, inp: TextIO) -> int:
     rec = client.latest(unique=args.unique)
     if rec is None and len(args.unique) <= 64:
@@ -263,7 +266,7 @@ def cmd_show(args: Any, config: Any, client: outcome_client.OutcomeClient, as_js
     return EXIT_OK
 
 
-def cmd_requeue(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_requeue(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
                 err: TextIO, inp: TextIO) -> int:
     if args.all and (args.uniques or args.task):
         raise UsageError("failed requeue: --all goes alone (not with UNIQUE or --task)")
@@ -292,7 +295,7 @@ def cmd_requeue(args: Any, config: Any, client: outcome_client.OutcomeClient, as
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def cmd_purge(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_purge(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
               err: TextIO, inp: TextIO) -> int:
     what = f"failed outcomes older than {_age(args.older_than)}" if args.older_than else "every failed outcome"
     if not args.yes and inp.isatty():
@@ -310,7 +313,7 @@ def cmd_purge(args: Any, config: Any, client: outcome_client.OutcomeClient, as_j
     return EXIT_OK
 
 
-def cmd_import(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_import(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
                err: TextIO, inp: TextIO) -> int:
     path = Path(args.file)
     if not path.is_file():

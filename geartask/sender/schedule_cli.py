@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError
@@ -22,6 +22,9 @@ from ..scheduler.load import load_schedules
 from ..scheduler.schedule import Schedule, slot_text
 from ..scheduler.scheduler import Decision, Scheduler
 from .sender import JobSender
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 def add_parser(add: Any) -> None:
     """The ``schedule`` command, on the send command's parser (``add(name, help, run)``)."""
@@ -43,7 +46,7 @@ def _sender_send(sender: Any):
     return send
 
 
-def _outcomes(config: Any) -> Any:
+def _outcomes(config: Config) -> Any:
     """The outcomes client the scheduler asks about missed slots."""
     return _Ran(OutcomeClient(config))
 
@@ -67,7 +70,7 @@ class _Ran:
             return None
 
 
-def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
+def cmd_schedule(config: Config, args: argparse.Namespace) -> int:
     plugins = load_plugins(config)
     schedules = load_schedules(config, plugins)
     if args.action == "list":
@@ -99,7 +102,7 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:
+def _list(config: Config, schedules: list[Schedule], as_json: bool) -> int:
     outcomes = _outcomes(config)
     table = rows(schedules, outcomes.last if outcomes is not None else None)
     if as_json:

@@ -5,8 +5,8 @@ The public API, importable from here::
     from geartask import JobSender, Admin, hookimpl, JobRejected, AttemptFailed, load_config
 
 Roles live in subpackages: ``geartask.worker`` (the worker runner), ``geartask.sender``,
-``geartask.admin`` (the manager), ``geartask.shell`` (the shell task and veryeasyprocess),
-``geartask.outcomes`` (job outcomes for the whole fleet).
+``geartask.fleet`` (the manager's library), ``geartask.admin`` (the manage command), ``geartask.shell``
+(the shell task and veryeasyprocess), ``geartask.outcomes`` (job outcomes for the whole fleet).
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ def _targets(path: Path, node: ast.Import | ast.ImportFrom) -> list[str]:
     return out
 
 
+WHERE: dict[tuple[str, str], str] = {}  # (unit, unit) -> the first file:line importing it
+
+
 def unit_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -94,6 +97,7 @@ def unit_graph() -> dict[str, set[str]]:
                 # name in worker/__init__; both load the unit, count it once
                 if (PACKAGE / unit).is_dir() or (PACKAGE / f"{unit}.py").exists():
                     graph[source].add(unit)
+                    WHERE.setdefault((source, unit), f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     return graph
 
 
@@ -163,8 +167,10 @@ def test_the_unit_graph_sees_known_imports():
 def test_no_import_cycles_between_units():
     graph = unit_graph()
     knots = strongly_connected(graph)
-    message = "; ".join(" -> ".join(a_cycle(graph, k)) + f" (knot of {len(k)}: {', '.join(k)})"
-                        for k in knots)
+    def shown(cycle: list[str]) -> str:
+        return " -> ".join(f"{a} ({WHERE[(a, b)]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+
+    message = "; ".join(shown(a_cycle(graph, k)) + f" [a knot of {len(k)}: {', '.join(k)}]" for k in knots)
     assert not knots, f"import cycle between geartask units: {message}"
 
 

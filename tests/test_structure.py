@@ -181,3 +181,16 @@ def test_importing_the_collector_does_not_load_the_worker():
          "print(any(m.startswith('geartask.worker') for m in sys.modules))"],
         capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_collector_loads_no_role():
+    """The collector runs inside the dashboard and alone (`outcomes serve`): it needs the fleet
+    library and the outcomes store, not the worker, sender, scheduler, manager or dashboard."""
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import geartask.outcomes.collector, sys; "
+         "print(' '.join(sorted({m.split('.')[1] for m in sys.modules if m.startswith('geartask.')})))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(out.stdout.split())
+    assert "fleet" in loaded and "outcomes" in loaded
+    assert not loaded & {"worker", "sender", "scheduler", "admin", "dashboard", "shell", "plugins"}, loaded

@@ -7,7 +7,8 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .cli import GLOBAL_OPTIONS, run
+from .arguments import GLOBAL_OPTIONS
+from .cli import run
 from .errors import EXIT_OK, EXIT_USAGE
 
 # command -> (module with main(argv), what it does, the older command it is the same as)

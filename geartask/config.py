@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .shell.env import check_shell_config
+from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730

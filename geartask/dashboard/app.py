@@ -22,7 +22,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..admin.admin import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
+from ..fleet import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -247,7 +247,7 @@ class Dashboard:
 
     def schedules_data(self) -> dict:
         """The schedules of this dashboard's config and plugins, their next runs and last run."""
-        from ..scheduler.cli import rows
+        from ..scheduler.listing import rows
         schedules, error = self._schedules()
         table: list[dict] = []
         if schedules:

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..admin.admin import Admin, PingResult, WorkerConnection, group_processes
+from ..fleet import Admin, PingResult, WorkerConnection, group_processes
 from ..control import CONTROL_PREFIX, parse_control_function
 from ..logs import get_logger
 from ..metrics import FleetCounters

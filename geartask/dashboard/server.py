@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..admin.admin import DEFAULT_TIMEOUT, Admin
+from ..fleet import DEFAULT_TIMEOUT, Admin
 from ..config import Config, parse_hostport
 from ..errors import GeartaskError, UsageError
 from ..logs import configure_logging, get_logger

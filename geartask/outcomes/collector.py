@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from .. import gearman as gp
-from ..admin.admin import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
+from ..fleet import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
 from ..errors import ServerError
 from ..gearman.grab import LinkMachine
 from ..gearman.timing import RoundTrip

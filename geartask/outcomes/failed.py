@@ -1,4 +1,5 @@
-"""Failed jobs, for the manager's ``failed`` commands: requeue them, import a dead-letter file.
+"""Failed jobs, for the manager's ``failed`` commands: find them, import a dead-letter file (sending
+them again is geartask.sender.requeue: the sender sits above the outcomes).
 
 Both work through an OutcomeClient, so they run on any machine that reaches a job server.
 """
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Iterator
 from ..errors import UsageError
 from .client import OutcomeClient
 from .query import MAX_LIST
-from .record import BATCH_BYTES, BadOutcome, check, decode_bytes, encode_bytes
+from .record import BATCH_BYTES, BadOutcome, check, encode_bytes
 
 IMPORT_RECORDS = 500  # records per import request ...
 IMPORT_BYTES = BATCH_BYTES  # ... and bytes (one record may be bigger)
@@ -74,44 +75,6 @@ def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: 
                 break
             until = page[-1]["finished_at"]
     return list(groups.values()), missing
-
-
-def requeue(config: Any, client: OutcomeClient, groups: list[list[dict]], by: str | None = None) -> list[Requeued]:
-    """Send each group's newest failed job again: its task, data and priority, the same unique
-    key, as a background job; then mark every record of the group requeued, by ``by``, with
-    the new handle. A record whose data was not kept whole can't be sent (its ``error`` says)."""
-    from ..sender.sender import JobSender  # the sender is only needed here
-
-    by = by or requester()
-    out: list[Requeued] = []
-    jobs: list[dict] = []
-    for group in groups:
-        newest = client.get(group[0]["id"]) or group[0]
-        r = Requeued(newest.get("unique"), newest["task"], [g["id"] for g in group])
-        out.append(r)
-        if newest.get("data") is None:
-            r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
-        elif newest.get("data_cut"):
-            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data'))} of {newest.get('data_size')} bytes"
-        else:
-            # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
-            jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),
-                         "priority": newest.get("priority"), "background": True, "retries": newest.get("retries"),
-                         "requeue_of": newest["id"], "_index": len(out) - 1})
-    if not jobs:
-        return out
-    index = [j.pop("_index") for j in jobs]
-    with JobSender(config, record_background=False) as sender:
-        results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-    for i, res in zip(index, results):
-        r = out[i]
-        if res.state != "queued":
-            r.error = f"not accepted by any server: {res.error or res.state}"
-            continue
-        r.handle, r.server = res.handle, res.server
-        for id in r.ids:
-            client.mark_requeued(id, by, handle=r.handle, server=r.server)
-    return out
 
 
 # -- dead-letter files ---------------------------------------------------------------------

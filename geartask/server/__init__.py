@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LocalServerError, ServerError
-from .gearman import Connection
+from ..errors import LocalServerError, ServerError
+from ..gearman import Connection
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,8 +81,8 @@ class LocalServer:
     @classmethod
     def from_config(cls, config) -> "LocalServer":
         s = config.server
-        if getattr(s, "tls", False):  # stunnel in front, gearmand behind it (geartask/trust/stunnel.py)
-            from .trust.stunnel import TlsFrontedServer
+        if getattr(s, "tls", False):  # stunnel in front, gearmand behind it (geartask/server/stunnel.py)
+            from .stunnel import TlsFrontedServer
             return TlsFrontedServer.from_config(config)  # type: ignore[return-value]
         return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
                    queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads,

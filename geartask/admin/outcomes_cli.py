@@ -114,7 +114,7 @@ def cmd_serve(config: Any) -> int:
     from ..outcomes.store import open_store
 
     configure_logging(config.log, "collector")
-    store = open_store(config.outcomes.store, config.outcomes.path)
+    store = open_store(config.outcomes.store, config.outcomes.path, config)
     collector = Collector(config, store)
     seen: list[int] = []
 

@@ -69,7 +69,7 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
     admin = Admin.from_config(config, timeout)
     parts: list = []
     if collector:
-        store = open_store(config.outcomes.store, config.outcomes.path)
+        store = open_store(config.outcomes.store, config.outcomes.path, config)
         parts.append(_Closing(store))  # stopped last: after the collector
         running = Collector(config, store)
         parts.append(running)

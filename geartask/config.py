@@ -140,6 +140,12 @@ class OutcomesConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    max_clock_skew: float = 300.0  # seconds the schedulers' clocks may differ with each slot still running once
+    verify_after: float = 600.0  # seconds after a slot's time by which its outcome must exist (else an alert)
+
+
+@dataclass
 class DashboardConfig:
     listen: str = "127.0.0.1:8470"  # the web dashboard's address; not loopback needs a token
     refresh: float = 2.0  # seconds between the dashboard's looks at the servers and workers
@@ -157,6 +163,7 @@ class Config:
     schedules: list[dict] = field(default_factory=list)  # periodic jobs, checked by geartask.scheduler
     outcomes: OutcomesConfig = field(default_factory=OutcomesConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -177,7 +184,8 @@ _POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "wor
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
-             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "outcomes.max_clock_skew"}
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "outcomes.max_clock_skew",
+             "scheduler.max_clock_skew", "scheduler.verify_after"}
 _MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127,
             "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024}

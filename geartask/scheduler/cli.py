@@ -14,7 +14,7 @@ from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError
 from ..plugins import load_plugins
 from .load import load_schedules
 from .schedule import Schedule, slot_text
-from .scheduler import Decision, Scheduler
+from .scheduler import Decision, Scheduler, slot_verdict
 
 LIST_BACK = 8  # slots looked back for a schedule's last run
 
@@ -60,6 +60,9 @@ class _Ran:
         except GeartaskError:
             return None
 
+    def record(self, unique: str) -> dict | None:
+        return self.client.latest(unique=unique)  # GeartaskError when unreachable: the scheduler says so
+
     def last(self, unique: str) -> dict | None:
         try:
             return self.client.latest(unique=unique)
@@ -78,14 +81,16 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     from ..sender.sender import JobSender
     with JobSender(config) as sender:
-        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config))
+        sc = getattr(config, "scheduler", None)
+        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config),
+                              **({"max_clock_skew": sc.max_clock_skew, "verify_after": sc.verify_after} if sc else {}))
 
         def show(d: Decision) -> None:
             if args.json:
                 print(json.dumps(d.to_json()), flush=True)
-            elif d.action in ("sent", "ahead", "failed", "unreachable"):
+            elif d.action in ("sent", "ahead", "failed", "unreachable", "alert"):
                 what = {"ahead": "handed over", "sent": "sent (missed)", "failed": "NOT sent",
-                        "unreachable": "NOT sent (outcomes unreachable)"}[d.action]
+                        "unreachable": "NOT sent (outcomes unreachable)", "alert": "ALERT"}[d.action]
                 when = f" runs {time.strftime('%H:%M:%S', time.localtime(d.run_at))}" if d.run_at else ""
                 print(f"{slot_text(d.slot)} {printable(d.schedule)}: {what}{when}"
                       + (f" error: {printable(d.error)}" if d.error else ""), flush=True)
@@ -117,7 +122,8 @@ def rows(schedules: list[Schedule], last_of: Any, now: float | None = None) -> l
             rec = last_of(s.unique(slot))
             if rec is not None:
                 last = {"slot": slot_text(slot), "unique": s.unique(slot), "state": rec.get("state"),
-                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker")}
+                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker"),
+                        "alert": slot_verdict(s, slot, rec) == "foreign"}  # not this schedule's job
                 break
             slot = s.last(slot - 1)
         out.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,

@@ -162,7 +162,8 @@ def cmd_list(args: Any, config: Any, client: outcome_client.OutcomeClient, as_js
              err: TextIO, inp: TextIO) -> int:
     answer = client.failed(task=args.task, max_age=args.since, limit=args.limit,
                            include_requeued=True if args.requeued else None)
-    records = answer["records"]
+    records = answer["records"][:args.limit]  # a rogue answerer may send more than asked for
+    answer["more"] = bool(answer.get("more")) or len(answer["records"]) > len(records)
     if as_json:
         _emit({"ok": True, "failed": records, "more": answer["more"]}, out)
         return EXIT_OK

@@ -27,7 +27,7 @@ from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
-from ..metrics import job_families, registry_for, server_families, worker_families
+from ..metrics import dashboard_families, job_families, registry_for, server_families, worker_families
 from .fleet import HISTORY_SECONDS, FleetMonitor, Look
 from .outcomes import FAILED_LIMIT, OutcomesView
 
@@ -37,6 +37,7 @@ TOKEN_COOKIE = "geartask_dashboard_token"
 RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; the rest is cut
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
+FUNCTIONS_SHOWN = 500  # rows on the Functions page (refetched every refresh): anyone can register names
 def parse_duration(text: str, what: str) -> float:
     """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
     try:
@@ -187,7 +188,7 @@ class Dashboard:
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
         resp.headers.setdefault("Cache-Control", "no-store")
         if self.settings.token and request.args.get("token") and self._token_ok():
-            secure = request.is_secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+            secure = request.is_secure  # served over TLS, or by a proxy on 127.0.0.1 that says X-Forwarded-Proto: https
             resp.set_cookie(TOKEN_COOKIE, cookie_value(self.settings.token), httponly=True, samesite="Strict",
                             secure=secure)
         return resp
@@ -210,7 +211,7 @@ class Dashboard:
     def _families(self) -> list:
         look = self.monitor.latest()
         return (server_families(look.servers) + job_families(self.monitor.counters.snapshot())
-                + worker_families(look.replies))
+                + worker_families(look.replies) + dashboard_families(self.monitor.counters))
 
     # -- page data ------------------------------------------------------------------------------
     def overview_data(self) -> dict:
@@ -237,8 +238,9 @@ class Dashboard:
         sort = sort if sort in SORT_KEYS else "function"
         desc = request.args.get("desc") == "1"
         rows = sorted(look.functions(), key=lambda f: (f[sort], f["function"]), reverse=desc)
-        return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows, "sort": sort,
-                "desc": desc, "hidden_control_functions": look.hidden_control_functions()}
+        return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows[:FUNCTIONS_SHOWN],
+                "more": max(len(rows) - FUNCTIONS_SHOWN, 0), "sort": sort, "desc": desc,
+                "hidden_control_functions": look.hidden_control_functions()}
 
     def workers_data(self) -> dict:
         look = self.monitor.latest()
@@ -401,7 +403,8 @@ class Dashboard:
         if self.wants_json():
             return jsonify({"ok": False, "action": name, "confirm": question,
                             "message": f"not done: send again with {' and '.join(f'{k}={v}' for k, v in add.items())}"}), 409
-        hidden = [(k, v) for k, vs in fields.items() if k not in ("confirm", "confirm_now", "csrf")
+        hidden = [(k, safe_back(v) if k == "back" else v) for k, vs in fields.items()
+                  if k not in ("confirm", "confirm_now", "csrf")
                   for v in (vs if isinstance(vs, list) else [vs])] + list(add.items())
         back = safe_back(request.form.get("back"))
         return render_template("confirm.html", action=name, question=question, hidden=hidden, danger=danger,

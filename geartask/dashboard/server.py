@@ -109,7 +109,9 @@ def serve(config: Config, *, listen: str, refresh: float, token: str, collector:
                              timeout=timeout)
     try:
         server = waitress.server.create_server(dashboard.app, host=where.host, port=where.port, threads=THREADS,
-                                               ident="geartask", clear_untrusted_proxy_headers=True)
+                                               ident="geartask", clear_untrusted_proxy_headers=True,
+                                               # a TLS proxy on this host says "https": the token cookie gets Secure
+                                               trusted_proxy="127.0.0.1", trusted_proxy_headers={"x-forwarded-proto"})
     except OSError as e:
         raise GeartaskError(f"dashboard: cannot listen on {where.host}:{where.port}: {e.strerror or e}") from None
     started = []

@@ -109,6 +109,9 @@ class FleetCounters:
                     m["buckets"][le] = max(m["buckets"].get(le, 0.0), n)
         with self._lock:
             self.reporting = self.reporting or bool(latest)
+            for task in [t for t, seen in self._task_seen.items() if now - seen > TASK_EXPIRY]:
+                self._task_seen.pop(task, None)  # nobody reports it: its total goes (memory stays bounded)
+                self.totals.pop(task, None)
             for key, tasks in latest.items():
                 before = self._last.get(key, {})
                 for task, c in tasks.items():
@@ -129,9 +132,6 @@ class FleetCounters:
             for key in [k for k, t in self._seen.items() if now - t > TASK_EXPIRY]:  # gone for an hour
                 self._last.pop(key, None)
                 self._seen.pop(key, None)
-            for task in [t for t, seen in self._task_seen.items() if now - seen > TASK_EXPIRY]:
-                self._task_seen.pop(task, None)  # nobody reports it: its total goes (memory stays bounded)
-                self.totals.pop(task, None)
             complete = sum(t["complete"] for t in self.totals.values())
             failed = sum(t["failed"] for t in self.totals.values())
             self._history.append((now, complete, failed))

@@ -41,6 +41,7 @@ VERIFY_AFTER = 600.0  # seconds after a handed-over slot's time by which its out
 LOOK_BACK = 8  # earlier slots asked about to tell a new schedule from one that ran before
 STEP = 2.0  # a clock moving back more than this between passes is logged as a step
 KEEP_ALERTS = 100  # recent alerts kept for whoever shows them
+KEEP_PENDING = 1024  # handed-over slots awaiting verification per schedule (every: 1 and 600 s: 600)
 
 log = get_logger("geartask.scheduler")
 
@@ -175,8 +176,12 @@ class Scheduler:
                         st.retry.add(d.slot)
                     log.warning("slot not sent", schedule=d.schedule, slot=slot_text(d.slot), error=error)
                 else:
-                    if len(st.pending) < KEEP:
-                        st.pending[d.slot] = d.run_at or int(d.slot)
+                    st.pending[d.slot] = d.run_at or int(d.slot)
+                    while len(st.pending) > KEEP_PENDING:  # the oldest go unverified (logged once each)
+                        gone = min(st.pending)
+                        st.pending.pop(gone)
+                        log.warning("slot not verified: too many waiting", schedule=d.schedule,
+                                    slot=slot_text(gone))
                     log.info("slot sent", schedule=d.schedule, slot=slot_text(d.slot), unique=d.unique,
                              run_at=d.run_at, ahead=d.action == "ahead")
         return decisions

@@ -261,3 +261,13 @@ def test_a_slot_handed_over_with_no_outcome_or_a_foreign_one_alerts():
     decisions = sch.tick(t + 265)  # 00:02 + 125 s: no outcome at all
     assert [(d.action, d.unique) for d in decisions if d.action == "alert"] == [("alert", "s@2026-01-01T00:02:00Z")]
     assert sch.alert_counts == {"foreign": 1, "no_outcome": 1} and len(sch.alerts) == 2
+
+
+def test_the_schedules_page_marks_a_last_run_that_is_not_this_schedules_job():
+    from geartask.scheduler.cli import rows
+    s = parse({"name": "s", "every": 60, "task": "t"}, "test")
+    now = utc(2026, 1, 1, 0, 0, 30)
+    own = {"state": "complete", "task": "t", "received_at": utc(2026, 1, 1, 0, 0, 1)}
+    other = {"state": "complete", "task": "shell", "received_at": utc(2026, 1, 1, 0, 0, 1)}
+    assert rows([s], lambda u: own, now)[0]["last"]["alert"] is False
+    assert rows([s], lambda u: other, now)[0]["last"]["alert"] is True

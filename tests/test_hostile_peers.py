@@ -103,6 +103,7 @@ def test_item2_fake_workers_flooding_task_names_leave_the_dashboard_bounded(fres
         dropped = [line for line in text.splitlines() if line.startswith("geartask_dashboard_task_names_dropped_total")]
         assert dropped and float(dropped[0].split()[-1]) > 0
         assert len(text) < 5 * 1024 * 1024, len(text)
+        print(f"dashboard RSS {rss_mb(d.pid):.0f} MB, /metrics {len(text)} bytes, {len(names)} task names")
         assert rss_mb(d.pid) < 150, rss_mb(d.pid)
     finally:
         for w in workers:

@@ -129,7 +129,7 @@ def cmd_serve(config: Config) -> int:
     from ..outcomes.store import open_store
 
     configure_logging(config.log, "collector")
-    store = open_store(config.outcomes.store, config.outcomes.path)
+    store = open_store(config.outcomes.store, config.outcomes.path, config)
     collector = Collector(config, store)
     seen: list[int] = []
 
@@ -177,7 +177,8 @@ def cmd_list(args: Any, config: Config, client: outcome_client.OutcomeClient, as
              err: TextIO, inp: TextIO) -> int:
     answer = client.failed(task=args.task, max_age=args.since, limit=args.limit,
                            include_requeued=True if args.requeued else None)
-    records = answer["records"]
+    records = answer["records"][:args.limit]  # a rogue answerer may send more than asked for
+    answer["more"] = bool(answer.get("more")) or len(answer["records"]) > len(records)
     if as_json:
         _emit({"ok": True, "failed": records, "more": answer["more"]}, out)
         return EXIT_OK

@@ -33,6 +33,7 @@ MAX_TEXT = 64 * 1024 * 1024  # result, data: the worker (and the collector) cap 
 MAX_REASON_DEPTH = 32  # a failure reason is a small JSON value; deeper is not one of ours
 BATCH_RECORDS = 20  # records per outcome job (encode_batches)
 BATCH_BYTES = 4 * 1024 * 1024  # bytes per outcome job, unless one record alone is bigger
+DEFAULT_MAX_CLOCK_SKEW = 300.0  # outcomes.max_clock_skew's default: seconds a peer's time may be ahead of ours
 
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
         "worker": MAX_NAME, "host": MAX_NAME, "sender_host": MAX_NAME, "priority": 16,
@@ -118,6 +119,26 @@ def check(obj: Any) -> dict:
             raise BadOutcome("'reason' is not Unicode text (it holds a lone surrogate)")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
+
+
+def check_times(rec: dict, now: float | None = None, max_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+                keys: Iterable[str] = _NUM[:3]) -> None:
+    """Raise BadOutcome when a time of ``rec`` (finished_at, started_at, submitted_at, or the
+    ``keys`` given: a worker checks an envelope's ``at`` with keys=("at",)) is not a finite
+    number, is negative, or is more than ``max_skew`` seconds ahead of ``now``: a peer's clock
+    (or a forger) must not date a record in the future, where it would sort newest for ever."""
+    now = time.time() if now is None else now
+    for key in keys:
+        value = rec.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadOutcome(f"{key!r} must be a finite number, got {_shown(value)}")
+        if value < 0:
+            raise BadOutcome(f"{key!r} is negative ({value!r})")
+        if value > now + max_skew:
+            raise BadOutcome(f"{key!r} is {value - now:.0f} s ahead of this host's clock "
+                             f"(more than max_clock_skew {max_skew:g} s)")
 
 
 def _encodable(text: str) -> bool:

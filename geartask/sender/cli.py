@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
-from ..display import printable
+from ..display import json_line, printable
 from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
@@ -143,7 +143,7 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
             for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
                 if clear_bar:
                     bar.clear()
-                out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
+                out.write((json_line(r.to_json(), default=repr) if args.json
                            else _job_line(r)) + "\n")
                 counts[r.state] = counts.get(r.state, 0) + 1
                 if time.monotonic() - last_flush > 0.2:
@@ -277,7 +277,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     with JobSender(config) as sender:
         for s in outcomes.resolve(sender.iter_status(args.handles or None), config):
-            print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
+            print(json_line(s.to_json()) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
     if not total:
@@ -292,7 +292,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 def cmd_result(config: Config, args: argparse.Namespace) -> int:
     o = outcomes.result(config, args.key, wait=args.wait or 0.0)
     if args.json:
-        print(json.dumps(o.to_json(), ensure_ascii=False, default=repr))
+        print(json_line(o.to_json(), default=repr))
     elif o.record is None:
         print(f"unknown  {printable(o.key)}: {printable(o.error)}")
     else:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pluggy
 
 from . import hookspecs
+from .config import no_config_note
 from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
@@ -228,8 +229,9 @@ def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
         raise ConfigError(f"unknown plugin {unknown[0]!r}; available: {have}",
                           str(getattr(config, "source", None) or "<config>"), f"plugins.enabled[{i}]")
     if unknown:
+        note = f"; {no_config_note()}" if getattr(config, "source", True) is None else ""
         raise PluginError(f"unknown plugin{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                          f"available: {have}")
+                          f"available: {have}{note}")
     plugins = Plugins(config, new_manager())
     for name in wanted:
         src = available[name]

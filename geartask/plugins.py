@@ -64,6 +64,22 @@ def discover(config: Any) -> dict[str, PluginSource]:
     return found
 
 
+def plugin_path_warnings(config: Any) -> list[str]:
+    """A line per ``plugins.paths`` folder that is not there (a typo, a folder not deployed):
+    not an error, since the entry points may bring every plugin, but then no plugin comes
+    from it and a worker serves fewer tasks than meant, so check and the worker say so."""
+    source = getattr(config, "source", None)
+    out = []
+    for i, folder in enumerate(config.plugins.paths):
+        folder = Path(folder)
+        if folder.is_dir():
+            continue
+        what = "is not a folder" if folder.exists() else "does not exist"
+        line = f"{source or '<config>'}: plugins.paths[{i}]: {folder} {what}; no plugins are loaded from it"
+        out.append(line + (f"; {no_config_note()}" if source is None else ""))
+    return out
+
+
 def _import_file(file: Path) -> ModuleType:
     mod_name = f"geartask_plugin_{file.stem}"
     spec = importlib.util.spec_from_file_location(mod_name, file)

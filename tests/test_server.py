@@ -160,8 +160,12 @@ def test_gearmands_log_is_rotated_past_its_size_and_gearmand_writes_on_in_a_new_
     pid = server.start()
     try:
         def grow_past(limit: int) -> None:  # each connection is a few INFO lines
-            while log.stat().st_size <= limit:
+            def big() -> bool:  # (after a SIGHUP, the file is back once gearmand reopened it)
+                if log.exists() and log.stat().st_size > limit:
+                    return True
                 port_open("127.0.0.1", server.port)
+                return False
+            wait_until(big, 30, interval=0, message=f"gearmand's log past {limit} bytes")
 
         grow_past(2000)
         assert server.status()["running"]  # status finds it too big: renamed, gearmand HUPed
@@ -174,6 +178,7 @@ def test_gearmands_log_is_rotated_past_its_size_and_gearmand_writes_on_in_a_new_
         assert second.exists() and first.exists()
         grow_past(2000)
         server.status()
+        wait_until(log.exists, 10, message="gearmand reopened its log")
         assert sorted(p.name for p in log.parent.glob("*.log*")) == [log.name, first.name, second.name]  # 2 kept
     finally:
         server.stop()
@@ -191,8 +196,8 @@ def test_with_no_backups_gearmands_log_is_emptied_in_place(tmp_path):
                          max_log_bytes=1000, log_backups=0)
     server.start()
     try:
-        while server.log_file.stat().st_size <= 1000:
-            port_open("127.0.0.1", server.port)
+        wait_until(lambda: server.log_file.stat().st_size > 1000 or port_open("127.0.0.1", server.port) and False,
+                   30, interval=0, message="gearmand's log past 1000 bytes")
         server.status()
         assert server.log_file.stat().st_size < 1000 and not Path(f"{server.log_file}.1").exists()
         port_open("127.0.0.1", server.port)

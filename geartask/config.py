@@ -331,6 +331,14 @@ def search_path() -> list[Path]:
     return [Path.cwd() / "config.yaml", Path(xdg) / "geartask" / "config.yaml", Path("/etc/geartask/config.yaml")]
 
 
+def no_config_note() -> str:
+    """Said with an error that may come from running without a config file (no plugins found):
+    that none was found, and where it was looked for."""
+    looked = ", ".join(str(p) for p in search_path())
+    return (f"no config file was found (${CONFIG_ENV} is not set; looked for {looked}), so the built-in "
+            f"defaults are used: run from your config's folder or give --config")
+
+
 def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
     """--config PATH, else $GEARTASK_CONFIG, else the first of search_path() that exists;
     None means built-in defaults (relative paths then start at the working directory)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +12,7 @@ from .cli import ArgumentParser
 from .errors import EXIT_OK, UsageError
 
 FILES = {"config.yaml": "config.yaml", "plugins/example.py": "example.py"}  # written -> template
+NEXT_STEPS = ("geartask manage server start", "geartask worker --name w1 &", "geartask send plugin example")
 
 
 def init(folder: Path, force: bool = False, secure: bool = False) -> list[Path]:
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.folder)
     for path in init(folder, args.force, args.secure):
         print(f"wrote {path}")
-    where = "" if args.folder == "." else f"cd {args.folder} && "
-    print(f"next: {where}geartask manage server start && geartask worker --name w1 &  then: geartask send plugin example")
+    # One command a line, so the hint works pasted into a shell: `cd x && a && b &` would run
+    # the cd in a background subshell and leave the shell where it was.
+    steps = ([] if args.folder == "." else [f"cd {shlex.quote(args.folder)}"]) + list(NEXT_STEPS)
+    print("next, in this shell:\n" + "".join(f"  {step}\n" for step in steps), end="")
     return EXIT_OK

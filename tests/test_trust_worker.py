@@ -13,9 +13,9 @@ import gearclient as gc
 from geartask import load_config
 from geartask.control import ping_request, shutdown_request, signed_request
 from geartask.envelope import wrap
-from geartask.outcomes.answers import RogueAnswer, open_answer, sign_answer
+from geartask.outcomes.answers import RogueAnswer, open_answer, sign_answer, sign_request
 from geartask.outcomes.client import OutcomeClient
-from geartask.outcomes.record import OUTCOME_FUNCTION, make_record, outcome_jobs
+from geartask.outcomes.record import OUTCOME_FUNCTION, QUERY_FUNCTION, make_record, outcome_jobs
 from geartask.outcomes.signed import NotResendable, original
 from geartask.trust import policy, signing
 from geartask.trust.keys import new_key
@@ -189,6 +189,32 @@ def test_the_collector_stores_only_signed_reports(secured, keys):
     for unique in ("forged-unsigned", "forged-ops", "forged-purpose"):
         assert client.latest(unique=unique) is None, unique
     assert client.ping()["refused_reports"] == 3
+
+
+def test_queries_that_change_the_store_must_be_signed(secured, keys):
+    """import (for report), mark_requeued and purge (for control): unsigned or wrongly signed,
+    refused and the store left alone; reading queries answered as today."""
+    address, _, client, _ = secured
+
+    def query(request: dict, sign=None):
+        payload = json.dumps(request).encode()
+        return gc.run_one(address, QUERY_FUNCTION, sign(payload) if sign else payload, timeout=15).result
+
+    rec = make_record(server=address, handle="H:x:2", task="shell", state="failed", unique="imp")
+    assert query({"op": "import", "records": [rec]}) == {"ok": False, "error": "import refused: unsigned"}
+    ops = query({"op": "import", "records": [rec]}, lambda p: sign_request("import", p, keys["ops"][0]))
+    assert ops == {"ok": False, "error": "import refused: signer ops may not report"}
+    assert client.latest(unique="imp") is None
+    ok = query({"op": "import", "records": [rec]}, lambda p: sign_request("import", p, keys["worker"][0]))
+    assert ok["ok"] is True, ok
+    assert client.latest(unique="imp")["state"] == "failed"
+    for request in ({"op": "purge", "min_age": 0}, {"op": "mark_requeued", "id": rec["id"], "by": "eve"}):
+        assert query(request) == {"ok": False, "error": f"{request['op']} refused: unsigned"}
+    assert client.latest(unique="imp") is not None and not client.get(rec["id"]).get("requeues")
+    signed = query({"op": "mark_requeued", "id": rec["id"], "by": "admin"},
+                   lambda p: sign_request("mark_requeued", p, keys["admin"][0]))
+    assert signed["ok"] is True and client.get(rec["id"])["requeues"][0]["by"] == "admin"
+    assert client.ping()["refused_queries"] == 2
 
 
 def test_signed_workers_reports_are_stored(secured, keys):

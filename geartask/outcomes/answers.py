@@ -9,8 +9,9 @@ otherwise: a rogue answerer is reported as such, never believed); without, it on
 signature line.
 
 ``open_report`` is the collector's check of an outcome job (purpose ``report``), with the
-same rule; ``sign_import`` signs an ``import`` request, which a collector with
-``require_signed`` takes only when signed for ``report`` (it stores outcomes too).
+same rule. ``sign_request`` signs a query that changes the store, which a collector with
+``require_signed`` takes only signed: ``import`` for ``report`` (it stores outcomes too),
+``mark_requeued`` and ``purge`` for ``control`` (an operator's acts).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def open_report(raw: bytes, trust: policy.Trust, *, require_signed: bool,
     return _open("report", raw, trust, require_signed, max_age, now)
 
 
-def sign_import(request: bytes, key: Any) -> bytes:
-    """An ``import`` query request signed for ``report`` (a collector with require_signed
-    refuses an unsigned one: it would store outcomes nobody vouched for)."""
-    return request if key is None else signing.sign_message("report", request, key)
+CHANGING_OPS = {"import": "report", "mark_requeued": "control", "purge": "control"}  # op -> purpose
+
+
+def sign_request(op: str, request: bytes, key: Any) -> bytes:
+    """A query request, signed when ``op`` changes the store (CHANGING_OPS) and there is a key;
+    other requests go as they are."""
+    purpose = CHANGING_OPS.get(op)
+    return request if key is None or purpose is None else signing.sign_message(purpose, request, key)

@@ -11,7 +11,7 @@ import pytest
 
 import gearclient as gc
 from geartask import load_config
-from geartask.control import ping_request, shutdown_request, signed_request
+from geartask.control import ping_request, shutdown_request, signed_request, stop_request
 from geartask.envelope import wrap
 from geartask.outcomes.answers import RogueAnswer, open_answer, sign_answer, sign_request
 from geartask.outcomes.client import OutcomeClient
@@ -154,7 +154,7 @@ def test_control_needs_a_signature(secured, keys):
     address, start_worker, _, _ = secured
     w = start_worker()
     function = control_function(address, w.pid)
-    for payload, reason in ((shutdown_request(), "unsigned"),
+    for payload, reason in ((shutdown_request(), "unsigned"), (stop_request("H:nowhere:1"), "unsigned"),
                             (signed_request(shutdown_request(), function, keys["ops"][0]), "signer ops may not control"),
                             (signing.sign_message("control", shutdown_request(), keys["admin"][0]),
                              "not addressed to this worker ('to' missing)"),
@@ -163,8 +163,11 @@ def test_control_needs_a_signature(secured, keys):
         o = gc.run_one(address, function, payload, timeout=10)
         assert o.state == "failed" and o.reason["error"] == f"control refused: {reason}", o
     reply = gc.run_one(address, function, signed_request(ping_request(), function, keys["admin"][0]), timeout=10)
-    assert reply.state == "complete" and reply.result["control_refused"] == 4
+    assert reply.state == "complete" and reply.result["control_refused"] == 5
     assert w.proc.poll() is None
+    stop = gc.run_one(address, function, signed_request(stop_request("H:nowhere:1"), function, keys["admin"][0]),
+                      timeout=10)
+    assert stop.state == "complete" and stop.result["stopped"] is False
     o = gc.run_one(address, function, signed_request(shutdown_request(), function, keys["admin"][0]), timeout=10)
     assert o.state == "complete" and o.result["command"] == "shutdown"
     assert w.wait(30) == 0

@@ -16,7 +16,7 @@ from geartask.envelope import wrap
 from geartask.outcomes.answers import RogueAnswer, open_answer, sign_answer, sign_request
 from geartask.outcomes.client import OutcomeClient
 from geartask.outcomes.record import OUTCOME_FUNCTION, QUERY_FUNCTION, make_record, outcome_jobs
-from geartask.outcomes.signed import NotResendable, original
+from geartask.outcomes.signed import NotResendable, original, requeue_payload
 from geartask.trust import policy, signing
 from geartask.trust.keys import new_key
 from helpers import REPO, wait_until, write_config
@@ -132,7 +132,11 @@ def test_a_signed_job_runs_and_its_outcome_names_the_signer(secured, keys, tmp_p
     stamp, rest = original(rec)
     assert rest == bad and signing.SigLine(stamp).encode() + rest == signed
     # requeued with the original signature and a fresh note by admin: runs again (and fails again)
-    again = signing.requeue_job("shell", "fails", rest, stamp, rec["id"], keys["admin"][0])
+    trust = policy.trust_of(load_config(tmp_path / "tw" / "config.yaml"))
+    again = requeue_payload(rec, keys["admin"][0], trust)
+    forged = {**rec, "data": rec["data"].replace("echo-nope", "touch")}
+    with pytest.raises(NotResendable, match="bad signature"):
+        requeue_payload(forged, keys["admin"][0], trust)
     assert submit_raw(address, "shell", "fails", again).state == "failed"
     wait_until(lambda: len(client.history("fails")["records"]) >= 2, 15, message="the requeued run's outcome")
     requeued = [r for r in client.history("fails")["records"] if r["id"] != rec["id"]][0]

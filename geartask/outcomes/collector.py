@@ -25,9 +25,8 @@ from ..errors import ServerError
 from ..gearman.grab import LinkMachine
 from ..gearman.timing import RoundTrip
 from ..logs import get_logger
-from ..trust import policy
+from ..trust import policy, signing
 from ..trust.keys import signing_key
-from ..trust import signing
 from ..trust.signing import SIG_MAGIC
 from .answers import CHANGING_OPS, open_report, sign_answer
 from .errors import CollectorConflict, StoreError

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Callable
 from .. import gearman as gp
 from ..control import WorkerIdentity, parse_command, parse_control_function
 from ..errors import UsageError
-from ..trust.policy import Refused
 from ..jobs import encode_payload
 from ..logs import get_logger, job_context
+from ..trust.policy import Refused
 
 from .budget import UNLIMITED
 from .dead_letters import cap_text

@@ -250,3 +250,28 @@ def test_answers_are_believed_only_when_signed(keys):
         with pytest.raises(RogueAnswer) as e:
             open_answer(raw, trust, require_signed=True)
         assert e.value.reason == reason
+
+
+def test_a_failed_signed_jobs_record_rebuilds_its_exact_signed_bytes(keys):
+    """Pure: what the worker keeps (Signed.fields) gives back the signed bytes, unless cut."""
+    from geartask.worker.trust import Signed
+    trust = policy.Trust.from_config([{"name": "admin", "public_key": keys["admin"][1], "may": ["*"]}])
+    payload = wrap(b"\xff binary \x00 data", retries=0, bg=True)
+    raw = signing.sign_job("t", "u1", payload, keys["admin"][0], t=1000)
+    decision = policy.decide("t", "u1", raw, trust, 1000.0)
+    assert decision.allowed and decision.payload == payload
+    data = payload[payload.index(b"\n") + 1:]
+    kept = Signed(decision, raw[:len(raw) - len(payload)], payload).fields(data, failed=True)
+    assert kept["signer"] == "admin" and kept["envelope"].endswith("\n")
+    rec = make_record(server="s", handle="h", task="t", unique="u1", state="failed", data=data, **kept)
+    stamp, rest = original(rec)
+    assert signing.SigLine(stamp).encode() + rest == raw
+    assert Signed(decision, b"", payload).fields(data, failed=False) == {"signer": "admin"}
+    cut = make_record(server="s", handle="h", task="t", unique="u1", state="failed", data=data, max_result=4, **kept)
+    with pytest.raises(NotResendable, match="cut"):
+        original(cut)
+    with pytest.raises(NotResendable, match="no security.key"):
+        requeue_payload(rec, None, trust)
+    other = policy.Trust.from_config([{"name": "ops", "public_key": keys["ops"][1], "may": ["*"]}])
+    with pytest.raises(NotResendable, match="unknown signer"):
+        requeue_payload(rec, keys["ops"][0], other)

@@ -37,7 +37,8 @@ DEFAULT_MAX_CLOCK_SKEW = 300.0  # outcomes.max_clock_skew's default: seconds a p
 
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
         "worker": MAX_NAME, "host": MAX_NAME, "sender_host": MAX_NAME, "priority": 16,
-        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID}
+        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID,
+        "signer": 256, "signed": 2048, "envelope": 8192}  # signer..envelope: a signed job (docs/outcomes.md)
 _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
 _BOOL = ("background", "result_cut", "data_cut", "reason_cut")
@@ -210,7 +211,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                 sender_host: str | None = None, priority: str | None = None,
                 result: bytes | str | None = None, reason: Any = None, data: bytes | str | None = None,
                 requeue_of: str | None = None, max_result: int = DEFAULT_MAX_RESULT,
-                id: str | None = None) -> dict:
+                id: str | None = None, signer: str | None = None, signed: str | None = None,
+                envelope: str | None = None) -> dict:
     """One outcome record, as a worker reports it (the fields: docs/outcomes.md).
 
     ``result`` (a complete job's WORK_COMPLETE payload) and ``data`` (the job's own payload,
@@ -225,7 +227,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                            "state": state, "finished_at": now, "attempts": attempts, "host": host or _HOST}
     for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
                        ("retries", retries), ("background", background), ("worker", worker),
-                       ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of)):
+                       ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of),
+                       ("signer", signer), ("signed", signed), ("envelope", envelope)):
         if value is not None:
             rec[key] = value
     if started_at is not None:

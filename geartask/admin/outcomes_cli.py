@@ -75,7 +75,7 @@ def outcome_command(args: Any, config: Any, out: TextIO, err: TextIO, inp: TextI
     client = outcome_client.OutcomeClient(config, getattr(args, "timeout", None) or outcome_client.DEFAULT_TIMEOUT)
     as_json = getattr(args, "json", False)
     if args.command == "outcomes":
-        return cmd_status(client, as_json, out)
+        return cmd_status(client, as_json, out, config)
     run = {"list": cmd_list, "show": cmd_show, "requeue": cmd_requeue, "purge": cmd_purge, "import": cmd_import}
     return run[args.action](args, config, client, as_json, out, err, inp)
 
@@ -134,10 +134,14 @@ def cmd_serve(config: Any) -> int:
         store.close()
 
 
-def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO) -> int:
+def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Any = None) -> int:
     info = client.ping()
+    collectors, unasked = [], []
+    if config is not None:  # every collector registered on the servers, not only the one that answered
+        from ..outcomes.registry import registered_collectors
+        collectors, unasked = registered_collectors(config)
     if as_json:
-        _emit({"ok": True, **info}, out)
+        _emit({"ok": True, **info, "collectors": collectors, "unasked": unasked}, out)
         return EXIT_OK
     out.write(printable(f"collector {info.get('collector')}, started {_when(info.get('started_at'))}; "
                         f"{info.get('size')} outcomes kept ({info.get('keep_days')} days)") + "\n")
@@ -148,6 +152,13 @@ def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO)
     out.write(printable(f"since start: {info.get('stored')} stored, {info.get('known')} already known, "
                         f"{info.get('malformed_jobs')} malformed jobs, {info.get('refused_records')} records "
                         f"refused, {info.get('queries')} queries") + "\n")
+    if config is not None:
+        out.write(f"{len(collectors)} collector{'s' if len(collectors) != 1 else ''} registered "
+                  f"(store {printable(config.outcomes.store)}):\n")
+        out.write(render(["COLLECTOR", "FROM", "SERVERS"],
+                         [[c["collector"], c["ip"], ", ".join(c["servers"])] for c in collectors]) + "\n")
+        for error in unasked:
+            out.write(printable(f"(not asked: {error})") + "\n")
     return EXIT_OK
 
 

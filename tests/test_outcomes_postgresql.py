@@ -1,0 +1,122 @@
+"""Outcomes on PostgreSQL with several collectors: real collector processes (`manage_client.py
+outcomes serve`), real workers, a real PostgreSQL (tests/pgserver.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psycopg
+
+from geartask import JobSender, load_config
+from geartask.outcomes import open_store
+from geartask.outcomes.pgstore import TABLE, PostgresOutcomeStore
+from helpers import REPO, wait_until, write_config
+from test_outcomes_collector import CollectorProc, collectors, manage, reader_config  # noqa: F401
+from test_worker import TEST_PLUGINS
+from workers import WorkerProc
+
+JOBS = 5000
+
+
+def pg_config(tmp_path, servers, url, name, extra=""):
+    return write_config(tmp_path / name / "config.yaml", servers,
+                        f"outcomes:\n  store: postgresql\n  url: {url}\n" + extra)
+
+
+def stored(url: str) -> tuple[int, int]:
+    """(records, distinct unique keys) in the store, read straight from PostgreSQL."""
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        return conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT unique_key) FROM {TABLE}").fetchone()
+
+
+def test_two_collectors_one_killed_three_times_store_each_of_5000_failures_once(fresh_gearmand, tmp_path,
+                                                                                  collectors, pg_url):
+    """5,000 failing background jobs run by real workers while collector B is killed -9 three
+    times (restarted each time) and A keeps storing: exactly 5,000 records, one per job."""
+    srv = fresh_gearmand
+    a = collectors(pg_config(tmp_path, [srv.address], pg_url, "a"), [srv.address])
+    b_config = pg_config(tmp_path, [srv.address], pg_url, "b")
+    b = collectors(b_config, [srv.address])  # not refused: the store is shared
+
+    status = manage(reader_config(tmp_path, [srv.address]), "outcomes", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    listed = {c["collector"] for c in json.loads(status.stdout)["collectors"]}
+    assert {c for c in listed if c.endswith((f":{a.pid}", f":{b.pid}"))} and len(listed) == 2, listed
+
+    cfg = write_config(tmp_path / "w" / "config.yaml", [srv.address], "worker:\n  retries: 0\n  poll_timeout: 1\n",
+                       plugin_paths=[REPO / "plugins", TEST_PLUGINS])
+    workers = [WorkerProc(cfg, f"pgw{i}", 4) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_attached([srv.address], 30)
+        sent: list = []
+
+        def send() -> None:
+            with JobSender(load_config(cfg)) as sender:
+                sent.extend(sender.submit_many([{"task": "t.fail", "data": {"i": i}, "unique": f"pgf-{i}",
+                                                 "background": True} for i in range(JOBS)], wait=False))
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        kills = []
+        for mark in (JOBS // 5, 2 * JOBS // 5, 3 * JOBS // 5):  # kill B while outcomes stream in
+            wait_until(lambda: stored(pg_url)[0] >= mark, 180, 0.2, message=f"{mark} outcomes stored")
+            os.kill(b.pid, signal.SIGKILL)
+            b.proc.wait(10)
+            kills.append(stored(pg_url)[0])
+            b = collectors(b_config, [srv.address])  # restarted at once
+        sender.join(120)
+        assert not sender.is_alive() and len(sent) == JOBS and all(r.state == "queued" for r in sent)
+        wait_until(lambda: stored(pg_url)[0] >= JOBS, 300, 0.5, message=f"{JOBS} outcomes stored")
+        time.sleep(2)  # anything redelivered after the last kill would land now; it must add nothing
+        assert stored(pg_url) == (JOBS, JOBS), stored(pg_url)
+        assert kills[0] < JOBS, "B was killed while outcomes were still arriving"
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE state <> 'failed'").fetchone()[0] == 0
+        assert a.proc.poll() is None and b.proc.poll() is None  # neither refused nor stopped the other
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_the_dashboard_reads_the_postgresql_store_without_a_collector(tmp_path, pg_url):
+    """build() with collector=False and the postgresql store: its pages' client reads the store."""
+    from geartask.dashboard.server import Listen, build
+    from geartask.outcomes.record import make_record
+    cfg = load_config(pg_config(tmp_path, ["127.0.0.1:1"], pg_url, "d"))
+    store = open_store("postgresql", pg_url)
+    store.add([make_record(server="s:1", handle="H:1", task="t", state="failed", unique="dash-1",
+                           reason={"error": "boom"})])
+    store.close()
+    dashboard, parts = build(cfg, refresh=5, token="", where=Listen("127.0.0.1", 0), collector=False)
+    try:
+        assert [r["unique"] for r in dashboard.outcomes.failed()] == ["dash-1"]
+    finally:
+        for part in parts:
+            part.stop()
+
+
+def test_prune_runs_in_one_collector_at_a_time(pg_url):
+    """While one store holds the prune lock (a prune in progress), another's prune skips."""
+    first, second = PostgresOutcomeStore(pg_url), PostgresOutcomeStore(pg_url)
+    from geartask.outcomes.record import make_record
+    first.add([make_record(server="s:1", handle="H:1", task="t", state="complete")], received_at=time.time() - 100)
+    from geartask.outcomes.pgstore import PRUNE_LOCK
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        with holder.transaction():
+            assert holder.execute("SELECT pg_try_advisory_xact_lock(%s)", (PRUNE_LOCK,)).fetchone()[0]
+            assert second.prune(10) == 0 and second.size() == 1
+        assert second.prune(10) == 1
+    first.close()
+    second.close()
+
+
+def test_a_postgresql_config_without_a_url_is_refused(tmp_path):
+    from geartask.errors import ConfigError
+    import pytest
+    path = write_config(tmp_path / "c.yaml", ["127.0.0.1:4730"], "outcomes:\n  store: postgresql\n")
+    with pytest.raises(ConfigError, match="outcomes.url"):
+        load_config(path)

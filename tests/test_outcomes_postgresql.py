@@ -10,6 +10,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from geartask import JobSender, load_config
 from geartask.outcomes import open_store
@@ -33,6 +34,7 @@ def stored(url: str) -> tuple[int, int]:
         return conn.execute(f"SELECT COUNT(*), COUNT(DISTINCT unique_key) FROM {TABLE}").fetchone()
 
 
+@pytest.mark.timeout(900)  # 5,000 jobs on a 2-core machine shared with other test runs
 def test_two_collectors_one_killed_three_times_store_each_of_5000_failures_once(fresh_gearmand, tmp_path,
                                                                                   collectors, pg_url):
     """5,000 failing background jobs run by real workers while collector B is killed -9 three
@@ -116,7 +118,6 @@ def test_prune_runs_in_one_collector_at_a_time(pg_url):
 
 def test_a_postgresql_config_without_a_url_is_refused(tmp_path):
     from geartask.errors import ConfigError
-    import pytest
     path = write_config(tmp_path / "c.yaml", ["127.0.0.1:4730"], "outcomes:\n  store: postgresql\n")
     with pytest.raises(ConfigError, match="outcomes.url"):
         load_config(path)

@@ -121,3 +121,33 @@ def test_a_postgresql_config_without_a_url_is_refused(tmp_path):
     path = write_config(tmp_path / "c.yaml", ["127.0.0.1:4730"], "outcomes:\n  store: postgresql\n")
     with pytest.raises(ConfigError, match="outcomes.url"):
         load_config(path)
+
+
+def test_hostile_text_postgresql_cannot_hold_is_refused_not_retried(pg_url):
+    """A NUL character (JSON's \\u0000) in a stored text field: the record is refused and
+    counted, the rest of the batch stored; asking for such a key finds nothing, raises nothing."""
+    from geartask.outcomes.record import make_record
+    s = PostgresOutcomeStore(pg_url)
+    good = make_record(server="s:1", handle="H:1", task="t", state="complete", unique="fine")
+    bad = make_record(server="s:1", handle="H:2", task="t\x00x", state="complete", unique="bad\x00")
+    assert s.add([good, bad]) == 1 and s.refused == 1 and s.size() == 1
+    assert s.latest(unique="bad\x00") is None and s.history("a\x00") == [] and s.get("\x00") is None
+    assert s.recent(task="t\x00x") == [] and not s.mark_requeued("x\x00", by="me")
+    assert s.purge_failed(ids=["\x00"]) == 0
+    s.close()
+
+
+def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(pg_url):
+    """The server ends the store's session (a PostgreSQL restart does the same): that call
+    raises StoreError (the collector keeps the batch in gearmand and retries), the next works."""
+    from geartask.outcomes.errors import StoreError
+    from geartask.outcomes.record import make_record
+    s = PostgresOutcomeStore(pg_url)
+    assert s.size() == 0
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE application_name = 'geartask-outcomes' AND pid <> pg_backend_pid()")
+    with pytest.raises(StoreError, match="outcome store postgresql://postgres@"):
+        s.add([make_record(server="s:1", handle="H:1", task="t", state="complete")])
+    assert s.add([make_record(server="s:1", handle="H:1", task="t", state="complete")]) == 1
+    s.close()

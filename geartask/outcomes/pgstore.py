@@ -69,6 +69,11 @@ def _psycopg():
     return psycopg
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def shown_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     head, at, tail = url.rpartition("@")
@@ -111,6 +116,10 @@ class PostgresOutcomeStore(OutcomeStore):
         with self._lock:
             try:
                 return fn(self._connect())
+            except (self._psycopg.DataError, self._psycopg.IntegrityError) as e:
+                # what a record (not the database) is to blame for: the collector drops that
+                # job (a StoreError would keep it in gearmand, to come back for ever)
+                raise BadOutcome(f"the outcome store refused it: {_first_line(e)}") from e
             except self._psycopg.Error as e:
                 if self._conn is not None and (self._conn.broken or isinstance(e, self._psycopg.OperationalError)):
                     try:
@@ -118,7 +127,7 @@ class PostgresOutcomeStore(OutcomeStore):
                     except self._psycopg.Error:
                         pass
                     self._conn = None
-                raise StoreError(f"outcome store {self.path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+                raise StoreError(f"outcome store {self.path}: {_first_line(e)}") from e
 
     def _create(self, conn: Any) -> None:
         with conn.transaction():
@@ -126,6 +135,8 @@ class PostgresOutcomeStore(OutcomeStore):
             conn.execute(_SCHEMA)
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
+        if any(isinstance(a, str) and "\x00" in a for a in args):
+            return []  # no stored text holds NUL (add refuses it), and PostgreSQL can't be asked for one
         rows = self._run(lambda conn: conn.execute(sql, args).fetchall())
         return [_row(r) for r in rows]
 
@@ -213,6 +224,9 @@ class PostgresOutcomeStore(OutcomeStore):
 
     def mark_requeued(self, id: str, by: str, at: float | None = None, handle: str | None = None,
                       server: str | None = None) -> bool:
+        if "\x00" in id:
+            return False
+
         def mark(conn: Any) -> bool:
             with conn.transaction():  # FOR UPDATE: two requeuers keep both notes
                 row = conn.execute(f"SELECT fields FROM {TABLE} WHERE id = %s FOR UPDATE", (id,)).fetchone()

@@ -44,10 +44,12 @@ def test_two_collectors_one_killed_three_times_store_each_of_5000_failures_once(
     b_config = pg_config(tmp_path, [srv.address], pg_url, "b")
     b = collectors(b_config, [srv.address])  # not refused: the store is shared
 
-    status = manage(reader_config(tmp_path, [srv.address]), "outcomes", "status", "--json")
-    assert status.returncode == 0, status.stderr
-    listed = {c["collector"] for c in json.loads(status.stdout)["collectors"]}
-    assert {c for c in listed if c.endswith((f":{a.pid}", f":{b.pid}"))} and len(listed) == 2, listed
+    def listed() -> list[int]:
+        status = manage(reader_config(tmp_path, [srv.address], name=f"reader{time.monotonic_ns()}"),
+                        "outcomes", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        return sorted(int(c["collector"].rsplit(":", 1)[1]) for c in json.loads(status.stdout)["collectors"])
+    assert listed() == sorted([a.pid, b.pid])
 
     cfg = write_config(tmp_path / "w" / "config.yaml", [srv.address], "worker:\n  retries: 0\n  poll_timeout: 1\n",
                        plugin_paths=[REPO / "plugins", TEST_PLUGINS])
@@ -79,6 +81,10 @@ def test_two_collectors_one_killed_three_times_store_each_of_5000_failures_once(
         with psycopg.connect(pg_url) as conn:
             assert conn.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE state <> 'failed'").fetchone()[0] == 0
         assert a.proc.poll() is None and b.proc.poll() is None  # neither refused nor stopped the other
+        assert listed() == sorted([a.pid, b.pid])  # the killed ones are gone, the restarted one is there
+        assert a.stop() == 0
+        a_stored = [e for e in a.log_lines() if e["event"] == "collector stopped"][-1]["stored"]
+        assert 0 < a_stored < JOBS, a_stored  # both collectors took their share
     finally:
         for w in workers:
             w.stop()

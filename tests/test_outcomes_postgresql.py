@@ -157,3 +157,11 @@ def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(pg_url):
         s.add([make_record(server="s:1", handle="H:1", task="t", state="complete")])
     assert s.add([make_record(server="s:1", handle="H:1", task="t", state="complete")]) == 1
     s.close()
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):
+    from geartask.server import free_port
+    cfg = pg_config(tmp_path, ["127.0.0.1:1"], f"postgresql://u:s3cret@127.0.0.1:{free_port()}/db", "u")
+    r = manage(cfg, "outcomes", "serve", timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: outcome store postgresql://u:***@127.0.0.1:") and "s3cret" not in r.stderr

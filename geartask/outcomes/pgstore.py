@@ -25,6 +25,7 @@ log = get_logger("geartask.outcomes")
 
 TABLE = "geartask_outcomes"  # one name of ours in a database the user may share with others
 PRUNE_LOCK = 0x6765617274736B31  # pg_try_advisory_xact_lock key of keep_days pruning ("geartsk1")
+QUOTA_LOCK = 0x6765617274736B32  # one collector at a time deletes and compacts for max_bytes
 SCHEMA_LOCK = 0x6765617274736B30  # serialises CREATE TABLE IF NOT EXISTS of collectors starting at once
 CONNECT_TIMEOUT = 10  # seconds to reach the server
 STATEMENT_TIMEOUT_MS = 60_000  # a statement stuck longer fails (the collector retries the batch)
@@ -67,6 +68,15 @@ def _psycopg():
     except ImportError:
         raise StoreError("outcomes.store postgresql needs psycopg 3: pip install 'geartask[postgresql]'") from None
     return psycopg
+
+
+def _vacuum_full(conn: Any) -> None:
+    """Rewrite the table without its deleted rows; no statement_timeout (a big table takes long)."""
+    conn.execute("SET statement_timeout = 0")
+    try:
+        conn.execute(f"VACUUM FULL {TABLE}")
+    finally:
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
 
 
 def _first_line(e: Exception) -> str:
@@ -198,7 +208,18 @@ class PostgresOutcomeStore(OutcomeStore):
     def _keep_quota(self, conn: Any, keep_newest: int) -> None:
         """Over max_bytes (the table with its indexes and TOAST): delete the oldest records (by
         received_at) down to QUOTA_SLACK of it, never the ``keep_newest`` just added, and
-        compact (VACUUM FULL: PostgreSQL keeps deleted rows' space in the table otherwise)."""
+        compact (VACUUM FULL: PostgreSQL keeps deleted rows' space in the table otherwise).
+        One collector at a time: another that finds the lock taken stores and moves on."""
+        if self._used_bytes(conn) <= self.max_bytes:
+            return
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (QUOTA_LOCK,)).fetchone()[0]:
+            return
+        try:
+            self._evict(conn, keep_newest)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (QUOTA_LOCK,))
+
+    def _evict(self, conn: Any, keep_newest: int) -> None:
         for _ in range(QUOTA_ROUNDS):
             used = self._used_bytes(conn)
             if used <= self.max_bytes:
@@ -211,7 +232,7 @@ class PostgresOutcomeStore(OutcomeStore):
             deleted = conn.execute(f"DELETE FROM {TABLE} WHERE seq IN (SELECT seq FROM {TABLE}"
                                    " ORDER BY received_at, seq LIMIT %s)", (n,)).rowcount
             self.evicted += deleted
-            conn.execute(f"VACUUM FULL {TABLE}")
+            _vacuum_full(conn)
             log.warning("outcome store over its quota: oldest records deleted", deleted=deleted,
                         max_bytes=self.max_bytes, used_bytes=used)
 
@@ -220,7 +241,7 @@ class PostgresOutcomeStore(OutcomeStore):
 
     def vacuum(self) -> None:
         """Give deleted records' space back (VACUUM FULL rewrites the table)."""
-        self._run(lambda conn: conn.execute(f"VACUUM FULL {TABLE}"))
+        self._run(_vacuum_full)
 
     def mark_requeued(self, id: str, by: str, at: float | None = None, handle: str | None = None,
                       server: str | None = None) -> bool:

@@ -165,3 +165,22 @@ def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):
     r = manage(cfg, "outcomes", "serve", timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: outcome store postgresql://u:***@127.0.0.1:") and "s3cret" not in r.stderr
+
+
+def test_the_quota_is_kept_by_one_collector_at_a_time(pg_url):
+    """While another session holds the quota lock, a store over max_bytes stores and moves on;
+    once it is free, the oldest records go."""
+    from geartask.outcomes.pgstore import QUOTA_LOCK
+    from geartask.outcomes.record import make_record
+    s = PostgresOutcomeStore(pg_url, max_bytes=256 * 1024)
+    batch = lambda: [make_record(server="s:1", handle="H", task="t", state="complete",  # noqa: E731
+                                 result=os.urandom(4000).hex()) for _ in range(10)]
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        assert holder.execute("SELECT pg_try_advisory_lock(%s)", (QUOTA_LOCK,)).fetchone()[0]
+        for _ in range(10):
+            assert s.add(batch()) == 10
+        assert s.evicted == 0 and s.size() == 100 and s.size_bytes() > 256 * 1024
+        holder.execute("SELECT pg_advisory_unlock(%s)", (QUOTA_LOCK,))
+    s.add(batch())
+    assert s.evicted > 0 and s.size_bytes() <= 256 * 1024
+    s.close()

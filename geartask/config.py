@@ -106,8 +106,10 @@ class SenderConfig:
 
 @dataclass
 class QueueConfig:
-    type: str = "sqlite"  # sqlite|none
+    type: str = "sqlite"  # sqlite|postgresql|none
     path: Path = Path("var/gearmand-queue.sqlite")
+    url: str = ""  # postgresql: the libpq URL of gearmand's queue (docs/gearmand.md: a standby server)
+    table: str = "gearmand_queue"  # postgresql: the table (a standby server names the same one)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class OutcomesConfig:
     report: bool = True  # workers report outcomes (needs a collector: they wait in gearmand until one runs)
     max_bytes: int = 1024 ** 3  # the store's quota: over it the oldest records go first (0: none)
     max_clock_skew: float = 300.0  # seconds a record's times may be ahead of the collector's clock
+    url: str = ""  # store postgresql: postgresql://user:password@host:port/database (several collectors)
 
 
 @dataclass
@@ -216,8 +219,8 @@ _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff",
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
-            "server.queue.type": ("sqlite", "none"),
-            "outcomes.store": ("sqlite",)}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
+            "server.queue.type": ("sqlite", "postgresql", "none"),
+            "outcomes.store": ("sqlite", "postgresql")}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
 
 
 def _type_name(tp: Any) -> str:
@@ -455,6 +458,7 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         if value:
             parse_hostport(value, key, path)
     _check_trust(cfg, path, base)
+    _check_postgresql(cfg, path)
     return cfg
 
 
@@ -471,6 +475,24 @@ def _check_trust(cfg: Config, path: str | None, base: Path) -> None:
     if cfg.security.trust:
         from .trust.policy import Trust
         Trust.from_config(cfg.security.trust, path)
+
+
+def _check_postgresql(cfg: Config, path: str | None) -> None:
+    """A postgresql store or queue needs its URL; the queue's table must be a plain name
+    (gearmand puts it into its SQL as it is)."""
+    for kind, url, key in ((cfg.outcomes.store, cfg.outcomes.url, "outcomes.url"),
+                           (cfg.server.queue.type, cfg.server.queue.url, "server.queue.url")):
+        if kind != "postgresql":
+            continue
+        if not url:
+            raise ConfigError(f"is needed with {key.rsplit('.', 1)[0]}.{'store' if key[0] == 'o' else 'type'}: "
+                              "postgresql (postgresql://user@host:port/database)", path, key)
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("must be a postgresql:// URL (postgresql://user@host:port/database)", path, key)
+    table = cfg.server.queue.table
+    if not (table.replace("_", "a").isalnum() and table.isascii() and not table[0].isdigit() and len(table) <= 63):
+        raise ConfigError(f"must be a plain table name (letters, digits, _; at most 63), got {table!r}",
+                          path, "server.queue.table")
 
 
 def load_config(path: str | os.PathLike | None = None, servers: list[str] | str | None = None) -> Config:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gearclient
 from dashboards import DashboardProc, queue_background
 from fakeworker import FakeControlWorker
-from geartask.admin import admin
+from geartask import fleet as admin
 from geartask.control import COMMANDS
 from geartask.metrics import FleetCounters
 from geartask.server import free_port

@@ -1,7 +1,9 @@
-"""The outcome store contract, run against every backend in geartask.outcomes.BACKENDS."""
+"""The outcome store contract, run against every backend in geartask.outcomes.BACKENDS
+(postgresql on a real PostgreSQL: tests/pgserver.py, a fresh database per test)."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -10,9 +12,19 @@ import pytest
 from geartask.outcomes import BACKENDS, BadOutcome, check, open_store
 
 
+@pytest.fixture
+def where(request, tmp_path):
+    """where(kind, name) -> the location of a new store of that backend: a file, or a database."""
+    def location(kind: str, name: str = "outcomes.db"):
+        if kind == "postgresql":
+            return request.getfixturevalue("pg_server").create_database()
+        return tmp_path / name
+    return location
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-def store(request, tmp_path):
-    s = open_store(request.param, tmp_path / "outcomes.db")
+def store(request, where):
+    s = open_store(request.param, where(request.param))
     yield s
     s.close()
 
@@ -94,16 +106,17 @@ def test_future_dated_records_are_refused_and_counted(store):
     assert store.get(future["id"]) is None and store.refused == 2
 
 
-def test_quota_drops_the_oldest_received_and_keeps_new_ones(tmp_path):
+def test_quota_drops_the_oldest_received_and_keeps_new_ones(where):
     for kind in BACKENDS:
-        s = open_store(kind, tmp_path / f"{kind}-quota.db")
+        s = open_store(kind, where(kind, f"{kind}-quota.db"))
         s.max_bytes = 2 * 1024 * 1024
         now = time.time()
-        first = rec(result="x" * 20_000)
+        noise = lambda: os.urandom(10_000).hex()  # noqa: E731  (PostgreSQL compresses repeated text)
+        first = rec(result=noise())
         s.add([first], received_at=now - 100)
         for i in range(400):  # about 8 MB offered in all
-            s.add([rec(result="y" * 20_000)], received_at=now + i * 0.001)
-        last = rec(result="z" * 20_000)
+            s.add([rec(result=noise())], received_at=now + i * 0.001)
+        last = rec(result=noise())
         s.add([last], received_at=now + 1)
         assert s.size_bytes() <= 2 * 1024 * 1024 and s.evicted > 0
         assert s.get(first["id"]) is None and s.get(last["id"]) is not None
@@ -152,9 +165,9 @@ def test_an_old_store_file_is_migrated_in_place(tmp_path):
     s.close()
 
 
-def test_survives_reopen(request, tmp_path):
+def test_survives_reopen(where):
     for kind in BACKENDS:
-        path = tmp_path / f"{kind}.db"
+        path = where(kind, f"{kind}.db")
         r = rec()
         s = open_store(kind, path)
         s.add([r])

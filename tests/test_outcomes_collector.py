@@ -16,7 +16,7 @@ import pytest
 
 import gearclient
 from geartask import gearman as gp
-from geartask.admin import admin
+from geartask import fleet as admin
 from geartask.config import load_config
 from geartask.outcomes import (OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store,
                                outcome_jobs)

@@ -74,6 +74,12 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
         running = Collector(config, store)
         parts.append(running)
         client: OutcomeClient = LocalOutcomeClient(config, running.queries)
+    elif config.outcomes.store == "postgresql":  # a shared store: read it directly, no collector needed
+        from ..outcomes.query import Queries
+        store = open_store(config.outcomes.store, config.outcomes.path, config)
+        parts.append(_Closing(store))
+        client = LocalOutcomeClient(config, Queries(store, config.outcomes.max_result,
+                                                    info=lambda: {"collector": None, "store": "postgresql"}))
     else:
         client = OutcomeClient(config, timeout)
     outcomes = OutcomesView(config, client)

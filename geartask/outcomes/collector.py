@@ -306,7 +306,7 @@ class Collector:
         """Refuse (CollectorConflict) if another collector is registered; else start serving."""
         if self._threads:
             raise RuntimeError("this collector was started already")
-        rivals = self.rivals()
+        rivals = [] if self.config.outcomes.store == "postgresql" else self.rivals()  # a shared store: any number
         if rivals:
             named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in rivals)
             raise CollectorConflict(f"another outcomes collector is registered: {named}; "
@@ -520,7 +520,7 @@ class Collector:
         """Delete records older than outcomes.keep_days; how many."""
         try:
             n = self.store.prune(self.keep_seconds)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, StoreError) as e:
             log.error("outcome store prune failed", error=str(e))
             return 0
         if n:
@@ -542,6 +542,8 @@ class Collector:
     def _yield_to_rivals(self) -> None:
         """Two collectors that started at the same instant both got past start()'s check: the
         one whose client id sorts higher stops, so one remains (docs/outcomes.md)."""
+        if self.config.outcomes.store == "postgresql":  # collectors share the store: none stops
+            return
         for server, w in self.rivals():
             if is_collector_id(w.client_id) and w.client_id < self.client_id:
                 self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "

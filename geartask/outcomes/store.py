@@ -385,11 +385,17 @@ class SqliteOutcomeStore(OutcomeStore):
             self._db.close()
 
 
-BACKENDS = {"sqlite": SqliteOutcomeStore}
+def _postgresql(url: str, **options: Any) -> OutcomeStore:
+    from .pgstore import PostgresOutcomeStore  # psycopg is imported only by who uses it
+    return PostgresOutcomeStore(url, **options)
+
+
+BACKENDS = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
 
 
 def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
-    """The configured backend (``outcomes.store``), opened at ``path``; StoreError names why not.
+    """The configured backend (``outcomes.store``), opened at ``path`` (postgresql: a URL, the
+    config's outcomes.url when ``config`` is given); StoreError names why not.
     ``config`` (the whole Config) gives outcomes.max_bytes and outcomes.max_clock_skew."""
     try:
         cls = BACKENDS[kind]
@@ -400,6 +406,8 @@ def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
     if oc is not None:
         options = {"max_bytes": getattr(oc, "max_bytes", DEFAULT_MAX_BYTES),
                    "max_clock_skew": getattr(oc, "max_clock_skew", DEFAULT_MAX_CLOCK_SKEW)}
+        if kind == "postgresql" and getattr(oc, "url", ""):
+            path = oc.url
     try:
         return cls(path, **options)
     except (sqlite3.Error, OSError) as e:

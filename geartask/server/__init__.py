@@ -63,6 +63,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def libpq_conninfo(url: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password or None): gearmand gets the password from
+    the environment, so it never shows in its command line."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}")), unquote(parts.password)
+
+
 @dataclass
 class LocalServer:
     host: str
@@ -81,6 +93,8 @@ class LocalServer:
     # at start, and whenever start or status finds it running (see rotate_log).
     max_log_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
+    queue_url: str = ""  # queue_type postgresql: libpq URL (its password goes by PGPASSWORD, not argv)
+    queue_table: str = "gearmand_queue"
 
     @classmethod
     def from_config(cls, config) -> "LocalServer":
@@ -91,7 +105,8 @@ class LocalServer:
         return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
                    queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads,
                    keepalive=(s.keepalive.idle, s.keepalive.interval, s.keepalive.count),
-                   max_log_bytes=config.log.max_bytes, log_backups=config.log.backups)
+                   max_log_bytes=config.log.max_bytes, log_backups=config.log.backups,
+                   queue_url=s.queue.url, queue_table=s.queue.table)
 
     @property
     def address(self) -> str:
@@ -119,6 +134,9 @@ class LocalServer:
         if self.queue_type == "sqlite":
             assert self.queue_path is not None
             cmd += ["--queue-type", "libsqlite3", "--libsqlite3-db", str(self.queue_path)]
+        elif self.queue_type == "postgresql":  # docs/gearmand.md: a standby server on the same table
+            cmd += ["--queue-type", "Postgres", "--libpq-conninfo", libpq_conninfo(self.queue_url)[0],
+                    "--libpq-table", self.queue_table]
         return cmd
 
     def pid(self) -> int | None:
@@ -147,9 +165,12 @@ class LocalServer:
         if self.queue_path is not None:
             Path(self.queue_path).parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
+        env = None
+        if self.queue_type == "postgresql" and libpq_conninfo(self.queue_url)[1] is not None:
+            env = {**os.environ, "PGPASSWORD": libpq_conninfo(self.queue_url)[1]}  # argv is public (ps)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                            start_new_session=True)
+                                            start_new_session=True, env=env)
         self.pid_file.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

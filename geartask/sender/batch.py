@@ -283,7 +283,7 @@ class Batch:
         failed = s.link.connect_done()
         if failed:
             self._connect_failed(s, *failed)
-        else:
+        elif s.link.conn is not None:  # else its TLS handshake goes on
             self.log.debug("connected", server=s.address)
 
     def _connect_failed(self, s: _Lane, reason: str, refused: bool) -> None:
@@ -299,7 +299,7 @@ class Batch:
         """A connection failed. The kernel's verdict that the peer is dead (keepalive or user
         timeout) fails its jobs over; anything else (reset, EOF, garbage) reconnects to it."""
         reason = reason or str(exc)
-        if _errno(exc) == errno.ETIMEDOUT:
+        if _errno(exc) == errno.ETIMEDOUT or isinstance(exc, p.TLSError):  # TLS: certificates won't change
             self._give_up(s, reason)
         else:
             self._broken(s, reason)
@@ -400,9 +400,10 @@ class Batch:
         for s in self.lanes:
             link = s.link
             if link.connecting is not None and now - link.connect_started > min(slow, settings.connect_timeout):
+                stage = link.connecting.stage
                 link.close()
-                self._connect_failed(s, f"cannot connect: no answer within {min(slow, settings.connect_timeout):g}s",
-                                     refused=False)
+                self._connect_failed(s, f"cannot connect: no answer within {min(slow, settings.connect_timeout):g}s"
+                                     + (f" ({stage})" if stage != "connect" else ""), refused=False)
             if link.conn is not None:
                 quiet = now - link.last_rx
                 if s.owed() and quiet > fa:
@@ -458,7 +459,7 @@ class Batch:
         for s in self.lanes:
             link = s.link
             if link.connecting is not None:
-                poller.register(link.connecting, select.POLLOUT)
+                poller.register(link.connecting, link.connecting.events)
                 watched[link.connecting.fileno()] = s
             elif link.conn is not None:
                 poller.register(link.conn.sock, select.POLLIN | (select.POLLOUT if link.out else 0))
@@ -547,6 +548,9 @@ class Batch:
         jobs = s.waiting.get(handle) if handle is not None else None
         if not jobs:
             return
+        if "oversize" in pkt.args:  # the connection skipped it (gearman.max_packet): only its jobs fail
+            self._oversize(s, handle, jobs, pkt)
+            return
         if cmd == p.WORK_COMPLETE:
             s.waiting.pop(handle, None)
             result = decode_payload(pkt["data"])
@@ -592,6 +596,22 @@ class Batch:
                 j.res.warnings.append(warning)
                 if len(j.res.warnings) > MAX_WARNINGS:
                     del j.res.warnings[0]
+
+    def _oversize(self, s: _Lane, handle: bytes, jobs: list[_Job], pkt: p.Packet) -> None:
+        size = p.to_text(pkt["oversize"])
+        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({s.link.conn.max_packet} bytes)"
+        if pkt.cmd == p.WORK_STATUS:
+            return  # progress only: the job goes on
+        if pkt.cmd == p.WORK_DATA:
+            for j in jobs:
+                j.res.data_dropped += 1  # counted, not kept, as past max_data
+            return
+        if pkt.cmd == p.WORK_WARNING:
+            return
+        s.waiting.pop(handle, None)  # gearmand has ended the job (WORK_COMPLETE/EXCEPTION)
+        for j in jobs:
+            j.res.attempts = j.res.attempts or 1
+            self._finish(j, "failed", error=what)
 
     # -- background record -------------------------------------------------------------------
     def _flush_record(self) -> None:

@@ -82,7 +82,7 @@ _ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator
     ("WRONG_VERSION_NUMBER", "not a TLS server (it answered in plain text)"),
     ("PACKET_LENGTH_TOO_LONG", "not a TLS server (it answered in plain text)"),
     ("RECORD_LAYER_FAILURE", "not a TLS server (it answered in plain text)"),
-    ("UNEXPECTED_EOF", "connection closed during the TLS handshake (a terminator that refused us?)"),
+    ("UNEXPECTED_EOF", "connection closed during the TLS handshake (not a TLS server, or one that refused us)"),
 )
 
 
@@ -94,7 +94,7 @@ def tls_reason(e: BaseException, name: str | None = None) -> str:
             return "TLS: " + words.format(name=name or "this address")
         return f"TLS: server certificate refused: {e.verify_message}"
     if isinstance(e, ssl.SSLEOFError):
-        return "TLS: connection closed during the TLS handshake (a terminator that refused us?)"
+        return "TLS: connection closed during the TLS handshake (not a TLS server, or one that refused us)"
     text = f"{getattr(e, 'reason', '') or ''} {e}"
     for key, words in _ALERT_WORDS:
         if key in text:

@@ -508,20 +508,25 @@ def test_plain_tcp_to_a_tls_port_and_tls_to_a_plain_port_fail_clearly(pki, tls_s
 def test_a_sender_without_a_client_certificate_gives_up_at_once_with_the_reason(pki, tls_server, fname,
                                                                                make_config):
     server, tunnel = tls_server
-    _, config = make_config(server)
+    _, config = make_config(server, "sender:\n  connect_timeout: 2\n")
     t0 = time.monotonic()
     with _tls_sender(config, tunnel.address, _context(pki, client=None)) as sender:
         with pytest.raises(ServerError, match="no client certificate"):
             list(sender.stream([{"task": fname, "data": 1}], timeout=60))
-    assert time.monotonic() - t0 < config.sender.connect_timeout + 5  # not a silent retry loop
+    # given up at its first refusal, like a refused connect: NoServerError after connect_timeout
+    assert time.monotonic() - t0 < config.sender.connect_timeout + 4
 
 
 def test_sliced_tls_through_a_slicing_proxy_works(pki, tls_server, fname, make_config):
-    """Every byte of the handshake and of the records arrives in slices of 1-48 bytes."""
+    """Every byte of the server's handshake and records reaches us in slices of 1-48 bytes.
+
+    Only the server's direction is sliced: stunnel 5.68 itself drops a connection whose client
+    records arrive in slices ("transfer() loop executes not transferring any data", measured
+    here with TLS 1.2 and 1.3), which is stunnel's reading, not ours."""
     server, tunnel = tls_server
     ctx = _context(pki)
     _, config = make_config(server)
-    with SliceProxy(tunnel.address, seed=7) as proxy:
+    with SliceProxy(tunnel.address, seed=7, slice_up=False) as proxy:
         conn = gp.Connection("127.0.0.1", proxy.port, tls=ctx, server_hostname="127.0.0.1").connect()
         try:
             assert conn.echo(10) < 10

@@ -358,7 +358,7 @@ class Batch:
     def _recovered(self, s: _Lane) -> None:
         """``s`` answers again: route jobs that had nowhere to go."""
         if s.link.answered():
-            self.log.info("server answering again", server=s.address)
+            self.log.info("server answering again", server=s.address, failed_tries=s.link.hidden)
             homeless, self.homeless = self.homeless, deque()
             for j in homeless:
                 if not j.finished:
@@ -396,13 +396,17 @@ class Batch:
         """Late answers: a warning and an echo after submit_timeout, failover after
         failover_after. Quiet connections with jobs running get an echo every submit_timeout."""
         settings = self.settings
-        slow, fa = settings.submit_timeout, settings.failover_after
+        fa = settings.failover_after
         for s in self.lanes:
             link = s.link
-            if link.connecting is not None and now - link.connect_started > min(slow, settings.connect_timeout):
+            # submit_timeout on a fast path; more where answers are measured slow or were late
+            slow = link.slow_after(settings.submit_timeout, max(fa, settings.submit_timeout))
+            limit = min(slow, settings.connect_timeout)
+            if link.connecting is not None and now - link.connect_started > limit:
                 stage = link.connecting.stage
                 link.close()
-                self._connect_failed(s, f"cannot connect: no answer within {min(slow, settings.connect_timeout):g}s"
+                link.answer_deadline.missed()  # a slow path gets longer next time, not a storm
+                self._connect_failed(s, f"cannot connect: no answer within {limit:g}s"
                                      + (f" ({stage})" if stage != "connect" else ""), refused=False)
             if link.conn is not None:
                 quiet = now - link.last_rx
@@ -412,6 +416,7 @@ class Batch:
                     self._give_up(s, f"no answer for {quiet:.0f}s (sender.failover_after {fa:g}s)")
                 elif s.owed() and quiet > slow and not s.warned and link.healthy:
                     s.warned = True
+                    link.answer_deadline.missed()
                     self.log.warning("server slow: waiting for its answer", server=s.address,
                                      seconds=round(quiet, 1), pending=len(s.pending), failover_after=fa)
                 elif s.waiting and not s.owed() and quiet > slow:
@@ -512,6 +517,7 @@ class Batch:
         link = s.link
         if link.option_owed and cmd in (p.OPTION_RES, p.ERROR):  # the first answer on a connection
             link.option_owed = False
+            link.answer_deadline.measured(time.monotonic() - link.option_sent)
             if cmd == p.ERROR:
                 self.log.warning("server refused the 'exceptions' option", server=s.address,
                                  error=pkt.text("error_text"))
@@ -535,6 +541,8 @@ class Batch:
                 s.waiting.setdefault(handle, []).append(j)
             return
         if cmd == p.ECHO_RES:
+            if link.probe_sent is not None:
+                link.answer_deadline.measured(time.monotonic() - link.probe_sent)
             link.probe_sent = None
             return
         if cmd == p.ERROR:

@@ -38,14 +38,17 @@ class ServerLink:
         self.connect_started = 0.0
         self.out = bytearray()
         self.option_owed = False  # the OPTION_REQ sent on connecting is unanswered
+        self.option_sent = 0.0
         self.probe_sent: float | None = None  # an unanswered ECHO_REQ
         self.last_rx = 0.0  # when we last heard from it, or started owing it nothing
         self.healthy = True
         self.retry_at = 0.0
         self.backoff_policy = p.Backoff(RECONNECT_DELAY, RECONNECT_DELAY_MAX)
+        self.hidden = 0
         self.delay = RECONNECT_DELAY
         self.reason: str | None = None
-        # "connected, but no answer" grows with the measured round trip (batch.py)
+        # How long an answer may take before "server slow" (and how long a connect may take):
+        # grows with the measured round trip and after each miss (batch.py: slow_after).
         self.answer_deadline = p.AnswerDeadline(floor=0.001, ceiling=3600.0)
 
     @property
@@ -83,7 +86,8 @@ class ServerLink:
                                  max_packet=self.max_packet).adopt(sock, tuned=True)
         self.out = bytearray(_OPTION)
         self.option_owed, self.probe_sent = True, None
-        self.last_rx = time.monotonic()
+        self.last_rx = self.option_sent = time.monotonic()
+        self.answer_deadline.measured(self.last_rx - self.connect_started)  # the connect's round trip(s)
         return None
 
     def flush(self) -> OSError | None:
@@ -109,9 +113,15 @@ class ServerLink:
         self.retry_at = now + self.backoff_policy.next()
         self.delay = self.backoff_policy.base
 
+    def slow_after(self, floor: float, ceiling: float) -> float:
+        """Seconds an answer (or a connect) may take here before it is late: ``floor``
+        (sender.submit_timeout) on a fast path, more on a slow one, at most ``ceiling``."""
+        return max(floor, min(ceiling, self.answer_deadline.seconds))
+
     def answered(self) -> bool:
-        """It answers: reset the backoff. True when it had been given up (now healthy again)."""
-        self.backoff_policy.reset()
+        """It answers: reset the backoff. True when it had been given up (now healthy again).
+        ``hidden`` then holds the failed tries since the last answer (logs said the first)."""
+        self.hidden = self.backoff_policy.reset()
         self.delay, self.reason = RECONNECT_DELAY, None
         was_down, self.healthy = not self.healthy, True
         return was_down

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from .cli import ArgumentParser, add_common_args, config_from_args
-from .errors import EXIT_OK
+from .display import printable
+from .errors import EXIT_OK, EXIT_USAGE
 from .plugins import load_plugins
 
 
@@ -15,6 +17,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
+    from .trust.checks import problems  # a half-secured config is an error (docs/security.md)
+    found = problems(config)
+    for problem in found:
+        print(f"error: {printable(problem)}", file=sys.stderr)
+    if found:
+        return EXIT_USAGE
     plugins = load_plugins(config)
     print(f"config: {config.source or '(defaults)'}")
     print(f"servers: {', '.join(config.servers)}")

@@ -127,6 +127,9 @@ class ServerConfig:
     gearmand: str = "gearmand"  # program to run
     threads: int = 4
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)  # --keepalive-* of gearmand
+    tls: bool = False  # stunnel on host:port checks client certificates; gearmand on 127.0.0.1:backend_port
+    backend_port: int = 0  # gearmand's port behind the terminator; 0: port + 1
+    stunnel: str = "stunnel"  # program to run (Debian: stunnel4)
 
 
 @dataclass
@@ -152,6 +155,22 @@ class GearmanConfig:
 
 
 @dataclass
+class TlsConfig:
+    # PEM files, relative to the config file (geartask/trust/tls.py); empty: not set
+    ca: str = ""  # the CA bundle that signs the fleet's certificates (old and new during a rotation)
+    cert: str = ""  # this host's certificate, presented to servers (and by server.tls's terminator)
+    key: str = ""  # its private key
+
+
+@dataclass
+class SecurityConfig:
+    key: str = ""  # this process's Ed25519 private key (geartask keys new), relative to the config file
+    trust: list[dict] = field(default_factory=list)  # {name, public_key, may}: geartask/trust/policy.py
+    require_signed: bool = False  # workers run only jobs signed by a trusted key whose may covers the task
+    max_job_age: float = 86400.0  # seconds a signed job (or a requeue note) stays valid
+
+
+@dataclass
 class Config:
     servers: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_PORT}"])
     log: LogConfig = field(default_factory=LogConfig)
@@ -162,6 +181,8 @@ class Config:
     schedules: list[dict] = field(default_factory=list)  # periodic jobs, checked by geartask.scheduler
     outcomes: OutcomesConfig = field(default_factory=OutcomesConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     gearman: GearmanConfig = field(default_factory=GearmanConfig)
     source: Path | None = None  # the file this came from, None for pure defaults
 
@@ -183,13 +204,14 @@ _POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "work
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
-             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh"}
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age"}
 _MAXIMUM = {"gearman.max_packet": 2**32 - 1,  # the wire format's length field
             "server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127,
-            "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024}
+            "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024,
+            "server.backend_port": 65535}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace", "worker.max_jobs",
-                 "sender.max_retries", "log.backups"}
+                 "sender.max_retries", "log.backups", "server.backend_port"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
@@ -426,7 +448,23 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
     for key, value in (("dashboard.listen", cfg.dashboard.listen), ("worker.metrics_listen", cfg.worker.metrics_listen)):
         if value:
             parse_hostport(value, key, path)
+    _check_trust(cfg, path, base)
     return cfg
+
+
+def _check_trust(cfg: Config, path: str | None, base: Path) -> None:
+    """tls.* and security.key are paths relative to the config file; security.trust is checked
+    entry by entry (cryptography is imported only when a trust list is given)."""
+    for section, name in (("tls", "ca"), ("tls", "cert"), ("tls", "key"), ("security", "key")):
+        obj = getattr(cfg, section)
+        if getattr(obj, name):
+            setattr(obj, name, str(base / Path(getattr(obj, name)).expanduser()))
+    if cfg.server.backend_port == cfg.server.port:
+        raise ConfigError(f"must differ from server.port ({cfg.server.port}): gearmand listens there behind "
+                          "the terminator", path, "server.backend_port")
+    if cfg.security.trust:
+        from .trust.policy import Trust
+        Trust.from_config(cfg.security.trust, path)
 
 
 def load_config(path: str | os.PathLike | None = None, servers: list[str] | str | None = None) -> Config:

@@ -12,7 +12,8 @@ tool, other clients) is an ordinary job with the worker's defaults. Known fields
 optional: ``bg`` (bool: background job), ``retries`` (int >= 0), ``at`` (submission time,
 Unix seconds), ``host`` (the sending host), ``prio`` (low|normal|high), ``requeue_of``
 (the id of the failed outcome this job re-sends). Unknown fields are ignored, so newer
-senders can add some.
+senders can add some. A signed job carries a signature line in front of the envelope
+(``geartask/trust/signing.py``): strip it with ``signing.split`` before unwrapping.
 """
 
 from __future__ import annotations

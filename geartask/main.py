@@ -17,6 +17,8 @@ COMMANDS = {
     "manage": ("geartask.admin.cli", "see and manage job servers, workers and outcomes", "manage_client"),
     "check": ("geartask.check", "validate the config and load the enabled plugins", None),
     "init": ("geartask.init", "write a commented config.yaml and an example plugin", None),
+    "certs": ("geartask.trust.cli", "write a fleet CA and host certificates for TLS", None),
+    "keys": ("geartask.trust.cli", "write Ed25519 signing keys", None),
     "version": (None, "print geartask's version", None),
 }
 _VALUED = ("--config", "--servers", "--log-format")  # global options that take a value
@@ -80,9 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = ["--help", *rest]
     globals_ = [g for g in globals_ if g not in ("-h", "--help")]
     module = importlib.import_module(COMMANDS[command][0])
-    if command == "init":
-        return module.main(rest)
-    return module.main([*globals_, *rest])
+    entry = getattr(module, f"main_{command}", None) or module.main  # one module may serve two commands
+    if command in ("init", "certs", "keys"):
+        return entry(rest)
+    return entry([*globals_, *rest])
 
 
 def cli() -> None:

@@ -81,6 +81,9 @@ class LocalServer:
     @classmethod
     def from_config(cls, config) -> "LocalServer":
         s = config.server
+        if getattr(s, "tls", False):  # stunnel in front, gearmand behind it (geartask/trust/stunnel.py)
+            from .trust.stunnel import TlsFrontedServer
+            return TlsFrontedServer.from_config(config)  # type: ignore[return-value]
         return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
                    queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads,
                    keepalive=(s.keepalive.idle, s.keepalive.interval, s.keepalive.count))

@@ -126,9 +126,12 @@ class Connection:
                     self._sendall_tls(data)
                 else:
                     self.sock.sendall(data)
-        except ssl.SSLError as e:
-            raise self._fail_tls(e) from None
         except OSError as e:
+            alert = self._tls_alert()
+            if alert is not None:
+                raise alert from None
+            if isinstance(e, ssl.SSLError):
+                raise self._fail_tls(e) from None
             raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
 
     def _sendall_tls(self, data: bytes) -> None:
@@ -156,6 +159,27 @@ class Connection:
             return sock.send(data, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, *_WANT):
             return 0
+        except OSError:
+            alert = self._tls_alert()
+            if alert is not None:
+                raise alert from None
+            raise
+
+    def _tls_alert(self) -> "TLSError | None":
+        """After a failed send on TLS: the server's refusal, if it sent one. A TLS 1.3 server
+        refuses a client's certificate after the handshake and closes, so our first send can
+        fail (EOF) with its alert still unread; the alert says why, the EOF does not."""
+        if not self._tls or self.sock is None:
+            return None
+        try:
+            self.sock.recv(1)
+        except ssl.SSLError as e:
+            if not isinstance(e, _WANT):
+                err = self._fail_tls(e)
+                return err if isinstance(err, TLSError) else None
+        except OSError:
+            pass
+        return None
 
     def _fail_tls(self, e: BaseException) -> ServerError:
         """An ssl error on an open connection: TLS 1.3 servers refuse a client's certificate

@@ -22,6 +22,8 @@ from typing import Any, Callable
 from .. import gearman as gp
 from ..admin.admin import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
 from ..errors import ServerError
+from ..gearman.grab import LinkMachine
+from ..gearman.timing import RoundTrip
 from ..logs import get_logger
 from .errors import CollectorConflict, StoreError
 from .query import Queries
@@ -125,7 +127,9 @@ def parse_outcomes(raw: bytes) -> list:
 
 class _Attachment(threading.Thread):
     """One connection to one server as the worker of one function, kept up for as long as the
-    collector runs: grab in pipelined rounds, let ``handle`` answer a round, sleep when empty."""
+    collector runs: grab in pipelined rounds, let ``handle`` answer a round, sleep when empty.
+    Where the connection is in the grab cycle, its deadlines and its reconnect backoff are the
+    LinkMachine's (geartask.gearman.grab), as for the worker's threads."""
 
     def __init__(self, collector: "Collector", host: str, port: int, function: str, max_job: int,
                  handle: Callable[[list[gp.Packet], str], bytes], pipeline: int):
@@ -134,26 +138,29 @@ class _Attachment(threading.Thread):
         self.collector, self.host, self.port, self.function = collector, host, port, function
         self.address = f"{host}:{port}"
         self.max_job, self.handle, self.pipeline = max_job, handle, pipeline
+        self.link = LinkMachine(RoundTrip(), collector.poll_timeout, floor=ANSWER_TIMEOUT)
         self.attached = False
         self.rounds = 0
 
     def run(self) -> None:
-        c = self.collector
-        delay, down_since = gp.RECONNECT_MIN, None
+        c, link = self.collector, self.link
+        down_since = None
         while not c.stopping:
             conn = _Guarded(self.host, self.port, self.max_job, connect_timeout=gp.CONNECT_TIMEOUT,
                             keepalive=c.keepalive)
             try:
                 conn.connect()
-                conn.send(gp.SET_CLIENT_ID, client_id=c.client_id)
-                conn.send(gp.CAN_DO, task=self.function)
-                conn.echo(ANSWER_TIMEOUT)
+                conn.send_raw(link.connected(time.monotonic(), c.client_id, [self.function]))
+                conn.expect(gp.ECHO_RES, link.hello_timeout)
+                link.hello_answered(time.monotonic())
                 self.attached = True
                 log.info("attached", server=self.address, function=self.function,
-                         down_for=None if down_since is None else round(time.monotonic() - down_since, 1))
-                down_since, delay = None, gp.RECONNECT_MIN
+                         down_for=None if down_since is None else round(time.monotonic() - down_since, 1),
+                         **({"failures": link.reconnects} if down_since is not None else {}))
+                down_since, link.reconnects = None, 0
                 self._serve(conn)
             except ServerError as e:
+                link.tick(time.monotonic())  # a hello past its deadline is counted: the next waits longer
                 if down_since is None:  # once per outage
                     down_since = time.monotonic()
                     log.warning("server unreachable; retrying" if not self.attached else "connection lost; reconnecting",
@@ -162,46 +169,51 @@ class _Attachment(threading.Thread):
                 down_since = down_since or time.monotonic()
                 log.error("outcome store failed; the batch stays in gearmand and is taken again",
                           server=self.address, error=str(e.__cause__ or e), retry_in=STORE_RETRY)
-                delay = STORE_RETRY
+                link.backoff = STORE_RETRY
             except Exception as e:  # a bug: log it, and keep serving rather than leave outcomes unread
                 down_since = down_since or time.monotonic()
                 log.exception("collector thread error; reconnecting", server=self.address, error=repr(e))
-                delay = max(delay, 1.0)
+                link.backoff = max(link.backoff, 1.0)
             finally:
                 conn.close()  # gearmand hands out again any job we grabbed and did not answer
                 self.attached = False
-            if c.stopping or c.wait(delay):
+            now = time.monotonic()
+            link.dropped(now)
+            if c.stopping or c.wait(link.next_try - now):
                 break
-            delay = min(delay * 2, gp.RECONNECT_MAX)
 
     def _serve(self, conn: _Guarded) -> None:
-        c, grab, n = self.collector, gp.pack(gp.GRAB_JOB_UNIQ), self.pipeline
+        c, link, n = self.collector, self.link, self.pipeline
         while not c.stopping:
-            conn.send_raw(grab * n)
+            conn.send_raw(link.grab(time.monotonic(), n))
             jobs, empty = [], False
             for _ in range(n):
                 pkt = self._next(conn)
                 if pkt.cmd == gp.NO_JOB:
+                    link.no_job(time.monotonic())
                     empty = True
                 else:
+                    link.assigned(time.monotonic())
                     jobs.append(pkt)
             self.rounds += 1
             if jobs:
                 conn.send_raw(self.handle(jobs, self.address))
+                link.answered(time.monotonic())
                 biggest = max(int(p.args["oversize"]) if "oversize" in p.args else len(p["data"]) for p in jobs)
                 n = max(1, min(self.pipeline, PIPELINE_BYTES // (biggest + 1)))
                 continue  # more may have come while we stored these: grab again before sleeping
             if empty:
-                conn.send(gp.PRE_SLEEP)
+                conn.send_raw(link.rest(time.monotonic(), sleep=True))
                 self._sleep(conn)
 
     def _next(self, conn: _Guarded) -> gp.Packet:
         """The answer to one grab (NOOPs from an earlier PRE_SLEEP are skipped)."""
-        deadline = time.monotonic() + ANSWER_TIMEOUT
+        timeout = self.link.grab_timeout
+        deadline = time.monotonic() + timeout
         while True:
             pkt = conn.recv(max(0.0, deadline - time.monotonic()))
             if pkt is None:
-                raise ServerError(f"no answer to GRAB_JOB within {ANSWER_TIMEOUT:g}s", conn.address)
+                raise ServerError(f"no answer to GRAB_JOB within {timeout:g}s", conn.address)
             if pkt.cmd in (gp.JOB_ASSIGN_UNIQ, gp.NO_JOB):
                 return pkt
             if pkt.cmd == gp.ERROR:
@@ -214,8 +226,8 @@ class _Attachment(threading.Thread):
             return
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self.collector._wake_r, select.POLLIN)
-        poller.poll(int(self.collector.poll_timeout * 1000))
+        poller.register(self.collector.wake_fd, select.POLLIN)
+        poller.poll(int(self.link.deadline(time.monotonic(), self.collector.poll_timeout) * 1000))
 
 
 class Collector:
@@ -251,6 +263,11 @@ class Collector:
         self._warned: set[tuple[str, str]] = set()
 
     # -- life cycle ------------------------------------------------------------------------
+    @property
+    def wake_fd(self) -> int:
+        """Readable once the collector stops (its threads poll it with their sockets)."""
+        return self._wake_r
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()

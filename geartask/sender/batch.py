@@ -276,7 +276,9 @@ class Batch:
 
     def _flush(self, s: _Lane) -> None:
         e = s.link.flush()
-        if e is not None:
+        if isinstance(e, ServerError):
+            self._lost(s, e, str(e).removeprefix(s.address + ": "))
+        elif e is not None:
             self._lost(s, e, f"connection lost while sending: {e.strerror or e}")
 
     def _connect_done(self, s: _Lane) -> None:

@@ -90,7 +90,7 @@ class ServerLink:
         self.answer_deadline.measured(self.last_rx - self.connect_started)  # the connect's round trip(s)
         return None
 
-    def flush(self) -> OSError | None:
+    def flush(self) -> OSError | ServerError | None:
         """Send what the socket takes now; the error if the connection failed."""
         try:
             while self.out:
@@ -98,7 +98,7 @@ class ServerLink:
                 if not n:
                     break  # the socket buffer is full: poll says when it drains
                 del self.out[:n]
-        except OSError as e:
+        except (OSError, p.TLSError) as e:  # TLSError: the server's refusal, read after the failed send
             return e
         return None
 

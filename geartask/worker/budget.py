@@ -16,6 +16,8 @@ class JobBudget:
     is called (the process shuts down and exits 0, for its supervisor to start a fresh one).
     """
 
+    limited = True
+
     def __init__(self, limit: int, on_spent: Callable[[], Any]):
         self.limit = limit
         self.left = limit  # permits not handed out
@@ -46,3 +48,22 @@ class JobBudget:
             spent = self.answered == self.limit
         if spent:
             self.on_spent()
+
+
+class Unlimited:
+    """No worker.max_jobs: every GRAB may go out, and nothing is counted (JobBudget's
+    interface, so the grab loop has no branch for "no limit")."""
+
+    limited = False
+
+    def take(self, thread: Any) -> bool:
+        return True
+
+    def give_back(self) -> None:
+        pass
+
+    def job_done(self) -> None:
+        pass
+
+
+UNLIMITED = Unlimited()

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..jobs import encode_payload
 from ..logs import get_logger, job_context
 
+from .budget import UNLIMITED
 from .dead_letters import cap_text
 from .grab import GrabLoop, Link
 from .job import STOPPED_BY_OPERATOR, failure_packets
@@ -28,7 +29,7 @@ class ControlLoop(GrabLoop):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.budget = None  # control jobs are not jobs: worker.max_jobs does not count them
+        self.budget = UNLIMITED  # control jobs are not jobs: worker.max_jobs does not count them
 
     def abilities_at(self, identity: WorkerIdentity) -> list[str]:
         return [identity.control_function]
@@ -93,7 +94,7 @@ def stop_job(process: "WorkerProcess", handle: str, server: str | None = None, b
             continue
         with job_context(task=job.task, handle=job.handle, unique=job.unique):
             if job.task in process.own_timeout:
-                stopped = t.request_stop(job)
+                stopped = t.running.request_stop(job)
                 if stopped:
                     log.warning("job stopped by operator; killing it", by=by, thread=t.index)
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import enum
 import os
 import select
 import socket
@@ -11,69 +10,80 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import gearman as gp
 from ..control import WorkerIdentity
 from ..errors import ServerError
+from ..gearman.grab import (BUSY, DOWN, GRABBING, HELLO, IDLE, LATE, PARKED, RESTING, SLEEPING,  # noqa: F401
+                            GRAB, GRAB_PACKET, HELLO_TIMEOUT, LATE_ACT, WANTS_GRAB, LinkMachine, LinkState)  # noqa: F401
+from ..gearman.timing import ANSWER_FLOOR, RoundTrip
 from ..logs import get_logger
 
 from .dead_letters import cap_text
 from .job import Abandoned, Job
 from .outcomes import refused
+from .running import RunningJob
 from .stats import TaskCounters
 
 if TYPE_CHECKING:
-    from .process import WorkerProcess
+    from .budget import JobBudget, Unlimited
+    from .outcomes import HeldAnswers
+    from .runner import JobRunner, UnansweredJobs
 
 log = get_logger("geartask.worker")
 
-ANSWER_TIMEOUT = 5.0  # seconds to answer ECHO (else the connection is dropped) or GRAB (else it is late)
+ANSWER_TIMEOUT = ANSWER_FLOOR  # seconds: the least a hello or a GRAB is given (adapted: gearman.timing)
 REPEATS_FATAL = 5  # the same thread error this many times in a row ends the process (exit 1)
 
-
-class LinkState(enum.Enum):
-    """Where one thread's connection to one server is in the grab cycle."""
-
-    DOWN = "down"  # not connected; reconnect at next_try
-    HELLO = "hello"  # connected, abilities sent, awaiting the ECHO_RES that proves the server answers
-    IDLE = "idle"  # may be sent a GRAB
-    GRABBING = "grabbing"  # this thread's one punctual GRAB is outstanding here
-    LATE = "late"  # a GRAB unanswered for ANSWER_TIMEOUT; kept open, its answer still served
-    BUSY = "busy"  # running the job that came on it
-    SLEEPING = "sleeping"  # PRE_SLEEP sent: the process's listener for this server, woken by NOOP
-    PARKED = "parked"  # idle without PRE_SLEEP: another thread of the group listens (Sleepers)
+_WANTS_GRAB = WANTS_GRAB
+GRAB_ACT = GRAB
+_RESTING = RESTING
 
 
-# Module-level names: the per-job path compares states by identity, and a global is the
-# fastest lookup (an Enum class attribute costs several times more).
-DOWN, HELLO, IDLE, GRABBING, LATE, BUSY, SLEEPING, PARKED = LinkState
-_WANTS_GRAB = (IDLE, SLEEPING, PARKED)  # states in which a link may be sent a GRAB
-_RESTING = (SLEEPING, PARKED)
+class Host(Protocol):
+    """What a GrabLoop needs of its process (geartask.worker.process.WorkerProcess)."""
+
+    config: Any
+    runner: "JobRunner"
+    budget: "JobBudget | Unlimited"  # worker.max_jobs' permits
+    identity: WorkerIdentity
+    keepalive: gp.Keepalive
+    outage: "Outage"
+    unanswered: "UnansweredJobs"
+    held: "HeldAnswers"
+    cancel_jobs: threading.Event  # set when every running job is cancelled (shutdown past grace)
+
+    def saw_ip(self, ip: str, server: str) -> None: ...
+
+    def fatal(self, reason: str) -> None: ...
 
 
-@dataclass
-class Link:
-    """One thread's connection to one server, and where it is in the grab cycle."""
+class Link(LinkMachine):
+    """One thread's connection to one server: the grab cycle's state (LinkMachine) and what
+    the thread keeps with it."""
 
-    conn: gp.Connection
-    state: LinkState = DOWN
-    server: int = 0  # index into config.servers
-    since: float = 0.0  # when it entered its state
-    next_try: float = 0.0  # when to reconnect (state DOWN)
-    backoff: float = gp.RECONNECT_MIN
-    fd: int = -1  # the socket's descriptor while registered with the thread's poller
-    job: tuple = ()  # (server, handle, unique) of the job it is busy with
-    permit: bool = False  # its outstanding GRAB holds one of worker.max_jobs' permits
-    acks: collections.deque = field(default_factory=collections.deque)  # outcome jobs awaiting JOB_CREATED
+    __slots__ = ("conn", "fd", "job", "permit", "acks")
+
+    def __init__(self, conn: gp.Connection, server: int = 0, rtt: RoundTrip | None = None,
+                 poll_timeout: float = 60.0):
+        super().__init__(rtt, poll_timeout, server)
+        self.conn = conn
+        self.fd = -1  # the socket's descriptor while registered with the thread's poller
+        self.job: tuple = ()  # (server, handle, unique) of the job it is busy with
+        self.permit = False  # its outstanding GRAB holds one of worker.max_jobs' permits
+        self.acks: collections.deque = collections.deque()  # outcome jobs awaiting JOB_CREATED
 
 
 @dataclass
 class Outage:
-    """Shared by a process's threads, so an outage is logged once, not once per thread and try."""
+    """Shared by a process's threads, so an outage is logged once, not once per thread and try;
+    the line that ends it counts the failed tries it hid."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     down: dict[str, set] = field(default_factory=dict)  # server -> threads that cannot reach it
+    tries: dict[str, int] = field(default_factory=dict)  # server -> failures during its outage
+    since: dict[str, float] = field(default_factory=dict)  # server -> when its outage began
 
     def failed(self, server: str, thread: int, reason: str,
                event: str = "server unreachable; retrying with backoff") -> None:
@@ -81,6 +91,9 @@ class Outage:
             threads = self.down.setdefault(server, set())
             new = not threads
             threads.add(thread)
+            self.tries[server] = self.tries.get(server, 0) + 1
+            if new:
+                self.since[server] = time.monotonic()
         if new:
             log.warning(event, server=server, reason=reason)
 
@@ -93,8 +106,26 @@ class Outage:
             back = not threads
             if back:
                 del self.down[server]
+                tries = self.tries.pop(server, 0)
+                since = self.since.pop(server, time.monotonic())
         if back:
-            log.info("server reachable again", server=server)
+            log.info("server reachable again", server=server, failures=tries,
+                     down_for=round(time.monotonic() - since, 3))
+
+
+class RoundTrips:
+    """One RoundTrip per server, shared by a process's links (geartask.gearman.timing)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_server: dict[str, RoundTrip] = {}
+
+    def of(self, server: str) -> RoundTrip:
+        with self.lock:
+            rtt = self.by_server.get(server)
+            if rtt is None:
+                rtt = self.by_server[server] = RoundTrip()
+            return rtt
 
 
 class Sleepers:
@@ -144,10 +175,6 @@ class Sleepers:
         thread.nudge()
 
 
-_GRAB = gp.pack(gp.GRAB_JOB_UNIQ)
-_PRE_SLEEP = gp.pack(gp.PRE_SLEEP)
-
-
 def shut(conn: gp.Connection) -> None:
     """End ``conn`` for the server without closing the socket (another thread may be using it)."""
     sock = conn.sock
@@ -161,35 +188,40 @@ def shut(conn: gp.Connection) -> None:
 class GrabLoop(threading.Thread):
     """A job thread: one connection per server, serving jobs of ``abilities``.
 
-    The cycle is the protocol's intended one, which is also the fast one:
+    Each connection is a Link, whose grab cycle is the pure state machine of
+    geartask.gearman.grab; this thread does the I/O and coordinates its links. The cycle is
+    the protocol's intended one, which is also the fast one:
 
     * after a job it sends the result *and* the next GRAB_JOB_UNIQ in one write, so a busy
       thread costs one round trip per job;
     * it sends PRE_SLEEP only when a server answers NO_JOB, and wakes on NOOP (one sleeper
       per server and group, see Sleepers);
     * at most one GRAB is outstanding per thread, so a thread never holds a job it is not
-      about to run while another worker idles; a GRAB unanswered for ANSWER_TIMEOUT is
+      about to run while another worker idles; a GRAB unanswered for its deadline is
       *late*: the thread grabs elsewhere meanwhile, but keeps the connection (a result may
       still be in its send buffer) and serves a job that comes on it later;
     * a connection that has slept ``worker.poll_timeout`` seconds is asked again (GRAB),
       which cures python-gearman's starvation bug (a NOOP lost or never sent with several
       servers).
 
-    A connection is closed only when the server closes it or the kernel declares it dead
-    (``worker.keepalive``); a server that is down is retried with backoff, logged once per
-    outage. With ``worker.max_jobs`` each GRAB first takes a permit from the process's
-    JobBudget, so no thread ever receives a job beyond the limit.
+    A connection is closed only when the server closes it, the kernel declares it dead
+    (``worker.keepalive``) or its hello goes unanswered (a deadline adapted to the server's
+    round trip, longer after each miss); a server that is down is retried with backoff,
+    logged once per outage. With ``worker.max_jobs`` each GRAB first takes a permit from the
+    process's JobBudget, so no thread ever receives a job beyond the limit. The job it runs
+    is ``running`` (a RunningJob: what the watchdog and the control handlers act on).
     """
 
-    def __init__(self, process: "WorkerProcess", index: int, abilities: list[str],
-                 stop: threading.Event, wake_fd: int, name: str, sleepers: Sleepers | None = None):
+    def __init__(self, process: Host, index: int, abilities: list[str],
+                 stop: threading.Event, wake_fd: int, name: str, sleepers: Sleepers | None = None,
+                 round_trips: RoundTrips | None = None):
         super().__init__(name=name, daemon=True)
         self.sleepers = sleepers or Sleepers()
         self.unparked: set[int] = set()  # servers another thread asked us to grab from (under sleepers.lock)
         self._nudge_r, self._nudge_w = os.pipe()
         self.process = process
         self.runner = process.runner
-        self.budget = process.budget  # None: no worker.max_jobs
+        self.budget = process.budget  # worker.max_jobs' permits (budget.UNLIMITED without a limit)
         self.index = index
         self.identity = process.identity.for_thread(index)
         self.abilities = abilities
@@ -197,9 +229,12 @@ class GrabLoop(threading.Thread):
         self.wake_fd = wake_fd
         cfg = process.config
         self.poll_timeout = cfg.worker.poll_timeout
+        round_trips = round_trips or RoundTrips()
         # A short connect timeout: while a thread waits on an unreachable server it serves no other.
-        self.links = [Link(gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive),
-                           server=i) for i, (h, p) in enumerate(cfg.server_addresses)]
+        self.links = []
+        for i, (h, p) in enumerate(cfg.server_addresses):
+            conn = gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive)
+            self.links.append(Link(conn, i, round_trips.of(conn.address), self.poll_timeout))
         # poll, not select: select fails for descriptor numbers past 1024.
         self.poller = select.poll()
         self.by_fd: dict[int, Link] = {}
@@ -207,18 +242,21 @@ class GrabLoop(threading.Thread):
             self.poller.register(fd, select.POLLIN)
         self.wants: collections.deque[Link] = collections.deque()  # links to send a GRAB on
         self.outstanding: Link | None = None  # the link with this thread's punctual GRAB
-        self.current: Job | None = None  # the job running now (for the watchdog, ping, stop, shutdown)
-        self.attempt_started = 0.0  # when the current attempt began (for the watchdog)
-        self.abandoned = False  # the watchdog or a stop answered for this thread's job and replaced the thread
-        self.answer_lock = threading.Lock()  # the thread's answer and the watchdog's failure exclude each other
-        self.released = threading.Event()  # the watchdog is done with an abandoned thread's sockets
-        self.cancel = threading.Event()  # the running job's job.cancel: set at shutdown past grace, or by a stop
-        self.stop_requested = False  # an operator stopped the running job (set with cancel, under answer_lock)
         self.counters = TaskCounters(abilities)  # written by this thread only
-        self.outcome: dict | None = None  # the outcome record of the job just served, if it is reported
+        self.running = RunningJob(self.counters, process.cancel_jobs)  # the job this thread runs
+        self.released = threading.Event()  # the watchdog is done with an abandoned thread's sockets
         self.jobs_done = 0
-        self.no_jobs = 0  # NO_JOB answers: grabs that found nothing (the herd shows here)
         self._last_error, self._last_error_at, self._repeats = "", 0.0, 0
+
+    @property
+    def current(self) -> Job | None:
+        """The job running now (for ping and the shutdown's log)."""
+        return self.running.job
+
+    @property
+    def no_jobs(self) -> int:
+        """NO_JOB answers: grabs that found nothing (the herd shows here)."""
+        return sum(link.no_jobs for link in self.links)
 
     def abilities_at(self, identity: WorkerIdentity) -> list[str]:
         """The functions to register on a connection where we are ``identity``."""
@@ -237,21 +275,11 @@ class GrabLoop(threading.Thread):
             ip = conn.local_address or conn.host
             self.process.saw_ip(ip, conn.address)
             identity = self.identity.at(ip)
-            packets = [gp.pack(gp.SET_CLIENT_ID, client_id=identity.client_id)]
-            packets += [gp.pack(gp.CAN_DO, task=a) for a in self.abilities_at(identity)]
-            # The echo proves the server answers: a server that accepts connections but never
-            # replies must not hold this thread's one outstanding GRAB (and with it every server).
-            packets.append(gp.pack(gp.ECHO_REQ, data=b"hello"))
-            conn.send_raw(b"".join(packets))
+            # The hello's clock starts now, not at the cycle's start: the connect itself (and
+            # other links' connects before it) must not count in the server's round trip.
+            conn.send_raw(link.connected(time.monotonic(), identity.client_id, self.abilities_at(identity)))
         except ServerError as e:
             self._drop(link, str(e))
-            return
-        link.state, link.since = HELLO, now
-
-    def _hello_answered(self, link: Link) -> None:
-        link.state, link.since, link.backoff = IDLE, time.monotonic(), gp.RECONNECT_MIN
-        self.process.outage.recovered(link.conn.address, self.index)
-        self.wants.append(link)
 
     def nudge(self) -> None:
         """From another thread: wake this thread's poll (it was unparked, or a permit is free)."""
@@ -267,16 +295,17 @@ class GrabLoop(threading.Thread):
             pass
         with self.sleepers.lock:
             servers, self.unparked = self.unparked, set()
+        now = time.monotonic()
         for i in servers:
             link = self.links[i]
             if link.state is PARKED and link not in self.wants:
-                link.state = IDLE
+                link.unpark(now)
                 self.wants.append(link)
 
-    def _set_state(self, link: Link, state: LinkState) -> None:
-        if link.state in _RESTING and state not in _RESTING:
+    def _leave_rest(self, link: Link) -> None:
+        """``link`` stops sleeping or being parked: it no longer counts for its Sleepers."""
+        if link.state is SLEEPING or link.state is PARKED:
             self.sleepers.leave(link.server, self)
-        link.state, link.since = state, time.monotonic()
 
     def _forget(self, link: Link) -> None:
         """Unregister and close ``link``'s socket; a job it was busy with went unanswered
@@ -284,7 +313,7 @@ class GrabLoop(threading.Thread):
         for it), and so does a permit its GRAB held."""
         if link.state is BUSY and link.job:
             self.process.unanswered.count(link.job)
-            if self.budget is not None and not self.abandoned:
+            if not self.running.abandoned:
                 self.budget.give_back()
         if link.permit:
             link.permit = False
@@ -303,11 +332,10 @@ class GrabLoop(threading.Thread):
     def _drop(self, link: Link, reason: str) -> None:
         was_listening = link.state is SLEEPING
         self._forget(link)
-        self._set_state(link, DOWN)
+        self._leave_rest(link)
+        link.dropped(time.monotonic())
         if was_listening:
             self.sleepers.wake_one(link.server)  # someone else listens when the server is back
-        link.next_try = time.monotonic() + link.backoff
-        link.backoff = min(link.backoff * 2, gp.RECONNECT_MAX)  # reset only when the server answers
         if self.outstanding is link:
             self.outstanding = None
         if link in self.wants:
@@ -315,9 +343,11 @@ class GrabLoop(threading.Thread):
         self.process.outage.failed(link.conn.address, self.index, reason)
 
     def close(self) -> None:
+        now = time.monotonic()
         for link in self.links:
             self._forget(link)
-            self._set_state(link, DOWN)
+            self._leave_rest(link)
+            link.state, link.since, link.pending = DOWN, now, 0
 
     def shut_connections(self, keep: gp.Connection | None = None) -> None:
         """From another thread: end this thread's connections (all but ``keep``) without
@@ -326,34 +356,31 @@ class GrabLoop(threading.Thread):
             if link.conn is not keep:
                 shut(link.conn)
 
+    def retire(self, keep: gp.Connection | None) -> None:
+        """From another thread (the watchdog, a stop): this thread's job was abandoned and it
+        is being replaced. End its other connections (a late GRAB must not catch a job) and
+        let another thread listen to each server in its place."""
+        self.shut_connections(keep=keep)
+        for link in self.links:
+            self.sleepers.leave(link.server, self)
+            self.sleepers.wake_one(link.server)
+
     # -- stop (from the control thread) ----------------------------------------------------
     def request_stop(self, job: Job) -> bool:
-        """Cancel ``job`` if it is still this thread's: its command or isolated process is
-        killed and the runner fails it with "stopped by operator". False when it has ended."""
-        with self.answer_lock:
-            if self.current is not job or self.abandoned:
-                return False
-            self.stop_requested = True
-            self.cancel.set()
-        return True
-
-    def _new_job_after_stop(self) -> None:
-        """The job an operator stopped has ended: the next one starts uncancelled (unless the
-        process is cancelling every job)."""
-        self.stop_requested = False
-        if not self.process.cancel_jobs.is_set():
-            self.cancel.clear()
+        """Cancel ``job`` if it is still this thread's (RunningJob.request_stop)."""
+        return self.running.request_stop(job)
 
     # -- the loop --------------------------------------------------------------------
     def run(self) -> None:
+        running = self.running
         try:
-            while not self.stop.is_set() and not self.abandoned:
+            while not self.stop.is_set() and not running.abandoned:
                 try:
                     self._cycle()
                 except Exception as e:  # a bug must not end the thread: log it, start clean
                     self._thread_error(e)
         finally:
-            if self.abandoned:  # the watchdog still uses the stuck job's connection
+            if running.abandoned:  # the watchdog still uses the stuck job's connection
                 self.released.wait(ANSWER_TIMEOUT + 1)
             else:
                 self._send_held()
@@ -402,6 +429,7 @@ class GrabLoop(threading.Thread):
         events = self.poller.poll(int(timeout * 1000 + 0.999))
         if self.stop.is_set():
             return
+        running = self.running
         for fd, _ in events:
             link = self.by_fd.get(fd)
             if link is None:
@@ -417,62 +445,56 @@ class GrabLoop(threading.Thread):
                 try:
                     self._on_packet(link, pkt)
                 except (ServerError, Abandoned) as e:
-                    if self.abandoned:
+                    if running.abandoned:
                         return  # the watchdog answered and owns the connection now
                     self._drop(link, str(e))  # shutdown past grace: gearmand requeues the job
                     break
-                if self.stop.is_set() or self.abandoned:
+                if self.stop.is_set() or running.abandoned:
                     return
         now = time.monotonic()
         for link in self.links:
-            state = link.state
-            if state in _RESTING:
+            act = link.tick(now)
+            if act is GRAB_ACT:
                 # Starvation cure: a link asleep for poll_timeout is asked again, NOOP or not.
-                if now - link.since >= self.poll_timeout and link not in self.wants:
+                if link not in self.wants:
                     self.wants.append(link)
-            elif state is HELLO and now - link.since >= ANSWER_TIMEOUT:
-                self._drop(link, f"connected, but no answer within {ANSWER_TIMEOUT:g}s")
-            elif state is GRABBING and now - link.since >= ANSWER_TIMEOUT:
+            elif act is HELLO_TIMEOUT:
+                self._drop(link, f"connected, but no answer within {link.waited:g}s")
+            elif act is LATE_ACT:
                 self._late(link)
 
     def _late(self, link: Link) -> None:
         """No answer to GRAB in time: grab elsewhere, but keep the connection. Closing it would
         drop what may still be in its send buffer (the last job's result) and gain nothing:
         gearmand may still assign us a job on it, and the kernel ends it if the server is gone."""
-        self._set_state(link, LATE)
         if self.outstanding is link:
             self.outstanding = None
         self.process.outage.failed(link.conn.address, self.index,
-                                   f"no answer to GRAB_JOB within {ANSWER_TIMEOUT:g}s",
+                                   f"no answer to GRAB_JOB within {link.waited:g}s",
                                    event="server slow to answer; connection kept, other servers served meanwhile")
 
     def _next_deadline(self, now: float) -> float:
         t = self.poll_timeout
         for link in self.links:
-            state = link.state
-            if state is DOWN:
-                t = min(t, link.next_try - now)
-            elif state in _RESTING:
-                t = min(t, link.since + self.poll_timeout - now)
-            elif state is HELLO or state is GRABBING:
-                t = min(t, link.since + ANSWER_TIMEOUT - now)
-        return max(0.0, t)
+            t = link.deadline(now, t)
+        return t
 
     def _permit(self) -> bool:
         """worker.max_jobs: may this thread send a GRAB now? (Always, without a limit.)"""
-        return self.budget is None or self.budget.take(self)
+        return self.budget.take(self)
 
     def _grab_next(self, prefix: bytes = b"", after: Link | None = None) -> None:
         """Send GRAB_JOB_UNIQ on the next link that wants one (with ``prefix`` packets on ``after``)."""
         if (after is not None and self.outstanding is None and not self.wants and not self.stop.is_set()
-                and (self.budget is None or self.budget.take(self))):
+                and self.budget.take(self)):
             link = after  # the fast path: result and next grab in one write
         else:
             if after is not None:
                 if prefix:
                     after.conn.send_raw(prefix)
                     prefix = b""
-                self._set_state(after, IDLE)
+                self._leave_rest(after)
+                after.answered(time.monotonic())
                 if not self.stop.is_set():
                     self.wants.append(after)
             if self.outstanding is not None:
@@ -488,76 +510,74 @@ class GrabLoop(threading.Thread):
             if not self._permit():
                 self.wants.appendleft(link)  # grabbed for when a permit comes back (nudge)
                 return
-        if self.budget is not None:
-            link.permit = True
+        link.permit = True  # given back if no job comes of it (a no-op without worker.max_jobs)
         try:
-            link.conn.send_raw(prefix + _GRAB if prefix else _GRAB)
+            link.conn.send_raw(prefix + GRAB_PACKET if prefix else GRAB_PACKET)
         except ServerError as e:
-            self._drop(link, str(e))
+            self._drop(link, str(e))  # a job it was busy with is counted unanswered: still BUSY here
             return
-        self._set_state(link, GRABBING)
+        self._leave_rest(link)
+        link.grab(time.monotonic())
         self.outstanding = link
 
     def _on_packet(self, link: Link, pkt: gp.Packet) -> None:
         cmd = pkt.cmd
-        if cmd == gp.ECHO_RES:
-            if link.state is HELLO:
-                self._hello_answered(link)
-        elif cmd == gp.NOOP:
-            if link.state is SLEEPING:
-                self._set_state(link, IDLE)
-                if link not in self.wants:
-                    self.wants.append(link)
-        elif cmd == gp.NO_JOB:
-            self.no_jobs += 1
-            if self.outstanding is link:
-                self.outstanding = None
-            if link.permit:
-                link.permit = False
-                self.budget.give_back()
-            state = link.state
-            if state is LATE:
-                self.process.outage.recovered(link.conn.address, self.index)
-            if state is GRABBING or state is LATE:  # an answer we asked for
-                held = self.process.held.take(link)  # nothing more is coming: no reason to wait
-                if held:
-                    link.conn.send_raw(held)
-                if self.sleepers.sleep_or_park(link.server, self):
-                    link.conn.send_raw(_PRE_SLEEP)
-                    link.state, link.since = SLEEPING, time.monotonic()
-                else:
-                    link.state, link.since = PARKED, time.monotonic()
-            if self.outstanding is None:
-                self._grab_next()
-        elif cmd == gp.JOB_ASSIGN_UNIQ or cmd == gp.JOB_ASSIGN:
+        if cmd == gp.JOB_ASSIGN_UNIQ or cmd == gp.JOB_ASSIGN:
             if self.outstanding is link:
                 self.outstanding = None
             link.permit = False  # used up by this job
-            state = link.state
+            state = link.assigned(time.monotonic())
             if state is LATE:
                 self.process.outage.recovered(link.conn.address, self.index)
-            elif state in _RESTING:  # unasked for; serve it all the same
+            elif state is SLEEPING or state is PARKED:  # unasked for; serve it all the same
                 self.sleepers.leave(link.server, self)
-            link.state = BUSY
             self.sleepers.wake_one(link.server)  # while we work, another thread listens
             handle = pkt.text("job_handle")
             link.job = (link.conn.address, handle, pkt.text("unique") if "unique" in pkt.args else "")
-            self.outcome = None
+            self.running.outcome = None
             try:
                 reply = self._serve(link, pkt, handle)
             except (ServerError, Abandoned):
                 raise
             except Exception as e:  # a worker bug or a job it can't handle: fail the job, once
                 reply = self._serve_failed(link.job, e)
-            record, self.outcome = self.outcome, None
+            record, self.running.outcome = self.running.outcome, None
             if record is not None:  # the outcome goes before the answer, on this connection
                 reply = self.process.held.now_or_later(link, record, reply,
-                                                       hold=record.get("background") is True and self.budget is None)
+                                                       hold=record.get("background") is True and not self.budget.limited)
             self._grab_next(reply, after=link)
             answered = link.state is not DOWN  # else the answer did not get out: see _forget
             link.job = ()
-            if self.budget is not None and answered:
+            if answered:
                 self.budget.job_done()  # after the answer is out: the last one must not be lost
+        elif cmd == gp.NO_JOB:
+            if self.outstanding is link:
+                self.outstanding = None
+            if link.permit:
+                link.permit = False
+                self.budget.give_back()
+            now = time.monotonic()
+            state = link.no_job(now)
+            if state is LATE:
+                self.process.outage.recovered(link.conn.address, self.index)
+            if state is GRABBING or state is LATE:  # an answer we asked for
+                held = self.process.held.take(link)  # nothing more is coming: no reason to wait
+                if held:
+                    link.conn.send_raw(held)
+                pre_sleep = link.rest(now, self.sleepers.sleep_or_park(link.server, self))
+                if pre_sleep:
+                    link.conn.send_raw(pre_sleep)
+            if self.outstanding is None:
+                self._grab_next()
+        elif cmd == gp.NOOP:
+            if link.noop(time.monotonic()):
+                self.sleepers.leave(link.server, self)
+                if link not in self.wants:
+                    self.wants.append(link)
+        elif cmd == gp.ECHO_RES:
+            if link.hello_answered(time.monotonic()):
+                self.process.outage.recovered(link.conn.address, self.index)
+                self.wants.append(link)
         elif cmd == gp.JOB_CREATED:
             if link.acks:
                 link.acks.popleft()  # an outcome job is in gearmand
@@ -572,25 +592,20 @@ class GrabLoop(threading.Thread):
     def _serve(self, link: Link, pkt: gp.Packet, handle: str) -> bytes:
         process = self.process
         task = pkt.text("task")
-        unanswered = process.unanswered.seen
-        if unanswered and unanswered.get(link.job, 0) >= process.unanswered.limit:
+        if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)
             return self.runner.refuse(link.job, task)
-        if self.stop_requested:
-            self._new_job_after_stop()
-        job = Job(link.conn, handle, task, link.job[2], pkt["data"], process.config, self.cancel)
-        job.started = self.attempt_started = time.monotonic()  # before current: the watchdog reads both
-        self.current = job
+        running = self.running
+        job = Job(link.conn, handle, task, link.job[2], pkt["data"], process.config, running.cancel)
+        running.begin(job, time.monotonic())
         try:
-            reply = self.runner.run(self, job)
+            reply = self.runner.run(running, job)
         finally:
-            with self.answer_lock:  # from here on the watchdog leaves this job alone, or has taken it
-                self.current = None
-                abandoned = self.abandoned
+            abandoned = running.finish()
             self.jobs_done += 1
         if abandoned:
             raise Abandoned(handle)
-        self.outcome = job.outcome  # reported before the answer (geartask.worker.outcomes)
+        running.outcome = job.outcome  # reported before the answer (geartask.worker.outcomes)
         return reply
 
     def _serve_failed(self, job_key: tuple, e: BaseException) -> bytes:

@@ -73,6 +73,16 @@ class Job:
         return self._data
 
     @property
+    def decoded(self) -> Any:
+        """The payload as ``data`` decoded it, or None when no one asked for ``data``."""
+        return self._data if self._decoded else None
+
+    @property
+    def connection(self) -> Any:
+        """The connection the job came on (its answer goes back on it)."""
+        return self._conn
+
+    @property
     def server(self) -> str:
         """The job server this job came from (host:port as configured)."""
         return self._conn.address

@@ -14,10 +14,10 @@ from ..logs import get_logger
 from ..plugins import is_reserved_task
 from ..shell.task import ShellTask
 
-from .budget import JobBudget
+from .budget import UNLIMITED, JobBudget
 from .control import ControlLoop, ping_reply
 from .errors import WorkerFailed
-from .grab import GrabLoop, Outage
+from .grab import GrabLoop, Outage, RoundTrips
 from .groups import ThreadGroup, plan_groups
 from .isolate import IsolatedTask
 from .job import Job
@@ -65,10 +65,11 @@ class WorkerProcess:
         # Tasks that end themselves at their timeout: the watchdog leaves them alone.
         self.own_timeout = {"shell"} | {t for t, fn in self.tasks.items() if isinstance(fn, IsolatedTask)}
         self.outage = Outage()
+        self.round_trips = RoundTrips()  # each server's measured round trip, shared by the threads' links
         self.unanswered = UnansweredJobs()
         self.runner = JobRunner(config, self.tasks, self.label, self.unanswered, sinks)
         self.max_jobs = config.worker.max_jobs if max_jobs is None else max_jobs
-        self.budget = JobBudget(self.max_jobs, self._max_jobs_done) if self.max_jobs else None
+        self.budget = JobBudget(self.max_jobs, self._max_jobs_done) if self.max_jobs else UNLIMITED
         self.stopping = threading.Event()  # job threads: take no new jobs
         self.finished = threading.Event()  # control thread and watchdog: the process is done
         self.cancel_jobs = threading.Event()  # running jobs: cancelled (their job.cancel is set too)
@@ -121,7 +122,8 @@ class WorkerProcess:
                 self._group_of[index] = group
                 self.job_threads.append(self._job_thread(index))
         # Thread index 0 is the control connection: it serves only this process's control function.
-        self.control = ControlLoop(self, 0, [], self.finished, self._fin_r, name="control")
+        self.control = ControlLoop(self, 0, [], self.finished, self._fin_r, name="control",
+                                   round_trips=self.round_trips)
         for t in self.job_threads:
             t.start()
         self.control.start()
@@ -136,7 +138,7 @@ class WorkerProcess:
     def _job_thread(self, index: int) -> GrabLoop:
         group = self._group_of[index]
         t = GrabLoop(self, index, group.tasks, self.stopping, self._stop_r, name=f"job-{index}",
-                     sleepers=group.sleepers)
+                     sleepers=group.sleepers, round_trips=self.round_trips)
         self.counters.append(t.counters)
         return t
 
@@ -207,7 +209,7 @@ class WorkerProcess:
                 t.shut_connections()
             self.cancel_jobs.set()
             for t in list(self.job_threads):
-                t.cancel.set()
+                t.running.cancel_now()
             for t in busy:
                 t.join(2.0)
         self.finished.set()

@@ -18,6 +18,7 @@ from .errors import AttemptFailed, JobRejected
 from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_packets
 from .outcomes import outcome_packets
 from .retry import RetryPolicy
+from .running import RunningJob
 
 log = get_logger("geartask.worker")
 
@@ -34,6 +35,11 @@ class UnansweredJobs:
         self.limit, self.remembered = limit, remembered
         self.seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def refuses(self, key: tuple) -> bool:
+        """``key`` came back ``limit`` times unanswered (or the watchdog failed it): fail it unrun."""
+        seen = self.seen
+        return bool(seen) and seen.get(key, 0) >= self.limit
 
     def count(self, key: tuple, at_least: int = 0) -> None:
         with self._lock:
@@ -70,13 +76,13 @@ class JobRunner:
         self.max_result = config.outcomes.max_result
         self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
 
-    def run(self, thread: Any, job: Job) -> bytes:
-        """Run ``job`` on ``thread`` (a GrabLoop: its cancel, stop_requested, abandoned and
-        counters); the answer's packets. Raises Abandoned, or ServerError when the job's own
-        connection is gone (gearmand requeues the job)."""
+    def run(self, running: RunningJob, job: Job) -> bytes:
+        """Run ``job``, the one ``running`` holds (its cancel, stop request, abandonment and
+        the thread's counters); the answer's packets. Raises Abandoned, or ServerError when
+        the job's own connection is gone (gearmand requeues the job)."""
         fn = self.tasks.get(job.task)
         job_log = self.job_log
-        counters = thread.counters
+        counters = running.counters
         with job_context(task=job.task, handle=job.handle, unique=job.unique):
             if fn is None:  # only a misbehaving server assigns a task we did not CAN_DO
                 return self.fail(job, {"error": f"no such task {cap_text(job.task, 200)!r} on this worker"},
@@ -95,14 +101,14 @@ class JobRunner:
                 attempt += 1
                 job.attempt = attempt
                 a0 = time.monotonic()
-                thread.attempt_started = a0
+                running.attempt(a0)
                 try:
                     result = fn(job)
                 except BaseException as e:  # SystemExit and KeyboardInterrupt too: a task's, not ours
-                    if isinstance(e, ServerError) and not job._conn.connected:
+                    if isinstance(e, ServerError) and not job.connection.connected:
                         raise  # our connection is gone: gearmand requeues the job
-                    if cancel.is_set() or thread.abandoned:
-                        return self._interrupted(thread, job, attempt, t0)
+                    if running.interrupted:
+                        return self._interrupted(running, job, attempt, t0)
                     now = time.monotonic()
                     if isinstance(e, JobRejected):
                         job_log.info("job", attempt=attempt, outcome="rejected", seconds=round(now - a0, 6),
@@ -120,11 +126,11 @@ class JobRunner:
                         counters.finished(job.task, now - t0, False)
                         return self.fail(job, reason, attempt, now - t0, defer=True)
                     counters.retried(job.task)
-                    if cancel.wait(self.retry.backoff(attempt)) or thread.abandoned:
-                        return self._interrupted(thread, job, attempt, t0)
+                    if cancel.wait(self.retry.backoff(attempt)) or running.abandoned:
+                        return self._interrupted(running, job, attempt, t0)
                     continue
-                if cancel.is_set() or thread.abandoned:
-                    return self._interrupted(thread, job, attempt, t0)
+                if running.interrupted:
+                    return self._interrupted(running, job, attempt, t0)
                 try:
                     payload = encode_payload(result, job.task)
                 except GeartaskError as e:
@@ -138,7 +144,7 @@ class JobRunner:
                                      defer=True)
                 now = time.monotonic()
                 job_log.info("job", attempt=attempt, outcome="complete", seconds=round(now - a0, 6),
-                             server=job._conn.address)
+                             server=job.server)
                 counters.finished(job.task, now - t0, True)
                 if self.on_done is not None:
                     self.on_done(job=job, result=result)
@@ -147,13 +153,13 @@ class JobRunner:
                     job.outcome = self.record(job, "complete", attempt, result=payload)
                 return success_packets(job.handle, payload, attempt)
 
-    def _interrupted(self, thread: Any, job: Job, attempt: int, t0: float) -> bytes:
+    def _interrupted(self, running: RunningJob, job: Job, attempt: int, t0: float) -> bytes:
         """The job's cancel was set: an operator's stop fails it; anything else abandons it."""
-        if thread.stop_requested and not thread.abandoned:
+        if running.stopped_by_operator:
             seconds = time.monotonic() - t0
             self.job_log.info("job", attempt=attempt, outcome="stopped", seconds=round(seconds, 6),
                               reason=STOPPED_BY_OPERATOR)
-            thread.counters.finished(job.task, seconds, False)
+            running.counters.finished(job.task, seconds, False)
             return self.fail(job, {"error": STOPPED_BY_OPERATOR, "stopped": True}, attempt, seconds, defer=True)
         raise Abandoned(job.handle)
 
@@ -168,7 +174,7 @@ class JobRunner:
             self.on_failed(job=job, reason=reason)
         if not self.report:
             self._dead_letter({"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
-                               **payload_fields(job.raw, job._data if job._decoded else None),
+                               **payload_fields(job.raw, job.decoded),
                                "reason": reason["error"], "attempts": attempts, "worker": self.label,
                                "seconds": round(seconds, 6)})
             return packets
@@ -182,7 +188,7 @@ class JobRunner:
         """The job's outcome record (geartask.outcomes.record)."""
         opts = job.options or {}
         now = time.time()
-        return make_record(server=job._conn.address, handle=job.handle, task=job.task, state=state,
+        return make_record(server=job.server, handle=job.handle, task=job.task, state=state,
                            unique=job.unique or None, finished_at=now,
                            started_at=now - (time.monotonic() - job.started) if job.started else None,
                            submitted_at=opts.get("at"), attempts=attempts, retries=job.retries,

@@ -41,10 +41,10 @@ class Watchdog(threading.Thread):
         while not process.finished.wait(WATCHDOG_INTERVAL):
             now = time.monotonic()
             for t in list(process.job_threads):
-                job = t.current
-                if (job is not None and job.task not in process.own_timeout and not t.abandoned
-                        and now - t.attempt_started > self.limit and not process.stopping.is_set()):
-                    seconds = now - t.attempt_started
+                running = t.running
+                job = running.overdue(now, self.limit)
+                if job is not None and job.task not in process.own_timeout and not process.stopping.is_set():
+                    seconds = now - running.attempt_started
                     limit = self.limit
                     self.abandon(t, job, {
                         "error": f"timed out after {seconds:.1f}s (worker.job_timeout {limit:g}s); a Python task "
@@ -57,27 +57,21 @@ class Watchdog(threading.Thread):
         """Fail ``job`` for its stuck thread ``t`` with ``reason`` (logged as ``event``) and
         start a replacement thread. False when the job answered in the meantime."""
         process = self.process
-        with t.answer_lock:
-            if t.current is not job or t.abandoned:
-                return False  # it answered in the meantime
-            t.abandoned = True
-        t.cancel.set()  # ends a retry backoff at once; a task that watches job.cancel may stop
-        key = (job._conn.address, job.handle, job.unique)
+        if not t.running.abandon(job):
+            return False  # it answered in the meantime
+        conn = job.connection
+        key = (job.server, job.handle, job.unique)
         process.unanswered.count(key, at_least=process.unanswered.limit)  # never run here again
         seconds = time.monotonic() - job.started
         with job_context(task=job.task, handle=job.handle, unique=job.unique):
             log.warning(event, thread=t.index, **fields)
             packets = process.runner.fail(job, reason, job.attempt, seconds)
         process.count_finished(job.task, seconds)
-        t.shut_connections(keep=job._conn)  # its other connections: a late GRAB must not catch a job
-        for link in t.links:
-            t.sleepers.leave(link.server, t)
-            t.sleepers.wake_one(link.server)
+        t.retire(keep=conn)  # its other connections: a late GRAB must not catch a job
         process.replace_thread(t)
-        threading.Thread(target=self._deliver_failure, args=(t, job._conn, packets), daemon=True,
+        threading.Thread(target=self._deliver_failure, args=(t, conn, packets), daemon=True,
                          name=f"watchdog-{t.index}").start()
-        if process.budget is not None:
-            process.budget.job_done()
+        process.budget.job_done()
         return True
 
     @staticmethod

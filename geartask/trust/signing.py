@@ -1,0 +1,191 @@
+"""The signed forms: a signature line in front of a job's payload (or a message's body).
+
+A signed job on the wire (``docs/outcomes.md``, "Signed jobs")::
+
+    \\x1e geartask-sig/1 SP {"key":"ed25519:...","t":1765000000,"sig":"BASE64"} LF <payload>
+
+where <payload> is exactly what an unsigned job would carry: the geartask envelope (if any)
+and the user's bytes. The signature is Ed25519 over a canonical byte string made of
+netstrings (``LEN:BYTES,``, LEN in ASCII decimal), so no field can bleed into the next::
+
+    job:     ns("geartask-sig/1") ns("job") ns(FUNCTION) ns(UNIQUE) ns(T) ns(SHA256HEX(payload))
+    requeue: ns("geartask-sig/1") ns("requeue") ns(FUNCTION) ns(UNIQUE) ns(ORIGINAL_SIG) ns(OF) ns(T)
+    message: ns("geartask-sig/1") ns(PURPOSE) ns(T) ns(SHA256HEX(body))
+
+FUNCTION and UNIQUE are UTF-8, T the signing time in whole Unix seconds (ASCII decimal),
+ORIGINAL_SIG the job signature's base64 text, OF the requeued outcome's id. A requeued job
+keeps the original line's ``key``, ``t`` and ``sig`` and adds ``"rq":{"key","t","sig","of"}``,
+the requeue note signed by whoever requeued it: the payload is never re-signed, so a requeue
+can't launder bytes nobody trusted. Messages (control commands, outcome reports, query
+answers) carry the same line in front of their body; the purpose word is not in the line but
+in what is signed, so a signed report can't be replayed as a control command.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .keys import public_text
+
+SIG_MAGIC = b"\x1egeartask-sig/1 "
+VERSION = b"geartask-sig/1"
+MAX_LINE = 1024  # a signature line is about 170 bytes; 2 stamps with ids stay far below this
+MESSAGE_PURPOSES = ("control", "report", "answer")
+
+
+class SignatureFormatError(ValueError):
+    """A payload starts like a signature line but is not a valid one."""
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """One signature: the signer's public key text, the signing time, the base64 signature."""
+
+    key: str
+    t: int
+    sig: str
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "t": self.t, "sig": self.sig}
+
+
+@dataclass(frozen=True)
+class RequeueNote:
+    stamp: Stamp
+    of: str  # the id of the failed outcome this job re-sends
+
+
+@dataclass(frozen=True)
+class SigLine:
+    """What a signature line holds: the job's (or message's) stamp and, for a requeued job,
+    the requeue note."""
+
+    stamp: Stamp
+    requeue: RequeueNote | None = None
+
+    def encode(self) -> bytes:
+        fields: dict = self.stamp.to_dict()
+        if self.requeue is not None:
+            fields["rq"] = {**self.requeue.stamp.to_dict(), "of": self.requeue.of}
+        return SIG_MAGIC + json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def _ns(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return b"%d:%s," % (len(data), data)
+
+
+def _text(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def job_bytes(function: bytes | str, unique: bytes | str, payload: bytes, t: int) -> bytes:
+    """The canonical bytes a job signature covers."""
+    return b"".join((_ns(VERSION), _ns(b"job"), _ns(_text(function)), _ns(_text(unique)), _ns(str(int(t))),
+                     _ns(hashlib.sha256(payload).hexdigest())))
+
+
+def requeue_bytes(function: bytes | str, unique: bytes | str, original_sig: str, of: str, t: int) -> bytes:
+    """The canonical bytes a requeue note's signature covers."""
+    return b"".join((_ns(VERSION), _ns(b"requeue"), _ns(_text(function)), _ns(_text(unique)),
+                     _ns(original_sig), _ns(of), _ns(str(int(t)))))
+
+
+def message_bytes(purpose: str, body: bytes, t: int) -> bytes:
+    """The canonical bytes a message signature covers."""
+    return b"".join((_ns(VERSION), _ns(purpose), _ns(str(int(t))), _ns(hashlib.sha256(body).hexdigest())))
+
+
+def _stamp(data: bytes, key: Ed25519PrivateKey, t: int) -> Stamp:
+    return Stamp(public_text(key), int(t), base64.b64encode(key.sign(data)).decode("ascii"))
+
+
+def _now(t: float | None) -> int:
+    return int(time.time() if t is None else t)
+
+
+def sign_job(function: bytes | str, unique: bytes | str, payload: bytes, key: Ed25519PrivateKey,
+             t: float | None = None) -> bytes:
+    """``payload`` (envelope included) with a signature line in front: what to submit.
+    ``t`` is the signing time (default now), whole seconds."""
+    t = _now(t)
+    return SigLine(_stamp(job_bytes(function, unique, payload, t), key, t)).encode() + payload
+
+
+def requeue_job(function: bytes | str, unique: bytes | str, payload: bytes, original: Stamp, of: str,
+                key: Ed25519PrivateKey, t: float | None = None) -> bytes:
+    """A failed job's original payload and original stamp, with a requeue note signed by ``key``:
+    what ``failed requeue`` submits (same function, same unique key)."""
+    t = _now(t)
+    note = RequeueNote(_stamp(requeue_bytes(function, unique, original.sig, of, t), key, t), of)
+    return SigLine(original, note).encode() + payload
+
+
+def sign_message(purpose: str, body: bytes, key: Ed25519PrivateKey, t: float | None = None) -> bytes:
+    """``body`` with a signature line for ``purpose`` (control, report or answer)."""
+    if purpose not in MESSAGE_PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(MESSAGE_PURPOSES)}, got {purpose!r}")
+    t = _now(t)
+    return SigLine(_stamp(message_bytes(purpose, body, t), key, t)).encode() + body
+
+
+def split(raw: bytes) -> tuple[SigLine | None, bytes]:
+    """(signature line or None, the rest). Raises SignatureFormatError for a line that starts
+    like one of ours but can't be read: such a job is refused as "bad signature"."""
+    if not raw.startswith(SIG_MAGIC):
+        return None, raw
+    end = raw.find(b"\n", len(SIG_MAGIC), len(SIG_MAGIC) + MAX_LINE + 1)
+    if end < 0:
+        raise SignatureFormatError(f"signature line has no end within {MAX_LINE} bytes")
+    try:
+        fields = json.loads(raw[len(SIG_MAGIC):end].decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise SignatureFormatError("signature line is not a one-line JSON object") from None
+    if not isinstance(fields, dict):
+        raise SignatureFormatError("signature line is not a JSON object")
+    stamp = _read_stamp(fields, "")
+    note = None
+    if "rq" in fields:
+        rq = fields["rq"]
+        if not isinstance(rq, dict):
+            raise SignatureFormatError("signature line 'rq' is not an object")
+        of = rq.get("of")
+        if not isinstance(of, str) or not 0 < len(of) <= 64:
+            raise SignatureFormatError("signature line 'rq.of' must be a string of 1-64 characters")
+        note = RequeueNote(_read_stamp(rq, "rq."), of)
+    return SigLine(stamp, note), raw[end + 1:]
+
+
+def _read_stamp(fields: dict, prefix: str) -> Stamp:
+    key, t, sig = fields.get("key"), fields.get("t"), fields.get("sig")
+    if not isinstance(key, str) or len(key) > 100:
+        raise SignatureFormatError(f"signature line '{prefix}key' must be 'ed25519:BASE64'")
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2 ** 53:
+        raise SignatureFormatError(f"signature line '{prefix}t' must be whole Unix seconds")
+    if not isinstance(sig, str) or len(sig) > 200:
+        raise SignatureFormatError(f"signature line '{prefix}sig' must be base64 text")
+    return Stamp(key, t, sig)
+
+
+def check(public: Ed25519PublicKey, stamp: Stamp, data: bytes) -> bool:
+    """Whether ``stamp.sig`` is ``public``'s signature of ``data``."""
+    try:
+        raw = base64.b64decode(stamp.sig, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    if len(raw) != 64:
+        return False
+    try:
+        public.verify(raw, data)
+    except InvalidSignature:
+        return False
+    return True

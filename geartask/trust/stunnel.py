@@ -1,0 +1,249 @@
+"""stunnel in front of the local gearmand: ``server.tls: true``.
+
+gearmand has no working TLS and never asks a client who it is (docs/security.md), so a
+terminator does both: stunnel listens on ``server.host:server.port``, speaks TLS 1.2 or newer,
+demands a client certificate signed by ``tls.ca`` (``verifyChain``, ``requireCert``), and
+forwards each accepted connection to gearmand on ``127.0.0.1:server.backend_port``. A client
+without such a certificate never reaches gearmand, so it gets no byte of the Gearman protocol,
+the admin protocol included. Its config is written into the run dir (``log.dir``) next to
+gearmand's pid and log files; like gearmand, it is started detached and stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError, LocalServerError
+from ..server import LocalServer, _alive
+
+
+def _is_stunnel(pid: int) -> bool:
+    try:
+        exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except (OSError, IndexError):
+        return False
+    return b"stunnel" in Path(exe.decode(errors="replace")).name.encode()
+
+
+def _listening(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _conf_value(value: str, what: str) -> str:
+    if any(c in value for c in "\n\r\0"):
+        raise LocalServerError(f"{what} {value!r} can't be written into stunnel's config (a line break)")
+    return value
+
+
+@dataclass
+class Stunnel:
+    host: str  # where clients connect
+    port: int
+    backend_port: int  # gearmand, on 127.0.0.1
+    ca: Path
+    cert: Path
+    key: Path
+    run_dir: Path
+    program: str = "stunnel"
+    process: subprocess.Popen | None = None
+
+    @property
+    def conf_file(self) -> Path:
+        return Path(self.run_dir) / f"stunnel-{self.port}.conf"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.run_dir) / f"stunnel-{self.port}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.run_dir) / f"stunnel-{self.port}.log"
+
+    def config_text(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return "\n".join([
+            "; written by geartask manage server start (server.tls: true); rewritten at every start",
+            "foreground = yes",
+            "pid =",  # none of stunnel's own: geartask writes stunnel-PORT.pid, like gearmand's
+            "syslog = no",
+            "debug = notice",
+            "",
+            "[gearman]",
+            f"accept = {_conf_value(host, 'server.host')}:{self.port}",
+            f"connect = 127.0.0.1:{self.backend_port}",
+            f"cert = {_conf_value(str(self.cert), 'tls.cert')}",
+            f"key = {_conf_value(str(self.key), 'tls.key')}",
+            f"CAfile = {_conf_value(str(self.ca), 'tls.ca')}",
+            "verifyChain = yes",  # the client's certificate must chain to tls.ca
+            "requireCert = yes",  # no certificate, no connection
+            "sslVersionMin = TLSv1.2",
+            "TIMEOUTbusy = 600",  # a sleeping worker's connection is quiet for a long time
+            "TIMEOUTidle = 43200",
+            "",
+        ])
+
+    def command(self) -> list[str]:
+        for name in (self.program, "stunnel4") if self.program == "stunnel" else (self.program,):
+            exe = shutil.which(name) or (name if Path(name).is_file() else None)
+            if exe:
+                return [exe, str(self.conf_file)]
+        raise LocalServerError(f"{self.program!r} not found: install it with 'apt-get install -y stunnel4' "
+                               "(Debian) or set server.stunnel")
+
+    def pid(self) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            return self.process.pid
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) and _is_stunnel(pid) else None
+
+    def start(self, timeout: float = 10.0) -> int:
+        pid = self.pid()
+        if pid is not None and _listening(self.host, self.port):
+            return pid
+        if _listening(self.host, self.port):
+            raise LocalServerError(f"something else already listens on {self.host}:{self.port}")
+        cmd = self.command()
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.conf_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config_text())
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                            start_new_session=True)
+        self.pid_file.write_text(f"{self.process.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise LocalServerError(f"stunnel exited at start with status {self.process.returncode}; "
+                                       f"see {self.log_file}: {self._log_tail()}")
+            if _listening(self.host, self.port):
+                return self.process.pid
+            time.sleep(0.05)
+        self.stop()
+        raise LocalServerError(f"stunnel did not listen on {self.host}:{self.port} within {timeout:g}s; "
+                               f"see {self.log_file}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _gone(self, pid: int, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.pid == pid:
+                if self.process.poll() is not None:
+                    return True
+            elif not _alive(pid):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM (SIGKILL after ``timeout``) to the stunnel we started; False if none ran."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            if self._gone(pid, wait):
+                break
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+class TlsFrontedServer:
+    """gearmand on 127.0.0.1:backend_port with stunnel on host:port: what ``manage server``
+    starts, stops and reports when ``server.tls`` is on. It offers LocalServer's methods."""
+
+    def __init__(self, gearmand: LocalServer, stunnel: Stunnel):
+        self.gearmand, self.stunnel = gearmand, stunnel
+        self.host, self.port = stunnel.host, stunnel.port
+
+    @classmethod
+    def from_config(cls, config) -> "TlsFrontedServer":
+        s, where = config.server, (str(config.source) if config.source else None)
+        backend = s.backend_port or s.port + 1
+        if backend > 65535:
+            raise ConfigError("server.port + 1 is not a port; set server.backend_port", where, "server.backend_port")
+        for name in ("ca", "cert", "key"):
+            if not getattr(config.tls, name):
+                raise ConfigError("needed by server.tls: true (the terminator's certificate and the CA it "
+                                  "checks clients against)", where, f"tls.{name}")
+        gearmand = LocalServer(host="127.0.0.1", port=backend, run_dir=Path(config.log.dir),
+                               queue_type=s.queue.type, queue_path=Path(s.queue.path), gearmand=s.gearmand,
+                               threads=s.threads, keepalive=(s.keepalive.idle, s.keepalive.interval,
+                                                             s.keepalive.count))
+        stunnel = Stunnel(s.host, s.port, backend, Path(config.tls.ca), Path(config.tls.cert), Path(config.tls.key),
+                          Path(config.log.dir), program=s.stunnel)
+        return cls(gearmand, stunnel)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.gearmand.log_file
+
+    @property
+    def pid_file(self) -> Path:
+        return self.gearmand.pid_file
+
+    def pid(self) -> int | None:
+        return self.gearmand.pid()
+
+    def running(self) -> bool:
+        return self.gearmand.running() and self.stunnel.pid() is not None and _listening(self.host, self.port)
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start gearmand, then stunnel; returns gearmand's pid. If stunnel fails, the gearmand
+        started here is stopped again: half a server is not left behind."""
+        self.stunnel.command()  # a missing program is reported before anything starts
+        was_running = self.gearmand.pid() is not None
+        pid = self.gearmand.start(timeout)
+        try:
+            self.stunnel.start(timeout)
+        except Exception:
+            if not was_running:
+                self.gearmand.stop()
+            raise
+        return pid
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop stunnel first (no new clients), then gearmand."""
+        stopped = self.stunnel.stop(timeout)
+        return self.gearmand.stop(timeout) or stopped
+
+    def kill(self) -> None:
+        self.stunnel.stop(0.5)
+        self.gearmand.kill()
+
+    def status(self) -> dict:
+        st = self.gearmand.status()
+        stunnel_pid = self.stunnel.pid()
+        st.update(address=self.address, backend=self.gearmand.address, tls=True, stunnel_pid=stunnel_pid,
+                  stunnel_log=str(self.stunnel.log_file),
+                  running=bool(st["running"] and stunnel_pid is not None and _listening(self.host, self.port)))
+        return st

@@ -69,24 +69,23 @@ def test_backoff_doubles_with_jitter_up_to_its_cap_and_resets():
         gp.Backoff(0, 1)
 
 
-def test_answer_deadline_follows_the_round_trip_and_backs_off_after_misses():
-    d = gp.AnswerDeadline(floor=5.0, ceiling=60.0, factor=8.0)
-    assert d.seconds == 5.0  # nothing measured: the floor
+def test_a_lane_waits_longer_on_a_slow_path_and_after_each_miss():
+    """The sender's "server slow" deadline: submit_timeout on a fast path, a multiple of the
+    measured round trip on a slow one, doubled per miss, at most failover_after."""
+    link = ServerLink("h", 1)
     for _ in range(50):
-        d.measured(0.001)
-    assert d.seconds == 5.0  # a fast path never goes below the floor
-    slow = gp.AnswerDeadline(floor=5.0, ceiling=60.0, factor=8.0)
+        link.measured(0.0002)
+    assert link.slow_after(5.0, 30.0) == 5.0  # a fast path never goes below the floor
+    slow = ServerLink("h", 1)
     for _ in range(50):
-        slow.measured(1.0)  # a path with 1 s round trips (a loaded link)
-    assert 7.9 < slow.seconds <= 9.0
+        slow.measured(2.0)  # a loaded path: 2 s round trips
+    assert 7.9 < slow.slow_after(5.0, 30.0) <= 8.1
     slow.missed()
+    assert 15.9 < slow.slow_after(5.0, 30.0) <= 16.1
     slow.missed()
-    assert 31 < slow.seconds <= 36  # doubled per miss, so a slow path is not a reconnect storm
-    for _ in range(10):
-        slow.missed()
-    assert slow.seconds == 60.0
-    slow.measured(1.0)
-    assert slow.misses == 0 and slow.seconds < 10
+    assert slow.slow_after(5.0, 30.0) == 30.0
+    slow.measured(2.0)
+    assert slow.misses == 0 and slow.slow_after(5.0, 30.0) < 9
 
 
 def test_repeats_say_how_many_they_hid():

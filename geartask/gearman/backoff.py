@@ -1,10 +1,13 @@
-"""Reconnect backoff and adaptive answer deadlines: one policy for every role, pure (a clock
-and a random source can be passed in), so it is unit-tested without sockets."""
+"""Reconnect backoff with jitter, and logs that count the repeats they hide: pure (a random
+source can be passed in), so they are unit-tested without sockets. Adaptive answer
+deadlines are timing.RoundTrip."""
 
 from __future__ import annotations
 
 import random
 from typing import Callable
+
+from .timing import next_backoff
 
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 
@@ -28,7 +31,7 @@ class Backoff:
 
     def next(self) -> float:
         base = self.base
-        self.base = min(self.high, base * 2)
+        self.base = next_backoff(base, self.low, self.high)
         self.failures += 1
         return max(self.low, base / 2 + base / 2 * self._rand())
 
@@ -36,43 +39,6 @@ class Backoff:
         """A success: start again at ``low``. Returns the failures it ends (for the log)."""
         failures, self.base, self.failures = self.failures, self.low, 0
         return failures
-
-
-class AnswerDeadline:
-    """How long to wait for a server's answer before calling it silent: a multiple of the
-    measured round trip (a smoothed mean and deviation, as TCP does), never below ``floor``
-    seconds nor above ``ceiling``, and doubled after each miss until an answer comes.
-
-    A fixed 5 s deadline made a slow path a reconnect storm (issue 18: 2,895 reconnects
-    through 50 ms each way); this one grows with the path and with each miss.
-    """
-
-    def __init__(self, floor: float = 5.0, ceiling: float = 60.0, factor: float = 8.0):
-        if not 0 < floor <= ceiling:
-            raise ValueError(f"deadline needs 0 < floor <= ceiling, got {floor}, {ceiling}")
-        self.floor, self.ceiling, self.factor = floor, ceiling, factor
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.misses = 0
-
-    def measured(self, rtt: float) -> None:
-        """An answer came after ``rtt`` seconds."""
-        rtt = max(0.0, rtt)
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.misses = 0
-
-    def missed(self) -> None:
-        """No answer within the deadline: wait longer next time."""
-        self.misses += 1
-
-    @property
-    def seconds(self) -> float:
-        base = self.floor if self.srtt is None else max(self.floor, self.factor * (self.srtt + 4 * self.rttvar))
-        return min(self.ceiling, base * (2 ** min(self.misses, 16)))
 
 
 class Repeats:

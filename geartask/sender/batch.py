@@ -407,7 +407,7 @@ class Batch:
             if link.connecting is not None and now - link.connect_started > limit:
                 stage = link.connecting.stage
                 link.close()
-                link.answer_deadline.missed()  # a slow path gets longer next time, not a storm
+                link.missed()  # a slow path gets longer next time, not a storm
                 self._connect_failed(s, f"cannot connect: no answer within {limit:g}s"
                                      + (f" ({stage})" if stage != "connect" else ""), refused=False)
             if link.conn is not None:
@@ -418,7 +418,7 @@ class Batch:
                     self._give_up(s, f"no answer for {quiet:.0f}s (sender.failover_after {fa:g}s)")
                 elif s.owed() and quiet > slow and not s.warned and link.healthy:
                     s.warned = True
-                    link.answer_deadline.missed()
+                    link.missed()
                     self.log.warning("server slow: waiting for its answer", server=s.address,
                                      seconds=round(quiet, 1), pending=len(s.pending), failover_after=fa)
                 elif s.waiting and not s.owed() and quiet > slow:
@@ -519,7 +519,7 @@ class Batch:
         link = s.link
         if link.option_owed and cmd in (p.OPTION_RES, p.ERROR):  # the first answer on a connection
             link.option_owed = False
-            link.answer_deadline.measured(time.monotonic() - link.option_sent)
+            link.measured(time.monotonic() - link.option_sent)
             if cmd == p.ERROR:
                 self.log.warning("server refused the 'exceptions' option", server=s.address,
                                  error=pkt.text("error_text"))
@@ -544,7 +544,7 @@ class Batch:
             return
         if cmd == p.ECHO_RES:
             if link.probe_sent is not None:
-                link.answer_deadline.measured(time.monotonic() - link.probe_sent)
+                link.measured(time.monotonic() - link.probe_sent)
             link.probe_sent = None
             return
         if cmd == p.ERROR:

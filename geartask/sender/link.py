@@ -6,6 +6,7 @@ import ssl
 import time
 
 from .. import gearman as p
+from ..gearman.timing import RoundTrip
 from ..errors import ServerError
 from .routing import server_hash
 
@@ -49,7 +50,8 @@ class ServerLink:
         self.reason: str | None = None
         # How long an answer may take before "server slow" (and how long a connect may take):
         # grows with the measured round trip and after each miss (batch.py: slow_after).
-        self.answer_deadline = p.AnswerDeadline(floor=0.001, ceiling=3600.0)
+        self.rtt = RoundTrip()
+        self.misses = 0  # deadlines missed in a row (reset by a measured answer)
 
     @property
     def live(self) -> bool:
@@ -87,7 +89,7 @@ class ServerLink:
         self.out = bytearray(_OPTION)
         self.option_owed, self.probe_sent = True, None
         self.last_rx = self.option_sent = time.monotonic()
-        self.answer_deadline.measured(self.last_rx - self.connect_started)  # the connect's round trip(s)
+        self.measured(self.last_rx - self.connect_started)  # the connect's round trip(s)
         return None
 
     def flush(self) -> OSError | ServerError | None:
@@ -116,7 +118,16 @@ class ServerLink:
     def slow_after(self, floor: float, ceiling: float) -> float:
         """Seconds an answer (or a connect) may take here before it is late: ``floor``
         (sender.submit_timeout) on a fast path, more on a slow one, at most ``ceiling``."""
-        return max(floor, min(ceiling, self.answer_deadline.seconds))
+        return max(floor, min(ceiling, self.rtt.deadline(self.misses, floor)))
+
+    def measured(self, seconds: float) -> None:
+        """An answer came ``seconds`` after its request."""
+        self.rtt.sample(seconds)
+        self.misses = 0
+
+    def missed(self) -> None:
+        """An answer (or a connect) was late: the next one is given twice as long."""
+        self.misses += 1
 
     def answered(self) -> bool:
         """It answers: reset the backoff. True when it had been given up (now healthy again).

@@ -88,13 +88,6 @@ def test_a_lane_waits_longer_on_a_slow_path_and_after_each_miss():
     assert slow.misses == 0 and slow.slow_after(5.0, 30.0) < 9
 
 
-def test_repeats_say_how_many_they_hid():
-    r = gp.Repeats()
-    assert r.first() and not r.first() and not r.first()
-    assert r.end() == 2 and r.end() == 0
-    assert r.first()
-
-
 # -- the packet cap over a socket pair ----------------------------------------------------------
 
 def _pair(max_packet: int) -> tuple[gp.Connection, socket.socket]:

@@ -1,6 +1,5 @@
-"""Reconnect backoff with jitter, and logs that count the repeats they hide: pure (a random
-source can be passed in), so they are unit-tested without sockets. Adaptive answer
-deadlines are timing.RoundTrip."""
+"""Reconnect backoff with jitter: pure (a random source can be passed in), so it is
+unit-tested without sockets. Adaptive answer deadlines are timing.RoundTrip."""
 
 from __future__ import annotations
 
@@ -39,22 +38,3 @@ class Backoff:
         """A success: start again at ``low``. Returns the failures it ends (for the log)."""
         failures, self.base, self.failures = self.failures, self.low, 0
         return failures
-
-
-class Repeats:
-    """A log that says an outage once and, when it ends, how many repeats it hid.
-
-    ``first()`` is True for the first failure of a stretch (log it); ``end()`` returns the
-    failures hidden since (0: nothing to say) and starts a new stretch.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def first(self) -> bool:
-        self.count += 1
-        return self.count == 1
-
-    def end(self) -> int:
-        hidden, self.count = max(0, self.count - 1), 0
-        return hidden

@@ -251,10 +251,10 @@ class Connection:
             raise self._fail("connection closed by server")
         self._buf += chunk
         if self._skip_left:
-            self._skip()
+            self._drop_skipped()
         return True
 
-    def _skip(self) -> None:
+    def _drop_skipped(self) -> None:  # not _skip: collector._Guarded keeps a counter by that name
         n = min(self._skip_left, len(self._buf))
         del self._buf[:n]
         self._skip_left -= n
@@ -277,7 +277,7 @@ class Connection:
             while sock.pending():
                 self._buf += sock.recv(65536)
                 if self._skip_left:
-                    self._skip()
+                    self._drop_skipped()
         except _WANT:
             pass  # a record is still in flight: poll again
         except ssl.SSLZeroReturnError:
@@ -289,7 +289,7 @@ class Connection:
                 return True
             raise self._fail(f"connection lost: {e.strerror or e}") from None
         if self._skip_left:
-            self._skip()
+            self._drop_skipped()
         return True
 
     def read_packets(self) -> list[Packet]:

@@ -20,7 +20,7 @@ from .backoff import RECONNECT_MAX, RECONNECT_MIN  # noqa: F401  (one set of con
 from .codec import (ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, JOB_ASSIGN, JOB_ASSIGN_UNIQ, WORK_COMPLETE,
                     WORK_DATA, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, Packet, command_name, error_text, pack,
                     parse_response, response_bytes)
-from .dial import TLSError, dial, tls_reason
+from .dial import TLSError, dial, tls_reason, tls_refusal
 
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 # The cap on one packet from a server (gearman.max_packet): a sender's biggest job (64 MiB of
@@ -185,10 +185,11 @@ class Connection:
         """An ssl error on an open connection: TLS 1.3 servers refuse a client's certificate
         only after the handshake, so "no client certificate" and "unknown CA" arrive here."""
         self.close()
-        reason = tls_reason(e, self.server_hostname or self.host)
-        if "connection closed" in reason or not any(w in reason for w in ("certificate", "CA", "mismatch", "TLS server")):
-            return ServerError(f"connection lost: {reason}", self.address)
-        return TLSError(reason, self.address)
+        name = self.server_hostname or self.host
+        words = tls_refusal(e, name)
+        if words is None:
+            return ServerError(f"connection lost: {tls_reason(e, name)}", self.address)
+        return TLSError(words, self.address)
 
     def _take_packet(self) -> Packet | None:
         buf = self._buf

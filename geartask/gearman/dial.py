@@ -86,19 +86,31 @@ _ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator
 )
 
 
-def tls_reason(e: BaseException, name: str | None = None) -> str:
-    """One line for an ssl error: unknown CA, name mismatch, no client certificate, expired..."""
+def tls_refusal(e: BaseException, name: str | None = None) -> str | None:
+    """The words for an ssl error that is a refusal (unknown CA, name mismatch, no client
+    certificate, expired, not a TLS server...): a setup problem, not a passing fault. None
+    for anything else (a connection cut during a handshake included)."""
     if isinstance(e, ssl.SSLCertVerificationError):
         words = _VERIFY_WORDS.get(e.verify_code)
         if words:
             return "TLS: " + words.format(name=name or "this address")
         return f"TLS: server certificate refused: {e.verify_message}"
     if isinstance(e, ssl.SSLEOFError):
-        return "TLS: connection closed during the TLS handshake (not a TLS server, or one that refused us)"
+        return None
     text = f"{getattr(e, 'reason', '') or ''} {e}"
     for key, words in _ALERT_WORDS:
-        if key in text:
+        if key in text and key != "UNEXPECTED_EOF":
             return "TLS: " + words
+    return None
+
+
+def tls_reason(e: BaseException, name: str | None = None) -> str:
+    """One line for an ssl error: unknown CA, name mismatch, no client certificate, expired..."""
+    words = tls_refusal(e, name)
+    if words:
+        return words
+    if isinstance(e, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(e):
+        return "TLS: connection closed during the TLS handshake (not a TLS server, or one that refused us)"
     return f"TLS: {getattr(e, 'reason', None) or e}"
 
 

@@ -5,8 +5,8 @@ The public API, importable from here::
     from geartask import JobSender, Admin, hookimpl, JobRejected, AttemptFailed, load_config
 
 Roles live in subpackages: ``geartask.worker`` (the worker runner), ``geartask.sender``,
-``geartask.admin`` (the manager), ``geartask.shell`` (the shell task and veryeasyprocess),
-``geartask.outcomes`` (job outcomes for the whole fleet).
+``geartask.fleet`` (the manager's library), ``geartask.admin`` (the manage command), ``geartask.shell``
+(the shell task and veryeasyprocess), ``geartask.outcomes`` (job outcomes for the whole fleet).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Config, load_config
-from .errors import (ConfigError, GeartaskError, JobDefinitionError, JobError, LocalServerError,
-                     NoServerError, PluginError, ServerError, UsageError)
+from .errors import (AttemptFailed, ConfigError, GeartaskError, JobDefinitionError, JobError, JobRejected,
+                     LocalServerError, NoServerError, PluginError, ServerError, UsageError)
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -24,9 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "JobSender": "geartask.sender.sender",
     "JobResult": "geartask.sender.sender",
-    "Admin": "geartask.admin.admin",
-    "JobRejected": "geartask.worker.errors",
-    "AttemptFailed": "geartask.worker.errors",
+    "Admin": "geartask.fleet",
     "JobDefinition": "geartask.jobs",
 }
 

@@ -7,100 +7,19 @@ status; ``run`` turns geartask errors into one line on stderr, never a traceback
 
 from __future__ import annotations
 
+# The argparse pieces (geartask.arguments) are re-exported: every command line imports them from here.
 import argparse
-import math
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .arguments import (GLOBAL_OPTIONS, MAX_DURATION, MAX_SECONDS, ArgumentParser, GlobalOption,  # noqa: F401
+                        UsageExit, add_common_args, count, duration, non_negative_seconds, number,
+                        positive_seconds)
 from .config import Config, load_config
 from .display import printable
 from .errors import EXIT_FAILED, EXIT_USAGE, GeartaskError
 from .logs import configure_logging
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so main(argv) is testable and exits with 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        raise _UsageExit(f"{self.prog}: error: {message}")
-
-
-class _UsageExit(Exception):
-    pass
-
-
-# Past this, timeouts overflow C timevals and poll()'s milliseconds; no flag needs more.
-MAX_SECONDS = 10_000_000  # about 116 days
-
-
-def number(kind: type = float, *, positive: bool = False, what: str = "a number of seconds",
-           maximum: float | None = None):
-    """An argparse ``type=`` for numbers that can't be negative (or zero, with ``positive``).
-
-    NaN and infinity are refused: NaN passes every comparison's "else" branch (a NaN timeout
-    waits for nothing, a NaN wait for ever) and infinity overflows every timeout below.
-    """
-    if maximum is None and kind is float:
-        maximum = MAX_SECONDS
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if positive and not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text!r}")
-        return value
-    return parse
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-MAX_DURATION = 100 * 366 * 86400  # seconds: a century
-_DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,6})?)([smhdw])")
-
-
-def duration(text: str) -> float:
-    """An argparse ``type=`` for '30s', '30m', '1h', '7d', '2w' (digits, then one unit) -> seconds."""
-    m = _DURATION.fullmatch(text)
-    seconds = float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
-    if not 0 < seconds <= MAX_DURATION:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30m, 1h or 7d (s, m, h, d or w after a "
-                                         f"number; more than 0, at most 100 years), got {text!r}")
-    return seconds
-
-
-positive_seconds = number(float, positive=True)
-non_negative_seconds = number(float)
-count = number(int, what="a whole number")
-
-
-def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
-    """--config, --servers, -v/-q and --log-format. ``after_command``: a subcommand's copy, which
-    leaves unset options unset (SUPPRESS), so they don't overwrite ones given before the
-    subcommand, and keeps --config/--servers/--log-format out of its help."""
-    unset = {"default": argparse.SUPPRESS} if after_command else {}
-    hidden = {"help": argparse.SUPPRESS} if after_command else {}
-    parser.add_argument("--config", metavar="PATH", **unset, **(hidden or {
-        "help": "config file (default: $GEARTASK_CONFIG, ./config.yaml, the repository's config.yaml)"}))
-    parser.add_argument("--servers", metavar="HOST:PORT,...", **unset, **(hidden or {
-        "help": "job servers to use instead of the config's 'servers'"}))
-    # Shown in every help: argparse can't print the usage of a group whose options are all hidden.
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, **unset,
-                          help="console logs: debug lines too, and the worker's line per job")
-    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, **unset,
-                          help="console logs: errors only")
-    parser.add_argument("--log-format", choices=("text", "json"), **unset, **(hidden or {
-        "help": "console log lines: human text or JSON lines (default: log.format, text)"}))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -118,7 +37,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """Call a role's main and map errors to exit statuses and one-line messages."""
     try:
         return main(argv)
-    except _UsageExit as e:
+    except UsageExit as e:
         print(printable(e), file=sys.stderr)
         return EXIT_USAGE
     except GeartaskError as e:  # messages may quote a peer's or a file's text: one line, escaped

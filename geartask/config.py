@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .shell.env import check_shell_config
+from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
@@ -139,6 +139,14 @@ class OutcomesConfig:
     max_result: int = 1024 * 1024  # bytes of a result (and of a failed job's data) kept; the rest is cut and flagged
     store: str = "sqlite"  # backend: geartask.outcomes.store.BACKENDS
     report: bool = True  # workers report outcomes (needs a collector: they wait in gearmand until one runs)
+    max_bytes: int = 1024 ** 3  # the store's quota: over it the oldest records go first (0: none)
+    max_clock_skew: float = 300.0  # seconds a record's times may be ahead of the collector's clock
+
+
+@dataclass
+class SchedulerConfig:
+    max_clock_skew: float = 300.0  # seconds the schedulers' clocks may differ with each slot still running once
+    verify_after: float = 600.0  # seconds after a slot's time by which its outcome must exist (else an alert)
 
 
 @dataclass
@@ -183,6 +191,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
     gearman: GearmanConfig = field(default_factory=GearmanConfig)
     source: Path | None = None  # the file this came from, None for pure defaults
 
@@ -204,14 +213,15 @@ _POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "work
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
-             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age"}
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age",
+             "outcomes.max_clock_skew", "scheduler.max_clock_skew", "scheduler.verify_after"}
 _MAXIMUM = {"gearman.max_packet": 2**32 - 1,  # the wire format's length field
             "server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127,
             "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024,
             "server.backend_port": 65535}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace", "worker.max_jobs",
-                 "sender.max_retries", "log.backups", "server.backend_port"}
+                 "sender.max_retries", "log.backups", "server.backend_port", "outcomes.max_bytes"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
@@ -328,6 +338,14 @@ def search_path() -> list[Path]:
     """Where a config is looked for when neither --config nor $GEARTASK_CONFIG names one."""
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return [Path.cwd() / "config.yaml", Path(xdg) / "geartask" / "config.yaml", Path("/etc/geartask/config.yaml")]
+
+
+def no_config_note() -> str:
+    """Said with an error that may come from running without a config file (no plugins found):
+    that none was found, and where it was looked for."""
+    looked = ", ".join(str(p) for p in search_path())
+    return (f"no config file was found (${CONFIG_ENV} is not set; looked for {looked}), so the built-in "
+            f"defaults are used: run from your config's folder or give --config")
 
 
 def find_config(explicit: str | os.PathLike | None = None) -> Path | None:

@@ -90,3 +90,16 @@ class JobDefinitionError(JobError):
     """Raised when a job definition is malformed (no task, data that can't be serialised...)."""
 
     exit_status = EXIT_USAGE
+
+
+class AttemptFailed(JobError):
+    """This attempt failed; the worker retries it (up to the job's retries)."""
+
+    def __init__(self, reason: str, details: dict | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details or {}
+
+
+class JobRejected(AttemptFailed):
+    """The job can never succeed as sent (bad data, refused command): fail it without retrying."""

@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
+from .arguments import GLOBAL_OPTIONS
 from .cli import run
 from .errors import EXIT_OK, EXIT_USAGE
 
@@ -21,26 +22,30 @@ COMMANDS = {
     "keys": ("geartask.trust.cli", "write Ed25519 signing keys", None),
     "version": (None, "print geartask's version", None),
 }
-_VALUED = ("--config", "--servers", "--log-format")  # global options that take a value
-_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+_VALUED = tuple(f for o in GLOBAL_OPTIONS if o.takes_value for f in o.flags)  # global options that take a value
+_FLAGS = tuple(f for o in GLOBAL_OPTIONS if not o.takes_value for f in o.flags)
 
-USAGE = ("usage: geartask [--config PATH] [--servers HOST:PORT,...] [-v | -q] [--log-format text|json]\n"
-         "                [--version] COMMAND [ARGS...]\n")
+
+def _usage() -> str:
+    loudness = " | ".join(o.flags[0] for o in GLOBAL_OPTIONS if o.verbosity is not None)
+    options = [f"[{o.shown}]" for o in GLOBAL_OPTIONS if o.takes_value]
+    options.insert(2, f"[{loudness}]")  # where argparse shows the -v/-q group, after --config/--servers
+    flags = " ".join(f"[{o.flags[0]}]" for o in GLOBAL_OPTIONS if o.help is None)
+    return f"usage: geartask {' '.join(options)}\n                {flags} COMMAND [ARGS...]\n"
+
+
+USAGE = _usage()
 
 
 def _help() -> str:
     lines = [USAGE, "commands:"]
     for name, (_, what, alias) in COMMANDS.items():
         lines.append(f"  {name:8} {what}" + (f" (also: {alias})" if alias else ""))
-    lines += ["", "global options (also accepted after the command):",
-              "  --config PATH           config file (default: $GEARTASK_CONFIG, ./config.yaml,",
-              "                          ~/.config/geartask/config.yaml, /etc/geartask/config.yaml)",
-              "  --servers HOST:PORT,... job servers instead of the config's",
-              "  -v, --verbose           more on the console (debug; the worker: every job)",
-              "  -q, --quiet             errors only on the console",
-              "  --log-format text|json  the console log's format (files are always JSON lines)",
-              "  --version               print the version and exit",
-              "", "`geartask COMMAND --help` shows a command's own options."]
+    lines += ["", "global options (also accepted after the command):"]
+    for o in GLOBAL_OPTIONS:
+        first, *rest = o.overview.split("\n")
+        lines += [f"  {o.shown:23} {first}"] + [" " * 26 + more for more in rest]
+    lines += ["", "`geartask COMMAND --help` shows a command's own options."]
     return "\n".join(lines) + "\n"
 
 
@@ -54,7 +59,7 @@ def split(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
         if a in _VALUED:
             globals_ += args[i:i + 2]
             i += 2
-        elif a.split("=", 1)[0] in _VALUED or a in _FLAGS or a in ("-h", "--help", "--version"):
+        elif a.split("=", 1)[0] in _VALUED or a in _FLAGS or a in ("-h", "--help"):
             globals_.append(a)
             i += 1
         else:

@@ -208,7 +208,7 @@ def test_a_stunnel_that_cannot_start_leaves_no_gearmand_behind(tmp_path):
 
 def test_a_path_with_a_line_break_is_never_written_into_stunnels_config(tmp_path):
     from geartask.errors import LocalServerError
-    from geartask.trust.stunnel import Stunnel
+    from geartask.server.stunnel import Stunnel
     s = Stunnel("127.0.0.1", 1, 2, tmp_path / "ca.pem", tmp_path / "x.pem\nverifyChain = no", tmp_path / "k",
                 tmp_path)
     with pytest.raises(LocalServerError, match="tls.cert .* can't be written into stunnel's config"):

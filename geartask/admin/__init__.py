@@ -1,1 +1,2 @@
-"""The manager's library: every job server's admin protocol, asked of all servers at once."""
+"""The ``manage`` command (manage_client.py): the fleet's admin API (geartask.fleet), the outcomes
+store's commands and the dashboard, as one command line."""

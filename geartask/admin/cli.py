@@ -1,6 +1,7 @@
 """manage_client: every job server at a glance, worker IPs, queues that really clear, shutdown.
 
-A thin command line over geartask.admin.admin (the library the tests call directly).
+A thin command line over geartask.fleet (the library the tests call directly). Each command is
+one registration in build_parser: its parser, and ``run(call)`` through ``set_defaults(func=)``.
 Exit status: 0 success, 1 a server could not be reached or something did not happen
 (the reachable servers are still reported), 2 usage or config error.
 """
@@ -11,17 +12,21 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
-from ..cli import (ArgumentParser, add_common_args, config_from_args, count, duration, non_negative_seconds,
+from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds,
                    positive_seconds, run, setup_logging)
 from ..display import printable
-from ..errors import EXIT_FAILED, EXIT_OK, UsageError
+from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
 from ..server import LocalServer
-from . import admin
-from .outcomes_cli import add_outcome_commands, outcome_command
+from .. import fleet
+from .call import Call
+from .outcomes_cli import add_outcome_commands
 from .tables import render
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 DEFAULT_WATCH = 2.0
 
@@ -36,7 +41,7 @@ def build_parser() -> ArgumentParser:
     add_common_args(common)
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     common.add_argument("--timeout", type=positive_seconds, metavar="S",
-                        help=f"seconds each server gets to answer (default {admin.DEFAULT_TIMEOUT:g})")
+                        help=f"seconds each server gets to answer (default {fleet.DEFAULT_TIMEOUT:g})")
     for action in common._actions:
         action.default = argparse.SUPPRESS
 
@@ -44,43 +49,51 @@ def build_parser() -> ArgumentParser:
                             description="Inspect and manage the gearmand job servers and geartask workers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
 
-    def add(name: str, help: str) -> ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help, description=help)
+    def add(name: str, help: str, run: Callable[[Call], int], *, fleet: bool = False) -> ArgumentParser:
+        """One command: its parser and what runs it (``fleet``: it asks the job servers)."""
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=run, fleet=fleet)
+        return p
 
     watch_help = f"refresh in place every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C"
-    p = add("status", "queued, running and available workers per function and server")
+    p = add("status", "queued, running and available workers per function and server", cmd_status_or_workers,
+            fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
-    p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process")
+    p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process",
+            cmd_status_or_workers, fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
     p.add_argument("--no-ping", dest="ping", action="store_false",
                    help="don't ping the worker processes (no SILENT column): no control jobs are sent")
-    p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions")
+    p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions", cmd_clear, fleet=True)
     p.add_argument("functions", nargs="*", metavar="FUNCTION")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
-    p = add("shutdown", "stop worker processes through their control functions")
+    p = add("shutdown", "stop worker processes through their control functions", cmd_shutdown, fleet=True)
     p.add_argument("--name", help="only workers of this name")
     p.add_argument("--host", metavar="IP", help="only workers on this IP")
     p.add_argument("--now", action="store_true", help="skip the grace period for running jobs")
     p.add_argument("--wait", type=non_negative_seconds, default=30.0, metavar="S",
                    help="seconds to wait for them to disconnect (default 30; 0: don't wait)")
-    add("jobs", "the jobs each server holds, and their unique keys")
-    p = add("cancel", "cancel a queued background job by its handle")
+    add("jobs", "the jobs each server holds, and their unique keys", cmd_jobs, fleet=True)
+    p = add("cancel", "cancel a queued background job by its handle", cmd_cancel, fleet=True)
     p.add_argument("handle", metavar="HANDLE")
-    p = add("stop", "stop a running job (by handle or unique key) through the worker that runs it")
+    p = add("stop", "stop a running job (by handle or unique key) through the worker that runs it", cmd_stop,
+            fleet=True)
     p.add_argument("target", metavar="HANDLE|UNIQUE")
-    p = add("dashboard", "serve the web dashboard and /metrics (and run the outcomes collector)")
+    # fleet: `dashboard` refuses a config without servers before it starts, as every fleet command does
+    p = add("dashboard", "serve the web dashboard and /metrics (and run the outcomes collector)", cmd_dashboard,
+            fleet=True)
     p.add_argument("--listen", metavar="HOST:PORT", help="where to serve (default: dashboard.listen, 127.0.0.1:8470)")
     p.add_argument("--refresh", type=positive_seconds, metavar="S",
                    help="seconds between looks at the fleet (default: dashboard.refresh, 2)")
     p.add_argument("--no-collector", dest="collector", action="store_false",
                    help="don't run the outcomes collector here (it runs elsewhere)")
     p.add_argument("--token", metavar="T", help="every request must carry this token (default: dashboard.token)")
-    p = add("maxqueue", "limit how many jobs of FUNCTION a server queues (0: no limit)")
+    p = add("maxqueue", "limit how many jobs of FUNCTION a server queues (0: no limit)", cmd_maxqueue, fleet=True)
     p.add_argument("function", metavar="FUNCTION")
     p.add_argument("size", type=count, metavar="N")
-    add("version", "each server's gearmand version")
-    add("ping", "round-trip time to each server")
-    p = add("server", "the local gearmand of the config's 'server' section")
+    add("version", "each server's gearmand version", cmd_version, fleet=True)
+    add("ping", "round-trip time to each server", cmd_ping, fleet=True)
+    p = add("server", "the local gearmand of the config's 'server' section", cmd_server)
     p.add_argument("action", choices=("start", "stop", "status"))
     add_outcome_commands(add, common)
     return parser
@@ -92,31 +105,31 @@ def _emit_json(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _report_errors(results: Sequence[admin.ServerResult], err: TextIO) -> None:
+def _report_errors(results: Sequence[fleet.ServerResult], err: TextIO) -> None:
     for r in results:
         if not r.ok:
             err.write(f"error: {printable(r.server)}: {printable(r.error)}\n")
 
 
-def _status_of(results: Sequence[admin.ServerResult]) -> int:
-    return EXIT_OK if admin.all_ok(results) else EXIT_FAILED
+def _status_of(results: Sequence[fleet.ServerResult]) -> int:
+    return EXIT_OK if fleet.all_ok(results) else EXIT_FAILED
 
 
-def status_data(results: Sequence[admin.ServerResult]) -> dict:
+def status_data(results: Sequence[fleet.ServerResult]) -> dict:
     servers, totals = [], {}
     for r in results:
         entry = {"server": r.server, "reachable": r.ok, "error": r.error, "version": None, "rtt_ms": None,
                  "functions": []}
         if r.ok:
             entry.update(version=r.value["version"], rtt_ms=r.value["rtt_ms"],
-                         functions=[admin.plain(f) for f in r.value["functions"]])
+                         functions=[fleet.plain(f) for f in r.value["functions"]])
             for f in r.value["functions"]:
                 t = totals.setdefault(f.function, {"function": f.function, "queued": 0, "running": 0, "workers": 0})
                 t["queued"] += f.queued
                 t["running"] += f.running
                 t["workers"] += f.workers
         servers.append(entry)
-    return {"ok": admin.all_ok(results), "servers": servers, "totals": [totals[k] for k in sorted(totals)]}
+    return {"ok": fleet.all_ok(results), "servers": servers, "totals": [totals[k] for k in sorted(totals)]}
 
 
 def status_text(data: dict) -> str:
@@ -144,13 +157,13 @@ def status_text(data: dict) -> str:
     return text
 
 
-def workers_data(results: Sequence[admin.ServerResult]) -> dict:
+def workers_data(results: Sequence[fleet.ServerResult]) -> dict:
     servers = []
     for r in results:
         servers.append({"server": r.server, "reachable": r.ok, "error": r.error,
-                        "connections": admin.plain(r.value) if r.ok else []})
-    return {"ok": admin.all_ok(results), "servers": servers,
-            "processes": [admin.plain(p) for p in admin.group_processes(results)]}
+                        "connections": fleet.plain(r.value) if r.ok else []})
+    return {"ok": fleet.all_ok(results), "servers": servers,
+            "processes": [fleet.plain(p) for p in fleet.group_processes(results)]}
 
 
 def workers_text(data: dict) -> str:
@@ -206,7 +219,7 @@ def watch(render_once: Callable[[], tuple[str, int]], interval: float, out: Text
 
 # -- commands ---------------------------------------------------------------------------
 
-def _logger(config, args, command: str):
+def _logger(config: Config, args: argparse.Namespace, command: str) -> Any:
     setup_logging(config, args, "manager")
     return get_logger("geartask.manager", command=command)
 
@@ -218,7 +231,8 @@ def _confirm(question: str, inp: TextIO, out: TextIO) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def cmd_status_or_workers(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
+def cmd_status_or_workers(call: Call) -> int:
+    args, adm, out, err = call.args, call.fleet, call.out, call.err
     if args.command == "status":
         fetch, to_data, to_text = adm.status, status_data, status_text
     else:
@@ -227,21 +241,22 @@ def cmd_status_or_workers(args, adm: admin.Admin, out: TextIO, err: TextIO) -> i
     def once() -> tuple[str, int]:
         results = fetch()
         data = to_data(results)
-        if getattr(args, "json", False):
+        if args.json:
             return json.dumps(data, default=str, indent=None if args.watch else 2), _status_of(results)
         if not args.watch:
             _report_errors(results, err)
         return to_text(data), _status_of(results)
 
     if args.watch:
-        return watch(once, args.watch, out, redraw=out.isatty() and not getattr(args, "json", False))
+        return watch(once, args.watch, out, redraw=out.isatty() and not args.json)
     text, status = once()
     out.write(text + "\n")
     return status
 
 
-def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: TextIO) -> int:
-    functions = [admin.check_function(f) for f in args.functions] or None
+def cmd_clear(call: Call) -> int:
+    args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
+    functions = [fleet.check_function(f) for f in args.functions] or None
     what = ", ".join(functions) if functions else "all functions"
     where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
     if not args.yes and inp.isatty():
@@ -266,8 +281,8 @@ def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: Tex
                     rows.append([fn, r.server, n])
                 total += n
             stranded += r.value["stranded"]
-    if getattr(args, "json", False):
-        _emit_json({"ok": admin.all_ok(results), "cleared": total, "stranded": stranded,
+    if args.json:
+        _emit_json({"ok": fleet.all_ok(results), "cleared": total, "stranded": stranded,
                     "servers": [r.to_dict() for r in results]}, out)
     else:
         _report_errors(results, err)
@@ -281,7 +296,8 @@ def cmd_clear(args, adm: admin.Admin, config, out: TextIO, err: TextIO, inp: Tex
     return _status_of(results)
 
 
-def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+def cmd_shutdown(call: Call) -> int:
+    args, adm, config, out, err = call.args, call.fleet, call.config, call.out, call.err
     log = _logger(config, args, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
@@ -289,7 +305,7 @@ def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> in
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
         log.warning("shutdown: server unreachable", server=server, error=error)
-    if getattr(args, "json", False):
+    if args.json:
         _emit_json({"ok": report.ok, **report.to_dict()}, out)
     else:
         for server, error in report.errors.items():
@@ -306,10 +322,11 @@ def cmd_shutdown(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> in
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def cmd_jobs(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
+def cmd_jobs(call: Call) -> int:
+    args, adm, out, err = call.args, call.fleet, call.out, call.err
     results = adm.jobs()
-    if getattr(args, "json", False):
-        _emit_json({"ok": admin.all_ok(results), "servers": [r.to_dict() for r in results]}, out)
+    if args.json:
+        _emit_json({"ok": fleet.all_ok(results), "servers": [r.to_dict() for r in results]}, out)
         return _status_of(results)
     _report_errors(results, err)
     for r in results:
@@ -326,9 +343,9 @@ def cmd_jobs(args, adm: admin.Admin, out: TextIO, err: TextIO) -> int:
     return _status_of(results)
 
 
-def _simple(results: Sequence[admin.ServerResult], header: str, args, out: TextIO, err: TextIO,
-            ok: Callable[[admin.ServerResult], bool] = lambda r: r.ok) -> int:
-    if getattr(args, "json", False):
+def _simple(results: Sequence[fleet.ServerResult], header: str, args: argparse.Namespace, out: TextIO, err: TextIO,
+            ok: Callable[[fleet.ServerResult], bool] = lambda r: r.ok) -> int:
+    if args.json:
         _emit_json({"ok": all(ok(r) for r in results), "servers": [r.to_dict() for r in results]}, out)
     else:
         _report_errors(results, err)
@@ -337,7 +354,8 @@ def _simple(results: Sequence[admin.ServerResult], header: str, args, out: TextI
     return EXIT_OK if all(ok(r) for r in results) else EXIT_FAILED
 
 
-def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+def cmd_cancel(call: Call) -> int:
+    args, adm, config, out, err = call.args, call.fleet, call.config, call.out, call.err
     log = _logger(config, args, "cancel")
     results = adm.cancel(args.handle)
     for r in results:
@@ -352,7 +370,8 @@ def cmd_cancel(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
     return status
 
 
-def cmd_stop(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+def cmd_stop(call: Call) -> int:
+    args, adm, config, out, err = call.args, call.fleet, call.config, call.out, call.err
     log = _logger(config, args, "stop")
     report = adm.stop_job(args.target)
     for j in report.jobs:
@@ -360,7 +379,7 @@ def cmd_stop(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
                  outcome=j.outcome, error=j.error)
     for server, error in report.errors.items():
         log.warning("stop: server unreachable", server=server, error=error)
-    if getattr(args, "json", False):
+    if args.json:
         _emit_json(report.to_dict(), out)
     else:
         for server, error in report.errors.items():
@@ -375,15 +394,17 @@ def cmd_stop(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def cmd_dashboard(args, config, err: TextIO) -> int:
+def cmd_dashboard(call: Call) -> int:
+    args, config, err = call.args, call.config, call.err
     from ..dashboard.server import serve
     d = config.dashboard
     return serve(config, listen=args.listen or d.listen, refresh=args.refresh or d.refresh,
                  token=args.token if args.token is not None else d.token, collector=args.collector,
-                 timeout=getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT, err=err)
+                 timeout=args.timeout or fleet.DEFAULT_TIMEOUT, err=err)
 
 
-def cmd_maxqueue(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> int:
+def cmd_maxqueue(call: Call) -> int:
+    args, adm, config, out, err = call.args, call.fleet, call.config, call.out, call.err
     log = _logger(config, args, "maxqueue")
     results = adm.maxqueue(args.function, args.size)
     for r in results:
@@ -392,11 +413,12 @@ def cmd_maxqueue(args, adm: admin.Admin, config, out: TextIO, err: TextIO) -> in
     return _simple(results, "RESULT", args, out, err)
 
 
-def cmd_server(args, config, out: TextIO, err: TextIO) -> int:
+def cmd_server(call: Call) -> int:
+    args, config, out = call.args, call.config, call.out
     srv = LocalServer.from_config(config)
     if args.action == "status":
         st = srv.status()
-        if getattr(args, "json", False):
+        if args.json:
             _emit_json(st, out)
         else:
             out.write(render(["ADDRESS", "RUNNING", "PID", "QUEUE", "QUEUE FILE", "LOG"],
@@ -418,44 +440,29 @@ def cmd_server(args, config, out: TextIO, err: TextIO) -> int:
         log.info("server stop", address=srv.address, outcome="stopped" if stopped else "was not running")
         msg = {"address": srv.address, "stopped": stopped}
         text = f"gearmand on {srv.address} " + ("stopped" if stopped else "was not running (started from here)")
-    if getattr(args, "json", False):
+    if args.json:
         _emit_json(msg, out)
     else:
         out.write(text + "\n")
     return EXIT_OK
 
 
+def cmd_version(call: Call) -> int:
+    return _simple(call.fleet.version(), "VERSION", call.args, call.out, call.err)
+
+
+def cmd_ping(call: Call) -> int:
+    return _simple(call.fleet.ping(), "RTT ms", call.args, call.out, call.err)
+
+
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None,
          stdin: TextIO | None = None) -> int:
-    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
-    args = build_parser().parse_args(argv)
+    # --json and --timeout are SUPPRESSed on every parser (given before or after the command,
+    # neither overwrites the other): their defaults live in the namespace parsing starts from.
+    args = build_parser().parse_args(argv, namespace=argparse.Namespace(json=False, timeout=None))
     config = config_from_args(args)
-    if args.command == "server":
-        return cmd_server(args, config, out, err)
-    if args.command in ("outcomes", "failed"):
-        return outcome_command(args, config, out, err, inp)
-    adm = admin.Admin.from_config(config, getattr(args, "timeout", None) or admin.DEFAULT_TIMEOUT)
-    if args.command in ("status", "workers"):
-        return cmd_status_or_workers(args, adm, out, err)
-    if args.command == "clear":
-        return cmd_clear(args, adm, config, out, err, inp)
-    if args.command == "shutdown":
-        return cmd_shutdown(args, adm, config, out, err)
-    if args.command == "jobs":
-        return cmd_jobs(args, adm, out, err)
-    if args.command == "cancel":
-        return cmd_cancel(args, adm, config, out, err)
-    if args.command == "maxqueue":
-        return cmd_maxqueue(args, adm, config, out, err)
-    if args.command == "stop":
-        return cmd_stop(args, adm, config, out, err)
-    if args.command == "dashboard":
-        return cmd_dashboard(args, config, err)
-    if args.command == "version":
-        return _simple(adm.version(), "VERSION", args, out, err)
-    if args.command == "ping":
-        return _simple(adm.ping(), "RTT ms", args, out, err)
-    raise UsageError(f"unknown command {args.command!r}")  # argparse's choices make this unreachable
+    admin = fleet.Admin.from_config(config, args.timeout or fleet.DEFAULT_TIMEOUT) if args.fleet else None
+    return args.func(Call(args, config, stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin, admin))
 
 
 def cli() -> None:

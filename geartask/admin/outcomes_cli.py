@@ -13,52 +13,63 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from ..cli import count, duration
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import configure_logging, flush_logs, get_logger
 from ..outcomes import client as outcome_client
-from ..outcomes.failed import failed_targets, import_dead_letters, requeue, requester
+from ..outcomes.failed import failed_targets, import_dead_letters, requester
+from ..sender.requeue import requeue
 from ..outcomes.query import MAX_LIST
 from ..outcomes.record import decode_bytes
+from .call import Call
 from .tables import render
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SHOWN_CHARS = 2000  # characters of a result, data or reason printed by `failed show` (--json has all)
 
 
-def add_outcome_commands(add: Callable[[str, str], Any], common: Any) -> None:
+def add_outcome_commands(add: Callable[..., Any], common: Any) -> None:
     """The ``outcomes`` and ``failed`` subcommands, on the manager's parser."""
     from ..cli import ArgumentParser
 
     def actions(parser: Any) -> Any:
         return parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=ArgumentParser)
 
-    def action(sub: Any, name: str, help: str) -> Any:
-        return sub.add_parser(name, parents=[common], help=help, description=help)
+    def action(sub: Any, name: str, help: str, run: Callable[[Call], int]) -> Any:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=run)
+        return p
 
-    sub = actions(add("outcomes", "the outcomes collector: run it, or see how it is"))
+    sub = actions(add("outcomes", "the outcomes collector: run it, or see how it is", _unreachable))
     action(sub, "serve", "run the collector: store every job outcome the servers receive, answer queries "
-                         "(SIGTERM/SIGINT stop it)")
-    action(sub, "status", "which collector answers, where it is attached, what it stored")
+                         "(SIGTERM/SIGINT stop it)", lambda call: cmd_serve(call.config))
+    action(sub, "status", "which collector answers, where it is attached, what it stored",
+           lambda call: cmd_status(_client(call), call.args.json, call.out))
 
-    sub = actions(add("failed", "jobs that failed for good, as the outcomes collector keeps them"))
-    p = action(sub, "list", "failed jobs, newest first (not those requeued already)")
+    sub = actions(add("failed", "jobs that failed for good, as the outcomes collector keeps them", _unreachable))
+    p = action(sub, "list", "failed jobs, newest first (not those requeued already)", _with_client(cmd_list))
     p.add_argument("--task", help="only this task")
     p.add_argument("--since", type=duration, metavar="AGE", help="only those that failed within AGE (30m, 1h, 7d)")
     p.add_argument("--limit", type=_list_limit, default=100, metavar="N", help=f"at most N (default 100, max {MAX_LIST})")
     p.add_argument("--requeued", action="store_true", help="include those requeued already")
-    p = action(sub, "show", "the latest outcome of a unique key (or a record id), and its history")
+    p = action(sub, "show", "the latest outcome of a unique key (or a record id), and its history",
+               _with_client(cmd_show))
     p.add_argument("unique", metavar="UNIQUE")
-    p = action(sub, "requeue", "send failed jobs again: same task, data, priority and unique key, as background jobs")
+    p = action(sub, "requeue", "send failed jobs again: same task, data, priority and unique key, as background jobs",
+               _with_client(cmd_requeue))
     p.add_argument("uniques", nargs="*", metavar="UNIQUE")
     p.add_argument("--task", help="every failed job of this task")
     p.add_argument("--all", action="store_true", help="every failed job")
-    p = action(sub, "purge", "delete failed outcomes (all, or those older than AGE)")
+    p = action(sub, "purge", "delete failed outcomes (all, or those older than AGE)", _with_client(cmd_purge))
     p.add_argument("--older-than", type=duration, metavar="AGE", help="only those that failed more than AGE ago (7d)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
-    p = action(sub, "import", "store the records of a worker host's dead-letter file (logs/dead-letter.jsonl)")
+    p = action(sub, "import", "store the records of a worker host's dead-letter file (logs/dead-letter.jsonl)",
+               _with_client(cmd_import))
     p.add_argument("file", metavar="FILE")
 
 
@@ -69,15 +80,19 @@ def _list_limit(text: str) -> int:
     return n
 
 
-def outcome_command(args: Any, config: Any, out: TextIO, err: TextIO, inp: TextIO) -> int:
-    if args.command == "outcomes" and args.action == "serve":
-        return cmd_serve(config)
-    client = outcome_client.OutcomeClient(config, getattr(args, "timeout", None) or outcome_client.DEFAULT_TIMEOUT)
-    as_json = getattr(args, "json", False)
-    if args.command == "outcomes":
-        return cmd_status(client, as_json, out)
-    run = {"list": cmd_list, "show": cmd_show, "requeue": cmd_requeue, "purge": cmd_purge, "import": cmd_import}
-    return run[args.action](args, config, client, as_json, out, err, inp)
+def _unreachable(call: Call) -> int:  # pragma: no cover - the ACTION subparser is required
+    raise AssertionError(f"{call.args.command}: no action")
+
+
+def _client(call: Call) -> outcome_client.OutcomeClient:
+    return outcome_client.OutcomeClient(call.config, call.args.timeout or outcome_client.DEFAULT_TIMEOUT)
+
+
+def _with_client(cmd: Callable[..., int]) -> Callable[[Call], int]:
+    """A ``failed`` action run with an outcomes client."""
+    def run(call: Call) -> int:
+        return cmd(call.args, call.config, _client(call), call.args.json, call.out, call.err, call.inp)
+    return run
 
 
 def _emit(data: Any, out: TextIO) -> None:
@@ -100,21 +115,21 @@ def _age(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _log(config: Any, command: str) -> Any:
+def _log(config: Config, command: str) -> Any:
     configure_logging(config.log, "manager")
     return get_logger("geartask.manager", command=command)
 
 
 # -- outcomes -------------------------------------------------------------------------------
 
-def cmd_serve(config: Any) -> int:
+def cmd_serve(config: Config) -> int:
     """The collector as a long-running process: SIGTERM/SIGINT/SIGHUP stop it after the batch
     in hand; a second signal exits at once (unanswered outcome jobs stay in gearmand)."""
     from ..outcomes.collector import Collector
     from ..outcomes.store import open_store
 
     configure_logging(config.log, "collector")
-    store = open_store(config.outcomes.store, config.outcomes.path)
+    store = open_store(config.outcomes.store, config.outcomes.path, config)
     collector = Collector(config, store)
     seen: list[int] = []
 
@@ -158,11 +173,12 @@ def _error(rec: dict) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def cmd_list(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_list(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
              err: TextIO, inp: TextIO) -> int:
     answer = client.failed(task=args.task, max_age=args.since, limit=args.limit,
                            include_requeued=True if args.requeued else None)
-    records = answer["records"]
+    records = answer["records"][:args.limit]  # a rogue answerer may send more than asked for
+    answer["more"] = bool(answer.get("more")) or len(answer["records"]) > len(records)
     if as_json:
         _emit({"ok": True, "failed": records, "more": answer["more"]}, out)
         return EXIT_OK
@@ -229,7 +245,7 @@ def render_value(value: Any) -> str:
     return "yes" if value is True else "no" if value is False else printable(value)
 
 
-def cmd_show(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_show(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
              err: TextIO, inp: TextIO) -> int:
     rec = client.latest(unique=args.unique)
     if rec is None and len(args.unique) <= 64:
@@ -251,7 +267,7 @@ def cmd_show(args: Any, config: Any, client: outcome_client.OutcomeClient, as_js
     return EXIT_OK
 
 
-def cmd_requeue(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_requeue(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
                 err: TextIO, inp: TextIO) -> int:
     if args.all and (args.uniques or args.task):
         raise UsageError("failed requeue: --all goes alone (not with UNIQUE or --task)")
@@ -280,7 +296,7 @@ def cmd_requeue(args: Any, config: Any, client: outcome_client.OutcomeClient, as
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def cmd_purge(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_purge(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
               err: TextIO, inp: TextIO) -> int:
     what = f"failed outcomes older than {_age(args.older_than)}" if args.older_than else "every failed outcome"
     if not args.yes and inp.isatty():
@@ -298,7 +314,7 @@ def cmd_purge(args: Any, config: Any, client: outcome_client.OutcomeClient, as_j
     return EXIT_OK
 
 
-def cmd_import(args: Any, config: Any, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
+def cmd_import(args: Any, config: Config, client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
                err: TextIO, inp: TextIO) -> int:
     path = Path(args.file)
     if not path.is_file():

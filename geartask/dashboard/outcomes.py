@@ -4,12 +4,16 @@ the collector elsewhere, through gearmand (geartask.outcomes.client)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..outcomes.client import OutcomeClient
-from ..outcomes.failed import failed_targets, requeue
+from ..outcomes.failed import failed_targets
+from ..sender.requeue import requeue
 from ..outcomes.query import MAX_LIST, Queries, Refused, check_request
 from ..outcomes.errors import QueryError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 FAILED_LIMIT = 500  # rows on the Failed page; the filter narrows them
 FULL_RECORDS = 10  # outcomes of one key read whole (result, data) on the Job page
@@ -18,7 +22,7 @@ FULL_RECORDS = 10  # outcomes of one key read whole (result, data) on the Job pa
 class LocalOutcomeClient(OutcomeClient):
     """The OutcomeClient's operations answered by this process's collector, without gearmand."""
 
-    def __init__(self, config: Any, queries: Queries):
+    def __init__(self, config: Config, queries: Queries):
         super().__init__(config)
         self.queries = queries
 
@@ -32,7 +36,7 @@ class LocalOutcomeClient(OutcomeClient):
 class OutcomesView:
     """Outcome records for the pages, from a collector (OutcomeClient or LocalOutcomeClient)."""
 
-    def __init__(self, config: Any, client: OutcomeClient):
+    def __init__(self, config: Config, client: OutcomeClient):
         self.config, self.client = config, client
 
     def failed(self, task: str | None = None, since: float | None = None, limit: int = FAILED_LIMIT) -> list[dict]:
@@ -53,7 +57,7 @@ class OutcomesView:
         return self.client.purge(ids=ids) if ids is not None else self.client.purge(older_than=older_than)
 
     def requeue(self, ids: list[str], by: str) -> list[dict]:
-        """Send these failed jobs again (geartask.outcomes.failed.requeue, as `failed requeue` does)."""
+        """Send these failed jobs again (geartask.sender.requeue, as `failed requeue` does)."""
         uniques, lone, results = [], [], []
         for id in dict.fromkeys(ids):
             rec = self.client.get(id)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..admin.admin import DEFAULT_TIMEOUT, Admin
+from ..fleet import DEFAULT_TIMEOUT, Admin
 from ..config import Config, parse_hostport
 from ..errors import GeartaskError, UsageError
 from ..logs import configure_logging, get_logger
@@ -69,7 +69,7 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
     admin = Admin.from_config(config, timeout)
     parts: list = []
     if collector:
-        store = open_store(config.outcomes.store, config.outcomes.path)
+        store = open_store(config.outcomes.store, config.outcomes.path, config)
         parts.append(_Closing(store))  # stopped last: after the collector
         running = Collector(config, store)
         parts.append(running)
@@ -109,7 +109,9 @@ def serve(config: Config, *, listen: str, refresh: float, token: str, collector:
                              timeout=timeout)
     try:
         server = waitress.server.create_server(dashboard.app, host=where.host, port=where.port, threads=THREADS,
-                                               ident="geartask", clear_untrusted_proxy_headers=True)
+                                               ident="geartask", clear_untrusted_proxy_headers=True,
+                                               # a TLS proxy on this host says "https": the token cookie gets Secure
+                                               trusted_proxy="127.0.0.1", trusted_proxy_headers={"x-forwarded-proto"})
     except OSError as e:
         raise GeartaskError(f"dashboard: cannot listen on {where.host}:{where.port}: {e.strerror or e}") from None
     started = []

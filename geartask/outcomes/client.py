@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from .. import gearman as gp
-from ..admin.admin import parse_status
+from ..fleet.replies import parse_status
 from ..errors import ServerError
 from .errors import NoCollectorError, QueryError
 from .query import Refused, check_request

@@ -1,4 +1,5 @@
-"""Failed jobs, for the manager's ``failed`` commands: requeue them, import a dead-letter file.
+"""Failed jobs, for the manager's ``failed`` commands: find them, import a dead-letter file (sending
+them again is geartask.sender.requeue: the sender sits above the outcomes).
 
 Both work through an OutcomeClient, so they run on any machine that reaches a job server.
 """
@@ -16,12 +17,14 @@ from typing import Any, Iterable, Iterator
 from ..errors import UsageError
 from .client import OutcomeClient
 from .query import MAX_LIST
-from .record import BATCH_BYTES, BadOutcome, check, decode_bytes, encode_bytes
+from .record import BATCH_BYTES, BadOutcome, cap_record, check, encode_bytes
 
 IMPORT_RECORDS = 500  # records per import request ...
 IMPORT_BYTES = BATCH_BYTES  # ... and bytes (one record may be bigger)
 MAX_LINE = 64 * 1024 * 1024  # a dead-letter line longer than this is not one
 BAD_LINES_KEPT = 20
+IMPORT_ONE = 12 * 1024 * 1024  # a record bigger than this as JSON is cut first: a collector takes 16 MiB requests
+IMPORT_CUT = 2 * 1024 * 1024  # ... to this much of its result, data and reason each (flagged *_cut)
 
 
 def requester() -> str:
@@ -74,44 +77,6 @@ def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: 
                 break
             until = page[-1]["finished_at"]
     return list(groups.values()), missing
-
-
-def requeue(config: Any, client: OutcomeClient, groups: list[list[dict]], by: str | None = None) -> list[Requeued]:
-    """Send each group's newest failed job again: its task, data and priority, the same unique
-    key, as a background job; then mark every record of the group requeued, by ``by``, with
-    the new handle. A record whose data was not kept whole can't be sent (its ``error`` says)."""
-    from ..sender.sender import JobSender  # the sender is only needed here
-
-    by = by or requester()
-    out: list[Requeued] = []
-    jobs: list[dict] = []
-    for group in groups:
-        newest = client.get(group[0]["id"]) or group[0]
-        r = Requeued(newest.get("unique"), newest["task"], [g["id"] for g in group])
-        out.append(r)
-        if newest.get("data") is None:
-            r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
-        elif newest.get("data_cut"):
-            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data'))} of {newest.get('data_size')} bytes"
-        else:
-            # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
-            jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),
-                         "priority": newest.get("priority"), "background": True, "retries": newest.get("retries"),
-                         "requeue_of": newest["id"], "_index": len(out) - 1})
-    if not jobs:
-        return out
-    index = [j.pop("_index") for j in jobs]
-    with JobSender(config, record_background=False) as sender:
-        results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-    for i, res in zip(index, results):
-        r = out[i]
-        if res.state != "queued":
-            r.error = f"not accepted by any server: {res.error or res.state}"
-            continue
-        r.handle, r.server = res.handle, res.server
-        for id in r.ids:
-            client.mark_requeued(id, by, handle=r.handle, server=r.server)
-    return out
 
 
 # -- dead-letter files ---------------------------------------------------------------------
@@ -217,6 +182,9 @@ def import_dead_letters(client: OutcomeClient, path: Path) -> ImportReport:
     size = 0
     for rec in read_dead_letters(Path(path), report):
         n = len(json.dumps(rec, ensure_ascii=False))
+        if n > IMPORT_ONE:  # sent whole, the collector would refuse the request and the import stop there
+            rec = cap_record(rec, IMPORT_CUT)
+            n = len(json.dumps(rec, ensure_ascii=False))
         if chunk and (len(chunk) >= IMPORT_RECORDS or size + n > IMPORT_BYTES):
             _send(client, chunk, report)
             chunk, size = [], 0

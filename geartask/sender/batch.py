@@ -10,7 +10,7 @@ import select
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .. import envelope
 from .. import gearman as p
@@ -19,9 +19,7 @@ from ..jobs import JobDefinition, decode_payload, new_unique
 from .link import ServerLink
 from .results import JobResult, Progress, attempts_notice, reason_attempts
 from .routing import score
-
-if TYPE_CHECKING:
-    from .sender import JobSender
+from .settings import BatchSettings
 
 # gearmand answers ERROR ARGUMENT_TOO_LARGE for a unique key over 64 bytes (measured).
 MAX_UNIQUE = 64
@@ -85,13 +83,14 @@ class Batch:
     their servers, and yields each JobResult as it finishes (``run``). Owns every per-call
     state, so the JobSender keeps only its connections between calls."""
 
-    def __init__(self, sender: "JobSender", jobs: Iterable[Any], wait: bool, timeout: float | None):
-        self.settings = sender.settings
-        self.log = sender.log
-        self.debug = sender._debug
-        self.max_payload, self.max_data = sender.max_payload, sender.max_data
-        self.record = sender.record if sender.record_background else None
-        self.lanes = [_Lane(link) for link in sender.servers]
+    def __init__(self, settings: BatchSettings, links: Iterable[ServerLink], jobs: Iterable[Any], wait: bool,
+                 timeout: float | None):
+        self.settings = settings.sender
+        self.log = settings.log
+        self.debug = settings.debug
+        self.max_payload, self.max_data = settings.max_payload, settings.max_data
+        self.record = settings.record
+        self.lanes = [_Lane(link) for link in links]
         self.source = iter(jobs)
         self.total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]
         self.wait = wait

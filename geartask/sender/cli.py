@@ -20,16 +20,16 @@ import itertools
 import json
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
-from ..display import printable
-from ..config import PRIORITIES
+from ..display import json_line, printable
+from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
-from ..scheduler import cli as schedule_cli
+from . import schedule_cli
 from . import outcomes
 from .progress import ProgressBar
 from .background import StatusResult
@@ -59,40 +59,41 @@ def build_parser() -> ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     subs.required = True
 
-    sp = subs.add_parser("plugin", help="send every job a plugin defines")
-    _common(sp)
+    def add(name: str, help: str, run: Callable[[Config, argparse.Namespace], int]) -> ArgumentParser:
+        """One command: its parser (with the shared options after it too) and what runs it."""
+        sp = subs.add_parser(name, help=help)
+        _common(sp)
+        sp.set_defaults(func=run)
+        return sp
+
+    sp = add("plugin", "send every job a plugin defines", cmd_plugin)
     sp.add_argument("name", metavar="NAME", help="plugin name (see 'list')")
     _submit_flags(sp, "seconds to wait for all results; the rest end as 'timeout'")
 
-    sp = subs.add_parser("shell", help="one ad hoc command for the workers' shell task")
-    _common(sp)
+    sp = add("shell", "one ad hoc command for the workers' shell task", cmd_shell)
     _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
     sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
-    sp = subs.add_parser("job", help="one job for any task")
-    _common(sp)
+    sp = add("job", "one job for any task", cmd_job)
     sp.add_argument("task", metavar="TASK")
     sp.add_argument("data", metavar="DATA", help="JSON, else taken as a string")
     sp.add_argument("--unique", help="unique key (default: generated)")
     _submit_flags(sp, "seconds to wait for the result")
 
-    sp = subs.add_parser("list", help="the plugins found and the jobs each would send")
-    _common(sp)
+    sp = add("list", "the plugins found and the jobs each would send", cmd_list)
     sp.add_argument("--json", action="store_true", help="JSON output")
 
-    sp = subs.add_parser("status", help="ask the servers about background jobs")
-    _common(sp)
+    sp = add("status", "ask the servers about background jobs", cmd_status)
     sp.add_argument("handles", nargs="*", metavar="HANDLE",
                     help="job handles (default: every background job recorded in log.dir)")
     sp.add_argument("--json", action="store_true", help="one JSON object per job")
-    sp = subs.add_parser("result", help="a job's outcome (result or failure) from the outcomes collector")
-    _common(sp)
+    sp = add("result", "a job's outcome (result or failure) from the outcomes collector", cmd_result)
     sp.add_argument("key", metavar="UNIQUE|HANDLE", help="the job's unique key, or its handle (HANDLE@HOST:PORT)")
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
     sp.add_argument("--json", action="store_true", help="the outcome as one JSON object")
-    schedule_cli.add_parser(subs, _common)
+    schedule_cli.add_parser(add)
     return parser
 
 
@@ -122,7 +123,7 @@ def _job_line(r: JobResult) -> str:
     return f"{head} -> {_short(r.result)}"
 
 
-def _send(config: Any, args: argparse.Namespace, jobs: Iterable[Any], timeout: float | None,
+def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: float | None,
           plugin: tuple[str, str | None] | None = None) -> int:
     """Stream the jobs; print each one's line as it finishes, then a summary."""
     overrides = {}
@@ -142,7 +143,7 @@ def _send(config: Any, args: argparse.Namespace, jobs: Iterable[Any], timeout: f
             for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
                 if clear_bar:
                     bar.clear()
-                out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
+                out.write((json_line(r.to_json(), default=repr) if args.json
                            else _job_line(r)) + "\n")
                 counts[r.state] = counts.get(r.state, 0) + 1
                 if time.monotonic() - last_flush > 0.2:
@@ -180,7 +181,7 @@ def _override(job: Any, overrides: dict) -> Any:
     return d
 
 
-def cmd_plugin(config: Any, args: argparse.Namespace) -> int:
+def cmd_plugin(config: Config, args: argparse.Namespace) -> int:
     plugins = load_plugins(config, only=[args.name])
     jobs = (job for _, job in plugins.iter_jobs())  # taken as they are sent: memory stays flat
     first = next(jobs, None)
@@ -190,7 +191,7 @@ def cmd_plugin(config: Any, args: argparse.Namespace) -> int:
                  (args.name, plugins.files.get(args.name)))
 
 
-def cmd_shell(config: Any, args: argparse.Namespace) -> int:
+def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -206,14 +207,14 @@ def cmd_shell(config: Any, args: argparse.Namespace) -> int:
     return _send(config, args, [job], None)
 
 
-def cmd_job(config: Any, args: argparse.Namespace) -> int:
+def cmd_job(config: Config, args: argparse.Namespace) -> int:
     job = {"task": args.task, "data": _parse_data(args.data)}
     if args.unique:
         job["unique"] = args.unique
     return _send(config, args, [job], args.timeout)
 
 
-def cmd_list(config: Any, args: argparse.Namespace) -> int:
+def cmd_list(config: Config, args: argparse.Namespace) -> int:
     """Each plugin and the jobs it would send, printed as the plugin yields them."""
     found = discover(config)
     enabled = list(config.plugins.enabled)
@@ -272,11 +273,11 @@ def _status_line(s: StatusResult) -> str:
     return line
 
 
-def cmd_status(config: Any, args: argparse.Namespace) -> int:
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     with JobSender(config) as sender:
         for s in outcomes.resolve(sender.iter_status(args.handles or None), config):
-            print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
+            print(json_line(s.to_json()) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
     if not total:
@@ -288,10 +289,10 @@ def cmd_status(config: Any, args: argparse.Namespace) -> int:
     return EXIT_FAILED if counts.get("unknown") or counts.get("unreachable") or counts.get("failed") else EXIT_OK
 
 
-def cmd_result(config: Any, args: argparse.Namespace) -> int:
+def cmd_result(config: Config, args: argparse.Namespace) -> int:
     o = outcomes.result(config, args.key, wait=args.wait or 0.0)
     if args.json:
-        print(json.dumps(o.to_json(), ensure_ascii=False, default=repr))
+        print(json_line(o.to_json(), default=repr))
     elif o.record is None:
         print(f"unknown  {printable(o.key)}: {printable(o.error)}")
     else:
@@ -311,17 +312,13 @@ def cmd_result(config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK if o.state == "complete" else EXIT_FAILED
 
 
-COMMANDS = {"plugin": cmd_plugin, "shell": cmd_shell, "job": cmd_job, "list": cmd_list, "status": cmd_status,
-            "result": cmd_result, "schedule": schedule_cli.cmd_schedule}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     # Every job's story goes to the log file; the console (stderr, under the progress bar)
     # gets only warnings and errors unless -v: stdout already has the report.
     setup_logging(config, args, "sender")
-    return COMMANDS[args.command](config, args)
+    return args.func(config, args)
 
 
 def cli() -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .. import gearman as p
 from ..errors import UsageError
@@ -14,6 +15,10 @@ from .batch import Batch
 from .link import ServerLink
 from .results import JobResult, Progress
 from .routing import rendezvous
+from .settings import BatchSettings
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["JobSender", "JobResult", "Progress", "StatusResult", "rendezvous", "MAX_PAYLOAD", "MAX_DATA"]
 
@@ -46,7 +51,7 @@ class JobSender:
     block) closes the connections.
     """
 
-    def __init__(self, config: Any, log: Any = None, record_background: bool = True):
+    def __init__(self, config: Config, log: Any = None, record_background: bool = True):
         self.config = config
         self.settings = config.sender
         # Bound once: structlog's lazy proxy builds a new logger on every call otherwise.
@@ -60,11 +65,35 @@ class JobSender:
         self.record = BackgroundRecord(Path(config.log.dir) / BACKGROUND_RECORD, config.log.max_bytes,
                                        config.log.backups)
         self.record_path = self.record.path
-        self.record_background = record_background
-        self.max_payload = MAX_PAYLOAD
-        self.max_data = MAX_DATA
-        self._debug = logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG)
+        self.batch_settings = BatchSettings(
+            self.settings, self.log, logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG),
+            MAX_PAYLOAD, MAX_DATA, self.record if record_background else None)
         self._batch: Batch | None = None  # the call in progress
+
+    # The limits and the background record can be changed between calls: a new BatchSettings.
+    @property
+    def max_payload(self) -> int:
+        return self.batch_settings.max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        self.batch_settings = replace(self.batch_settings, max_payload=value)
+
+    @property
+    def max_data(self) -> int:
+        return self.batch_settings.max_data
+
+    @max_data.setter
+    def max_data(self, value: int) -> None:
+        self.batch_settings = replace(self.batch_settings, max_data=value)
+
+    @property
+    def record_background(self) -> bool:
+        return self.batch_settings.record is not None
+
+    @record_background.setter
+    def record_background(self, value: bool) -> None:
+        self.batch_settings = replace(self.batch_settings, record=self.record if value else None)
 
     def close(self) -> None:
         for link in self.servers:
@@ -113,7 +142,7 @@ class JobSender:
         """
         if self._batch is not None:
             raise UsageError("this JobSender is already running a batch (one at a time)")
-        self._batch = batch = Batch(self, jobs, wait, timeout)
+        self._batch = batch = Batch(self.batch_settings, self.servers, jobs, wait, timeout)
         try:
             yield from batch.run(on_progress)
         finally:

@@ -10,14 +10,17 @@ What that guarantees and what it doesn't: docs/shell.md.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..logs import get_logger
-from ..worker.errors import AttemptFailed, JobRejected
-from .env import check_shell_config, never_passed
+from ..errors import AttemptFailed, JobRejected
+from ..shellenv import check_shell_config, never_passed
 
 from . import veryeasyprocess
 from .veryeasyprocess import finite, shown
+
+if TYPE_CHECKING:
+    from ..config import WorkerConfig
 
 log = get_logger("geartask.shell")
 KEYS = ("cmd", "cwd", "timeout", "env", "retries")
@@ -55,7 +58,7 @@ def _finite(value: Any, where: str) -> float:
 
 
 class ShellTask:
-    def __init__(self, worker_config, worker_label: str):
+    def __init__(self, worker_config: WorkerConfig, worker_label: str):
         self.cfg = worker_config
         shell = worker_config.shell
         check_shell_config(shell.allow, shell.env_allow)  # again: a config may be built in code

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import ArgumentParser
+from ..arguments import ArgumentParser
 from ..errors import EXIT_OK
 from . import certs, keys
 

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import GeartaskError, JobError
-
-
-class AttemptFailed(JobError):
-    """This attempt failed; the worker retries it (up to the job's retries)."""
-
-    def __init__(self, reason: str, details: dict | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.details = details or {}
-
-
-class JobRejected(AttemptFailed):
-    """The job can never succeed as sent (bad data, refused command): fail it without retrying."""
+# AttemptFailed and JobRejected are raised by every task (the shell task too): they live in
+# geartask.errors, below the worker and the shell package; named here for the worker's modules.
+from ..errors import AttemptFailed, GeartaskError, JobRejected  # noqa: F401
 
 
 class WorkerFailed(GeartaskError):

@@ -1,4 +1,5 @@
-"""Which programs and environment variables the shell task's config may name.
+"""Which programs and environment variables the shell task's config may name (the config checks
+it when loading, the shell task again per job; below both, so the config never loads the shell).
 
 A job may set only the variables in ``worker.shell.env_allow``; the ones below are refused
 there even if listed, because they make a loader, a shell, an interpreter or a common tool
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 # What glibc itself ignores for setuid programs (its "unsecure" list), the shells' and
 # interpreters' start-up variables, and tools that run a command named in a variable.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, LocalServerError
-from ..server import LocalServer, _alive
+from . import LocalServer, _alive
 
 
 def _is_stunnel(pid: int) -> bool:

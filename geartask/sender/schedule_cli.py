@@ -1,4 +1,8 @@
-"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands."""
+"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands.
+
+Part of the ``send`` command: a scheduler is a sender of periodic jobs (geartask.scheduler
+decides what is due; this module sends it with a JobSender and asks the outcomes store).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,26 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError
 from ..plugins import load_plugins
-from .load import load_schedules
-from .schedule import Schedule, slot_text
-from .scheduler import Decision, Scheduler
+from ..outcomes.client import OutcomeClient
+from ..scheduler.listing import rows
+from ..scheduler.load import load_schedules
+from ..scheduler.schedule import Schedule, slot_text
+from ..scheduler.scheduler import Decision, Scheduler
+from .sender import JobSender
 
-LIST_BACK = 8  # slots looked back for a schedule's last run
+if TYPE_CHECKING:
+    from ..config import Config
 
-
-def add_parser(subs: Any, common: Any) -> None:
-    sp = subs.add_parser("schedule", help="run the periodic jobs of the config and plugins (a scheduler)",
-                         description="Send each schedule's job at each slot; any number of schedulers may run "
-                                     "at once (each slot runs once). 'schedule list' shows the schedules.")
-    common(sp)
+def add_parser(add: Any) -> None:
+    """The ``schedule`` command, on the send command's parser (``add(name, help, run)``)."""
+    sp = add("schedule", "run the periodic jobs of the config and plugins (a scheduler)", cmd_schedule)
+    sp.description = ("Send each schedule's job at each slot; any number of schedulers may run "
+                      "at once (each slot runs once). 'schedule list' shows the schedules.")
     sp.add_argument("action", nargs="?", choices=["list"], help="list the schedules, their next runs and last run")
     sp.add_argument("--once", action="store_true", help="send what is due now and exit (for system cron)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -39,12 +46,8 @@ def _sender_send(sender: Any):
     return send
 
 
-def _outcomes(config: Any) -> Any:
-    """The outcomes client the scheduler asks about missed slots, or None when there is none."""
-    try:
-        from ..outcomes.client import OutcomeClient
-    except ImportError:  # pragma: no cover - outcomes are part of geartask
-        return None
+def _outcomes(config: Config) -> Any:
+    """The outcomes client the scheduler asks about missed slots."""
     return _Ran(OutcomeClient(config))
 
 
@@ -60,6 +63,9 @@ class _Ran:
         except GeartaskError:
             return None
 
+    def record(self, unique: str) -> dict | None:
+        return self.client.latest(unique=unique)  # GeartaskError when unreachable: the scheduler says so
+
     def last(self, unique: str) -> dict | None:
         try:
             return self.client.latest(unique=unique)
@@ -67,7 +73,7 @@ class _Ran:
             return None
 
 
-def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
+def cmd_schedule(config: Config, args: argparse.Namespace) -> int:
     plugins = load_plugins(config)
     schedules = load_schedules(config, plugins)
     if args.action == "list":
@@ -76,16 +82,17 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
         print("no schedules: add a 'schedules' list to the config or a geartask_schedules hook to a plugin",
               file=sys.stderr)
         return EXIT_FAILED
-    from ..sender.sender import JobSender
     with JobSender(config) as sender:
-        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config))
+        sc = getattr(config, "scheduler", None)
+        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config),
+                              **({"max_clock_skew": sc.max_clock_skew, "verify_after": sc.verify_after} if sc else {}))
 
         def show(d: Decision) -> None:
             if args.json:
                 print(json.dumps(d.to_json()), flush=True)
-            elif d.action in ("sent", "ahead", "failed", "unreachable"):
+            elif d.action in ("sent", "ahead", "failed", "unreachable", "alert"):
                 what = {"ahead": "handed over", "sent": "sent (missed)", "failed": "NOT sent",
-                        "unreachable": "NOT sent (outcomes unreachable)"}[d.action]
+                        "unreachable": "NOT sent (outcomes unreachable)", "alert": "ALERT"}[d.action]
                 when = f" runs {time.strftime('%H:%M:%S', time.localtime(d.run_at))}" if d.run_at else ""
                 print(f"{slot_text(d.slot)} {printable(d.schedule)}: {what}{when}"
                       + (f" error: {printable(d.error)}" if d.error else ""), flush=True)
@@ -100,32 +107,7 @@ def cmd_schedule(config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def rows(schedules: list[Schedule], last_of: Any, now: float | None = None) -> list[dict]:
-    """Each schedule with its next three slots and its last run as the outcomes know it
-    (``last_of(unique)`` -> the latest outcome record or None); for `schedule list` and the
-    dashboard's Schedules page."""
-    now = time.time() if now is None else now
-    out = []
-    for s in schedules:
-        it = s.after(now)
-        upcoming = [next(it) for _ in range(3)]
-        last = None
-        slot = s.last(now)
-        for _ in range(LIST_BACK):
-            if slot is None or last_of is None:
-                break
-            rec = last_of(s.unique(slot))
-            if rec is not None:
-                last = {"slot": slot_text(slot), "unique": s.unique(slot), "state": rec.get("state"),
-                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker")}
-                break
-            slot = s.last(slot - 1)
-        out.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,
-                    "misfire": s.misfire, "next": [slot_text(x) for x in upcoming], "last": last, "source": s.source})
-    return out
-
-
-def _list(config: Any, schedules: list[Schedule], as_json: bool) -> int:
+def _list(config: Config, schedules: list[Schedule], as_json: bool) -> int:
     outcomes = _outcomes(config)
     table = rows(schedules, outcomes.last if outcomes is not None else None)
     if as_json:

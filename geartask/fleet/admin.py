@@ -43,7 +43,8 @@ class Admin:
                 value = call(host, port, *args, timeout=self.timeout)
             except GeartaskError as e:
                 msg = str(e).removeprefix(f"{host}:{port}: ")
-                return ServerResult(f"{host}:{port}", False, error=msg, elapsed=time.monotonic() - t0)
+                return ServerResult(f"{host}:{port}", False, getattr(e, "partial", None), error=msg,
+                                    elapsed=time.monotonic() - t0)
             except OSError as e:  # belt and braces: protocol.Connection wraps socket errors already
                 return ServerResult(f"{host}:{port}", False, error=str(e), elapsed=time.monotonic() - t0)
             return ServerResult(f"{host}:{port}", True, value, elapsed=time.monotonic() - t0)
@@ -158,8 +159,9 @@ class Admin:
         """Worker processes grouped by (name, pid) over every server, from ``workers`` results."""
         return group_processes(self.workers(ping=False) if results is None else results)
 
-    def shutdown(self, name: str | None = None, host: str | None = None, now: bool = False,
-                 wait: float = 30.0, poll: float = 0.1, pid: int | None = None) -> ShutdownReport:
+    def shutdown(self, name: str | list[str] | None = None, host: str | list[str] | None = None, now: bool = False,
+                 wait: float = 30.0, poll: float = 0.1, pid: int | None = None,
+                 fleet: str | None = None) -> ShutdownReport:
         """Send each matching worker process one high-priority shutdown job; wait for it to leave.
 
         ``host`` matches any of a process's addresses (each server may see another one). One
@@ -169,17 +171,17 @@ class Admin:
         """
         if wait < 0:
             raise UsageError(f"--wait must not be negative, got {wait:g}")
-        if name is not None:
-            check_worker_name(name)
-        if host is not None:
-            host = check_host(host)
+        # each may be given several times (--name w1 --name w2): a process matching any of them
+        names = [check_worker_name(n) for n in ([name] if isinstance(name, str) else name or [])]
+        hosts = [check_host(h) for h in ([host] if isinstance(host, str) else host or [])]
+        host = hosts[0] if len(hosts) == 1 else None  # where to send, when one address is named
         listing = self.workers(ping=False)
         report = ShutdownReport(errors={r.server: r.error for r in listing if not r.ok})
         payload = shutdown_request(now)
         unique = f"{CONTROL_PREFIX}:shutdown" + (":now" if now else "")
         for proc in group_processes(listing):
-            if ((name and proc.name != name) or (host and host not in proc.ips) or not proc.control
-                    or (pid is not None and proc.pid != pid)):
+            if ((names and proc.name not in names) or (hosts and not set(hosts) & set(proc.ips)) or not proc.control
+                    or (pid is not None and proc.pid != pid) or (fleet is not None and proc.fleet != fleet)):
                 continue
             # where to send: servers that see it at ``host`` first
             servers = sorted(proc.control, key=lambda srv: host is not None and
@@ -200,19 +202,27 @@ class Admin:
             report.processes.append(shut)
 
         pending = {(p.name, p.pid): p for p in report.processes if p.outcome == "sent"}
+        seen_on = {(p.name, p.pid): set(p.servers) for p in group_processes(listing)}
         if wait > 0 and pending:
             deadline = time.monotonic() + wait
+            gone: dict[str, str | None] = {}  # servers that could not be asked on the last round
             while pending:
                 results = self.workers(ping=False)
-                for r in results:
-                    if not r.ok:
-                        report.errors[r.server] = r.error
+                gone = {r.server: r.error for r in results if not r.ok}
+                report.errors.update(gone)
                 alive = {(p.name, p.pid) for p in group_processes(results)}
-                for key in [k for k in pending if k not in alive]:
+                # Gone from the listing counts only where a listing came: a server that died says
+                # nothing about the workers it had (one may still be in its grace period).
+                for key in [k for k in pending if k not in alive and seen_on.get(k, set()) - set(gone)]:
                     pending.pop(key).outcome = "stopped"
                 if not pending or time.monotonic() >= deadline:
                     break
                 time.sleep(poll)
-            for p in pending.values():
-                p.outcome = "still running"
+            for key, p in pending.items():
+                lost = sorted(seen_on.get(key, set()) & set(gone))
+                if lost and not seen_on.get(key, set()) - set(gone):
+                    p.outcome = "unknown"
+                    p.errors.append(f"server gone: {', '.join(lost)} could not be asked whether it stopped")
+                else:
+                    p.outcome = "still running"
         return report

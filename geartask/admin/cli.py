@@ -1,4 +1,4 @@
-"""manage_client: every job server at a glance, worker IPs, queues that really clear, shutdown.
+"""`geartask manage`: every job server at a glance, worker IPs, queues that really clear, shutdown.
 
 A thin command line over geartask.fleet (the library the tests call directly). Each command is
 one registration in build_parser: its parser, and ``run(call)`` through ``set_defaults(func=)``.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds,
                    positive_seconds, run, setup_logging)
+from ..arguments import prog
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
@@ -45,7 +46,7 @@ def build_parser() -> ArgumentParser:
     for action in common._actions:
         action.default = argparse.SUPPRESS
 
-    parser = ArgumentParser(prog="manage_client", parents=[common],
+    parser = ArgumentParser(prog=prog("manage", "manage_client.py"), parents=[common],
                             description="Inspect and manage the gearmand job servers and geartask workers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
 

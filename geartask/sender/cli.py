@@ -1,11 +1,11 @@
-"""send_job_client: send jobs to the job servers from the command line.
+"""`geartask send`: send jobs to the job servers from the command line.
 
-    send_job_client.py [--config PATH] [--servers H:P,...] plugin NAME [--background]
+    geartask send [--config PATH] [--servers H:P,...] plugin NAME [--background]
                        [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
-    send_job_client.py shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
-    send_job_client.py job TASK DATA
-    send_job_client.py list
-    send_job_client.py status [HANDLE...]
+    geartask send shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    geartask send job TASK DATA
+    geartask send list
+    geartask send status [HANDLE...]
 
 A thin layer over geartask.sender.JobSender; each job's line is printed as it
 finishes. Exit 0 when every job completed (or was accepted, for background jobs), 1 when
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
+from ..arguments import prog
 from ..display import printable
 from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
@@ -53,7 +54,7 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="send_job_client.py",
+    parser = ArgumentParser(prog=prog("send", "send_job_client.py"),
                             description="Send jobs to the geartask job servers.")
     add_common_args(parser)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -169,7 +170,7 @@ def _summary(counts: dict[str, int], start: float, as_json: bool) -> None:
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         out.write(f"{total} job(s): {summary} in {time.monotonic() - start:.2f}s\n")
         if counts.get("queued"):
-            out.write("background jobs recorded; check them with: send_job_client.py status\n")
+            out.write("background jobs recorded; check them with: geartask send status\n")
     out.flush()
 
 
@@ -196,7 +197,7 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise UsageError("shell: no command given; usage: send_job_client.py shell [options] -- CMD ARGS...")
+        raise UsageError("shell: no command given; usage: geartask send shell [options] -- CMD ARGS...")
     data: dict[str, Any] = {"cmd": cmd}
     if args.timeout:
         data["timeout"] = args.timeout

@@ -24,14 +24,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
-from ..arguments import prog
+from ..arguments import duration, number, prog
 from ..display import printable
 from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
 from . import schedule_cli
-from . import outcomes
+from . import outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
 from .results import JobResult
@@ -90,6 +90,13 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("handles", nargs="*", metavar="HANDLE",
                     help="job handles (default: every background job recorded in log.dir)")
     sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    sp.add_argument("--state", action="append", choices=status_filter.STATES,
+                    help="only jobs in this state (repeat for several)")
+    sp.add_argument("--task", help="only jobs of this task")
+    sp.add_argument("--since", type=duration, metavar="DURATION",
+                    help="only jobs sent in the last DURATION (30m, 2h, 7d)")
+    sp.add_argument("--limit", type=number(int, positive=True, what="a whole number"), metavar="N",
+                    help="only the newest N jobs that match")
     sp = add("result", "a job's outcome (result or failure) from the outcomes collector", cmd_result)
     sp.add_argument("key", metavar="UNIQUE|HANDLE", help="the job's unique key, or its handle (HANDLE@HOST:PORT)")
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
@@ -276,14 +283,16 @@ def _status_line(s: StatusResult) -> str:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
+    flt = status_filter.StatusFilter(frozenset(args.state or ()), args.task, args.since, args.limit)
     with JobSender(config) as sender:
-        for s in outcomes.resolve(sender.iter_status(args.handles or None), config):
+        for s in status_filter.statuses(sender, config, args.handles or None, flt):
             print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
     if not total:
         if not args.json:
-            print(f"no background jobs recorded in {sender.record_path}")
+            filtered = flt.by_record or flt.states
+            print(f"no background jobs {'match' if filtered else 'recorded'} in {sender.record_path}")
         return EXIT_OK
     if not args.json:
         print(f"{total} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))

@@ -42,6 +42,10 @@ def _common(sub: argparse.ArgumentParser) -> None:
     add_common_args(sub, after_command=True)  # the shared options, after the subcommand too
 
 
+SHELL_REPORT_GRACE = 5.0  # seconds: a killed command's failure report reaching the sender
+EACH_UP_TO = 20  # jobs whose lines a batch prints before it prints only failures and the summary
+
+
 def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
     sub.add_argument("--background", action="store_true", default=None,
                      help="send as background jobs: done once a server accepts them (see 'status')")
@@ -51,6 +55,9 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
                           "because gearmand drops a foreground job whose client has gone)")
     sub.add_argument("--timeout", type=positive_seconds, metavar="S", help=timeout_help)
     sub.add_argument("--json", action="store_true", help="print one JSON object per job and nothing else")
+    sub.add_argument("--each", action="store_true",
+                     help=f"print every job's line; by default a batch of more than {EACH_UP_TO} prints the first "
+                          f"{EACH_UP_TO}, then only failures, and the summary")
 
 
 def build_parser() -> ArgumentParser:
@@ -72,7 +79,10 @@ def build_parser() -> ArgumentParser:
     _submit_flags(sp, "seconds to wait for all results; the rest end as 'timeout'")
 
     sp = add("shell", "one ad hoc command for the workers' shell task", cmd_shell)
-    _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
+    _submit_flags(sp, "seconds to wait for the result; the rest ends as 'timeout' (without --kill-after, "
+                      "the command is also killed on the worker then)")
+    sp.add_argument("--kill-after", type=positive_seconds, metavar="S",
+                    help="seconds the command may run on the worker before it is killed (default: --timeout)")
     sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
@@ -145,33 +155,40 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     bar = ProgressBar(sys.stderr)
     clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
     counts: dict[str, int] = {}
+    hidden = 0  # lines of complete or queued jobs not printed (no --each)
     start = last_flush = time.monotonic()
     try:
         with JobSender(config) as sender, bar:
             for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+                counts[r.state] = counts.get(r.state, 0) + 1
+                if not (args.json or args.each) and sum(counts.values()) > EACH_UP_TO and \
+                        r.state in ("complete", "queued"):
+                    hidden += 1  # a big batch: its failures and the summary, not 20,000 lines
+                    continue
                 if clear_bar:
                     bar.clear()
                 out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
                            else _job_line(r)) + "\n")
-                counts[r.state] = counts.get(r.state, 0) + 1
                 if time.monotonic() - last_flush > 0.2:
                     out.flush()
                     last_flush = time.monotonic()
     except JobDefinitionError as e:
-        _summary(counts, start, args.json)
+        _summary(counts, start, args.json, hidden)
         if plugin is None:
             raise
         raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
     except GeartaskError:
-        _summary(counts, start, args.json)
+        _summary(counts, start, args.json, hidden)
         raise
-    _summary(counts, start, args.json)
+    _summary(counts, start, args.json, hidden)
     ok = sum(counts.get(state, 0) for state in ("complete", "queued"))
     return EXIT_OK if ok == sum(counts.values()) else EXIT_FAILED
 
 
-def _summary(counts: dict[str, int], start: float, as_json: bool) -> None:
+def _summary(counts: dict[str, int], start: float, as_json: bool, hidden: int = 0) -> None:
     out = sys.stdout
+    if hidden and not as_json:
+        out.write(f"({hidden} more complete or queued job(s) not shown; --each prints every one)\n")
     if counts and not as_json:
         total = sum(counts.values())
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
@@ -206,13 +223,18 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("shell: no command given; usage: geartask send shell [options] -- CMD ARGS...")
     data: dict[str, Any] = {"cmd": cmd}
-    if args.timeout:
-        data["timeout"] = args.timeout
+    kill_after = args.kill_after or args.timeout  # a command whose result nobody waits for must not run on
+    if kill_after:
+        data["timeout"] = kill_after
     job: dict[str, Any] = {"task": "shell", "data": data}
     if args.retries is not None:
         job["retries"] = args.retries  # in the envelope (geartask.envelope), not the command's data
-    # The command's own timeout bounds the job on the worker, so we don't add a second one.
-    return _send(config, args, [job], None)
+    wait = args.timeout
+    if wait and not args.kill_after:
+        # killed at --timeout on the worker: wait a moment longer, so its report (killed after
+        # S, with the output so far) is the answer rather than a bare 'timeout'
+        wait += SHELL_REPORT_GRACE
+    return _send(config, args, [job], wait)
 
 
 def cmd_job(config: Config, args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
@@ -176,6 +176,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    fleet: str = ""  # this fleet's name, carried by its workers; "" none (docs/configuration.md)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -429,6 +430,12 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    if cfg.fleet:
+        from .control import check_fleet
+        try:
+            check_fleet(cfg.fleet)
+        except UsageError as e:
+            raise ConfigError(str(e), path, "fleet") from None
     for name, options in cfg.worker.tasks.items():
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")

@@ -60,11 +60,15 @@ def build_parser() -> ArgumentParser:
     p = add("status", "queued, running and available workers per function and server", cmd_status_or_workers,
             fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process",
             cmd_status_or_workers, fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
     p.add_argument("--no-ping", dest="ping", action="store_false",
                    help="don't ping the worker processes (no SILENT column): no control jobs are sent")
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions", cmd_clear, fleet=True)
     p.add_argument("functions", nargs="*", metavar="FUNCTION")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
@@ -72,6 +76,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--name", action="append", help="only workers of this name (repeat for several)")
     p.add_argument("--host", metavar="IP", action="append", help="only workers on this IP (repeat for several)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal, when no filter is given")
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p.add_argument("--now", action="store_true", help="skip the grace period for running jobs")
     p.add_argument("--wait", type=non_negative_seconds, default=30.0, metavar="S",
                    help="seconds to wait for them to disconnect (default 30; 0: don't wait)")
@@ -473,7 +479,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     # neither overwrites the other): their defaults live in the namespace parsing starts from.
     args = build_parser().parse_args(argv, namespace=argparse.Namespace(json=False, timeout=None))
     config = config_from_args(args)
-    admin = fleet.Admin.from_config(config, args.timeout or fleet.DEFAULT_TIMEOUT) if args.fleet else None
+    admin = (fleet.Admin.from_config(config, args.timeout or fleet.DEFAULT_TIMEOUT,
+                                     any_fleet=getattr(args, "any_fleet", False)) if args.fleet else None)
     return args.func(Call(args, config, stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin, admin))
 
 

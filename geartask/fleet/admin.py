@@ -22,17 +22,47 @@ if TYPE_CHECKING:
 class Admin:
     """The admin API over every configured server; each method returns one result per server."""
 
-    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None):
         if not servers:
             raise UsageError("no job servers to manage")
         if timeout <= 0:
             raise UsageError(f"timeout must be greater than 0, got {timeout:g}")
         self.servers = list(servers)
         self.timeout = timeout
+        # Only this fleet's workers are listed, counted and stopped; None: every worker. A
+        # connection that is not a geartask worker's (no fleet to tell) is always listed.
+        self.fleet = fleet
 
     @classmethod
-    def from_config(cls, config: Config, timeout: float = DEFAULT_TIMEOUT) -> "Admin":
-        return cls(config.server_addresses, timeout)
+    def from_config(cls, config: Config, timeout: float = DEFAULT_TIMEOUT, any_fleet: bool = False) -> "Admin":
+        """The config's servers; its ``fleet`` (when it names one, unless ``any_fleet``) filters workers."""
+        fleet = getattr(config, "fleet", "")
+        return cls(config.server_addresses, timeout, None if any_fleet or not fleet else fleet)
+
+    def mine(self, w: Any) -> bool:
+        """Whether a WorkerConnection belongs to this Admin's fleet (always, without one)."""
+        return self.fleet is None or w.fleet is None or w.fleet == self.fleet
+
+    def _only_mine(self, results: list[ServerResult], key: str | None = None) -> list[ServerResult]:
+        """Other fleets' connections (and their pings) out of workers/snapshot results; each
+        function's worker count recounted from what is left."""
+        if self.fleet is None:
+            return results
+        for r in results:
+            if not r.ok:
+                continue
+            conns = r.value if key is None else r.value[key]
+            kept = [w for w in conns if self.mine(w)]
+            if key is None:
+                r.value = kept
+                continue
+            r.value[key] = kept
+            procs = {(w.name, w.pid) for w in kept}
+            if "pings" in r.value:
+                r.value["pings"] = [p for p in r.value["pings"] if (p.name, p.pid) in procs]
+            for f in r.value.get("functions", []):
+                f.workers = sum(1 for w in kept if f.function in w.functions)
+        return results
 
     def each(self, call: Callable[..., Any], *args: Any) -> list[ServerResult]:
         """``call(host, port, *args, timeout=)`` on every server in parallel, in config order."""
@@ -56,11 +86,18 @@ class Admin:
 
     # reads
     def status(self) -> list[ServerResult]:
+        if self.fleet is not None:  # workers counted per fleet: gearmand's counts are everyone's
+            results = self._only_mine(self.each(server_snapshot, False), "connections")
+            for r in results:
+                if r.ok:
+                    r.value = {"reachable": True, **{k: v for k, v in r.value.items() if k not in
+                                                     ("connections", "pings")}}
+            return results
         return self.each(server_status)
 
     def workers(self, ping: bool = True) -> list[ServerResult]:
         """Every connection on every server; with ``ping``, each marked ``silent`` or not."""
-        return self.each(server_workers, ping)
+        return self._only_mine(self.each(server_workers, ping))
 
     def ping_workers(self) -> list[ServerResult]:
         """Ping every worker process on every server: one PingResult per process and server.
@@ -72,7 +109,7 @@ class Admin:
 
     def snapshot(self, ping: bool = True) -> list[ServerResult]:
         """Per server, over one connection: status, connections and worker pings (dashboards)."""
-        return self.each(server_snapshot, ping)
+        return self._only_mine(self.each(server_snapshot, ping), "connections")
 
     def jobs(self) -> list[ServerResult]:
         return self.each(server_jobs)

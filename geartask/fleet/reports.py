@@ -68,6 +68,7 @@ def group_processes(results: Iterable[ServerResult]) -> list[FleetProcess]:
             keys: dict[tuple[str, int], str | None] = {}
             if w.name is not None and w.pid is not None:
                 keys[(w.name, w.pid)] = w.worker_ip
+                procs.setdefault((w.name, w.pid), FleetProcess(w.name, w.pid)).fleet = w.fleet or ""
             for fn in w.functions:
                 ident = parse_control_function(fn)
                 if ident is not None:

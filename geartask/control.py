@@ -102,7 +102,7 @@ def ping_request() -> bytes:
     """The payload of a ping control job, sent as a *foreground* job with a deadline.
 
     A live process answers at once (its control thread never runs jobs) with a JSON object:
-    ``{"ok": true, "command": "ping", "worker": label, "name", "pid", "ips": [...],
+    ``{"ok": true, "command": "ping", "worker": label, "name", "fleet" ("" none), "pid", "ips": [...],
     "threads", "busy" (threads running a job now), "jobs_done", "started": epoch seconds,
     "running": [{"handle", "task", "unique", "server", "seconds"}], "dedicated": {task:
     threads}, "max_jobs" (0: none), "tasks": {task: {"complete", "failed", "retried",

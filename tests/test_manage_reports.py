@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import threading
-import time
 
 from geartask import fleet
 from geartask.admin.cli import main

@@ -75,10 +75,9 @@ def test_a_big_batch_prints_its_failures_and_a_summary_and_every_line_with_each(
 
 def test_timeout_is_the_wait_and_kill_after_the_shell_deadline(fleet):
     # --timeout: the wait for the result. The command runs on (to --kill-after), the sender stops waiting.
-    t0 = time.monotonic()
     r = send(fleet, "shell", "--json", "--timeout", "1", "--kill-after", "10", "--", "sleep", "4")
     (line,) = [json.loads(x) for x in r.stdout.splitlines()]
-    assert line["state"] == "timeout" and r.returncode == 1 and time.monotonic() - t0 < 4
+    assert line["state"] == "timeout" and r.returncode == 1 and line["seconds"] < 3, line  # not the 4 s
     # --kill-after: the command is killed on the worker; the answer says so
     r = send(fleet, "shell", "--json", "--kill-after", "1", "--", "sleep", "30")
     (line,) = [json.loads(x) for x in r.stdout.splitlines()]

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 from bench.common import PY, REPO, cpu_seconds, spawn, wait_until  # noqa: E402
 from geartask import gearman as gp  # noqa: E402
-from geartask.admin import admin  # noqa: E402
+from geartask import fleet as admin  # noqa: E402
 from geartask.outcomes import OUTCOME_FUNCTION, make_record, outcome_jobs  # noqa: E402
 from geartask.server import LocalServer, free_port  # noqa: E402
 

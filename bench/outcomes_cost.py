@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from bench.common import PY, REPO, cpu_seconds, spawn, wait_until  # noqa: E402
 from geartask import JobSender, load_config  # noqa: E402
-from geartask.admin import admin  # noqa: E402
+from geartask import fleet as admin  # noqa: E402
 from geartask.server import LocalServer, free_port  # noqa: E402
 
 RUNWORKERS = REPO / "worker_client" / "runworkers.py"

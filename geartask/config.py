@@ -24,7 +24,8 @@ from .shellenv import check_shell_config
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
-MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
+MAX_CONFIG_BYTES = 1024 * 1024
+MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers  # a config is a page of YAML; /dev/zero must not be read for ever
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -106,8 +107,10 @@ class SenderConfig:
 
 @dataclass
 class QueueConfig:
-    type: str = "sqlite"  # sqlite|none
+    type: str = "sqlite"  # sqlite|postgresql|none
     path: Path = Path("var/gearmand-queue.sqlite")
+    url: str = ""  # postgresql: the libpq URL of gearmand's queue (docs/gearmand.md: a standby server)
+    table: str = "gearmand_queue"  # postgresql: the table (a standby server names the same one)
 
 
 @dataclass
@@ -138,6 +141,15 @@ class OutcomesConfig:
     max_result: int = 1024 * 1024  # bytes of a result (and of a failed job's data) kept; the rest is cut and flagged
     store: str = "sqlite"  # backend: geartask.outcomes.store.BACKENDS
     report: bool = True  # workers report outcomes (needs a collector: they wait in gearmand until one runs)
+    max_bytes: int = 1024 ** 3  # the store's quota: over it the oldest records go first (0: none)
+    max_clock_skew: float = 300.0  # seconds a record's times may be ahead of the collector's clock
+    url: str = ""  # store postgresql: postgresql://user:password@host:port/database (several collectors)
+
+
+@dataclass
+class SchedulerConfig:
+    max_clock_skew: float = 300.0  # seconds the schedulers' clocks may differ with each slot still running once
+    verify_after: float = 600.0  # seconds after a slot's time by which its outcome must exist (else an alert)
 
 
 @dataclass
@@ -145,6 +157,12 @@ class DashboardConfig:
     listen: str = "127.0.0.1:8470"  # the web dashboard's address; not loopback needs a token
     refresh: float = 2.0  # seconds between the dashboard's looks at the servers and workers
     token: str = ""  # when set, every request must carry it (required off loopback)
+
+
+@dataclass
+class GearmanConfig:
+    # bytes: no packet from a job server is buffered past this; a bigger answer fails its job
+    max_packet: int = 64 * 1024 * 1024 + 64 * 1024  # geartask.gearman.MAX_PACKET
 
 
 @dataclass
@@ -176,6 +194,8 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
+    gearman: GearmanConfig = field(default_factory=GearmanConfig)
     fleet: str = ""  # this fleet's name, carried by its workers; "" none (docs/configuration.md)
     source: Path | None = None  # the file this came from, None for pure defaults
 
@@ -193,22 +213,24 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
+_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
-             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age"}
-_MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
+             "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age",
+             "outcomes.max_clock_skew", "scheduler.max_clock_skew", "scheduler.verify_after"}
+_MAXIMUM = {"gearman.max_packet": 2**32 - 1,  # the wire format's length field
+            "server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127,
             "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024,
             "server.backend_port": 65535}
 _NON_NEGATIVE = {"worker.retries", "worker.max_retries", "worker.retry_backoff", "worker.grace", "worker.max_jobs",
-                 "sender.max_retries", "log.backups", "server.backend_port"}
+                 "sender.max_retries", "log.backups", "server.backend_port", "outcomes.max_bytes"}
 _CHOICES = {"log.level": ("debug", "info", "warning", "error"),
             "log.format": ("text", "json", "auto", "console"),
             "sender.priority": PRIORITIES,
-            "server.queue.type": ("sqlite", "none"),
-            "outcomes.store": ("sqlite",)}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
+            "server.queue.type": ("sqlite", "postgresql", "none"),
+            "outcomes.store": ("sqlite", "postgresql")}  # geartask.outcomes.store.BACKENDS (a test keeps them equal)
 
 
 def _type_name(tp: Any) -> str:
@@ -320,6 +342,14 @@ def search_path() -> list[Path]:
     """Where a config is looked for when neither --config nor $GEARTASK_CONFIG names one."""
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return [Path.cwd() / "config.yaml", Path(xdg) / "geartask" / "config.yaml", Path("/etc/geartask/config.yaml")]
+
+
+def no_config_note() -> str:
+    """Said with an error that may come from running without a config file (no plugins found):
+    that none was found, and where it was looked for."""
+    looked = ", ".join(str(p) for p in search_path())
+    return (f"no config file was found (${CONFIG_ENV} is not set; looked for {looked}), so the built-in "
+            f"defaults are used: run from your config's folder or give --config")
 
 
 def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -440,10 +470,14 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    if cfg.gearman.max_packet < MIN_MAX_PACKET:
+        raise ConfigError(f"must be at least {MIN_MAX_PACKET} bytes, got {cfg.gearman.max_packet}", path,
+                          "gearman.max_packet")
     for key, value in (("dashboard.listen", cfg.dashboard.listen), ("worker.metrics_listen", cfg.worker.metrics_listen)):
         if value:
             parse_hostport(value, key, path)
     _check_trust(cfg, path, base)
+    _check_postgresql(cfg, path)
     return cfg
 
 
@@ -460,6 +494,24 @@ def _check_trust(cfg: Config, path: str | None, base: Path) -> None:
     if cfg.security.trust:
         from .trust.policy import Trust
         Trust.from_config(cfg.security.trust, path)
+
+
+def _check_postgresql(cfg: Config, path: str | None) -> None:
+    """A postgresql store or queue needs its URL; the queue's table must be a plain name
+    (gearmand puts it into its SQL as it is)."""
+    for kind, url, key in ((cfg.outcomes.store, cfg.outcomes.url, "outcomes.url"),
+                           (cfg.server.queue.type, cfg.server.queue.url, "server.queue.url")):
+        if kind != "postgresql":
+            continue
+        if not url:
+            raise ConfigError(f"is needed with {key.rsplit('.', 1)[0]}.{'store' if key[0] == 'o' else 'type'}: "
+                              "postgresql (postgresql://user@host:port/database)", path, key)
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("must be a postgresql:// URL (postgresql://user@host:port/database)", path, key)
+    table = cfg.server.queue.table
+    if not (table.replace("_", "a").isalnum() and table.isascii() and not table[0].isdigit() and len(table) <= 63):
+        raise ConfigError(f"must be a plain table name (letters, digits, _; at most 63), got {table!r}",
+                          path, "server.queue.table")
 
 
 def load_config(path: str | os.PathLike | None = None, servers: list[str] | str | None = None) -> Config:

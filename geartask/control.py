@@ -135,6 +135,25 @@ def stop_request(handle: str, server: str | None = None) -> bytes:
     return json.dumps(cmd).encode()
 
 
+def signed_request(payload: bytes, function: str, key=None) -> bytes:
+    """A control job's payload (``*_request``) as it is sent to ``function`` (the worker's
+    control function): addressed to it (``"to"``), and signed for ``control`` with ``key``
+    (``geartask.trust.keys.signing_key(config)``, built once per process) when there is one.
+
+    A worker with ``security.require_signed`` obeys only a command signed by a signer whose
+    ``may`` holds ``control`` and addressed to its own control function (a signed command
+    can't be replayed at another worker); without a key the payload goes unsigned, which
+    such a worker refuses ("control refused: unsigned").
+    """
+    cmd = json.loads(payload)
+    cmd["to"] = function
+    body = json.dumps(cmd).encode()
+    if key is None:
+        return body
+    from .trust.signing import sign_message
+    return sign_message("control", body, key)
+
+
 MAX_COMMAND_BYTES = 4096  # a control payload is a few dozen bytes; anything bigger is refused unread
 MAX_HANDLE = 1024  # characters of a job handle or server address in a stop command
 
@@ -151,6 +170,8 @@ def parse_command(raw: bytes) -> dict:
     if not isinstance(cmd, dict) or cmd.get("command") not in COMMANDS:
         shown = repr(cmd.get("command") if isinstance(cmd, dict) else cmd)[:80]
         raise UsageError(f"unknown control command {shown}; known: {', '.join(COMMANDS)}")
+    if "to" in cmd and (not isinstance(cmd["to"], str) or len(cmd["to"]) > MAX_HANDLE):
+        raise UsageError(f"control 'to' must be a control function name, got {repr(cmd['to'])[:80]}")
     if not isinstance(cmd.get("now", False), bool):
         raise UsageError(f"control 'now' must be true or false, got {repr(cmd['now'])[:80]}")
     if cmd["command"] == "stop":

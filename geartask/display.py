@@ -6,6 +6,8 @@ a newline forges a row and an escape sequence rewrites the operator's terminal.
 
 from __future__ import annotations
 
+import json
+
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -27,3 +29,21 @@ def printable(text: object) -> str:
     if s.isprintable():
         return s  # the common case: one C-level scan, no copy
     return "".join(map(_escape, s))
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON spells characters past the BMP as a surrogate pair
+    return f"\\u{0xd800 + (code >> 10):04x}\\u{0xdc00 + (code & 0x3ff):04x}"
+
+
+def json_line(obj: object, **kwargs: object) -> str:
+    """``obj`` as one line of JSON for a terminal: readable non-ASCII kept as it is, every
+    character that is not printable (C1 controls such as U+009B, bidi overrides such as U+202E,
+    lone surrogates) as a ``\\uXXXX`` escape, so it is still the same JSON value."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)  # type: ignore[arg-type]
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _json_escape(ch) for ch in text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -10,12 +12,18 @@ from .cli import ArgumentParser
 from .errors import EXIT_OK, UsageError
 
 FILES = {"config.yaml": "config.yaml", "plugins/example.py": "example.py"}  # written -> template
+NEXT_STEPS = ("geartask manage server start", "geartask worker --name w1 &", "geartask send plugin example")
 
 
 def init(folder: Path, force: bool = False, secure: bool = False) -> list[Path]:
     """Write the starter files into ``folder``; refuse to overwrite unless ``force``. ``secure``:
     also a CA, a host certificate and a signing key, and a config that uses them (trust/fleet.py)."""
     targets = {folder / rel: name for rel, name in FILES.items()}
+    for path in targets:  # a symlink (dangling or not) would send the write out of the folder
+        for part in (path, *[q for q in path.parents if folder in (q, *q.parents) and q != folder]):
+            if part.is_symlink():
+                raise UsageError(f"{part} is a symbolic link; nothing written (init writes only plain files "
+                                 f"inside {folder})")
     existing = [p for p in targets if p.exists()]
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; nothing written (use --force to overwrite)")
@@ -28,7 +36,9 @@ def init(folder: Path, force: bool = False, secure: bool = False) -> list[Path]:
     for path, name in targets.items():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(texts[name], encoding="utf-8")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as f:  # O_NOFOLLOW: a link made since the check is refused too
+                f.write(texts[name].encode("utf-8"))
         except OSError as e:
             raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)
@@ -45,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.folder)
     for path in init(folder, args.force, args.secure):
         print(f"wrote {path}")
-    where = "" if args.folder == "." else f"cd {args.folder} && "
-    print(f"next: {where}geartask manage server start && geartask worker --name w1 &  then: geartask send plugin example")
+    # One command a line, so the hint works pasted into a shell: `cd x && a && b &` would run
+    # the cd in a background subshell and leave the shell where it was.
+    steps = ([] if args.folder == "." else [f"cd {shlex.quote(args.folder)}"]) + list(NEXT_STEPS)
+    print("next, in this shell:\n" + "".join(f"  {step}\n" for step in steps), end="")
     return EXIT_OK

@@ -3,11 +3,16 @@
 A log call renders and writes nothing: the event goes on a queue, and one listener thread
 (the standard library's QueueListener) writes the file and the console. Per-job context
 (task, handle, unique) is bound with ``job_context``; stdlib logging takes the same way.
+
+Used as a library (nobody called ``configure_logging``), geartask's events go to the standard
+library's ``geartask.*`` loggers, which carry a NullHandler: silent until the application
+configures logging, as the logging HOWTO asks of a library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -102,9 +107,32 @@ def _exceptions(logger: Any, method: str, event: dict) -> dict:
     return event
 
 
+def _to_stdlib(item: Any) -> None:
+    """Where events go before configure_logging (geartask used as a library): to the standard
+    library's logger of the same name, as one line, only if the application enabled it."""
+    if type(item) is not tuple:
+        return
+    created, levelno, name, thread, event = item
+    logger = logging.getLogger(name)
+    if not logger.isEnabledFor(levelno):
+        return
+    event = dict(event)
+    text = str(event.pop("event", ""))
+    exception = event.pop("exception", None)
+    if event:
+        text += " " + " ".join(f"{k}={v!r}" for k, v in event.items())
+    if exception:
+        text += "\n" + str(exception)
+    logger.log(levelno, text)
+
+
+logging.getLogger("geartask").addHandler(logging.NullHandler())  # a library is silent by default
+
+
 class _State:
     """The current configuration: where events go, and the listener to stop when it changes."""
-    put: Callable[[Any], None] = staticmethod(lambda item: None)
+    put: Callable[[Any], None] = staticmethod(_to_stdlib)
+    wrapper: Any = structlog.make_filtering_bound_logger(logging.DEBUG)  # the stdlib loggers filter
     listener: "_Listener | None" = None
     root_handlers: list[logging.Handler] = []
     handlers: list[logging.Handler] = []
@@ -115,22 +143,55 @@ _state = _State()
 _proxies: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loggers from get_logger, cached on first use
 
 
+# The job's fields (task, handle, unique) in one ContextVar made here, at import, once. Not
+# structlog's bind_contextvars: structlog (26.1) makes a ContextVar per key on first use without
+# a lock, so threads binding a key for the first time at once could get a token of another
+# ContextVar back, and the reset raised ValueError into the job.
+_job_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("geartask_job_fields", default={})
+
+
+def _merge_job_context(logger: Any, method: str, event: dict) -> dict:
+    """The job's fields on every event logged inside job_context (the event's own keys win)."""
+    fields = _job_fields.get()
+    if fields:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+    return event
+
+
+_PROCESSORS = [_merge_job_context, structlog.contextvars.merge_contextvars, _exceptions, _to_sink]
+
+
 def get_logger(name: str = "geartask", **bound: Any) -> Any:
-    """A structlog logger; ``bound`` fields go on every event it logs."""
-    proxy = structlog.get_logger(name)
+    """A structlog logger; ``bound`` fields go on every event it logs.
+
+    It goes through geartask's own pipeline whatever structlog's global configuration is (an
+    application's structlog setup is its own; a script that set up nothing gets no output)."""
+    proxy = structlog.wrap_logger(_EventSink(name), processors=_PROCESSORS, wrapper_class=_state.wrapper,
+                                  context_class=dict, cache_logger_on_first_use=True)
     _proxies.add(proxy)
     return proxy.bind(**bound) if bound else proxy
 
 
 @contextlib.contextmanager
 def job_context(**fields: Any) -> Iterator[None]:
-    """Bind task/handle/unique (or anything) to every event logged inside, in this thread only."""
-    fields = {k: v for k, v in fields.items() if v is not None}
-    tokens = structlog.contextvars.bind_contextvars(**fields)
+    """Bind task/handle/unique (or anything) to every event logged inside, in this thread only.
+
+    Logging never fails a job: if binding or unbinding fails, the job runs on and its lines
+    lack the fields. Exceptions of the job itself pass through unchanged."""
+    token = None
+    try:
+        token = _job_fields.set({**_job_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
+    except Exception:
+        pass
     try:
         yield
     finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+        if token is not None:
+            try:
+                _job_fields.reset(token)
+            except Exception:
+                pass
 
 
 # -- the listener's side: records, rendering, the file and the console ---------------------------
@@ -499,14 +560,17 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
 
     level = min(file_level if to_file else logging.CRITICAL, shown)
     root.setLevel(level)
+    _state.wrapper = structlog.make_filtering_bound_logger(level)
+    # This process is a geartask command: structlog loggers of plugins take the same pipeline.
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, _exceptions, _to_sink],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        processors=_PROCESSORS,
+        wrapper_class=_state.wrapper,
         logger_factory=_EventSink,
         context_class=dict,
         cache_logger_on_first_use=True,
     )
     for proxy in list(_proxies):  # loggers cached under the previous setup build themselves again
+        proxy._wrapper_class = _state.wrapper  # set by wrap_logger; structlog has no setter for it
         proxy.__dict__.pop("bind", None)
     logging.captureWarnings(True)
     return path

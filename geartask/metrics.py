@@ -18,7 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 OUTCOMES = ("complete", "failed", "retried")
-MAX_TASKS = 1000  # per process; a reply with more is cut (a hostile or broken peer)
+MAX_TASKS = 200  # task names per process; a reply with more is cut (a hostile or broken peer)
+MAX_FLEET_TASKS = 2000  # task names in the fleet totals; more are counted as dropped, not kept
+TASK_EXPIRY = 3600.0  # seconds: a task no process has reported for this long leaves the totals
+MAX_FUNCTION_SERIES = 2000  # functions per server in /metrics (the most queued first); the rest counted
 MAX_BUCKETS = 64
 MAX_LABEL = 512
 
@@ -43,7 +46,9 @@ def clean_tasks(tasks: Any) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if not isinstance(tasks, dict):
         return out
-    for task, c in list(tasks.items())[:MAX_TASKS]:
+    for n, (task, c) in enumerate(tasks.items()):
+        if n >= MAX_TASKS:
+            break
         if not isinstance(task, str) or not isinstance(c, dict) or len(task) > MAX_LABEL:
             continue
         entry = {k: _count(c.get(k)) or 0.0 for k in (*OUTCOMES, "seconds_sum")}
@@ -79,6 +84,8 @@ class FleetCounters:
         self._history: deque[tuple[float, float, float]] = deque()  # (t, complete, failed)
         self._lock = threading.Lock()
         self.reporting = False  # some worker's reply had counters at all
+        self._task_seen: dict[str, float] = {}  # task -> when a process last reported it
+        self.dropped = 0  # task names not kept: over MAX_FLEET_TASKS (anyone can invent names)
 
     def update(self, replies: Iterable[dict], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -86,8 +93,13 @@ class FleetCounters:
         for reply in replies:
             if not isinstance(reply, dict) or "tasks" not in reply:
                 continue
-            key = (str(reply.get("name")), str(reply.get("pid")), str(reply.get("started")))
-            tasks = clean_tasks(reply.get("tasks"))
+            key = (str(reply.get("name"))[:MAX_LABEL], str(reply.get("pid"))[:64], str(reply.get("started"))[:64])
+            raw, cut = reply.get("tasks"), reply.get("tasks_dropped")  # tasks_dropped: the dashboard's own cut
+            if isinstance(cut, int) and not isinstance(cut, bool) and cut > 0:
+                self.dropped += cut
+            elif isinstance(raw, dict) and len(raw) > MAX_TASKS:
+                self.dropped += len(raw) - MAX_TASKS
+            tasks = clean_tasks(raw)
             merged = latest.setdefault(key, {})
             for task, c in tasks.items():  # the same process answers on every server: take the max
                 m = merged.setdefault(task, _zero())
@@ -97,18 +109,27 @@ class FleetCounters:
                     m["buckets"][le] = max(m["buckets"].get(le, 0.0), n)
         with self._lock:
             self.reporting = self.reporting or bool(latest)
+            for task in [t for t, seen in self._task_seen.items() if now - seen > TASK_EXPIRY]:
+                self._task_seen.pop(task, None)  # nobody reports it: its total goes (memory stays bounded)
+                self.totals.pop(task, None)
             for key, tasks in latest.items():
                 before = self._last.get(key, {})
                 for task, c in tasks.items():
                     prev = before.get(task, _zero())
-                    total = self.totals.setdefault(task, _zero())
+                    total = self.totals.get(task)
+                    if total is None:
+                        if len(self.totals) >= MAX_FLEET_TASKS:
+                            self.dropped += 1
+                            continue
+                        total = self.totals[task] = _zero()
+                    self._task_seen[task] = now
                     for k in (*OUTCOMES, "seconds_sum"):
                         total[k] += max(c[k] - prev[k], 0.0)
                     for le, n in c["buckets"].items():
                         total["buckets"][le] = total["buckets"].get(le, 0.0) + max(n - prev["buckets"].get(le, 0.0), 0.0)
                 self._last[key] = tasks
                 self._seen[key] = now
-            for key in [k for k, t in self._seen.items() if now - t > 3600]:  # gone for an hour
+            for key in [k for k, t in self._seen.items() if now - t > TASK_EXPIRY]:  # gone for an hour
                 self._last.pop(key, None)
                 self._seen.pop(key, None)
             complete = sum(t["complete"] for t in self.totals.values())
@@ -178,16 +199,30 @@ def server_families(servers: Iterable[dict]) -> list:
     fams = {k: GaugeMetricFamily(f"geartask_function_{k}", doc, labels=["server", "function"]) for k, doc in (
         ("queued", "Jobs waiting for a worker."), ("running", "Jobs a worker is running."),
         ("workers", "Worker connections able to run the function."))}
+    dropped = GaugeMetricFamily("geartask_function_series_dropped", f"Functions left out of the geartask_function_* "
+                                f"series: past {MAX_FUNCTION_SERIES} per server (the least queued).",
+                                labels=["server"])
     for s in servers:
         up.add_metric([s["server"]], 1.0 if s["up"] else 0.0)
         if s["up"]:
             rtt.add_metric([s["server"]], s["rtt_ms"] / 1000)
-            for f in s["functions"]:
-                if f.function.startswith("geartask.control:"):
-                    continue  # one per worker process: plumbing, and a new series at every restart
+            functions = [f for f in s["functions"] if not f.function.startswith("geartask.control:")]
+            # (control functions: one per worker process, plumbing, and a new series at every restart)
+            if len(functions) > MAX_FUNCTION_SERIES:  # anyone can register names: keep the busiest
+                functions = sorted(functions, key=lambda f: (-f.queued, -f.running, -f.workers, f.function))
+            for f in functions[:MAX_FUNCTION_SERIES]:
                 for k, fam in fams.items():
                     fam.add_metric([s["server"], f.function], getattr(f, k))
-    return [up, rtt, *fams.values()]
+            dropped.add_metric([s["server"]], max(len(functions) - MAX_FUNCTION_SERIES, 0))
+    return [up, rtt, *fams.values(), dropped]
+
+
+def dashboard_families(counters: "FleetCounters") -> list:
+    """The dashboard's own limits at work: task names it did not keep."""
+    fam = CounterMetricFamily("geartask_dashboard_task_names_dropped", f"Task names in ping replies not kept: past "
+                              f"{MAX_TASKS} per process or {MAX_FLEET_TASKS} in the fleet.")
+    fam.add_metric([], counters.dropped)
+    return [fam]
 
 
 class FamiliesCollector(Collector):

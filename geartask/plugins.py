@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pluggy
 
 from . import hookspecs
+from .config import no_config_note
 from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
@@ -61,6 +62,22 @@ def discover(config: Any) -> dict[str, PluginSource]:
                               ep.name)
         found[ep.name] = PluginSource(ep.name, f"entry point {ep.value}", ep.load)
     return found
+
+
+def plugin_path_warnings(config: Any) -> list[str]:
+    """A line per ``plugins.paths`` folder that is not there (a typo, a folder not deployed):
+    not an error, since the entry points may bring every plugin, but then no plugin comes
+    from it and a worker serves fewer tasks than meant, so check and the worker say so."""
+    source = getattr(config, "source", None)
+    out = []
+    for i, folder in enumerate(config.plugins.paths):
+        folder = Path(folder)
+        if folder.is_dir():
+            continue
+        what = "is not a folder" if folder.exists() else "does not exist"
+        line = f"{source or '<config>'}: plugins.paths[{i}]: {folder} {what}; no plugins are loaded from it"
+        out.append(line + (f"; {no_config_note()}" if source is None else ""))
+    return out
 
 
 def _import_file(file: Path) -> ModuleType:
@@ -228,8 +245,9 @@ def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
         raise ConfigError(f"unknown plugin {unknown[0]!r}; available: {have}",
                           str(getattr(config, "source", None) or "<config>"), f"plugins.enabled[{i}]")
     if unknown:
+        note = f"; {no_config_note()}" if getattr(config, "source", True) is None else ""
         raise PluginError(f"unknown plugin{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                          f"available: {have}")
+                          f"available: {have}{note}")
     plugins = Plugins(config, new_manager())
     for name in wanted:
         src = available[name]

@@ -2,8 +2,9 @@
 # Installs what geartask needs on a Debian machine: gearmand, the C gearman tools,
 # iproute2 (the network tests build hosts with 'ip netns'), systemd's systemd-analyze (the
 # deploy/ units are verified with it), chromium and chromium-driver (the dashboard's browser
-# tests), promtool (Debian's prometheus package: /metrics is checked with it) and stunnel4
-# (server.tls: the TLS terminator in front of gearmand) from apt
+# tests), promtool (Debian's prometheus package: /metrics is checked with it), stunnel4
+# (server.tls: the TLS terminator in front of gearmand) and postgresql (the PostgreSQL
+# outcome store and gearmand's libpq queue are tested on a real one) from apt
 # (only when missing), then a venv in .venv with geartask and its test extras.
 # Safe to run again; it only adds what is missing.
 set -euo pipefail
@@ -21,6 +22,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v stunnel >/dev/null 2>&1 || command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv python3-pip)

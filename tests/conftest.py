@@ -13,6 +13,7 @@ from geartask.config import load_config
 from geartask.server import LocalServer, free_port
 
 from helpers import write_config
+from pgserver import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 if shutil.which("gearmand") is None:  # pragma: no cover - the README's test command installs it
     raise pytest.UsageError("gearmand not found: run 'apt-get install -y gearman-job-server gearman-tools'")

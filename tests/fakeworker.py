@@ -79,7 +79,8 @@ class FakeControlWorker:
                 if cmd["command"] == "ping":
                     reply = {"ok": True, "command": "ping", "worker": f"{self.name}:{self.pid}", "name": self.name,
                              "pid": self.pid, "ips": self.ips, "threads": 0, "busy": 0, "jobs_done": 0,
-                             "started": self.started, "running": [], **self.reply_extra}
+                             "started": self.started, "running": [],
+                             **(self.reply_extra() if callable(self.reply_extra) else self.reply_extra)}
                     conn.send(gp.WORK_COMPLETE, job_handle=handle, data=encode_payload(reply))
                 elif cmd["command"] == "stop":
                     running = self.reply_extra.get("running", [])

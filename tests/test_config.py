@@ -94,7 +94,11 @@ def test_servers_override(tmp_path):
     ("servers: '127.0.0.1:4730'\n", "servers", "expected a list"),
     ("log: {level: loud}\n", "log.level", "must be one of debug, info"),
     ("worker: {shell: {allow: [echo, 3]}}\n", "worker.shell.allow[1]", "expected a string"),
-    ("server: {queue: {type: mysql}}\n", "server.queue.type", "must be one of sqlite, none"),
+    ("server: {queue: {type: mysql}}\n", "server.queue.type", "must be one of sqlite, postgresql, none"),
+    ("server: {queue: {type: postgresql}}\n", "server.queue.url", "is needed with server.queue.type: postgresql"),
+    ("server: {queue: {type: postgresql, url: 'host=db'}}\n", "server.queue.url", "must be a postgresql:// URL"),
+    ("server: {queue: {table: 'q; DROP TABLE x'}}\n", "server.queue.table", "must be a plain table name"),
+    ("outcomes: {store: postgresql}\n", "outcomes.url", "is needed with outcomes.store: postgresql"),
     ("worker:\n", "worker", "has no value"),
 ])
 def test_validation_errors_name_the_key(tmp_path, text, key, message):

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gearclient
 from dashboards import DashboardProc, queue_background
 from fakeworker import FakeControlWorker
-from geartask.admin import admin
+from geartask import fleet as admin
 from geartask.control import COMMANDS
 from geartask.metrics import FleetCounters
 from geartask.server import free_port
@@ -636,3 +636,17 @@ def test_schedules_page_shows_next_runs_and_the_last_run(fresh_gearmand, make_co
     assert row["last"] is None and page["error"] is None
     html = d.get("/schedules").text
     assert "nightly" in html and "Europe/Berlin" in html
+
+
+def test_fleet_counters_cap_task_names_and_expire_tasks_nobody_reports():
+    from geartask.metrics import MAX_FLEET_TASKS, MAX_TASKS
+    c = FleetCounters()
+    many = {f"t{i}": {"complete": 1} for i in range(MAX_TASKS + 50)}
+    c.update([{"name": "w", "pid": 1, "started": 1, "tasks": many}], now=0.0)
+    assert len(c.snapshot()) == MAX_TASKS and c.dropped == 50
+    for p in range(2, 40):  # fresh names from many processes: the fleet keeps MAX_FLEET_TASKS
+        c.update([{"name": "w", "pid": p, "started": 1,
+                   "tasks": {f"p{p}.{i}": {"complete": 1} for i in range(MAX_TASKS)}}], now=1.0)
+    assert len(c.snapshot()) == MAX_FLEET_TASKS and c.dropped > 50
+    c.update([{"name": "w", "pid": 99, "started": 1, "tasks": {"alive": {"complete": 1}}}], now=3602.0)
+    assert set(c.snapshot()) == {"alive"}  # the rest went unreported for an hour

@@ -20,7 +20,7 @@ from geartask.gearman import (CAN_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREATE
 from geartask.errors import ServerError
 from geartask.server import free_port
 from helpers import PYTHON, REPO, run_script, wait_until
-from geartask.admin import admin
+from geartask import fleet as admin
 from geartask.admin.cli import main
 
 SCRIPT = "manage_client/manage_client.py"

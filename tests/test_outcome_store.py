@@ -1,7 +1,9 @@
-"""The outcome store contract, run against every backend in geartask.outcomes.BACKENDS."""
+"""The outcome store contract, run against every backend in geartask.outcomes.BACKENDS
+(postgresql on a real PostgreSQL: tests/pgserver.py, a fresh database per test)."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -10,9 +12,19 @@ import pytest
 from geartask.outcomes import BACKENDS, BadOutcome, check, open_store
 
 
+@pytest.fixture
+def where(request, tmp_path):
+    """where(kind, name) -> the location of a new store of that backend: a file, or a database."""
+    def location(kind: str, name: str = "outcomes.db"):
+        if kind == "postgresql":
+            return request.getfixturevalue("pg_server").create_database()
+        return tmp_path / name
+    return location
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-def store(request, tmp_path):
-    s = open_store(request.param, tmp_path / "outcomes.db")
+def store(request, where):
+    s = open_store(request.param, where(request.param))
     yield s
     s.close()
 
@@ -67,14 +79,95 @@ def test_failed_filters_requeue_and_purge(store):
 
 def test_prune_and_counts(store):
     now = time.time()
+    # prune goes by when the collector received a record (a worker's clock may be days off)
+    store.add([rec(finished_at=now - 8 * 86400)], received_at=now - 8 * 86400)
     store.add([rec(finished_at=now - 8 * 86400), rec(task="x"), rec(task="x", state="failed")])
     assert store.prune(7 * 86400) == 1
     assert store.counts(now - 60) == {("x", "complete"): 1, ("x", "failed"): 1}
+    assert store.size() == 3  # the record from a worker 8 days behind, received now, stays
 
 
-def test_survives_reopen(request, tmp_path):
+def test_latest_is_the_last_received_whatever_the_workers_clocks(store):
+    now = time.time()
+    ahead = rec(unique="X", state="failed", finished_at=now + 240)  # a worker 4 min ahead (within the skew)
+    store.add([ahead], received_at=now)
+    done = rec(unique="X", state="complete", finished_at=now + 1)
+    store.add([done], received_at=now + 1)
+    got = store.latest(unique="X")
+    assert got["id"] == done["id"] and got["received_at"] == now + 1
+    assert [r["id"] for r in store.history("X")] == [ahead["id"], done["id"]]
+    assert store.get(ahead["id"])["clock_skew"] == 240
+
+
+def test_future_dated_records_are_refused_and_counted(store):
+    now = time.time()
+    good, future = rec(), rec(finished_at=now + 3600)
+    assert store.add([good, future, rec(started_at=1e300)]) == 1
+    assert store.get(future["id"]) is None and store.refused == 2
+
+
+def test_quota_drops_the_oldest_received_and_keeps_new_ones(where):
     for kind in BACKENDS:
-        path = tmp_path / f"{kind}.db"
+        s = open_store(kind, where(kind, f"{kind}-quota.db"))
+        s.max_bytes = 2 * 1024 * 1024
+        now = time.time()
+        noise = lambda: os.urandom(10_000).hex()  # noqa: E731  (PostgreSQL compresses repeated text)
+        first = rec(result=noise())
+        s.add([first], received_at=now - 100)
+        for i in range(400):  # about 8 MB offered in all
+            s.add([rec(result=noise())], received_at=now + i * 0.001)
+        last = rec(result=noise())
+        s.add([last], received_at=now + 1)
+        assert s.size_bytes() <= 2 * 1024 * 1024 and s.evicted > 0
+        assert s.get(first["id"]) is None and s.get(last["id"]) is not None
+        s.close()
+
+
+def test_purge_catches_future_records_and_shrinks_the_file(tmp_path):
+    import os
+    import sqlite3
+    path = tmp_path / "purge.db"
+    s = open_store("sqlite", path)
+    s.add([rec(state="failed", result="f" * 50_000) for _ in range(200)])
+    s.close()
+    # a record dated 2100, stored before the rule (or by an old version): prune and purge catch it
+    db = sqlite3.connect(path)
+    db.execute("UPDATE outcomes SET finished_at = 4102444800 WHERE rowid = 1")
+    db.commit()
+    db.close()
+    s = open_store("sqlite", path)
+    big = os.path.getsize(path) + os.path.getsize(f"{path}-wal") if os.path.exists(f"{path}-wal") else 0
+    big = max(big, os.path.getsize(path))
+    assert s.purge_failed() == 200
+    wal = os.path.getsize(f"{path}-wal") if os.path.exists(f"{path}-wal") else 0
+    assert os.path.getsize(path) + wal < big / 4
+    s.close()
+
+
+def test_an_old_store_file_is_migrated_in_place(tmp_path):
+    import sqlite3
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE outcomes (id TEXT PRIMARY KEY, unique_key TEXT, handle TEXT NOT NULL,
+        server TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL, finished_at REAL NOT NULL,
+        requeued INTEGER NOT NULL DEFAULT 0, fields TEXT NOT NULL, error TEXT, reason TEXT, result TEXT, data TEXT);""")
+    db.execute("INSERT INTO outcomes (id, unique_key, handle, server, task, state, finished_at, fields)"
+               " VALUES ('a', 'K', 'H:1', 's', 't', 'complete', 4102444800, '{}')")  # forged, dated 2100
+    db.execute("INSERT INTO outcomes (id, unique_key, handle, server, task, state, finished_at, fields)"
+               " VALUES ('b', 'K', 'H:2', 's', 't', 'complete', 1000, '{}')")
+    db.commit()
+    db.close()
+    s = open_store("sqlite", path)
+    assert s.get("a")["received_at"] <= time.time() and s.get("b")["received_at"] == 1000
+    s.add([rec(id="c", unique="K")])
+    assert s.latest(unique="K")["id"] == "c"  # the real run, received last, not the forged 2100 one
+    assert s.prune(86400) == 2  # 'b' by age, 'a' because it is dated in the future
+    s.close()
+
+
+def test_survives_reopen(where):
+    for kind in BACKENDS:
+        path = where(kind, f"{kind}.db")
         r = rec()
         s = open_store(kind, path)
         s.add([r])

@@ -151,3 +151,58 @@ def test_gearmand_runs_with_the_configured_tcp_keepalive(tmp_path, keepalive):
     finally:
         client.close()
         server.stop()
+
+
+def test_gearmands_log_is_rotated_past_its_size_and_gearmand_writes_on_in_a_new_file(tmp_path):
+    server = LocalServer("127.0.0.1", free_port(), tmp_path / "run", queue_path=tmp_path / "q.sqlite",
+                         max_log_bytes=2000, log_backups=2)
+    log, first, second = server.log_file, Path(f"{server.log_file}.1"), Path(f"{server.log_file}.2")
+    pid = server.start()
+    try:
+        def grow_past(limit: int) -> None:  # each connection is a few INFO lines
+            def big() -> bool:  # (after a SIGHUP, the file is back once gearmand reopened it)
+                if log.exists() and log.stat().st_size > limit:
+                    return True
+                port_open("127.0.0.1", server.port)
+                return False
+            wait_until(big, 30, interval=0, message=f"gearmand's log past {limit} bytes")
+
+        grow_past(2000)
+        assert server.status()["running"]  # status finds it too big: renamed, gearmand HUPed
+        assert first.stat().st_size > 2000 and not second.exists()
+        wait_until(lambda: "reopening log file" in first.read_text(), 10, message="gearmand got the SIGHUP")
+        wait_until(lambda: port_open("127.0.0.1", server.port) and log.exists() and
+                   "Accepted connection" in log.read_text(), 10, message="gearmand writing to the new log")
+        grow_past(2000)
+        assert server.start() == pid  # start of a running server rotates as well
+        assert second.exists() and first.exists()
+        grow_past(2000)
+        server.status()
+        wait_until(log.exists, 10, message="gearmand reopened its log")
+        assert sorted(p.name for p in log.parent.glob("*.log*")) == [log.name, first.name, second.name]  # 2 kept
+    finally:
+        server.stop()
+    assert server.pid() is None
+    server.max_log_bytes = log.stat().st_size - 1  # at start, before gearmand runs: a rename, no signal
+    server.start()
+    try:
+        assert "Shutdown complete" in first.read_text() and "Shutdown complete" not in log.read_text()
+    finally:
+        server.stop()
+
+
+def test_with_no_backups_gearmands_log_is_emptied_in_place(tmp_path):
+    server = LocalServer("127.0.0.1", free_port(), tmp_path / "run", queue_path=tmp_path / "q.sqlite",
+                         max_log_bytes=1000, log_backups=0)
+    server.start()
+    try:
+        wait_until(lambda: server.log_file.stat().st_size > 1000 or port_open("127.0.0.1", server.port) and False,
+                   30, interval=0, message="gearmand's log past 1000 bytes")
+        server.status()
+        assert server.log_file.stat().st_size < 1000 and not Path(f"{server.log_file}.1").exists()
+        port_open("127.0.0.1", server.port)
+        wait_until(lambda: b"Accepted connection" in server.log_file.read_bytes().lstrip(b"\0"), 10,
+                   message="gearmand appending to the emptied file")
+        assert not server.log_file.read_bytes().startswith(b"\0")  # appended at the start, no hole
+    finally:
+        server.stop()

@@ -49,7 +49,7 @@ def add_outcome_commands(add: Callable[..., Any], common: Any) -> None:
     action(sub, "serve", "run the collector: store every job outcome the servers receive, answer queries "
                          "(SIGTERM/SIGINT stop it)", lambda call: cmd_serve(call.config))
     action(sub, "status", "which collector answers, where it is attached, what it stored",
-           lambda call: cmd_status(_client(call), call.args.json, call.out))
+           lambda call: cmd_status(_client(call), call.args.json, call.out, call.config))
 
     sub = actions(add("failed", "jobs that failed for good, as the outcomes collector keeps them", _unreachable))
     p = action(sub, "list", "failed jobs, newest first (not those requeued already)", _with_client(cmd_list))
@@ -129,7 +129,7 @@ def cmd_serve(config: Config) -> int:
     from ..outcomes.store import open_store
 
     configure_logging(config.log, "collector")
-    store = open_store(config.outcomes.store, config.outcomes.path)
+    store = open_store(config.outcomes.store, config.outcomes.path, config)
     collector = Collector(config, store)
     seen: list[int] = []
 
@@ -149,10 +149,14 @@ def cmd_serve(config: Config) -> int:
         store.close()
 
 
-def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO) -> int:
+def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Any = None) -> int:
     info = client.ping()
+    collectors, unasked = [], []
+    if config is not None:  # every collector registered on the servers, not only the one that answered
+        from ..outcomes.registry import registered_collectors
+        collectors, unasked = registered_collectors(config)
     if as_json:
-        _emit({"ok": True, **info}, out)
+        _emit({"ok": True, **info, "collectors": collectors, "unasked": unasked}, out)
         return EXIT_OK
     out.write(printable(f"collector {info.get('collector')}, started {_when(info.get('started_at'))}; "
                         f"{info.get('size')} outcomes kept ({info.get('keep_days')} days)") + "\n")
@@ -163,6 +167,13 @@ def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO)
     out.write(printable(f"since start: {info.get('stored')} stored, {info.get('known')} already known, "
                         f"{info.get('malformed_jobs')} malformed jobs, {info.get('refused_records')} records "
                         f"refused, {info.get('queries')} queries") + "\n")
+    if config is not None:
+        out.write(f"{len(collectors)} collector{'s' if len(collectors) != 1 else ''} registered "
+                  f"(store {printable(config.outcomes.store)}):\n")
+        out.write(render(["COLLECTOR", "FROM", "SERVERS"],
+                         [[c["collector"], c["ip"], ", ".join(c["servers"])] for c in collectors]) + "\n")
+        for error in unasked:
+            out.write(printable(f"(not asked: {error})") + "\n")
     return EXIT_OK
 
 
@@ -177,7 +188,8 @@ def cmd_list(args: Any, config: Config, client: outcome_client.OutcomeClient, as
              err: TextIO, inp: TextIO) -> int:
     answer = client.failed(task=args.task, max_age=args.since, limit=args.limit,
                            include_requeued=True if args.requeued else None)
-    records = answer["records"]
+    records = answer["records"][:args.limit]  # a rogue answerer may send more than asked for
+    answer["more"] = bool(answer.get("more")) or len(answer["records"]) > len(records)
     if as_json:
         _emit({"ok": True, "failed": records, "more": answer["more"]}, out)
         return EXIT_OK

@@ -27,7 +27,7 @@ from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
-from ..metrics import job_families, registry_for, server_families, worker_families
+from ..metrics import dashboard_families, job_families, registry_for, server_families, worker_families
 from .fleet import HISTORY_SECONDS, FleetMonitor, Look
 from .outcomes import FAILED_LIMIT, OutcomesView
 
@@ -37,6 +37,7 @@ TOKEN_COOKIE = "geartask_dashboard_token"
 RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; the rest is cut
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
+FUNCTIONS_SHOWN = 500  # rows on the Functions page (refetched every refresh): anyone can register names
 def parse_duration(text: str, what: str) -> float:
     """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
     try:
@@ -55,16 +56,41 @@ class Settings:
 
 # -- small view helpers -------------------------------------------------------------------
 
+def safe_back(value: Any) -> str:
+    """A ``back`` link from a form: a path on this dashboard, else "/". Browsers read ``/\\host``
+    and ``//host`` as another site, so only "/" followed by neither is kept (no open redirect)."""
+    if not isinstance(value, str) or not value.startswith("/") or value.startswith(("//", "/\\")):
+        return "/"
+    if "\\" in value or not value.isprintable() or len(value) > 2000:
+        return "/"
+    return value
+
+
+def cookie_value(token: str) -> str:
+    """What the token cookie holds: derived from the token, so a cookie read off a disk or a
+    proxy log is not the token itself (it can't be used as a Bearer token elsewhere)."""
+    return hmac.new(token.encode(), b"geartask-dashboard-cookie", "sha256").hexdigest()
+
 def when(ts: float | None) -> str:
+    """A time from a record (a peer's: any float, 1e300 or -1 too) as UTC text; never raises."""
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + " UTC"
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return "?"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + " UTC"
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return f"{ts:.6g} (not a date)"
 
 
 def ago(ts: float | None) -> str:
     if ts is None:
         return "never"
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+        return "?"
     s = max(time.time() - ts, 0)
+    if s == float("inf"):
+        return "?"
     return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago")
 
 
@@ -116,8 +142,27 @@ class Dashboard:
                 given.append(base64.b64decode(auth[6:], validate=True).decode().partition(":")[2])
             except (ValueError, UnicodeDecodeError):
                 pass
-        given += [request.cookies.get(TOKEN_COOKIE, ""), request.args.get("token", "")]
+        given.append(request.args.get("token", ""))
+        cookie = request.cookies.get(TOKEN_COOKIE, "")
+        if cookie and hmac.compare_digest(cookie.encode(), cookie_value(self.settings.token).encode()):
+            return True
         return any(g and hmac.compare_digest(g.encode(), token) for g in given)
+
+    @staticmethod
+    def _origin_ok() -> bool:
+        """An action's Origin (sent by browsers on every POST) must be this dashboard's own:
+        a page elsewhere can't act even if it got hold of a CSRF token. No Origin (curl, a
+        script) passes: those carry the CSRF token or the dashboard token explicitly."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        from urllib.parse import urlsplit
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:
+            return False
+        hosts = {(request.host or "").lower(), (request.headers.get("X-Forwarded-Host") or "").lower()} - {""}
+        return netloc in hosts
 
     def _check_request(self) -> Response | None:
         if self.settings.token:
@@ -143,7 +188,9 @@ class Dashboard:
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
         resp.headers.setdefault("Cache-Control", "no-store")
         if self.settings.token and request.args.get("token") and self._token_ok():
-            resp.set_cookie(TOKEN_COOKIE, self.settings.token, httponly=True, samesite="Strict")
+            secure = request.is_secure  # served over TLS, or by a proxy on 127.0.0.1 that says X-Forwarded-Proto: https
+            resp.set_cookie(TOKEN_COOKIE, cookie_value(self.settings.token), httponly=True, samesite="Strict",
+                            secure=secure)
         return resp
 
     # -- rendering ----------------------------------------------------------------------------
@@ -164,7 +211,7 @@ class Dashboard:
     def _families(self) -> list:
         look = self.monitor.latest()
         return (server_families(look.servers) + job_families(self.monitor.counters.snapshot())
-                + worker_families(look.replies))
+                + worker_families(look.replies) + dashboard_families(self.monitor.counters))
 
     # -- page data ------------------------------------------------------------------------------
     def overview_data(self) -> dict:
@@ -191,8 +238,9 @@ class Dashboard:
         sort = sort if sort in SORT_KEYS else "function"
         desc = request.args.get("desc") == "1"
         rows = sorted(look.functions(), key=lambda f: (f[sort], f["function"]), reverse=desc)
-        return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows, "sort": sort,
-                "desc": desc, "hidden_control_functions": look.hidden_control_functions()}
+        return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows[:FUNCTIONS_SHOWN],
+                "more": max(len(rows) - FUNCTIONS_SHOWN, 0), "sort": sort, "desc": desc,
+                "hidden_control_functions": look.hidden_control_functions()}
 
     def workers_data(self) -> dict:
         look = self.monitor.latest()
@@ -294,6 +342,15 @@ class Dashboard:
                 except (ValueError, RecursionError):
                     pass
                 rec["result_text"] = text
+            # One rule for the HTML and the JSON: a failed job's input (its payload) is shown in both,
+            # the same first RESULT_SHOWN characters (docs/dashboard.md, "Job").
+            data = rec.get("data")
+            if isinstance(data, str):
+                rec["data_shown_cut"] = len(data) > RESULT_SHOWN
+                rec["data"] = data[:RESULT_SHOWN]
+            for key in ("result", "reason"):  # the JSON holds no more than the page
+                if isinstance(rec.get(key), str) and len(rec[key]) > RESULT_SHOWN:
+                    rec[key], rec[f"{key}_shown_cut"] = rec[key][:RESULT_SHOWN], True
             shown.append(rec)
         state = ("running" if running else (shown[-1]["state"] if shown else "unknown"))
         return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error}
@@ -311,6 +368,10 @@ class Dashboard:
         fields = self._fields()
         sent = str(fields.get("csrf") or request.headers.get("X-CSRF-Token") or "")
         client = request.remote_addr
+        if not self._origin_ok():
+            log.warning(f"dashboard {name} refused", reason="Origin is another site", client=client,
+                        origin=printable(request.headers.get("Origin", ""))[:200])
+            return self._answer(403, False, "this action came from another site (Origin): nothing was changed", name)
         if not hmac.compare_digest(sent.encode(), self.csrf.encode()):
             log.warning(f"dashboard {name} refused", reason="missing or wrong CSRF token", client=client)
             return self._answer(403, False, "missing or wrong CSRF token: nothing was changed", name)
@@ -334,8 +395,7 @@ class Dashboard:
     def _answer(self, status: int, ok: bool, message: str, name: str, details: Any = None) -> Any:
         if self.wants_json():
             return jsonify({"ok": ok, "action": name, "message": message, "details": plain(details)}), status
-        back = request.form.get("back") or "/"
-        back = back if back.startswith("/") and not back.startswith("//") else "/"
+        back = safe_back(request.form.get("back"))
         return render_template("result.html", ok=ok, action=name, message=message, details=plain(details),
                                back=back, fragment=False, path=back), status
 
@@ -343,12 +403,12 @@ class Dashboard:
         if self.wants_json():
             return jsonify({"ok": False, "action": name, "confirm": question,
                             "message": f"not done: send again with {' and '.join(f'{k}={v}' for k, v in add.items())}"}), 409
-        hidden = [(k, v) for k, vs in fields.items() if k not in ("confirm", "confirm_now", "csrf")
+        hidden = [(k, safe_back(v) if k == "back" else v) for k, vs in fields.items()
+                  if k not in ("confirm", "confirm_now", "csrf")
                   for v in (vs if isinstance(vs, list) else [vs])] + list(add.items())
-        back = request.form.get("back") or "/"
+        back = safe_back(request.form.get("back"))
         return render_template("confirm.html", action=name, question=question, hidden=hidden, danger=danger,
-                               target=request.path, back=back if back.startswith("/") and not back.startswith("//")
-                               else "/", fragment=False, path=back)
+                               target=request.path, back=back, fragment=False, path=back)
 
     # clear
     def _clear_describe(self, f: dict) -> str:

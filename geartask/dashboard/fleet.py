@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ..fleet import Admin, PingResult, WorkerConnection, group_processes
 from ..control import CONTROL_PREFIX, parse_control_function
 from ..logs import get_logger
-from ..metrics import FleetCounters
+from ..metrics import MAX_LABEL, MAX_TASKS, FleetCounters, clean_tasks
 
 HISTORY_SECONDS = 3600  # queue depth kept per function
 HISTORY_STEP = 10.0  # seconds between kept points (an hour is 360 of them)
@@ -36,6 +36,31 @@ def _running(job: dict) -> dict:
     """One entry of a ping's "running" list, as strings and a number."""
     out = {k: str(job[k])[:1024] if job.get(k) is not None else None for k in ("handle", "task", "unique", "server")}
     out["seconds"] = _number(job.get("seconds"), float)
+    return out
+
+
+REPLY_FIELDS = ("ok", "command", "worker", "name", "pid", "threads", "busy", "jobs_done", "started", "version")
+
+
+def kept_reply(reply: dict) -> dict:
+    """What a look keeps of a peer's ping reply: the documented scalar fields (text cut), its
+    first MAX_TASKS task counters, cleaned, and its addresses; never the reply itself, which
+    may be as big as the connection lets a peer send."""
+    out: dict[str, Any] = {}
+    for k in REPLY_FIELDS:
+        v = reply.get(k)
+        if isinstance(v, str):
+            out[k] = v[:MAX_LABEL]
+        elif v is None or isinstance(v, (bool, int, float)):
+            out[k] = v
+    ips = reply.get("ips")
+    if isinstance(ips, list):
+        out["ips"] = [str(i)[:64] for i in ips[:16]]
+    if "tasks" in reply:
+        tasks = reply.get("tasks")
+        out["tasks"] = clean_tasks(tasks)
+        if isinstance(tasks, dict) and len(tasks) > MAX_TASKS:
+            out["tasks_dropped"] = len(tasks) - MAX_TASKS
     return out
 
 
@@ -207,7 +232,7 @@ class FleetMonitor:
                 running = reply.get("running")
                 p.running = [_running(j) for j in running[:1000] if isinstance(j, dict)] \
                     if isinstance(running, list) else []
-                replies.append((host, reply))
+                replies.append((host, kept_reply(reply)))
             out.append(p)
         live = {(p.name, p.pid) for p in out}
         for key in [k for k in self._last_seen if k not in live]:

@@ -69,11 +69,17 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
     admin = Admin.from_config(config, timeout)
     parts: list = []
     if collector:
-        store = open_store(config.outcomes.store, config.outcomes.path)
+        store = open_store(config.outcomes.store, config.outcomes.path, config)
         parts.append(_Closing(store))  # stopped last: after the collector
         running = Collector(config, store)
         parts.append(running)
         client: OutcomeClient = LocalOutcomeClient(config, running.queries)
+    elif config.outcomes.store == "postgresql":  # a shared store: read it directly, no collector needed
+        from ..outcomes.query import Queries
+        store = open_store(config.outcomes.store, config.outcomes.path, config)
+        parts.append(_Closing(store))
+        client = LocalOutcomeClient(config, Queries(store, config.outcomes.max_result,
+                                                    info=lambda: {"collector": None, "store": "postgresql"}))
     else:
         client = OutcomeClient(config, timeout)
     outcomes = OutcomesView(config, client)
@@ -109,7 +115,9 @@ def serve(config: Config, *, listen: str, refresh: float, token: str, collector:
                              timeout=timeout)
     try:
         server = waitress.server.create_server(dashboard.app, host=where.host, port=where.port, threads=THREADS,
-                                               ident="geartask", clear_untrusted_proxy_headers=True)
+                                               ident="geartask", clear_untrusted_proxy_headers=True,
+                                               # a TLS proxy on this host says "https": the token cookie gets Secure
+                                               trusted_proxy="127.0.0.1", trusted_proxy_headers={"x-forwarded-proto"})
     except OSError as e:
         raise GeartaskError(f"dashboard: cannot listen on {where.host}:{where.port}: {e.strerror or e}") from None
     started = []

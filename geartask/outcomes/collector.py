@@ -25,8 +25,12 @@ from ..errors import ServerError
 from ..gearman.grab import LinkMachine
 from ..gearman.timing import RoundTrip
 from ..logs import get_logger
+from ..trust import policy, signing
+from ..trust.keys import signing_key
+from ..trust.signing import SIG_MAGIC
+from .answers import CHANGING_OPS, open_report, sign_answer
 from .errors import CollectorConflict, StoreError
-from .query import Queries
+from .query import Queries, parse_request
 from .record import OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, cap_record, check
 from .store import OutcomeStore
 
@@ -123,6 +127,18 @@ def parse_outcomes(raw: bytes) -> list:
     if isinstance(value, list):
         return value
     raise BadOutcome(f"payload must be a JSON object or a list of them, got {type(value).__name__}")
+
+
+_CHANGING = tuple(f'"{op}"'.encode() for op in CHANGING_OPS)  # a cheap look before parsing
+
+
+def _op_of(raw: bytes) -> Any:
+    """A query's op (None when it can't be read: Queries.answer says what is wrong)."""
+    try:
+        req = parse_request(raw)
+    except Exception:
+        return None
+    return req.get("op") if isinstance(req, dict) else None
 
 
 class _Attachment(threading.Thread):
@@ -254,7 +270,17 @@ class Collector:
         self.error: str | None = None
         self.started_at: float | None = None
         self.counts = {"stored": 0, "known": 0, "malformed_jobs": 0, "refused_records": 0, "queries": 0,
-                       "store_failures": 0}
+                       "store_failures": 0, "refused_reports": 0, "refused_queries": 0}
+        # security.*: with require_signed only outcome jobs signed for "report" by a trusted
+        # signer are stored; with security.key query answers are signed for "answer".
+        sec = config.security
+        self.require_signed = bool(sec.require_signed)
+        self.max_age = float(sec.max_job_age)
+        # An outcome job may wait in gearmand while no collector runs: its signature stays good
+        # for as long as records are kept (a replay stores nothing new: records have ids).
+        self.report_age = max(self.max_age, self.keep_seconds)
+        self.trust = policy.trust_of(config) if sec.trust else policy.Trust()
+        self.key = signing_key(config)
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -280,7 +306,7 @@ class Collector:
         """Refuse (CollectorConflict) if another collector is registered; else start serving."""
         if self._threads:
             raise RuntimeError("this collector was started already")
-        rivals = self.rivals()
+        rivals = [] if self.config.outcomes.store == "postgresql" else self.rivals()  # a shared store: any number
         if rivals:
             named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in rivals)
             raise CollectorConflict(f"another outcomes collector is registered: {named}; "
@@ -381,8 +407,16 @@ class Collector:
             log.warning("malformed outcome job skipped", server=server, handle=handle, error=error)
             self._count("malformed_jobs")
             return [], error
+        data = pkt["data"]
         try:
-            raw = parse_outcomes(pkt["data"])
+            signer, data = open_report(data, self.trust, require_signed=self.require_signed, max_age=self.report_age)
+        except policy.Refused as e:
+            log.warning("outcome job refused: not stored", server=server, handle=handle, reason=e.reason,
+                        unique=pkt.text("unique"))
+            self._count("refused_reports")
+            return [], f"outcome job refused: {e.reason}"
+        try:
+            raw = parse_outcomes(data)
         except BadOutcome as e:
             log.warning("malformed outcome job skipped", server=server, handle=handle, unique=pkt.text("unique"),
                         error=str(e), head=pkt["data"][:80].decode("utf-8", "replace"))
@@ -428,10 +462,34 @@ class Collector:
                 error = f"request of {int(pkt.args['oversize'])} bytes refused (at most {self.max_job})"
                 answer = json.dumps({"ok": False, "error": error}).encode()
             else:
-                answer = self.queries.answer(pkt["data"])
+                answer = self._answer(pkt["data"], server)
+            if self.key is not None:
+                answer = sign_answer(answer, self.key)
             answers.append(_complete(pkt["job_handle"], answer))
         self._count("queries", len(jobs))
         return b"".join(answers)
+
+    def _answer(self, raw: bytes, server: str) -> bytes:
+        """The answer to one query. A signature line is stripped; with require_signed a query
+        that changes the store must be signed: ``import`` for ``report`` (it stores outcomes,
+        like an outcome job), ``mark_requeued`` and ``purge`` for ``control`` (an operator's)."""
+        body = raw
+        if raw.startswith(SIG_MAGIC):
+            try:
+                body = signing.split(raw)[1]
+            except signing.SignatureFormatError:
+                pass  # not JSON either: Queries.answer says what is wrong
+        if self.require_signed and any(word in body for word in _CHANGING):
+            op = _op_of(body)
+            purpose = CHANGING_OPS.get(op)
+            if purpose is not None:
+                try:
+                    policy.verify_message(purpose, raw, self.trust, time.time(), max_age=self.max_age)
+                except policy.Refused as e:
+                    log.warning("query refused: the store is left as it is", server=server, op=op, reason=e.reason)
+                    self._count("refused_reports" if purpose == "report" else "refused_queries")
+                    return json.dumps({"ok": False, "error": f"{op} refused: {e.reason}"}).encode()
+        return self.queries.answer(body)
 
     def info(self) -> dict:
         """What ``ping`` answers: who this collector is, where it is attached, what it did."""
@@ -462,7 +520,7 @@ class Collector:
         """Delete records older than outcomes.keep_days; how many."""
         try:
             n = self.store.prune(self.keep_seconds)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, StoreError) as e:
             log.error("outcome store prune failed", error=str(e))
             return 0
         if n:
@@ -484,6 +542,8 @@ class Collector:
     def _yield_to_rivals(self) -> None:
         """Two collectors that started at the same instant both got past start()'s check: the
         one whose client id sorts higher stops, so one remains (docs/outcomes.md)."""
+        if self.config.outcomes.store == "postgresql":  # collectors share the store: none stops
+            return
         for server, w in self.rivals():
             if is_collector_id(w.client_id) and w.client_id < self.client_id:
                 self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "

@@ -17,12 +17,14 @@ from typing import Any, Iterable, Iterator
 from ..errors import UsageError
 from .client import OutcomeClient
 from .query import MAX_LIST
-from .record import BATCH_BYTES, BadOutcome, check, encode_bytes
+from .record import BATCH_BYTES, BadOutcome, cap_record, check, encode_bytes
 
 IMPORT_RECORDS = 500  # records per import request ...
 IMPORT_BYTES = BATCH_BYTES  # ... and bytes (one record may be bigger)
 MAX_LINE = 64 * 1024 * 1024  # a dead-letter line longer than this is not one
 BAD_LINES_KEPT = 20
+IMPORT_ONE = 12 * 1024 * 1024  # a record bigger than this as JSON is cut first: a collector takes 16 MiB requests
+IMPORT_CUT = 2 * 1024 * 1024  # ... to this much of its result, data and reason each (flagged *_cut)
 
 
 def requester() -> str:
@@ -180,6 +182,9 @@ def import_dead_letters(client: OutcomeClient, path: Path) -> ImportReport:
     size = 0
     for rec in read_dead_letters(Path(path), report):
         n = len(json.dumps(rec, ensure_ascii=False))
+        if n > IMPORT_ONE:  # sent whole, the collector would refuse the request and the import stop there
+            rec = cap_record(rec, IMPORT_CUT)
+            n = len(json.dumps(rec, ensure_ascii=False))
         if chunk and (len(chunk) >= IMPORT_RECORDS or size + n > IMPORT_BYTES):
             _send(client, chunk, report)
             chunk, size = [], 0

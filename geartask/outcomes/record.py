@@ -33,10 +33,12 @@ MAX_TEXT = 64 * 1024 * 1024  # result, data: the worker (and the collector) cap 
 MAX_REASON_DEPTH = 32  # a failure reason is a small JSON value; deeper is not one of ours
 BATCH_RECORDS = 20  # records per outcome job (encode_batches)
 BATCH_BYTES = 4 * 1024 * 1024  # bytes per outcome job, unless one record alone is bigger
+DEFAULT_MAX_CLOCK_SKEW = 300.0  # outcomes.max_clock_skew's default: seconds a peer's time may be ahead of ours
 
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
         "worker": MAX_NAME, "host": MAX_NAME, "sender_host": MAX_NAME, "priority": 16,
-        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID}
+        "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID,
+        "signer": 256, "signed": 2048, "envelope": 8192}  # signer..envelope: a signed job (docs/outcomes.md)
 _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
 _BOOL = ("background", "result_cut", "data_cut", "reason_cut")
@@ -120,6 +122,26 @@ def check(obj: Any) -> dict:
     return out
 
 
+def check_times(rec: dict, now: float | None = None, max_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+                keys: Iterable[str] = _NUM[:3]) -> None:
+    """Raise BadOutcome when a time of ``rec`` (finished_at, started_at, submitted_at, or the
+    ``keys`` given: a worker checks an envelope's ``at`` with keys=("at",)) is not a finite
+    number, is negative, or is more than ``max_skew`` seconds ahead of ``now``: a peer's clock
+    (or a forger) must not date a record in the future, where it would sort newest for ever."""
+    now = time.time() if now is None else now
+    for key in keys:
+        value = rec.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadOutcome(f"{key!r} must be a finite number, got {_shown(value)}")
+        if value < 0:
+            raise BadOutcome(f"{key!r} is negative ({value!r})")
+        if value > now + max_skew:
+            raise BadOutcome(f"{key!r} is {value - now:.0f} s ahead of this host's clock "
+                             f"(more than max_clock_skew {max_skew:g} s)")
+
+
 def _encodable(text: str) -> bool:
     """UTF-8 can hold it: JSON's "\\ud800" escape gives a lone surrogate, which it can't (nor sqlite)."""
     try:
@@ -189,7 +211,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                 sender_host: str | None = None, priority: str | None = None,
                 result: bytes | str | None = None, reason: Any = None, data: bytes | str | None = None,
                 requeue_of: str | None = None, max_result: int = DEFAULT_MAX_RESULT,
-                id: str | None = None) -> dict:
+                id: str | None = None, signer: str | None = None, signed: str | None = None,
+                envelope: str | None = None) -> dict:
     """One outcome record, as a worker reports it (the fields: docs/outcomes.md).
 
     ``result`` (a complete job's WORK_COMPLETE payload) and ``data`` (the job's own payload,
@@ -204,7 +227,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                            "state": state, "finished_at": now, "attempts": attempts, "host": host or _HOST}
     for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
                        ("retries", retries), ("background", background), ("worker", worker),
-                       ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of)):
+                       ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of),
+                       ("signer", signer), ("signed", signed), ("envelope", envelope)):
         if value is not None:
             rec[key] = value
     if started_at is not None:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from .schedule import Schedule, slot_text
+from .scheduler import slot_verdict
 
 LIST_BACK = 8  # slots looked back for a schedule's last run
 
@@ -28,7 +29,8 @@ def rows(schedules: list[Schedule], last_of: Any, now: float | None = None) -> l
             rec = last_of(s.unique(slot))
             if rec is not None:
                 last = {"slot": slot_text(slot), "unique": s.unique(slot), "state": rec.get("state"),
-                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker")}
+                        "finished_at": rec.get("finished_at"), "worker": rec.get("worker"),
+                        "alert": slot_verdict(s, slot, rec) == "foreign"}  # not this schedule's job
                 break
             slot = s.last(slot - 1)
         out.append({"name": s.name, "task": s.task, "when": s.cron or f"every {s.every}s", "timezone": s.timezone,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
 from ..arguments import duration, number, prog
-from ..display import printable
+from ..display import json_line, printable
 from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
@@ -167,7 +167,7 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
                     continue
                 if clear_bar:
                     bar.clear()
-                out.write((json.dumps(r.to_json(), ensure_ascii=False, default=repr) if args.json
+                out.write((json_line(r.to_json(), default=repr) if args.json
                            else _job_line(r)) + "\n")
                 if time.monotonic() - last_flush > 0.2:
                     out.flush()
@@ -308,7 +308,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     flt = status_filter.StatusFilter(frozenset(args.state or ()), args.task, args.since, args.limit)
     with JobSender(config) as sender:
         for s in status_filter.statuses(sender, config, args.handles or None, flt):
-            print(json.dumps(s.to_json(), ensure_ascii=False) if args.json else _status_line(s))
+            print(json_line(s.to_json()) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
     if not total:
@@ -324,7 +324,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 def cmd_result(config: Config, args: argparse.Namespace) -> int:
     o = outcomes.result(config, args.key, wait=args.wait or 0.0)
     if args.json:
-        print(json.dumps(o.to_json(), ensure_ascii=False, default=repr))
+        print(json_line(o.to_json(), default=repr))
     elif o.record is None:
         print(f"unknown  {printable(o.key)}: {printable(o.error)}")
     else:

@@ -63,6 +63,9 @@ class _Ran:
         except GeartaskError:
             return None
 
+    def record(self, unique: str) -> dict | None:
+        return self.client.latest(unique=unique)  # GeartaskError when unreachable: the scheduler says so
+
     def last(self, unique: str) -> dict | None:
         try:
             return self.client.latest(unique=unique)
@@ -80,14 +83,16 @@ def cmd_schedule(config: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     with JobSender(config) as sender:
-        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config))
+        sc = getattr(config, "scheduler", None)
+        scheduler = Scheduler(schedules, _sender_send(sender), _outcomes(config),
+                              **({"max_clock_skew": sc.max_clock_skew, "verify_after": sc.verify_after} if sc else {}))
 
         def show(d: Decision) -> None:
             if args.json:
                 print(json.dumps(d.to_json()), flush=True)
-            elif d.action in ("sent", "ahead", "failed", "unreachable"):
+            elif d.action in ("sent", "ahead", "failed", "unreachable", "alert"):
                 what = {"ahead": "handed over", "sent": "sent (missed)", "failed": "NOT sent",
-                        "unreachable": "NOT sent (outcomes unreachable)"}[d.action]
+                        "unreachable": "NOT sent (outcomes unreachable)", "alert": "ALERT"}[d.action]
                 when = f" runs {time.strftime('%H:%M:%S', time.localtime(d.run_at))}" if d.run_at else ""
                 print(f"{slot_text(d.slot)} {printable(d.schedule)}: {what}{when}"
                       + (f" error: {printable(d.error)}" if d.error else ""), flush=True)

@@ -63,6 +63,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def libpq_conninfo(url: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password or None): gearmand gets the password from
+    the environment, so it never shows in its command line."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}")), unquote(parts.password)
+
+
 @dataclass
 class LocalServer:
     host: str
@@ -77,6 +89,12 @@ class LocalServer:
     # default, keepalive off (the kernel would take about 2 h 11 min).
     keepalive: tuple[int, int, int] | None = (30, 10, 3)
     process: subprocess.Popen | None = None
+    # gearmand's log is rotated past this size (log.max_bytes), log_backups old files kept:
+    # at start, and whenever start or status finds it running (see rotate_log).
+    max_log_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
+    queue_url: str = ""  # queue_type postgresql: libpq URL (its password goes by PGPASSWORD, not argv)
+    queue_table: str = "gearmand_queue"
 
     @classmethod
     def from_config(cls, config) -> "LocalServer":
@@ -86,7 +104,9 @@ class LocalServer:
             return TlsFrontedServer.from_config(config)  # type: ignore[return-value]
         return cls(host=s.host, port=s.port, run_dir=Path(config.log.dir), queue_type=s.queue.type,
                    queue_path=Path(s.queue.path), gearmand=s.gearmand, threads=s.threads,
-                   keepalive=(s.keepalive.idle, s.keepalive.interval, s.keepalive.count))
+                   keepalive=(s.keepalive.idle, s.keepalive.interval, s.keepalive.count),
+                   max_log_bytes=config.log.max_bytes, log_backups=config.log.backups,
+                   queue_url=s.queue.url, queue_table=s.queue.table)
 
     @property
     def address(self) -> str:
@@ -114,6 +134,9 @@ class LocalServer:
         if self.queue_type == "sqlite":
             assert self.queue_path is not None
             cmd += ["--queue-type", "libsqlite3", "--libsqlite3-db", str(self.queue_path)]
+        elif self.queue_type == "postgresql":  # docs/gearmand.md: a standby server on the same table
+            cmd += ["--queue-type", "Postgres", "--libpq-conninfo", libpq_conninfo(self.queue_url)[0],
+                    "--libpq-table", self.queue_table]
         return cmd
 
     def pid(self) -> int | None:
@@ -133,16 +156,21 @@ class LocalServer:
         """Start gearmand (detached, in its own session) and wait until it answers. Returns its pid."""
         pid = self.pid()
         if pid is not None and port_open(self.host, self.port):
+            self.rotate_log()
             return pid
         if port_open(self.host, self.port):
             raise LocalServerError(f"something else already serves {self.address}")
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.rotate_log()
         if self.queue_path is not None:
             Path(self.queue_path).parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
+        env = None
+        if self.queue_type == "postgresql" and libpq_conninfo(self.queue_url)[1] is not None:
+            env = {**os.environ, "PGPASSWORD": libpq_conninfo(self.queue_url)[1]}  # argv is public (ps)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                            start_new_session=True)
+                                            start_new_session=True, env=env)
         self.pid_file.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -154,6 +182,32 @@ class LocalServer:
             time.sleep(0.05)
         self.kill()
         raise LocalServerError(f"gearmand did not answer on {self.address} within {timeout:g}s; see {self.log_file}")
+
+    def rotate_log(self) -> bool:
+        """Rotate gearmand's log once it is past ``max_log_bytes``: .log -> .log.1 -> .log.2 ...,
+        ``log_backups`` kept (0: emptied in place). gearmand has no rotation of its own, but
+        reopens its --log-file on SIGHUP, so a running one (ours, by its pid) gets one. Returns
+        whether it rotated. Lines gearmand writes between the rename and the SIGHUP land in .1."""
+        try:
+            if self.max_log_bytes <= 0 or self.log_file.stat().st_size <= self.max_log_bytes:
+                return False
+            if self.log_backups <= 0:
+                os.truncate(self.log_file, 0)  # gearmand appends (O_APPEND): it goes on at the start
+                return True
+            for i in range(self.log_backups - 1, 0, -1):
+                older = self.log_file.with_name(f"{self.log_file.name}.{i}")
+                if older.exists():
+                    older.replace(self.log_file.with_name(f"{self.log_file.name}.{i + 1}"))
+            self.log_file.replace(self.log_file.with_name(f"{self.log_file.name}.1"))
+        except OSError:
+            return False  # a log that can't be rotated never stops the server
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError:
+                pass
+        return True
 
     def _log_tail(self) -> str:
         try:
@@ -196,6 +250,8 @@ class LocalServer:
 
     def status(self) -> dict:
         pid = self.pid()
+        if pid is not None:
+            self.rotate_log()
         return {"address": self.address, "pid": pid, "running": pid is not None and port_open(self.host, self.port),
                 "queue": self.queue_type, "queue_path": str(self.queue_path) if self.queue_type == "sqlite" else None,
                 "log": str(self.log_file)}

@@ -20,8 +20,8 @@ from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_
 from ..arguments import prog
 from ..control import check_name
 from ..errors import UsageError
-from ..logs import flush_logs
-from ..plugins import load_plugins
+from ..logs import flush_logs, get_logger
+from ..plugins import load_plugins, plugin_path_warnings
 from ..shell import veryeasyprocess
 from .isolate import isolated_tasks
 from .process import WorkerProcess
@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     WorkerProcess.plan(config, threads, tasks)  # worker.tasks against the tasks and threads
     ensure_open_files(threads, len(config.servers))
     setup_logging(config, args, "worker", name)
+    for warning in plugin_path_warnings(config):  # it then serves fewer tasks than meant
+        get_logger("geartask.worker").warning(warning)
 
     process = WorkerProcess(config, name, threads, tasks, max_jobs=max_jobs, sinks=plugins)
     signals_seen = []

@@ -10,6 +10,7 @@ from ..control import WorkerIdentity, parse_command, parse_control_function
 from ..errors import UsageError
 from ..jobs import encode_payload
 from ..logs import get_logger, job_context
+from ..trust.policy import Refused
 
 from .budget import UNLIMITED
 from .dead_letters import cap_text
@@ -30,6 +31,7 @@ class ControlLoop(GrabLoop):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.budget = UNLIMITED  # control jobs are not jobs: worker.max_jobs does not count them
+        self.refused = 0  # control jobs refused for their signature (security.require_signed)
 
     def abilities_at(self, identity: WorkerIdentity) -> list[str]:
         return [identity.control_function]
@@ -39,12 +41,30 @@ class ControlLoop(GrabLoop):
         if function is None or (function.name, function.pid) != (self.identity.name, self.identity.pid):
             return failure_packets(handle, {"error": f"not this worker's control function: "
                                                      f"{cap_text(pkt.text('task'), 200)!r}"})
+        trust = self.process.runner.trust
         try:
-            cmd = parse_command(pkt["data"])
+            signer, body = trust.control(pkt["data"])
+        except Refused as e:
+            return self._refuse(link, handle, e.reason)
+        try:
+            cmd = parse_command(body)
         except UsageError as e:
             log.warning("bad control job", error=str(e), server=link.conn.address)
             return failure_packets(handle, {"error": str(e)})
+        # A command may name the control function it is for ("to"); a signed one must, so that
+        # it can't be replayed at another worker within max_job_age.
+        to = cmd.get("to")
+        if to is not None and to != pkt.text("task"):
+            return self._refuse(link, handle, "addressed to another worker")
+        if trust.require_signed and to is None:
+            return self._refuse(link, handle, "not addressed to this worker ('to' missing)")
         return HANDLERS[cmd["command"]](self.process, cmd, link, handle)
+
+    def _refuse(self, link: Link, handle: str, reason: str) -> bytes:
+        """A control job that must not be obeyed: answered with the refusal, logged, counted."""
+        self.refused += 1
+        log.warning("control job refused", reason=reason, server=link.conn.address, refused=self.refused)
+        return failure_packets(handle, {"error": f"control refused: {reason}", "refused": True})
 
 
 def _reply(handle: str, answer: dict) -> bytes:
@@ -66,7 +86,8 @@ def ping_reply(process: "WorkerProcess") -> dict:
             "busy": len(running), "jobs_done": sum(t.jobs_done for t in list(process.job_threads)),
             "started": round(process.started_at, 3), "running": running,
             "dedicated": {g.tasks[0]: g.threads for g in process.groups if g.dedicated},
-            "max_jobs": process.max_jobs, "tasks": summarize(list(process.counters))}
+            "max_jobs": process.max_jobs, "tasks": summarize(list(process.counters)),
+            "control_refused": getattr(process.control, "refused", 0)}
 
 
 def handle_shutdown(process: "WorkerProcess", cmd: dict, link: Link, handle: str) -> bytes:

@@ -28,7 +28,7 @@ class Job:
     """
 
     __slots__ = ("task", "handle", "unique", "raw", "attempt", "config", "cancel",
-                 "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome")
+                 "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome", "signed")
 
     def __init__(self, conn: Any, handle: str, task: str, unique: str, raw: bytes,
                  config: Any, cancel: threading.Event):
@@ -43,6 +43,7 @@ class Job:
         self.started = 0.0  # monotonic time the worker took the job (for ping)
         self.options: dict | None = None  # the sender's envelope (geartask.envelope); None for a plain job
         self.outcome: dict | None = None  # the outcome record to report (geartask.worker.outcomes), if any
+        self.signed: Any = None  # a signed job's Signed (geartask.worker.runner): signer, line, envelope
 
     def open_envelope(self) -> None:
         """Take geartask's options off the payload, leaving ``raw`` as the user's bytes.

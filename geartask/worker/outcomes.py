@@ -20,7 +20,7 @@ import collections
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import gearman as gp
 from ..logs import get_logger
@@ -36,12 +36,17 @@ OUTCOME_DELAY = 0.25  # seconds a background job's answer may wait for others to
 _SUBMIT_BG = gp.submit_command("normal", True)
 
 
-def outcome_packets(records: list[dict], acks: "collections.deque[bytes]") -> bytes:
+def outcome_packets(records: list[dict], acks: "collections.deque[bytes]",
+                    sign: Callable[[bytes], bytes] | None = None) -> bytes:
     """The SUBMIT_JOB_BG packets that carry ``records``; each payload is remembered in ``acks``
-    until gearmand answers it (JOB_CREATED, or ERROR: then the records are kept locally)."""
+    until gearmand answers it (JOB_CREATED, or ERROR: then the records are kept locally).
+    ``sign`` (WorkerTrust.sign_report, with ``security.key``) signs each payload for ``report``;
+    the unique key stays the unsigned payload's, so a resent batch is still one job."""
     packets = []
     for unique, payload in outcome_jobs(records, max_records=OUTCOME_BATCH):
         acks.append(payload)
+        if sign is not None:
+            payload = sign(payload)
         packets.append(gp.pack(_SUBMIT_BG, task=OUTCOME_FUNCTION, unique=unique, data=payload))
     return b"".join(packets)
 
@@ -51,8 +56,10 @@ class HeldAnswers:
     outcome records; a flusher thread sends what has waited OUTCOME_DELAY, the grab threads
     send a full batch, and before they sleep or stop."""
 
-    def __init__(self, delay: float = OUTCOME_DELAY, size: int = OUTCOME_BATCH):
+    def __init__(self, delay: float = OUTCOME_DELAY, size: int = OUTCOME_BATCH,
+                 sign: Callable[[bytes], bytes] | None = None):
         self.delay, self.size = delay, size
+        self.sign = sign  # signs outcome jobs (outcome_packets), None without security.key
         self.lock = threading.Lock()
         self.held: dict[int, tuple["Link", list[dict], list[bytes], float]] = {}  # id(link) ->
         self.wake = threading.Event()
@@ -75,7 +82,7 @@ class HeldAnswers:
                 self.wake.set()
             else:
                 del self.held[id(link)]
-                return outcome_packets(entry[1], link.acks) + b"".join(entry[2])
+                return outcome_packets(entry[1], link.acks, self.sign) + b"".join(entry[2])
         if started:
             self._flusher.start()
         return b""
@@ -86,7 +93,7 @@ class HeldAnswers:
             entry = self.held.pop(id(link), None)
         if entry is None:
             return b""
-        return outcome_packets(entry[1], link.acks) + b"".join(entry[2])
+        return outcome_packets(entry[1], link.acks, self.sign) + b"".join(entry[2])
 
     def forget(self, link: "Link") -> int:
         """``link`` is gone: its held answers never go out (gearmand requeues those jobs)."""
@@ -110,7 +117,7 @@ class HeldAnswers:
                     for key, (link, records, answers, since) in list(self.held.items()):
                         if now - since >= self.delay:
                             del self.held[key]
-                            due.append((link, outcome_packets(records, link.acks) + b"".join(answers)))
+                            due.append((link, outcome_packets(records, link.acks, self.sign) + b"".join(answers)))
                     more = bool(self.held)
                 for link, data in due:
                     try:

@@ -85,7 +85,9 @@ class WorkerProcess:
         self.watchdog = Watchdog(self)
         self.shutdown_reason = ""
         self.metrics_server = None  # worker.metrics_listen's HTTP server
-        self.held = HeldAnswers()  # background jobs' answers waiting to share an outcome job
+        trust = self.runner.trust  # outcome jobs are signed for "report" with security.key
+        self.held = HeldAnswers(sign=trust.sign_report if trust.key is not None else None)  # background
+        # jobs' answers waiting to share an outcome job
         self.fatal_reason: str | None = None
         self.started_at = time.time()
         self._lock = threading.Lock()

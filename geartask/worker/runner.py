@@ -19,6 +19,7 @@ from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_p
 from .outcomes import outcome_packets
 from .retry import RetryPolicy
 from .running import RunningJob
+from .trust import SIG_MAGIC, Signed, WorkerTrust
 
 log = get_logger("geartask.worker")
 
@@ -75,6 +76,8 @@ class JobRunner:
         self.on_failed = sinks.sink("geartask_job_failed") if sinks is not None else None
         self.max_result = config.outcomes.max_result
         self.job_log = get_logger(JOB_LOGGER)  # the per-job line: on the console only with -v
+        self.trust = WorkerTrust(config)  # security.*: which jobs may run (geartask.worker.trust)
+        self.checks = self.trust.checks  # False with security off: the hot path's one check
 
     def run(self, running: RunningJob, job: Job) -> bytes:
         """Run ``job``, the one ``running`` holds (its cancel, stop request, abandonment and
@@ -88,6 +91,10 @@ class JobRunner:
                 return self.fail(job, {"error": f"no such task {cap_text(job.task, 200)!r} on this worker"},
                                  0, 0.0)
             try:
+                if self.checks or job.raw.startswith(SIG_MAGIC):  # security off: a signed job only
+                    refusal = self._admit(job, counters)
+                    if refusal is not None:
+                        return refusal
                 job.open_envelope()
                 job.retries = retries = self.retry.retries_for(job)
             except JobRejected as e:
@@ -153,6 +160,27 @@ class JobRunner:
                     job.outcome = self.record(job, "complete", attempt, result=payload)
                 return success_packets(job.handle, payload, attempt)
 
+    def _admit(self, job: Job, counters) -> bytes | None:
+        """Strip the job's signature line and apply the policy (geartask.trust.policy.decide):
+        None when the job may run, else the answer that fails it once, unrun, with the reason
+        (recorded as its outcome, never retried)."""
+        raw = job.raw
+        decision = self.trust.decide(job.task, job.unique, raw)
+        payload = job.raw = decision.payload
+        if decision.line is not None or not decision.allowed:
+            job.signed = Signed(decision, raw[:len(raw) - len(payload)] if decision.line is not None else b"",
+                                payload)
+        if decision.allowed:
+            return None
+        log.warning("job refused: not run", reason=decision.reason)
+        self.job_log.info("job", attempt=0, outcome="refused", seconds=0.0, reason=decision.reason)
+        try:
+            job.open_envelope()  # its options (background?) for the outcome; never to run it
+        except JobRejected:
+            pass
+        counters.finished(job.task, 0.0, False)
+        return self.fail(job, {"error": decision.reason, "refused": True}, 0, 0.0, defer=True)
+
     def _interrupted(self, running: RunningJob, job: Job, attempt: int, t0: float) -> bytes:
         """The job's cancel was set: an operator's stop fails it; anything else abandons it."""
         if running.stopped_by_operator:
@@ -181,21 +209,26 @@ class JobRunner:
         job.outcome = self.record(job, "failed", attempts, reason=reason)
         if defer:
             return packets
-        return outcome_packets([job.outcome], collections.deque()) + packets
+        return outcome_packets([job.outcome], collections.deque(), self._sign) + packets
 
     def record(self, job: Job, state: str, attempts: int, result: bytes | None = None,
                reason: dict | None = None) -> dict:
         """The job's outcome record (geartask.outcomes.record)."""
         opts = job.options or {}
         now = time.time()
+        signed = job.signed
+        extra = signed.fields(job.raw, state == "failed") if signed is not None else {}
+        requeue_of = opts.get("requeue_of")
+        if signed is not None and signed.decision.requeue_of is not None:
+            requeue_of = signed.decision.requeue_of  # the signed requeue note says which outcome
         return make_record(server=job.server, handle=job.handle, task=job.task, state=state,
                            unique=job.unique or None, finished_at=now,
                            started_at=now - (time.monotonic() - job.started) if job.started else None,
                            submitted_at=opts.get("at"), attempts=attempts, retries=job.retries,
                            background=opts.get("bg"), worker=self.label, sender_host=opts.get("host"),
                            priority=opts.get("prio"), result=result, reason=reason,
-                           data=job.raw if state == "failed" else None, requeue_of=opts.get("requeue_of"),
-                           max_result=self.max_result)
+                           data=job.raw if state == "failed" else None, requeue_of=requeue_of,
+                           max_result=self.max_result, **extra)
 
     def fail_unrun(self, key: tuple, task: str, reason: dict) -> bytes:
         """Fail a job that was not run (a worker error, or a job refused unrun), with its outcome."""
@@ -208,7 +241,11 @@ class JobRunner:
             return packets
         record = make_record(server=server, handle=handle, task=task, state="failed", unique=unique or None,
                              attempts=0, worker=self.label, reason=reason, max_result=self.max_result)
-        return outcome_packets([record], collections.deque()) + packets
+        return outcome_packets([record], collections.deque(), self._sign) + packets
+
+    @property
+    def _sign(self):
+        return self.trust.sign_report if self.trust.key is not None else None
 
     def keep_locally(self, records: list[dict], server: str) -> None:
         """Outcomes gearmand refused: kept in the dead-letter file (``failed import`` reads it)."""

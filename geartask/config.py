@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
@@ -196,6 +196,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
     gearman: GearmanConfig = field(default_factory=GearmanConfig)
+    fleet: str = ""  # this fleet's name, carried by its workers; "" none (docs/configuration.md)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -459,6 +460,12 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    if cfg.fleet:
+        from .control import check_fleet
+        try:
+            check_fleet(cfg.fleet)
+        except UsageError as e:
+            raise ConfigError(str(e), path, "fleet") from None
     for name, options in cfg.worker.tasks.items():
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")

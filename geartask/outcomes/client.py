@@ -131,7 +131,7 @@ class OutcomeClient:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
-        raise NoCollectorError(f"no outcomes collector answered{within} (is `manage_client.py outcomes serve` "
+        raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")
 
 

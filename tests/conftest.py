@@ -131,30 +131,47 @@ LONGEST = {
 }
 
 
-# The tests that keep a core busy the whole time (100,000 and 400,000 jobs): one xdist group, so
-# they run one after the other and never together, and the timing-sensitive tests beside them
-# keep the other core.
-CPU_HEAVY = {
-    "test_network.py::test_twenty_batches_across_the_bridge_never_stall",
-    "test_hostile_sender.py::test_memory_is_flat_in_the_number_of_jobs",
+# Tests kept on one xdist worker, one after the other (the scheduler below): test_install.py's
+# module fixture (one pip install into a fresh venv) serves both its tests; the two tests that
+# keep a core busy the whole time (100,000 and 400,000 jobs) never run together, so the
+# timing-sensitive tests beside them keep the other core. (xdist's own xdist_group marks do not
+# work with pytest 9: xdist renames the node id through an attribute pytest no longer reads.)
+GROUPS = {
+    "test_install.py": "install",
+    "test_network.py::test_twenty_batches_across_the_bridge_never_stall": "cpu-heavy",
+    "test_hostile_sender.py::test_memory_is_flat_in_the_number_of_jobs": "cpu-heavy",
 }
 
 
-def _key(item: pytest.Item) -> str:
-    return f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+def _key(nodeid: str) -> tuple[str, str]:
+    """("file.py::test_name", "file.py") of a node id, parameters left out."""
+    path, _, name = nodeid.partition("::")
+    file = path.rsplit("/", 1)[-1]
+    return f"{file}::{name.split('[', 1)[0]}", file
 
 
-def expected_seconds(item: pytest.Item) -> float:
-    return LONGEST.get(_key(item), LONGEST.get(item.path.name, 0))
+def _lookup(table: dict, nodeid: str, default=None):
+    test, file = _key(nodeid)
+    return table.get(test, table.get(file, default))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadgroup with the GROUPS above as groups; every other test is a unit of its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _lookup(GROUPS, nodeid) or super()._split_scope(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist (each worker collects; all must agree on the order): the longest tests first,
-    the CPU-heavy ones in one group. A serial run keeps file order."""
-    if not hasattr(config, "workerinput"):
-        return
-    for item in items:
-        if _key(item) in CPU_HEAVY:
-            item.add_marker(pytest.mark.xdist_group("cpu-heavy"))
-    items.sort(key=expected_seconds, reverse=True)  # stable: the rest keeps file order
+    so the scheduler hands them out first. A serial run keeps file order."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: _lookup(LONGEST, item.nodeid, 0), reverse=True)  # stable

@@ -15,9 +15,6 @@ import pytest
 from helpers import REPO, wait_until
 from workers import worker_connections
 
-# One pip install (the module's fixture) for all of them: under xdist they run on one worker.
-pytestmark = pytest.mark.xdist_group("install")
-
 
 def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}

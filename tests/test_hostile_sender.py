@@ -33,6 +33,7 @@ SCRIPT = REPO / "send_job_client" / "send_job_client.py"
 
 
 def cli(argv, capsys):
+    capsys.readouterr()  # the CLI's output only: not what an in-process JobSender logged before it
     rc = run(main, argv)
     out, err = capsys.readouterr()
     return rc, out, err

@@ -60,12 +60,13 @@ def test_cleanup_removes_dead_runs_only(netlab: NetLab):
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead_ns, live_ns = f"{nl.PREFIX}{gone.pid}-0-left", f"{netlab.tag}-kept"
-    for ns in (dead_ns, live_ns):
-        nl.ip("netns", "add", ns)
     try:
-        orphan = subprocess.Popen(["ip", "netns", "exec", dead_ns, "sleep", "60"])
-        wait_until(lambda: nl._netns_pids(dead_ns) == [orphan.pid], 10, message="a process in the leftover")
-        removed = nl.cleanup_stale()
+        with nl.cleanup_held():  # the leftover is this test's to remove, not another worker's
+            for ns in (dead_ns, live_ns):
+                nl.ip("netns", "add", ns)
+            orphan = subprocess.Popen(["ip", "netns", "exec", dead_ns, "sleep", "60"])
+            wait_until(lambda: nl._netns_pids(dead_ns) == [orphan.pid], 10, message="a process in the leftover")
+            removed = nl.cleanup_stale()
         assert dead_ns in removed and live_ns not in removed
         assert dead_ns not in nl.namespaces() and live_ns in nl.namespaces()
         assert orphan.wait(10) == -9

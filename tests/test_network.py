@@ -213,6 +213,9 @@ def manager_status(netlab: NetLab, host, config: Path, function: str = "t.record
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+STALL = 5.0  # seconds a stalled batch spun before resubmitting every job (the bug this test keeps away)
+
+
 def test_twenty_batches_across_the_bridge_never_stall(netlab: NetLab, tmp_path):
     """20 batches of 5,000 foreground jobs in a row over two servers across the bridge: none
     takes more than twice the median (a stall was 5 s of spinning, then every job resubmitted),
@@ -239,8 +242,13 @@ def test_twenty_batches_across_the_bridge_never_stall(netlab: NetLab, tmp_path):
     total.report()
     assert [o.sender_exit for o in outcomes] == [0] * 20, [o.line() for o in outcomes if o.sender_exit]
     assert (total.completed, total.never_ran, total.ran_twice) == (100000, 0, 0), total.line()
-    slow = [f"batch {i + 1}: {t:.2f}s" for i, t in enumerate(times) if t > 2 * median]
-    assert not slow, f"batches over twice the median ({median:.2f}s): {slow}"
+    # The stall's signature: every job of a batch resubmitted after seconds of spinning. Say
+    # both: no resubmission at all, and no batch more than twice the median *and* by more than
+    # the 5 s a stall spun (other tests share the two cores under xdist: a batch may be slowed
+    # by a second or two without anything of ours stalling).
+    assert total.resubmitted == 0, total.line()
+    slow = [f"batch {i + 1}: {t:.2f}s" for i, t in enumerate(times) if t > 2 * median and t > median + STALL]
+    assert not slow, f"batches over twice the median ({median:.2f}s) and {STALL:g}s more: {slow}"
 
 
 @pytest.mark.slow

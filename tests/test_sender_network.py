@@ -217,7 +217,8 @@ def test_the_same_unique_from_another_process_meets_the_original(net, tmp_path):
     jobs = n.jobs(12)
     for i, j in enumerate(jobs):
         j["unique"] = f"same-{i}"
-        j["data"]["sleep"] = 10  # long enough that the second sender, a new Python process, starts while they run, even on a loaded machine
+        # long enough that the second sender, a new Python process, starts while they run
+        j["data"]["sleep"] = 10
     script = ("import json,sys\nfrom geartask.config import load_config\n"
               "from geartask.sender.sender import JobSender\n"
               "jobs = json.loads(sys.argv[2])\n"

@@ -303,7 +303,7 @@ def _build(cls: type, data: dict, prefix: str, path: str | None, base: Path) -> 
             kwargs[name] = _build(types[name], {}, f"{prefix}.{name}" if prefix else name, path, base)
     obj = cls(**kwargs)
     # Defaults that are relative paths belong to the config file's folder too.
-    for name, f in fields.items():
+    for name in fields:
         if name not in kwargs and types[name] is Path and not getattr(obj, name).is_absolute():
             setattr(obj, name, base / getattr(obj, name))
         if name not in kwargs and name == "paths":

@@ -147,12 +147,12 @@ _proxies: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loggers from get_logger,
 # structlog's bind_contextvars: structlog (26.1) makes a ContextVar per key on first use without
 # a lock, so threads binding a key for the first time at once could get a token of another
 # ContextVar back, and the reset raised ValueError into the job.
-_job_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("geartask_job_fields", default={})
+_job_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("geartask_job_fields")
 
 
 def _merge_job_context(logger: Any, method: str, event: dict) -> dict:
     """The job's fields on every event logged inside job_context (the event's own keys win)."""
-    fields = _job_fields.get()
+    fields = _job_fields.get(None)
     if fields:
         for key, value in fields.items():
             event.setdefault(key, value)
@@ -181,7 +181,7 @@ def job_context(**fields: Any) -> Iterator[None]:
     lack the fields. Exceptions of the job itself pass through unchanged."""
     token = None
     try:
-        token = _job_fields.set({**_job_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
+        token = _job_fields.set({**_job_fields.get({}), **{k: v for k, v in fields.items() if v is not None}})
     except Exception:
         pass
     try:

@@ -431,7 +431,7 @@ class NetLab:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s")
+            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s") from None
         return subprocess.CompletedProcess(proc.proc.args, code, proc.stdout, proc.stderr)
 
     # -- teardown -------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def test_no_import_cycles_between_units():
     graph = unit_graph()
     knots = strongly_connected(graph)
     def shown(cycle: list[str]) -> str:
-        return " -> ".join(f"{a} ({WHERE[(a, b)]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+        return " -> ".join(f"{a} ({WHERE[(a, b)]})" for a, b in zip(cycle, cycle[1:], strict=False)) + f" -> {cycle[-1]}"
 
     message = "; ".join(shown(a_cycle(graph, k)) + f" [a knot of {len(k)}: {', '.join(k)}]" for k in knots)
     assert not knots, f"import cycle between geartask units: {message}"

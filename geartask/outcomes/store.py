@@ -98,7 +98,7 @@ class OutcomeStore(ABC):
         """Bytes the records take (what ``max_bytes`` limits); 0 when the backend can't say."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a store holding nothing open closes nothing)
         pass
 
 
@@ -152,7 +152,7 @@ _NEWEST_FINISHED = " ORDER BY finished_at DESC, rowid DESC"  # lists filtered by
 
 
 def _row(row: tuple) -> dict:
-    rec = dict(zip(_COLUMNS, row[:7]))
+    rec = dict(zip(_COLUMNS, row[:7], strict=True))
     if rec["unique"] is None:
         del rec["unique"]
     rec.update(json.loads(row[7]))

@@ -165,7 +165,7 @@ class Scheduler:
             decisions.extend(self._verify(s, st, now))
         if jobs:
             errors = self.send([job for _, job in jobs])
-            for (d, _), error in zip(jobs, errors):
+            for (d, _), error in zip(jobs, errors, strict=False):
                 st = self.state[d.schedule]
                 if error is not None:
                     d.action, d.error = "failed", error

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import gearman as p
@@ -222,7 +221,7 @@ class StatusQuery:
                     by_server.setdefault(addr, []).append(i)
         replies: dict[tuple[int, str], StatusResult | str] = {}
         for addr, idx in by_server.items():
-            for i, reply in zip(idx, self._ask(addr, [asks[i] for i in idx])):
+            for i, reply in zip(idx, self._ask(addr, [asks[i] for i in idx]), strict=False):
                 replies[(i, addr)] = reply
         out = []
         for i, a in enumerate(asks):

@@ -39,7 +39,7 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
     index = [j.pop("_index") for j in jobs]
     with JobSender(config, record_background=False) as sender:
         results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-    for i, res in zip(index, results):
+    for i, res in zip(index, results, strict=False):
         r = out[i]
         if res.state != "queued":
             r.error = f"not accepted by any server: {res.error or res.state}"

@@ -20,7 +20,7 @@ import collections
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import gearman as gp
 from ..logs import get_logger

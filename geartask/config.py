@@ -248,7 +248,7 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         if not isinstance(value, list):
             raise ConfigError(f"expected a list, got {value!r}", path, key)
         return [_convert(v, item_tp, f"{key}[{i}]", path, base) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", path, key)
         return _build(tp, value, key, path, base)

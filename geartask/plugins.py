@@ -9,6 +9,7 @@ half-loaded: a broken plugin is an error, never a skipped one.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import sys
@@ -55,7 +56,7 @@ def discover(config: Any) -> dict[str, PluginSource]:
             if file.name.startswith("_"):
                 continue
             found.setdefault(file.stem, PluginSource(file.stem, str(file),
-                                                     lambda f=file: _import_file(f)))
+                                                     functools.partial(_import_file, file)))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found:
             raise PluginError(f"two plugins have this name: {found[ep.name].file} and entry point {ep.value}",

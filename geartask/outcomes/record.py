@@ -265,7 +265,7 @@ def cap_record(rec: dict, limit: int) -> dict:
         return rec
     rec = dict(rec)
     for key in over:
-        raw = decode_bytes(rec, key)
+        raw = decode_bytes(rec, key) or b""
         size = max(rec.get(f"{key}_size", 0), len(raw))
         _put_bytes(rec, key, raw, limit)
         rec[f"{key}_size"], rec[f"{key}_cut"] = size, True
@@ -277,9 +277,9 @@ def cap_record(rec: dict, limit: int) -> dict:
 
 def _bytes_over(rec: dict, key: str, limit: int) -> bool:
     value = rec[key]
-    if len(value) <= limit // 4:  # no encoding makes that many characters more than limit bytes
+    if value is None or len(value) <= limit // 4:  # no encoding makes that many characters more than limit bytes
         return False
-    return len(decode_bytes(rec, key)) > limit
+    return len(decode_bytes(rec, key) or b"") > limit
 
 
 def _json_len(value: Any) -> int:

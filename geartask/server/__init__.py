@@ -166,8 +166,9 @@ class LocalServer:
             Path(self.queue_path).parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         env = None
-        if self.queue_type == "postgresql" and libpq_conninfo(self.queue_url)[1] is not None:
-            env = {**os.environ, "PGPASSWORD": libpq_conninfo(self.queue_url)[1]}  # argv is public (ps)
+        password = libpq_conninfo(self.queue_url)[1] if self.queue_type == "postgresql" else None
+        if password is not None:
+            env = {**os.environ, "PGPASSWORD": password}  # argv is public (ps)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                             start_new_session=True, env=env)

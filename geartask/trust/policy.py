@@ -165,8 +165,8 @@ def decide(function: bytes | str, unique: bytes | str, raw: bytes, trust: Trust,
     if line is None:
         return _refuse(UNSIGNED, payload, require_signed)
     refusal, signer, note_signer = _verify_job(function, unique, payload, line, trust, now, max_age)
-    if refusal is not None:
-        return _refuse(refusal, payload, require_signed, line)
+    if refusal is not None or signer is None:  # _verify_job names a signer whenever it refuses nothing
+        return _refuse(refusal or UNKNOWN, payload, require_signed, line)
     return Decision(True, None, payload, signer.name, line.stamp.t,
                     note_signer.name if note_signer else None,
                     line.requeue.of if line.requeue else None, line)

@@ -12,7 +12,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..logs import get_logger
 from .errors import StoreError
@@ -258,14 +258,14 @@ class SqliteOutcomeStore(OutcomeStore):
     def _keep_quota(self, keep_newest: int) -> None:
         """Over max_bytes: delete the oldest records (by received_at) down to QUOTA_SLACK of it,
         never the ``keep_newest`` just added. Freed pages are reused, so the file stops growing."""
-        used = self._used_bytes()
-        if used <= self.max_bytes:
+        used, quota = self._used_bytes(), self.max_bytes
+        if quota is None or used <= quota:
             return
         rows, = self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()
         if rows <= keep_newest:
             return
         per_row = max(1.0, used / rows)
-        n = min(rows - keep_newest, max(1, int((used - self.max_bytes * QUOTA_SLACK) / per_row) + 1))
+        n = min(rows - keep_newest, max(1, int((used - quota * QUOTA_SLACK) / per_row) + 1))
         cur = self._db.execute("DELETE FROM outcomes WHERE rowid IN (SELECT rowid FROM outcomes"
                                " ORDER BY received_at, rowid LIMIT ?)", (n,))
         self.evicted += cur.rowcount
@@ -307,7 +307,8 @@ class SqliteOutcomeStore(OutcomeStore):
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("state", state), ("task", task)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -390,7 +391,7 @@ def _postgresql(url: str, **options: Any) -> OutcomeStore:
     return PostgresOutcomeStore(url, **options)
 
 
-BACKENDS = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
+BACKENDS: dict[str, Callable[..., OutcomeStore]] = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
 
 
 def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
@@ -401,12 +402,12 @@ def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
         cls = BACKENDS[kind]
     except KeyError:
         raise StoreError(f"unknown outcome store {kind!r}; known: {', '.join(BACKENDS)}") from None
-    options = {}
+    options: dict[str, Any] = {}
     oc = getattr(config, "outcomes", None)
     if oc is not None:
         options = {"max_bytes": getattr(oc, "max_bytes", DEFAULT_MAX_BYTES),
                    "max_clock_skew": getattr(oc, "max_clock_skew", DEFAULT_MAX_CLOCK_SKEW)}
-        if kind == "postgresql" and getattr(oc, "url", ""):
+        if kind == "postgresql" and getattr(oc, "url", None):
             path = oc.url
     try:
         return cls(path, **options)

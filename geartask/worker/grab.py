@@ -419,9 +419,9 @@ class GrabLoop(threading.Thread):
 
     def _cycle(self) -> None:
         now = time.monotonic()
-        for link in self.links:
-            if link.state is DOWN and now >= link.next_try:
-                self._connect(link, now)
+        for down in self.links:
+            if down.state is DOWN and now >= down.next_try:
+                self._connect(down, now)
         if self.outstanding is None:
             self._grab_next()
 
@@ -485,6 +485,7 @@ class GrabLoop(threading.Thread):
 
     def _grab_next(self, prefix: bytes = b"", after: Link | None = None) -> None:
         """Send GRAB_JOB_UNIQ on the next link that wants one (with ``prefix`` packets on ``after``)."""
+        link: Link | None
         if (after is not None and self.outstanding is None and not self.wants and not self.stop.is_set()
                 and self.budget.take(self)):
             link = after  # the fast path: result and next grab in one write
@@ -526,7 +527,7 @@ class GrabLoop(threading.Thread):
             if self.outstanding is link:
                 self.outstanding = None
             link.permit = False  # used up by this job
-            state = link.assigned(time.monotonic())
+            state: LinkState | None = link.assigned(time.monotonic())
             if state is LATE:
                 self.process.outage.recovered(link.conn.address, self.index)
             elif state is SLEEPING or state is PARKED:  # unasked for; serve it all the same

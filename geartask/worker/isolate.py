@@ -102,7 +102,7 @@ class IsolatedTask:
         if child is None:
             child = self._start()
         try:
-            spare = self._start()
+            spare: tuple[subprocess.Popen, int] | None = self._start()
         except AttemptFailed:
             return child  # out of processes for a spare: this job still runs
         with self._lock:
@@ -125,6 +125,7 @@ class IsolatedTask:
     def _talk(self, proc: subprocess.Popen, r: int, request: bytes, job: Any) -> bytes:
         deadline = time.monotonic() + self.timeout
         stdin = proc.stdin
+        assert stdin is not None  # _start opens the child with stdin=PIPE
         os.set_blocking(stdin.fileno(), False)
         os.set_blocking(r, False)
         pending = memoryview(request)

@@ -80,7 +80,7 @@ def _ids(value: Any, name: str) -> list[str]:
 
 
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}
-_LISTING = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
+_LISTING: dict[str, Callable[[Any, str], Any]] = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
 # op -> {field: checker}; each checker returns the clean value or raises Refused
 OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "ping": {},
@@ -198,7 +198,9 @@ class Queries:
                             include_requeued=req.get("include_requeued", op == "recent"))
             return {"records": rows[:limit], "more": len(rows) > limit}
         if op == "counts":
-            return [{"task": t, "state": st, "count": n} for (t, st), n in sorted(s.counts(_since(req)).items())]
+            since = _since(req)  # none given: every outcome (finished_at >= NULL would match none)
+            counts = s.counts(0.0 if since is None else since)
+            return [{"task": t, "state": st, "count": n} for (t, st), n in sorted(counts.items())]
         if op == "mark_requeued":
             return s.mark_requeued(req["id"], by=req["by"], at=time.time(), handle=req.get("handle"),
                                    server=req.get("server"))

@@ -61,7 +61,7 @@ class WorkerProcess:
         self.label = f"{name}::{self.identity.pid}"
         self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.tasks = dict(tasks)
-        self.tasks["shell"] = ShellTask(config.worker, self.label)
+        self.shell_task = self.tasks["shell"] = ShellTask(config.worker, self.label)
         # Tasks that end themselves at their timeout: the watchdog leaves them alone.
         self.own_timeout = {"shell"} | {t for t, fn in self.tasks.items() if isinstance(fn, IsolatedTask)}
         self.outage = Outage()
@@ -109,7 +109,7 @@ class WorkerProcess:
             self.ips = self.ips | {ip}
             self.label = f"{self.name}:{','.join(sorted(self.ips))}:{self.identity.pid}"
             self.runner.label = self.label
-            self.tasks["shell"].worker_label = self.label
+            self.shell_task.worker_label = self.label
         log.info("connected from a new local address", ip=ip, server=server)
 
     # -- lifecycle -------------------------------------------------------------------

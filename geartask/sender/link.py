@@ -68,6 +68,7 @@ class ServerLink:
         """The connect finished: adopt the socket and ask for exceptions, or return
         (reason, refused)."""
         sock, self.connecting = self.connecting, None
+        assert sock is not None  # called only for a connect in progress
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             sock.close()
@@ -80,9 +81,11 @@ class ServerLink:
 
     def flush(self) -> OSError | None:
         """Send what the socket takes now; the error if the connection failed."""
+        sock = self.conn.sock if self.conn is not None else None
+        assert sock is not None  # flushed only while connected
         try:
             while self.out:
-                n = self.conn.sock.send(self.out, socket.MSG_DONTWAIT)
+                n = sock.send(self.out, socket.MSG_DONTWAIT)
                 del self.out[:n]
         except (BlockingIOError, InterruptedError):
             pass  # the socket buffer is full: poll says when it drains

@@ -460,8 +460,8 @@ class Batch:
                 poller.register(link.connecting, select.POLLOUT)
                 watched[link.connecting.fileno()] = s
             elif link.conn is not None:
-                poller.register(link.conn.sock, select.POLLIN | (select.POLLOUT if link.out else 0))
-                watched[link.conn.sock.fileno()] = s
+                poller.register(link.conn, select.POLLIN | (select.POLLOUT if link.out else 0))
+                watched[link.conn.fileno()] = s
                 if link.conn.has_buffered_packet():
                     buffered.append(s)
         if buffered:
@@ -476,7 +476,7 @@ class Batch:
             if link.connecting is not None and link.connecting.fileno() == fd:
                 self._connect_done(s)
                 continue
-            if link.conn is None or link.conn.sock.fileno() != fd:
+            if link.conn is None or link.conn.fileno() != fd:
                 continue  # closed by an earlier event in this round
             if ev & select.POLLOUT and link.out:
                 self._flush(s)
@@ -489,9 +489,11 @@ class Batch:
 
     def _read(self, s: _Lane, readable: bool) -> None:
         link = s.link
+        conn = link.conn
+        assert conn is not None  # read only while connected
         try:
             # One recv for what poll saw (never a blocking one), then every whole packet.
-            packets = link.conn.read_packets() if readable else link.conn.buffered_packets()
+            packets = conn.read_packets() if readable else conn.buffered_packets()
         except ServerError as e:
             self._lost(s, e)
             return
@@ -542,8 +544,8 @@ class Batch:
             else:
                 self._broken(s, text)
             return
-        handle = pkt.args.get("job_handle")
-        jobs = s.waiting.get(handle) if handle is not None else None
+        handle = pkt.args.get("job_handle", b"")  # b"": no such job waits
+        jobs = s.waiting.get(handle)
         if not jobs:
             return
         if cmd == p.WORK_COMPLETE:
@@ -609,7 +611,7 @@ class Batch:
             self.log.error("cannot record background jobs", path=str(self.record.path), error=str(e))
 
 
-def _errno(exc: BaseException) -> int | None:
+def _errno(exc: BaseException | None) -> int | None:
     """The errno behind a ServerError (protocol.Connection raises it from the OSError)."""
     seen = 0
     while exc is not None and seen < 5:

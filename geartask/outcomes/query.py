@@ -80,7 +80,8 @@ def _ids(value: Any, name: str) -> list[str]:
 
 
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}
-_LISTING: dict[str, Callable[[Any, str], Any]] = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
+_Checker = Callable[[Any, str], Any]
+_LISTING: dict[str, _Checker] = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
 # op -> {field: checker}; each checker returns the clean value or raises Refused
 OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "ping": {},

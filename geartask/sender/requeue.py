@@ -28,7 +28,7 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
         if newest.get("data") is None:
             r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
         elif newest.get("data_cut"):
-            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data'))} of {newest.get('data_size')} bytes"
+            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data') or b'')} of {newest.get('data_size')} bytes"
         else:
             # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
             jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),

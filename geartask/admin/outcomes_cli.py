@@ -149,7 +149,7 @@ def cmd_serve(config: Config) -> int:
         store.close()
 
 
-def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Any = None) -> int:
+def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Config | None = None) -> int:
     info = client.ping()
     collectors: list[dict] = []
     unasked: list[str] = []

@@ -12,11 +12,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..logs import get_logger
 from .errors import StoreError
 from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 ERROR_CHARS = 500  # characters of a failure's message kept as a summary's "error"
 DEFAULT_MAX_BYTES = 1024 ** 3  # outcomes.max_bytes's default: over it, the oldest records go first
@@ -394,7 +397,7 @@ def _postgresql(url: str, **options: Any) -> OutcomeStore:
 BACKENDS: dict[str, Callable[..., OutcomeStore]] = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
 
 
-def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
+def open_store(kind: str, path: str | Path, config: Config | None = None) -> OutcomeStore:
     """The configured backend (``outcomes.store``), opened at ``path`` (postgresql: a URL, the
     config's outcomes.url when ``config`` is given); StoreError names why not.
     ``config`` (the whole Config) gives outcomes.max_bytes and outcomes.max_clock_skew."""

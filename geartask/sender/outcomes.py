@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import GeartaskError
 from ..jobs import decode_payload
 from ..outcomes.client import OutcomeClient
 from ..outcomes.record import decode_bytes
 from .background import StatusResult, handle_problem
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 POLL = 0.5  # seconds between asks while --wait runs
 
@@ -60,7 +63,7 @@ def split_key(key: str) -> tuple[str | None, str | None, str | None]:
     return key, None, None
 
 
-def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
+def result(config: Config, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
     """The outcome of ``key`` (unique or handle); with ``wait``, ask again until it is there
     or ``wait`` seconds pass. NoCollectorError when no collector answers."""
     unique, handle, server = split_key(key)
@@ -76,7 +79,7 @@ def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Ou
         time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
 
 
-def resolve(statuses: Iterable[StatusResult], config: Any, timeout: float = 5.0) -> Iterator[StatusResult]:
+def resolve(statuses: Iterable[StatusResult], config: Config, timeout: float = 5.0) -> Iterator[StatusResult]:
     """Each status as it is, except ``done`` (the server no longer holds the job): that one
     becomes complete or failed from its outcome, or unknown with the reason."""
     client: OutcomeClient | None = None

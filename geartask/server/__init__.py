@@ -16,9 +16,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LocalServerError, ServerError
 from ..gearman import Connection
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,7 +101,7 @@ class LocalServer:
     queue_table: str = "gearmand_queue"
 
     @classmethod
-    def from_config(cls, config) -> "LocalServer":
+    def from_config(cls, config: Config) -> "LocalServer":
         s = config.server
         if getattr(s, "tls", False):  # stunnel in front, gearmand behind it (geartask/server/stunnel.py)
             from .stunnel import TlsFrontedServer

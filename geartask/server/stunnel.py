@@ -19,9 +19,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, LocalServerError
 from . import LocalServer, _alive
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def _is_stunnel(pid: int) -> bool:
@@ -182,7 +186,7 @@ class TlsFrontedServer:
         self.host, self.port = stunnel.host, stunnel.port
 
     @classmethod
-    def from_config(cls, config) -> "TlsFrontedServer":
+    def from_config(cls, config: Config) -> "TlsFrontedServer":
         s, where = config.server, (str(config.source) if config.source else None)
         backend = s.backend_port or s.port + 1
         if backend > 65535:

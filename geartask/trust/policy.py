@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,6 +27,9 @@ from ..errors import ConfigError, UsageError
 from . import signing
 from .keys import parse_public, public_text
 from .signing import SignatureFormatError, SigLine
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 WORDS = ("control", "report", "answer")
 DEFAULT_MAX_AGE = 86400.0  # security.max_job_age: one day
@@ -240,6 +244,6 @@ def verify_message(purpose: str, raw: bytes, trust: Trust, now: float, *,
     return signer.name, body
 
 
-def trust_of(config) -> Trust:
+def trust_of(config: Config) -> Trust:
     """The config's ``security.trust`` as a Trust (validated again; cheap: a few keys)."""
     return Trust.from_config(config.security.trust, str(config.source) if config.source else None)

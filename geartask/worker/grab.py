@@ -10,7 +10,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import gearman as gp
 from ..control import WorkerIdentity
@@ -27,6 +27,7 @@ from .running import RunningJob
 from .stats import TaskCounters
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .budget import JobBudget, Unlimited
     from .outcomes import HeldAnswers
     from .runner import JobRunner, UnansweredJobs
@@ -44,7 +45,7 @@ _RESTING = RESTING
 class Host(Protocol):
     """What a GrabLoop needs of its process (geartask.worker.process.WorkerProcess)."""
 
-    config: Any
+    config: Config
     runner: "JobRunner"
     budget: "JobBudget | Unlimited"  # worker.max_jobs' permits
     identity: WorkerIdentity

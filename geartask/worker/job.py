@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import gearman as gp
 from ..envelope import EnvelopeError, unwrap_cached
@@ -12,6 +12,9 @@ from ..jobs import decode_payload, encode_payload
 from ..logs import get_logger
 
 from .errors import JobRejected
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("geartask.worker")
 
@@ -31,7 +34,7 @@ class Job:
                  "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome", "signed")
 
     def __init__(self, conn: Any, handle: str, task: str, unique: str, raw: bytes,
-                 config: Any, cancel: threading.Event):
+                 config: Config, cancel: threading.Event):
         self._conn = conn
         self.handle, self.task, self.unique, self.raw = handle, task, unique, raw
         self.config, self.cancel = config, cancel

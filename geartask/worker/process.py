@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import gearman as gp
 from ..control import WorkerIdentity
@@ -25,6 +25,9 @@ from .outcomes import HeldAnswers
 from .runner import JobRunner, UnansweredJobs
 from .stats import TaskCounters
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("geartask.worker")
 
@@ -46,7 +49,7 @@ class WorkerProcess:
     closed, so gearmand gives them to another worker); ``close()`` frees what is left.
     """
 
-    def __init__(self, config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None,
+    def __init__(self, config: Config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None,
                  sinks: Any = None):
         self.config = config
         self.name = name
@@ -93,7 +96,7 @@ class WorkerProcess:
         self._lock = threading.Lock()
 
     @staticmethod
-    def plan(config, threads: int, tasks: dict[str, Callable] | list[str]) -> list[ThreadGroup]:
+    def plan(config: Config, threads: int, tasks: dict[str, Callable] | list[str]) -> list[ThreadGroup]:
         """Which threads serve which tasks (the built-in ones included). ConfigError for a
         ``worker.tasks`` the worker can't follow: check it before starting anything."""
         return plan_groups(config, threads, sorted({*tasks, *BUILTIN_TASKS}))

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 from geartask.gearman import admin_command
-from geartask.server import LocalServer, _alive, port_open
+from geartask.server import LocalServer, pid_alive, port_open
 
 from helpers import REPO, wait_until, write_config
 from workers import WorkerProc, worker_connections
@@ -112,7 +112,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for ns in namespaces():
         m = _OWNER.match(ns)
-        if not m or _alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         _kill_pids(_netns_pids(ns))  # only what an earlier run of these tests started there
         if ip("netns", "del", ns, check=False).returncode == 0:

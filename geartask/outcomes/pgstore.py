@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from ..logs import get_logger
 from .errors import StoreError
 from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
-from .store import _COLUMNS, DEFAULT_MAX_BYTES, QUOTA_SLACK, SKEW_FLAG, OutcomeStore, _row, error_text
+from .store import RECORD_COLUMNS, DEFAULT_MAX_BYTES, QUOTA_SLACK, SKEW_FLAG, OutcomeStore, record_from_row, error_text
 
 log = get_logger("geartask.outcomes")
 
@@ -148,7 +148,7 @@ class PostgresOutcomeStore(OutcomeStore):
         if any(isinstance(a, str) and "\x00" in a for a in args):
             return []  # no stored text holds NUL (add refuses it), and PostgreSQL can't be asked for one
         rows = self._run(lambda conn: conn.execute(sql, args).fetchall())
-        return [_row(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, records: Iterable[dict], *, checked: bool = False, received_at: float | None = None) -> int:
@@ -162,7 +162,7 @@ class PostgresOutcomeStore(OutcomeStore):
             except BadOutcome as e:
                 self._refuse(rec, str(e))
                 continue
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY
+            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
                      and k not in ("received_at", "clock_skew")}
             skew = rec["finished_at"] - now
             if skew > SKEW_FLAG:

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from .record import STATES, BadOutcome, _encodable, _shown, cap_record, check
+from .record import STATES, BadOutcome, utf8_encodable, shown_value, cap_record, check
 from .store import OutcomeStore
 
 MAX_REQUEST = 64 * 1024 * 1024  # bytes of one request (an import carries records)
@@ -33,37 +33,37 @@ class Refused(ValueError):
 
 def _text(value: Any, name: str, limit: int = MAX_KEY) -> str:
     if not isinstance(value, str) or not value:
-        raise Refused(f"{name!r} must be a non-empty string, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a non-empty string, got {shown_value(value)}")
     if len(value) > limit:
         raise Refused(f"{name!r} is {len(value)} characters, over {limit}")
-    if not _encodable(value):
+    if not utf8_encodable(value):
         raise Refused(f"{name!r} is not Unicode text (it holds a lone surrogate)")
     return value
 
 
 def _number(value: Any, name: str, maximum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise Refused(f"{name!r} must be a finite number >= 0, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a finite number >= 0, got {shown_value(value)}")
     if maximum is not None and value > maximum:
-        raise Refused(f"{name!r} must be at most {maximum:g}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be at most {maximum:g}, got {shown_value(value)}")
     return float(value)
 
 
 def _limit(value: Any, name: str = "limit") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST:
-        raise Refused(f"{name!r} must be a whole number 1-{MAX_LIST}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a whole number 1-{MAX_LIST}, got {shown_value(value)}")
     return value
 
 
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise Refused(f"{name!r} must be true or false, got {_shown(value)}")
+        raise Refused(f"{name!r} must be true or false, got {shown_value(value)}")
     return value
 
 
 def _state(value: Any, name: str) -> str:
     if value not in STATES:
-        raise Refused(f"{name!r} must be one of {', '.join(STATES)}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be one of {', '.join(STATES)}, got {shown_value(value)}")
     return value
 
 
@@ -123,7 +123,7 @@ def check_request(req: Any) -> dict:
         raise Refused(f"a request must be a JSON object like {{\"op\": \"size\"}}, got {type(req).__name__}")
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
-        raise Refused(f"unknown op {_shown(op)}; known: {', '.join(sorted(OPS))}")
+        raise Refused(f"unknown op {shown_value(op)}; known: {', '.join(sorted(OPS))}")
     spec = OPS[op]
     clean: dict[str, Any] = {"op": op}
     for key, value in req.items():
@@ -131,7 +131,7 @@ def check_request(req: Any) -> dict:
             continue
         if key not in spec:
             known = ", ".join(sorted(spec)) or "none"
-            raise Refused(f"unknown field {_shown(key)} for op {op!r} (known: {known})")
+            raise Refused(f"unknown field {shown_value(key)} for op {op!r} (known: {known})")
         if value is None:
             continue
         clean[key] = spec[key](value, key)

@@ -120,7 +120,7 @@ def error_text(reason: Any) -> str | None:
 
 # The indexed fields are columns; the other light fields one JSON object; the heavy ones apart,
 # so summaries never read them.
-_COLUMNS = ("id", "unique", "handle", "server", "task", "state", "finished_at")
+RECORD_COLUMNS = ("id", "unique", "handle", "server", "task", "state", "finished_at")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
     id TEXT PRIMARY KEY,
@@ -154,8 +154,8 @@ _NEWEST = " ORDER BY received_at DESC, rowid DESC"  # the collector's clock, not
 _NEWEST_FINISHED = " ORDER BY finished_at DESC, rowid DESC"  # lists filtered by finished_at page by it
 
 
-def _row(row: tuple) -> dict:
-    rec = dict(zip(_COLUMNS, row[:7], strict=True))
+def record_from_row(row: tuple) -> dict:
+    rec = dict(zip(RECORD_COLUMNS, row[:7], strict=True))
     if rec["unique"] is None:
         del rec["unique"]
     rec.update(json.loads(row[7]))
@@ -209,7 +209,7 @@ class SqliteOutcomeStore(OutcomeStore):
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [_row(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def add(self, records: Iterable[dict], *, checked: bool = False, received_at: float | None = None) -> int:
         now = time.time() if received_at is None else received_at
@@ -224,7 +224,7 @@ class SqliteOutcomeStore(OutcomeStore):
                 log.warning("outcome refused", id=rec.get("id"), task=rec.get("task"), unique=rec.get("unique"),
                             error=str(e), refused=self.refused)
                 continue
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY
+            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
                      and k not in ("received_at", "clock_skew")}
             skew = rec["finished_at"] - now
             if skew > SKEW_FLAG:  # the worker's clock is ahead (behind can't be told from a queue's wait)

@@ -53,7 +53,7 @@ def _is_gearmand(pid: int) -> bool:
     return bool(cmdline) and b"gearmand" in Path(cmdline[0].decode(errors="replace")).name.encode()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,7 +151,7 @@ class LocalServer:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and _is_gearmand(pid) else None
+        return pid if pid_alive(pid) and _is_gearmand(pid) else None
 
     def running(self) -> bool:
         return self.pid() is not None and port_open(self.host, self.port)
@@ -234,7 +234,7 @@ class LocalServer:
             if self.process is not None and self.process.pid == pid:
                 if self.process.poll() is not None:
                     return True
-            elif not _alive(pid):
+            elif not pid_alive(pid):
                 return True
             time.sleep(0.02)
         return False

@@ -21,6 +21,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageExit(f"{self.prog}: error: {message}")
 
 
+def prog(command: str, script: str) -> str:
+    """A command's name in its help and messages: ``geartask COMMAND``, the one name the docs
+    use; the old script's own name (``send_job_client.py``) when that script is what ran."""
+    import os
+    ran = os.path.basename(sys.argv[0] or "")
+    return ran if ran.removesuffix(".py") == script.removesuffix(".py") else f"geartask {command}"
+
+
 class UsageExit(Exception):
     """A bad command line: geartask.cli.run prints it and exits 2."""
 

@@ -18,13 +18,14 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
-MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
+MAX_CONFIG_BYTES = 1024 * 1024
+MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers  # a config is a page of YAML; /dev/zero must not be read for ever
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -159,6 +160,12 @@ class DashboardConfig:
 
 
 @dataclass
+class GearmanConfig:
+    # bytes: no packet from a job server is buffered past this; a bigger answer fails its job
+    max_packet: int = 64 * 1024 * 1024 + 64 * 1024  # geartask.gearman.MAX_PACKET
+
+
+@dataclass
 class TlsConfig:
     # PEM files, relative to the config file (geartask/trust/tls.py); empty: not set
     ca: str = ""  # the CA bundle that signs the fleet's certificates (old and new during a rotation)
@@ -188,6 +195,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
+    gearman: GearmanConfig = field(default_factory=GearmanConfig)
+    fleet: str = ""  # this fleet's name, carried by its workers; "" none (docs/configuration.md)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -204,13 +213,14 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
+_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
              "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age",
              "outcomes.max_clock_skew", "scheduler.max_clock_skew", "scheduler.verify_after"}
-_MAXIMUM = {"server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
+_MAXIMUM = {"gearman.max_packet": 2**32 - 1,  # the wire format's length field
+            "server.keepalive.idle": 32767, "server.keepalive.interval": 32767,  # Linux's own limits
             "server.keepalive.count": 127,
             "outcomes.keep_days": 36500, "outcomes.max_result": 64 * 1024 * 1024,
             "server.backend_port": 65535}
@@ -450,10 +460,19 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    if cfg.fleet:
+        from .control import check_fleet
+        try:
+            check_fleet(cfg.fleet)
+        except UsageError as e:
+            raise ConfigError(str(e), path, "fleet") from None
     for name, options in cfg.worker.tasks.items():
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    if cfg.gearman.max_packet < MIN_MAX_PACKET:
+        raise ConfigError(f"must be at least {MIN_MAX_PACKET} bytes, got {cfg.gearman.max_packet}", path,
+                          "gearman.max_packet")
     for key, value in (("dashboard.listen", cfg.dashboard.listen), ("worker.metrics_listen", cfg.worker.metrics_listen)):
         if value:
             parse_hostport(value, key, path)

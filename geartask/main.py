@@ -39,8 +39,8 @@ USAGE = _usage()
 
 def _help() -> str:
     lines = [USAGE, "commands:"]
-    for name, (_, what, alias) in COMMANDS.items():
-        lines.append(f"  {name:8} {what}" + (f" (also: {alias})" if alias else ""))
+    for name, (_, what, _alias) in COMMANDS.items():
+        lines.append(f"  {name:8} {what}")  # the old script names: README only, one place
     lines += ["", "global options (also accepted after the command):"]
     for o in GLOBAL_OPTIONS:
         first, *rest = o.overview.split("\n")

@@ -27,5 +27,7 @@ from __future__ import annotations
 
 from .codec import *  # noqa: F401,F403
 from .codec import HEADER, HEADER_SIZE, MAGIC_REQ, MAGIC_RES, SUBMIT_JOB_EPOCH, Packet, error_text, pack, parse_response  # noqa: F401
-from .connection import (CONNECT_TIMEOUT, MAX_TEXT_REPLY, RECONNECT_MAX, RECONNECT_MIN, Connection,  # noqa: F401
-                         Keepalive, admin_command, keepalive_for, wait_readable)
+from .backoff import Backoff  # noqa: F401
+from .connection import (CONNECT_TIMEOUT, HANDLE_FIRST, MAX_PACKET, MAX_TEXT_REPLY, RECONNECT_MAX,  # noqa: F401
+                         RECONNECT_MIN, Connection, Keepalive, admin_command, keepalive_for, wait_readable)
+from .dial import ConnectError, Dial, TLSError, dial, parse_address, tls_reason, tls_refusal  # noqa: F401

@@ -6,19 +6,32 @@ import errno
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from gearman.errors import ProtocolError
 
 from ..errors import ServerError
-from .codec import ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, Packet, error_text, pack, parse_response, response_bytes
+from .backoff import RECONNECT_MAX, RECONNECT_MIN  # noqa: F401  (one set of constants, re-exported)
+from .codec import (ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, JOB_ASSIGN, JOB_ASSIGN_UNIQ, WORK_COMPLETE,
+                    WORK_DATA, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, Packet, command_name, error_text, pack,
+                    parse_response, response_bytes)
+from .dial import TLSError, dial, tls_reason, tls_refusal
 
-# One set of connection constants for every role.
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0  # seconds between tries to reach a server that is down
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
+# The cap on one packet from a server (gearman.max_packet): a sender's biggest job (64 MiB of
+# data) plus room for its handle, function name, unique key and envelope.
+MAX_PACKET = 64 * 1024 * 1024 + 64 * 1024
+MAX_HANDLE = 64  # bytes; gearmand's handles are "H:host:number"
+# Packets that begin with a job handle: one over the cap is skipped and handed out with the
+# handle and an ``oversize`` argument (its body's length), so only that job fails.
+HANDLE_FIRST = frozenset((WORK_COMPLETE, WORK_DATA, WORK_WARNING, WORK_EXCEPTION, WORK_STATUS,
+                          JOB_ASSIGN, JOB_ASSIGN_UNIQ))
+_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Connection:
@@ -26,17 +39,32 @@ class Connection:
 
     Not thread-safe: each worker thread and each sender owns its own connections.
     Any socket failure closes the connection and raises ServerError naming the server.
+
+    ``tls``: an ssl.SSLContext; the connection is then TLS (server_hostname, default ``host``,
+    is the name its certificate must carry). TLS sockets are kept non-blocking and every read
+    drains OpenSSL's buffer, so loops that poll the descriptor never miss decrypted bytes.
+
+    ``max_packet``: no packet from the server is buffered past this many body bytes. One that
+    starts with a job handle (HANDLE_FIRST) is skipped as it streams in and returned as a
+    Packet of its command with only ``job_handle`` and ``oversize`` (its length, as bytes);
+    any other closes the connection with a ServerError.
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float = 5.0,
-                 keepalive: "Keepalive | None" = None):
+                 keepalive: "Keepalive | None" = None, *, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, max_packet: int | None = None):
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive or Keepalive()
+        self.tls, self.server_hostname = tls, server_hostname
+        self.max_packet = MAX_PACKET if max_packet is None else max_packet
+        self._max_size = HEADER_SIZE + self.max_packet
         self.sock: socket.socket | None = None
         self.local_address: str | None = None  # our end's IP, as this server sees it
         self._buf = bytearray()
+        self._tls = False  # the socket is an SSLSocket
+        self._skip_left = 0  # body bytes of an oversize packet still to be read past
         self.send_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -52,22 +80,24 @@ class Connection:
     def connect(self) -> "Connection":
         if self.sock is not None:
             return self
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except OSError as e:
-            raise ServerError(f"cannot connect: {e.strerror or e}", self.address) from None
-        return self.adopt(sock)
+        sock = dial(self.host, self.port, self.connect_timeout, self.keepalive, self.tls, self.server_hostname)
+        return self.adopt(sock, tuned=True)
 
-    def adopt(self, sock: socket.socket) -> "Connection":
-        """Use a socket connected elsewhere (the sender connects without blocking)."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.keepalive.apply(sock)
-        sock.settimeout(None)
+    def adopt(self, sock: socket.socket, tuned: bool = False) -> "Connection":
+        """Use a socket connected elsewhere (the sender connects without blocking: dial.Dial)."""
+        if not tuned:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.keepalive.apply(sock)
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        if self._tls:
+            sock.setblocking(False)
+        else:
+            sock.settimeout(None)
         try:
             self.local_address = sock.getsockname()[0]
         except OSError:
             self.local_address = None
-        self.sock, self._buf = sock, bytearray()
+        self.sock, self._buf, self._skip_left = sock, bytearray(), 0
         return self
 
     def close(self) -> None:
@@ -92,25 +122,119 @@ class Connection:
             raise ServerError("not connected", self.address)
         try:
             with self.send_lock:  # a worker's watchdog may answer for a thread stuck in a task
-                self.sock.sendall(data)
+                if self._tls:
+                    self._sendall_tls(data)
+                else:
+                    self.sock.sendall(data)
         except OSError as e:
+            alert = self._tls_alert()
+            if alert is not None:
+                raise alert from None
+            if isinstance(e, ssl.SSLError):
+                raise self._fail_tls(e) from None
             raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
 
-    def _take_packet(self) -> Packet | None:
+    def _sendall_tls(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except ssl.SSLWantReadError:
+                _wait(self.sock, select.POLLIN)
+                continue
+            except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                _wait(self.sock, select.POLLOUT)
+                continue
+            view = view[n:]
+
+    def send_some(self, data: bytes | bytearray) -> int:
+        """Send what the socket takes now without blocking (the sender's lanes); the bytes
+        sent, 0 when it is full. Raises OSError (ssl.SSLError for TLS) when the connection failed."""
+        sock = self.sock
+        if sock is None:
+            raise ServerError("not connected", self.address)
         try:
-            parsed = parse_response(self._buf)
+            if self._tls:
+                return sock.send(data)
+            return sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, *_WANT):
+            return 0
+        except OSError:
+            alert = self._tls_alert()
+            if alert is not None:
+                raise alert from None
+            raise
+
+    def _tls_alert(self) -> "TLSError | None":
+        """After a failed send on TLS: the server's refusal, if it sent one. A TLS 1.3 server
+        refuses a client's certificate after the handshake and closes, so our first send can
+        fail (EOF) with its alert still unread; the alert says why, the EOF does not."""
+        if not self._tls or self.sock is None:
+            return None
+        try:
+            self.sock.recv(1)
+        except ssl.SSLError as e:
+            if not isinstance(e, _WANT):
+                err = self._fail_tls(e)
+                return err if isinstance(err, TLSError) else None
+        except OSError:
+            pass
+        return None
+
+    def _fail_tls(self, e: BaseException) -> ServerError:
+        """An ssl error on an open connection: TLS 1.3 servers refuse a client's certificate
+        only after the handshake, so "no client certificate" and "unknown CA" arrive here."""
+        self.close()
+        name = self.server_hostname or self.host
+        words = tls_refusal(e, name)
+        if words is None:
+            return ServerError(f"connection lost: {tls_reason(e, name)}", self.address)
+        return TLSError(words, self.address)
+
+    def _take_packet(self) -> Packet | None:
+        buf = self._buf
+        try:
+            parsed = parse_response(buf)
         except ProtocolError as e:
             raise self._fail(f"protocol error: {e}") from None
         if parsed is None:
+            if len(buf) >= HEADER_SIZE and HEADER.unpack_from(buf)[2] > self.max_packet:
+                return self._oversize()
             return None
         cmd, args, size = parsed
-        del self._buf[:size]  # cheap: CPython's bytearray drops a prefix without copying the rest
+        if size > self._max_size:  # whole already (a cap below one read): still refused
+            return self._oversize()
+        del buf[:size]  # cheap: CPython's bytearray drops a prefix without copying the rest
         return Packet(cmd, args)
+
+    def _oversize(self) -> Packet | None:
+        """The packet at the head of the buffer is over max_packet: skip it, keep its handle."""
+        buf = self._buf
+        _, cmd, length = HEADER.unpack_from(buf)
+        what = f"a {command_name(cmd)} packet of {length} bytes exceeds gearman.max_packet ({self.max_packet} bytes)"
+        if cmd not in HANDLE_FIRST:
+            _log().error("packet too large; closing the connection", server=self.address, command=command_name(cmd),
+                      bytes=length, max_packet=self.max_packet)
+            raise self._fail(what)
+        end = buf.find(b"\0", HEADER_SIZE, HEADER_SIZE + MAX_HANDLE + 1)
+        if end < 0:
+            if len(buf) <= HEADER_SIZE + MAX_HANDLE:
+                return None  # the handle is still on its way
+            raise self._fail(f"protocol error: a job handle longer than {MAX_HANDLE} bytes")
+        handle = bytes(buf[HEADER_SIZE:end])
+        dropped = min(HEADER_SIZE + length, len(buf))
+        del buf[:dropped]
+        self._skip_left = HEADER_SIZE + length - dropped
+        _log().error("packet too large; its job fails", server=self.address, command=command_name(cmd),
+                  handle=handle.decode("utf-8", "replace"), bytes=length, max_packet=self.max_packet)
+        return Packet(cmd, {"job_handle": handle, "oversize": str(length).encode()})
 
     def _read_some(self, timeout: float | None) -> bool:
         """Read what is there within ``timeout`` seconds; False on timeout, raise on EOF."""
         if self.sock is None:
             raise ServerError("not connected", self.address)
+        if self._tls:
+            return self._read_some_tls(timeout)
         if timeout is not None:
             try:
                 ready = wait_readable(self.sock.fileno(), timeout)
@@ -127,6 +251,46 @@ class Connection:
         if not chunk:
             raise self._fail("connection closed by server")
         self._buf += chunk
+        if self._skip_left:
+            self._drop_skipped()
+        return True
+
+    def _drop_skipped(self) -> None:  # not _skip: collector._Guarded keeps a counter by that name
+        n = min(self._skip_left, len(self._buf))
+        del self._buf[:n]
+        self._skip_left -= n
+
+    def _read_some_tls(self, timeout: float | None) -> bool:
+        sock = self.sock
+        if timeout is not None and not sock.pending():
+            try:
+                ready = wait_readable(sock.fileno(), timeout)
+            except (OSError, ValueError) as e:
+                raise self._fail(f"connection lost: {e}") from None
+            if not ready:
+                return False
+        try:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise self._fail("connection closed by server")
+            self._buf += chunk
+            # Drain what OpenSSL decrypted already: the descriptor will not poll readable for it.
+            while sock.pending():
+                self._buf += sock.recv(65536)
+                if self._skip_left:
+                    self._drop_skipped()
+        except _WANT:
+            pass  # a record is still in flight: poll again
+        except ssl.SSLZeroReturnError:
+            raise self._fail("connection closed by server") from None
+        except ssl.SSLError as e:
+            raise self._fail_tls(e) from None
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return True
+            raise self._fail(f"connection lost: {e.strerror or e}") from None
+        if self._skip_left:
+            self._drop_skipped()
         return True
 
     def read_packets(self) -> list[Packet]:
@@ -168,16 +332,29 @@ class Connection:
 
     def expect(self, wanted: set[int] | int, timeout: float) -> Packet:
         """recv() until one of ``wanted`` arrives; ERROR or timeout raise ServerError."""
+        pkt = self.recv_until(wanted, time.monotonic() + timeout)
+        if pkt is None:
+            raise self._fail(f"no answer within {timeout:g}s")
+        return pkt
+
+    def recv_until(self, wanted: set[int] | int, deadline: float) -> Packet | None:
+        """recv() until one of ``wanted`` arrives (others are skipped); None at ``deadline``
+        (a time.monotonic() value). ERROR raises ServerError with its text, unless wanted."""
         wanted = {wanted} if isinstance(wanted, int) else wanted
-        deadline = time.monotonic() + timeout
         while True:
-            pkt = self.recv(deadline - time.monotonic())
+            pkt = self.recv(max(0.0, deadline - time.monotonic()))
             if pkt is None:
-                raise self._fail(f"no answer within {timeout:g}s")
+                return None
             if pkt.cmd in wanted:
                 return pkt
             if pkt.cmd == ERROR:
                 raise ServerError(error_text(pkt), self.address)
+
+    def request(self, cmd: int, wanted: set[int] | int, timeout: float, **args: Any) -> Packet:
+        """Send one request and return its answer (one of ``wanted``); ERROR or no answer
+        within ``timeout`` seconds raise ServerError."""
+        self.send(cmd, **args)
+        return self.expect(wanted, timeout)
 
     def echo(self, timeout: float = 5.0) -> float:
         """Round trip of an ECHO_REQ in seconds: the cheapest proof the server is alive."""
@@ -275,6 +452,18 @@ class Keepalive:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.user_timeout * 1000))
 
 
+def _log() -> Any:
+    # Looked up per event (they are rare), so it follows logging set up after import without
+    # importing geartask.logs (and the config behind it) into the lowest layer.
+    return structlog.get_logger("geartask.gearman")
+
+
+def _wait(sock: socket.socket, events: int) -> None:
+    poller = select.poll()
+    poller.register(sock, events)
+    poller.poll()
+
+
 def wait_readable(fd: int, timeout: float | None) -> bool:
     """True when ``fd`` is readable within ``timeout`` seconds (None: wait forever).
 
@@ -307,9 +496,10 @@ def _is_multiline(line: str) -> bool:
     return any(words == m or words.startswith(m + " ") for m in _MULTILINE)
 
 
-def admin_command(host: str, port: int, line: str, timeout: float = 5.0) -> list[str]:
-    """Open a connection, run one text command with a deadline, close."""
-    conn = Connection(host, port, connect_timeout=timeout)
+def admin_command(host: str, port: int, line: str, timeout: float = 5.0, **kw: Any) -> list[str]:
+    """Open a connection, run one text command with a deadline, close. ``kw``: Connection's
+    tls, server_hostname."""
+    conn = Connection(host, port, connect_timeout=timeout, **kw)
     try:
         return conn.connect().text_command(line, timeout)
     finally:

@@ -46,6 +46,7 @@ class OutcomeClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be greater than 0, got {timeout!r}")
         self.servers = list(config.server_addresses)
+        self.max_packet = getattr(getattr(config, "gearman", None), "max_packet", None)
         self.timeout = timeout
 
     # -- the ops (answers checked: any peer can serve the query function) ----------------------
@@ -113,7 +114,7 @@ class OutcomeClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT))
+            conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT), max_packet=self.max_packet)
             try:
                 conn.connect()
                 if not _collector_attached(conn, max(0.1, deadline - time.monotonic())):
@@ -130,7 +131,7 @@ class OutcomeClient:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
-        raise NoCollectorError(f"no outcomes collector answered{within} (is `manage_client.py outcomes serve` "
+        raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")
 
 
@@ -143,20 +144,25 @@ def _collector_attached(conn: gp.Connection, timeout: float) -> bool:
     return False
 
 
+_ANSWERS = frozenset((gp.JOB_CREATED, gp.WORK_COMPLETE, gp.WORK_WARNING, gp.WORK_FAIL, gp.WORK_EXCEPTION))
+
+
 def _submit(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -> bytes | None:
     """Submit the query, wait for its answer until ``deadline``; None when none came."""
     conn.send(gp.submit_command("high", False), task=QUERY_FUNCTION, unique=unique, data=payload)
     handle, warning = None, None
     while True:
-        pkt = conn.recv(max(0.0, deadline - time.monotonic()))
+        pkt = conn.recv_until(_ANSWERS, deadline)  # ERROR raises ServerError with its text
         if pkt is None:
             return None
         if pkt.cmd == gp.JOB_CREATED and handle is None:
             handle = pkt["job_handle"]
-        elif pkt.cmd == gp.ERROR:
-            raise ServerError(gp.error_text(pkt), conn.address)
         elif handle is None or pkt.args.get("job_handle") != handle:
             continue
+        elif "oversize" in pkt.args:  # skipped by the connection (gearman.max_packet)
+            if pkt.cmd in (gp.WORK_COMPLETE, gp.WORK_EXCEPTION):
+                raise QueryError(f"the answer from {conn.address} is {gp.to_text(pkt['oversize'])} bytes, over "
+                                 f"gearman.max_packet ({conn.max_packet} bytes)")
         elif pkt.cmd == gp.WORK_COMPLETE:
             return pkt["data"]
         elif pkt.cmd == gp.WORK_WARNING:

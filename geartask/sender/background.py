@@ -265,14 +265,12 @@ class StatusQuery:
         return replies
 
     def _next_reply(self, conn: p.Connection) -> p.Packet:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            pkt = conn.recv(max(0.0, deadline - time.monotonic()))
-            if pkt is None:
-                conn.close()
-                raise ServerError(f"no answer within {self.timeout:g}s", conn.address)
-            if pkt.cmd in (p.STATUS_RES, p.ERROR):
-                return pkt  # anything else is not for us: skip it
+        # ERROR is wanted: it is that one handle's answer; anything else is not for us
+        pkt = conn.recv_until({p.STATUS_RES, p.ERROR}, time.monotonic() + self.timeout)
+        if pkt is None:
+            conn.close()
+            raise ServerError(f"no answer within {self.timeout:g}s", conn.address)
+        return pkt
 
 
 def _reply(a: _Ask, addr: str, pkt: p.Packet) -> StatusResult:

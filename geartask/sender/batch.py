@@ -275,14 +275,16 @@ class Batch:
 
     def _flush(self, s: _Lane) -> None:
         e = s.link.flush()
-        if e is not None:
+        if isinstance(e, ServerError):
+            self._lost(s, e, str(e).removeprefix(s.address + ": "))
+        elif e is not None:
             self._lost(s, e, f"connection lost while sending: {e.strerror or e}")
 
     def _connect_done(self, s: _Lane) -> None:
         failed = s.link.connect_done()
         if failed:
             self._connect_failed(s, *failed)
-        else:
+        elif s.link.conn is not None:  # else its TLS handshake goes on
             self.log.debug("connected", server=s.address)
 
     def _connect_failed(self, s: _Lane, reason: str, refused: bool) -> None:
@@ -298,7 +300,7 @@ class Batch:
         """A connection failed. The kernel's verdict that the peer is dead (keepalive or user
         timeout) fails its jobs over; anything else (reset, EOF, garbage) reconnects to it."""
         reason = reason or str(exc)
-        if _errno(exc) == errno.ETIMEDOUT:
+        if _errno(exc) == errno.ETIMEDOUT or isinstance(exc, p.TLSError):  # TLS: certificates won't change
             self._give_up(s, reason)
         else:
             self._broken(s, reason)
@@ -357,7 +359,7 @@ class Batch:
     def _recovered(self, s: _Lane) -> None:
         """``s`` answers again: route jobs that had nowhere to go."""
         if s.link.answered():
-            self.log.info("server answering again", server=s.address)
+            self.log.info("server answering again", server=s.address, failed_tries=s.link.hidden)
             homeless, self.homeless = self.homeless, deque()
             for j in homeless:
                 if not j.finished:
@@ -395,13 +397,18 @@ class Batch:
         """Late answers: a warning and an echo after submit_timeout, failover after
         failover_after. Quiet connections with jobs running get an echo every submit_timeout."""
         settings = self.settings
-        slow, fa = settings.submit_timeout, settings.failover_after
+        fa = settings.failover_after
         for s in self.lanes:
             link = s.link
-            if link.connecting is not None and now - link.connect_started > min(slow, settings.connect_timeout):
+            # submit_timeout on a fast path; more where answers are measured slow or were late
+            slow = link.slow_after(settings.submit_timeout, max(fa, settings.submit_timeout))
+            limit = min(slow, settings.connect_timeout)
+            if link.connecting is not None and now - link.connect_started > limit:
+                stage = link.connecting.stage
                 link.close()
-                self._connect_failed(s, f"cannot connect: no answer within {min(slow, settings.connect_timeout):g}s",
-                                     refused=False)
+                link.missed()  # a slow path gets longer next time, not a storm
+                self._connect_failed(s, f"cannot connect: no answer within {limit:g}s"
+                                     + (f" ({stage})" if stage != "connect" else ""), refused=False)
             if link.conn is not None:
                 quiet = now - link.last_rx
                 if s.owed() and quiet > fa:
@@ -410,6 +417,7 @@ class Batch:
                     self._give_up(s, f"no answer for {quiet:.0f}s (sender.failover_after {fa:g}s)")
                 elif s.owed() and quiet > slow and not s.warned and link.healthy:
                     s.warned = True
+                    link.missed()
                     self.log.warning("server slow: waiting for its answer", server=s.address,
                                      seconds=round(quiet, 1), pending=len(s.pending), failover_after=fa)
                 elif s.waiting and not s.owed() and quiet > slow:
@@ -457,7 +465,7 @@ class Batch:
         for s in self.lanes:
             link = s.link
             if link.connecting is not None:
-                poller.register(link.connecting, select.POLLOUT)
+                poller.register(link.connecting, link.connecting.events)
                 watched[link.connecting.fileno()] = s
             elif link.conn is not None:
                 poller.register(link.conn, select.POLLIN | (select.POLLOUT if link.out else 0))
@@ -512,6 +520,7 @@ class Batch:
         link = s.link
         if link.option_owed and cmd in (p.OPTION_RES, p.ERROR):  # the first answer on a connection
             link.option_owed = False
+            link.measured(time.monotonic() - link.option_sent)
             if cmd == p.ERROR:
                 self.log.warning("server refused the 'exceptions' option", server=s.address,
                                  error=pkt.text("error_text"))
@@ -535,6 +544,8 @@ class Batch:
                 s.waiting.setdefault(handle, []).append(j)
             return
         if cmd == p.ECHO_RES:
+            if link.probe_sent is not None:
+                link.measured(time.monotonic() - link.probe_sent)
             link.probe_sent = None
             return
         if cmd == p.ERROR:
@@ -547,6 +558,9 @@ class Batch:
         handle = pkt.args.get("job_handle", b"")  # b"": no such job waits
         jobs = s.waiting.get(handle)
         if not jobs:
+            return
+        if "oversize" in pkt.args:  # the connection skipped it (gearman.max_packet): only its jobs fail
+            self._oversize(s, handle, jobs, pkt)
             return
         if cmd == p.WORK_COMPLETE:
             s.waiting.pop(handle, None)
@@ -593,6 +607,22 @@ class Batch:
                 j.res.warnings.append(warning)
                 if len(j.res.warnings) > MAX_WARNINGS:
                     del j.res.warnings[0]
+
+    def _oversize(self, s: _Lane, handle: bytes, jobs: list[_Job], pkt: p.Packet) -> None:
+        size = p.to_text(pkt["oversize"])
+        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({s.link.conn.max_packet} bytes)"
+        if pkt.cmd == p.WORK_STATUS:
+            return  # progress only: the job goes on
+        if pkt.cmd == p.WORK_DATA:
+            for j in jobs:
+                j.res.data_dropped += 1  # counted, not kept, as past max_data
+            return
+        if pkt.cmd == p.WORK_WARNING:
+            return
+        s.waiting.pop(handle, None)  # gearmand has ended the job (WORK_COMPLETE/EXCEPTION)
+        for j in jobs:
+            j.res.attempts = j.res.attempts or 1
+            self._finish(j, "failed", error=what)
 
     # -- background record -------------------------------------------------------------------
     def _flush_record(self) -> None:

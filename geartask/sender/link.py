@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
+import ssl
 import time
 
 from .. import gearman as p
+from ..gearman.timing import RoundTrip
+from ..errors import ServerError
 from .routing import server_hash
 
-RECONNECT_DELAY = 0.25  # seconds before a server is tried again, doubled, capped
+RECONNECT_DELAY = 0.25  # seconds before a server is tried again, doubled (with jitter), capped
 RECONNECT_DELAY_MAX = 2.0
 _OPTION = p.pack(p.OPTION_REQ, option_name=b"exceptions")  # else gearmand turns WORK_EXCEPTION into WORK_FAIL
 _ECHO = p.pack(p.ECHO_REQ, data=b"geartask")
@@ -26,22 +26,32 @@ class ServerLink:
     the server belong to the call in progress (batch.py), not to the link.
     """
 
-    def __init__(self, host: str, port: int, keepalive: p.Keepalive | None = None):
+    def __init__(self, host: str, port: int, keepalive: p.Keepalive | None = None, *,
+                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 max_packet: int | None = None):
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
         self.hash_prefix = server_hash(self.address)
         self.keepalive = keepalive
+        self.tls, self.server_hostname, self.max_packet = tls, server_hostname, max_packet
         self.conn: p.Connection | None = None
-        self.connecting: socket.socket | None = None
+        self.connecting: p.Dial | None = None  # poll it for connecting.events
         self.connect_started = 0.0
         self.out = bytearray()
         self.option_owed = False  # the OPTION_REQ sent on connecting is unanswered
+        self.option_sent = 0.0
         self.probe_sent: float | None = None  # an unanswered ECHO_REQ
         self.last_rx = 0.0  # when we last heard from it, or started owing it nothing
         self.healthy = True
         self.retry_at = 0.0
+        self.backoff_policy = p.Backoff(RECONNECT_DELAY, RECONNECT_DELAY_MAX)
+        self.hidden = 0
         self.delay = RECONNECT_DELAY
         self.reason: str | None = None
+        # How long an answer may take before "server slow" (and how long a connect may take):
+        # grows with the measured round trip and after each miss (batch.py: slow_after).
+        self.rtt = RoundTrip()
+        self.misses = 0  # deadlines missed in a row (reset by a measured answer)
 
     @property
     def live(self) -> bool:
@@ -52,44 +62,47 @@ class ServerLink:
         Returns (reason, refused) when it failed at once."""
         self.connect_started = now
         try:
-            family, kind, proto, _, addr = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as e:
-            return f"cannot connect: {e.strerror or e}", False
-        sock.setblocking(False)
-        err = sock.connect_ex(addr)
-        if err in (0, errno.EINPROGRESS):
-            self.connecting = sock
-            return None
-        sock.close()
-        return f"cannot connect: {os.strerror(err)}", err == errno.ECONNREFUSED
-
-    def connect_done(self) -> tuple[str, bool] | None:
-        """The connect finished: adopt the socket and ask for exceptions, or return
-        (reason, refused)."""
-        sock, self.connecting = self.connecting, None
-        assert sock is not None  # called only for a connect in progress
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            return f"cannot connect: {os.strerror(err)}", err == errno.ECONNREFUSED
-        self.conn = p.Connection(self.host, self.port, keepalive=self.keepalive).adopt(sock)
-        self.out = bytearray(_OPTION)
-        self.option_owed, self.probe_sent = True, None
-        self.last_rx = time.monotonic()
+            self.connecting = p.Dial(self.host, self.port, self.keepalive, self.tls, self.server_hostname)
+        except p.ConnectError as e:
+            return _reason(e, self.address), e.refused
         return None
 
-    def flush(self) -> OSError | None:
+    def connect_done(self) -> tuple[str, bool] | None:
+        """poll saw the connect (or TLS handshake) move: adopt the socket when it is ready and
+        ask for exceptions; None also while the handshake goes on; else (reason, refused).
+        A TLS failure (certificates, CA, name) counts as refused: retrying cannot help."""
+        dial = self.connecting
+        try:
+            sock = dial.step()
+        except p.TLSError as e:
+            self.connecting = None
+            return _reason(e, self.address), True
+        except p.ConnectError as e:
+            self.connecting = None
+            return _reason(e, self.address), e.refused
+        if sock is None:
+            return None
+        self.connecting = None
+        self.conn = p.Connection(self.host, self.port, keepalive=self.keepalive, tls=self.tls,
+                                 server_hostname=self.server_hostname,
+                                 max_packet=self.max_packet).adopt(sock, tuned=True)
+        self.out = bytearray(_OPTION)
+        self.option_owed, self.probe_sent = True, None
+        self.last_rx = self.option_sent = time.monotonic()
+        self.measured(self.last_rx - self.connect_started)  # the connect's round trip(s)
+        return None
+
+    def flush(self) -> OSError | ServerError | None:
         """Send what the socket takes now; the error if the connection failed."""
         sock = self.conn.sock if self.conn is not None else None
         assert sock is not None  # flushed only while connected
         try:
             while self.out:
-                n = sock.send(self.out, socket.MSG_DONTWAIT)
+                n = self.conn.send_some(self.out)
+                if not n:
+                    break  # the socket buffer is full: poll says when it drains
                 del self.out[:n]
-        except (BlockingIOError, InterruptedError):
-            pass  # the socket buffer is full: poll says when it drains
-        except OSError as e:
+        except (OSError, p.TLSError) as e:  # TLSError: the server's refusal, read after the failed send
             return e
         return None
 
@@ -101,11 +114,27 @@ class ServerLink:
     def backoff(self, reason: str, now: float) -> None:
         """A failure: try again after the current delay, then wait twice as long."""
         self.reason = reason
-        self.retry_at = now + self.delay
-        self.delay = min(self.delay * 2, RECONNECT_DELAY_MAX)
+        self.retry_at = now + self.backoff_policy.next()
+        self.delay = self.backoff_policy.base
+
+    def slow_after(self, floor: float, ceiling: float) -> float:
+        """Seconds an answer (or a connect) may take here before it is late: ``floor``
+        (sender.submit_timeout) on a fast path, more on a slow one, at most ``ceiling``."""
+        return max(floor, min(ceiling, self.rtt.deadline(self.misses, floor)))
+
+    def measured(self, seconds: float) -> None:
+        """An answer came ``seconds`` after its request."""
+        self.rtt.sample(seconds)
+        self.misses = 0
+
+    def missed(self) -> None:
+        """An answer (or a connect) was late: the next one is given twice as long."""
+        self.misses += 1
 
     def answered(self) -> bool:
-        """It answers: reset the backoff. True when it had been given up (now healthy again)."""
+        """It answers: reset the backoff. True when it had been given up (now healthy again).
+        ``hidden`` then holds the failed tries since the last answer (logs said the first)."""
+        self.hidden = self.backoff_policy.reset()
         self.delay, self.reason = RECONNECT_DELAY, None
         was_down, self.healthy = not self.healthy, True
         return was_down
@@ -118,3 +147,7 @@ class ServerLink:
         self.conn = self.connecting = None
         self.out = bytearray()
         self.option_owed, self.probe_sent = False, None
+
+
+def _reason(e: ServerError, address: str) -> str:
+    return str(e).removeprefix(address + ": ")

@@ -60,7 +60,8 @@ class JobSender:
         # The kernel ends a connection whose peer is silent for about failover_after: unacked
         # data (TCP_USER_TIMEOUT) or unanswered keepalive probes.
         self.keepalive = p.keepalive_for(fa)
-        self.servers = [ServerLink(h, port, self.keepalive) for h, port in config.server_addresses]
+        max_packet = getattr(getattr(config, "gearman", None), "max_packet", None)
+        self.servers = [ServerLink(h, port, self.keepalive, max_packet=max_packet) for h, port in config.server_addresses]
         self.record = BackgroundRecord(Path(config.log.dir) / BACKGROUND_RECORD, config.log.max_bytes,
                                        config.log.backups)
         self.record_path = self.record.path

@@ -82,6 +82,7 @@ def ping_reply(process: "WorkerProcess") -> dict:
     running = [{"handle": job.handle, "task": job.task, "unique": job.unique, "server": job.server,
                 "seconds": round(now - job.started, 3)} for _, job in process.running()]
     return {"ok": True, "command": "ping", "worker": process.label, "name": process.name,
+            "fleet": process.identity.fleet,
             "pid": process.identity.pid, "ips": sorted(process.ips), "threads": process.threads_wanted,
             "busy": len(running), "jobs_done": sum(t.jobs_done for t in list(process.job_threads)),
             "started": round(process.started_at, 3), "running": running,

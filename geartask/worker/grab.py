@@ -234,7 +234,8 @@ class GrabLoop(threading.Thread):
         # A short connect timeout: while a thread waits on an unreachable server it serves no other.
         self.links = []
         for i, (h, p) in enumerate(cfg.server_addresses):
-            conn = gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive)
+            conn = gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive,
+                                 max_packet=cfg.gearman.max_packet)
             self.links.append(Link(conn, i, round_trips.of(conn.address), self.poll_timeout))
         # poll, not select: select fails for descriptor numbers past 1024.
         self.poller = select.poll()
@@ -593,6 +594,10 @@ class GrabLoop(threading.Thread):
 
     def _serve(self, link: Link, pkt: gp.Packet, handle: str) -> bytes:
         process = self.process
+        if "oversize" in pkt.args:  # the connection read past it (gearman.max_packet): fail it unrun
+            size, cap = int(pkt.args["oversize"]), link.conn.max_packet
+            return self.runner.fail_unrun(link.job, "?", {
+                "error": f"job of {size} bytes exceeds gearman.max_packet ({cap} bytes) on this worker"})
         task = pkt.text("task")
         if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import gearman as gp
@@ -56,6 +57,13 @@ class Job:
             self.options, self.raw = unwrap_cached(self.raw)
         except EnvelopeError as e:
             raise JobRejected(str(e)) from None
+        at = self.options.get("at") if self.options else None
+        if at is not None:  # a sender's clock (or a forger) must not date a job in the future
+            skew, now = self.config.outcomes.max_clock_skew, time.time()
+            if at > now + skew:
+                self.options = {k: v for k, v in self.options.items() if k != "at"}  # not into its record
+                raise JobRejected(f"envelope 'at' is {at - now:.0f} s ahead of this worker's clock "
+                                  f"(more than outcomes.max_clock_skew, {skew:g} s)")
 
     @property
     def log(self) -> Any:

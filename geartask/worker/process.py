@@ -59,7 +59,7 @@ class WorkerProcess:
             raise PluginError(f"task name {reserved[0]!r} is geartask's own (the shell task or a control function)")
         self.groups: list[ThreadGroup] = self.plan(config, threads, tasks)
         # The IP part is per connection (see GrabLoop._connect); ips collects them for the label.
-        self.identity = WorkerIdentity(name, "", os.getpid())
+        self.identity = WorkerIdentity(name, "", os.getpid(), fleet=getattr(config, "fleet", ""))
         self.ips: frozenset[str] = frozenset()
         self.label = f"{name}::{self.identity.pid}"
         self.keepalive = gp.keepalive_for(config.worker.keepalive)

@@ -24,8 +24,8 @@ from .shellenv import check_shell_config
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
-MAX_CONFIG_BYTES = 1024 * 1024
-MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers  # a config is a page of YAML; /dev/zero must not be read for ever
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
+MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -213,7 +213,8 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
+_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive",
+             "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",

@@ -610,7 +610,9 @@ class Batch:
 
     def _oversize(self, s: _Lane, handle: bytes, jobs: list[_Job], pkt: p.Packet) -> None:
         size = p.to_text(pkt["oversize"])
-        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({s.link.conn.max_packet} bytes)"
+        conn = s.link.conn
+        assert conn is not None  # the packet was read from it
+        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({conn.max_packet} bytes)"
         if pkt.cmd == p.WORK_STATUS:
             return  # progress only: the job goes on
         if pkt.cmd == p.WORK_DATA:

@@ -100,7 +100,7 @@ def resolve(statuses: Iterable[StatusResult], config: Config, timeout: float = 5
                                         for s in done])
             except GeartaskError as e:
                 no_collector.append(str(e))
-        for s, record in zip(done, records):
+        for s, record in zip(done, records, strict=False):
             if record is not None:
                 s.state, s.outcome = record["state"], record
             else:

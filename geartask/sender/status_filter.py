@@ -52,7 +52,7 @@ def statuses(sender: Any, config: Any, handles: list[str] | None, flt: StatusFil
     now = time.time() if now is None else now
     need_outcomes = not flt.states or bool(flt.states - _SERVER_STATES)
 
-    def resolved(asks: Iterable[Any]) -> Iterator[StatusResult]:
+    def resolved(asks: Iterable[Any] | None) -> Iterator[StatusResult]:
         found = sender.iter_status(asks)
         return resolve(found, config) if need_outcomes else found
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .. import gearman as gp
 from ..errors import ServerError
-from ..outcomes.client import _collector_attached, _record, _result, query_unique
+from ..outcomes.client import collector_attached, checked_record, query_answer, query_unique
 from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.query import Refused, check_request
 from ..outcomes.record import QUERY_FUNCTION
@@ -61,7 +61,7 @@ class OutcomeBatch:
             conn = gp.Connection(host, port, connect_timeout=min(self.timeout, gp.CONNECT_TIMEOUT))
             try:
                 conn.connect()
-                if _collector_attached(conn, self.timeout):
+                if collector_attached(conn, self.timeout):
                     self.conn = conn
                     return conn
                 tried[f"{host}:{port}"] = "no collector attached"
@@ -108,7 +108,7 @@ class OutcomeBatch:
                 if pkt.cmd == gp.WORK_WARNING:
                     warnings[handle] = pkt["data"]
                 elif pkt.cmd == gp.WORK_COMPLETE:
-                    record = _record(_result(pkt["data"], conn.address), "latest")
+                    record = checked_record(query_answer(pkt["data"], conn.address), "latest")
                     for i in waiting.pop(handle):
                         answers[i] = record
                 elif pkt.cmd in (gp.WORK_FAIL, gp.WORK_EXCEPTION):

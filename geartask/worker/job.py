@@ -61,7 +61,7 @@ class Job:
         if at is not None:  # a sender's clock (or a forger) must not date a job in the future
             skew, now = self.config.outcomes.max_clock_skew, time.time()
             if at > now + skew:
-                self.options = {k: v for k, v in self.options.items() if k != "at"}  # not into its record
+                self.options = {k: v for k, v in (self.options or {}).items() if k != "at"}  # not into its record
                 raise JobRejected(f"envelope 'at' is {at - now:.0f} s ahead of this worker's clock "
                                   f"(more than outcomes.max_clock_skew, {skew:g} s)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import gearman as gp
 from ..errors import ServerError
@@ -21,6 +21,9 @@ from ..outcomes.client import collector_attached, checked_record, query_answer, 
 from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.query import Refused, check_request
 from ..outcomes.record import QUERY_FUNCTION
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 WINDOW = 100  # queries in flight: enough to hide the round trip, few enough to leave gearmand to others
 
@@ -43,7 +46,7 @@ def _payload(key: tuple[str | None, str | None, str | None]) -> bytes:
 class OutcomeBatch:
     """``latest`` for many jobs at once; NoCollectorError / QueryError as OutcomeClient raises."""
 
-    def __init__(self, config: Any, timeout: float = 5.0):
+    def __init__(self, config: Config, timeout: float = 5.0):
         self.servers = list(config.server_addresses)
         self.timeout = timeout
         self.conn: gp.Connection | None = None

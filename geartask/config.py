@@ -24,8 +24,8 @@ from .shellenv import check_shell_config
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
-MAX_CONFIG_BYTES = 1024 * 1024
-MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers  # a config is a page of YAML; /dev/zero must not be read for ever
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
+MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -213,7 +213,8 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
+_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive",
+             "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
@@ -258,7 +259,7 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         if not isinstance(value, list):
             raise ConfigError(f"expected a list, got {value!r}", path, key)
         return [_convert(v, item_tp, f"{key}[{i}]", path, base) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", path, key)
         return _build(tp, value, key, path, base)
@@ -313,7 +314,7 @@ def _build(cls: type, data: dict, prefix: str, path: str | None, base: Path) -> 
             kwargs[name] = _build(types[name], {}, f"{prefix}.{name}" if prefix else name, path, base)
     obj = cls(**kwargs)
     # Defaults that are relative paths belong to the config file's folder too.
-    for name, f in fields.items():
+    for name in fields:
         if name not in kwargs and types[name] is Path and not getattr(obj, name).is_absolute():
             setattr(obj, name, base / getattr(obj, name))
         if name not in kwargs and name == "paths":

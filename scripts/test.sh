@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Lint and type check first (configured in pyproject.toml); set -e stops at the first that fails.
+.venv/bin/ruff check .
+.venv/bin/mypy
 export PATH="$PATH:/usr/sbin"
 
 parallel=(-n "${GEARTASK_TEST_WORKERS:-4}" --dist loadgroup)

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 from geartask.gearman import admin_command
-from geartask.server import LocalServer, _alive, port_open
+from geartask.server import LocalServer, pid_alive, port_open
 
 from helpers import REPO, wait_until, write_config
 from workers import WorkerProc, worker_connections
@@ -138,7 +138,7 @@ def cleanup_stale() -> list[str]:
     with cleanup_held():
         for ns in namespaces():
             m = _OWNER.match(ns)
-            if not m or _alive(int(m.group(1))):
+            if not m or pid_alive(int(m.group(1))):
                 continue
             _kill_pids(_netns_pids(ns))  # only what an earlier run of these tests started there
             if ip("netns", "del", ns, check=False).returncode == 0:
@@ -457,7 +457,7 @@ class NetLab:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s")
+            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s") from None
         return subprocess.CompletedProcess(proc.proc.args, code, proc.stdout, proc.stderr)
 
     # -- teardown -------------------------------------------------------------------------

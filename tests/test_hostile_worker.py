@@ -58,7 +58,7 @@ def test_a_task_raising_systemexit_or_keyboardinterrupt_fails_its_job_not_the_th
     forever)."""
     w = start_worker(gearmand, name="baseexc", threads=1)
     rec = tmp_path / "runs.jsonl"
-    for i in range(3):
+    for _i in range(3):
         o = gc.run_one(gearmand.address, "h.raise", {"raise": kind, "file": str(rec), "retries": 0}, timeout=15)
         assert o.state == "failed" and o.reason["error"].startswith(kind) and o.reason["attempts"] == 1
     assert len(runs(rec)) == 3

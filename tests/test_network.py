@@ -211,11 +211,11 @@ def manager_status(netlab: NetLab, host, config: Path, function: str = "t.record
            f" workers={row['workers']}"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 STALL = 5.0  # seconds a stalled batch spun before resubmitting every job (the bug this test keeps away)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_twenty_batches_across_the_bridge_never_stall(netlab: NetLab, tmp_path):
     """20 batches of 5,000 foreground jobs in a row over two servers across the bridge: none
     takes more than twice the median (a stall was 5 s of spinning, then every job resubmitted),

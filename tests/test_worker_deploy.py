@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import gearclient as gc
 from geartask.config import WorkerConfig, load_config

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import gearclient as gc
 from geartask.control import ping_request
@@ -202,6 +201,6 @@ def test_each_server_sees_the_workers_own_address(tmp_path):
             fd, peer, client_id = row.split()[:3]
             assert peer == host and client_id.split(":")[1] == host
         assert seen["control"] == f"geartask.control:twoip:{host}:{pid}"
-    for host, seen in out["servers"].items():  # the ping through each server's own control function
+    for _host, seen in out["servers"].items():  # the ping through each server's own control function
         assert seen["ping"]["ips"] == ["127.0.0.1", "127.0.0.2"]
         assert seen["ping"]["worker"] == f"twoip:127.0.0.1,127.0.0.2:{pid}"

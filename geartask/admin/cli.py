@@ -38,7 +38,7 @@ DEFAULT_WATCH = 2.0
 def build_parser() -> ArgumentParser:
     # The shared options are accepted before and after the command; SUPPRESS keeps a
     # subcommand's unset option from overwriting one given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     add_common_args(common)
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     common.add_argument("--timeout", type=positive_seconds, metavar="S",
@@ -124,7 +124,8 @@ def _status_of(results: Sequence[fleet.ServerResult]) -> int:
 
 
 def status_data(results: Sequence[fleet.ServerResult]) -> dict:
-    servers, totals = [], {}
+    servers: list[dict] = []
+    totals: dict[str, dict] = {}
     for r in results:
         entry = {"server": r.server, "reachable": r.ok, "error": r.error, "version": None, "rtt_ms": None,
                  "functions": []}

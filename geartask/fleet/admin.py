@@ -172,7 +172,7 @@ class Admin:
                     # the control function on the job's own server when pinged there, else the first
                     if key not in found or str(job.get("server")) == r.server:
                         found[key] = (r.server, p.function, job)
-        by_handle = {}
+        by_handle: dict[str, set[str]] = {}
         for key in found:
             if found[key][2].get("handle") == target:
                 by_handle.setdefault(target, set()).add(key[2])
@@ -222,7 +222,7 @@ class Admin:
                 continue
             # where to send: servers that see it at ``host`` first
             servers = sorted(proc.control, key=lambda srv: host is not None and
-                             parse_control_function(proc.control[srv]).ip != host)
+                             getattr(parse_control_function(proc.control[srv]), "ip", None) != host)
             shut = ProcessShutdown(proc.name, None, proc.pid, servers, ips=proc.ips)
             for server in servers:  # the first server that takes the job
                 h, _, p = server.rpartition(":")
@@ -232,7 +232,8 @@ class Admin:
                     shut.errors.append(str(e))
                     continue
                 shut.sent_to, shut.outcome = server, "sent"
-                shut.ip = parse_control_function(proc.control[server]).ip
+                identity = parse_control_function(proc.control[server])
+                shut.ip = identity.ip if identity else None
                 break
             else:
                 shut.outcome = "not sent"
@@ -255,11 +256,11 @@ class Admin:
                 if not pending or time.monotonic() >= deadline:
                     break
                 time.sleep(poll)
-            for key, p in pending.items():
+            for key, left in pending.items():
                 lost = sorted(seen_on.get(key, set()) & set(gone))
                 if lost and not seen_on.get(key, set()) - set(gone):
-                    p.outcome = "unknown"
-                    p.errors.append(f"server gone: {', '.join(lost)} could not be asked whether it stopped")
+                    left.outcome = "unknown"
+                    left.errors.append(f"server gone: {', '.join(lost)} could not be asked whether it stopped")
                 else:
-                    p.outcome = "still running"
+                    left.outcome = "still running"
         return report

@@ -165,7 +165,7 @@ class Scheduler:
             decisions.extend(self._verify(s, st, now))
         if jobs:
             errors = self.send([job for _, job in jobs])
-            for (d, _), error in zip(jobs, errors):
+            for (d, _), error in zip(jobs, errors, strict=False):
                 st = self.state[d.schedule]
                 if error is not None:
                     d.action, d.error = "failed", error
@@ -187,6 +187,7 @@ class Scheduler:
         return decisions
 
     def _clock_stepped(self, s: Schedule, st: _State, now: float) -> None:
+        assert st.horizon is not None  # called only when the clock went back from the horizon
         back = st.horizon - now
         self.clock_steps += 1
         args = dict(schedule=s.name, seconds=round(back, 3), newest_slot=slot_text(st.high) if st.high else None)
@@ -259,15 +260,16 @@ class Scheduler:
 
     def _missed(self, s: Schedule, st: _State, now: float) -> list[float]:
         """Slots due by ``now`` that this process has not handled, after the misfire rule."""
-        starting = st.horizon is None
-        if starting:  # just started: how long we were away is unknown
+        horizon = st.horizon
+        starting = horizon is None
+        if horizon is None:  # just started: how long we were away is unknown
             if s.misfire == "all":
                 due = s.between(now - s.misfire_cap * s.period_near(now) - 1, now, s.misfire_cap)
             else:
                 last = s.last(now)
                 due = [last] if last is not None else []
         else:
-            due = s.between(max(st.horizon, st.high or st.horizon), now, max(s.misfire_cap, 1000))
+            due = s.between(max(horizon, st.high or horizon), now, max(s.misfire_cap, 1000))
         retry = st.retry
         due = sorted(set(due) | retry)
         st.retry = set()
@@ -293,7 +295,7 @@ class Scheduler:
         fresh = [slot for slot in due if now - slot <= lead]
         if len(fresh) == len(due):
             return due
-        slot = due[0]
+        slot: float | None = due[0]
         for _ in range(LOOK_BACK):
             if slot is None:
                 break

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import GeartaskError
 from ..jobs import decode_payload
@@ -17,6 +17,9 @@ from ..outcomes.client import OutcomeClient
 from ..outcomes.record import decode_bytes
 from .background import StatusResult, handle_problem
 from .status_outcomes import OutcomeBatch
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 POLL = 0.5  # seconds between asks while --wait runs
 
@@ -61,7 +64,7 @@ def split_key(key: str) -> tuple[str | None, str | None, str | None]:
     return key, None, None
 
 
-def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
+def result(config: Config, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
     """The outcome of ``key`` (unique or handle); with ``wait``, ask again until it is there
     or ``wait`` seconds pass. NoCollectorError when no collector answers."""
     unique, handle, server = split_key(key)
@@ -80,7 +83,7 @@ def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Ou
 RESOLVE_CHUNK = 1000  # statuses held back at a time while their finished jobs' outcomes are asked for
 
 
-def resolve(statuses: Iterable[StatusResult], config: Any, timeout: float = 5.0) -> Iterator[StatusResult]:
+def resolve(statuses: Iterable[StatusResult], config: Config, timeout: float = 5.0) -> Iterator[StatusResult]:
     """Each status as it is, except ``done`` (the server no longer holds the job): that one
     becomes complete or failed from its outcome, or unknown with the reason. In order; the
     outcomes are asked for RESOLVE_CHUNK at a time over one connection (status_outcomes)."""
@@ -97,7 +100,7 @@ def resolve(statuses: Iterable[StatusResult], config: Any, timeout: float = 5.0)
                                         for s in done])
             except GeartaskError as e:
                 no_collector.append(str(e))
-        for s, record in zip(done, records):
+        for s, record in zip(done, records, strict=False):
             if record is not None:
                 s.state, s.outcome = record["state"], record
             else:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .background import StatusResult
 from .outcomes import resolve
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 STATES = ("queued", "running", "complete", "failed", "unknown", "unreachable")
 _SERVER_STATES = {"queued", "running", "unreachable"}  # known without asking the outcomes collector
@@ -46,13 +49,13 @@ class StatusFilter:
         return not self.states or s.state in self.states
 
 
-def statuses(sender: Any, config: Any, handles: list[str] | None, flt: StatusFilter,
+def statuses(sender: Any, config: Config, handles: list[str] | None, flt: StatusFilter,
              now: float | None = None) -> Iterator[StatusResult]:
     """The statuses ``send status`` prints, oldest first, filtered."""
     now = time.time() if now is None else now
     need_outcomes = not flt.states or bool(flt.states - _SERVER_STATES)
 
-    def resolved(asks: Iterable[Any]) -> Iterator[StatusResult]:
+    def resolved(asks: Iterable[Any] | None) -> Iterator[StatusResult]:
         found = sender.iter_status(asks)
         return resolve(found, config) if need_outcomes else found
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import gearman as gp
 from ..errors import ServerError
-from ..outcomes.client import _collector_attached, _record, _result, query_unique
+from ..outcomes.client import collector_attached, checked_record, query_answer, query_unique
 from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.query import Refused, check_request
 from ..outcomes.record import QUERY_FUNCTION
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 WINDOW = 100  # queries in flight: enough to hide the round trip, few enough to leave gearmand to others
 
@@ -43,7 +46,7 @@ def _payload(key: tuple[str | None, str | None, str | None]) -> bytes:
 class OutcomeBatch:
     """``latest`` for many jobs at once; NoCollectorError / QueryError as OutcomeClient raises."""
 
-    def __init__(self, config: Any, timeout: float = 5.0):
+    def __init__(self, config: Config, timeout: float = 5.0):
         self.servers = list(config.server_addresses)
         self.timeout = timeout
         self.conn: gp.Connection | None = None
@@ -61,7 +64,7 @@ class OutcomeBatch:
             conn = gp.Connection(host, port, connect_timeout=min(self.timeout, gp.CONNECT_TIMEOUT))
             try:
                 conn.connect()
-                if _collector_attached(conn, self.timeout):
+                if collector_attached(conn, self.timeout):
                     self.conn = conn
                     return conn
                 tried[f"{host}:{port}"] = "no collector attached"
@@ -108,7 +111,7 @@ class OutcomeBatch:
                 if pkt.cmd == gp.WORK_WARNING:
                     warnings[handle] = pkt["data"]
                 elif pkt.cmd == gp.WORK_COMPLETE:
-                    record = _record(_result(pkt["data"], conn.address), "latest")
+                    record = checked_record(query_answer(pkt["data"], conn.address), "latest")
                     for i in waiting.pop(handle):
                         answers[i] = record
                 elif pkt.cmd in (gp.WORK_FAIL, gp.WORK_EXCEPTION):

@@ -98,6 +98,7 @@ class Decision:
 @dataclass
 class _State:
     horizon: float | None = None  # every slot at or before this was considered (the latest clock seen)
+    clock: float | None = None  # the clock at the previous pass (a step back is logged when it happens)
     high: float | None = None  # the newest slot handled: none at or before it is sent again
     handled: dict[float, str] = field(default_factory=dict)
     retry: set[float] = field(default_factory=set)  # missed slots whose sending failed
@@ -146,8 +147,9 @@ class Scheduler:
         jobs: list[tuple[Decision, dict]] = []
         for s in self.schedules:
             st = self.state[s.name]
-            if st.horizon is not None and now < st.horizon - STEP:
-                self._clock_stepped(s, st, now)
+            if st.clock is not None and now < st.clock - STEP and st.horizon is not None and now < st.horizon - STEP:
+                self._clock_stepped(s, st, now)  # once per step back, not on every pass while behind
+            st.clock = now
             for slot in self._missed(s, st, now):
                 d = self._missed_slot(s, st, slot, now)
                 st.remember(slot, d.action)

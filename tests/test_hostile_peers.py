@@ -389,3 +389,71 @@ def test_minor_init_does_not_write_through_a_dangling_symlink(tmp_path):
     (target / "plugins").symlink_to(plugins)
     r = subprocess.run([*GEARTASK, "init", str(target)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and not (plugins / "example.py").exists()
+
+
+# -- items 1 and 9: a client id alone, or a dead host's registration, never stops a collector -------
+
+def _claim_collector(address: str, client_id: str, functions=(OUTCOME_FUNCTION,)) -> gp.Connection:
+    """What the attacker did (and what a dead collector's host leaves in gearmand): a connection
+    that says it is a collector and serves the outcome functions, but never grabs a job."""
+    conn = gearclient.connect(address)
+    conn.send_raw(gp.pack(gp.SET_CLIENT_ID, client_id=client_id)
+                  + b"".join(gp.pack(gp.CAN_DO, task=f) for f in functions))
+    conn.echo()
+    return conn
+
+
+def test_item1_a_spoofed_collector_id_neither_blocks_nor_stops_the_collector(fresh_gearmand, make_config, tmp_path):
+    """``SET_CLIENT_ID geartask-collector:!:0`` + ``CAN_DO geartask.outcomes`` (sorting lower than any
+    real collector): the collector starts anyway, looks at it again and again, and keeps storing,
+    because the fake never answers a ping as a collector."""
+    from geartask.outcomes.collector import Collector
+    srv = fresh_gearmand
+    _, config = make_config(srv)
+    fake = _claim_collector(srv.address, "geartask-collector:!:0")
+    store = open_store("sqlite", tmp_path / "o.sqlite")
+    c = Collector(config, store, client_id="geartask-collector:real:1")
+    try:
+        c.rival_interval = 0.5
+        c.start()  # main: CollectorConflict ("another outcomes collector is registered")
+        wait_until(lambda: (srv.address, "geartask-collector:!:0") in c._warned, 20,
+                   message="the collector looked at the fake and warned instead of stopping")
+        t_end = time.monotonic() + 2.5  # a few more looks (every 0.5 s), each pinging the fake
+        wait_until(lambda: c.stopping or time.monotonic() > t_end, 10)
+        assert not c.stopping and c.error is None
+        submit_outcome(srv.address, record(srv.address, "after-the-fake"))
+        wait_until(lambda: store.size() == 1, 15, message="the collector still stores outcomes")
+    finally:
+        fake.close()
+        c.stop(10)
+        c.close()
+        store.close()
+
+
+def test_item9_a_dead_collectors_registration_does_not_block_its_replacement(fresh_gearmand, make_config, tmp_path):
+    """A collector's host died: gearmand keeps its registration (both outcome functions, its real
+    collector id) while nothing answers. ``outcomes serve`` starts within seconds and stores."""
+    srv = fresh_gearmand
+    path, _ = make_config(srv, "outcomes:\n  path: outcomes.sqlite\n")
+    dead = _claim_collector(srv.address, "geartask-collector:deadhost:4242", (OUTCOME_FUNCTION, QUERY_FUNCTION))
+    proc = subprocess.Popen([sys.executable, str(MANAGE), "--config", str(path), "outcomes", "serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        submit_outcome(srv.address, record(srv.address, "while-dead"))
+        db = tmp_path / "outcomes.sqlite"
+
+        def stored() -> bool:
+            assert proc.poll() is None, f"the replacement exited {proc.returncode}: {proc.stdout.read()}"
+            if not db.exists():
+                return False
+            with sqlite3.connect(db) as con:
+                try:
+                    return con.execute("select count(*) from outcomes").fetchone()[0] >= 1
+                except sqlite3.OperationalError:
+                    return False
+        wait_until(stored, 30, interval=0.2, message="the replacement collector stores the outcome")
+    finally:
+        dead.close()
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "does not answer a ping" in out, out[-2000:]

@@ -283,7 +283,7 @@ def test_two_collectors_that_start_at_once_settle_on_one(fresh_gearmand, tmp_pat
         a.start()
         b._launch()
         wait_until(lambda: b.stopping, 15, message="the second collector stops itself")
-        assert "geartask-collector:a:1" in b.error and b.stop(5)
+        assert "geartask-collector:a:1" in b.error and b.yielded and b.stop(5)
         assert not a.stopping and a.error is None
         submit(srv.address, [json.dumps(records(srv.address, 1)[0]).encode()])
         wait_until(lambda: stores[0].size() == 1, 10, message="the remaining collector stores")

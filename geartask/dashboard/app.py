@@ -52,6 +52,7 @@ class Settings:
     token: str = ""  # empty: no token (loopback only)
     allowed_hosts: set[str] = field(default_factory=set)  # Host header names accepted without a token
     collector: str = "off"  # what runs the collector: "in this process", "elsewhere", "off"
+    collector_stopped: Callable[[], str | None] | None = None  # why this process's collector stopped, if it did
 
 
 # -- small view helpers -------------------------------------------------------------------
@@ -229,8 +230,13 @@ class Dashboard:
                       for h in sorted({p.host for p in look.processes})],
             "rates": self.monitor.rates(),
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
-            "collector": self.settings.collector,
+            "collector": self.collector_state(),
         }
+
+    def collector_state(self) -> str:
+        """What runs the collector; "stopped: WHY" once this process's collector stopped by itself."""
+        why = self.settings.collector_stopped() if self.settings.collector_stopped else None
+        return f"stopped: {why}" if why else self.settings.collector
 
     def functions_data(self) -> dict:
         look = self.monitor.latest()

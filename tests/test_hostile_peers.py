@@ -457,3 +457,57 @@ def test_item9_a_dead_collectors_registration_does_not_block_its_replacement(fre
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert "does not answer a ping" in out, out[-2000:]
+
+
+# -- issue 19 Must 5: the manager's and the dashboard's control jobs are signed with security.key ----
+
+def test_manager_control_is_signed_with_security_key(fresh_gearmand, tmp_path):
+    """A worker with ``require_signed: true`` obeys only control signed by a key trusted for
+    ``control``: the manager with such a key sees it answer and shuts it down by name; with an
+    untrusted key its ping and shutdown are refused (the worker counts them: control_refused)."""
+    from geartask import load_config
+    from geartask.fleet import Admin
+    from geartask.trust.keys import new_key
+    from helpers import write_config
+    from workers import WorkerProc
+    srv = fresh_gearmand
+    keys = {}
+    for name in ("admin", "ops"):
+        path = tmp_path / "keys" / f"{name}.key"
+        path.parent.mkdir(exist_ok=True)
+        keys[name] = (str(path), new_key(path)[1])
+    may = {"admin": ["*", "control"], "ops": ["reports.*"]}
+
+    def security(require: bool, key: str) -> str:
+        lines = ["security:", f"  require_signed: {'true' if require else 'false'}", f"  key: {keys[key][0]}",
+                 "  trust:"]
+        for name, (_, pub) in keys.items():
+            lines += [f"    - name: {name}", f"      public_key: \"{pub}\"", f"      may: {json.dumps(may[name])}"]
+        return "\n".join(lines) + "\n"
+
+    wcfg = write_config(tmp_path / "worker" / "config.yaml", [srv.address],
+                        "worker:\n  poll_timeout: 1\n" + security(True, "admin"))
+    admin_cfg = write_config(tmp_path / "admin" / "config.yaml", [srv.address], security(False, "admin"))
+    ops_cfg = write_config(tmp_path / "ops" / "config.yaml", [srv.address], security(False, "ops"))
+    w = WorkerProc(wcfg, "signed", 1).wait_attached([srv.address])
+    try:
+        # an untrusted key: the ping is refused (answered with a failure), the shutdown is not obeyed
+        pings = Admin.from_config(load_config(ops_cfg)).ping_workers()[0].value
+        assert [p.error for p in pings if p.pid == w.pid] == ["the ping failed"]
+        r = subprocess.run([sys.executable, str(MANAGE), "--config", str(ops_cfg), "shutdown", "--name", "signed",
+                            "--wait", "2", "--json"], capture_output=True, text=True, timeout=60)
+        assert w.proc.poll() is None, r.stdout + r.stderr
+        # the trusted key: it answers (main: "the ping failed" here too: the ping went unsigned)
+        r = subprocess.run([sys.executable, str(MANAGE), "--config", str(admin_cfg), "workers", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        conns = [c for s in json.loads(r.stdout)["servers"] for c in s["connections"] if c.get("pid") == w.pid]
+        assert conns and not any(c.get("silent") for c in conns), conns
+        reply = next(p for p in Admin.from_config(load_config(admin_cfg)).ping_workers()[0].value if p.pid == w.pid)
+        assert reply.error is None and reply.reply["control_refused"] >= 2, reply
+        r = subprocess.run([sys.executable, str(MANAGE), "--config", str(admin_cfg), "shutdown", "--name", "signed",
+                            "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert w.proc.wait(20) == 0
+    finally:
+        w.stop()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from ..control import CONTROL_PREFIX, parse_control_function, ping_request
+from ..control import CONTROL_PREFIX, parse_control_function, ping_request, signed_request
 from ..errors import ServerError
 from ..gearman import (ERROR, JOB_CREATED, WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack,
                        submit_command)
@@ -35,13 +36,15 @@ def control_functions(connections: list[WorkerConnection]) -> list[str]:
     return list(found)
 
 
-def ping_processes(conn: Connection, functions: list[str], timeout: float) -> list[PingResult]:
+def ping_processes(conn: Connection, functions: list[str], timeout: float, key: Any = None) -> list[PingResult]:
     """Ping every control function at once: foreground high-priority jobs, pipelined, one deadline.
 
     A ping nobody answered stays in gearmand after we disconnect, marked "ignored": it is never
     handed out, and a process that comes back drops it with its next grab. Every ping has the
     same unique key, so gearmand coalesces the next one with it: one such job per silent
     process, however often anyone asks (``clear`` removes it, as it is never persisted).
+    With ``key`` (``security.key``) each ping is addressed to its function and signed for
+    ``control`` (a worker with ``require_signed`` answers nothing else).
     """
     results = []
     for f in functions:
@@ -53,7 +56,8 @@ def ping_processes(conn: Connection, functions: list[str], timeout: float) -> li
     payload, cmd = ping_request(), submit_command("high", False)
     t0 = time.monotonic()
     conn.send_raw(b"".join(pack(cmd, task=r.function, unique=PING_UNIQUE,
-                                data=payload) for r in results))
+                                data=payload if key is None else signed_request(payload, r.function, key))
+                           for r in results))
     deadline = t0 + timeout
     created, by_handle, waiting = 0, {}, len(results)
     while waiting:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import ServerError
 from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
@@ -51,14 +51,14 @@ def server_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dic
         return {"reachable": True, **_status_on(conn, timeout)}
 
 
-def server_workers(host: str, port: int, ping: bool = False,
+def server_workers(host: str, port: int, ping: bool = False, key: Any = None,
                    timeout: float = DEFAULT_TIMEOUT) -> list[WorkerConnection]:
     """Every connection gearmand lists; with ``ping``, each geartask process is pinged through
     its control function here and its connections are marked ``silent`` (True/False)."""
     with connected(host, port, timeout) as conn:
         connections = parse_workers(conn.text_command("workers", timeout))
         if ping:
-            mark_silent(connections, ping_processes(conn, control_functions(connections), timeout))
+            mark_silent(connections, ping_processes(conn, control_functions(connections), timeout, key))
         return connections
 
 
@@ -75,19 +75,20 @@ def server_ping(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> float
         return round((time.monotonic() - t0) * 1000, 3)
 
 
-def server_ping_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
+def server_ping_workers(host: str, port: int, key: Any = None, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
     """Ping every worker process registered on one server (its control function there)."""
     with connected(host, port, timeout) as conn:
-        return ping_processes(conn, control_functions(parse_workers(conn.text_command("workers", timeout))), timeout)
+        return ping_processes(conn, control_functions(parse_workers(conn.text_command("workers", timeout))), timeout,
+                              key)
 
 
-def server_snapshot(host: str, port: int, ping: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict:
+def server_snapshot(host: str, port: int, ping: bool = True, key: Any = None, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Everything a dashboard shows of one server, over one connection: version, round trip,
     per-function counts, every connection and (with ``ping``) every worker process's ping."""
     with connected(host, port, timeout) as conn:
         status = _status_on(conn, timeout)
         connections = parse_workers(conn.text_command("workers", timeout))
-        pings = ping_processes(conn, control_functions(connections), timeout) if ping else []
+        pings = ping_processes(conn, control_functions(connections), timeout, key) if ping else []
         mark_silent(connections, pings)
     return {**status, "connections": connections, "pings": pings}
 

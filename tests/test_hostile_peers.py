@@ -511,3 +511,68 @@ def test_manager_control_is_signed_with_security_key(fresh_gearmand, tmp_path):
         assert w.proc.wait(20) == 0
     finally:
         w.stop()
+
+
+# -- item 2: a 256 MiB ping answer is read past, not kept ----------------------------------------
+
+class _HugeAnswerWorker:
+    """A fake worker process's control function that answers every ping with ``size`` bytes."""
+
+    def __init__(self, address: str, name: str, pid: int, size: int):
+        self.conn = gearclient.connect(address)
+        ip = self.conn.sock.getsockname()[0]
+        self.function = f"geartask.control:{name}:{ip}:{pid}"
+        self.conn.send_raw(gp.pack(gp.SET_CLIENT_ID, client_id=f"{name}:{ip}:{pid}:0")
+                           + gp.pack(gp.CAN_DO, task=self.function))
+        self.conn.echo()
+        self.size, self.answered, self.stop = size, 0, threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        body = b"x" * self.size
+        try:
+            while not self.stop.is_set():
+                self.conn.send(gp.GRAB_JOB_UNIQ)
+                pkt = self.conn.expect({gp.JOB_ASSIGN_UNIQ, gp.NO_JOB}, 10)
+                if pkt.cmd == gp.NO_JOB:
+                    self.conn.send(gp.PRE_SLEEP)
+                    while not self.stop.is_set() and self.conn.recv(0.1) is None:
+                        pass
+                    continue
+                head = pkt["job_handle"] + b"\0"
+                self.conn.sock.sendall(gp.HEADER.pack(gp.MAGIC_REQ, gp.WORK_COMPLETE, len(head) + len(body)) + head)
+                self.conn.sock.sendall(body)
+                self.answered += 1
+        except Exception:
+            pass  # closed under us
+
+    def close(self) -> None:
+        self.stop.set()
+        self.conn.close()
+
+
+def test_item2_two_256_mib_ping_answers_leave_the_manager_small(fresh_gearmand, make_config):
+    """Two fake workers answer ``manage workers``' ping with 256 MiB each: the manager reads past
+    them (each reported as a rogue answer) and its peak RSS stays under 150 MB (main: > 500 MB)."""
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    fakes = [_HugeAnswerWorker(srv.address, f"huge{i}", 50000 + i, 256 * 1024 * 1024) for i in range(2)]
+    try:
+        # the manager's peak RSS, from its parent's wait4
+        measure = ("import os, sys, subprocess; p = subprocess.Popen(sys.argv[1:]); "
+                   "_, st, ru = os.wait4(p.pid, 0); print('PEAK', ru.ru_maxrss, file=sys.stderr); "
+                   "sys.exit(os.waitstatus_to_exitcode(st))")
+        proc = subprocess.run([sys.executable, "-c", measure, sys.executable, str(MANAGE), "--config", str(path),
+                               "--timeout", "60", "workers", "--json"], capture_output=True, text=True, timeout=180)
+        out, err = proc.stdout, proc.stderr
+    finally:
+        for f in fakes:
+            f.close()
+    assert proc.returncode == 0, err
+    assert all(f.answered >= 1 for f in fakes)
+    conns = [c for s in json.loads(out)["servers"] for c in s["connections"] if str(c.get("name", "")).startswith("huge")]
+    assert len(conns) == 2 and not any(c.get("silent") for c in conns), conns
+    peak_mb = int(err.split("PEAK ", 1)[1].split()[0]) / 1024
+    print(f"manager peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 150, peak_mb

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..control import CONTROL_PREFIX, parse_control_function, ping_request, signed_request
 from ..errors import ServerError
-from ..gearman import (ERROR, JOB_CREATED, WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack,
-                       submit_command)
+from ..gearman import (ERROR, JOB_CREATED, WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, Packet, error_text,
+                       pack, submit_command)
+from ..gearman import HEADER, HEADER_SIZE, parse_response
+from ..gearman.connection import wait_readable
 from .replies import WorkerConnection
 
 PING_UNIQUE = f"{CONTROL_PREFIX}:ping"  # one unique for every ping: see ping_processes
+MAX_PING_REPLY = 1024 * 1024  # bytes of one ping answer read; a bigger one is a rogue's, read past unkept
+_MAX_HANDLE = 128  # bytes of a job handle looked for at the start of an oversized packet
 
 
 @dataclass
@@ -28,6 +33,90 @@ class PingResult:
     seconds: float | None = None  # round trip, when answered
     reply: dict | None = None  # the worker's JSON answer (geartask.control.ping_request)
     error: str | None = None  # answered with a failure, or with something that is not a JSON object
+
+
+class _Oversize:
+    """A packet bigger than the cap: only its command, job handle and size are kept."""
+
+    def __init__(self, cmd: int, handle: bytes, size: int):
+        self.cmd, self.handle, self.size = cmd, handle, size
+
+
+class CappedReader:
+    """Packets from a connection's socket, each at most ``cap`` bytes: a bigger one is read
+    past in 64 KiB pieces and handed on as ``_Oversize`` (its handle and size), never buffered
+    whole. Two fake workers answering a ping with 256 MiB each must not cost the manager or
+    the dashboard 512 MiB (issue 20, item 2)."""
+
+    def __init__(self, conn: Connection, cap: int = MAX_PING_REPLY):
+        self.conn, self.cap = conn, cap
+        self.buf = bytearray(getattr(conn, "_buf", b""))  # what the connection read ahead, if anything
+        if self.buf:
+            conn._buf.clear()  # type: ignore[attr-defined]
+        self.skip = 0  # bytes of an oversized packet still to read past
+
+    def _read(self, timeout: float) -> bool:
+        sock = self.conn.sock
+        if sock is None:
+            raise ServerError("not connected", self.conn.address)
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+        if not pending and not wait_readable(sock.fileno(), max(0.0, timeout)):
+            return False
+        try:
+            chunk = sock.recv(65536)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return True
+        except OSError as e:
+            self.conn.close()
+            raise ServerError(f"connection lost: {e.strerror or e}", self.conn.address) from None
+        if not chunk:
+            self.conn.close()
+            raise ServerError("connection closed by server", self.conn.address)
+        if self.skip:
+            dropped = min(self.skip, len(chunk))
+            self.skip -= dropped
+            chunk = chunk[dropped:]
+        self.buf += chunk
+        return True
+
+    def _take(self) -> "Packet | _Oversize | None":
+        if self.skip or len(self.buf) < HEADER_SIZE:
+            return None
+        length = HEADER.unpack_from(self.buf)[2]
+        if length > self.cap:
+            cmd = HEADER.unpack_from(self.buf)[1]
+            head = bytes(self.buf[HEADER_SIZE:HEADER_SIZE + _MAX_HANDLE])
+            if b"\0" not in head and len(head) < min(length, _MAX_HANDLE):
+                return None  # the handle is not all here yet
+            handle = head.split(b"\0", 1)[0]
+            have = len(self.buf) - HEADER_SIZE
+            if have >= length:
+                del self.buf[:HEADER_SIZE + length]
+            else:
+                self.skip = length - have
+                self.buf.clear()
+            return _Oversize(cmd, handle, length)
+        try:
+            parsed = parse_response(self.buf)
+        except Exception as e:  # pygearman's ProtocolError: the stream can't be trusted past it
+            self.conn.close()
+            raise ServerError(f"protocol error: {e}", self.conn.address) from None
+        if parsed is None:
+            return None
+        cmd, args, size = parsed
+        del self.buf[:size]
+        return Packet(cmd, args)
+
+    def recv(self, timeout: float) -> "Packet | _Oversize | None":
+        """The next packet (or _Oversize), or None when ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pkt = self._take()
+            if pkt is not None:
+                return pkt
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(left):
+                return None
 
 
 def control_functions(connections: list[WorkerConnection]) -> list[str]:
@@ -60,10 +149,17 @@ def ping_processes(conn: Connection, functions: list[str], timeout: float, key: 
                            for r in results))
     deadline = t0 + timeout
     created, by_handle, waiting = 0, {}, len(results)
+    reader = CappedReader(conn)
     while waiting:
-        pkt = conn.recv(deadline - time.monotonic())
+        pkt = reader.recv(deadline - time.monotonic())
         if pkt is None:
             break  # the rest are silent
+        if isinstance(pkt, _Oversize):
+            r = by_handle.pop(pkt.handle, None)
+            if r is not None and not r.answered:
+                r.answered, r.seconds, waiting = True, round(time.monotonic() - t0, 4), waiting - 1
+                r.error = f"rogue answer: {pkt.size} bytes, over {MAX_PING_REPLY} (read past, not kept)"
+            continue
         if pkt.cmd == JOB_CREATED and created < len(results):  # answered in submission order
             by_handle[pkt["job_handle"]] = results[created]
             created += 1

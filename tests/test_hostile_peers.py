@@ -576,3 +576,127 @@ def test_item2_two_256_mib_ping_answers_leave_the_manager_small(fresh_gearmand, 
     peak_mb = int(err.split("PEAK ", 1)[1].split()[0]) / 1024
     print(f"manager peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 150, peak_mb
+
+
+# -- item 6 (and issue 19 Must 5): `failed requeue` shows, asks, is bounded, and keeps the signature rule --
+
+def _on_a_terminal_answering(argv: list[str], answer: bytes, timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal; type ``answer`` once it asks (``[y/N]``)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    out, typed, deadline = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.5)[0]:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+            if not typed and b"[y/N]" in out:
+                os.write(master, answer)
+                typed = True
+    finally:
+        os.close(master)
+        proc.wait(10)
+    return proc.returncode, out.decode(errors="replace")
+
+
+def _queued(address: str, function: str) -> int:
+    conn = gearclient.connect(address)
+    try:
+        for line in conn.text_command("status"):
+            name, total, *_ = line.split("\t")
+            if name == function:
+                return int(total)
+        return 0
+    finally:
+        conn.close()
+
+
+def test_item6_requeue_shows_what_it_would_send_asks_and_refuses_a_forged_record_under_trust(
+        fresh_gearmand, make_config, dashboards, tmp_path):
+    """A forged failed record (task ``shell``, data ``sh -c 'id > …'``): ``failed requeue --all``
+    off a terminal refuses without --yes (exit 2); on a terminal it shows the task, the data's
+    head and the original sender and sends nothing when told no; with security.key and a trust
+    list, even --yes sends nothing: the record has no original signature (main: sent at once)."""
+    from geartask.trust.keys import new_key
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    d = dashboards(path, refresh=0.5)
+    marker = tmp_path / "pwned"
+    submit_outcome(srv.address, record(srv.address, "forged-1", task="shell", state="failed",
+                                       data=f"sh -c 'id > {marker}'".encode(), sender_host="evil-host",
+                                       result=None, background=True))
+    wait_until(lambda: d.get_json("/job?key=forged-1")["outcomes"], 15, message="the forged record is stored")
+    manage = [sys.executable, str(MANAGE), "--config", str(path), "failed", "requeue", "--all"]
+
+    r = subprocess.run(manage, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--yes" in r.stderr and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert _queued(srv.address, "shell") == 0
+
+    code, shown = _on_a_terminal_answering(manage, b"n\n")
+    assert code == 1 and "nothing requeued" in shown, shown
+    assert "shell forged-1" in shown and "sh -c 'id > " in shown and "sent by evil-host" in shown, shown
+    assert _queued(srv.address, "shell") == 0
+
+    key, pub = new_key(tmp_path / "op.key")
+    secured, _ = make_config(srv, f"security:\n  key: {tmp_path / 'op.key'}\n  trust:\n    - name: op\n"
+                                  f"      public_key: \"{pub}\"\n      may: [\"*\", control]\n", name="secured.yaml")
+    r = subprocess.run([sys.executable, str(MANAGE), "--config", str(secured), "failed", "requeue", "--all",
+                        "--yes", "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    (done,) = json.loads(r.stdout)["requeued"]
+    assert done["handle"] is None and "no original signature" in done["error"], done
+    assert _queued(srv.address, "shell") == 0 and not marker.exists()
+
+
+class _PagingForever(RogueAnswerer):
+    """A rogue query answerer whose every ``failed`` page is 1,000 records never seen before."""
+
+    def __init__(self, address: str):
+        self.pages = 0
+        super().__init__(address, {})
+
+    def serve(self):
+        try:
+            while not self.stop.is_set():
+                self.conn.send(gp.GRAB_JOB_UNIQ)
+                pkt = self.conn.expect({gp.JOB_ASSIGN_UNIQ, gp.NO_JOB}, 10)
+                if pkt.cmd == gp.NO_JOB:
+                    self.conn.send(gp.PRE_SLEEP)
+                    while not self.stop.is_set() and self.conn.recv(0.1) is None:
+                        pass
+                    continue
+                self.pages += 1
+                base = self.pages * 1000
+                recs = [{"id": f"r{base + i}", "server": "s", "handle": f"H:{i}", "task": "t", "state": "failed",
+                         "finished_at": 1e9 - base - i, "unique": f"u{base + i}", "error": "e"} for i in range(1000)]
+                answer = {"ok": True, "result": {"records": recs, "more": True}}
+                self.conn.send(gp.WORK_COMPLETE, job_handle=pkt["job_handle"], data=json.dumps(answer).encode())
+        except Exception:
+            pass
+
+
+def test_item6_requeue_all_against_a_rogue_paging_forever_stops_and_says_so(fresh_gearmand, make_config):
+    """Main: pages for ever (2.0 GB at 39 s). Now at most 20 pages / 10,000 records, said on stderr."""
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    rogue = _PagingForever(srv.address)
+    try:
+        r = subprocess.run([sys.executable, str(MANAGE), "--config", str(path), "--timeout", "10", "failed",
+                            "requeue", "--all"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+    finally:
+        rogue.close()
+    assert "stopped after" in r.stderr and "10000 failed records" in r.stderr, r.stderr[-2000:]
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert rogue.pages <= 25

@@ -700,3 +700,56 @@ def test_item6_requeue_all_against_a_rogue_paging_forever_stops_and_says_so(fres
     assert "stopped after" in r.stderr and "10000 failed records" in r.stderr, r.stderr[-2000:]
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert rogue.pages <= 25
+
+
+# -- item 5 (minor): a function name with a space or a newline can be cleared by name ------------------
+
+def test_item5_clear_by_name_removes_jobs_of_a_function_with_a_space_and_a_newline(fresh_gearmand, make_config):
+    """Main: `manage clear 'a b\\nc'` refused the name, so only clear-all (which also drops the
+    outcome backlog and held schedule jobs) could remove them."""
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    odd, other = "junk with space\nand newline", "t.keep.me"
+    conn = gearclient.connect(srv.address)
+    try:
+        for i, fn in enumerate([odd, odd, other]):
+            conn.send(gp.submit_command("normal", True), task=fn, unique=f"u{i}", data=b"x")
+            conn.expect(gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+    r = subprocess.run([sys.executable, str(MANAGE), "--config", str(path), "clear", odd, "--yes", "--json"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["cleared"] == 2, r.stdout
+    from geartask.fleet import server_status
+    host, port = srv.address.rsplit(":", 1)
+    totals = {f.function: f.total for f in server_status(host, int(port))["functions"]}
+    assert totals.get(odd, 0) == 0 and totals[other] == 1, totals
+
+
+def test_item1_a_collector_that_gave_way_is_not_shown_as_running(fresh_gearmand, make_config, tmp_path):
+    """Two real collectors: the one whose id sorts higher gives way only once the other answered
+    its ping (exit 3 from serve_forever: restartable), and the overview then says why instead of
+    "collector: in this process"."""
+    from geartask.dashboard.app import Dashboard, Settings
+    from geartask.outcomes.collector import Collector
+    srv = fresh_gearmand
+    _, config = make_config(srv)
+    stores = [open_store("sqlite", tmp_path / f"{n}.sqlite") for n in "ab"]
+    a = Collector(config, stores[0], client_id="geartask-collector:a:1")
+    b = Collector(config, stores[1], client_id="geartask-collector:b:1")
+    board = object.__new__(Dashboard)  # only its settings are read here
+    board.settings = Settings(refresh=1, collector="in this process", collector_stopped=lambda: b.error)
+    try:
+        a.start()
+        b._launch()
+        assert board.collector_state() == "in this process"
+        wait_until(lambda: b.stopping, 15, message="the second collector gives way")
+        assert b.yielded and "geartask-collector:a:1" in b.error and "answers" in b.error
+        assert board.collector_state().startswith("stopped: another outcomes collector")
+    finally:
+        for c in (a, b):
+            c.stop(10)
+            c.close()
+        for s in stores:
+            s.close()

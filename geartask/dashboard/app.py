@@ -22,7 +22,8 @@ from flask import Flask, Response, jsonify, render_template, request
 from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..fleet import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
+from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
+                     plain)
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -418,13 +419,13 @@ class Dashboard:
 
     # clear
     def _clear_describe(self, f: dict) -> str:
-        fn = check_function(str(f.get("function", "")))
+        fn = check_clear_function(str(f.get("function", "")))
         queued = sum(x["queued"] for x in self.monitor.latest().functions() if x["function"] == fn)
         return (f"Remove the {queued} queued job{'s' if queued != 1 else ''} of {printable(fn)} on every server? "
                 "Running jobs are not touched.")
 
     def _clear(self, f: dict) -> tuple[bool, str, Any]:
-        fn = check_function(str(f["function"]))
+        fn = check_clear_function(str(f["function"]))
         results = self.admin.clear([fn])
         for r in results:
             log.info("dashboard clear", function=fn, server=r.server, ok=r.ok, error=r.error,

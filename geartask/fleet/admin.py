@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..control import CONTROL_PREFIX, parse_control_function, shutdown_request, signed_request, stop_request
 from ..errors import GeartaskError, UsageError
-from .checks import MAX_FUNCTION, MAX_QUEUE, check_function, check_handle, check_host, check_worker_name
+from .checks import (MAX_FUNCTION, MAX_QUEUE, check_clear_function, check_function, check_handle, check_host,
+                     check_worker_name)
 from .reports import (FleetProcess, JobStop, ProcessShutdown, ServerResult, ShutdownReport, StopReport,
                       group_processes)
 from .server import (DEFAULT_TIMEOUT, probe_job, server_cancel, server_clear, server_control_call, server_jobs,
@@ -91,7 +92,7 @@ class Admin:
     # changes
     def clear(self, functions: list[str] | None = None) -> list[ServerResult]:
         for f in functions or []:
-            check_function(f)
+            check_clear_function(f)
         return self.each(server_clear, functions or None)
 
     def maxqueue(self, function: str, size: int) -> list[ServerResult]:

@@ -13,6 +13,7 @@ from ..errors import ServerError
 from ..gearman import (ERROR, JOB_CREATED, WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, Packet, error_text,
                        pack, submit_command)
 from ..gearman import HEADER, HEADER_SIZE, parse_response
+from ..gearman.codec import ProtocolError
 from ..gearman.connection import wait_readable
 from .replies import WorkerConnection
 
@@ -79,7 +80,7 @@ class CappedReader:
         self.buf += chunk
         return True
 
-    def _take(self) -> "Packet | _Oversize | None":
+    def _take(self) -> Packet | _Oversize | None:
         if self.skip or len(self.buf) < HEADER_SIZE:
             return None
         length = HEADER.unpack_from(self.buf)[2]
@@ -98,7 +99,7 @@ class CappedReader:
             return _Oversize(cmd, handle, length)
         try:
             parsed = parse_response(self.buf)
-        except Exception as e:  # pygearman's ProtocolError: the stream can't be trusted past it
+        except ProtocolError as e:  # the stream can't be trusted past it
             self.conn.close()
             raise ServerError(f"protocol error: {e}", self.conn.address) from None
         if parsed is None:
@@ -107,7 +108,7 @@ class CappedReader:
         del self.buf[:size]
         return Packet(cmd, args)
 
-    def recv(self, timeout: float) -> "Packet | _Oversize | None":
+    def recv(self, timeout: float) -> Packet | _Oversize | None:
         """The next packet (or _Oversize), or None when ``timeout`` seconds pass first."""
         deadline = time.monotonic() + timeout
         while True:

@@ -295,7 +295,7 @@ def test_failed_requeue_with_trust_resends_the_original_signature_and_refuses_th
     r = subprocess.run([sys.executable, str(REPO / "manage_client" / "manage_client.py"), "--config", str(operator),
                         "failed", "requeue", "fails-2", "unsigned-2", "--yes", "--json"],
                        capture_output=True, text=True, timeout=60, check=False)
-    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.returncode == 1 and r.stdout, (r.stdout, r.stderr)
     done = {x["unique"]: x for x in json.loads(r.stdout)["requeued"]}
     assert done["fails-2"]["error"] is None and done["fails-2"]["handle"], done
     assert done["unsigned-2"]["handle"] is None and "refused" in done["unsigned-2"]["error"], done

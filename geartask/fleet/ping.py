@@ -36,7 +36,7 @@ class PingResult:
     error: str | None = None  # answered with a failure, or with something that is not a JSON object
 
 
-class _Oversize:
+class Oversize:
     """A packet bigger than the cap: only its command, job handle and size are kept."""
 
     def __init__(self, cmd: int, handle: bytes, size: int):
@@ -45,7 +45,7 @@ class _Oversize:
 
 class CappedReader:
     """Packets from a connection's socket, each at most ``cap`` bytes: a bigger one is read
-    past in 64 KiB pieces and handed on as ``_Oversize`` (its handle and size), never buffered
+    past in 64 KiB pieces and handed on as ``Oversize`` (its handle and size), never buffered
     whole. Two fake workers answering a ping with 256 MiB each must not cost the manager or
     the dashboard 512 MiB (issue 20, item 2)."""
 
@@ -80,7 +80,7 @@ class CappedReader:
         self.buf += chunk
         return True
 
-    def _take(self) -> Packet | _Oversize | None:
+    def _take(self) -> Packet | Oversize | None:
         if self.skip or len(self.buf) < HEADER_SIZE:
             return None
         length = HEADER.unpack_from(self.buf)[2]
@@ -96,7 +96,7 @@ class CappedReader:
             else:
                 self.skip = length - have
                 self.buf.clear()
-            return _Oversize(cmd, handle, length)
+            return Oversize(cmd, handle, length)
         try:
             parsed = parse_response(self.buf)
         except ProtocolError as e:  # the stream can't be trusted past it
@@ -108,8 +108,8 @@ class CappedReader:
         del self.buf[:size]
         return Packet(cmd, args)
 
-    def recv(self, timeout: float) -> Packet | _Oversize | None:
-        """The next packet (or _Oversize), or None when ``timeout`` seconds pass first."""
+    def recv(self, timeout: float) -> Packet | Oversize | None:
+        """The next packet (or Oversize), or None when ``timeout`` seconds pass first."""
         deadline = time.monotonic() + timeout
         while True:
             pkt = self._take()
@@ -155,7 +155,7 @@ def ping_processes(conn: Connection, functions: list[str], timeout: float, key: 
         pkt = reader.recv(deadline - time.monotonic())
         if pkt is None:
             break  # the rest are silent
-        if isinstance(pkt, _Oversize):
+        if isinstance(pkt, Oversize):
             r = by_handle.pop(pkt.handle, None)
             if r is not None and not r.answered:
                 r.answered, r.seconds, waiting = True, round(time.monotonic() - t0, 4), waiting - 1

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from ..errors import ServerError
-from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
-                       WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, pack, submit_command)
+from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
+                       WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack, submit_command)
 from .drain import drain
-from .ping import PingResult, control_functions, mark_silent, ping_processes
+from .ping import MAX_PING_REPLY, CappedReader, Oversize, PingResult, control_functions, mark_silent, ping_processes
 from .replies import (WorkerConnection, parse_show_jobs, parse_show_unique_jobs, parse_status, parse_version,
                       parse_workers)
 
@@ -104,9 +104,19 @@ def server_control_call(host: str, port: int, function: str, payload: bytes, uni
         conn.send(submit_command("high", False), task=function, unique=unique, data=payload)
         handle = conn.expect(JOB_CREATED, timeout).text("job_handle")
         deadline = time.monotonic() + timeout
+        reader = CappedReader(conn)  # a worker's answer is small: a rogue's huge one is read past
         while True:
-            pkt = conn.expect({WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION}, max(deadline - time.monotonic(), 0.001))
-            if pkt.text("job_handle") == handle:
+            pkt = reader.recv(max(deadline - time.monotonic(), 0.001))
+            if pkt is None:
+                raise ServerError(f"no answer within {timeout:g}s", conn.address)
+            if isinstance(pkt, Oversize):
+                if pkt.handle.decode("utf-8", "replace") == handle:
+                    raise ServerError(f"{function} answered {pkt.size} bytes, over {MAX_PING_REPLY} "
+                                      "(a rogue's answer: read past, not kept)", conn.address)
+                continue
+            if pkt.cmd == ERROR:
+                raise ServerError(error_text(pkt), conn.address)
+            if pkt.cmd in (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION) and pkt.text("job_handle") == handle:
                 break
     if pkt.cmd != WORK_COMPLETE:
         raise ServerError(f"the control job to {function} failed", f"{host}:{port}")

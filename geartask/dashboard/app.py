@@ -509,8 +509,22 @@ class Dashboard:
         return ids[:FAILED_LIMIT]
 
     def _requeue_describe(self, f: dict) -> str:
-        n = len(self._ids(f))
-        return f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
+        """The question, with what each job would send and who first sent it (a record says what
+        a peer reported: the operator sees it before it runs)."""
+        from ..sender.requeue import Planned
+        ids = self._ids(f)
+        n = len(ids)
+        shown = []
+        for id in ids[:10]:
+            try:
+                rec = self.outcomes.client.get(id)
+            except GeartaskError:
+                rec = None
+            if rec is not None:
+                shown.append(Planned(rec, [id]).describe())
+        more = f" (and {n - len(shown)} more)" if n > len(shown) and shown else ""
+        return (f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
+                + (" " + " | ".join(shown) + more if shown else ""))
 
     def _requeue(self, f: dict) -> tuple[bool, str, Any]:
         ids = self._ids(f)

@@ -643,6 +643,10 @@ def test_item6_requeue_shows_what_it_would_send_asks_and_refuses_a_forged_record
     assert r.returncode == 2 and "--yes" in r.stderr and "Traceback" not in r.stderr, (r.stdout, r.stderr)
     assert _queued(srv.address, "shell") == 0
 
+    rec_id = d.get_json("/job?key=forged-1")["outcomes"][0]["id"]
+    page = d.post("/actions/requeue", {"only": rec_id, "csrf": d.csrf()})  # the confirmation page
+    assert page.status == 200 and "sent by evil-host" in page.text and "sh -c" in page.text, page.text[-3000:]
+
     code, shown = _on_a_terminal_answering(manage, b"n\n")
     assert code == 1 and "nothing requeued" in shown, shown
     assert "shell forged-1" in shown and "sh -c 'id > " in shown and "sent by evil-host" in shown, shown

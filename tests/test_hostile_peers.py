@@ -2,9 +2,10 @@
 exactly as the attacker and the fault tester did it (raw clients, raw records), one test per
 item. Each of these failed on the code before the fix.
 
-The collector items (a spoofed client id, a dead collector's registration), query keys,
-clear/cancel by unique key, requeue prompting and the caps on replies at the connection are
-covered where those fixes live.
+The collector items (a spoofed client id, a dead collector's registration), requeue
+prompting and bounds, the 256 MiB ping answers, clear by an odd name and the manager's signed
+control are here too. Query keys, cancel by unique key and the caps on replies at the
+connection are covered where those fixes live.
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def test_two_collectors_that_start_at_once_settle_on_one(fresh_gearmand, tmp_pat
         a.start()
         b._launch()
         wait_until(lambda: b.stopping, 15, message="the second collector stops itself")
-        assert "geartask-collector:a:1" in b.error and b.stop(5)
+        assert "geartask-collector:a:1" in b.error and b.yielded and b.stop(5)
         assert not a.stopping and a.error is None
         submit(srv.address, [json.dumps(records(srv.address, 1)[0]).encode()])
         wait_until(lambda: stores[0].size() == 1, 10, message="the remaining collector stores")
@@ -359,7 +359,7 @@ def test_failed_list_show_requeue_purge_and_import_end_to_end(fresh_gearmand, tm
         assert shown.returncode == 0 and "state       failed" in shown.stdout and str(marker) in shown.stdout
 
         marker.touch()
-        r = manage(reader, "failed", "requeue", "flaky-1", "--json")
+        r = manage(reader, "failed", "requeue", "flaky-1", "--json", "--yes")
         assert r.returncode == 0, r.stderr
         (sent,) = json.loads(r.stdout)["requeued"]
         assert sent["handle"] and sent["server"] == srv.address and sent["error"] is None
@@ -395,7 +395,7 @@ def test_requeue_all_sends_each_unique_once_and_refuses_a_cut_payload(fresh_gear
     submit(srv.address, list(encode_batches(twice + [cut])))
     client = OutcomeClient(load_config(cfg))
     wait_until(lambda: client.size() == 3, 20, message="stored")
-    r = manage(cfg, "failed", "requeue", "--all", "--json")
+    r = manage(cfg, "failed", "requeue", "--all", "--json", "--yes")
     assert r.returncode == 1
     done = {x["unique"]: x for x in json.loads(r.stdout)["requeued"]}
     assert sorted(done["twice0"]["ids"]) == sorted(["second-failure", twice[0]["id"]]) and done["twice0"]["handle"]

@@ -275,3 +275,31 @@ def test_a_failed_signed_jobs_record_rebuilds_its_exact_signed_bytes(keys):
     other = policy.Trust.from_config([{"name": "ops", "public_key": keys["ops"][1], "may": ["*"]}])
     with pytest.raises(NotResendable, match="unknown signer"):
         requeue_payload(rec, keys["ops"][0], other)
+
+
+def test_failed_requeue_with_trust_resends_the_original_signature_and_refuses_the_rest(secured, keys, tmp_path):
+    """`manage failed requeue --yes` with security.key and a trust list: a failed signed job is
+    sent again with its original signature and runs on a require_signed worker (its new outcome
+    points back); an unsigned job the worker refused is not sent, with the reason."""
+    import subprocess
+    import sys
+    address, start_worker, client, _ = secured
+    start_worker()
+    bad = wrap(json.dumps({"cmd": ["echo-nope"]}).encode(), retries=0)
+    assert submit_raw(address, "shell", "fails-2", signing.sign_job("shell", "fails-2", bad, keys["admin"][0])) \
+        .state == "failed"
+    assert submit_raw(address, "shell", "unsigned-2", touch_job(tmp_path / "m-u2")).state == "failed"
+    rec = outcome_of(client, "fails-2")
+    outcome_of(client, "unsigned-2")
+    operator = write_config(tmp_path / "operator" / "config.yaml", [address], security_yaml(keys, False, key="admin"))
+    r = subprocess.run([sys.executable, str(REPO / "manage_client" / "manage_client.py"), "--config", str(operator),
+                        "failed", "requeue", "fails-2", "unsigned-2", "--yes", "--json"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and r.stdout, (r.stdout, r.stderr)
+    done = {x["unique"]: x for x in json.loads(r.stdout)["requeued"]}
+    assert done["fails-2"]["error"] is None and done["fails-2"]["handle"], done
+    assert done["unsigned-2"]["handle"] is None and "refused" in done["unsigned-2"]["error"], done
+    wait_until(lambda: len(client.history("fails-2")["records"]) >= 2, 15, message="the requeued run's outcome")
+    again = next(x for x in client.history("fails-2")["records"] if x["id"] != rec["id"])
+    assert again.get("requeue_of") == rec["id"] and again["signer"] == "admin", again
+    assert not (tmp_path / "m-u2").exists()

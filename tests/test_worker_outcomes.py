@@ -108,7 +108,7 @@ def test_a_failed_background_job_is_failed_everywhere_and_a_requeue_runs_it_agai
                                       wait=False)
     wait_until(lambda: (OutcomeClient(load_config(reader)).latest(unique="requeue-me") or {}).get("state") == "failed",
                20, message="the first run's failure stored")
-    r = run_script(MANAGE, "--config", str(reader), "failed", "requeue", "requeue-me")
+    r = run_script(MANAGE, "--config", str(reader), "failed", "requeue", "requeue-me", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     history = wait_until(lambda: len((h := OutcomeClient(load_config(reader)).history("requeue-me"))["records"]) >= 2
                          and h, 20, message="the requeued run's outcome")

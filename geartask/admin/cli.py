@@ -265,7 +265,7 @@ def cmd_status_or_workers(call: Call) -> int:
 
 def cmd_clear(call: Call) -> int:
     args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
-    functions = [fleet.check_function(f) for f in args.functions] or None
+    functions = [fleet.check_clear_function(f) for f in args.functions] or None
     what = ", ".join(functions) if functions else "all functions"
     where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
     if not args.yes and inp.isatty():

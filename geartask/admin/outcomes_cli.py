@@ -21,7 +21,7 @@ from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 from ..logs import configure_logging, flush_logs, get_logger
 from ..outcomes import client as outcome_client
 from ..outcomes.failed import failed_targets, import_dead_letters, requester
-from ..sender.requeue import requeue
+from ..sender.requeue import plan, requeue
 from ..outcomes.query import MAX_LIST
 from ..outcomes.record import decode_bytes
 from .call import Call
@@ -64,7 +64,8 @@ def add_outcome_commands(add: Callable[..., Any], common: Any) -> None:
                _with_client(cmd_requeue))
     p.add_argument("uniques", nargs="*", metavar="UNIQUE")
     p.add_argument("--task", help="every failed job of this task")
-    p.add_argument("--all", action="store_true", help="every failed job")
+    p.add_argument("--all", action="store_true", help="every failed job (at most 10,000 records at a time)")
+    p.add_argument("--yes", "-y", action="store_true", help="send without asking (needed off a terminal)")
     p = action(sub, "purge", "delete failed outcomes (all, or those older than AGE)", _with_client(cmd_purge))
     p.add_argument("--older-than", type=duration, metavar="AGE", help="only those that failed more than AGE ago (7d)")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
@@ -287,15 +288,33 @@ def cmd_requeue(args: Any, config: Config, client: outcome_client.OutcomeClient,
         raise UsageError("failed requeue: --all goes alone (not with UNIQUE or --task)")
     if not (args.uniques or args.task or args.all):
         raise UsageError("failed requeue: name UNIQUE keys, or --task T, or --all")
-    groups, missing = failed_targets(client, uniques=args.uniques, task=args.task, every=args.all)
+    cut: list[str] = []
+    groups, missing = failed_targets(client, uniques=args.uniques, task=args.task, every=args.all, cut=cut)
+    for line in cut:
+        err.write(f"warning: {line}\n")
     log = _log(config, "failed requeue")
-    done = requeue(config, client, groups, requester())
+    planned = plan(config, client, groups)
+    if planned and not args.yes:
+        # a record says what a peer reported: the operator sees what would run before it does
+        if not inp.isatty():
+            raise UsageError(f"failed requeue: {len(planned)} job(s) would be sent again; not on a terminal, "
+                             "so nobody can confirm: look with `failed list`/`failed show`, then pass --yes")
+        for p in planned:
+            out.write(f"  {p.describe()}\n")
+        sendable = sum(p.error is None for p in planned)
+        out.write(f"Send {sendable} job{'s' if sendable != 1 else ''} again? [y/N] ")
+        out.flush()
+        if inp.readline().strip().lower() not in ("y", "yes"):
+            err.write("nothing requeued\n")
+            return EXIT_FAILED
+    done = requeue(config, client, groups, requester(), planned=planned)
     for r in done:
         log.info("requeue", task=r.task, unique=r.unique, records=r.ids, handle=r.handle, server=r.server,
                  error=r.error)
     ok = not missing and all(r.error is None for r in done) and (bool(done) or args.all)
     if as_json:
-        _emit({"ok": ok, "requeued": [r.to_dict() for r in done], "not_found": missing}, out)
+        _emit({"ok": ok, "requeued": [r.to_dict() for r in done], "not_found": missing,
+               **({"stopped_early": cut[0]} if cut else {})}, out)
     else:
         if done:
             out.write(render(["TASK", "UNIQUE", "RECORDS", "NEW HANDLE", "SERVER", "ERROR"],

@@ -22,7 +22,8 @@ from flask import Flask, Response, jsonify, render_template, request
 from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..fleet import Admin, ServerResult, check_function, check_handle, check_host, check_worker_name, plain
+from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
+                     plain)
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -52,6 +53,7 @@ class Settings:
     token: str = ""  # empty: no token (loopback only)
     allowed_hosts: set[str] = field(default_factory=set)  # Host header names accepted without a token
     collector: str = "off"  # what runs the collector: "in this process", "elsewhere", "off"
+    collector_stopped: Callable[[], str | None] | None = None  # why this process's collector stopped, if it did
 
 
 # -- small view helpers -------------------------------------------------------------------
@@ -229,8 +231,13 @@ class Dashboard:
                       for h in sorted({p.host for p in look.processes})],
             "rates": self.monitor.rates(),
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
-            "collector": self.settings.collector,
+            "collector": self.collector_state(),
         }
+
+    def collector_state(self) -> str:
+        """What runs the collector; "stopped: WHY" once this process's collector stopped by itself."""
+        why = self.settings.collector_stopped() if self.settings.collector_stopped else None
+        return f"stopped: {why}" if why else self.settings.collector
 
     def functions_data(self) -> dict:
         look = self.monitor.latest()
@@ -412,13 +419,13 @@ class Dashboard:
 
     # clear
     def _clear_describe(self, f: dict) -> str:
-        fn = check_function(str(f.get("function", "")))
+        fn = check_clear_function(str(f.get("function", "")))
         queued = sum(x["queued"] for x in self.monitor.latest().functions() if x["function"] == fn)
         return (f"Remove the {queued} queued job{'s' if queued != 1 else ''} of {printable(fn)} on every server? "
                 "Running jobs are not touched.")
 
     def _clear(self, f: dict) -> tuple[bool, str, Any]:
-        fn = check_function(str(f["function"]))
+        fn = check_clear_function(str(f["function"]))
         results = self.admin.clear([fn])
         for r in results:
             log.info("dashboard clear", function=fn, server=r.server, ok=r.ok, error=r.error,
@@ -502,8 +509,22 @@ class Dashboard:
         return ids[:FAILED_LIMIT]
 
     def _requeue_describe(self, f: dict) -> str:
-        n = len(self._ids(f))
-        return f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
+        """The question, with what each job would send and who first sent it (a record says what
+        a peer reported: the operator sees it before it runs)."""
+        from ..sender.requeue import Planned
+        ids = self._ids(f)
+        n = len(ids)
+        shown = []
+        for id in ids[:10]:
+            try:
+                rec = self.outcomes.client.get(id)
+            except GeartaskError:
+                rec = None
+            if rec is not None:
+                shown.append(Planned(rec, [id]).describe())
+        more = f" (and {n - len(shown)} more)" if n > len(shown) and shown else ""
+        return (f"Send {n} failed job{'s' if n != 1 else ''} again (original task, data and priority)?"
+                + (" " + " | ".join(shown) + more if shown else ""))
 
     def _requeue(self, f: dict) -> tuple[bool, str, Any]:
         ids = self._ids(f)

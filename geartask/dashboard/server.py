@@ -86,7 +86,8 @@ def build(config: Config, *, refresh: float, token: str, where: Listen, collecto
     monitor = FleetMonitor(admin, refresh, outcomes.counts)
     parts.append(monitor)
     settings = Settings(refresh=refresh, token=token, allowed_hosts=allowed_hosts(where),
-                        collector="in this process" if collector else "elsewhere")
+                        collector="in this process" if collector else "elsewhere",
+                        collector_stopped=(lambda: running.error) if collector else None)
     return Dashboard(admin, monitor, settings, outcomes), parts
 
 

@@ -6,9 +6,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..control import CONTROL_PREFIX, parse_control_function, shutdown_request, stop_request
+from ..control import CONTROL_PREFIX, parse_control_function, shutdown_request, signed_request, stop_request
 from ..errors import GeartaskError, UsageError
-from .checks import MAX_FUNCTION, MAX_QUEUE, check_function, check_handle, check_host, check_worker_name
+from .checks import (MAX_FUNCTION, MAX_QUEUE, check_clear_function, check_function, check_handle, check_host,
+                     check_worker_name)
 from .reports import (FleetProcess, JobStop, ProcessShutdown, ServerResult, ShutdownReport, StopReport,
                       group_processes)
 from .server import (DEFAULT_TIMEOUT, probe_job, server_cancel, server_clear, server_control_call, server_jobs,
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 class Admin:
     """The admin API over every configured server; each method returns one result per server."""
 
-    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None):
+    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None,
+                 key: Any = None):
         if not servers:
             raise UsageError("no job servers to manage")
         if timeout <= 0:
@@ -32,12 +34,19 @@ class Admin:
         # Only this fleet's workers are listed, counted and stopped; None: every worker. A
         # connection that is not a geartask worker's (no fleet to tell) is always listed.
         self.fleet = fleet
+        self.key = key  # security.key: control jobs (ping, stop, shutdown) are signed with it
+
+    def _control(self, payload: bytes, function: str) -> bytes:
+        """A control job's payload for ``function``: addressed and signed when there is a key."""
+        return payload if self.key is None else signed_request(payload, function, self.key)
 
     @classmethod
     def from_config(cls, config: Config, timeout: float = DEFAULT_TIMEOUT, any_fleet: bool = False) -> "Admin":
-        """The config's servers; its ``fleet`` (when it names one, unless ``any_fleet``) filters workers."""
+        """The config's servers; its ``fleet`` (when it names one, unless ``any_fleet``) filters
+        workers; its ``security.key`` signs control jobs."""
+        from ..trust.keys import signing_key
         fleet = getattr(config, "fleet", "")
-        return cls(config.server_addresses, timeout, None if any_fleet or not fleet else fleet)
+        return cls(config.server_addresses, timeout, None if any_fleet or not fleet else fleet, key=signing_key(config))
 
     def mine(self, w: Any) -> bool:
         """Whether a WorkerConnection belongs to this Admin's fleet (always, without one)."""
@@ -97,7 +106,7 @@ class Admin:
 
     def workers(self, ping: bool = True) -> list[ServerResult]:
         """Every connection on every server; with ``ping``, each marked ``silent`` or not."""
-        return self._only_mine(self.each(server_workers, ping))
+        return self._only_mine(self.each(server_workers, ping, self.key))
 
     def ping_workers(self) -> list[ServerResult]:
         """Ping every worker process on every server: one PingResult per process and server.
@@ -105,11 +114,11 @@ class Admin:
         A process that does not answer within the timeout is silent there (its host is cut
         off, frozen or gone). The same probe as ``workers`` uses; for dashboards.
         """
-        return self.each(server_ping_workers)
+        return self.each(server_ping_workers, self.key)
 
     def snapshot(self, ping: bool = True) -> list[ServerResult]:
         """Per server, over one connection: status, connections and worker pings (dashboards)."""
-        return self._only_mine(self.each(server_snapshot, ping), "connections")
+        return self._only_mine(self.each(server_snapshot, ping, self.key), "connections")
 
     def jobs(self) -> list[ServerResult]:
         return self.each(server_jobs)
@@ -123,7 +132,7 @@ class Admin:
     # changes
     def clear(self, functions: list[str] | None = None) -> list[ServerResult]:
         for f in functions or []:
-            check_function(f)
+            check_clear_function(f)
         return self.each(server_clear, functions or None)
 
     def maxqueue(self, function: str, size: int) -> list[ServerResult]:
@@ -183,7 +192,7 @@ class Admin:
             stop = JobStop(handle, str(job.get("task")), str(job.get("unique")), job_server, name, pid, server)
             h, _, port = server.rpartition(":")
             try:
-                reply = server_control_call(h, int(port), function, stop_request(handle, job_server),
+                reply = server_control_call(h, int(port), function, self._control(stop_request(handle, job_server), function),
                                             f"{CONTROL_PREFIX}:stop:{handle}"[:MAX_FUNCTION], self.timeout)
                 stop.outcome = "stopped" if reply.get("stopped") is True else "not running"
             except GeartaskError as e:
@@ -227,7 +236,8 @@ class Admin:
             for server in servers:  # the first server that takes the job
                 h, _, p = server.rpartition(":")
                 try:
-                    submit_control(h, int(p), proc.control[server], payload, unique, self.timeout)
+                    submit_control(h, int(p), proc.control[server], self._control(payload, proc.control[server]), unique,
+                                   self.timeout)
                 except GeartaskError as e:
                     shut.errors.append(str(e))
                     continue

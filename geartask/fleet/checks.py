@@ -22,6 +22,15 @@ def check_function(name: str) -> str:
     return name
 
 
+def check_clear_function(name: str) -> str:
+    """A function name for ``clear``: any name gearmand can hold (spaces and newlines too, as a
+    peer may register them), since clearing goes over the binary protocol (CAN_DO + GRAB), not
+    a text command. Only NUL, which no packet field can carry, and over-long names are refused."""
+    if not name or len(name) > MAX_FUNCTION or "\0" in name:
+        raise UsageError(f"bad function name {name[:80]!r}: 1-{MAX_FUNCTION} characters without NUL")
+    return name
+
+
 def check_handle(handle: str) -> str:
     """A job handle as gearmand makes them ('H:host:42'): printable ASCII, at most 64 characters."""
     if not re.fullmatch(rf"[!-~]{{1,{MAX_HANDLE}}}", handle):

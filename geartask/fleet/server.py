@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import ServerError
-from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
-                       WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, pack, submit_command)
+from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
+                       WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack, submit_command)
 from .drain import drain
-from .ping import PingResult, control_functions, mark_silent, ping_processes
+from .ping import MAX_PING_REPLY, CappedReader, Oversize, PingResult, control_functions, mark_silent, ping_processes
 from .replies import (WorkerConnection, parse_show_jobs, parse_show_unique_jobs, parse_status, parse_version,
                       parse_workers)
 
@@ -51,14 +51,14 @@ def server_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dic
         return {"reachable": True, **_status_on(conn, timeout)}
 
 
-def server_workers(host: str, port: int, ping: bool = False,
+def server_workers(host: str, port: int, ping: bool = False, key: Any = None,
                    timeout: float = DEFAULT_TIMEOUT) -> list[WorkerConnection]:
     """Every connection gearmand lists; with ``ping``, each geartask process is pinged through
     its control function here and its connections are marked ``silent`` (True/False)."""
     with connected(host, port, timeout) as conn:
         connections = parse_workers(conn.text_command("workers", timeout))
         if ping:
-            mark_silent(connections, ping_processes(conn, control_functions(connections), timeout))
+            mark_silent(connections, ping_processes(conn, control_functions(connections), timeout, key))
         return connections
 
 
@@ -75,19 +75,20 @@ def server_ping(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> float
         return round((time.monotonic() - t0) * 1000, 3)
 
 
-def server_ping_workers(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
+def server_ping_workers(host: str, port: int, key: Any = None, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
     """Ping every worker process registered on one server (its control function there)."""
     with connected(host, port, timeout) as conn:
-        return ping_processes(conn, control_functions(parse_workers(conn.text_command("workers", timeout))), timeout)
+        return ping_processes(conn, control_functions(parse_workers(conn.text_command("workers", timeout))), timeout,
+                              key)
 
 
-def server_snapshot(host: str, port: int, ping: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict:
+def server_snapshot(host: str, port: int, ping: bool = True, key: Any = None, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Everything a dashboard shows of one server, over one connection: version, round trip,
     per-function counts, every connection and (with ``ping``) every worker process's ping."""
     with connected(host, port, timeout) as conn:
         status = _status_on(conn, timeout)
         connections = parse_workers(conn.text_command("workers", timeout))
-        pings = ping_processes(conn, control_functions(connections), timeout) if ping else []
+        pings = ping_processes(conn, control_functions(connections), timeout, key) if ping else []
         mark_silent(connections, pings)
     return {**status, "connections": connections, "pings": pings}
 
@@ -103,9 +104,19 @@ def server_control_call(host: str, port: int, function: str, payload: bytes, uni
         conn.send(submit_command("high", False), task=function, unique=unique, data=payload)
         handle = conn.expect(JOB_CREATED, timeout).text("job_handle")
         deadline = time.monotonic() + timeout
+        reader = CappedReader(conn)  # a worker's answer is small: a rogue's huge one is read past
         while True:
-            pkt = conn.expect({WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION}, max(deadline - time.monotonic(), 0.001))
-            if pkt.text("job_handle") == handle:
+            pkt = reader.recv(max(deadline - time.monotonic(), 0.001))
+            if pkt is None:
+                raise ServerError(f"no answer within {timeout:g}s", conn.address)
+            if isinstance(pkt, Oversize):
+                if pkt.handle.decode("utf-8", "replace") == handle:
+                    raise ServerError(f"{function} answered {pkt.size} bytes, over {MAX_PING_REPLY} "
+                                      "(a rogue's answer: read past, not kept)", conn.address)
+                continue
+            if pkt.cmd == ERROR:
+                raise ServerError(error_text(pkt), conn.address)
+            if pkt.cmd in (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION) and pkt.text("job_handle") == handle:
                 break
     if pkt.cmd != WORK_COMPLETE:
         raise ServerError(f"the control job to {function} failed", f"{host}:{port}")

@@ -304,6 +304,12 @@ class Connection:
         self._read_some(None)
         return self.buffered_packets()
 
+    def take_buffered(self) -> bytes:
+        """The bytes read ahead and not yet parsed, handed over and cleared: for a reader
+        that takes over the stream (geartask.fleet.ping's capped reader)."""
+        data, self._buf = bytes(self._buf), bytearray()
+        return data
+
     def buffered_packets(self) -> list[Packet]:
         packets = []
         while (pkt := self._take_packet()) is not None:

@@ -120,7 +120,7 @@ class OutcomeClient:
                 if not collector_attached(conn, max(0.1, deadline - time.monotonic())):
                     tried[address] = "no collector attached"
                     continue
-                reply = _submit(conn, unique, payload, deadline)
+                reply = submit_query(conn, unique, payload, deadline)
                 if reply is None:
                     tried[address] = f"no answer within {self.timeout:g}s"
                     break
@@ -147,7 +147,7 @@ def collector_attached(conn: gp.Connection, timeout: float) -> bool:
 _ANSWERS = frozenset((gp.JOB_CREATED, gp.WORK_COMPLETE, gp.WORK_WARNING, gp.WORK_FAIL, gp.WORK_EXCEPTION))
 
 
-def _submit(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -> bytes | None:
+def submit_query(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -> bytes | None:
     """Submit the query, wait for its answer until ``deadline``; None when none came."""
     conn.send(gp.submit_command("high", False), task=QUERY_FUNCTION, unique=unique, data=payload)
     handle, warning = None, None

@@ -32,6 +32,7 @@ from .answers import CHANGING_OPS, open_report, sign_answer
 from .errors import CollectorConflict, StoreError
 from .query import Queries, parse_request
 from .record import OUTCOME_FUNCTION, QUERY_FUNCTION, BadOutcome, cap_record, check
+from .rivals import PROOF_TIMEOUT, answering_collectors
 from .store import OutcomeStore
 
 log = get_logger("geartask.collector")
@@ -213,7 +214,7 @@ class _Attachment(threading.Thread):
 class Collector:
     """Stores the outcomes every configured server receives and answers queries about them.
 
-    ``start()`` checks that no other collector is registered (CollectorConflict: exit 2) and
+    ``start()`` checks that no other collector answers (CollectorConflict: exit 2) and
     starts the threads; ``stop(timeout)`` lets each thread finish its batch and closes the
     connections; ``serve_forever()`` does both around a wait, for ``outcomes serve``. The
     caller owns ``store`` (opens and closes it). ``error`` says why it stopped by itself.
@@ -251,6 +252,9 @@ class Collector:
         self._threads: list[threading.Thread] = []
         self._attachments: list[_Attachment] = []
         self._warned: set[tuple[str, str]] = set()
+        # A rival's ping answer must be signed for "answer" by a trusted signer once trust is set.
+        self.proof_signed = bool(sec.trust) or self.require_signed
+        self.yielded = False  # stopped for a rival that proved itself a collector (exit 3: restartable)
 
     # -- life cycle ------------------------------------------------------------------------
     @property
@@ -267,15 +271,41 @@ class Collector:
         return self._stop.wait(seconds)
 
     def start(self) -> None:
-        """Refuse (CollectorConflict) if another collector is registered; else start serving."""
+        """Refuse (CollectorConflict) if another collector is registered and answers a ping;
+        else start serving. A registration that does not answer within PROOF_TIMEOUT (a dead
+        host's, kept by gearmand for minutes, or a client id claimed by anyone) is ignored."""
         if self._threads:
             raise RuntimeError("this collector was started already")
         rivals = [] if self.config.outcomes.store == "postgresql" else self.rivals()  # a shared store: any number
-        if rivals:
-            named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in rivals)
+        proven = self._proven(rivals) if rivals else []
+        for server, w in rivals:
+            if (server, w) not in proven:
+                log.warning("another worker of geartask.outcomes is registered but does not answer a ping as a "
+                            "collector: ignored (a dead host's stale registration, or not a collector)",
+                            server=server, other=w.client_id, ip=w.ip)
+        if proven:
+            named = "; ".join(f"{w.client_id} (from {w.ip}) on {server}" for server, w in proven)
             raise CollectorConflict(f"another outcomes collector is registered: {named}; "
                                     "run one collector for all servers (stop that one first)")
         self._launch()
+
+    def _proven(self, rivals: list[tuple[str, WorkerConnection]],
+                timeout: float = PROOF_TIMEOUT) -> list[tuple[str, WorkerConnection]]:
+        """The rivals that answer a ping over the query function as the collector they claim to be."""
+        by_server: dict[str, list[WorkerConnection]] = {}
+        for server, w in rivals:
+            by_server.setdefault(server, []).append(w)
+        proven = []
+        for server, ws in by_server.items():
+            host, _, port = server.rpartition(":")
+            try:
+                answered = answering_collectors(host, int(port), {w.client_id for w in ws}, trust=self.trust,
+                                                signed=self.proof_signed, timeout=timeout)
+            except ServerError as e:
+                log.warning("cannot ping the other collector", server=server, error=str(e))
+                continue
+            proven += [(server, w) for w in ws if w.client_id in answered]
+        return proven
 
     def _launch(self) -> None:
         """Start the threads (start() without the check: tests use it to make two collectors race)."""
@@ -323,12 +353,13 @@ class Collector:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def serve_forever(self) -> int:
-        """start(), then run until stop() (a signal handler calls it); 0, or 2 after a conflict."""
+        """start(), then run until stop() (a signal handler calls it); 0, or 3 after it gave way
+        to a rival collector (restartable: a restart's start check decides again)."""
         self.start()
         while not self._stop.wait(1.0):
             pass
         self.stop()
-        return 2 if self.error else 0
+        return 3 if self.error else 0
 
     def close(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -505,19 +536,24 @@ class Collector:
 
     def _yield_to_rivals(self) -> None:
         """Two collectors that started at the same instant both got past start()'s check: the
-        one whose client id sorts higher stops, so one remains (docs/outcomes.md)."""
+        one whose client id sorts higher stops, so one remains (docs/outcomes.md). It stops only
+        for a rival that answers a ping as that collector, never for a client id alone."""
         if self.config.outcomes.store == "postgresql":  # collectors share the store: none stops
             return
-        for server, w in self.rivals():
-            if is_collector_id(w.client_id) and w.client_id < self.client_id:
-                self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "
-                              f"{server}; this one ({self.client_id}) stops")
-                log.error("collector conflict: stopping", server=server, other=w.client_id, ip=w.ip)
-                self.request_stop()
-                return
+        rivals = self.rivals()
+        lower = [(server, w) for server, w in rivals if is_collector_id(w.client_id) and w.client_id < self.client_id]
+        for server, w in self._proven(lower) if lower else []:
+            self.error = (f"another outcomes collector, {w.client_id} (from {w.ip}), is registered on "
+                          f"{server} and answers; this one ({self.client_id}) stops")
+            self.yielded = True
+            log.error("collector conflict: stopping", server=server, other=w.client_id, ip=w.ip)
+            self.request_stop()
+            return
+        for server, w in rivals:
             if (server, w.client_id) not in self._warned:
                 self._warned.add((server, w.client_id))
                 log.warning("another worker of geartask.outcomes is registered: it takes outcomes this "
                             "collector never sees" if not is_collector_id(w.client_id) else
-                            "another outcomes collector is registered; it should stop by itself",
+                            "another outcomes collector is registered; it should stop by itself, or it does "
+                            "not answer a ping (ignored)",
                             server=server, other=w.client_id, ip=w.ip)

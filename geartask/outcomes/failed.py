@@ -51,10 +51,17 @@ class Requeued:
         return asdict(self)
 
 
+MAX_PAGES = 20  # failed-list pages one requeue --all / --task reads ...
+MAX_RECORDS = 10_000  # ... and failed records it takes: a rogue answerer paging forever stops here
+
+
 def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: str | None = None,
-                   every: bool = False) -> tuple[list[list[dict]], list[str]]:
+                   every: bool = False, cut: list[str] | None = None) -> tuple[list[list[dict]], list[str]]:
     """The failed records to send again, grouped by unique key (newest first in each group), and
-    the uniques asked for that have none (unknown, or nothing failed left to requeue)."""
+    the uniques asked for that have none (unknown, or nothing failed left to requeue).
+
+    ``--all``/``--task`` read at most MAX_PAGES pages and MAX_RECORDS records; when they stop
+    there, a line saying so is appended to ``cut`` (run the requeue again for the rest)."""
     groups: dict[str, list[dict]] = {}
     missing: list[str] = []
     for unique in uniques:
@@ -67,13 +74,18 @@ def failed_targets(client: OutcomeClient, *, uniques: Iterable[str] = (), task: 
     if task is not None or every:
         seen: set[str] = set()
         until = None
-        while True:  # page back in time; a page ends where the next begins (``until`` includes it)
-            page = client.failed(task=task, limit=MAX_LIST, until=until)["records"]
-            new = [r for r in page if r["id"] not in seen]
+        for pages in range(1, MAX_PAGES + 1):  # page back in time; a page ends where the next begins
+            page = client.failed(task=task, limit=MAX_LIST, until=until)["records"][:MAX_LIST]
+            new = [r for r in page if r["id"] not in seen][:MAX_RECORDS - len(seen)]
             for r in new:
                 seen.add(r["id"])
                 groups.setdefault(r.get("unique") or f"\0{r['id']}", []).append(r)
             if len(page) < MAX_LIST or not new:
+                break
+            if len(seen) >= MAX_RECORDS or pages == MAX_PAGES:
+                if cut is not None:
+                    cut.append(f"stopped after {pages} pages and {len(seen)} failed records (at most {MAX_PAGES} "
+                               f"pages, {MAX_RECORDS} records in one requeue): run it again for the rest")
                 break
             until = page[-1]["finished_at"]
     return list(groups.values()), missing

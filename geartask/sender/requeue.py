@@ -1,50 +1,218 @@
 """Send failed jobs again (``manage failed requeue``, the dashboard's Requeue): the newest
-failed attempt of each group, from the outcomes store, through a JobSender."""
+failed attempt of each group, from the outcomes store.
+
+A record is what a peer reported, so it is never trusted to say what to run (issue 20 item 6,
+issue 19 Must 5). ``plan`` says what each group would send (task, the head of its data, the
+original sender and signer) so the command can show it and ask first. With ``security.key``
+and a ``security.trust`` list, a job is sent again only with its original signature, verified
+again against today's trust (``outcomes.signed.requeue_payload``), submitted raw with the same
+task and unique key; a record without one, or whose job a worker refused (its reason has
+``refused: true``), is not sent, with the reason. Without trust, as before: through a JobSender.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from .. import gearman as gp
+from ..display import printable
+from ..errors import GeartaskError, ServerError
 from ..outcomes.client import OutcomeClient
+from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.failed import Requeued, requester
 from ..outcomes.record import decode_bytes
+from ..outcomes.signed import NotResendable, requeue_payload
+from .routing import rendezvous
 from .sender import JobSender
 
 if TYPE_CHECKING:
     from ..config import Config
 
+DATA_HEAD = 60  # bytes of a job's data shown before it is sent again
+SUBMIT_TIMEOUT = 5.0  # seconds a server has to accept a raw resubmission
 
-def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by: str | None = None) -> list[Requeued]:
-    """Send each group's newest failed job again: its task, data and priority, the same unique
-    key, as a background job; then mark every record of the group requeued, by ``by``, with
-    the new handle. A record whose data was not kept whole can't be sent (its ``error`` says)."""
-    by = by or requester()
-    out: list[Requeued] = []
-    jobs: list[dict] = []
+
+@dataclass
+class Planned:
+    """One group's job as it would be sent again; ``error`` says why it won't be."""
+
+    record: dict  # the newest failed record of the group (with its data)
+    ids: list[str]
+    error: str | None = None
+    payload: bytes | None = field(default=None, repr=False)  # with trust: the exact bytes to submit
+
+    @property
+    def task(self) -> str:
+        return str(self.record.get("task"))
+
+    @property
+    def unique(self) -> str | None:
+        return self.record.get("unique")
+
+    def describe(self) -> str:
+        """One line: what will be sent, and who first sent it."""
+        rec = self.record
+        try:
+            data = decode_bytes(rec, "data") if rec.get("data") is not None else None
+        except (ValueError, TypeError):
+            data = None
+        head = "(none kept)" if data is None else printable(data[:DATA_HEAD].decode("utf-8", "replace")) + (
+            f"... ({len(data)} bytes)" if len(data) > DATA_HEAD else "")
+        who = f"sent by {printable(rec.get('sender_host') or 'unknown')}"
+        if rec.get("signer"):
+            who += f", signed by {printable(rec['signer'])}"
+        line = f"{printable(self.task)} {printable(self.unique or '-')}: data {head}; {who}"
+        return line + (f" -- NOT SENT: {self.error}" if self.error else "")
+
+
+def trusted(config: Config) -> bool:
+    """Whether requeues follow the signature rule: a key to sign the note and a trust list."""
+    return bool(config.security.key) and bool(config.security.trust)
+
+
+def _refused_reason(rec: dict) -> str | None:
+    reason = rec.get("reason")
+    if isinstance(reason, dict) and reason.get("refused") is True:
+        return printable(str(reason.get("error") or "refused"))[:300]
+    return None
+
+
+def plan(config: Config, client: OutcomeClient, groups: list[list[dict]]) -> list[Planned]:
+    """What each group's newest failed job would be sent as, and what keeps one from being sent."""
+    key = trust = None
+    if trusted(config):
+        from ..trust import policy
+        from ..trust.keys import signing_key
+        key, trust = signing_key(config), policy.trust_of(config)
+    out = []
     for group in groups:
         newest = client.get(group[0]["id"]) or group[0]
-        r = Requeued(newest.get("unique"), newest["task"], [g["id"] for g in group])
-        out.append(r)
+        p = Planned(newest, [g["id"] for g in group])
+        out.append(p)
         if newest.get("data") is None:
-            r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
+            p.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
         elif newest.get("data_cut"):
-            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data') or b'')} of {newest.get('data_size')} bytes"
-        else:
-            # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
-            jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),
-                         "priority": newest.get("priority"), "background": True, "retries": newest.get("retries"),
-                         "requeue_of": newest["id"], "_index": len(out) - 1})
-    if not jobs:
-        return out
-    index = [j.pop("_index") for j in jobs]
-    with JobSender(config, record_background=False) as sender:
-        results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-    for i, res in zip(index, results, strict=False):
-        r = out[i]
-        if res.state != "queued":
-            r.error = f"not accepted by any server: {res.error or res.state}"
-            continue
-        r.handle, r.server = res.handle, res.server
-        for id in r.ids:
-            client.mark_requeued(id, by, handle=r.handle, server=r.server)
+            p.error = f"its payload was cut at {len(decode_bytes(newest, 'data') or b'')} of {newest.get('data_size')} bytes"
+        elif trust is not None:
+            refused = _refused_reason(newest)
+            if refused is not None:
+                p.error = f"a worker refused it ({refused}): it is not sent again"
+                continue
+            try:
+                p.payload = requeue_payload(newest, key, trust)
+            except NotResendable as e:
+                p.error = f"not sent again: {e}"
     return out
+
+
+def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by: str | None = None,
+            planned: list[Planned] | None = None) -> list[Requeued]:
+    """Send each group's newest failed job again: its task, data and priority, the same unique
+    key, as a background job; then mark every record of the group requeued, by ``by``, with
+    the new handle. A record whose data was not kept whole can't be sent (its ``error`` says);
+    with trust, neither can one without a verifiable original signature (``plan``)."""
+    by = by or requester()
+    planned = plan(config, client, groups) if planned is None else planned
+    out = [Requeued(p.unique, p.task, p.ids, error=p.error) for p in planned]
+    sendable = [(i, p) for i, p in enumerate(planned) if p.error is None]
+    if not sendable:
+        return out
+    if trusted(config):
+        for i, p in sendable:
+            try:
+                out[i].handle, out[i].server = submit_raw(config, p.task, p.unique or "", p.payload or b"",
+                                                          p.record.get("priority"))
+            except ServerError as e:
+                out[i].error = f"not accepted by any server: {e}"
+    else:
+        # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
+        jobs = [{"task": p.task, "data": decode_bytes(p.record, "data"), "unique": p.unique,
+                 "priority": p.record.get("priority"), "background": True, "retries": p.record.get("retries"),
+                 "requeue_of": p.record["id"]} for _, p in sendable]
+        with JobSender(config, record_background=False) as sender:
+            results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
+        for (i, _), res in zip(sendable, results, strict=True):
+            if res.state != "queued":
+                out[i].error = f"not accepted by any server: {res.error or res.state}"
+            else:
+                out[i].handle, out[i].server = res.handle, res.server
+    key = None
+    if config.security.key:
+        from ..trust.keys import signing_key
+        key = signing_key(config)
+    for r in out:
+        if r.error is None and r.handle is not None:
+            try:
+                for id in r.ids:
+                    mark_requeued(client, key, id, by, handle=r.handle, server=r.server)
+            except GeartaskError as e:  # sent already: say so, and that the record still looks failed
+                r.error = f"sent again as {r.handle} on {r.server}, but not marked requeued: {e}"
+    return out
+
+
+def mark_requeued(client: OutcomeClient, key: Any, id: str, by: str, *, handle: str | None,
+                  server: str | None) -> bool:
+    """``client.mark_requeued``, signed for ``control`` with ``key`` when there is one: a
+    collector with ``require_signed`` changes the store only for a signed request. A client
+    answered in this process (the dashboard's own collector: ``queries``) needs no signature."""
+    if key is None or hasattr(client, "queries"):
+        return client.mark_requeued(id, by, handle=handle, server=server)
+    import json
+    import time
+
+    from ..outcomes import client as oc
+    from ..outcomes.answers import open_answer, sign_request
+    from ..trust import policy
+    request = {k: v for k, v in {"op": "mark_requeued", "id": id, "by": by, "handle": handle,
+                                 "server": server}.items() if v is not None}
+    payload = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                         allow_nan=False).encode("utf-8", "surrogatepass")
+    signed = sign_request("mark_requeued", payload, key)
+    deadline = time.monotonic() + client.timeout
+    tried: dict[str, str] = {}
+    for host, port in client.servers:
+        address = f"{host}:{port}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT))
+        try:
+            conn.connect()
+            if not oc.collector_attached(conn, max(0.1, deadline - time.monotonic())):
+                tried[address] = "no collector attached"
+                continue
+            reply = oc.submit_query(conn, oc.query_unique(signed), signed, deadline)
+            if reply is None:
+                tried[address] = f"no answer within {client.timeout:g}s"
+                break
+            answer = oc.query_answer(open_answer(reply, policy.Trust(), require_signed=False)[1], address)
+            if not isinstance(answer, bool):
+                raise QueryError("the answer to 'mark_requeued' is not a collector's (wrong shape)")
+            return answer
+        except ServerError as e:
+            tried[address] = str(e).removeprefix(address + ": ")
+        finally:
+            conn.close()
+    raise NoCollectorError("no outcomes collector answered: " + ("; ".join(f"{a}: {w}" for a, w in tried.items())
+                                                                 or "no server tried"))
+
+
+def submit_raw(config: Config, task: str, unique: str, payload: bytes, priority: Any = None) -> tuple[str, str]:
+    """Submit these exact bytes as a background job, to the servers in the order the sender
+    would try for this unique key; (handle, server). ServerError when none accepts it."""
+    prio = priority if priority in ("high", "normal", "low") else "normal"
+    servers = [f"{h}:{p}" for h, p in config.server_addresses]
+    errors = []
+    for address in rendezvous(unique, servers):
+        host, _, port = address.rpartition(":")
+        conn = gp.Connection(host.strip("[]"), int(port), connect_timeout=gp.CONNECT_TIMEOUT)
+        try:
+            conn.connect()
+            conn.send(gp.submit_command(prio, True), task=task, unique=unique, data=payload)
+            return conn.expect(gp.JOB_CREATED, SUBMIT_TIMEOUT).text("job_handle"), address
+        except ServerError as e:
+            errors.append(str(e))
+        finally:
+            conn.close()
+    raise ServerError("; ".join(errors) or "no servers")

@@ -220,10 +220,10 @@ def test_hosts_without_a_fleet_certificate_get_nothing(netlab: NetLab, tmp_path)
 # -- a capture on the bridge ------------------------------------------------------------------------
 
 def capture(ns: str, stop: threading.Event, out: bytearray) -> None:
-    """Every frame on the bridge's br0 (AF_PACKET) until ``stop``; the bytes into ``out``."""
+    """Every frame on every port of the bridge (AF_PACKET, all interfaces of its namespace: br0
+    itself sees only what is flooded) until ``stop``; the bytes into ``out``."""
     def body() -> None:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
-        s.bind(("br0", 0))
         s.settimeout(0.2)
         try:
             while not stop.is_set() and len(out) < 200_000_000:

@@ -416,3 +416,63 @@ def test_two_thousand_jobs_through_a_slicing_proxy_in_front_of_tls(netlab: NetLa
     print(f"[netlab] TLS through the slicing proxy: {netlab.stop_proxy(proxy)}")
     assert len(runs) == 2000 and max(runs.values()) == 1, (len(runs), runs.most_common(3))
     assert worker.proc.poll() is None
+
+
+# -- geartask init --secure: the quick start, end to end ---------------------------------------------
+
+def test_init_secure_then_the_quick_start_works(tmp_path):
+    """`geartask init --secure DIR`, then the quick start's commands from DIR: the server
+    starts behind stunnel, a worker attaches over TLS, the sender's signed jobs run, and the
+    collector's signed answer says who signed them. (Loopback only: one host.)"""
+    from geartask.server import free_port
+    geartask = str(Path(sys.executable).parent / "geartask")
+    folder = tmp_path / "fleet"
+    r = subprocess.run([geartask, "init", "--secure", str(folder)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "geartask manage server start" in r.stdout
+    port = free_port()
+    cfg = folder / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("127.0.0.1:4730", f"127.0.0.1:{port}")
+                   .replace("port: 4730", f"port: {port}").replace("port: 4731", f"port: {free_port()}"))
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([geartask, *args], capture_output=True, text=True, timeout=timeout, cwd=folder)
+
+    check = run("check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    r = run("manage", "server", "start")
+    assert r.returncode == 0, r.stderr
+    procs = []
+    try:
+        for args in (("worker", "--name", "w1"), ("manage", "outcomes", "serve")):
+            procs.append(subprocess.Popen([geartask, *args], cwd=folder, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        wait_until(lambda: "example.hello" in run("manage", "status").stdout and
+                   "geartask.outcomes.query" in run("manage", "status").stdout, 30,
+                   interval=0.5, message="the worker and the collector attached")
+        r = run("send", "plugin", "example", "--background", "--json")
+        assert r.returncode == 0, r.stderr
+        unique = json.loads(r.stdout.splitlines()[0])["unique"]
+        r = run("send", "result", unique, "--wait", "20", "--json")
+        assert r.returncode == 0, r.stderr
+        answer = json.loads(r.stdout)
+        assert answer["state"] == "complete" and answer["signer"], answer
+        # the plain port of gearmand is on loopback behind stunnel; the config's port is TLS only
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"status\n")
+            s.settimeout(5)
+            try:
+                got = s.recv(100)
+            except OSError:
+                got = b""
+        assert b"example.hello" not in got
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, 15)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, 9)
+                p.wait(10)
+        run("manage", "server", "stop")

@@ -227,7 +227,7 @@ class Runner:
                                                "rss_mb": round(rss, 1)})
                 self.guarded(["W5"], system, measure)
         finally:
-            for system, workers in started:
+            for _system, workers in started:
                 workers.stop()
             for system in systems:
                 system.close()

@@ -10,14 +10,23 @@ import math
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main(argv) is testable and exits with 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.print_usage(sys.stderr)
         raise UsageExit(f"{self.prog}: error: {message}")
+
+
+def prog(command: str, script: str) -> str:
+    """A command's name in its help and messages: ``geartask COMMAND``, the one name the docs
+    use; the old script's own name (``send_job_client.py``) when that script is what ran."""
+    import os
+    ran = os.path.basename(sys.argv[0] or "")
+    return ran if ran.removesuffix(".py") == script.removesuffix(".py") else f"geartask {command}"
 
 
 class UsageExit(Exception):
@@ -119,7 +128,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = Fa
     """The GLOBAL_OPTIONS a command takes. ``after_command``: a subcommand's copy, which
     leaves unset options unset (SUPPRESS), so they don't overwrite ones given before the
     subcommand, and keeps --config/--servers/--log-format out of its help."""
-    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
     # Shown in every help: argparse can't print the usage of a group whose options are all hidden.
     loudness = None
     for opt in GLOBAL_OPTIONS:
@@ -130,6 +139,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, after_command: bool = Fa
             loudness.add_argument(*opt.flags, dest="verbosity", action="store_const", const=opt.verbosity,
                                   **unset, help=opt.help)
             continue
-        extra = {"metavar": opt.metavar} if opt.metavar else {"choices": opt.choices}
+        extra: dict[str, Any] = {"metavar": opt.metavar} if opt.metavar else {"choices": opt.choices}
         parser.add_argument(*opt.flags, **extra, **unset,
                             help=argparse.SUPPRESS if after_command else opt.help)

@@ -5,7 +5,7 @@ to stderr and leave the exit status 0."""
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .cli import ArgumentParser, add_common_args, config_from_args
 from .control import check_name
@@ -17,8 +17,11 @@ from .worker.isolate import isolated_tasks
 from .worker.process import WorkerProcess
 from .worker.resources import check_keepalive, check_threads
 
+if TYPE_CHECKING:
+    from .config import Config
 
-def check(config) -> tuple[list[str], list[str]]:
+
+def check(config: Config) -> tuple[list[str], list[str]]:
     """The checks a worker and a scheduler make at start, in their order; raises their
     ConfigError/PluginError/ScheduleError. Returns (lines to print, warnings)."""
     warnings = plugin_path_warnings(config)

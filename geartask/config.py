@@ -18,14 +18,14 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
 CONFIG_ENV = "GEARTASK_CONFIG"
 DEFAULT_PORT = 4730
 PRIORITIES = ("low", "normal", "high")
-MAX_CONFIG_BYTES = 1024 * 1024
-MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers  # a config is a page of YAML; /dev/zero must not be read for ever
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; /dev/zero must not be read for ever
+MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's own small answers
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
@@ -232,6 +232,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how schedulers run (schedules is the list)
     gearman: GearmanConfig = field(default_factory=GearmanConfig)
+    fleet: str = ""  # this fleet's name, carried by its workers; "" none (docs/configuration.md)
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
@@ -253,7 +254,8 @@ class Config:
 
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
-_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive", "sender.connect_timeout",
+_POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive",
+             "sender.connect_timeout",
              "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
@@ -298,7 +300,7 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         if not isinstance(value, list):
             raise ConfigError(f"expected a list, got {value!r}", path, key)
         return [_convert(v, item_tp, f"{key}[{i}]", path, base) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", path, key)
         return _build(tp, value, key, path, base)
@@ -353,7 +355,7 @@ def _build(cls: type, data: dict, prefix: str, path: str | None, base: Path) -> 
             kwargs[name] = _build(types[name], {}, f"{prefix}.{name}" if prefix else name, path, base)
     obj = cls(**kwargs)
     # Defaults that are relative paths belong to the config file's folder too.
-    for name, f in fields.items():
+    for name in fields:
         if name not in kwargs and types[name] is Path and not getattr(obj, name).is_absolute():
             setattr(obj, name, base / getattr(obj, name))
         if name not in kwargs and name == "paths":
@@ -500,6 +502,12 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path)
     cfg = _build(Config, data, "", path, base)
     _check_servers(cfg.servers, "servers", path)
+    if cfg.fleet:
+        from .control import check_fleet
+        try:
+            check_fleet(cfg.fleet)
+        except UsageError as e:
+            raise ConfigError(str(e), path, "fleet") from None
     for name, options in cfg.worker.tasks.items():
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")

@@ -2,7 +2,8 @@
 
 Each worker process registers its own control function, ``geartask.control:<name>:<ip>:<pid>``
 (Gearman hands a job to exactly one worker); each thread's client id is
-``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees. The send side of
+``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees, followed by
+``:<fleet>`` when the config names one (``fleet``). The send side of
 each control command is here (``*_request``, ``parse_command``); the worker's side is
 geartask.worker.control. docs/worker.md#control-commands describes them.
 """
@@ -24,27 +25,40 @@ def check_name(name: str) -> str:
     return name
 
 
+MAX_FLEET = 64
+
+
+def check_fleet(fleet: str) -> str:
+    """A fleet name: printable, without spaces or ':' (it ends the client id), at most MAX_FLEET."""
+    if (not isinstance(fleet, str) or not fleet or len(fleet) > MAX_FLEET or not fleet.isprintable()
+            or any(c.isspace() or c == ":" for c in fleet)):
+        raise UsageError(f"fleet name {str(fleet)[:80]!r} must be 1-{MAX_FLEET} printable characters, "
+                         "without spaces or ':'")
+    return fleet
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     name: str
     ip: str
     pid: int
     thread: int | None = None
+    fleet: str = ""  # the config's ``fleet``; "" none
 
     @property
     def client_id(self) -> str:
-        return f"{self.name}:{self.ip}:{self.pid}:{self.thread}"
+        return f"{self.name}:{self.ip}:{self.pid}:{self.thread}" + (f":{self.fleet}" if self.fleet else "")
 
     @property
     def control_function(self) -> str:
         return f"{CONTROL_PREFIX}:{self.name}:{self.ip}:{self.pid}"
 
     def for_thread(self, index: int) -> "WorkerIdentity":
-        return WorkerIdentity(self.name, self.ip, self.pid, index)
+        return WorkerIdentity(self.name, self.ip, self.pid, index, self.fleet)
 
     def at(self, ip: str) -> "WorkerIdentity":
         """The same process (and thread) as seen from a connection whose local address is ``ip``."""
-        return WorkerIdentity(self.name, ip, self.pid, self.thread)
+        return WorkerIdentity(self.name, ip, self.pid, self.thread, self.fleet)
 
 
 def _is_number(text: str) -> bool:
@@ -53,11 +67,19 @@ def _is_number(text: str) -> bool:
 
 
 def parse_client_id(text: str) -> WorkerIdentity | None:
-    """'w1:10.0.0.5:1234:3' -> WorkerIdentity; None for a client id of another form."""
+    """'w1:10.0.0.5:1234:3' (or with ':FLEET' after it) -> WorkerIdentity; None for a client id
+    of another form."""
     parts = text.strip().split(":")
+    fleet = ""
+    if len(parts) == 5:  # a fleet's worker; an IPv6 address makes more parts and is not parsed (yet)
+        fleet = parts.pop()
+        try:
+            check_fleet(fleet)
+        except UsageError:
+            return None
     if len(parts) != 4 or not parts[0] or not _is_number(parts[2]) or not _is_number(parts[3]):
         return None
-    return WorkerIdentity(parts[0], parts[1], int(parts[2]), int(parts[3]))
+    return WorkerIdentity(parts[0], parts[1], int(parts[2]), int(parts[3]), fleet)
 
 
 def parse_control_function(function: str) -> WorkerIdentity | None:
@@ -80,7 +102,7 @@ def ping_request() -> bytes:
     """The payload of a ping control job, sent as a *foreground* job with a deadline.
 
     A live process answers at once (its control thread never runs jobs) with a JSON object:
-    ``{"ok": true, "command": "ping", "worker": label, "name", "pid", "ips": [...],
+    ``{"ok": true, "command": "ping", "worker": label, "name", "fleet" ("" none), "pid", "ips": [...],
     "threads", "busy" (threads running a job now), "jobs_done", "started": epoch seconds,
     "running": [{"handle", "task", "unique", "server", "seconds"}], "dedicated": {task:
     threads}, "max_jobs" (0: none), "tasks": {task: {"complete", "failed", "retried",

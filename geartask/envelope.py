@@ -95,6 +95,8 @@ def unwrap_cached(raw: bytes) -> tuple[dict | None, bytes]:
     options = _CACHE.get(head)
     if options is None:
         options, _ = unwrap(raw)  # raises EnvelopeError for a bad one: not cached
+        if options is None:  # not reached: raw starts with MAGIC, so unwrap read a header or raised
+            return None, raw
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.clear()
         _CACHE[head] = options

@@ -20,9 +20,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PROJECT = "geartask"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -30,7 +33,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def geartask_tasks(config: Any) -> dict[str, Callable[[Any], Any]]:
+def geartask_tasks(config: Config) -> dict[str, Callable[[Any], Any]]:
     """Worker side: return the tasks this plugin provides, as ``{task_name: callable}``.
 
     :param config: the loaded :class:`geartask.config.Config`.
@@ -51,7 +54,7 @@ def geartask_tasks(config: Any) -> dict[str, Callable[[Any], Any]]:
 
 
 @hookspec
-def geartask_jobs(config: Any) -> Iterable[Any]:
+def geartask_jobs(config: Config) -> Iterable[Any]:
     """Sender side: yield the job definitions this plugin sends.
 
     :param config: the loaded :class:`geartask.config.Config`.
@@ -64,7 +67,7 @@ def geartask_jobs(config: Any) -> Iterable[Any]:
 
 
 @hookspec
-def geartask_schedules(config: Any) -> Iterable[dict]:
+def geartask_schedules(config: Config) -> Iterable[dict]:
     """Scheduler side: yield periodic job definitions, like the config's ``schedules`` list.
 
     :param config: the loaded :class:`geartask.config.Config`.

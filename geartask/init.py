@@ -28,7 +28,8 @@ def init(folder: Path, force: bool = False, secure: bool = False) -> list[Path]:
     if existing and not force:
         raise UsageError(f"{existing[0]} already exists; nothing written (use --force to overwrite)")
     templates = resources.files("geartask") / "templates"
-    written, texts = [], {name: templates.joinpath(name).read_text(encoding="utf-8") for name in FILES.values()}
+    written: list[Path] = []
+    texts = {name: templates.joinpath(name).read_text(encoding="utf-8") for name in FILES.values()}
     if secure:
         from .trust import fleet
         fleet.check_free(folder, force)

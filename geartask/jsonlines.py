@@ -47,7 +47,7 @@ class JsonLinesFile:
             os.truncate(self.path, 0)
             return
         files = self.files()  # oldest first; the oldest is overwritten
-        for older, newer in zip(files, files[1:]):
+        for older, newer in zip(files, files[1:], strict=False):
             try:
                 os.replace(newer, older)
             except FileNotFoundError:

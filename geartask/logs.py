@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import io
 import json
 import logging
 import logging.handlers
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import structlog
+from structlog.typing import EventDict, Processor
 
 from .config import LogConfig
 from .display import printable
@@ -89,7 +91,7 @@ for _name, _levelno in (("debug", logging.DEBUG), ("info", logging.INFO), ("warn
     setattr(_EventSink, _name, _sink_method(_levelno))
 
 
-def _to_sink(logger: Any, method: str, event: dict) -> tuple:
+def _to_sink(logger: Any, method: str, event: EventDict) -> tuple:
     return (event,), {}
 
 
@@ -97,7 +99,7 @@ _format_exc_info = structlog.processors.format_exc_info
 _render_stack = structlog.processors.StackInfoRenderer()
 
 
-def _exceptions(logger: Any, method: str, event: dict) -> dict:
+def _exceptions(logger: Any, method: str, event: EventDict) -> EventDict:
     """structlog's exception and stack renderers, called only when there is one to render
     (on the caller's thread: a traceback can't be rendered later)."""
     if "exc_info" in event:
@@ -147,19 +149,19 @@ _proxies: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loggers from get_logger,
 # structlog's bind_contextvars: structlog (26.1) makes a ContextVar per key on first use without
 # a lock, so threads binding a key for the first time at once could get a token of another
 # ContextVar back, and the reset raised ValueError into the job.
-_job_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("geartask_job_fields", default={})
+_job_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("geartask_job_fields")
 
 
-def _merge_job_context(logger: Any, method: str, event: dict) -> dict:
+def _merge_job_context(logger: Any, method: str, event: EventDict) -> EventDict:
     """The job's fields on every event logged inside job_context (the event's own keys win)."""
-    fields = _job_fields.get()
+    fields = _job_fields.get(None)
     if fields:
         for key, value in fields.items():
             event.setdefault(key, value)
     return event
 
 
-_PROCESSORS = [_merge_job_context, structlog.contextvars.merge_contextvars, _exceptions, _to_sink]
+_PROCESSORS: list[Processor] = [_merge_job_context, structlog.contextvars.merge_contextvars, _exceptions, _to_sink]
 
 
 def get_logger(name: str = "geartask", **bound: Any) -> Any:
@@ -181,7 +183,7 @@ def job_context(**fields: Any) -> Iterator[None]:
     lack the fields. Exceptions of the job itself pass through unchanged."""
     token = None
     try:
-        token = _job_fields.set({**_job_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
+        token = _job_fields.set({**_job_fields.get({}), **{k: v for k, v in fields.items() if v is not None}})
     except Exception:
         pass
     try:
@@ -199,6 +201,8 @@ def job_context(**fields: Any) -> Iterator[None]:
 class _EventRecord(logging.LogRecord):
     """A structlog event on its way to the handlers; ``msg`` is the event dict. Sets only what
     handlers and formatters read: a full LogRecord costs more than the rest of the line."""
+
+    msg: dict
 
     def __init__(self, created: float, levelno: int, name: str, thread: str, event: dict):  # no super(): on purpose
         self.name, self.levelno, self.levelname = name, levelno, logging.getLevelName(levelno)
@@ -299,15 +303,15 @@ class _LogFile(logging.handlers.RotatingFileHandler):
             if time.monotonic() >= self._next_check:  # a stat a second, not a line
                 self._next_check = time.monotonic() + WATCH_INTERVAL
                 self._close_if_replaced()
-            self._ensure_open()
+            stream = self._ensure_open()
             size = len(line) if line.isascii() else len(line.encode("utf-8"))
             if 0 < self.maxBytes < self._size + size and self._size:
-                self.stream.flush()
+                stream.flush()
                 self._unflushed = self._carried = 0
                 self.doRollover()
                 self._ident = None  # a new file (or none, if the rename failed)
-                self._ensure_open()
-            self.stream.write(line)
+                stream = self._ensure_open()
+            stream.write(line)
             self._size += size
             self._unflushed += 1
         except OSError as e:
@@ -331,21 +335,21 @@ class _LogFile(logging.handlers.RotatingFileHandler):
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
 
-    def _ensure_open(self) -> None:
-        if self.stream is None:
-            self.stream = self._open()
+    def _ensure_open(self) -> io.TextIOWrapper:
+        stream = self.stream = self._open() if self.stream is None else self.stream
         if self._ident is None:  # a file not seen yet: the first, rotated or recreated
-            st = os.fstat(self.stream.fileno())
+            st = os.fstat(stream.fileno())
             self._ident, self._size = (st.st_dev, st.st_ino), st.st_size
             if st.st_size and self._failing:
-                self._end_torn_line()
+                self._end_torn_line(stream)
+        return stream
 
-    def _end_torn_line(self) -> None:
+    def _end_torn_line(self, stream: io.TextIOWrapper) -> None:
         """A write that failed half way may have left half a line: end it."""
         with open(self.baseFilename, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
-                self.stream.write("\n")
+                stream.write("\n")
                 self._size += 1
 
     def _close_if_replaced(self) -> None:
@@ -420,6 +424,8 @@ class _Listener(logging.handlers.QueueListener):
     file and waits LINGER seconds, so a busy process writes a batch at a time: a write per line
     is a system call and a GIL hand-off among busy job threads."""
 
+    queue: queue.SimpleQueue
+
     def dequeue(self, block: bool) -> Any:
         try:
             return self.queue.get_nowait()
@@ -456,7 +462,7 @@ class _ToListener(logging.handlers.QueueHandler):
     lock the listener waits for; closing it drains the queue."""
 
     def createLock(self) -> None:
-        self.lock = None  # type: ignore[assignment]
+        self.lock = None
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record = copy.copy(record)  # the message now: its arguments may change before the listener runs

@@ -39,8 +39,8 @@ USAGE = _usage()
 
 def _help() -> str:
     lines = [USAGE, "commands:"]
-    for name, (_, what, alias) in COMMANDS.items():
-        lines.append(f"  {name:8} {what}" + (f" (also: {alias})" if alias else ""))
+    for name, (_, what, _alias) in COMMANDS.items():
+        lines.append(f"  {name:8} {what}")  # the old script names: README only, one place
     lines += ["", "global options (also accepted after the command):"]
     for o in GLOBAL_OPTIONS:
         first, *rest = o.overview.split("\n")
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(g in ("-h", "--help") for g in globals_):
         rest = ["--help", *rest]
     globals_ = [g for g in globals_ if g not in ("-h", "--help")]
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(COMMANDS[command][0] or "geartask.main")  # only "version" has none
     entry = getattr(module, f"main_{command}", None) or module.main  # one module may serve two commands
     if command in ("init", "certs", "keys"):
         return entry(rest)

@@ -51,13 +51,13 @@ def clean_tasks(tasks: Any) -> dict[str, dict]:
             break
         if not isinstance(task, str) or not isinstance(c, dict) or len(task) > MAX_LABEL:
             continue
-        entry = {k: _count(c.get(k)) or 0.0 for k in (*OUTCOMES, "seconds_sum")}
-        buckets = {}
+        entry: dict[str, Any] = {k: _count(c.get(k)) or 0.0 for k in (*OUTCOMES, "seconds_sum")}
+        buckets: dict[float, float] = {}
         if isinstance(c.get("buckets"), dict):
-            for key, n in list(c["buckets"].items())[:MAX_BUCKETS]:
-                le, n = _le(key), _count(n)
-                if le is not None and n is not None:
-                    buckets[le] = n
+            for key, value in list(c["buckets"].items())[:MAX_BUCKETS]:
+                le, count = _le(key), _count(value)
+                if le is not None and count is not None:
+                    buckets[le] = count
         entry["buckets"] = buckets
         out[task] = entry
     return out

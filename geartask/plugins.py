@@ -9,6 +9,7 @@ half-loaded: a broken plugin is an error, never a skipped one.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import sys
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pluggy
 
 from . import hookspecs
-from .config import no_config_note
+from .config import Config, no_config_note
 from .errors import ConfigError, GeartaskError, JobDefinitionError, PluginError
 from .jobs import JobDefinition
 
@@ -44,7 +45,7 @@ class PluginSource:
     load: Callable[[], Any]
 
 
-def discover(config: Any) -> dict[str, PluginSource]:
+def discover(config: Config) -> dict[str, PluginSource]:
     """Every plugin that could be loaded, by name, without importing any of them."""
     found: dict[str, PluginSource] = {}
     for folder in config.plugins.paths:
@@ -55,7 +56,7 @@ def discover(config: Any) -> dict[str, PluginSource]:
             if file.name.startswith("_"):
                 continue
             found.setdefault(file.stem, PluginSource(file.stem, str(file),
-                                                     lambda f=file: _import_file(f)))
+                                                     functools.partial(_import_file, file)))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found:
             raise PluginError(f"two plugins have this name: {found[ep.name].file} and entry point {ep.value}",
@@ -64,7 +65,7 @@ def discover(config: Any) -> dict[str, PluginSource]:
     return found
 
 
-def plugin_path_warnings(config: Any) -> list[str]:
+def plugin_path_warnings(config: Config) -> list[str]:
     """A line per ``plugins.paths`` folder that is not there (a typo, a folder not deployed):
     not an error, since the entry points may bring every plugin, but then no plugin comes
     from it and a worker serves fewer tasks than meant, so check and the worker say so."""
@@ -99,7 +100,7 @@ def _import_file(file: Path) -> ModuleType:
 class Plugins:
     """The loaded plugins and the hooks they implement."""
 
-    config: Any
+    config: Config
     pm: pluggy.PluginManager
     files: dict[str, str] = field(default_factory=dict)
 
@@ -234,7 +235,7 @@ def new_manager() -> pluggy.PluginManager:
     return pm
 
 
-def load_plugins(config: Any, only: list[str] | None = None) -> Plugins:
+def load_plugins(config: Config, only: list[str] | None = None) -> Plugins:
     """Import and register plugins: ``only`` if given, else ``plugins.enabled``, else all found."""
     available = discover(config)
     wanted = list(only) if only else list(config.plugins.enabled) or list(available)

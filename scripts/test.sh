@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
 # The test command: install everything, then run the whole test suite against real gearmand.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k worker -x).
+# The tests mostly wait (on gearmand, workers, timeouts, faults), so they run in parallel with
+# pytest-xdist: GEARTASK_TEST_WORKERS processes (default 4: on 2 cores more processes only
+# starve the timing-sensitive tests of CPU). Arguments that choose for themselves (-n N,
+# --numprocesses N, -p no:xdist) or ask to see the tests' output (-s) get one process instead.
+# --dist loadgroup keeps the tests of one xdist_group (a shared expensive fixture) together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Lint and type check first (configured in pyproject.toml); set -e stops at the first that fails.
+.venv/bin/ruff check .
+.venv/bin/mypy
 export PATH="$PATH:/usr/sbin"
+
+parallel=(-n "${GEARTASK_TEST_WORKERS:-4}" --dist loadgroup)
+prev=""
+for arg in "$@"; do
+  case "$arg" in
+    -n|-n[0-9]*|-nauto|-nlogical|--numprocesses|--numprocesses=*|-pno:xdist) parallel=() ;;
+    -s|--capture=no) parallel=() ;;  # to see the tests' output: xdist's workers would swallow it
+    no:xdist) if [ "$prev" = "-p" ]; then parallel=(); fi ;;
+  esac
+  prev="$arg"
+done
+
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest ${parallel[@]+"${parallel[@]}"} "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

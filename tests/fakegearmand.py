@@ -59,7 +59,7 @@ class FakeConnection:
                         break
                     params = GEARMAN_PARAMS_FOR_COMMAND.get(cmd, ())
                     parts = buf[12:12 + size].split(b"\0", max(len(params) - 1, 0)) if params else []
-                    args = dict(zip(params, parts))
+                    args = dict(zip(params, parts, strict=False))
                     buf = buf[12 + size:]
                     self.packets.append((cmd, args))
                     if cmd == gp.SET_CLIENT_ID:

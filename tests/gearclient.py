@@ -8,7 +8,6 @@ foreground jobs and prints a JSON summary (the starvation test runs two at once)
 from __future__ import annotations
 
 import json
-import select
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ def submit(conn: gp.Connection, task: str, payloads: list, *, background: bool =
     for i in range(0, len(payloads), chunk):
         part = payloads[i:i + chunk]
         conn.send_raw(b"".join(gp.pack(cmd, task=task, unique=u, data=encode_payload(p))
-                               for p, u in zip(part, uniques[i:i + chunk])))
+                               for p, u in zip(part, uniques[i:i + chunk], strict=False)))
         for _ in part:
             handles.append(_job_created(conn, timeout))
     return handles

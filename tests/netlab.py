@@ -8,7 +8,8 @@ several addresses per host). ``NetLab`` builds hosts that behave like separate m
   inside, ``b-NAME`` on the bridge, addresses in 10.77.0.0/24 and no default route;
 - every name carries a per-run prefix with the test process's pid (``gtn<pid>-<n>-``);
   ``cleanup_stale()`` runs first and removes what earlier runs left behind, but only runs whose
-  process is gone: other test runs may be using the machine at the same time;
+  process is gone: other test runs (and the other pytest-xdist workers of this run, each a
+  process of its own) may be using the machine at the same time;
 - processes run on a host with ``ip netns exec``; every one is recorded and stopped by its pid
   at teardown, then the namespaces are deleted (which deletes their veths too);
 - faults: ``cut``/``restore`` a host's link on the bridge side (silent: no RST, no FIN),
@@ -25,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import json
 import os
@@ -41,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 from geartask.gearman import admin_command
-from geartask.server import LocalServer, _alive, port_open
+from geartask.server import LocalServer, pid_alive, port_open
 
 from helpers import REPO, wait_until, write_config
 from workers import WorkerProc, worker_connections
@@ -59,6 +61,10 @@ KEEPALIVE = (30, 10, 3)
 _OWNER = re.compile(rf"^{PREFIX}(\d+)-")
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,12}$")  # b-NAME must fit IFNAMSIZ (15 characters)
 _labs = itertools.count()
+# cleanup_stale() of several test processes at once (xdist workers, other runs) take turns
+_CLEANUP_LOCK = Path("/run/gtn-netns-cleanup.lock")
+_cleanup_holds = 0
+_cleanup_fd: int | None = None
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -106,17 +112,37 @@ def stop_process(*procs: subprocess.Popen, grace: float = 5.0) -> None:
                 p.wait(5)
 
 
+@contextlib.contextmanager
+def cleanup_held() -> Iterator[None]:
+    """Hold the machine-wide lock cleanup_stale() takes: no other test process removes leftovers
+    meanwhile (a test that plants a leftover and cleans it up itself needs that). Reentrant."""
+    global _cleanup_holds, _cleanup_fd
+    if _cleanup_holds == 0:
+        fd = os.open(_CLEANUP_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _cleanup_fd = fd
+    _cleanup_holds += 1
+    try:
+        yield
+    finally:
+        _cleanup_holds -= 1
+        if _cleanup_holds == 0 and _cleanup_fd is not None:
+            os.close(_cleanup_fd)  # releases the lock
+            _cleanup_fd = None
+
+
 def cleanup_stale() -> list[str]:
     """Delete the namespaces (and end the processes in them) of earlier runs whose test process
     is gone. Namespaces of a live process are never touched, whoever owns them."""
     removed = []
-    for ns in namespaces():
-        m = _OWNER.match(ns)
-        if not m or _alive(int(m.group(1))):
-            continue
-        _kill_pids(_netns_pids(ns))  # only what an earlier run of these tests started there
-        if ip("netns", "del", ns, check=False).returncode == 0:
-            removed.append(ns)
+    with cleanup_held():
+        for ns in namespaces():
+            m = _OWNER.match(ns)
+            if not m or pid_alive(int(m.group(1))):
+                continue
+            _kill_pids(_netns_pids(ns))  # only what an earlier run of these tests started there
+            if ip("netns", "del", ns, check=False).returncode == 0:
+                removed.append(ns)
     return removed
 
 
@@ -435,7 +461,7 @@ class NetLab:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s")
+            raise AssertionError(f"manage_client {' '.join(args)} did not finish within {timeout}s") from None
         return subprocess.CompletedProcess(proc.proc.args, code, proc.stdout, proc.stderr)
 
     # -- teardown -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from geartask.config import find_config, load_config, parse_hostport
 from geartask.errors import ConfigError
 
-from helpers import REPO
+from helpers import REPO, missing_in_this_environment
 
 
 def write(path: Path, text: str) -> Path:
@@ -28,7 +28,7 @@ def test_defaults_without_a_file_live_in_the_working_directory(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     if Path("/etc/geartask/config.yaml").exists():
-        pytest.skip("this machine has /etc/geartask/config.yaml")
+        missing_in_this_environment("this machine has /etc/geartask/config.yaml")
     cfg = load_config()
     assert cfg.source is None
     assert cfg.servers == ["127.0.0.1:4730"]

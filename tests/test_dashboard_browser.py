@@ -4,14 +4,13 @@ processes and a real dashboard process. Each test leaves a screenshot in var/scr
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dashboards import DashboardProc, queue_background
-from helpers import REPO, wait_until
+from helpers import REPO, missing_in_this_environment, wait_until
 from workers import WorkerProc
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -25,10 +24,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
 @pytest.fixture
 def browser(tmp_path, request):
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        message = "chromium and chromium-driver are not installed: run scripts/install.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_in_this_environment("chromium and chromium-driver are not installed: run scripts/install.sh")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -187,21 +183,7 @@ def test_shut_down_worker_processes_from_the_workers_page(browser, fleet):
     assert wb.wait(30) == 0
 
 
-def _outcomes_flow() -> str | None:
-    """Why outcomes can't flow on this branch yet, or None."""
-    import importlib.util
-    if importlib.util.find_spec("geartask.outcomes.collector") is None:
-        return "the outcomes collector is not on this branch yet (issue 13, branch collector)"
-    worker_src = "".join(p.read_text() for p in (REPO / "geartask" / "worker").glob("*.py"))
-    if "OUTCOME_FUNCTION" not in worker_src:
-        return "workers don't report outcomes yet (issue 13: the lead wires it after the collector lands)"
-    return None
-
-
 def test_requeue_a_failed_job_from_the_failed_page(browser, fleet, fname, tmp_path):
-    reason = _outcomes_flow()
-    if reason:
-        pytest.skip(reason)
     s1, _ = fleet.servers
     flag = tmp_path / "flag"
     fleet.worker("rw")

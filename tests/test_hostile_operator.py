@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ import pytest
 
 from geartask import gearman as gp
 from geartask.errors import ServerError
-from geartask.server import free_port
 
 from helpers import PYTHON, REPO, run_script, wait_until, write_config
 from workers import WorkerProc
@@ -85,7 +83,7 @@ def test_a_config_that_is_not_a_config_is_one_line_and_exit_2_in_every_command(t
     /dev/zero was read for ever. Now: one line naming the file (line and column where there
     is one) and what is wrong, exit 2, before anything starts."""
     path, message = _bad_configs(tmp_path)[case]
-    for role, r in every_role(path).items():
+    for _role, r in every_role(path).items():
         assert_one_line(r, message)
 
 

@@ -26,7 +26,7 @@ from dashboards import DashboardProc
 from fakeworker import FakeControlWorker
 from geartask import gearman as gp
 from geartask.outcomes import OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store
-from geartask.scheduler.schedule import parse, slot_text
+from geartask.scheduler.schedule import parse
 from geartask.scheduler.scheduler import Scheduler
 from helpers import REPO, wait_until
 

@@ -13,7 +13,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,16 +22,16 @@ import pytest
 from geartask import gearman as gp
 from geartask.cli import run
 from geartask.jobs import decode_payload
-from geartask.server import LocalServer
 from geartask.sender.sender import JobSender
 from geartask.sender.cli import main
 
-from helpers import PYTHON, REPO, wait_until, write_config
+from helpers import PYTHON, REPO, write_config
 
 SCRIPT = REPO / "send_job_client" / "send_job_client.py"
 
 
 def cli(argv, capsys):
+    capsys.readouterr()  # the CLI's output only: not what an in-process JobSender logged before it
     rc = run(main, argv)
     out, err = capsys.readouterr()
     return rc, out, err

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import gearclient as gc
-from helpers import REPO, processes, run_script, wait_until, write_config
+from helpers import REPO, missing_in_this_environment, processes, run_script, wait_until, write_config
 from workers import WorkerProc
 
 
@@ -88,10 +88,11 @@ def test_a_relative_entry_on_the_workers_own_path_does_not_let_cwd_choose(gearma
     assert not marker.exists()
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the preloaded library")
 def test_ld_preload_cannot_inject_code_into_an_allowed_program(gearmand, shell_worker, tmp_path):
     """A client sends {"cmd": ["true"], "env": {"LD_PRELOAD": "/its/lib.so"}} so that the
     library's constructor runs inside /bin/true. It gets: the job refused; nothing is loaded."""
+    if shutil.which("gcc") is None:
+        missing_in_this_environment("gcc is needed to build the preloaded library")
     marker = tmp_path / "ran"
     src = tmp_path / "evil.c"
     src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n'

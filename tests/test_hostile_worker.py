@@ -58,7 +58,7 @@ def test_a_task_raising_systemexit_or_keyboardinterrupt_fails_its_job_not_the_th
     forever)."""
     w = start_worker(gearmand, name="baseexc", threads=1)
     rec = tmp_path / "runs.jsonl"
-    for i in range(3):
+    for _i in range(3):
         o = gc.run_one(gearmand.address, "h.raise", {"raise": kind, "file": str(rec), "retries": 0}, timeout=15)
         assert o.state == "failed" and o.reason["error"].startswith(kind) and o.reason["attempts"] == 1
     assert len(runs(rec)) == 3
@@ -383,3 +383,22 @@ def test_a_server_talking_garbage_is_dropped_and_retried_with_backoff(gearmand, 
         assert len(outages) == 1 and "protocol error" in outages[0]["reason"]
     finally:
         fake.close()
+
+
+def test_an_envelope_dated_far_ahead_and_a_job_over_max_packet_fail_once_unrun(gearmand, start_worker, tmp_path):
+    """Tried: a job whose envelope says it was submitted a day from now (a wrong clock or a
+    forger: its record would sort newest for ever), and a job bigger than the worker's
+    gearman.max_packet. Got: each fails once with the reason, the task never runs, and the
+    worker reads past the big one without buffering it (before: the first ran, the second
+    failed with a KeyError after being read whole)."""
+    w = start_worker(gearmand, name="future", threads=1, extra="gearman:\n  max_packet: 65536\n")
+    rec = tmp_path / "runs.jsonl"
+    ahead = b'\x1egeartask/1 {"at": %d}\n' % int(time.time() + 86400)
+    o = gc.run_one(gearmand.address, "h.raise", ahead + json.dumps({"file": str(rec)}).encode(), timeout=15)
+    assert o.state == "failed" and "ahead of this worker's clock" in o.reason["error"]
+    big = json.dumps({"file": str(rec), "pad": "x" * 200_000}).encode()
+    o = gc.run_one(gearmand.address, "h.raise", big, timeout=15)
+    assert o.state == "failed" and "exceeds gearman.max_packet (65536 bytes)" in o.reason["error"]
+    assert not rec.exists()  # neither ran
+    assert gc.run_one(gearmand.address, "eg.reverse", "ok", timeout=10).result == {"reversed": "ko"}
+    assert w.proc.poll() is None

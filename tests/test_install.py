@@ -139,7 +139,8 @@ def test_the_readme_pip_quick_start_works_pasted_into_a_fresh_shell(installed, t
     script.write_text("set -e\n" + "\n".join(lines) + "\nwait\n")
     env = {k: v for k, v in os.environ.items() if k not in ("GEARTASK_CONFIG", "VIRTUAL_ENV")}
     # the user's own HOME: pip's settings (its indexes) live there; ./config.yaml is found first
-    env.update(PATH=f"{venv / 'bin'}:{os.environ['PATH']}:/usr/sbin", PIP_RETRIES="0", PIP_QUIET="1")  # no network in the namespace: pip falls back to local indexes at once
+    # no network in the namespace: pip falls back to local indexes at once
+    env.update(PATH=f"{venv / 'bin'}:{os.environ['PATH']}:/usr/sbin", PIP_RETRIES="0", PIP_QUIET="1")
     shell = subprocess.Popen(["unshare", "-rn", "bash", "--noprofile", "--norc", "-c",
                               f"ip link set lo up && exec bash --noprofile --norc {script}"],
                              cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -67,7 +67,7 @@ class CollectorProc:
         except subprocess.TimeoutExpired:
             os.kill(self.pid, signal.SIGKILL)
             self.proc.wait(10)
-            raise AssertionError("the collector did not stop on SIGTERM")
+            raise AssertionError("the collector did not stop on SIGTERM") from None
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")
@@ -169,7 +169,7 @@ def test_2000_outcomes_survive_a_stopped_collector_and_a_killed_gearmand(fresh_g
     batch = records(srv.address, 2000, "k")
     ids = {r["id"] for r in batch}
     submit(srv.address, [json.dumps(r).encode() for r in batch])
-    uniques, payloads = zip(*outcome_jobs(batch[:100]))  # the same 100 records again, batched as a worker does
+    uniques, payloads = zip(*outcome_jobs(batch[:100]), strict=False)  # the same 100 records again, batched as a worker does
     submit(srv.address, list(payloads), list(uniques))
     assert total(srv.address, OUTCOME_FUNCTION) == 2005
     srv.kill()
@@ -194,7 +194,7 @@ def test_outcome_jobs_need_unique_keys_of_their_own_to_survive_a_restart(fresh_g
     srv = fresh_gearmand
     batch = records(srv.address, 60, "r")
     jobs = list(outcome_jobs(batch, max_records=20))
-    uniques, payloads = zip(*jobs)
+    uniques, payloads = zip(*jobs, strict=False)
     assert len(set(uniques)) == 3 and all(len(u) <= 64 for u in uniques)
     submit(srv.address, list(payloads), [""] * 3)
     submit(srv.address, list(payloads), list(uniques))
@@ -266,7 +266,7 @@ def test_a_second_collector_is_refused(fresh_gearmand, gearmand_factory, tmp_pat
     first = collectors(collector_config(tmp_path, addresses), addresses)
     second = collectors(collector_config(tmp_path, [other.address], name="second"))
     assert second.proc.wait(20) == 2
-    assert f"another outcomes collector is registered: geartask-collector:" in second.text()
+    assert "another outcomes collector is registered: geartask-collector:" in second.text()
     assert f":{first.pid} (from 127.0.0.1) on {other.address}" in second.text()
     assert first.proc.poll() is None and first.stop() == 0
 

@@ -6,7 +6,6 @@ What each test proves is in its name and docstring; every wait has a deadline.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess

@@ -39,7 +39,7 @@ def net(tmp_path, gearmand_factory):
         def __init__(self, n: int, threads: int = 8, sender_extra: str = "", queue: str = "sqlite", **proxy):
             self.servers = [gearmand_factory(queue) for _ in range(n)]
             self.proxies = [SliceProxy(s.address, **proxy).start() for s in self.servers]
-            self.real = {p.address: s.address for p, s in zip(self.proxies, self.servers)}
+            self.real = {p.address: s.address for p, s in zip(self.proxies, self.servers, strict=False)}
             self.marker = tmp_path / "runs.jsonl"
             self.worker_cfg = write_config(tmp_path / "worker.yaml", [s.address for s in self.servers],
                                            plugin_paths=[REPO / "plugins", TEST_PLUGINS])
@@ -217,7 +217,8 @@ def test_the_same_unique_from_another_process_meets_the_original(net, tmp_path):
     jobs = n.jobs(12)
     for i, j in enumerate(jobs):
         j["unique"] = f"same-{i}"
-        j["data"]["sleep"] = 3
+        # long enough that the second sender, a new Python process, starts while they run
+        j["data"]["sleep"] = 10
     script = ("import json,sys\nfrom geartask.config import load_config\n"
               "from geartask.sender.sender import JobSender\n"
               "jobs = json.loads(sys.argv[2])\n"
@@ -262,5 +263,5 @@ def test_rendezvous_order_is_stable_spread_and_minimal():
     assert json.loads(out) == first[:200]
     # Without server 3 only its uniques move; the others keep their server.
     without = [clients.rendezvous(u, servers[:2])[0] for u in uniques]
-    assert all(a == b for a, b in zip(first, without) if a != servers[2])
-    assert all(clients.rendezvous(u, servers)[1] == w for u, f, w in zip(uniques, first, without) if f == servers[2])
+    assert all(a == b for a, b in zip(first, without, strict=False) if a != servers[2])
+    assert all(clients.rendezvous(u, servers)[1] == w for u, f, w in zip(uniques, first, without, strict=False) if f == servers[2])

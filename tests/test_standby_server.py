@@ -51,7 +51,7 @@ def pair(tmp_path, pg_url):
     (configs, addresses, servers started) and stops whatever still runs afterwards."""
     ports = [free_port(), free_port()]
     addresses = [f"127.0.0.1:{p}" for p in ports]
-    configs = [server_config(tmp_path, n, p, addresses, pg_url) for n, p in zip("AB", ports)]
+    configs = [server_config(tmp_path, n, p, addresses, pg_url) for n, p in zip("AB", ports, strict=False)]
     started: list[LocalServer] = []
     yield configs, addresses, started
     for srv in started:

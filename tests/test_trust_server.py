@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from geartask.config import load_config
-from geartask.server import LocalServer, _alive, free_port
+from geartask.server import LocalServer, pid_alive, free_port
 from geartask.trust import certs
 from geartask.trust.tls import client_context
 from helpers import wait_until, write_config
@@ -178,7 +178,7 @@ def test_server_status_start_again_and_stop_stop_both(tmp_path):
     finally:
         r = subprocess.run([*gt, "stop"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "stopped" in r.stdout
-    wait_until(lambda: not _alive(gearmand_pid) and not _alive(stunnel_pid), message="both processes gone")
+    wait_until(lambda: not pid_alive(gearmand_pid) and not pid_alive(stunnel_pid), message="both processes gone")
     assert subprocess.run([*gt, "status"], capture_output=True, timeout=60).returncode == 1
 
 

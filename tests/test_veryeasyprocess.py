@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import REPO, processes, wait_until
+from helpers import REPO, missing_in_this_environment, processes, wait_until
 from geartask.shell import veryeasyprocess as vep
 
 
@@ -134,7 +134,7 @@ def test_numbers_that_are_not_finite_seconds_are_refused_before_starting(kwargs)
 def test_descriptor_numbers_past_1024_work():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"the open-file limit ({hard}) is too low for descriptors past 1024")
+        missing_in_this_environment(f"the open-file limit ({hard}) is too low for descriptors past 1024")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
     held = []
     try:

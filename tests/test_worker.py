@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -259,8 +258,8 @@ def test_two_servers_one_killed_mid_run_every_job_completes(gearmand_factory, st
 
 def test_no_starvation_with_two_servers(gearmand_factory, start_worker, tmp_path):
     a, b = gearmand_factory(queue="none"), gearmand_factory(queue="none")
-    w1 = start_worker([a, b], name="s1", threads=4)
-    w2 = start_worker([a, b], name="s2", threads=4)
+    start_worker([a, b], name="s1", threads=4)
+    start_worker([a, b], name="s2", threads=4)
     rec = tmp_path / "rec.jsonl"
     clients = [subprocess.Popen([PYTHON, str(Path(__file__).parent / "gearclient.py"), srv.address, "t.record",
                                  "500", json.dumps({"file": str(rec), "sleep": 0.01, "id": tag})],

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import gearclient as gc
 from geartask.config import WorkerConfig, load_config
 from geartask.server import free_port
-from helpers import REPO, wait_until, write_config
+from helpers import REPO, missing_in_this_environment, wait_until, write_config
 from workers import attached
 
 DEPLOY = REPO / "deploy"
@@ -61,7 +60,7 @@ def unit_env(name: str, env_file: Path | None = None) -> dict[str, str]:
 
 def test_the_units_pass_systemd_analyze_verify(tmp_path):
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("needs systemd-analyze (Debian's systemd package; scripts/install.sh installs it)")
+        missing_in_this_environment("needs systemd-analyze (Debian's systemd package; scripts/install.sh installs it)")
     assert GEARTASK.is_file(), f"no geartask console script at {GEARTASK}: run scripts/install.sh"
     for unit in ("geartask-gearmand.service", "geartask-worker@.service"):
         text = (DEPLOY / unit).read_text()

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import gearclient as gc
 from geartask.control import ping_request
 from geartask.server import LocalServer, free_port
-from helpers import REPO, wait_until, write_config
+from helpers import REPO, missing_in_this_environment, wait_until, write_config
 from netproxy import SliceProxy
 from test_worker import start_worker, wait_running  # noqa: F401 (start_worker: a fixture)
 from workers import WorkerProc, in_process_worker, worker_connections
@@ -186,7 +185,7 @@ def test_each_server_sees_the_workers_own_address(tmp_path):
     the address that server sees the connection come from (before: one address for all)."""
     reason = _can_unshare()
     if reason:
-        pytest.skip(reason)
+        missing_in_this_environment(reason)
     result = tmp_path / "result.json"
     code = ("import json, sys; from pathlib import Path; import test_worker_network as t; "
             f"Path({str(result)!r}).write_text(json.dumps(t.two_addresses_scenario(Path({str(tmp_path)!r}))))")
@@ -202,6 +201,6 @@ def test_each_server_sees_the_workers_own_address(tmp_path):
             fd, peer, client_id = row.split()[:3]
             assert peer == host and client_id.split(":")[1] == host
         assert seen["control"] == f"geartask.control:twoip:{host}:{pid}"
-    for host, seen in out["servers"].items():  # the ping through each server's own control function
+    for _host, seen in out["servers"].items():  # the ping through each server's own control function
         assert seen["ping"]["ips"] == ["127.0.0.1", "127.0.0.2"]
         assert seen["ping"]["worker"] == f"twoip:127.0.0.1,127.0.0.2:{pid}"

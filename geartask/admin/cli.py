@@ -1,4 +1,4 @@
-"""manage_client: every job server at a glance, worker IPs, queues that really clear, shutdown.
+"""`geartask manage`: every job server at a glance, worker IPs, queues that really clear, shutdown.
 
 A thin command line over geartask.fleet (the library the tests call directly). Each command is
 one registration in build_parser: its parser, and ``run(call)`` through ``set_defaults(func=)``.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds,
                    positive_seconds, run, setup_logging)
+from ..arguments import prog
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
@@ -37,7 +38,7 @@ DEFAULT_WATCH = 2.0
 def build_parser() -> ArgumentParser:
     # The shared options are accepted before and after the command; SUPPRESS keeps a
     # subcommand's unset option from overwriting one given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     add_common_args(common)
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     common.add_argument("--timeout", type=positive_seconds, metavar="S",
@@ -45,7 +46,7 @@ def build_parser() -> ArgumentParser:
     for action in common._actions:
         action.default = argparse.SUPPRESS
 
-    parser = ArgumentParser(prog="manage_client", parents=[common],
+    parser = ArgumentParser(prog=prog("manage", "manage_client.py"), parents=[common],
                             description="Inspect and manage the gearmand job servers and geartask workers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
 
@@ -59,17 +60,24 @@ def build_parser() -> ArgumentParser:
     p = add("status", "queued, running and available workers per function and server", cmd_status_or_workers,
             fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p = add("workers", "every worker connection: name, IP, pid, thread, functions, silent; and per process",
             cmd_status_or_workers, fleet=True)
     p.add_argument("--watch", nargs="?", const=DEFAULT_WATCH, type=positive_seconds, metavar="SECONDS", help=watch_help)
     p.add_argument("--no-ping", dest="ping", action="store_false",
                    help="don't ping the worker processes (no SILENT column): no control jobs are sent")
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p = add("clear", "remove queued (not running) jobs of FUNCTIONs, or of all functions", cmd_clear, fleet=True)
     p.add_argument("functions", nargs="*", metavar="FUNCTION")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal")
     p = add("shutdown", "stop worker processes through their control functions", cmd_shutdown, fleet=True)
-    p.add_argument("--name", help="only workers of this name")
-    p.add_argument("--host", metavar="IP", help="only workers on this IP")
+    p.add_argument("--name", action="append", help="only workers of this name (repeat for several)")
+    p.add_argument("--host", metavar="IP", action="append", help="only workers on this IP (repeat for several)")
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask, even on a terminal, when no filter is given")
+    p.add_argument("--any-fleet", action="store_true",
+                   help="every fleet's workers, not only those of the config's 'fleet'")
     p.add_argument("--now", action="store_true", help="skip the grace period for running jobs")
     p.add_argument("--wait", type=non_negative_seconds, default=30.0, metavar="S",
                    help="seconds to wait for them to disconnect (default 30; 0: don't wait)")
@@ -116,7 +124,8 @@ def _status_of(results: Sequence[fleet.ServerResult]) -> int:
 
 
 def status_data(results: Sequence[fleet.ServerResult]) -> dict:
-    servers, totals = [], {}
+    servers: list[dict] = []
+    totals: dict[str, dict] = {}
     for r in results:
         entry = {"server": r.server, "reachable": r.ok, "error": r.error, "version": None, "rtt_ms": None,
                  "functions": []}
@@ -271,16 +280,18 @@ def cmd_clear(call: Call) -> int:
             return EXIT_FAILED
     log = _logger(config, args, "clear")
     results = adm.clear(functions)
-    rows, total, stranded = [], 0, 0
+    rows, total, stranded, partial = [], 0, 0, 0
     for r in results:
+        done = r.value if r.ok or isinstance(r.value, dict) else None  # a failed server: what went before
         log.info("clear", server=r.server, functions=functions or "all", ok=r.ok, error=r.error,
-                 cleared=r.value["cleared"] if r.ok else None, stranded=r.value["stranded"] if r.ok else None)
-        if r.ok:
-            for fn, n in r.value["cleared"].items():
-                if n or functions is not None:  # clearing all: only what had something to clear
+                 cleared=done["cleared"] if done else None, stranded=done["stranded"] if done else None)
+        if done:
+            for fn, n in done["cleared"].items():
+                if n or (functions is not None and r.ok):  # clearing all: only what had something to clear
                     rows.append([fn, r.server, n])
                 total += n
-            stranded += r.value["stranded"]
+                partial += 0 if r.ok else n
+            stranded += done["stranded"]
     if args.json:
         _emit_json({"ok": fleet.all_ok(results), "cleared": total, "stranded": stranded,
                     "servers": [r.to_dict() for r in results]}, out)
@@ -289,6 +300,9 @@ def cmd_clear(call: Call) -> int:
         if rows:
             out.write(render(["FUNCTION", "SERVER", "CLEARED"], rows, right=["CLEARED"]) + "\n")
         out.write(f"{total} queued job{'s' if total != 1 else ''} cleared\n")
+        if partial:
+            err.write(f"warning: {partial} of them were removed before a server failed (its last batch of up to "
+                      f"{fleet.DRAIN_BATCH} may not have been applied); run clear again once it is back\n")
         if stranded:
             err.write(f"warning: {stranded} queued job{'s' if stranded != 1 else ''} belong to no function "
                       "(left by gearmand's 'drop function'); gearmand can't hand them out or delete them "
@@ -297,7 +311,13 @@ def cmd_clear(call: Call) -> int:
 
 
 def cmd_shutdown(call: Call) -> int:
-    args, adm, config, out, err = call.args, call.fleet, call.config, call.out, call.err
+    args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
+    if not (args.name or args.host) and not args.yes and inp.isatty():  # every worker: ask first, as clear does
+        procs = [p for p in adm.processes() if p.control]
+        where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+        if not _confirm(f"Stop every worker process on {where} ({len(procs)} found)?", inp, out):
+            err.write("nothing stopped\n")
+            return EXIT_FAILED
     log = _logger(config, args, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
@@ -316,8 +336,7 @@ def cmd_shutdown(call: Call) -> int:
                                                                              if p.errors else "")]
                               for p in report.processes], right=["PID"]) + "\n")
     if not report.processes:  # nothing to stop is not success: a typo in --name must not look like one
-        filters = " ".join(x for x in (f"--name {args.name}" if args.name else "",
-                                       f"--host {args.host}" if args.host else "") if x)
+        filters = " ".join([f"--name {n}" for n in args.name or []] + [f"--host {h}" for h in args.host or []])
         err.write(f"error: no worker process{' matches ' + filters if filters else 'es connected'}\n")
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -461,7 +480,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     # neither overwrites the other): their defaults live in the namespace parsing starts from.
     args = build_parser().parse_args(argv, namespace=argparse.Namespace(json=False, timeout=None))
     config = config_from_args(args)
-    admin = fleet.Admin.from_config(config, args.timeout or fleet.DEFAULT_TIMEOUT) if args.fleet else None
+    admin = (fleet.Admin.from_config(config, args.timeout or fleet.DEFAULT_TIMEOUT,
+                                     any_fleet=getattr(args, "any_fleet", False)) if args.fleet else None)
     return args.func(Call(args, config, stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin, admin))
 
 

@@ -149,9 +149,10 @@ def cmd_serve(config: Config) -> int:
         store.close()
 
 
-def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Any = None) -> int:
+def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO, config: Config | None = None) -> int:
     info = client.ping()
-    collectors, unasked = [], []
+    collectors: list[dict] = []
+    unasked: list[str] = []
     if config is not None:  # every collector registered on the servers, not only the one that answered
         from ..outcomes.registry import registered_collectors
         collectors, unasked = registered_collectors(config)
@@ -160,7 +161,9 @@ def cmd_status(client: outcome_client.OutcomeClient, as_json: bool, out: TextIO,
         return EXIT_OK
     out.write(printable(f"collector {info.get('collector')}, started {_when(info.get('started_at'))}; "
                         f"{info.get('size')} outcomes kept ({info.get('keep_days')} days)") + "\n")
-    servers = info.get("servers") if isinstance(info.get("servers"), dict) else {}
+    servers = info.get("servers")
+    if not isinstance(servers, dict):
+        servers = {}
     rows = [[server, sides.get("outcomes"), sides.get("query")] for server, sides in sorted(servers.items())
             if isinstance(sides, dict)]
     out.write(render(["SERVER", "OUTCOMES", "QUERIES"], rows) + "\n")
@@ -213,7 +216,7 @@ def _bytes_text(rec: dict, key: str) -> str | None:
     if rec.get(key) is None:
         return None
     size, cut = rec.get(f"{key}_size"), rec.get(f"{key}_cut")
-    note = f" [{size} bytes, cut to {len(decode_bytes(rec, key))}]" if cut else ""
+    note = f" [{size} bytes, cut to {len(decode_bytes(rec, key) or b'')}]" if cut else ""
     if rec.get(f"{key}_encoding") == "base64":
         return f"(binary, {size} bytes; --json shows it as base64){note}"
     text = rec[key]
@@ -267,7 +270,7 @@ def cmd_show(args: Any, config: Config, client: outcome_client.OutcomeClient, as
         err.write(f"error: no outcome of {printable(args.unique)!s}: unknown to the collector "
                   f"(never reported, or pruned after {config.outcomes.keep_days:g} days)\n")
         return EXIT_FAILED
-    history = {"records": [], "more": False}
+    history: dict[str, Any] = {"records": [], "more": False}
     if rec.get("unique") is not None:
         history = client.history(rec["unique"], 20)
     if as_json:

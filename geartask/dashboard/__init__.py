@@ -1,1 +1,1 @@
-"""The web dashboard (manage_client.py dashboard): the fleet at a glance, actions, /metrics."""
+"""The web dashboard (geartask manage dashboard): the fleet at a glance, actions, /metrics."""

@@ -175,7 +175,8 @@ class FleetMonitor:
         t0 = time.monotonic()
         results = self.admin.snapshot(ping=True)
         now = time.time()
-        servers, pings, listings = [], [], []
+        servers, listings = [], []
+        pings: list[tuple[str, PingResult]] = []
         for r in results:
             entry: dict[str, Any] = {"server": r.server, "up": r.ok, "error": r.error, "version": None,
                                      "rtt_ms": None, "functions": []}
@@ -201,18 +202,19 @@ class FleetMonitor:
     def _processes(self, listings: list, pings: list[tuple[str, PingResult]], now: float
                    ) -> tuple[list[Process], list[tuple[str, dict]]]:
         answers: dict[tuple[str, int], dict] = {}
-        for _server, p in pings:
-            if p.answered and p.reply is not None:
-                answers.setdefault((p.name, p.pid), p.reply)
+        for _server, ping in pings:
+            if ping.answered and ping.reply is not None:
+                answers.setdefault((ping.name, ping.pid), ping.reply)
         functions: dict[tuple[str, int], set[str]] = {}
         for r in listings:
             if not r.ok:
                 continue
+            w: WorkerConnection
             for w in r.value:
-                w: WorkerConnection
                 if w.name is not None and w.pid is not None:
                     functions.setdefault((w.name, w.pid), set()).update(f for f in w.functions if not is_control(f))
-        out, replies = [], []
+        out: list[Process] = []
+        replies: list[tuple[str, dict]] = []
         for proc in group_processes(listings):
             key = (proc.name, proc.pid)
             reply = answers.get(key)

@@ -31,19 +31,21 @@ What gearmand 1.1 really does, found by trying it (tests/test_manager.py keeps i
 from __future__ import annotations
 
 from .admin import Admin
+from .drain import DRAIN_BATCH
 from .checks import MAX_FUNCTION, MAX_HANDLE, MAX_QUEUE, check_function, check_handle, check_host, check_worker_name
 from .ping import PING_UNIQUE, PingResult
 from .replies import FunctionStatus, QueuedJob, WorkerConnection, parse_show_jobs, parse_status, parse_workers
 from .reports import (FleetProcess, JobStop, ProcessShutdown, ServerResult, ShutdownReport, StopReport, all_ok,
                       group_processes, plain)
-from .server import (DEFAULT_TIMEOUT, MANAGER_CLIENT_ID, connected, server_cancel, server_clear, server_control_call,
-                     server_jobs, server_maxqueue, server_ping, server_ping_workers, server_snapshot, server_status,
+from .server import (DEFAULT_TIMEOUT, MANAGER_CLIENT_ID, PartialError, connected, server_cancel, server_clear,
+                     server_control_call, server_jobs, server_maxqueue, server_ping, server_ping_workers, server_snapshot, server_status,
                      server_version, server_workers, submit_control)
 
 __all__ = ["Admin", "MAX_FUNCTION", "MAX_HANDLE", "MAX_QUEUE", "check_function", "check_handle", "check_host",
            "check_worker_name", "PING_UNIQUE", "PingResult", "FunctionStatus", "QueuedJob", "WorkerConnection",
            "parse_show_jobs", "parse_status", "parse_workers", "FleetProcess", "JobStop", "ProcessShutdown",
            "ServerResult", "ShutdownReport", "StopReport", "all_ok", "group_processes", "plain", "DEFAULT_TIMEOUT",
-           "MANAGER_CLIENT_ID", "connected", "server_cancel", "server_clear", "server_control_call", "server_jobs",
+           "MANAGER_CLIENT_ID", "PartialError", "DRAIN_BATCH", "connected", "server_cancel", "server_clear",
+           "server_control_call", "server_jobs",
            "server_maxqueue", "server_ping", "server_ping_workers", "server_snapshot", "server_status",
            "server_version", "server_workers", "submit_control"]

@@ -22,17 +22,47 @@ if TYPE_CHECKING:
 class Admin:
     """The admin API over every configured server; each method returns one result per server."""
 
-    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None):
         if not servers:
             raise UsageError("no job servers to manage")
         if timeout <= 0:
             raise UsageError(f"timeout must be greater than 0, got {timeout:g}")
         self.servers = list(servers)
         self.timeout = timeout
+        # Only this fleet's workers are listed, counted and stopped; None: every worker. A
+        # connection that is not a geartask worker's (no fleet to tell) is always listed.
+        self.fleet = fleet
 
     @classmethod
-    def from_config(cls, config: Config, timeout: float = DEFAULT_TIMEOUT) -> "Admin":
-        return cls(config.server_addresses, timeout)
+    def from_config(cls, config: Config, timeout: float = DEFAULT_TIMEOUT, any_fleet: bool = False) -> "Admin":
+        """The config's servers; its ``fleet`` (when it names one, unless ``any_fleet``) filters workers."""
+        fleet = getattr(config, "fleet", "")
+        return cls(config.server_addresses, timeout, None if any_fleet or not fleet else fleet)
+
+    def mine(self, w: Any) -> bool:
+        """Whether a WorkerConnection belongs to this Admin's fleet (always, without one)."""
+        return self.fleet is None or w.fleet is None or w.fleet == self.fleet
+
+    def _only_mine(self, results: list[ServerResult], key: str | None = None) -> list[ServerResult]:
+        """Other fleets' connections (and their pings) out of workers/snapshot results; each
+        function's worker count recounted from what is left."""
+        if self.fleet is None:
+            return results
+        for r in results:
+            if not r.ok:
+                continue
+            conns = r.value if key is None else r.value[key]
+            kept = [w for w in conns if self.mine(w)]
+            if key is None:
+                r.value = kept
+                continue
+            r.value[key] = kept
+            procs = {(w.name, w.pid) for w in kept}
+            if "pings" in r.value:
+                r.value["pings"] = [p for p in r.value["pings"] if (p.name, p.pid) in procs]
+            for f in r.value.get("functions", []):
+                f.workers = sum(1 for w in kept if f.function in w.functions)
+        return results
 
     def each(self, call: Callable[..., Any], *args: Any) -> list[ServerResult]:
         """``call(host, port, *args, timeout=)`` on every server in parallel, in config order."""
@@ -43,7 +73,8 @@ class Admin:
                 value = call(host, port, *args, timeout=self.timeout)
             except GeartaskError as e:
                 msg = str(e).removeprefix(f"{host}:{port}: ")
-                return ServerResult(f"{host}:{port}", False, error=msg, elapsed=time.monotonic() - t0)
+                return ServerResult(f"{host}:{port}", False, getattr(e, "partial", None), error=msg,
+                                    elapsed=time.monotonic() - t0)
             except OSError as e:  # belt and braces: protocol.Connection wraps socket errors already
                 return ServerResult(f"{host}:{port}", False, error=str(e), elapsed=time.monotonic() - t0)
             return ServerResult(f"{host}:{port}", True, value, elapsed=time.monotonic() - t0)
@@ -55,11 +86,18 @@ class Admin:
 
     # reads
     def status(self) -> list[ServerResult]:
+        if self.fleet is not None:  # workers counted per fleet: gearmand's counts are everyone's
+            results = self._only_mine(self.each(server_snapshot, False), "connections")
+            for r in results:
+                if r.ok:
+                    r.value = {"reachable": True, **{k: v for k, v in r.value.items() if k not in
+                                                     ("connections", "pings")}}
+            return results
         return self.each(server_status)
 
     def workers(self, ping: bool = True) -> list[ServerResult]:
         """Every connection on every server; with ``ping``, each marked ``silent`` or not."""
-        return self.each(server_workers, ping)
+        return self._only_mine(self.each(server_workers, ping))
 
     def ping_workers(self) -> list[ServerResult]:
         """Ping every worker process on every server: one PingResult per process and server.
@@ -71,7 +109,7 @@ class Admin:
 
     def snapshot(self, ping: bool = True) -> list[ServerResult]:
         """Per server, over one connection: status, connections and worker pings (dashboards)."""
-        return self.each(server_snapshot, ping)
+        return self._only_mine(self.each(server_snapshot, ping), "connections")
 
     def jobs(self) -> list[ServerResult]:
         return self.each(server_jobs)
@@ -134,7 +172,7 @@ class Admin:
                     # the control function on the job's own server when pinged there, else the first
                     if key not in found or str(job.get("server")) == r.server:
                         found[key] = (r.server, p.function, job)
-        by_handle = {}
+        by_handle: dict[str, set[str]] = {}
         for key in found:
             if found[key][2].get("handle") == target:
                 by_handle.setdefault(target, set()).add(key[2])
@@ -158,8 +196,9 @@ class Admin:
         """Worker processes grouped by (name, pid) over every server, from ``workers`` results."""
         return group_processes(self.workers(ping=False) if results is None else results)
 
-    def shutdown(self, name: str | None = None, host: str | None = None, now: bool = False,
-                 wait: float = 30.0, poll: float = 0.1, pid: int | None = None) -> ShutdownReport:
+    def shutdown(self, name: str | list[str] | None = None, host: str | list[str] | None = None, now: bool = False,
+                 wait: float = 30.0, poll: float = 0.1, pid: int | None = None,
+                 fleet: str | None = None) -> ShutdownReport:
         """Send each matching worker process one high-priority shutdown job; wait for it to leave.
 
         ``host`` matches any of a process's addresses (each server may see another one). One
@@ -169,21 +208,21 @@ class Admin:
         """
         if wait < 0:
             raise UsageError(f"--wait must not be negative, got {wait:g}")
-        if name is not None:
-            check_worker_name(name)
-        if host is not None:
-            host = check_host(host)
+        # each may be given several times (--name w1 --name w2): a process matching any of them
+        names = [check_worker_name(n) for n in ([name] if isinstance(name, str) else name or [])]
+        hosts = [check_host(h) for h in ([host] if isinstance(host, str) else host or [])]
+        host = hosts[0] if len(hosts) == 1 else None  # where to send, when one address is named
         listing = self.workers(ping=False)
         report = ShutdownReport(errors={r.server: r.error for r in listing if not r.ok})
         payload = shutdown_request(now)
         unique = f"{CONTROL_PREFIX}:shutdown" + (":now" if now else "")
         for proc in group_processes(listing):
-            if ((name and proc.name != name) or (host and host not in proc.ips) or not proc.control
-                    or (pid is not None and proc.pid != pid)):
+            if ((names and proc.name not in names) or (hosts and not set(hosts) & set(proc.ips)) or not proc.control
+                    or (pid is not None and proc.pid != pid) or (fleet is not None and proc.fleet != fleet)):
                 continue
             # where to send: servers that see it at ``host`` first
             servers = sorted(proc.control, key=lambda srv: host is not None and
-                             parse_control_function(proc.control[srv]).ip != host)
+                             getattr(parse_control_function(proc.control[srv]), "ip", None) != host)
             shut = ProcessShutdown(proc.name, None, proc.pid, servers, ips=proc.ips)
             for server in servers:  # the first server that takes the job
                 h, _, p = server.rpartition(":")
@@ -193,26 +232,35 @@ class Admin:
                     shut.errors.append(str(e))
                     continue
                 shut.sent_to, shut.outcome = server, "sent"
-                shut.ip = parse_control_function(proc.control[server]).ip
+                identity = parse_control_function(proc.control[server])
+                shut.ip = identity.ip if identity else None
                 break
             else:
                 shut.outcome = "not sent"
             report.processes.append(shut)
 
         pending = {(p.name, p.pid): p for p in report.processes if p.outcome == "sent"}
+        seen_on = {(p.name, p.pid): set(p.servers) for p in group_processes(listing)}
         if wait > 0 and pending:
             deadline = time.monotonic() + wait
+            gone: dict[str, str | None] = {}  # servers that could not be asked on the last round
             while pending:
                 results = self.workers(ping=False)
-                for r in results:
-                    if not r.ok:
-                        report.errors[r.server] = r.error
+                gone = {r.server: r.error for r in results if not r.ok}
+                report.errors.update(gone)
                 alive = {(p.name, p.pid) for p in group_processes(results)}
-                for key in [k for k in pending if k not in alive]:
+                # Gone from the listing counts only where a listing came: a server that died says
+                # nothing about the workers it had (one may still be in its grace period).
+                for key in [k for k in pending if k not in alive and seen_on.get(k, set()) - set(gone)]:
                     pending.pop(key).outcome = "stopped"
                 if not pending or time.monotonic() >= deadline:
                     break
                 time.sleep(poll)
-            for p in pending.values():
-                p.outcome = "still running"
+            for key, left in pending.items():
+                lost = sorted(seen_on.get(key, set()) & set(gone))
+                if lost and not seen_on.get(key, set()) - set(gone):
+                    left.outcome = "unknown"
+                    left.errors.append(f"server gone: {', '.join(lost)} could not be asked whether it stopped")
+                else:
+                    left.outcome = "still running"
         return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..gearman import CAN_DO, CANT_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, NO_JOB, WORK_FAIL, Connection, pack
 
 # Grabs pipelined per round trip. Small on purpose: with the sqlite queue each WORK_FAIL costs
@@ -9,8 +11,12 @@ from ..gearman import CAN_DO, CANT_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, NO_JOB, W
 DRAIN_BATCH = 50
 
 
-def drain(conn: Connection, function: str, limit: int, timeout: float) -> int:
+def drain(conn: Connection, function: str, limit: int, timeout: float,
+          progress: Callable[[int], None] | None = None) -> int:
     """Grab up to ``limit`` queued jobs of ``function`` and fail each; returns how many.
+
+    ``progress(n)`` is told each batch of ``n`` removals as it is sent, so a caller whose
+    server dies half way still knows how many went (the return value is then lost).
 
     gearmand hands out only queued jobs, so running ones are untouched; a grab that races a
     real worker just means that worker got the job first.
@@ -31,6 +37,8 @@ def drain(conn: Connection, function: str, limit: int, timeout: float) -> int:
             if fails:
                 conn.send_raw(b"".join(fails))
                 cleared += len(fails)
+                if progress is not None:
+                    progress(len(fails))
             if empty:
                 break
     finally:

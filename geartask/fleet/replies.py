@@ -58,6 +58,7 @@ class WorkerConnection:
     pid: int | None = None
     thread: int | None = None
     silent: bool | None = None  # its process did not answer a ping here; None: not asked
+    fleet: str | None = None  # the fleet its client id names ("" none); None: not a geartask client id
 
 
 _WORKER_LINE = re.compile(r"(-1|[0-9]{1,10}) (\S+) ")  # fd -1: a connection gearmand is closing
@@ -88,7 +89,7 @@ def parse_workers(lines: list[str]) -> list[WorkerConnection]:
         w.functions = [f for f in w.functions if f]
         ident = parse_client_id(client_id)
         if ident is not None:
-            w.name, w.worker_ip, w.pid, w.thread = ident.name, ident.ip, ident.pid, ident.thread
+            w.name, w.worker_ip, w.pid, w.thread, w.fleet = ident.name, ident.ip, ident.pid, ident.thread, ident.fleet
         out.append(w)
     return out
 

@@ -55,6 +55,7 @@ class FleetProcess:
     control: dict[str, str] = field(default_factory=dict)  # server -> its control function there
     connections: int = 0
     silent_on: list[str] = field(default_factory=list)  # servers where it did not answer a ping
+    fleet: str = ""  # the config's ``fleet`` it says it belongs to ("" none, or a worker before fleets)
 
 
 def group_processes(results: Iterable[ServerResult]) -> list[FleetProcess]:
@@ -67,6 +68,7 @@ def group_processes(results: Iterable[ServerResult]) -> list[FleetProcess]:
             keys: dict[tuple[str, int], str | None] = {}
             if w.name is not None and w.pid is not None:
                 keys[(w.name, w.pid)] = w.worker_ip
+                procs.setdefault((w.name, w.pid), FleetProcess(w.name, w.pid)).fleet = w.fleet or ""
             for fn in w.functions:
                 ident = parse_control_function(fn)
                 if ident is not None:
@@ -123,7 +125,8 @@ class ProcessShutdown:
     pid: int
     servers: list[str]  # where its control function is registered
     sent_to: str | None = None
-    outcome: str = "not sent"  # sent (not waited for) | stopped | still running | not sent
+    # sent (not waited for) | stopped | still running | not sent | unknown (its servers went away)
+    outcome: str = "not sent"
     errors: list[str] = field(default_factory=list)
     ips: list[str] = field(default_factory=list)  # every address the servers see it at
 

@@ -148,6 +148,14 @@ def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     return {"jobs": jobs, "unique_keys": uniques}
 
 
+class PartialError(ServerError):
+    """A server failed half way through a change: ``partial`` is what was done before it did."""
+
+    def __init__(self, message: str, partial: dict):
+        self.partial = partial
+        super().__init__(message)
+
+
 def server_clear(host: str, port: int, functions: list[str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Remove the queued jobs of ``functions`` (None: all) from one server.
@@ -162,14 +170,23 @@ def server_clear(host: str, port: int, functions: list[str] | None = None,
         status = {f.function: f for f in parse_status(conn.text_command("status", timeout))}
         names = list(status) if functions is None else list(dict.fromkeys(functions))
         counts: dict[str, int] = {}
-        for name in names:
-            st = status.get(name)
-            # total counts running and cancelled jobs too: an upper bound, so a queue that
-            # senders keep filling can't keep us here forever.
-            counts[name] = drain(conn, name, st.total, timeout) if st and st.total else 0
-        # An echo answered means every WORK_FAIL before it was processed (and its row deleted).
-        conn.send(ECHO_REQ, data=b"clear")
-        conn.expect(ECHO_RES, timeout)
+        try:
+            for name in names:
+                st = status.get(name)
+                counts[name] = 0
+
+                def count(n: int, name: str = name) -> None:
+                    counts[name] += n
+                # total counts running and cancelled jobs too: an upper bound, so a queue that
+                # senders keep filling can't keep us here forever.
+                if st and st.total:
+                    drain(conn, name, st.total, timeout, count)
+            # An echo answered means every WORK_FAIL before it was processed (and its row deleted).
+            conn.send(ECHO_REQ, data=b"clear")
+            conn.expect(ECHO_RES, timeout)
+        except ServerError as e:  # say how many went before the server did, not "0 cleared"
+            raise PartialError(str(e), {"cleared": {k: v for k, v in counts.items() if v}, "stranded": 0,
+                                        "interrupted": True}) from None
         stranded = _count_stranded(conn, timeout) if functions is None else 0
     return {"cleared": counts, "stranded": stranded}
 

@@ -141,7 +141,7 @@ def parse_response(buf: bytes | bytearray) -> tuple[int, dict[str, bytes], int] 
     if len(parts) != len(params):
         raise ProtocolError(f"Received {len(parts)} argument(s), expecting {len(params)} "
                                f"argument(s): {gp.get_command_name(cmd)}")
-    return cmd, dict(zip(params, parts)), size
+    return cmd, dict(zip(params, parts, strict=True)), size
 
 
 HEADER = _HEADER  # magic, command, body length: the one copy of a packet header's layout

@@ -138,16 +138,18 @@ class Connection:
             raise self._fail(f"connection lost while sending: {e.strerror or e}") from None
 
     def _sendall_tls(self, data: bytes) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)  # called only for a TLS connection
         view = memoryview(data)
         while view:
             try:
                 with self._ssl_lock:  # not held while waiting below: the reader must go on
-                    n = self.sock.send(view)
+                    n = sock.send(view)
             except ssl.SSLWantReadError:
-                _wait(self.sock, select.POLLIN)
+                _wait(sock, select.POLLIN)
                 continue
             except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-                _wait(self.sock, select.POLLOUT)
+                _wait(sock, select.POLLOUT)
                 continue
             view = view[n:]
 
@@ -268,6 +270,7 @@ class Connection:
 
     def _read_some_tls(self, timeout: float | None) -> bool:
         sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)  # called only for a TLS connection
         if timeout is not None and not sock.pending():
             try:
                 ready = wait_readable(sock.fileno(), timeout)
@@ -342,7 +345,7 @@ class Connection:
             raise self._fail(f"no answer within {timeout:g}s")
         return pkt
 
-    def recv_until(self, wanted: set[int] | int, deadline: float) -> Packet | None:
+    def recv_until(self, wanted: set[int] | frozenset[int] | int, deadline: float) -> Packet | None:
         """recv() until one of ``wanted`` arrives (others are skipped); None at ``deadline``
         (a time.monotonic() value). ERROR raises ServerError with its text, unless wanted."""
         wanted = {wanted} if isinstance(wanted, int) else wanted

@@ -75,10 +75,10 @@ class OutcomeClient:
 
     def latest(self, *, unique: str | None = None, handle: str | None = None,
                server: str | None = None) -> dict | None:
-        return _record(self.ask("latest", unique=unique, handle=handle, server=server), "latest")
+        return checked_record(self.ask("latest", unique=unique, handle=handle, server=server), "latest")
 
     def get(self, id: str) -> dict | None:
-        return _record(self.ask("get", id=id), "get")
+        return checked_record(self.ask("get", id=id), "get")
 
     def history(self, unique: str, limit: int | None = None) -> dict:
         return _listing(self.ask("history", unique=unique, limit=limit), "history")
@@ -135,24 +135,24 @@ class OutcomeClient:
             conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT), max_packet=self.max_packet)
             try:
                 conn.connect()
-                if not _collector_attached(conn, max(0.1, deadline - time.monotonic())):
+                if not collector_attached(conn, max(0.1, deadline - time.monotonic())):
                     tried[address] = "no collector attached"
                     continue
                 reply = _submit(conn, unique, payload, deadline)
                 if reply is None:
                     tried[address] = f"no answer within {self.timeout:g}s"
                     break
-                return _result(self._open(reply, address), address)
+                return query_answer(self.open_reply(reply, address), address)
             except ServerError as e:
                 tried[address] = str(e).removeprefix(address + ": ")
             finally:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
-        raise NoCollectorError(f"no outcomes collector answered{within} (is `manage_client.py outcomes serve` "
+        raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")
 
-    def _open(self, reply: bytes, address: str) -> bytes:
+    def open_reply(self, reply: bytes, address: str) -> bytes:
         """The answer's JSON; RogueAnswerError, naming the server, for one no trusted collector
         signed (with require_signed). The signer's name is not needed further: it is trusted."""
         try:
@@ -164,7 +164,7 @@ class OutcomeClient:
         return body
 
 
-def _collector_attached(conn: gp.Connection, timeout: float) -> bool:
+def collector_attached(conn: gp.Connection, timeout: float) -> bool:
     """Whether a worker of the query function is connected to this server: if none is, a
     query would only wait for its deadline (and stay queued, ignored, after it)."""
     for f in parse_status(conn.text_command("status", timeout)):
@@ -201,7 +201,7 @@ def _submit(conn: gp.Connection, unique: str, payload: bytes, deadline: float) -
                              f"{warning[:300].decode('utf-8', 'replace') if warning else 'no reason given'}")
 
 
-def _result(reply: bytes, address: str) -> Any:
+def query_answer(reply: bytes, address: str) -> Any:
     try:
         answer = json.loads(reply.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -230,7 +230,7 @@ def _fields(value: Any, kinds: dict[str, type], op: str) -> dict:
     return value
 
 
-def _record(value: Any, op: str) -> dict | None:
+def checked_record(value: Any, op: str) -> dict | None:
     """A record (or None), checked as the collector checked it when it stored it."""
     if value is None:
         return None
@@ -248,5 +248,5 @@ def _record(value: Any, op: str) -> dict | None:
 def _listing(value: Any, op: str) -> dict:
     _fields(value, {"records": list, "more": bool}, op)
     for r in value["records"]:
-        _record(r, op)
+        checked_record(r, op)
     return value

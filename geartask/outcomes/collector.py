@@ -47,8 +47,6 @@ PRUNE_INTERVAL = 600.0  # seconds between prunes of records past outcomes.keep_d
 RIVAL_FIRST, RIVAL_INTERVAL = 1.0, 60.0  # seconds to the first look for another collector, and between looks
 MALFORMED_SHOWN = 3  # bad records of one job named in the log
 
-_MAX_HANDLE = 64
-
 
 def collector_client_id(host: str | None = None, pid: int | None = None) -> str:
     """``geartask-collector:<host>:<pid>``: how a collector's connections show in ``workers``."""
@@ -58,42 +56,6 @@ def collector_client_id(host: str | None = None, pid: int | None = None) -> str:
 
 def is_collector_id(client_id: str) -> bool:
     return client_id.startswith(CLIENT_PREFIX + ":")
-
-
-class _Guarded(gp.Connection):
-    """A Connection that never buffers a job bigger than ``max_job``: it keeps the job's handle,
-    reads past the rest, and hands it out as a JOB_ASSIGN_UNIQ with an ``oversize`` argument
-    (the body's length) instead of its data, so the job can still be answered and dropped."""
-
-    def __init__(self, host: str, port: int, max_job: int, **kw: Any):
-        super().__init__(host, port, **kw)
-        self.max_job = max_job
-        self._skip = 0
-
-    def _take_packet(self) -> gp.Packet | None:
-        buf = self._buf
-        if len(buf) >= 12:
-            magic, cmd, length = gp.HEADER.unpack_from(buf)
-            if length > self.max_job and magic == gp.MAGIC_RES and cmd == gp.JOB_ASSIGN_UNIQ:
-                end = buf.find(b"\0", 12, 12 + _MAX_HANDLE + 1)
-                if end < 0:
-                    if len(buf) <= 12 + _MAX_HANDLE:
-                        return None  # the handle is still on its way
-                    raise self._fail("protocol error: a job handle longer than 64 bytes")
-                handle = bytes(buf[12:end])
-                dropped = min(12 + length, len(buf))
-                del buf[:dropped]
-                self._skip = 12 + length - dropped
-                return gp.Packet(gp.JOB_ASSIGN_UNIQ, {"job_handle": handle, "oversize": str(length).encode()})
-        return super()._take_packet()
-
-    def _read_some(self, timeout: float | None) -> bool:
-        got = super()._read_some(timeout)
-        if self._skip and self._buf:
-            n = min(self._skip, len(self._buf))
-            del self._buf[:n]
-            self._skip -= n
-        return got
 
 
 class _StoreFailed(Exception):
@@ -162,8 +124,10 @@ class _Attachment(threading.Thread):
         c, link = self.collector, self.link
         down_since = None
         while not c.stopping:
-            conn = _Guarded(self.host, self.port, self.max_job, connect_timeout=gp.CONNECT_TIMEOUT,
-                            keepalive=c.keepalive)
+            # max_packet: a job bigger than max_job is never buffered; it comes as a packet with
+            # only its handle and ``oversize``, so it can still be answered and dropped
+            conn = gp.Connection(self.host, self.port, connect_timeout=gp.CONNECT_TIMEOUT,
+                                 keepalive=c.keepalive, max_packet=self.max_job)
             try:
                 conn.connect()
                 conn.send_raw(link.connected(time.monotonic(), c.client_id, [self.function]))
@@ -198,7 +162,7 @@ class _Attachment(threading.Thread):
             if c.stopping or c.wait(link.next_try - now):
                 break
 
-    def _serve(self, conn: _Guarded) -> None:
+    def _serve(self, conn: gp.Connection) -> None:
         c, link, n = self.collector, self.link, self.pipeline
         while not c.stopping:
             conn.send_raw(link.grab(time.monotonic(), n))
@@ -222,7 +186,7 @@ class _Attachment(threading.Thread):
                 conn.send_raw(link.rest(time.monotonic(), sleep=True))
                 self._sleep(conn)
 
-    def _next(self, conn: _Guarded) -> gp.Packet:
+    def _next(self, conn: gp.Connection) -> gp.Packet:
         """The answer to one grab (NOOPs from an earlier PRE_SLEEP are skipped)."""
         timeout = self.link.grab_timeout
         deadline = time.monotonic() + timeout
@@ -235,7 +199,7 @@ class _Attachment(threading.Thread):
             if pkt.cmd == gp.ERROR:
                 raise ServerError(gp.error_text(pkt), conn.address)
 
-    def _sleep(self, conn: _Guarded) -> None:
+    def _sleep(self, conn: gp.Connection) -> None:
         """Until the server sends something (its NOOP), the collector stops, or poll_timeout
         passes: then we grab again anyway (a NOOP can be lost; see the worker's docstring)."""
         if conn.has_buffered_packet():

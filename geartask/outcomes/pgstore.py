@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from ..logs import get_logger
 from .errors import StoreError
 from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
-from .store import _COLUMNS, DEFAULT_MAX_BYTES, QUOTA_SLACK, SKEW_FLAG, OutcomeStore, _row, error_text
+from .store import RECORD_COLUMNS, DEFAULT_MAX_BYTES, QUOTA_SLACK, SKEW_FLAG, OutcomeStore, record_from_row, error_text
 
 log = get_logger("geartask.outcomes")
 
@@ -148,7 +148,7 @@ class PostgresOutcomeStore(OutcomeStore):
         if any(isinstance(a, str) and "\x00" in a for a in args):
             return []  # no stored text holds NUL (add refuses it), and PostgreSQL can't be asked for one
         rows = self._run(lambda conn: conn.execute(sql, args).fetchall())
-        return [_row(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, records: Iterable[dict], *, checked: bool = False, received_at: float | None = None) -> int:
@@ -162,7 +162,7 @@ class PostgresOutcomeStore(OutcomeStore):
             except BadOutcome as e:
                 self._refuse(rec, str(e))
                 continue
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY
+            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
                      and k not in ("received_at", "clock_skew")}
             skew = rec["finished_at"] - now
             if skew > SKEW_FLAG:
@@ -172,7 +172,7 @@ class PostgresOutcomeStore(OutcomeStore):
                    rec["finished_at"], now, json.dumps(light, ensure_ascii=False, separators=(",", ":")),
                    error_text(reason), None if reason is None else json.dumps(reason, ensure_ascii=False),
                    rec.get("result"), rec.get("data"))
-            if any(isinstance(row[i], str) and "\x00" in row[i] for i in _TEXT_COLUMNS):
+            if any(isinstance(text, str) and "\x00" in text for text in (row[i] for i in _TEXT_COLUMNS)):
                 self._refuse(rec, "a text field holds a NUL character, which PostgreSQL text can't")
                 continue
             rows.append(row)
@@ -210,7 +210,7 @@ class PostgresOutcomeStore(OutcomeStore):
         received_at) down to QUOTA_SLACK of it, never the ``keep_newest`` just added, and
         compact (VACUUM FULL: PostgreSQL keeps deleted rows' space in the table otherwise).
         One collector at a time: another that finds the lock taken stores and moves on."""
-        if self._used_bytes(conn) <= self.max_bytes:
+        if self.max_bytes is None or self._used_bytes(conn) <= self.max_bytes:
             return
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (QUOTA_LOCK,)).fetchone()[0]:
             return
@@ -221,14 +221,14 @@ class PostgresOutcomeStore(OutcomeStore):
 
     def _evict(self, conn: Any, keep_newest: int) -> None:
         for _ in range(QUOTA_ROUNDS):
-            used = self._used_bytes(conn)
-            if used <= self.max_bytes:
+            used, quota = self._used_bytes(conn), self.max_bytes
+            if quota is None or used <= quota:
                 return
             rows = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0]
             if rows <= keep_newest:
                 return
             per_row = max(1.0, used / rows)
-            n = min(rows - keep_newest, max(1, int((used - self.max_bytes * QUOTA_SLACK) / per_row) + 1))
+            n = min(rows - keep_newest, max(1, int((used - quota * QUOTA_SLACK) / per_row) + 1))
             deleted = conn.execute(f"DELETE FROM {TABLE} WHERE seq IN (SELECT seq FROM {TABLE}"
                                    " ORDER BY received_at, seq LIMIT %s)", (n,)).rowcount
             self.evicted += deleted
@@ -317,7 +317,8 @@ class PostgresOutcomeStore(OutcomeStore):
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("state", state), ("task", task)):
             if value is not None:
                 where.append(f"{column} = %s")

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from .record import STATES, BadOutcome, _encodable, _shown, cap_record, check
+from .record import STATES, BadOutcome, utf8_encodable, shown_value, cap_record, check
 from .store import OutcomeStore
 
 MAX_REQUEST = 64 * 1024 * 1024  # bytes of one request (an import carries records)
@@ -33,37 +33,37 @@ class Refused(ValueError):
 
 def _text(value: Any, name: str, limit: int = MAX_KEY) -> str:
     if not isinstance(value, str) or not value:
-        raise Refused(f"{name!r} must be a non-empty string, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a non-empty string, got {shown_value(value)}")
     if len(value) > limit:
         raise Refused(f"{name!r} is {len(value)} characters, over {limit}")
-    if not _encodable(value):
+    if not utf8_encodable(value):
         raise Refused(f"{name!r} is not Unicode text (it holds a lone surrogate)")
     return value
 
 
 def _number(value: Any, name: str, maximum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise Refused(f"{name!r} must be a finite number >= 0, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a finite number >= 0, got {shown_value(value)}")
     if maximum is not None and value > maximum:
-        raise Refused(f"{name!r} must be at most {maximum:g}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be at most {maximum:g}, got {shown_value(value)}")
     return float(value)
 
 
 def _limit(value: Any, name: str = "limit") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST:
-        raise Refused(f"{name!r} must be a whole number 1-{MAX_LIST}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be a whole number 1-{MAX_LIST}, got {shown_value(value)}")
     return value
 
 
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise Refused(f"{name!r} must be true or false, got {_shown(value)}")
+        raise Refused(f"{name!r} must be true or false, got {shown_value(value)}")
     return value
 
 
 def _state(value: Any, name: str) -> str:
     if value not in STATES:
-        raise Refused(f"{name!r} must be one of {', '.join(STATES)}, got {_shown(value)}")
+        raise Refused(f"{name!r} must be one of {', '.join(STATES)}, got {shown_value(value)}")
     return value
 
 
@@ -80,7 +80,8 @@ def _ids(value: Any, name: str) -> list[str]:
 
 
 _TIME = {"since": lambda v, n: _number(v, n), "max_age": lambda v, n: _number(v, n, MAX_AGE)}
-_LISTING = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
+_Checker = Callable[[Any, str], Any]
+_LISTING: dict[str, _Checker] = {"task": _text, **_TIME, "until": lambda v, n: _number(v, n), "limit": _limit, "include_requeued": _flag}
 # op -> {field: checker}; each checker returns the clean value or raises Refused
 OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "ping": {},
@@ -122,7 +123,7 @@ def check_request(req: Any) -> dict:
         raise Refused(f"a request must be a JSON object like {{\"op\": \"size\"}}, got {type(req).__name__}")
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
-        raise Refused(f"unknown op {_shown(op)}; known: {', '.join(sorted(OPS))}")
+        raise Refused(f"unknown op {shown_value(op)}; known: {', '.join(sorted(OPS))}")
     spec = OPS[op]
     clean: dict[str, Any] = {"op": op}
     for key, value in req.items():
@@ -130,7 +131,7 @@ def check_request(req: Any) -> dict:
             continue
         if key not in spec:
             known = ", ".join(sorted(spec)) or "none"
-            raise Refused(f"unknown field {_shown(key)} for op {op!r} (known: {known})")
+            raise Refused(f"unknown field {shown_value(key)} for op {op!r} (known: {known})")
         if value is None:
             continue
         clean[key] = spec[key](value, key)
@@ -198,7 +199,9 @@ class Queries:
                             include_requeued=req.get("include_requeued", op == "recent"))
             return {"records": rows[:limit], "more": len(rows) > limit}
         if op == "counts":
-            return [{"task": t, "state": st, "count": n} for (t, st), n in sorted(s.counts(_since(req)).items())]
+            since = _since(req)
+            assert since is not None  # check_request lets counts through only with since or max_age
+            return [{"task": t, "state": st, "count": n} for (t, st), n in sorted(s.counts(since).items())]
         if op == "mark_requeued":
             return s.mark_requeued(req["id"], by=req["by"], at=time.time(), handle=req.get("handle"),
                                    server=req.get("server"))

@@ -69,7 +69,7 @@ def check(obj: Any) -> dict:
             raise BadOutcome(f"{key!r} must be a string, got {type(value).__name__}")
         if len(value) > limit:
             raise BadOutcome(f"{key!r} is {len(value)} characters, over {limit}")
-        if not _encodable(value):
+        if not utf8_encodable(value):
             raise BadOutcome(f"{key!r} is not Unicode text (it holds a lone surrogate)")
         out[key] = value
     for key in _NUM:
@@ -77,24 +77,24 @@ def check(obj: Any) -> dict:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadOutcome(f"{key!r} must be a finite number, got {_shown(value)}")
+            raise BadOutcome(f"{key!r} must be a finite number, got {shown_value(value)}")
         out[key] = float(value)
     for key in _COUNT:
         value = obj.get(key, 1 if key == "attempts" else None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
-            raise BadOutcome(f"{key!r} must be a whole number >= 0, got {_shown(value)}")
+            raise BadOutcome(f"{key!r} must be a whole number >= 0, got {shown_value(value)}")
         out[key] = value
     for key in _BOOL:
         value = obj.get(key)
         if value is None:
             continue
         if not isinstance(value, bool):
-            raise BadOutcome(f"{key!r} must be true or false, got {_shown(value)}")
+            raise BadOutcome(f"{key!r} must be true or false, got {shown_value(value)}")
         out[key] = value
     if obj["state"] not in STATES:
-        raise BadOutcome(f"'state' must be one of {', '.join(STATES)}, got {_shown(obj['state'])}")
+        raise BadOutcome(f"'state' must be one of {', '.join(STATES)}, got {shown_value(obj['state'])}")
     out["state"] = obj["state"]
     if "priority" in out and out["priority"] not in PRIORITIES:
         raise BadOutcome(f"'priority' must be one of {', '.join(PRIORITIES)}, got {out['priority']!r}")
@@ -116,7 +116,7 @@ def check(obj: Any) -> dict:
             text = json.dumps(obj["reason"], ensure_ascii=False, allow_nan=False)
         except (ValueError, TypeError):
             raise BadOutcome("'reason' holds NaN or Infinity, which JSON can't") from None
-        if not _encodable(text):
+        if not utf8_encodable(text):
             raise BadOutcome("'reason' is not Unicode text (it holds a lone surrogate)")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
     return out
@@ -134,7 +134,7 @@ def check_times(rec: dict, now: float | None = None, max_skew: float = DEFAULT_M
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadOutcome(f"{key!r} must be a finite number, got {_shown(value)}")
+            raise BadOutcome(f"{key!r} must be a finite number, got {shown_value(value)}")
         if value < 0:
             raise BadOutcome(f"{key!r} is negative ({value!r})")
         if value > now + max_skew:
@@ -142,7 +142,7 @@ def check_times(rec: dict, now: float | None = None, max_skew: float = DEFAULT_M
                              f"(more than max_clock_skew {max_skew:g} s)")
 
 
-def _encodable(text: str) -> bool:
+def utf8_encodable(text: str) -> bool:
     """UTF-8 can hold it: JSON's "\\ud800" escape gives a lone surrogate, which it can't (nor sqlite)."""
     try:
         text.encode("utf-8")
@@ -151,7 +151,8 @@ def _encodable(text: str) -> bool:
         return False
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
+    """A peer's value for an error message: its repr, cut to 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -248,7 +249,7 @@ def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
         text = json.dumps(reason, ensure_ascii=False, allow_nan=False, default=str)
     except (ValueError, RecursionError):
         return {"reason": f"<a {type(reason).__name__} JSON can't hold>", "reason_cut": True}
-    if not _encodable(text):  # a lone surrogate (from a task's text) would get the record refused
+    if not utf8_encodable(text):  # a lone surrogate (from a task's text) would get the record refused
         text = text.encode("utf-8", "replace").decode("utf-8")
     if len(text) <= limit and not too_deep(reason, MAX_REASON_DEPTH):
         return {"reason": json.loads(text)}  # plain JSON now: what default=str made of the rest
@@ -265,7 +266,7 @@ def cap_record(rec: dict, limit: int) -> dict:
         return rec
     rec = dict(rec)
     for key in over:
-        raw = decode_bytes(rec, key)
+        raw = decode_bytes(rec, key) or b""
         size = max(rec.get(f"{key}_size", 0), len(raw))
         _put_bytes(rec, key, raw, limit)
         rec[f"{key}_size"], rec[f"{key}_cut"] = size, True
@@ -277,9 +278,9 @@ def cap_record(rec: dict, limit: int) -> dict:
 
 def _bytes_over(rec: dict, key: str, limit: int) -> bool:
     value = rec[key]
-    if len(value) <= limit // 4:  # no encoding makes that many characters more than limit bytes
+    if value is None or len(value) <= limit // 4:  # no encoding makes that many characters more than limit bytes
         return False
-    return len(decode_bytes(rec, key)) > limit
+    return len(decode_bytes(rec, key) or b"") > limit
 
 
 def _json_len(value: Any) -> int:

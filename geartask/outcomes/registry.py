@@ -4,13 +4,16 @@ postgresql store several are normal (docs/outcomes.md), with sqlite one is."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..fleet import DEFAULT_TIMEOUT, Admin, server_workers
 from .record import OUTCOME_FUNCTION
 
+if TYPE_CHECKING:
+    from ..config import Config
 
-def registered_collectors(config: Any, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[dict], list[str]]:
+
+def registered_collectors(config: Config, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[dict], list[str]]:
     """([{collector, ip, servers}], [errors of servers that could not be asked]), sorted by id."""
     found: dict[str, dict] = {}
     errors = []

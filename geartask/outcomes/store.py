@@ -12,11 +12,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..logs import get_logger
 from .errors import StoreError
 from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 ERROR_CHARS = 500  # characters of a failure's message kept as a summary's "error"
 DEFAULT_MAX_BYTES = 1024 ** 3  # outcomes.max_bytes's default: over it, the oldest records go first
@@ -98,7 +101,7 @@ class OutcomeStore(ABC):
         """Bytes the records take (what ``max_bytes`` limits); 0 when the backend can't say."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a store holding nothing open closes nothing)
         pass
 
 
@@ -117,7 +120,7 @@ def error_text(reason: Any) -> str | None:
 
 # The indexed fields are columns; the other light fields one JSON object; the heavy ones apart,
 # so summaries never read them.
-_COLUMNS = ("id", "unique", "handle", "server", "task", "state", "finished_at")
+RECORD_COLUMNS = ("id", "unique", "handle", "server", "task", "state", "finished_at")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
     id TEXT PRIMARY KEY,
@@ -151,8 +154,8 @@ _NEWEST = " ORDER BY received_at DESC, rowid DESC"  # the collector's clock, not
 _NEWEST_FINISHED = " ORDER BY finished_at DESC, rowid DESC"  # lists filtered by finished_at page by it
 
 
-def _row(row: tuple) -> dict:
-    rec = dict(zip(_COLUMNS, row[:7]))
+def record_from_row(row: tuple) -> dict:
+    rec = dict(zip(RECORD_COLUMNS, row[:7], strict=True))
     if rec["unique"] is None:
         del rec["unique"]
     rec.update(json.loads(row[7]))
@@ -206,7 +209,7 @@ class SqliteOutcomeStore(OutcomeStore):
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [_row(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def add(self, records: Iterable[dict], *, checked: bool = False, received_at: float | None = None) -> int:
         now = time.time() if received_at is None else received_at
@@ -221,7 +224,7 @@ class SqliteOutcomeStore(OutcomeStore):
                 log.warning("outcome refused", id=rec.get("id"), task=rec.get("task"), unique=rec.get("unique"),
                             error=str(e), refused=self.refused)
                 continue
-            light = {k: v for k, v in rec.items() if k not in _COLUMNS and k not in HEAVY
+            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
                      and k not in ("received_at", "clock_skew")}
             skew = rec["finished_at"] - now
             if skew > SKEW_FLAG:  # the worker's clock is ahead (behind can't be told from a queue's wait)
@@ -258,14 +261,14 @@ class SqliteOutcomeStore(OutcomeStore):
     def _keep_quota(self, keep_newest: int) -> None:
         """Over max_bytes: delete the oldest records (by received_at) down to QUOTA_SLACK of it,
         never the ``keep_newest`` just added. Freed pages are reused, so the file stops growing."""
-        used = self._used_bytes()
-        if used <= self.max_bytes:
+        used, quota = self._used_bytes(), self.max_bytes
+        if quota is None or used <= quota:
             return
         rows, = self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()
         if rows <= keep_newest:
             return
         per_row = max(1.0, used / rows)
-        n = min(rows - keep_newest, max(1, int((used - self.max_bytes * QUOTA_SLACK) / per_row) + 1))
+        n = min(rows - keep_newest, max(1, int((used - quota * QUOTA_SLACK) / per_row) + 1))
         cur = self._db.execute("DELETE FROM outcomes WHERE rowid IN (SELECT rowid FROM outcomes"
                                " ORDER BY received_at, rowid LIMIT ?)", (n,))
         self.evicted += cur.rowcount
@@ -307,7 +310,8 @@ class SqliteOutcomeStore(OutcomeStore):
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("state", state), ("task", task)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -390,10 +394,10 @@ def _postgresql(url: str, **options: Any) -> OutcomeStore:
     return PostgresOutcomeStore(url, **options)
 
 
-BACKENDS = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
+BACKENDS: dict[str, Callable[..., OutcomeStore]] = {"sqlite": SqliteOutcomeStore, "postgresql": _postgresql}
 
 
-def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
+def open_store(kind: str, path: str | Path, config: Config | None = None) -> OutcomeStore:
     """The configured backend (``outcomes.store``), opened at ``path`` (postgresql: a URL, the
     config's outcomes.url when ``config`` is given); StoreError names why not.
     ``config`` (the whole Config) gives outcomes.max_bytes and outcomes.max_clock_skew."""
@@ -401,12 +405,12 @@ def open_store(kind: str, path: str | Path, config: Any = None) -> OutcomeStore:
         cls = BACKENDS[kind]
     except KeyError:
         raise StoreError(f"unknown outcome store {kind!r}; known: {', '.join(BACKENDS)}") from None
-    options = {}
+    options: dict[str, Any] = {}
     oc = getattr(config, "outcomes", None)
     if oc is not None:
         options = {"max_bytes": getattr(oc, "max_bytes", DEFAULT_MAX_BYTES),
                    "max_clock_skew": getattr(oc, "max_clock_skew", DEFAULT_MAX_CLOCK_SKEW)}
-        if kind == "postgresql" and getattr(oc, "url", ""):
+        if kind == "postgresql" and getattr(oc, "url", None):
             path = oc.url
     try:
         return cls(path, **options)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..plugins import BUILTIN_TASKS, Plugins
 from .schedule import Schedule, check_unique_names, parse
 
+if TYPE_CHECKING:
+    from ..config import Config
 
-def load_schedules(config: Any, plugins: Plugins) -> list[Schedule]:
+
+def load_schedules(config: Config, plugins: Plugins) -> list[Schedule]:
     """Validated schedules, config first; ScheduleError (exit 2) names the bad one and its file."""
     tasks = set(plugins.tasks()) | set(BUILTIN_TASKS)
     where = str(config.source or "config")

@@ -74,6 +74,7 @@ class Schedule:
             while True:
                 yield float(k * self.every)
                 k += 1
+        assert self.cron is not None  # a schedule has 'every' or 'cron' (load checks)
         start = datetime.fromtimestamp(t, self._tz)
         for dt in CronSim(self.cron, start):
             yield dt.timestamp()
@@ -82,6 +83,7 @@ class Schedule:
         """The most recent slot at or before ``t``."""
         if self.every:
             return float(math.floor(t / self.every) * self.every)
+        assert self.cron is not None  # a schedule has 'every' or 'cron' (load checks)
         start = datetime.fromtimestamp(math.floor(t) + 1, self._tz)  # cronsim's reverse excludes its start
         try:
             return next(iter(CronSim(self.cron, start, reverse=True))).timestamp()

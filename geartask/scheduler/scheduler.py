@@ -98,6 +98,7 @@ class Decision:
 @dataclass
 class _State:
     horizon: float | None = None  # every slot at or before this was considered (the latest clock seen)
+    clock: float | None = None  # the clock at the previous pass (a step back is logged when it happens)
     high: float | None = None  # the newest slot handled: none at or before it is sent again
     handled: dict[float, str] = field(default_factory=dict)
     retry: set[float] = field(default_factory=set)  # missed slots whose sending failed
@@ -146,8 +147,9 @@ class Scheduler:
         jobs: list[tuple[Decision, dict]] = []
         for s in self.schedules:
             st = self.state[s.name]
-            if st.horizon is not None and now < st.horizon - STEP:
-                self._clock_stepped(s, st, now)
+            if st.clock is not None and now < st.clock - STEP and st.horizon is not None and now < st.horizon - STEP:
+                self._clock_stepped(s, st, now)  # once per step back, not on every pass while behind
+            st.clock = now
             for slot in self._missed(s, st, now):
                 d = self._missed_slot(s, st, slot, now)
                 st.remember(slot, d.action)
@@ -165,7 +167,7 @@ class Scheduler:
             decisions.extend(self._verify(s, st, now))
         if jobs:
             errors = self.send([job for _, job in jobs])
-            for (d, _), error in zip(jobs, errors):
+            for (d, _), error in zip(jobs, errors, strict=False):
                 st = self.state[d.schedule]
                 if error is not None:
                     d.action, d.error = "failed", error
@@ -187,6 +189,7 @@ class Scheduler:
         return decisions
 
     def _clock_stepped(self, s: Schedule, st: _State, now: float) -> None:
+        assert st.horizon is not None  # called only when the clock went back from the horizon
         back = st.horizon - now
         self.clock_steps += 1
         args = dict(schedule=s.name, seconds=round(back, 3), newest_slot=slot_text(st.high) if st.high else None)
@@ -259,15 +262,16 @@ class Scheduler:
 
     def _missed(self, s: Schedule, st: _State, now: float) -> list[float]:
         """Slots due by ``now`` that this process has not handled, after the misfire rule."""
-        starting = st.horizon is None
-        if starting:  # just started: how long we were away is unknown
+        horizon = st.horizon
+        starting = horizon is None
+        if horizon is None:  # just started: how long we were away is unknown
             if s.misfire == "all":
                 due = s.between(now - s.misfire_cap * s.period_near(now) - 1, now, s.misfire_cap)
             else:
                 last = s.last(now)
                 due = [last] if last is not None else []
         else:
-            due = s.between(max(st.horizon, st.high or st.horizon), now, max(s.misfire_cap, 1000))
+            due = s.between(max(horizon, st.high or horizon), now, max(s.misfire_cap, 1000))
         retry = st.retry
         due = sorted(set(due) | retry)
         st.retry = set()
@@ -293,7 +297,7 @@ class Scheduler:
         fresh = [slot for slot in due if now - slot <= lead]
         if len(fresh) == len(due):
             return due
-        slot = due[0]
+        slot: float | None = due[0]
         for _ in range(LOOK_BACK):
             if slot is None:
                 break

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import gearman as p
@@ -148,7 +147,7 @@ def _record_ask(raw: bytes, where: str) -> _Ask:
     if why:
         return bad(why, handle, server)
     task, unique = rec.get("task"), rec.get("unique")
-    return _Ask(handle=handle, server=server, task=task if isinstance(task, str) else None,
+    return _Ask(handle=str(handle), server=server, task=task if isinstance(task, str) else None,
                 unique=unique if isinstance(unique, str) else None, recorded=True, record=rec)
 
 
@@ -171,7 +170,7 @@ def asks_for(handles: Iterable[Any], record: BackgroundRecord) -> list[_Ask]:
         if why:
             asks.append(_Ask(handle=str(handle), server=server if isinstance(server, str) else None, problem=why))
             continue
-        ask = _Ask(handle=handle, server=server, recorded=from_record)
+        ask = _Ask(handle=str(handle), server=server, recorded=from_record)
         if from_record:
             task, unique = h.get("task"), h.get("unique")
             ask.task = task if isinstance(task, str) else None
@@ -222,7 +221,7 @@ class StatusQuery:
                     by_server.setdefault(addr, []).append(i)
         replies: dict[tuple[int, str], StatusResult | str] = {}
         for addr, idx in by_server.items():
-            for i, reply in zip(idx, self._ask(addr, [asks[i] for i in idx])):
+            for i, reply in zip(idx, self._ask(addr, [asks[i] for i in idx]), strict=False):
                 replies[(i, addr)] = reply
         out = []
         for i, a in enumerate(asks):
@@ -240,7 +239,7 @@ class StatusQuery:
                 out.append(known[0])
             elif problems:
                 out.append(a.result("unreachable" if any(isinstance(r, str) for r in answers) else "unknown",
-                                    error="; ".join(problems)))
+                                    error="; ".join(p or "unknown" for p in problems)))
             else:
                 out.append(a.result("unknown", error="not in the background record and no server knows it"))
         return out

@@ -475,8 +475,8 @@ class Batch:
                 poller.register(link.connecting, link.connecting.events)
                 watched[link.connecting.fileno()] = s
             elif link.conn is not None:
-                poller.register(link.conn.sock, select.POLLIN | (select.POLLOUT if link.out else 0))
-                watched[link.conn.sock.fileno()] = s
+                poller.register(link.conn, select.POLLIN | (select.POLLOUT if link.out else 0))
+                watched[link.conn.fileno()] = s
                 if link.conn.has_buffered_packet():
                     buffered.append(s)
         if buffered:
@@ -491,7 +491,7 @@ class Batch:
             if link.connecting is not None and link.connecting.fileno() == fd:
                 self._connect_done(s)
                 continue
-            if link.conn is None or link.conn.sock.fileno() != fd:
+            if link.conn is None or link.conn.fileno() != fd:
                 continue  # closed by an earlier event in this round
             if ev & select.POLLOUT and link.out:
                 self._flush(s)
@@ -504,9 +504,11 @@ class Batch:
 
     def _read(self, s: _Lane, readable: bool) -> None:
         link = s.link
+        conn = link.conn
+        assert conn is not None  # read only while connected
         try:
             # One recv for what poll saw (never a blocking one), then every whole packet.
-            packets = link.conn.read_packets() if readable else link.conn.buffered_packets()
+            packets = conn.read_packets() if readable else conn.buffered_packets()
         except ServerError as e:
             self._lost(s, e)
             return
@@ -560,8 +562,8 @@ class Batch:
             else:
                 self._broken(s, text)
             return
-        handle = pkt.args.get("job_handle")
-        jobs = s.waiting.get(handle) if handle is not None else None
+        handle = pkt.args.get("job_handle", b"")  # b"": no such job waits
+        jobs = s.waiting.get(handle)
         if not jobs:
             return
         if "oversize" in pkt.args:  # the connection skipped it (gearman.max_packet): only its jobs fail
@@ -615,7 +617,9 @@ class Batch:
 
     def _oversize(self, s: _Lane, handle: bytes, jobs: list[_Job], pkt: p.Packet) -> None:
         size = p.to_text(pkt["oversize"])
-        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({s.link.conn.max_packet} bytes)"
+        conn = s.link.conn
+        assert conn is not None  # the packet was read from it
+        what = f"answer of {size} bytes ({pkt.name}) exceeds gearman.max_packet ({conn.max_packet} bytes)"
         if pkt.cmd == p.WORK_STATUS:
             return  # progress only: the job goes on
         if pkt.cmd == p.WORK_DATA:
@@ -646,7 +650,7 @@ class Batch:
             self.log.error("cannot record background jobs", path=str(self.record.path), error=str(e))
 
 
-def _errno(exc: BaseException) -> int | None:
+def _errno(exc: BaseException | None) -> int | None:
     """The errno behind a ServerError (protocol.Connection raises it from the OSError)."""
     seen = 0
     while exc is not None and seen < 5:

@@ -1,11 +1,11 @@
-"""send_job_client: send jobs to the job servers from the command line.
+"""`geartask send`: send jobs to the job servers from the command line.
 
-    send_job_client.py [--config PATH] [--servers H:P,...] plugin NAME [--background]
+    geartask send [--config PATH] [--servers H:P,...] plugin NAME [--background]
                        [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
-    send_job_client.py shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
-    send_job_client.py job TASK DATA
-    send_job_client.py list
-    send_job_client.py status [HANDLE...]
+    geartask send shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    geartask send job TASK DATA
+    geartask send list
+    geartask send status [HANDLE...]
 
 A thin layer over geartask.sender.JobSender; each job's line is printed as it
 finishes. Exit 0 when every job completed (or was accepted, for background jobs), 1 when
@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds, positive_seconds,
                    run, setup_logging)
+from ..arguments import duration, number, prog
 from ..display import json_line, printable
 from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
 from . import schedule_cli
-from . import outcomes
+from . import outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
 from .results import JobResult
@@ -39,6 +40,10 @@ from .sender import JobSender
 
 def _common(sub: argparse.ArgumentParser) -> None:
     add_common_args(sub, after_command=True)  # the shared options, after the subcommand too
+
+
+SHELL_REPORT_GRACE = 5.0  # seconds: a killed command's failure report reaching the sender
+EACH_UP_TO = 20  # jobs whose lines a batch prints before it prints only failures and the summary
 
 
 def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
@@ -50,10 +55,13 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
                           "because gearmand drops a foreground job whose client has gone)")
     sub.add_argument("--timeout", type=positive_seconds, metavar="S", help=timeout_help)
     sub.add_argument("--json", action="store_true", help="print one JSON object per job and nothing else")
+    sub.add_argument("--each", action="store_true",
+                     help=f"print every job's line; by default a batch of more than {EACH_UP_TO} prints the first "
+                          f"{EACH_UP_TO}, then only failures, and the summary")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="send_job_client.py",
+    parser = ArgumentParser(prog=prog("send", "send_job_client.py"),
                             description="Send jobs to the geartask job servers.")
     add_common_args(parser)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -71,7 +79,10 @@ def build_parser() -> ArgumentParser:
     _submit_flags(sp, "seconds to wait for all results; the rest end as 'timeout'")
 
     sp = add("shell", "one ad hoc command for the workers' shell task", cmd_shell)
-    _submit_flags(sp, "seconds the command may run on the worker (it is killed after)")
+    _submit_flags(sp, "seconds to wait for the result; the rest ends as 'timeout' (without --kill-after, "
+                      "the command is also killed on the worker then)")
+    sp.add_argument("--kill-after", type=positive_seconds, metavar="S",
+                    help="seconds the command may run on the worker before it is killed (default: --timeout)")
     sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
@@ -89,6 +100,13 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("handles", nargs="*", metavar="HANDLE",
                     help="job handles (default: every background job recorded in log.dir)")
     sp.add_argument("--json", action="store_true", help="one JSON object per job")
+    sp.add_argument("--state", action="append", choices=status_filter.STATES,
+                    help="only jobs in this state (repeat for several)")
+    sp.add_argument("--task", help="only jobs of this task")
+    sp.add_argument("--since", type=duration, metavar="DURATION",
+                    help="only jobs sent in the last DURATION (30m, 2h, 7d)")
+    sp.add_argument("--limit", type=number(int, positive=True, what="a whole number"), metavar="N",
+                    help="only the newest N jobs that match")
     sp = add("result", "a job's outcome (result or failure) from the outcomes collector", cmd_result)
     sp.add_argument("key", metavar="UNIQUE|HANDLE", help="the job's unique key, or its handle (HANDLE@HOST:PORT)")
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
@@ -137,39 +155,46 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     bar = ProgressBar(sys.stderr)
     clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
     counts: dict[str, int] = {}
+    hidden = 0  # lines of complete or queued jobs not printed (no --each)
     start = last_flush = time.monotonic()
     try:
         with JobSender(config) as sender, bar:
             for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+                counts[r.state] = counts.get(r.state, 0) + 1
+                if not (args.json or args.each) and sum(counts.values()) > EACH_UP_TO and \
+                        r.state in ("complete", "queued"):
+                    hidden += 1  # a big batch: its failures and the summary, not 20,000 lines
+                    continue
                 if clear_bar:
                     bar.clear()
                 out.write((json_line(r.to_json(), default=repr) if args.json
                            else _job_line(r)) + "\n")
-                counts[r.state] = counts.get(r.state, 0) + 1
                 if time.monotonic() - last_flush > 0.2:
                     out.flush()
                     last_flush = time.monotonic()
     except JobDefinitionError as e:
-        _summary(counts, start, args.json)
+        _summary(counts, start, args.json, hidden)
         if plugin is None:
             raise
         raise PluginError(str(e), *plugin) from None  # name the plugin that made the job
     except GeartaskError:
-        _summary(counts, start, args.json)
+        _summary(counts, start, args.json, hidden)
         raise
-    _summary(counts, start, args.json)
+    _summary(counts, start, args.json, hidden)
     ok = sum(counts.get(state, 0) for state in ("complete", "queued"))
     return EXIT_OK if ok == sum(counts.values()) else EXIT_FAILED
 
 
-def _summary(counts: dict[str, int], start: float, as_json: bool) -> None:
+def _summary(counts: dict[str, int], start: float, as_json: bool, hidden: int = 0) -> None:
     out = sys.stdout
+    if hidden and not as_json:
+        out.write(f"({hidden} more complete or queued job(s) not shown; --each prints every one)\n")
     if counts and not as_json:
         total = sum(counts.values())
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         out.write(f"{total} job(s): {summary} in {time.monotonic() - start:.2f}s\n")
         if counts.get("queued"):
-            out.write("background jobs recorded; check them with: send_job_client.py status\n")
+            out.write("background jobs recorded; check them with: geartask send status\n")
     out.flush()
 
 
@@ -196,15 +221,20 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise UsageError("shell: no command given; usage: send_job_client.py shell [options] -- CMD ARGS...")
+        raise UsageError("shell: no command given; usage: geartask send shell [options] -- CMD ARGS...")
     data: dict[str, Any] = {"cmd": cmd}
-    if args.timeout:
-        data["timeout"] = args.timeout
+    kill_after = args.kill_after or args.timeout  # a command whose result nobody waits for must not run on
+    if kill_after:
+        data["timeout"] = kill_after
     job: dict[str, Any] = {"task": "shell", "data": data}
     if args.retries is not None:
         job["retries"] = args.retries  # in the envelope (geartask.envelope), not the command's data
-    # The command's own timeout bounds the job on the worker, so we don't add a second one.
-    return _send(config, args, [job], None)
+    wait = args.timeout
+    if wait and not args.kill_after:
+        # killed at --timeout on the worker: wait a moment longer, so its report (killed after
+        # S, with the output so far) is the answer rather than a bare 'timeout'
+        wait += SHELL_REPORT_GRACE
+    return _send(config, args, [job], wait)
 
 
 def cmd_job(config: Config, args: argparse.Namespace) -> int:
@@ -275,14 +305,16 @@ def _status_line(s: StatusResult) -> str:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
+    flt = status_filter.StatusFilter(frozenset(args.state or ()), args.task, args.since, args.limit)
     with JobSender(config) as sender:
-        for s in outcomes.resolve(sender.iter_status(args.handles or None), config):
+        for s in status_filter.statuses(sender, config, args.handles or None, flt):
             print(json_line(s.to_json()) if args.json else _status_line(s))
             counts[s.state] = counts.get(s.state, 0) + 1
     total = sum(counts.values())
     if not total:
         if not args.json:
-            print(f"no background jobs recorded in {sender.record_path}")
+            filtered = flt.by_record or flt.states
+            print(f"no background jobs {'match' if filtered else 'recorded'} in {sender.record_path}")
         return EXIT_OK
     if not args.json:
         print(f"{total} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))

@@ -72,6 +72,7 @@ class ServerLink:
         ask for exceptions; None also while the handshake goes on; else (reason, refused).
         A TLS failure (certificates, CA, name) counts as refused: retrying cannot help."""
         dial = self.connecting
+        assert dial is not None  # called only while a dial is in progress
         try:
             sock = dial.step()
         except p.TLSError as e:
@@ -94,9 +95,11 @@ class ServerLink:
 
     def flush(self) -> OSError | ServerError | None:
         """Send what the socket takes now; the error if the connection failed."""
+        conn = self.conn
+        assert conn is not None  # flushed only while connected
         try:
             while self.out:
-                n = self.conn.send_some(self.out)
+                n = conn.send_some(self.out)
                 if not n:
                     break  # the socket buffer is full: poll says when it drains
                 del self.out[:n]

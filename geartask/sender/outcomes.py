@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import GeartaskError
 from ..jobs import decode_payload
 from ..outcomes.client import OutcomeClient
 from ..outcomes.record import decode_bytes
 from .background import StatusResult, handle_problem
+from .status_outcomes import OutcomeBatch
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 POLL = 0.5  # seconds between asks while --wait runs
 
@@ -60,7 +64,7 @@ def split_key(key: str) -> tuple[str | None, str | None, str | None]:
     return key, None, None
 
 
-def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
+def result(config: Config, key: str, wait: float = 0.0, timeout: float = 5.0) -> Outcome:
     """The outcome of ``key`` (unique or handle); with ``wait``, ask again until it is there
     or ``wait`` seconds pass. NoCollectorError when no collector answers."""
     unique, handle, server = split_key(key)
@@ -76,29 +80,42 @@ def result(config: Any, key: str, wait: float = 0.0, timeout: float = 5.0) -> Ou
         time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
 
 
-def resolve(statuses: Iterable[StatusResult], config: Any, timeout: float = 5.0) -> Iterator[StatusResult]:
+RESOLVE_CHUNK = 1000  # statuses held back at a time while their finished jobs' outcomes are asked for
+
+
+def resolve(statuses: Iterable[StatusResult], config: Config, timeout: float = 5.0) -> Iterator[StatusResult]:
     """Each status as it is, except ``done`` (the server no longer holds the job): that one
-    becomes complete or failed from its outcome, or unknown with the reason."""
-    client: OutcomeClient | None = None
-    no_collector: str | None = None
-    for s in statuses:
-        if s.state != "done":
-            yield s
-            continue
-        if no_collector is None:
-            client = client or OutcomeClient(config, timeout=timeout)
+    becomes complete or failed from its outcome, or unknown with the reason. In order; the
+    outcomes are asked for RESOLVE_CHUNK at a time over one connection (status_outcomes)."""
+    batch = OutcomeBatch(config, timeout=timeout)
+    no_collector: list[str] = []  # asked once: the next ones would wait as long again
+    pending: list[StatusResult] = []
+
+    def settle() -> list[StatusResult]:
+        done = [s for s in pending if s.state == "done"]
+        records: list[dict | None] = [None] * len(done)
+        if done and not no_collector:
             try:
-                record = (client.latest(unique=s.unique) if s.unique
-                          else client.latest(handle=s.handle, server=s.server))
+                records = batch.latest([(s.unique, None, None) if s.unique else (None, s.handle, s.server)
+                                        for s in done])
             except GeartaskError as e:
-                no_collector = str(e)  # asked once: the next ones would wait as long again
-                record = None
-        else:
-            record = None
-        if record is not None:
-            s.state, s.outcome = record["state"], record
-        else:
-            s.state = "unknown"
-            s.error = (f"finished, but its outcome can't be read: {no_collector}" if no_collector
-                       else "finished, but the outcomes store has no record of it")
-        yield s
+                no_collector.append(str(e))
+        for s, record in zip(done, records, strict=False):
+            if record is not None:
+                s.state, s.outcome = record["state"], record
+            else:
+                s.state = "unknown"
+                s.error = (f"finished, but its outcome can't be read: {no_collector[0]}" if no_collector
+                           else "finished, but the outcomes store has no record of it")
+        out = list(pending)
+        pending.clear()
+        return out
+
+    try:
+        for s in statuses:
+            pending.append(s)
+            if len(pending) >= RESOLVE_CHUNK:
+                yield from settle()
+        yield from settle()
+    finally:
+        batch.close()

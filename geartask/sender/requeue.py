@@ -28,7 +28,7 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
         if newest.get("data") is None:
             r.error = "its payload was not kept (no 'data' in the record): it can't be sent again"
         elif newest.get("data_cut"):
-            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data'))} of {newest.get('data_size')} bytes"
+            r.error = f"its payload was cut at {len(decode_bytes(newest, 'data') or b'')} of {newest.get('data_size')} bytes"
         else:
             # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
             jobs.append({"task": newest["task"], "data": decode_bytes(newest, "data"), "unique": newest.get("unique"),
@@ -39,7 +39,7 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
     index = [j.pop("_index") for j in jobs]
     with JobSender(config, record_background=False) as sender:
         results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-    for i, res in zip(index, results):
+    for i, res in zip(index, results, strict=False):
         r = out[i]
         if res.state != "queued":
             r.error = f"not accepted by any server: {res.error or res.state}"

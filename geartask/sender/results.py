@@ -50,7 +50,7 @@ class JobResult:
     def to_json(self) -> dict:
         """The ``--json`` line: task, unique, handle, server, state, result or error, attempts,
         submissions, seconds."""
-        out = {"task": self.task, "unique": self.unique, "handle": self.handle, "server": self.server,
+        out: dict[str, Any] = {"task": self.task, "unique": self.unique, "handle": self.handle, "server": self.server,
                "state": self.state}
         if self.state in ("failed", "timeout"):
             out["error"] = self.error

@@ -1,4 +1,4 @@
-"""``send_job_client.py schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands.
+"""``geartask send schedule [--once] [--json]`` and ``schedule list``: the scheduler's commands.
 
 Part of the ``send`` command: a scheduler is a sender of periodic jobs (geartask.scheduler
 decides what is due; this module sends it with a JobSender and asks the outcomes store).

@@ -16,9 +16,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LocalServerError, ServerError
 from ..gearman import Connection
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,7 +53,7 @@ def _is_gearmand(pid: int) -> bool:
     return bool(cmdline) and b"gearmand" in Path(cmdline[0].decode(errors="replace")).name.encode()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +101,7 @@ class LocalServer:
     queue_table: str = "gearmand_queue"
 
     @classmethod
-    def from_config(cls, config) -> "LocalServer":
+    def from_config(cls, config: Config) -> "LocalServer":
         s = config.server
         if getattr(s, "tls", False):  # stunnel in front, gearmand behind it (geartask/server/stunnel.py)
             from .stunnel import TlsFrontedServer
@@ -147,7 +151,7 @@ class LocalServer:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and _is_gearmand(pid) else None
+        return pid if pid_alive(pid) and _is_gearmand(pid) else None
 
     def running(self) -> bool:
         return self.pid() is not None and port_open(self.host, self.port)
@@ -166,8 +170,9 @@ class LocalServer:
             Path(self.queue_path).parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         env = None
-        if self.queue_type == "postgresql" and libpq_conninfo(self.queue_url)[1] is not None:
-            env = {**os.environ, "PGPASSWORD": libpq_conninfo(self.queue_url)[1]}  # argv is public (ps)
+        password = libpq_conninfo(self.queue_url)[1] if self.queue_type == "postgresql" else None
+        if password is not None:
+            env = {**os.environ, "PGPASSWORD": password}  # argv is public (ps)
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                             start_new_session=True, env=env)
@@ -229,7 +234,7 @@ class LocalServer:
             if self.process is not None and self.process.pid == pid:
                 if self.process.poll() is not None:
                     return True
-            elif not _alive(pid):
+            elif not pid_alive(pid):
                 return True
             time.sleep(0.02)
         return False

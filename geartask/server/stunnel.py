@@ -19,9 +19,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, LocalServerError
-from . import LocalServer, _alive
+from . import LocalServer, pid_alive
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def _is_stunnel(pid: int) -> bool:
@@ -112,7 +116,7 @@ class Stunnel:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and _is_stunnel(pid) else None
+        return pid if pid_alive(pid) and _is_stunnel(pid) else None
 
     def start(self, timeout: float = 10.0) -> int:
         pid = self.pid()
@@ -155,7 +159,7 @@ class Stunnel:
             if self.process is not None and self.process.pid == pid:
                 if self.process.poll() is not None:
                     return True
-            elif not _alive(pid):
+            elif not pid_alive(pid):
                 return True
             time.sleep(0.02)
         return False
@@ -186,7 +190,7 @@ class TlsFrontedServer:
         self.host, self.port = stunnel.host, stunnel.port
 
     @classmethod
-    def from_config(cls, config) -> "TlsFrontedServer":
+    def from_config(cls, config: Config) -> "TlsFrontedServer":
         s, where = config.server, (str(config.source) if config.source else None)
         backend = s.backend_port or s.port + 1
         if backend > 65535:

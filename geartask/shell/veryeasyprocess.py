@@ -141,8 +141,8 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
                                     stderr=subprocess.STDOUT if capture else None,
                                     start_new_session=True, close_fds=True)
         except (OSError, ValueError) as e:
-            reason = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"
-            return Result(None, reason=reason, duration=time.monotonic() - t0)
+            failed = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"
+            return Result(None, reason=failed, duration=time.monotonic() - t0)
 
         _running.add(proc.pid)
         exited = _exit_waiter(proc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -73,7 +74,9 @@ def load_ca(folder: Path):
         key = serialization.load_pem_private_key(read_limited(folder / "ca.key", "CA key"), password=None)
     except (ValueError, TypeError):
         raise UsageError(f"{folder / 'ca.key'} is not an unencrypted PEM private key") from None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    # SubjectPublicKeyInfo bytes: every key type has them (only RSA, DSA and EC have numbers).
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise UsageError(f"{folder / 'ca.key'} does not belong to {folder / 'ca.pem'}")
     return cert, key
 
@@ -85,7 +88,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def issue(folder: Path, name: str, ips: list[str] = (), dns: list[str] = (), force: bool = False,
+def issue(folder: Path, name: str, ips: Sequence[str] = (), dns: Sequence[str] = (), force: bool = False,
           days: int = HOST_DAYS) -> tuple[Path, Path]:
     """Write ``folder/NAME.pem`` and ``folder/NAME.key`` (0600): a host certificate signed by
     the CA in ``folder``, for TLS servers and clients, naming ``ips`` and ``dns`` (default:

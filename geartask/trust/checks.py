@@ -9,11 +9,16 @@ servers without this host's certificate (the terminator would refuse every conne
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import GeartaskError
 from .tls import client_context, tls_servers
 
+if TYPE_CHECKING:
+    from ..config import Config
 
-def problems(config) -> list[str]:
+
+def problems(config: Config) -> list[str]:
     """One line per problem, each naming the config key; empty when trust is coherent (or off)."""
     found: list[str] = []
     tls_list = tls_servers(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -16,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..errors import UsageError
 from .files import read_limited, write_private
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 PREFIX = "ed25519:"
 
@@ -50,7 +54,7 @@ def new_key(path: Path, force: bool = False) -> tuple[Ed25519PrivateKey, str]:
     return key, public_text(key)
 
 
-def load_private(path: Path, what: str = "security.key") -> Ed25519PrivateKey:
+def load_private(path: str | Path, what: str = "security.key") -> Ed25519PrivateKey:
     """The Ed25519 private key in ``path``; UsageError naming ``what`` for anything else."""
     data = read_limited(Path(path), what)
     try:
@@ -62,7 +66,7 @@ def load_private(path: Path, what: str = "security.key") -> Ed25519PrivateKey:
     return key
 
 
-def signing_key(config) -> Ed25519PrivateKey | None:
+def signing_key(config: Config) -> Ed25519PrivateKey | None:
     """The config's ``security.key`` loaded (None when unset); ConfigError names the key."""
     from ..errors import ConfigError
     path = config.security.key

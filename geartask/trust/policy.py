@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,6 +27,9 @@ from ..errors import ConfigError, UsageError
 from . import signing
 from .keys import parse_public, public_text
 from .signing import SignatureFormatError, SigLine
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 WORDS = ("control", "report", "answer")
 DEFAULT_MAX_AGE = 86400.0  # security.max_job_age: one day
@@ -165,8 +169,8 @@ def decide(function: bytes | str, unique: bytes | str, raw: bytes, trust: Trust,
     if line is None:
         return _refuse(UNSIGNED, payload, require_signed)
     refusal, signer, note_signer = _verify_job(function, unique, payload, line, trust, now, max_age)
-    if refusal is not None:
-        return _refuse(refusal, payload, require_signed, line)
+    if refusal is not None or signer is None:  # _verify_job names a signer whenever it refuses nothing
+        return _refuse(refusal or UNKNOWN, payload, require_signed, line)
     return Decision(True, None, payload, signer.name, line.stamp.t,
                     note_signer.name if note_signer else None,
                     line.requeue.of if line.requeue else None, line)
@@ -240,6 +244,6 @@ def verify_message(purpose: str, raw: bytes, trust: Trust, now: float, *,
     return signer.name, body
 
 
-def trust_of(config) -> Trust:
+def trust_of(config: Config) -> Trust:
     """The config's ``security.trust`` as a Trust (validated again; cheap: a few keys)."""
     return Trust.from_config(config.security.trust, str(config.source) if config.source else None)

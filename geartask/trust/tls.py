@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, UsageError
 from .files import read_limited
 
+if TYPE_CHECKING:
+    from ..config import Config
 
-def _file(config, name: str, needed_for: str) -> Path:
+
+def _file(config: Config, name: str, needed_for: str) -> Path:
     value = getattr(config.tls, name, "") or ""
     where = str(config.source) if getattr(config, "source", None) else None
     if not value:
@@ -27,7 +31,7 @@ def _file(config, name: str, needed_for: str) -> Path:
     return path
 
 
-def _load_chain(ctx: ssl.SSLContext, config, needed_for: str) -> None:
+def _load_chain(ctx: ssl.SSLContext, config: Config, needed_for: str) -> None:
     cert = _file(config, "cert", needed_for)
     key = _file(config, "key", needed_for)
     where = str(config.source) if getattr(config, "source", None) else None
@@ -44,7 +48,7 @@ def _load_chain(ctx: ssl.SSLContext, config, needed_for: str) -> None:
         raise ConfigError(f"{key} is not an unencrypted PEM private key", where, "tls.key") from None
 
 
-def _load_ca(ctx: ssl.SSLContext, config, needed_for: str) -> None:
+def _load_ca(ctx: ssl.SSLContext, config: Config, needed_for: str) -> None:
     ca = _file(config, "ca", needed_for)
     try:
         ctx.load_verify_locations(cafile=str(ca))
@@ -53,7 +57,7 @@ def _load_ca(ctx: ssl.SSLContext, config, needed_for: str) -> None:
                           "tls.ca") from None
 
 
-def client_context(config) -> ssl.SSLContext:
+def client_context(config: Config) -> ssl.SSLContext:
     """The context every geartask connection to a ``tls://`` server uses: TLS 1.2 or newer,
     the server's certificate checked against ``tls.ca`` including its name or IP (pass the
     host as ``server_hostname`` to wrap_socket), this host's ``tls.cert``/``tls.key``
@@ -65,7 +69,7 @@ def client_context(config) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(config) -> ssl.SSLContext:
+def server_context(config: Config) -> ssl.SSLContext:
     """A server-side context with the same rules as the terminator: TLS 1.2 or newer, a client
     certificate signed by ``tls.ca`` required. For geartask's own listeners (a dashboard or a
     test server); the job server itself is fronted by stunnel or HAProxy."""
@@ -77,7 +81,7 @@ def server_context(config) -> ssl.SSLContext:
     return ctx
 
 
-def tls_servers(config) -> list[str]:
+def tls_servers(config: Config) -> list[str]:
     """The ``servers`` entries written ``tls://HOST:PORT``."""
     return [s for s in config.servers if s.strip().lower().startswith("tls://")]
 

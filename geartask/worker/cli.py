@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_logging
+from ..arguments import prog
 from ..control import check_name
 from ..errors import UsageError
 from ..logs import flush_logs, get_logger
@@ -28,7 +29,7 @@ from .resources import check_keepalive, check_threads, ensure_open_files
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="runworkers", description="Start threaded geartask workers.")
+    p = ArgumentParser(prog=prog("worker", "runworkers.py"), description="Start threaded geartask workers.")
     add_common_args(p)
     p.add_argument("--name", help="worker name shown by the manager (default: worker.name, the host name)")
     p.add_argument("--threads", type=int, help="worker threads (default: worker.threads)")
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: its terminal was closed
         signal.signal(sig, on_signal)
     process.start()
+    from ..fleet.neighbours import warn_other_fleets
+    warn_other_fleets(config)  # another fleet on our servers: one warning line each
     try:
         return process.wait()
     finally:

@@ -28,8 +28,9 @@ class ControlLoop(GrabLoop):
     """Serves only this process's control function (registered per connection, under the IP
     that server sees): ping, shutdown and stop, each answered at once by its handler below."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, process: WorkerProcess, *args, **kwargs):
+        super().__init__(process, *args, **kwargs)
+        self.worker = process  # the handlers act on the whole process, not only the Host a grab loop needs
         self.budget = UNLIMITED  # control jobs are not jobs: worker.max_jobs does not count them
         self.refused = 0  # control jobs refused for their signature (security.require_signed)
 
@@ -58,7 +59,7 @@ class ControlLoop(GrabLoop):
             return self._refuse(link, handle, "addressed to another worker")
         if trust.require_signed and to is None:
             return self._refuse(link, handle, "not addressed to this worker ('to' missing)")
-        return HANDLERS[cmd["command"]](self.process, cmd, link, handle)
+        return HANDLERS[cmd["command"]](self.worker, cmd, link, handle)
 
     def _refuse(self, link: Link, handle: str, reason: str) -> bytes:
         """A control job that must not be obeyed: answered with the refusal, logged, counted."""
@@ -81,6 +82,7 @@ def ping_reply(process: "WorkerProcess") -> dict:
     running = [{"handle": job.handle, "task": job.task, "unique": job.unique, "server": job.server,
                 "seconds": round(now - job.started, 3)} for _, job in process.running()]
     return {"ok": True, "command": "ping", "worker": process.label, "name": process.name,
+            "fleet": process.identity.fleet,
             "pid": process.identity.pid, "ips": sorted(process.ips), "threads": process.threads_wanted,
             "busy": len(running), "jobs_done": sum(t.jobs_done for t in list(process.job_threads)),
             "started": round(process.started_at, 3), "running": running,

@@ -10,7 +10,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import gearman as gp
 from ..control import WorkerIdentity
@@ -27,6 +27,7 @@ from .running import RunningJob
 from .stats import TaskCounters
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .budget import JobBudget, Unlimited
     from .outcomes import HeldAnswers
     from .runner import JobRunner, UnansweredJobs
@@ -44,7 +45,7 @@ _RESTING = RESTING
 class Host(Protocol):
     """What a GrabLoop needs of its process (geartask.worker.process.WorkerProcess)."""
 
-    config: Any
+    config: Config
     runner: "JobRunner"
     budget: "JobBudget | Unlimited"  # worker.max_jobs' permits
     identity: WorkerIdentity
@@ -233,7 +234,8 @@ class GrabLoop(threading.Thread):
         # A short connect timeout: while a thread waits on an unreachable server it serves no other.
         self.links = []
         for i, (h, p) in enumerate(cfg.server_addresses):
-            conn = gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive)
+            conn = gp.Connection(h, p, connect_timeout=gp.CONNECT_TIMEOUT, keepalive=process.keepalive,
+                                 max_packet=cfg.gearman.max_packet)
             self.links.append(Link(conn, i, round_trips.of(conn.address), self.poll_timeout))
         # poll, not select: select fails for descriptor numbers past 1024.
         self.poller = select.poll()
@@ -419,9 +421,9 @@ class GrabLoop(threading.Thread):
 
     def _cycle(self) -> None:
         now = time.monotonic()
-        for link in self.links:
-            if link.state is DOWN and now >= link.next_try:
-                self._connect(link, now)
+        for down in self.links:
+            if down.state is DOWN and now >= down.next_try:
+                self._connect(down, now)
         if self.outstanding is None:
             self._grab_next()
 
@@ -485,6 +487,7 @@ class GrabLoop(threading.Thread):
 
     def _grab_next(self, prefix: bytes = b"", after: Link | None = None) -> None:
         """Send GRAB_JOB_UNIQ on the next link that wants one (with ``prefix`` packets on ``after``)."""
+        link: Link | None
         if (after is not None and self.outstanding is None and not self.wants and not self.stop.is_set()
                 and self.budget.take(self)):
             link = after  # the fast path: result and next grab in one write
@@ -526,7 +529,7 @@ class GrabLoop(threading.Thread):
             if self.outstanding is link:
                 self.outstanding = None
             link.permit = False  # used up by this job
-            state = link.assigned(time.monotonic())
+            state: LinkState | None = link.assigned(time.monotonic())
             if state is LATE:
                 self.process.outage.recovered(link.conn.address, self.index)
             elif state is SLEEPING or state is PARKED:  # unasked for; serve it all the same
@@ -591,6 +594,10 @@ class GrabLoop(threading.Thread):
 
     def _serve(self, link: Link, pkt: gp.Packet, handle: str) -> bytes:
         process = self.process
+        if "oversize" in pkt.args:  # the connection read past it (gearman.max_packet): fail it unrun
+            size, cap = int(pkt.args["oversize"]), link.conn.max_packet
+            return self.runner.fail_unrun(link.job, "?", {
+                "error": f"job of {size} bytes exceeds gearman.max_packet ({cap} bytes) on this worker"})
         task = pkt.text("task")
         if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .grab import Sleepers
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @dataclass
@@ -19,7 +22,7 @@ class ThreadGroup:
     sleepers: Sleepers = field(default_factory=Sleepers)
 
 
-def plan_groups(config: Any, threads: int, tasks: list[str]) -> list[ThreadGroup]:
+def plan_groups(config: Config, threads: int, tasks: list[str]) -> list[ThreadGroup]:
     """Split ``threads`` between the tasks of ``worker.tasks`` (their own threads each) and
     every other task of ``tasks`` (the rest). ConfigError, naming the key, for a name that is
     not a task this worker serves, or dedicated threads that leave none for the other tasks."""

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if __package__ in (None, ""):  # run as a file by the worker: python .../geartask/worker/isolate.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -30,6 +30,9 @@ from geartask.jobs import encode_payload  # noqa: E402
 
 from .errors import AttemptFailed, JobRejected  # noqa: E402
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 TICK = 0.1  # seconds between looks at the job's cancel event while the child runs
 MAX_MESSAGE = 64 * 1024 * 1024  # bytes of one message from the child (a result); more is a failure
 
@@ -38,7 +41,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def isolated_tasks(plugin_tasks: dict[str, tuple[Any, str]], config: Any) -> dict[str, Any]:
+def isolated_tasks(plugin_tasks: dict[str, tuple[Any, str]], config: Config) -> dict[str, Any]:
     """Plugin tasks (name -> (callable, plugin)) as the worker serves them: the ones named in
     ``worker.isolate`` replaced by an IsolatedTask. ConfigError for a name that is no task."""
     tasks = {name: fn for name, (fn, _) in plugin_tasks.items()}
@@ -58,7 +61,7 @@ class IsolatedTask:
     first call), loads, and waits for its one request: a spare, never a reused process.
     """
 
-    def __init__(self, task: str, plugin: str, config: Any):
+    def __init__(self, task: str, plugin: str, config: Config):
         self.task, self.plugin = task, plugin
         self.config_path = str(config.source) if config.source else ""
         self.timeout = config.worker.job_timeout
@@ -102,7 +105,7 @@ class IsolatedTask:
         if child is None:
             child = self._start()
         try:
-            spare = self._start()
+            spare: tuple[subprocess.Popen, int] | None = self._start()
         except AttemptFailed:
             return child  # out of processes for a spare: this job still runs
         with self._lock:
@@ -125,6 +128,7 @@ class IsolatedTask:
     def _talk(self, proc: subprocess.Popen, r: int, request: bytes, job: Any) -> bytes:
         deadline = time.monotonic() + self.timeout
         stdin = proc.stdin
+        assert stdin is not None  # _start opens the child with stdin=PIPE
         os.set_blocking(stdin.fileno(), False)
         os.set_blocking(r, False)
         pending = memoryview(request)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from .. import gearman as gp
 from ..envelope import EnvelopeError, unwrap_cached
@@ -12,6 +13,9 @@ from ..jobs import decode_payload, encode_payload
 from ..logs import get_logger
 
 from .errors import JobRejected
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("geartask.worker")
 
@@ -31,7 +35,7 @@ class Job:
                  "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome", "signed")
 
     def __init__(self, conn: Any, handle: str, task: str, unique: str, raw: bytes,
-                 config: Any, cancel: threading.Event):
+                 config: Config, cancel: threading.Event):
         self._conn = conn
         self.handle, self.task, self.unique, self.raw = handle, task, unique, raw
         self.config, self.cancel = config, cancel
@@ -53,6 +57,13 @@ class Job:
             self.options, self.raw = unwrap_cached(self.raw)
         except EnvelopeError as e:
             raise JobRejected(str(e)) from None
+        at = self.options.get("at") if self.options else None
+        if at is not None:  # a sender's clock (or a forger) must not date a job in the future
+            skew, now = self.config.outcomes.max_clock_skew, time.time()
+            if at > now + skew:
+                self.options = {k: v for k, v in (self.options or {}).items() if k != "at"}  # not into its record
+                raise JobRejected(f"envelope 'at' is {at - now:.0f} s ahead of this worker's clock "
+                                  f"(more than outcomes.max_clock_skew, {skew:g} s)")
 
     @property
     def log(self) -> Any:

@@ -20,7 +20,7 @@ import collections
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import gearman as gp
 from ..logs import get_logger
@@ -76,15 +76,15 @@ class HeldAnswers:
             entry[1].append(record)
             entry[2].append(answer)
             if hold and len(entry[1]) < self.size:
-                started = self._flusher is None
-                if started:
-                    self._flusher = threading.Thread(target=self._run, name="outcomes", daemon=True)
+                flusher = None
+                if self._flusher is None:
+                    flusher = self._flusher = threading.Thread(target=self._run, name="outcomes", daemon=True)
                 self.wake.set()
             else:
                 del self.held[id(link)]
                 return outcome_packets(entry[1], link.acks, self.sign) + b"".join(entry[2])
-        if started:
-            self._flusher.start()
+        if flusher is not None:
+            flusher.start()
         return b""
 
     def take(self, link: "Link") -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import gearman as gp
 from ..control import WorkerIdentity
@@ -25,6 +25,9 @@ from .outcomes import HeldAnswers
 from .runner import JobRunner, UnansweredJobs
 from .stats import TaskCounters
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("geartask.worker")
 
@@ -46,7 +49,7 @@ class WorkerProcess:
     closed, so gearmand gives them to another worker); ``close()`` frees what is left.
     """
 
-    def __init__(self, config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None,
+    def __init__(self, config: Config, name: str, threads: int, tasks: dict[str, Callable], max_jobs: int | None = None,
                  sinks: Any = None):
         self.config = config
         self.name = name
@@ -56,12 +59,12 @@ class WorkerProcess:
             raise PluginError(f"task name {reserved[0]!r} is geartask's own (the shell task or a control function)")
         self.groups: list[ThreadGroup] = self.plan(config, threads, tasks)
         # The IP part is per connection (see GrabLoop._connect); ips collects them for the label.
-        self.identity = WorkerIdentity(name, "", os.getpid())
+        self.identity = WorkerIdentity(name, "", os.getpid(), fleet=getattr(config, "fleet", ""))
         self.ips: frozenset[str] = frozenset()
         self.label = f"{name}::{self.identity.pid}"
         self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.tasks = dict(tasks)
-        self.tasks["shell"] = ShellTask(config.worker, self.label)
+        self.shell_task = self.tasks["shell"] = ShellTask(config.worker, self.label)
         # Tasks that end themselves at their timeout: the watchdog leaves them alone.
         self.own_timeout = {"shell"} | {t for t, fn in self.tasks.items() if isinstance(fn, IsolatedTask)}
         self.outage = Outage()
@@ -93,7 +96,7 @@ class WorkerProcess:
         self._lock = threading.Lock()
 
     @staticmethod
-    def plan(config, threads: int, tasks: dict[str, Callable] | list[str]) -> list[ThreadGroup]:
+    def plan(config: Config, threads: int, tasks: dict[str, Callable] | list[str]) -> list[ThreadGroup]:
         """Which threads serve which tasks (the built-in ones included). ConfigError for a
         ``worker.tasks`` the worker can't follow: check it before starting anything."""
         return plan_groups(config, threads, sorted({*tasks, *BUILTIN_TASKS}))
@@ -109,7 +112,7 @@ class WorkerProcess:
             self.ips = self.ips | {ip}
             self.label = f"{self.name}:{','.join(sorted(self.ips))}:{self.identity.pid}"
             self.runner.label = self.label
-            self.tasks["shell"].worker_label = self.label
+            self.shell_task.worker_label = self.label
         log.info("connected from a new local address", ip=ip, server=server)
 
     # -- lifecycle -------------------------------------------------------------------

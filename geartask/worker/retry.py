@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .dead_letters import cap_text
 from .errors import JobRejected
+
+if TYPE_CHECKING:
+    from ..config import WorkerConfig
 
 BACKOFF_MAX = 30.0  # ceiling on the wait between attempts of one job
 
@@ -15,7 +18,7 @@ class RetryPolicy:
     ``worker.max_retries``); ``worker.retry_backoff`` seconds before the first retry, doubled
     per attempt, at most BACKOFF_MAX. A JobRejected from a task is never retried."""
 
-    def __init__(self, worker_config: Any):
+    def __init__(self, worker_config: WorkerConfig):
         self.default = min(worker_config.retries, worker_config.max_retries)
         self.ceiling = worker_config.max_retries
         self.base = worker_config.retry_backoff

@@ -6,7 +6,7 @@ import collections
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import GeartaskError, ServerError
 from ..jobs import encode_payload
@@ -20,6 +20,9 @@ from .outcomes import outcome_packets
 from .retry import RetryPolicy
 from .running import RunningJob
 from .trust import SIG_MAGIC, Signed, WorkerTrust
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("geartask.worker")
 
@@ -62,7 +65,7 @@ class JobRunner:
     attempt.
     """
 
-    def __init__(self, config: Any, tasks: dict[str, Callable], label: str, unanswered: UnansweredJobs,
+    def __init__(self, config: Config, tasks: dict[str, Callable], label: str, unanswered: UnansweredJobs,
                  sinks: Any = None):
         self.tasks = tasks
         self.label = label  # the worker's label in reasons and dead letters (updated by the process)

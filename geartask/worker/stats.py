@@ -51,7 +51,7 @@ def summarize(counters: Iterable[TaskCounters]) -> dict[str, dict]:
     out = {}
     for task, t in sorted(totals.items()):
         buckets, running = {}, 0
-        for bound, n in zip([*(_label(b) for b in BOUNDS), "+Inf"], t[_BUCKETS:]):
+        for bound, n in zip([*(_label(b) for b in BOUNDS), "+Inf"], t[_BUCKETS:], strict=False):
             running += n
             buckets[bound] = running
         out[task] = {"complete": t[_COMPLETE], "failed": t[_FAILED], "retried": t[_RETRIED],

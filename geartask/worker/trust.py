@@ -10,11 +10,14 @@ outcome jobs the worker sends (purpose ``report``).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..trust import policy, signing
 from ..trust.keys import signing_key
 from ..trust.signing import SIG_MAGIC
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["WorkerTrust", "SIG_MAGIC"]
 
@@ -23,7 +26,7 @@ class WorkerTrust:
     """The process's trust: whom it believes (``trust``), whether jobs must be signed, and its
     own signing key (None without ``security.key``)."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Config):
         sec = config.security
         self.require_signed = bool(sec.require_signed)
         self.max_age = float(sec.max_job_age)

@@ -388,6 +388,11 @@ def test_signers_limits_age_and_tampering_over_tls(netlab: NetLab, tmp_path):
     assert rec["state"] == "complete" and rec["signer"] == "fleet", rec
     r = netlab.run(snd, nl.SENDER, fleet.configs["sender"], "result", unique, "--json", label="sender")
     assert r.wait(60) == 0 and r.json_lines()[0]["signer"] == "fleet"
+    # send status resolves finished background jobs from the collector's signed answers too
+    r = netlab.run(snd, nl.SENDER, fleet.configs["sender"], "status", "--json", label="sender")
+    assert r.wait(60) == 0, r.stderr
+    states = {line.get("unique"): line.get("state") for line in r.json_lines()}
+    assert states.get(unique) == "complete", (states, r.stderr)
     for name in ("ops-ran", "old", "ta", "tb"):
         assert not (tmp_path / name).exists(), name
     assert good.exists()

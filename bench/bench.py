@@ -55,10 +55,11 @@ def all_systems() -> list[System]:
     from bench.sys_c import CReference
     from bench.sys_celery import Celery
     from bench.sys_geartask import Geartask
+    from bench.sys_geartask_tls import GeartaskTLS
     from bench.sys_noqueue import NoQueue
     from bench.sys_pygearman import PyGearman
     from bench.sys_rq import RQ
-    return [Geartask(), Geartask("warning"), PyGearman(), CReference(), Celery(), RQ(), NoQueue()]
+    return [Geartask(), Geartask("warning"), GeartaskTLS(), PyGearman(), CReference(), Celery(), RQ(), NoQueue()]
 
 
 # Which systems take part in which workload. The log-level variant is a diagnostic for W1/W4
@@ -68,6 +69,8 @@ def takes_part(system: System, workload: str) -> bool:
         return workload == "W4"
     if system.key.startswith("geartask-log"):
         return workload in ("W1", "W4")
+    if system.key == "geartask-tls":  # trust's cost: throughput, latency, shell jobs (issue 19)
+        return workload in ("W1", "W2", "W4")
     return True
 
 
@@ -157,7 +160,7 @@ class Runner:
                                            "total_seconds": round(submit + drain, 4)})
         if "W1" not in mine:
             return
-        if not queue and not system.key.startswith("geartask-log"):
+        if not queue and not system.key.startswith(("geartask-log", "geartask-tls")):
             for procs in p["scaling"]:
                 with system.start(env, "reverse", procs, 1) as workers:
                     system.batch(env, p["warmup"], timeout)

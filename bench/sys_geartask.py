@@ -62,6 +62,9 @@ class Geartask(System):
             self._config = load_config(write_config(env, self.log_level))
         return self._config
 
+    def _config_path(self, env: Env) -> Path:
+        return env.run_dir / f"geartask-{self.log_level}.yaml"
+
     def sender(self, env: Env):
         if self._sender is None:
             from geartask.logs import configure_logging
@@ -75,7 +78,7 @@ class Geartask(System):
 
     def start(self, env: Env, purpose: str, processes: int, threads: int) -> Workers:
         cfg = self._conf(env)
-        path = env.run_dir / f"geartask-{self.log_level}.yaml"
+        path = self._config_path(env)
         workers = Workers()
         try:
             for i in range(processes):

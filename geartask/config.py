@@ -48,6 +48,42 @@ def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> 
     return host, port
 
 
+class ServerAddress(tuple):
+    """One ``servers`` entry: unpacks to ``(host, port)`` like before; ``tls`` is True for an
+    entry written ``tls://HOST:PORT`` (reached over TLS with the config's ``tls`` section)."""
+
+    tls: bool
+
+    def __new__(cls, host: str, port: int, tls: bool = False) -> "ServerAddress":
+        self = super().__new__(cls, (host, port))
+        self.tls = tls
+        return self
+
+    @property
+    def host(self) -> str:
+        return self[0]
+
+    @property
+    def port(self) -> int:
+        return self[1]
+
+    def __str__(self) -> str:
+        hostport = f"[{self[0]}]:{self[1]}" if ":" in self[0] else f"{self[0]}:{self[1]}"
+        return f"tls://{hostport}" if self.tls else hostport
+
+
+def parse_server(text: Any, key: str = "servers", path: str | None = None) -> ServerAddress:
+    """A ``servers`` entry: 'host:port', 'host' (port 4730) or 'tls://host:port'."""
+    tls = False
+    if isinstance(text, str) and "://" in text:
+        scheme, _, rest = text.strip().partition("://")
+        if scheme.lower() != "tls":
+            raise ConfigError(f"unknown scheme {scheme!r} in {text!r}: write tls://HOST:PORT or HOST:PORT", path, key)
+        tls, text = True, rest
+    host, port = parse_hostport(text, key, path)
+    return ServerAddress(host, port, tls)
+
+
 @dataclass
 class LogConfig:
     dir: Path = Path("logs")  # JSON-lines log files, one per role and name
@@ -200,8 +236,13 @@ class Config:
     source: Path | None = None  # the file this came from, None for pure defaults
 
     @property
-    def server_addresses(self) -> list[tuple[str, int]]:
-        return [parse_hostport(s) for s in self.servers]
+    def server_addresses(self) -> list[ServerAddress]:
+        """``(host, port)`` of every server; each also says ``.tls`` (written tls://)."""
+        return [parse_server(s) for s in self.servers]
+
+    def server_tls(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` is written tls:// in ``servers``."""
+        return any(a.tls for a in self.server_addresses if tuple(a) == (host, port))
 
     def with_servers(self, servers: list[str] | str) -> "Config":
         """A copy with servers replaced (the --servers override), validated."""
@@ -336,7 +377,7 @@ def _check_servers(servers: list[str], key: str, path: str | None) -> None:
     if not servers:
         raise ConfigError("needs at least one 'host:port'", path, key)
     for i, s in enumerate(servers):
-        parse_hostport(s, f"{key}[{i}]" if key == "servers" else key, path)
+        parse_server(s, f"{key}[{i}]" if key == "servers" else key, path)
 
 
 def search_path() -> list[Path]:
@@ -539,4 +580,6 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
         cfg.source = found
     if servers:
         cfg = cfg.with_servers(servers)
+    from .trust.tls import install
+    install(cfg)  # every connection this process makes to a tls:// server uses TLS
     return cfg

@@ -398,13 +398,17 @@ class NetLab:
                               f"see {server.log_file}")
         return server
 
-    def proxy(self, host: Host, target: str, port: int, *, sliced: bool = False, delay: float = 0.0) -> str:
-        """tests/netproxy.py on ``host``, listening on host.ip:port; returns its address."""
+    def proxy(self, host: Host, target: str, port: int, *, sliced: bool = False, delay: float = 0.0,
+              sliced_down: bool = False) -> str:
+        """tests/netproxy.py on ``host``, listening on host.ip:port; returns its address.
+        ``sliced_down``: slice only what the target sends (stunnel drops client records in slices)."""
         listen = f"{host.ip}:{port}"
         out = self.folder("proxies") / f"{host.name}-{port}.out"
         cmd = [sys.executable, str(NETPROXY), "--listen", listen, "--target", target, "--delay", str(delay)]
         if sliced:
             cmd.append("--slice")
+        elif sliced_down:
+            cmd.append("--slice-down")
         with open(out, "w") as f:
             proc = host.popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         wait_until(lambda: proc.poll() is not None or "listening on" in out.read_text(), 15,

@@ -217,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=_address, required=True, metavar="IP:PORT")
     parser.add_argument("--target", type=_address, required=True, metavar="IP:PORT")
     parser.add_argument("--slice", action="store_true", help="deliver both directions in 1-48-byte slices")
+    parser.add_argument("--slice-down", action="store_true",
+                        help="slice only what the target sends (TLS terminators may drop sliced client records)")
     parser.add_argument("--delay", type=float, default=0.0, metavar="S",
                         help="hold each chunk S seconds per direction (half the added round trip)")
     args = parser.parse_args(argv)
-    proxy = SliceProxy(args.target, args.listen[0], listen_port=args.listen[1], slice_down=args.slice,
+    proxy = SliceProxy(args.target, args.listen[0], listen_port=args.listen[1], slice_down=args.slice or args.slice_down,
                        slice_up=args.slice, delay=args.delay).start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

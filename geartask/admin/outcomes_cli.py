@@ -235,7 +235,7 @@ def show_text(rec: dict, history: list[dict], more: bool) -> str:
               ("duration", f"{rec['duration']:.3f}s" if rec.get("duration") is not None else None),
               ("handle", f"{rec['handle']} on {rec['server']}"), ("background", rec.get("background")),
               ("priority", rec.get("priority")), ("worker", rec.get("worker")), ("host", rec.get("host")),
-              ("sender", rec.get("sender_host")), ("requeue of", rec.get("requeue_of"))]
+              ("sender", rec.get("sender_host")), ("signer", rec.get("signer")), ("requeue of", rec.get("requeue_of"))]
     if rec.get("reason") is not None:
         reason = rec["reason"] if isinstance(rec["reason"], str) else json.dumps(rec["reason"], ensure_ascii=False)
         cut = " [cut]" if rec.get("reason_cut") else ""

@@ -30,4 +30,5 @@ from .codec import HEADER, HEADER_SIZE, MAGIC_REQ, MAGIC_RES, SUBMIT_JOB_EPOCH, 
 from .backoff import Backoff  # noqa: F401
 from .connection import (CONNECT_TIMEOUT, HANDLE_FIRST, MAX_PACKET, MAX_TEXT_REPLY, RECONNECT_MAX,  # noqa: F401
                          RECONNECT_MIN, Connection, Keepalive, admin_command, keepalive_for, wait_readable)
-from .dial import ConnectError, Dial, TLSError, dial, parse_address, tls_reason, tls_refusal  # noqa: F401
+from .dial import (ConnectError, Dial, TLSError, dial, parse_address, tls_for, tls_reason, tls_refusal,  # noqa: F401
+                   use_tls)

@@ -65,7 +65,10 @@ class Connection:
         self._buf = bytearray()
         self._tls = False  # the socket is an SSLSocket
         self._skip_left = 0  # body bytes of an oversize packet still to be read past
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()  # one packet's bytes are never interleaved with another's
+        # OpenSSL's SSL object may not be read and written from two threads at once (a worker's
+        # watchdog sends on a connection its thread reads): every TLS read and write holds this.
+        self._ssl_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} {'open' if self.sock else 'closed'}>"
@@ -140,7 +143,8 @@ class Connection:
         view = memoryview(data)
         while view:
             try:
-                n = sock.send(view)
+                with self._ssl_lock:  # not held while waiting below: the reader must go on
+                    n = sock.send(view)
             except ssl.SSLWantReadError:
                 _wait(sock, select.POLLIN)
                 continue
@@ -157,7 +161,8 @@ class Connection:
             raise ServerError("not connected", self.address)
         try:
             if self._tls:
-                return sock.send(data)
+                with self._ssl_lock:
+                    return sock.send(data)
             return sock.send(data, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, *_WANT):
             return 0
@@ -174,7 +179,8 @@ class Connection:
         if not self._tls or self.sock is None:
             return None
         try:
-            self.sock.recv(1)
+            with self._ssl_lock:
+                self.sock.recv(1)
         except ssl.SSLError as e:
             if not isinstance(e, _WANT):
                 err = self._fail_tls(e)
@@ -273,15 +279,14 @@ class Connection:
             if not ready:
                 return False
         try:
-            chunk = sock.recv(65536)
+            with self._ssl_lock:
+                chunk = sock.recv(65536)
+                # Drain what OpenSSL decrypted already: the descriptor will not poll readable for it.
+                while chunk and sock.pending():
+                    chunk += sock.recv(65536)
             if not chunk:
                 raise self._fail("connection closed by server")
             self._buf += chunk
-            # Drain what OpenSSL decrypted already: the descriptor will not poll readable for it.
-            while sock.pending():
-                self._buf += sock.recv(65536)
-                if self._skip_left:
-                    self._drop_skipped()
         except _WANT:
             pass  # a record is still in flight: poll again
         except ssl.SSLZeroReturnError:

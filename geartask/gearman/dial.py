@@ -16,6 +16,30 @@ from ..errors import ServerError
 DEFAULT_PORT = 4730
 SCHEMES = ("tcp", "tls")
 
+# (host, port) -> a callable giving the ssl context for that server, for every server a config
+# writes tls://HOST:PORT (trust.tls.install, once per process when the config is loaded). Every
+# connection that is given no context looks itself up here, so no role can reach a tls:// server
+# in clear by forgetting to pass one; the context is built on first use (a config mistake in
+# tls.* is then said when a connection needs it, as the ConfigError naming the key).
+_TLS: dict[tuple[str, int], Any] = {}
+
+
+def use_tls(host: str, port: int, context: Any) -> None:
+    """Reach ``host:port`` over TLS with ``context`` (an ssl.SSLContext or a callable giving
+    one); None: in clear."""
+    if context is None:
+        _TLS.pop((host, port), None)
+    else:
+        _TLS[(host, port)] = context
+
+
+def tls_for(host: str, port: int) -> ssl.SSLContext | None:
+    """The context registered for ``host:port`` by use_tls, None for a plain server."""
+    found = _TLS.get((host, port))
+    if found is None or isinstance(found, ssl.SSLContext):
+        return found
+    return found()
+
 
 def parse_address(text: str) -> tuple[str, str, int]:
     """``tls://host:port``, ``host:port``, ``[v6]:port``, ``host`` -> (scheme, host, port).
@@ -138,6 +162,8 @@ def dial(host: str, port: int, timeout: float, keepalive: Any = None,
     seconds overall. Raises ConnectError or TLSError naming the server."""
     address = f"{host}:{port}"
     deadline = time.monotonic() + timeout
+    if tls is None:
+        tls = tls_for(host, port)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
@@ -178,6 +204,8 @@ class Dial:
                  server_hostname: str | None = None):
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
+        if tls is None:
+            tls = tls_for(host, port)
         self.keepalive, self.tls, self.server_hostname = keepalive, tls, server_hostname or host
         self.sock: socket.socket | None = None
         self.events = select.POLLOUT

@@ -15,7 +15,8 @@ from typing import Any
 from .. import gearman as gp
 from ..fleet.replies import parse_status
 from ..errors import ServerError
-from .errors import NoCollectorError, QueryError
+from .answers import RogueAnswer, open_answer, sign_request
+from .errors import NoCollectorError, QueryError, RogueAnswerError
 from .query import Refused, check_request
 from .record import QUERY_FUNCTION, BadOutcome, check
 
@@ -48,6 +49,22 @@ class OutcomeClient:
         self.servers = list(config.server_addresses)
         self.max_packet = getattr(getattr(config, "gearman", None), "max_packet", None)
         self.timeout = timeout
+        # Signed answers (docs/outcomes.md, "Signed outcomes"): with require_signed only an
+        # answer signed for "answer" by a trusted signer is believed; store-changing requests
+        # are signed with security.key.
+        security = getattr(config, "security", None)
+        self.require_signed = bool(getattr(security, "require_signed", False))
+        self.max_age = float(getattr(security, "max_job_age", 86400.0))
+        self.key, self.trust = None, None
+        if getattr(security, "key", ""):
+            from ..trust.keys import signing_key
+            self.key = signing_key(config)
+        if self.require_signed or getattr(security, "trust", None):
+            from ..trust.policy import trust_of
+            self.trust = trust_of(config)
+        if hasattr(config, "tls"):
+            from ..trust.tls import install
+            install(config)  # tls:// servers over TLS, even for a config load_config did not read
 
     # -- the ops (answers checked: any peer can serve the query function) ----------------------
     def ping(self) -> dict:
@@ -107,6 +124,7 @@ class OutcomeClient:
         payload = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
                              allow_nan=False).encode("utf-8", "surrogatepass")
         unique = query_unique(payload)
+        payload = sign_request(op, payload, self.key)
         deadline = time.monotonic() + self.timeout
         tried: dict[str, str] = {}
         for host, port in self.servers:
@@ -124,7 +142,7 @@ class OutcomeClient:
                 if reply is None:
                     tried[address] = f"no answer within {self.timeout:g}s"
                     break
-                return query_answer(reply, address)
+                return query_answer(self.open_reply(reply, address), address)
             except ServerError as e:
                 tried[address] = str(e).removeprefix(address + ": ")
             finally:
@@ -133,6 +151,17 @@ class OutcomeClient:
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
         raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")
+
+    def open_reply(self, reply: bytes, address: str) -> bytes:
+        """The answer's JSON; RogueAnswerError, naming the server, for one no trusted collector
+        signed (with require_signed). The signer's name is not needed further: it is trusted."""
+        try:
+            _signer, body = open_answer(reply, self.trust, require_signed=self.require_signed,
+                                        max_age=self.max_age)
+        except RogueAnswer as e:
+            raise RogueAnswerError(f"a rogue answerer on {address}: its answer is not signed by a trusted "
+                                   f"collector ({e.reason}); nothing it said was used") from None
+        return body
 
 
 def collector_attached(conn: gp.Connection, timeout: float) -> bool:

@@ -26,3 +26,9 @@ class CollectorConflict(OutcomeError):
 
 class StoreError(OutcomeError):
     """Raised when the outcome store can't be opened or written."""
+
+
+class RogueAnswerError(QueryError):
+    """Raised when a query's answer is not signed for ``answer`` by a trusted signer while
+    ``security.require_signed`` is on: whoever answered is not a trusted collector, and what it
+    said is never used."""

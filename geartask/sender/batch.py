@@ -90,6 +90,7 @@ class Batch:
         self.debug = settings.debug
         self.max_payload, self.max_data = settings.max_payload, settings.max_data
         self.record = settings.record
+        self.key = settings.key
         self.lanes = [_Lane(link) for link in links]
         self.source = iter(jobs)
         self.total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]
@@ -182,8 +183,14 @@ class Batch:
         unique = d.unique or new_unique()
         lanes = self.lanes
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
-        head = self._envelope(background, d.retries, priority, d.extra.get("requeue_of"))
-        return _Job(index, d.task, unique, head + payload, priority, background, settings.max_retries, order, d.at)
+        requeue_of = d.extra.get("requeue_of")
+        data = self._envelope(background, d.retries, priority, requeue_of) + payload
+        if self.key is not None and requeue_of is None:
+            # Right before submit, over the envelope too (docs/outcomes.md, "Signed jobs"). A
+            # requeue is never signed as new: it travels with its original signature.
+            from ..trust.signing import sign_job  # cryptography only for a signing sender
+            data = sign_job(d.task, unique, data, self.key)
+        return _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
 
     def _envelope(self, background: bool, retries: int | None, priority: str, requeue_of: Any = None) -> bytes:
         """The job's envelope (geartask.envelope): built once per set of options in a call."""

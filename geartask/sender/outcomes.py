@@ -44,7 +44,7 @@ class Outcome:
         out = {"key": self.key, "state": self.state, "error": self.error}
         if rec:
             for k in ("unique", "handle", "server", "task", "attempts", "worker", "finished_at", "duration",
-                      "background", "result_cut", "result_size", "requeues"):
+                      "background", "result_cut", "result_size", "requeues", "signer"):
                 if k in rec:
                     out[k] = rec[k]
             if self.state == "complete":

@@ -30,6 +30,14 @@ MAX_DATA = MAX_PAYLOAD  # bytes of WORK_DATA kept per job; later chunks are coun
 BACKGROUND_RECORD = RECORD_NAME
 
 
+def _signing_key(config: Config) -> Any:
+    """security.key loaded (None when unset): what every job this sender submits is signed with."""
+    if not getattr(getattr(config, "security", None), "key", ""):
+        return None
+    from ..trust.keys import signing_key
+    return signing_key(config)
+
+
 class JobSender:
     """Submits jobs to the configured job servers and reports what became of each.
 
@@ -61,13 +69,16 @@ class JobSender:
         # data (TCP_USER_TIMEOUT) or unanswered keepalive probes.
         self.keepalive = p.keepalive_for(fa)
         max_packet = getattr(getattr(config, "gearman", None), "max_packet", None)
+        if hasattr(config, "tls"):
+            from ..trust.tls import install
+            install(config)  # tls:// servers over TLS, even for a config that load_config did not read
         self.servers = [ServerLink(h, port, self.keepalive, max_packet=max_packet) for h, port in config.server_addresses]
         self.record = BackgroundRecord(Path(config.log.dir) / BACKGROUND_RECORD, config.log.max_bytes,
                                        config.log.backups)
         self.record_path = self.record.path
         self.batch_settings = BatchSettings(
             self.settings, self.log, logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG),
-            MAX_PAYLOAD, MAX_DATA, self.record if record_background else None)
+            MAX_PAYLOAD, MAX_DATA, self.record if record_background else None, _signing_key(config))
         self._batch: Batch | None = None  # the call in progress
 
     # The limits and the background record can be changed between calls: a new BatchSettings.

@@ -21,3 +21,4 @@ class BatchSettings:
     max_payload: int  # bytes of one job's payload, checked before anything is sent
     max_data: int  # bytes of WORK_DATA kept per job; later chunks are counted, not kept
     record: BackgroundRecord | None  # where accepted background jobs are appended; None: nowhere
+    key: Any = None  # security.key (an Ed25519 private key): every job is signed with it; None: unsigned

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import gearman as gp
 from ..errors import ServerError
-from ..outcomes.client import collector_attached, checked_record, query_answer, query_unique
+from ..outcomes.client import OutcomeClient, collector_attached, checked_record, query_answer, query_unique
 from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.query import Refused, check_request
 from ..outcomes.record import QUERY_FUNCTION
@@ -50,6 +50,7 @@ class OutcomeBatch:
         self.servers = list(config.server_addresses)
         self.timeout = timeout
         self.conn: gp.Connection | None = None
+        self.answers = OutcomeClient(config, timeout)  # opens answers as it does: signed ones checked
 
     def close(self) -> None:
         if self.conn is not None:
@@ -111,7 +112,8 @@ class OutcomeBatch:
                 if pkt.cmd == gp.WORK_WARNING:
                     warnings[handle] = pkt["data"]
                 elif pkt.cmd == gp.WORK_COMPLETE:
-                    record = checked_record(query_answer(pkt["data"], conn.address), "latest")
+                    record = checked_record(query_answer(self.answers.open_reply(pkt["data"], conn.address),
+                                                         conn.address), "latest")
                     for i in waiting.pop(handle):
                         answers[i] = record
                 elif pkt.cmd in (gp.WORK_FAIL, gp.WORK_EXCEPTION):

@@ -92,6 +92,10 @@ class Stunnel:
             "verifyChain = yes",  # the client's certificate must chain to tls.ca
             "requireCert = yes",  # no certificate, no connection
             "sslVersionMin = TLSv1.2",
+            # No Nagle delay either side: a job is one small packet each way, as on geartask's
+            # own sockets (without it a job's answer can wait for the peer's delayed ACK).
+            "socket = l:TCP_NODELAY=1",
+            "socket = r:TCP_NODELAY=1",
             "TIMEOUTbusy = 600",  # a sleeping worker's connection is quiet for a long time
             "TIMEOUTidle = 43200",
             "",

@@ -84,3 +84,22 @@ def server_context(config: Config) -> ssl.SSLContext:
 def tls_servers(config: Config) -> list[str]:
     """The ``servers`` entries written ``tls://HOST:PORT``."""
     return [s for s in config.servers if s.strip().lower().startswith("tls://")]
+
+
+def install(config) -> None:
+    """Make every connection of this process to one of ``config``'s ``tls://`` servers use TLS
+    with ``client_context(config)``, built once, on first use (geartask.gearman.use_tls); the
+    config's plain servers are reached in clear."""
+    from ..gearman.dial import use_tls
+    context = config.__dict__.get("_tls_context")  # one per config: a JobSender installs again
+    if context is None:
+        built: list[ssl.SSLContext] = []
+
+        def context() -> ssl.SSLContext:
+            if not built:
+                built.append(client_context(config))
+            return built[0]
+
+        config.__dict__["_tls_context"] = context
+    for address in config.server_addresses:
+        use_tls(address[0], address[1], context if address.tls else None)

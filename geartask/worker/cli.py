@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = isolated_tasks(plugins.tasks(), config)
     WorkerProcess.plan(config, threads, tasks)  # worker.tasks against the tasks and threads
     ensure_open_files(threads, len(config.servers))
+    from ..gearman import tls_for
+    for address in config.server_addresses:  # tls.* files read now: a thread would only retry
+        if address.tls:
+            tls_for(*address)
     setup_logging(config, args, "worker", name)
     for warning in plugin_path_warnings(config):  # it then serves fewer tasks than meant
         get_logger("geartask.worker").warning(warning)

@@ -1,0 +1,85 @@
+"""geartask with trust switched on (issue 19): gearmand behind stunnel with client
+certificates, every connection TLS, the sender signing each job with its Ed25519 key, the
+workers running only signed jobs (security.require_signed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import REPO, Env, Skip
+from .sys_geartask import Geartask
+
+
+class GeartaskTLS(Geartask):
+    key = "geartask-tls"
+    label = "geartask (tls+signed)"
+    note = "as geartask, through stunnel (TLS 1.3, client certificates), jobs signed, workers require_signed"
+
+    def __init__(self):
+        super().__init__()
+        self.key, self.label = GeartaskTLS.key, GeartaskTLS.label
+        self._stunnel = None
+
+    def check(self, env: Env) -> None:
+        super().check(env)
+        import shutil
+        if shutil.which("stunnel") is None and shutil.which("stunnel4") is None:
+            raise Skip("needs stunnel (Debian's stunnel4; scripts/install.sh installs it)")
+
+    def _conf(self, env: Env):
+        if self._config is None:
+            from geartask.config import load_config
+            self._config = load_config(self._write(env))
+        return self._config
+
+    def _write(self, env: Env) -> Path:
+        """PKI, keys and stunnel once per run; the config every process of this system reads."""
+        from geartask.server import free_port
+        from geartask.server.stunnel import Stunnel
+        from geartask.trust import certs
+        from geartask.trust.keys import new_key
+        base = env.run_dir / "tls"
+        path = env.run_dir / "geartask-tls.yaml"
+        if path.exists():
+            return path
+        certs.make_ca(base / "pki")
+        certs.issue(base / "pki", "server", ips=["127.0.0.1"])
+        certs.issue(base / "pki", "client")
+        _, public = new_key(base / "bench.key")
+        port = free_port()
+        self._stunnel = Stunnel("127.0.0.1", port, env.port, base / "pki" / "ca.pem", base / "pki" / "server.pem",
+                                base / "pki" / "server.key", base)
+        self._stunnel.start()
+        trust = json.dumps([{"name": "bench", "public_key": public, "may": ["*", "control", "report", "answer"]}])
+        path.write_text(f"""servers: ["tls://127.0.0.1:{port}"]
+log:
+  dir: "{env.run_dir / 'geartask-tls-logs'}"
+  level: info
+  format: json
+plugins:
+  paths: ["{REPO / 'bench' / 'plugins'}"]
+  enabled: [benchtasks]
+worker:
+  grace: 5
+  shell:
+    allow: ["true"]
+tls:
+  ca: {base / 'pki' / 'ca.pem'}
+  cert: {base / 'pki' / 'client.pem'}
+  key: {base / 'pki' / 'client.key'}
+security:
+  key: {base / 'bench.key'}
+  require_signed: true
+  trust: {trust}
+""")
+        return path
+
+    def _config_path(self, env: Env) -> Path:
+        return self._write(env)
+
+    def close(self) -> None:
+        super().close()
+        if self._stunnel is not None:
+            self._stunnel.stop()
+            self._stunnel = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..control import CONTROL_PREFIX, parse_control_function, shutdown_request, signed_request, stop_request
 from ..errors import GeartaskError, UsageError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class Admin:
     """The admin API over every configured server; each method returns one result per server."""
 
-    def __init__(self, servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None,
+    def __init__(self, servers: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, fleet: str | None = None,
                  key: Any = None):
         if not servers:
             raise UsageError("no job servers to manage")

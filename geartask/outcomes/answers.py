@@ -36,10 +36,11 @@ def sign_answer(answer: bytes, key: Any) -> bytes:
     return answer if key is None else signing.sign_message("answer", answer, key)
 
 
-def _open(purpose: str, raw: bytes, trust: policy.Trust, require_signed: bool, max_age: float,
+def _open(purpose: str, raw: bytes, trust: policy.Trust | None, require_signed: bool, max_age: float,
           now: float | None) -> tuple[str | None, bytes]:
-    if require_signed:
-        return policy.verify_message(purpose, raw, trust, time.time() if now is None else now, max_age=max_age)
+    if require_signed:  # nobody trusted (None): every answer is refused, as it should be
+        return policy.verify_message(purpose, raw, trust if trust is not None else policy.Trust(),
+                                     time.time() if now is None else now, max_age=max_age)
     if raw.startswith(SIG_MAGIC):
         try:
             line, body = signing.split(raw)
@@ -49,7 +50,7 @@ def _open(purpose: str, raw: bytes, trust: policy.Trust, require_signed: bool, m
     return None, raw
 
 
-def open_answer(raw: bytes, trust: policy.Trust, *, require_signed: bool,
+def open_answer(raw: bytes, trust: policy.Trust | None, *, require_signed: bool,
                 max_age: float = policy.DEFAULT_MAX_AGE, now: float | None = None) -> tuple[str | None, bytes]:
     """(signer or None, the answer's JSON bytes); RogueAnswer when signatures are required and
     this one is not an ``answer`` by a trusted signer. Build ``trust`` once

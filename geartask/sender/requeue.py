@@ -19,7 +19,6 @@ from .. import gearman as gp
 from ..display import printable
 from ..errors import GeartaskError, ServerError
 from ..outcomes.client import OutcomeClient
-from ..outcomes.errors import NoCollectorError, QueryError
 from ..outcomes.failed import Requeued, requester
 from ..outcomes.record import decode_bytes
 from ..outcomes.signed import NotResendable, requeue_payload
@@ -137,65 +136,14 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
                 out[i].error = f"not accepted by any server: {res.error or res.state}"
             else:
                 out[i].handle, out[i].server = res.handle, res.server
-    key = None
-    if config.security.key:
-        from ..trust.keys import signing_key
-        key = signing_key(config)
     for r in out:
         if r.error is None and r.handle is not None:
             try:
-                for id in r.ids:
-                    mark_requeued(client, key, id, by, handle=r.handle, server=r.server)
+                for id in r.ids:  # the client signs it (security.key): a strict collector wants that
+                    client.mark_requeued(id, by, handle=r.handle, server=r.server)
             except GeartaskError as e:  # sent already: say so, and that the record still looks failed
                 r.error = f"sent again as {r.handle} on {r.server}, but not marked requeued: {e}"
     return out
-
-
-def mark_requeued(client: OutcomeClient, key: Any, id: str, by: str, *, handle: str | None,
-                  server: str | None) -> bool:
-    """``client.mark_requeued``, signed for ``control`` with ``key`` when there is one: a
-    collector with ``require_signed`` changes the store only for a signed request. A client
-    answered in this process (the dashboard's own collector: ``queries``) needs no signature."""
-    if key is None or hasattr(client, "queries"):
-        return client.mark_requeued(id, by, handle=handle, server=server)
-    import json
-    import time
-
-    from ..outcomes import client as oc
-    from ..outcomes.answers import open_answer, sign_request
-    from ..trust import policy
-    request = {k: v for k, v in {"op": "mark_requeued", "id": id, "by": by, "handle": handle,
-                                 "server": server}.items() if v is not None}
-    payload = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                         allow_nan=False).encode("utf-8", "surrogatepass")
-    signed = sign_request("mark_requeued", payload, key)
-    deadline = time.monotonic() + client.timeout
-    tried: dict[str, str] = {}
-    for host, port in client.servers:
-        address = f"{host}:{port}"
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        conn = gp.Connection(host, port, connect_timeout=min(left, gp.CONNECT_TIMEOUT))
-        try:
-            conn.connect()
-            if not oc.collector_attached(conn, max(0.1, deadline - time.monotonic())):
-                tried[address] = "no collector attached"
-                continue
-            reply = oc.submit_query(conn, oc.query_unique(signed), signed, deadline)
-            if reply is None:
-                tried[address] = f"no answer within {client.timeout:g}s"
-                break
-            answer = oc.query_answer(open_answer(reply, policy.Trust(), require_signed=False)[1], address)
-            if not isinstance(answer, bool):
-                raise QueryError("the answer to 'mark_requeued' is not a collector's (wrong shape)")
-            return answer
-        except ServerError as e:
-            tried[address] = str(e).removeprefix(address + ": ")
-        finally:
-            conn.close()
-    raise NoCollectorError("no outcomes collector answered: " + ("; ".join(f"{a}: {w}" for a, w in tried.items())
-                                                                 or "no server tried"))
 
 
 def submit_raw(config: Config, task: str, unique: str, payload: bytes, priority: Any = None) -> tuple[str, str]:

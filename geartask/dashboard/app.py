@@ -187,7 +187,10 @@ class Dashboard:
                                                            "frame-ancestors 'none'; form-action 'self'")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on the
+        # dashboard's own form posts, and the Origin check (a "null" origin may be a sandboxed
+        # page elsewhere) would refuse every action; other sites still get no referrer
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
         resp.headers.setdefault("Cache-Control", "no-store")
         if self.settings.token and request.args.get("token") and self._token_ok():
             secure = request.is_secure  # served over TLS, or by a proxy on 127.0.0.1 that says X-Forwarded-Proto: https

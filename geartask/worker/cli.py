@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: its terminal was closed
         signal.signal(sig, on_signal)
     process.start()
-    from ..fleet.neighbours import warn_other_fleets
-    warn_other_fleets(config)  # another fleet on our servers: one warning line each
+    if config.fleet:  # a worker of a named fleet looks once for other fleets on its servers
+        from ..fleet.neighbours import warn_other_fleets
+        warn_other_fleets(config)  # one warning line each
     try:
         return process.wait()
     finally:

@@ -758,3 +758,33 @@ def test_item1_a_collector_that_gave_way_is_not_shown_as_running(fresh_gearmand,
             c.close()
         for s in stores:
             s.close()
+
+
+def test_item5_a_job_held_under_a_querys_old_key_does_not_block_result(fresh_gearmand, make_config, dashboards):
+    """Tried: a job held (SUBMIT_JOB_EPOCH, in 2100) under the unique key that `send result KEY`
+    used to derive from its request alone. Got: the query's key has a random part now, so it
+    never joins the held job, and `send result` answers with the stored outcome (before: "no
+    outcomes collector answered", for good; the sqlite queue even kept it across a restart)."""
+    import hashlib
+    import json as _json
+
+    srv = fresh_gearmand
+    path, _ = make_config(srv)
+    dashboards(path, refresh=0.5)  # its collector stores and answers
+    key = f"victim-{uuid.uuid4().hex[:8]}"
+    submit_outcome(srv.address, record(srv.address, key, result="real"))
+    request = _json.dumps({"op": "latest", "unique": key}, sort_keys=True, ensure_ascii=False,
+                          separators=(",", ":")).encode()
+    old_key = QUERY_FUNCTION + ":" + hashlib.sha256(request).hexdigest()[:32]
+    conn = gearclient.connect(srv.address)
+    try:
+        conn.send(gp.SUBMIT_JOB_EPOCH, task=QUERY_FUNCTION, unique=old_key, epoch=4102444800, data=request)
+        conn.expect(gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+
+    def answered() -> bool:
+        r = subprocess.run([*GEARTASK, "send", "--config", str(path), "result", key, "--json"], capture_output=True,
+                           text=True, timeout=60, cwd=path.parent)
+        return '"real"' in r.stdout or "real" in r.stdout
+    wait_until(answered, 30, 1.0, message="send result answered past the held job")

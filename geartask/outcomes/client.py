@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -25,14 +26,17 @@ UNIQUE_PREFIX = QUERY_FUNCTION + ":"
 
 
 def query_unique(payload: bytes) -> str:
-    """The unique key of a query: the same for the same request, so gearmand coalesces them.
+    """The unique key of a query: its request's hash and a random part, new for every request.
 
-    A query nobody answered stays in gearmand, marked ignored, until a grab skips it
-    (docs/gearmand.md); with one unique per request, asking again (a dashboard polling while
-    the collector is down) adds no second one. Requests say times relative to the collector's
-    clock (``max_age``, ``min_age``) so that repeating one gives the same bytes.
+    A fixed key (the hash alone) let anyone who reaches gearmand hold a job under the key of
+    `send result KEY` or of the default `failed list` in advance, and every such query then
+    joined the held job and went unanswered for good (issue 20, item 5). With a random part
+    nobody can know a key before it is used. What the fixed key bought, identical requests
+    coalescing while no collector answers, comes from gearmand itself: a foreground query whose
+    client gave up is marked ignored and dropped, unrun, when the collector next grabs it
+    (docs/gearmand.md), so a dashboard polling a dead collector leaves only that backlog.
     """
-    return UNIQUE_PREFIX + hashlib.sha256(payload).hexdigest()[:32]
+    return UNIQUE_PREFIX + hashlib.sha256(payload).hexdigest()[:16] + os.urandom(8).hex()
 
 
 class OutcomeClient:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -68,12 +69,31 @@ def available(server: LocalServer) -> int:
 
 
 def manage(config: Path, *args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
-    """Run `geartask manage ARGS` as a user would; seconds until it answered, and its result."""
+    """Run `geartask manage ARGS` as a user would; seconds until it answered, and its result
+    (``proc.cpu_seconds``: the CPU the command used, so a loaded machine's waiting shows apart)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([*GEARTASK, "--config", str(config), "manage", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=str(REPO),
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    return time.perf_counter() - t0, proc
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc.cpu_seconds = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3)
+    return seconds, proc
+
+
+def library_seconds(servers: list[LocalServer]) -> dict:
+    """The admin library's own time for workers (with pings) and status, without the CLI's start."""
+    from geartask.fleet import Admin
+    admin = Admin([(s.host, s.port) for s in servers])
+    out = {}
+    for name, call in (("workers", admin.workers), ("status", admin.status)):
+        t0 = time.perf_counter()
+        results = call()
+        out[f"{name}_library_seconds"] = round(time.perf_counter() - t0, 3)
+        if not all(r.ok for r in results):
+            out[f"{name}_library_error"] = next(r.error for r in results if not r.ok)
+    return out
 
 
 def start_fleet(config: Path, run_dir: Path, servers: list[LocalServer], processes: int, threads: int,
@@ -162,10 +182,11 @@ def run(args, run_dir: Path) -> dict:
         runs = []
         for _ in range(args.runs):
             r = run_jobs(config, args.jobs, args.job_timeout)
-            w_s, w = manage(config, "--json", "workers", "--no-ping")
+            w_s, w = manage(config, "--json", "workers")
             s_s, st = manage(config, "--json", "status")
-            r.update(workers_seconds=round(w_s, 3), workers_status=w.returncode,
-                     status_seconds=round(s_s, 3), status_status=st.returncode)
+            r.update(workers_seconds=round(w_s, 3), workers_cpu_seconds=w.cpu_seconds, workers_status=w.returncode,
+                     status_seconds=round(s_s, 3), status_cpu_seconds=st.cpu_seconds, status_status=st.returncode,
+                     **library_seconds(servers), load=round(os.getloadavg()[0], 1))
             if w.returncode != 0 or st.returncode != 0:
                 r["manage_error"] = (w.stderr or st.stderr).strip()[-300:]
             runs.append(r)

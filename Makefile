@@ -2,8 +2,9 @@
 PY ?= .venv/bin/python
 
 .PHONY: bench bench-smoke
-bench: bench-fleet
+bench:
 	$(PY) bench/bench.py
+	$(MAKE) bench-fleet
 
 bench-smoke:
 	$(PY) bench/bench.py --smoke --out $${BENCH_OUT:-/tmp/geartask-bench-smoke}

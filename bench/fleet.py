@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     __package__ = "bench"
 
 from bench.common import PY, REPO, BenchError, Proc, cpu_seconds, rss_mb, spawn, wait_until  # noqa: E402
+from geartask.errors import GeartaskError  # noqa: E402
 from geartask.gearman import admin_command  # noqa: E402
 from geartask.server import LocalServer, free_port  # noqa: E402
 
@@ -63,7 +64,7 @@ def available(server: LocalServer) -> int:
             parts = line.split("\t")
             if len(parts) >= 4 and parts[0] == TASK:
                 return int(parts[3])
-    except OSError:
+    except (OSError, GeartaskError):  # not up yet, or too busy to answer: ask again
         return -1
     return 0
 

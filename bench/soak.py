@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
 import sqlite3
 import sys
@@ -39,6 +38,7 @@ if __package__ in (None, ""):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench.common import PY, REPO, BenchError, Proc, spawn, wait_until  # noqa: E402
+from geartask.errors import GeartaskError  # noqa: E402
 from geartask.gearman import admin_command  # noqa: E402
 from geartask.server import LocalServer, free_port  # noqa: E402
 from netproxy import SliceProxy  # noqa: E402
@@ -120,14 +120,19 @@ class Soak:
                 parts = line.split("\t")
                 if len(parts) >= 4 and parts[0] == TASK:
                     return int(parts[3])
-        except OSError:
+        except (OSError, GeartaskError):  # restarting, or too busy to answer: ask again
             return -1
         return 0
 
     def queued(self) -> int:
+        """TASK's jobs queued or running on both servers; -1 when one can't tell."""
         total = 0
         for s in self.servers:
-            for line in admin_command(s.host, s.port, "status", timeout=5):
+            try:
+                lines = admin_command(s.host, s.port, "status", timeout=5)
+            except (OSError, GeartaskError):
+                return -1
+            for line in lines:
                 parts = line.split("\t")
                 if len(parts) >= 4 and parts[0] == TASK:
                     total += int(parts[1])
@@ -287,8 +292,8 @@ class Soak:
             return all(k in runs for k in bg) and self.queued() == 0
         try:
             wait_until(settled, self.args.drain_timeout, "every background job to run", 0.5)
-        except (BenchError, OSError):
-            pass
+        except BenchError:
+            pass  # what is missing is counted below
         try:
             wait_until(lambda: self.stored_outcomes()[0] >= len(bg), self.args.drain_timeout,
                        "every outcome to be stored", 0.5)

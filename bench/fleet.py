@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"bench/fleet.py: --{name} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    # SIGTERM unwinds like ^C, so the finally blocks end every process we started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="geartask-fleet-") as tmp:
         try:
             result = run(args, Path(tmp))

@@ -25,6 +25,7 @@ import argparse
 import collections
 import json
 import random
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.chaos_every <= 0:
         print("bench/soak.py: --chaos-every must be above 0", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like ^C, so the finally blocks end every process we started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="geartask-soak-") as tmp:
         soak = Soak(args, Path(tmp))
         try:

@@ -130,7 +130,7 @@ def run_jobs(config: Path, jobs: int, timeout: float) -> dict:
     finally:
         sender.close()
     failed = [r for r in results if r.state != "complete"]
-    wrong = [r for r, j in zip(results, batch) if r.state == "complete" and r.result != j["data"][::-1]]
+    wrong = [r for r, j in zip(results, batch, strict=True) if r.state == "complete" and r.result != j["data"][::-1]]
     first = failed[0] if failed else None
     return {"jobs": jobs, "returned": len(results), "seconds": round(seconds, 3),
             "jobs_per_s": round(jobs / seconds, 1), "failed": len(failed) + len(wrong) + (jobs - len(results)),

@@ -188,7 +188,7 @@ class Soak:
                     self.errors.append(f"{kind} batch at {now:.0f}: {type(e).__name__}: {e}")
                     results = []
                 with self.lock:
-                    for k, r in zip(keys, results):
+                    for k, r in zip(keys, results, strict=True):
                         self.sent[k]["state"] = r.state
                         if r.state not in ("complete", "queued"):
                             self.sent[k]["error"] = str(r.error)[:200]

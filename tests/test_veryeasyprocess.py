@@ -232,3 +232,38 @@ def test_a_forked_child_does_not_keep_the_reaper_waiting():
                 pass
         child.wait()
         child.stdout.close()
+
+
+KILLS_ITS_REAPER = """
+import sys, threading
+sys.path.insert(0, %r)
+from geartask.shell import veryeasyprocess as v
+threading.Thread(target=v.shell_2_tempfile, args=(["sleep", "306.25"],), kwargs={"timeout": 600}).start()
+threading.Event().wait()
+"""
+
+
+def test_a_reaper_killed_by_a_command_is_replaced_at_once_so_a_kill_9_still_ends_the_commands():
+    """Tried: a command kills its worker's reaper (it runs as the same user), then the worker
+    is killed -9. Got: the worker's watchdog started a new reaper (same token) within a moment
+    of the first one's death, not at the next command, so the command still goes with the
+    worker (issue 20, minor; before: it survived)."""
+    child = subprocess.Popen([sys.executable, "-c", KILLS_ITS_REAPER % str(REPO)])
+    try:
+        def reapers():
+            return [p for p, (argv, _) in processes().items()
+                    if any(a.endswith("reaper.py") for a in argv) and argv[-1] == str(child.pid)]
+
+        def command():
+            return [p for p, (argv, _) in processes().items() if argv[:2] == ["sleep", "306.25"]]
+        wait_until(lambda: command() and len(reapers()) == 1, 15, message="the command and its reaper running")
+        first = reapers()[0]
+        os.kill(first, signal.SIGKILL)  # what `sh -c 'kill -9 <reaper>'` in a job can do
+        wait_until(lambda: reapers() and reapers() != [first], 10, message="a new reaper started")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        wait_until(lambda: not command(), 10, message="the command gone with its killed process")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -237,6 +237,8 @@ class _Reaper:
         self.pipe: int | None = None  # the write end, never written: its closing is the signal
         self._token = ""
         self.retry_at = 0.0
+        self.watched_by = None  # the pid whose watchdog thread runs (one per process)
+        self.restarts = 0
 
     def token(self) -> str:
         if self.pid != os.getpid() or not self._alive():
@@ -263,6 +265,9 @@ class _Reaper:
                                          env={REAPER_TOKEN_VAR: self._token}, stdin=read,
                                          stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
             self.pipe = write
+            if self.watched_by != os.getpid():
+                self.watched_by = os.getpid()
+                threading.Thread(target=self._watch, name="reaper-watchdog", daemon=True).start()
         except OSError as e:
             os.close(write)
             self.proc, self.retry_at = None, time.monotonic() + 10
@@ -270,6 +275,29 @@ class _Reaper:
                         error=str(e))
         finally:
             os.close(read)
+
+    def _watch(self) -> None:
+        """A command may kill the reaper (same user); then a kill -9 of this process would leave
+        its commands running. Start a new one (same token) as soon as it dies, not at the next
+        command: the window is the time a restart takes (docs/shell.md)."""
+        me = os.getpid()
+        while self.pid == me:
+            proc = self.proc
+            if proc is None:
+                time.sleep(1.0)
+                continue
+            try:
+                proc.wait()
+            except Exception:  # pragma: no cover - wait() on our own child
+                time.sleep(0.1)
+            if self.pid != me or self.proc is not proc:
+                continue
+            time.sleep(0.05)  # at most 20 restarts a second, whatever kills it
+            with self.lock:
+                if self.pid == me and self.proc is proc:
+                    self.restarts += 1
+                    log.warning("the reaper died; starting a new one", pid=proc.pid, restarts=self.restarts)
+                    self._start()
 
     def forget(self) -> None:
         """In a forked child: let go of the parent's pipe, or the parent's reaper would wait for us."""

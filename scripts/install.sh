@@ -40,6 +40,5 @@ export PATH="$PATH:/usr/sbin"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
 echo "installed: $(.venv/bin/python -c 'import geartask; print("geartask", geartask.__version__)'), $(gearmand --version 2>&1 | grep -m1 .)"

@@ -162,6 +162,12 @@ def test_every_role_through_the_slicing_proxy(netlab: NetLab, tmp_path):
                               task="t.nobody")
     assert queued.wait(60) == 0, queued.stderr
     via_proxy, direct = netlab.config("mgr-proxy", [proxy]), netlab.config("mgr-direct", [g.address])
+
+    def settled() -> bool:  # the last held answers and outcome batches are in: counts stand still
+        first = normalised(json.loads(netlab.manage(px, direct, "status", "--json").stdout), {})
+        time.sleep(0.5)
+        return first == normalised(json.loads(netlab.manage(px, direct, "status", "--json").stdout), {})
+    wait_until(settled, 60, interval=0.5, message="gearmand's counts to stand still before the comparison")
     answers = {}
     for command in ("status", "workers", "jobs"):
         got = [netlab.manage(px, cfg, command, "--json") for cfg in (via_proxy, direct)]

@@ -45,12 +45,47 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         conn.close()
 
 
-def _is_gearmand(pid: int) -> bool:
+def runs_program(pid: int, name: str) -> bool:
+    """Process ``pid`` runs a program whose file name contains ``name`` (a pid file may be stale
+    and its pid reused by anything)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and b"gearmand" in Path(cmdline[0].decode(errors="replace")).name.encode()
+    return bool(cmdline) and name in Path(cmdline[0].decode(errors="replace")).name
+
+
+def started_pid(process: subprocess.Popen | None, pid_file: Path, name: str) -> int | None:
+    """The pid of the daemon we started (``process``) or that ``pid_file`` names, if it still runs ``name``."""
+    if process is not None and process.poll() is None:
+        return process.pid
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) and runs_program(pid, name) else None
+
+
+def wait_gone(process: subprocess.Popen | None, pid: int, timeout: float) -> bool:
+    """Until ``pid`` has ended (reaped, when it is our child ``process``); False at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.pid == pid:
+            if process.poll() is not None:
+                return True
+        elif not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def log_tail(path: Path) -> str:
+    """The last line of a daemon's log (for a start that failed), or ""."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def pid_alive(pid: int) -> bool:
@@ -145,13 +180,7 @@ class LocalServer:
 
     def pid(self) -> int | None:
         """The pid of the gearmand we started here, if it is still running."""
-        if self.process is not None and self.process.poll() is None:
-            return self.process.pid
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if pid_alive(pid) and _is_gearmand(pid) else None
+        return started_pid(self.process, self.pid_file, "gearmand")
 
     def running(self) -> bool:
         return self.pid() is not None and port_open(self.host, self.port)
@@ -215,11 +244,7 @@ class LocalServer:
         return True
 
     def _log_tail(self) -> str:
-        try:
-            lines = self.log_file.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1] if lines else ""
+        return log_tail(self.log_file)
 
     def _signal_and_wait(self, sig: int, timeout: float) -> bool:
         pid = self.pid()
@@ -229,15 +254,7 @@ class LocalServer:
             os.kill(pid, sig)
         except ProcessLookupError:
             return True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.pid == pid:
-                if self.process.poll() is not None:
-                    return True
-            elif not pid_alive(pid):
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_gone(self.process, pid, timeout)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """SIGTERM, then SIGKILL after ``timeout``. Returns False when nothing was running."""

@@ -22,21 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, LocalServerError
-from . import LocalServer, pid_alive
+from . import LocalServer, log_tail, started_pid, wait_gone
 
 if TYPE_CHECKING:
     from ..config import Config
 
 
-def _is_stunnel(pid: int) -> bool:
-    try:
-        exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except (OSError, IndexError):
-        return False
-    return b"stunnel" in Path(exe.decode(errors="replace")).name.encode()
-
-
 def _listening(host: str, port: int, timeout: float = 0.2) -> bool:
+    """A TCP listener is there (not server.port_open's Gearman echo: that would speak TLS to us)."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -110,13 +103,7 @@ class Stunnel:
                                "(Debian) or set server.stunnel")
 
     def pid(self) -> int | None:
-        if self.process is not None and self.process.poll() is None:
-            return self.process.pid
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if pid_alive(pid) and _is_stunnel(pid) else None
+        return started_pid(self.process, self.pid_file, "stunnel")
 
     def start(self, timeout: float = 10.0) -> int:
         pid = self.pid()
@@ -138,31 +125,13 @@ class Stunnel:
             if self.process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise LocalServerError(f"stunnel exited at start with status {self.process.returncode}; "
-                                       f"see {self.log_file}: {self._log_tail()}")
+                                       f"see {self.log_file}: {log_tail(self.log_file)}")
             if _listening(self.host, self.port):
                 return self.process.pid
             time.sleep(0.05)
         self.stop()
         raise LocalServerError(f"stunnel did not listen on {self.host}:{self.port} within {timeout:g}s; "
                                f"see {self.log_file}")
-
-    def _log_tail(self) -> str:
-        try:
-            lines = self.log_file.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1] if lines else ""
-
-    def _gone(self, pid: int, wait: float) -> bool:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.pid == pid:
-                if self.process.poll() is not None:
-                    return True
-            elif not pid_alive(pid):
-                return True
-            time.sleep(0.02)
-        return False
 
     def stop(self, timeout: float = 10.0) -> bool:
         """SIGTERM (SIGKILL after ``timeout``) to the stunnel we started; False if none ran."""
@@ -175,7 +144,7 @@ class Stunnel:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 break
-            if self._gone(pid, wait):
+            if wait_gone(self.process, pid, wait):
                 break
         self.pid_file.unlink(missing_ok=True)
         return True

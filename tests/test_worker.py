@@ -355,6 +355,9 @@ def test_a_second_signal_exits_at_once_and_the_job_is_requeued(fresh_gearmand, s
     conn = gc.connect(fresh_gearmand.address)
     [h] = gc.submit(conn, "shell", [{"cmd": ["sleep", "31.5"], "timeout": 60}])
     wait_running(fresh_gearmand, "shell")
+    # gearmand counts it running at JOB_ASSIGN; the signal must find the command started
+    wait_until(lambda: "sleep 31.5" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout,
+               10, message="the command running")
     w.signal(signal.SIGTERM)
     wait_until(lambda: any(e["event"] == "shutdown requested" for e in w.log_lines()), 5, message="first signal seen")
     t0 = time.monotonic()

@@ -136,6 +136,7 @@ class SenderConfig:
     connect_timeout: float = 10.0  # seconds to keep trying to reach any server
     submit_timeout: float = 5.0  # seconds an answer may be late before "server slow" and an echo probe
     failover_after: float = 30.0  # seconds a server may owe an answer or be unreachable before its jobs move
+    no_worker_timeout: float = 30.0  # seconds a foreground job waits for a task nobody serves before it fails
     max_retries: int = 5  # resubmissions of one job after a dropped connection or a failover
     priority: str = "normal"
     background: bool = False
@@ -256,7 +257,7 @@ class Config:
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
 _POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive",
              "sender.connect_timeout",
-             "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
+             "sender.submit_timeout", "sender.failover_after", "sender.no_worker_timeout", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
              "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age",

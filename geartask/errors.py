@@ -86,6 +86,17 @@ class JobError(GeartaskError):
         super().__init__(message)
 
 
+class NoWorkerError(JobError):
+    """Raised when every job of a foreground call waited sender.no_worker_timeout for a task
+    no worker serves on any server asked (``tasks``, ``servers``); the jobs did not run."""
+
+    exit_status = 3  # distinct from 1 (a job ran and failed): docs/sender.md, "Exit status"
+
+    def __init__(self, tasks: list[str], servers: list[str], messages: list[str]):
+        self.tasks, self.servers = list(tasks), list(servers)
+        super().__init__("; ".join(messages), tasks[0] if tasks else None)
+
+
 class JobDefinitionError(JobError):
     """Raised when a job definition is malformed (no task, data that can't be serialised...)."""
 

@@ -14,9 +14,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .. import envelope
 from .. import gearman as p
-from ..errors import JobDefinitionError, NoServerError, ServerError
+from ..errors import JobDefinitionError, NoServerError, NoWorkerError, ServerError
 from ..jobs import JobDefinition, decode_payload, new_unique
 from .link import ServerLink
+from .no_worker import Unserved
 from .results import JobResult, Progress, attempts_notice, reason_attempts
 from .routing import score
 from .settings import BatchSettings
@@ -113,6 +114,12 @@ class Batch:
         self.states: dict[str, int] = {}
         self.no_server_since: float | None = None
         self.last_progress = 0.0
+        # tasks nobody serves (no_worker.py): asked of the servers answering now
+        self.unserved = Unserved(lambda: [(s.link.host, s.link.port) for s in self.lanes
+                                          if s.link.conn is not None and s.link.healthy],
+                                 self.settings.submit_timeout, getattr(self.settings, "no_worker_timeout", 30.0),
+                                 self.log, settings.served)
+        self.abandoned: set[_Lane] = set()  # lanes holding jobs given up for want of a worker
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, on_progress: Callable[[Progress], None] | None) -> Iterator[JobResult]:
@@ -124,6 +131,8 @@ class Batch:
                 self._send(now)
                 self._check_servers(now)
                 self._check_no_server(now)
+                if self.unserved.due(now):
+                    self._check_no_worker(now)
                 if self.deadline is not None and now >= self.deadline and not self.timed_out:
                     self._time_out()
                 self._flush_record()  # as they are accepted: a killed sender still leaves a record
@@ -155,7 +164,8 @@ class Batch:
         # Connections that still owe answers are out of step with the next call: close them.
         # Jobs we stopped waiting for are forgotten with this batch, so their packets are ignored.
         for s in self.lanes:
-            if s.owed() or s.link.out or s.link.connecting is not None:
+            # (gearmand drops a closed client's queued foreground jobs: none runs unwanted)
+            if s.owed() or s.link.out or s.link.connecting is not None or s in self.abandoned:
                 s.link.close()
         if self.pulled > 1 or self.debug:  # a one-job submit() is on the latency path (W2)
             self.log.info("batch done", jobs=self.pulled, seconds=round(time.monotonic() - self.start, 3),
@@ -220,6 +230,9 @@ class Batch:
             self.open_bytes += len(j.payload)
             if self.timed_out:
                 self._finish(j, "timeout", error=f"no result within {self.timeout:g}s (not sent)")
+            elif j.task in self.unserved.given_up and not j.background:
+                j.res.no_worker = True
+                self._finish(j, "failed", error=self.unserved.given_up[j.task] + " (not sent)")
             else:
                 self._route(j)
 
@@ -455,6 +468,28 @@ class Batch:
         for j in homeless:
             self._finish(j, "failed", error=str(err))
 
+    def _check_no_worker(self, now: float) -> None:
+        """Foreground jobs of a task nobody has served for sender.no_worker_timeout fail; when
+        they are all the call has and nothing was reported yet, the call raises NoWorkerError."""
+        unserved = self.unserved
+        waiting = {j.task for j in self.open.values() if not j.finished and not j.background
+                   and j.task in unserved.since}
+        expired = unserved.recheck(waiting, now)
+        if not expired:
+            return
+        for j in list(self.open.values()):
+            if j.task in expired and not j.finished and not j.background:
+                j.res.no_worker = True
+                if j.lane is not None:
+                    self.abandoned.add(j.lane)
+                self._finish(j, "failed", error=unserved.given_up[j.task])
+        for task in expired:
+            unserved.since.pop(task, None)
+        if not self.yielded and self.exhausted and all(j.res.no_worker and j.res.state == "failed"
+                                                       for j in self.open.values()):
+            raise NoWorkerError(expired, unserved.snapshot.asked if unserved.snapshot else [],
+                                [unserved.given_up[t] for t in expired])
+
     # -- receiving ---------------------------------------------------------------------------
     def _poll(self, now: float) -> None:
         wake = 0.2
@@ -544,6 +579,8 @@ class Batch:
                 self.accepted += 1
             if j.finished:
                 return
+            if self.unserved.unserved(j.task, j.background, time.monotonic()):
+                j.res.no_worker = True
             if j.background or not self.wait:
                 self._finish(j, "queued")
                 self.to_record.append(j)

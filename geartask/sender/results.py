@@ -42,6 +42,7 @@ class JobResult:
     index: int = -1
     data_dropped: int = 0  # WORK_DATA chunks past max_data, not kept
     submissions: int = 0
+    no_worker: bool = False  # no worker served its task when it was accepted (docs/sender.md)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,8 @@ class JobResult:
         out["attempts"] = self.attempts
         out["submissions"] = self.submissions
         out["seconds"] = round(self.seconds, 3)
+        if self.no_worker:
+            out["no_worker"] = True
         return out
 
 

@@ -13,6 +13,7 @@ from ..logs import get_logger
 from .background import RECORD_NAME, BackgroundRecord, StatusQuery, StatusResult, asks_for
 from .batch import Batch
 from .link import ServerLink
+from .no_worker import ServedTasks
 from .results import JobResult, Progress
 from .routing import rendezvous
 from .settings import BatchSettings
@@ -78,7 +79,7 @@ class JobSender:
         self.record_path = self.record.path
         self.batch_settings = BatchSettings(
             self.settings, self.log, logging.getLogger("geartask.sender").isEnabledFor(logging.DEBUG),
-            MAX_PAYLOAD, MAX_DATA, self.record if record_background else None, _signing_key(config))
+            MAX_PAYLOAD, MAX_DATA, self.record if record_background else None, _signing_key(config), ServedTasks())
         self._batch: Batch | None = None  # the call in progress
 
     # The limits and the background record can be changed between calls: a new BatchSettings.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..config import SenderConfig
     from .background import BackgroundRecord
+    from .no_worker import ServedTasks
 
 
 @dataclass(frozen=True)
@@ -22,3 +23,4 @@ class BatchSettings:
     max_data: int  # bytes of WORK_DATA kept per job; later chunks are counted, not kept
     record: BackgroundRecord | None  # where accepted background jobs are appended; None: nowhere
     key: Any = None  # security.key (an Ed25519 private key): every job is signed with it; None: unsigned
+    served: ServedTasks | None = None  # tasks seen served lately, shared by the sender's calls (no_worker.py)

@@ -1,0 +1,160 @@
+"""A job for a task no worker serves: said at once, a foreground send gives up after
+sender.no_worker_timeout, a worker that appears meanwhile runs it, a background send warns
+and exits 0. Real gearmand, real worker processes, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from geartask import JobSender, load_config
+from geartask.errors import NoWorkerError
+from geartask.sender import no_worker
+from helpers import REPO, run_script, wait_until, write_config
+from test_worker import TEST_PLUGINS
+from workers import WorkerProc
+
+SEND = "send_job_client/send_job_client.py"
+
+
+@pytest.fixture
+def fleet(fresh_gearmand, tmp_path):
+    """(server, config path with sender.no_worker_timeout, start_worker)."""
+    srv = fresh_gearmand
+    started: list[WorkerProc] = []
+
+    def config(timeout: float = 2) -> tuple:
+        path = write_config(tmp_path / f"config-{timeout:g}.yaml", [srv.address],
+                            f"sender:\n  no_worker_timeout: {timeout}\nworker:\n  poll_timeout: 1\n",
+                            plugin_paths=[REPO / "plugins", TEST_PLUGINS])
+        return path
+
+    def start_worker(path, name: str = "nw") -> WorkerProc:
+        w = WorkerProc(path, name, 1)
+        started.append(w)
+        return w.wait_attached([srv.address])
+
+    yield srv, config, start_worker
+    for w in started:
+        w.stop()
+
+
+def test_unknown_task_foreground_fails_after_the_timeout_with_warning_and_hint(fleet):
+    srv, config, start_worker = fleet
+    cfg = config(2)
+    start_worker(cfg)  # serves t.describe, t.record...: the typo is close to one of them
+    t0 = time.monotonic()
+    r = run_script(SEND, "--config", str(cfg), "job", "t.describ", "{}", timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+    # the warning at once: the task, the server, the hint, the setting
+    assert "no worker serves task 't.describ' on any server" in r.stderr, r.stderr
+    assert srv.address in r.stderr and "did you mean 't.describe'?" in r.stderr
+    assert "sender.no_worker_timeout" in r.stderr
+    # then one clear error line, no traceback
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "gave up after 2s" in errors[0] and "not run" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert 2 <= took < 20, took
+    # the job does not stay runnable behind the sender: gearmand marks a gone client's queued
+    # foreground job ignored ('show jobs' column 3), so no worker for it would run it later
+    wait_until(lambda: _all_ignored(srv), 10, message="the abandoned job ignored by gearmand")
+
+
+def test_a_worker_started_during_the_wait_runs_the_job(fleet, tmp_path):
+    srv, config, start_worker = fleet
+    cfg = config(60)
+    err = tmp_path / "send.err"
+    with open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, str(REPO / SEND), "--config", str(cfg), "job", "t.describe",
+                                 '{"x": 1}', "--json"], stdout=subprocess.PIPE, stderr=e, text=True, cwd=REPO)
+    try:
+        wait_until(lambda: "no worker serves task 't.describe'" in err.read_text(), 20,
+                   message="the sender's warning")
+        t0 = time.monotonic()
+        start_worker(cfg)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (out, err.read_text())
+        line = json.loads(out.splitlines()[0])
+        assert line["state"] == "complete" and line["result"]["data"] == {"x": 1}
+        assert time.monotonic() - t0 < 30  # well before the 60 s no_worker_timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_background_send_for_an_unserved_task_warns_and_exits_0(fleet):
+    srv, config, _ = fleet
+    cfg = config(2)
+    for args in (["job", "t.nobody", "{}", "--background"], ["shell", "--background", "--", "echo", "hi"]):
+        r = run_script(SEND, "--config", str(cfg), *args, timeout=60)
+        assert r.returncode == 0, r.stderr
+        task = args[1] if args[0] == "job" else "shell"
+        assert f"no worker serves task '{task}' on any server ({srv.address})" in r.stderr, r.stderr
+        assert "stay queued" in r.stderr and f"geartask manage clear {task}" in r.stderr
+        assert r.stdout.startswith("queued")
+        assert _total(srv, task) == 1  # still queued: a worker for it would run it
+
+
+def test_send_plugin_warns_once_per_task_and_the_api_flags_queued_jobs(fleet, monkeypatch, caplog):
+    """A 2,000-job background batch of one unserved task: one warning, one `status` query per
+    server (not per job); every JobResult says no_worker."""
+    srv, config, _ = fleet
+    cfg = load_config(config(2))
+    asked = []
+    real = no_worker.ask_status
+    monkeypatch.setattr(no_worker, "ask_status", lambda *a: asked.append(a) or real(*a))
+    caplog.set_level(logging.WARNING)
+    with JobSender(cfg, record_background=False) as sender:
+        results = sender.submit_many(({"task": "t.absent", "data": i} for i in range(2000)), wait=False)
+    assert len(results) == 2000 and all(r.state == "queued" and r.no_worker for r in results)
+    assert len(asked) == 1, asked
+    warnings = [r for r in caplog.records if "no worker serves task 't.absent'" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_api_foreground_raises_no_worker_error_and_rechecks_cheaply(fleet, monkeypatch):
+    srv, config, _ = fleet
+    cfg = load_config(config(2))
+    asked = []
+    real = no_worker.ask_status
+    monkeypatch.setattr(no_worker, "ask_status", lambda *a: asked.append(a) or real(*a))
+    with JobSender(cfg) as sender:
+        with pytest.raises(NoWorkerError) as e:
+            sender.submit_many([{"task": "t.gone", "data": i} for i in range(200)])
+    assert e.value.tasks == ["t.gone"] and e.value.servers == [srv.address]
+    assert e.value.exit_status == 3
+    # 200 waiting jobs over 2 s: the first ask and about one per second after it, not one per job
+    assert 2 <= len(asked) <= 5, len(asked)
+
+
+def test_a_mixed_batch_fails_only_the_unserved_tasks_jobs(fleet):
+    srv, config, start_worker = fleet
+    cfg = config(2)
+    start_worker(cfg)
+    with JobSender(load_config(cfg)) as sender:
+        results = sender.submit_many([{"task": "t.describe", "data": 1}, {"task": "t.nope", "data": 2}])
+    ok, bad = results
+    assert ok.state == "complete" and not ok.no_worker
+    assert bad.state == "failed" and bad.no_worker and "no worker serves task 't.nope'" in bad.error
+
+
+def _total(srv, function: str) -> int:
+    from geartask import gearman as gp
+    for line in gp.admin_command(srv.host, srv.port, "status"):
+        parts = line.split("\t")
+        if parts[0] == function:
+            return int(parts[1])
+    return 0
+
+
+def _all_ignored(srv) -> bool:
+    from geartask import gearman as gp
+    jobs = [line.split("\t") for line in gp.admin_command(srv.host, srv.port, "show jobs")]
+    return bool(jobs) and all(parts[2] == "1" for parts in jobs)

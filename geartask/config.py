@@ -256,8 +256,8 @@ class Config:
 
 # Which keys must be > 0 and which >= 0; everything else numeric is free.
 _POSITIVE = {"gearman.max_packet", "worker.threads", "worker.job_timeout", "worker.poll_timeout", "worker.keepalive",
-             "sender.connect_timeout",
-             "sender.submit_timeout", "sender.failover_after", "sender.no_worker_timeout", "log.max_bytes", "server.port", "worker.shell.max_output",
+             "sender.connect_timeout", "sender.no_worker_timeout",
+             "sender.submit_timeout", "sender.failover_after", "log.max_bytes", "server.port", "worker.shell.max_output",
              "worker.shell.heartbeat", "worker.shell.default_timeout", "server.threads",
              "server.keepalive.idle", "server.keepalive.interval", "server.keepalive.count",
              "outcomes.keep_days", "outcomes.max_result", "dashboard.refresh", "security.max_job_age",

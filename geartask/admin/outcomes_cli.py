@@ -247,6 +247,10 @@ def show_text(rec: dict, history: list[dict], more: bool) -> str:
     for key, value in fields:
         if value is not None:
             lines.append(f"{key.ljust(width)}  {render_value(value)}")
+    if rec.get("traceback"):  # a failed plugin task's, its lines kept (each escaped)
+        lines.append("traceback" + (" (its start cut: the outcome keeps the last 16 KiB)"
+                                    if rec.get("traceback_cut") else "") + ":")
+        lines += ["  " + printable(line) for line in str(rec["traceback"]).splitlines()]
     if len(history) > 1 or more:
         lines.append("")
         lines.append("history of this unique key, oldest first" + (" (older ones not shown)" if more else "") + ":")

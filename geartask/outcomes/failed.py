@@ -103,7 +103,7 @@ def from_dead_letter(obj: Any, line: bytes) -> dict:
         return check(obj)
     rec: dict[str, Any] = {"id": "dl-" + hashlib.sha256(line).hexdigest()[:40], "state": "failed",
                            "server": obj.get("server") or "unknown", "finished_at": obj.get("time")}
-    for key in ("task", "unique", "handle", "attempts", "worker", "host"):
+    for key in ("task", "unique", "handle", "attempts", "worker", "host", "traceback"):
         if obj.get(key) is not None:
             rec[key] = obj[key]
     if obj.get("seconds") is not None:

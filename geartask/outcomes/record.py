@@ -33,6 +33,7 @@ MAX_TEXT = 64 * 1024 * 1024  # result, data: the worker (and the collector) cap 
 MAX_REASON_DEPTH = 32  # a failure reason is a small JSON value; deeper is not one of ours
 BATCH_RECORDS = 20  # records per outcome job (encode_batches)
 BATCH_BYTES = 4 * 1024 * 1024  # bytes per outcome job, unless one record alone is bigger
+MAX_TRACEBACK = 16 * 1024  # bytes of a failed task's traceback kept: its tail, where the error is
 DEFAULT_MAX_CLOCK_SKEW = 300.0  # outcomes.max_clock_skew's default: seconds a peer's time may be ahead of ours
 
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
@@ -41,7 +42,7 @@ _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME
         "signer": 256, "signed": 2048, "envelope": 8192}  # signer..envelope: a signed job (docs/outcomes.md)
 _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
-_BOOL = ("background", "result_cut", "data_cut", "reason_cut")
+_BOOL = ("background", "result_cut", "data_cut", "reason_cut", "traceback_cut")
 REQUIRED = ("id", "server", "handle", "task", "state", "finished_at")
 HEAVY = ("result", "data", "reason")  # possibly large: kept apart by the store, left out of summaries
 
@@ -119,6 +120,14 @@ def check(obj: Any) -> dict:
         if not utf8_encodable(text):
             raise BadOutcome("'reason' is not Unicode text (it holds a lone surrogate)")
         out["reason"] = obj["reason"]  # any JSON value; it came out of json.loads already
+    out.pop("traceback_cut", None)
+    if obj.get("traceback") is not None and out["state"] == "failed":  # a success has no traceback
+        value = obj["traceback"]
+        if not isinstance(value, str):
+            raise BadOutcome(f"'traceback' must be a string, got {type(value).__name__}")
+        out["traceback"], cut = cap_traceback(value)  # a forged huge one is cut, not refused
+        if cut or obj.get("traceback_cut") is True:
+            out["traceback_cut"] = True
     return out
 
 
@@ -213,7 +222,7 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                 result: bytes | str | None = None, reason: Any = None, data: bytes | str | None = None,
                 requeue_of: str | None = None, max_result: int = DEFAULT_MAX_RESULT,
                 id: str | None = None, signer: str | None = None, signed: str | None = None,
-                envelope: str | None = None) -> dict:
+                envelope: str | None = None, traceback: str | None = None) -> dict:
     """One outcome record, as a worker reports it (the fields: docs/outcomes.md).
 
     ``result`` (a complete job's WORK_COMPLETE payload) and ``data`` (the job's own payload,
@@ -221,7 +230,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     kept up to ``max_result`` bytes each, as text or base64, with their full size and a
     ``*_cut`` flag. ``reason`` (a failure's JSON reason) longer than ``max_result`` as JSON
     becomes its cut JSON text with ``reason_cut``. ``id`` (new by default) makes the record
-    idempotent: build it once and send that same dict again on a retry.
+    idempotent: build it once and send that same dict again on a retry. ``traceback`` (a failed
+    plugin task's, as text) is kept up to MAX_TRACEBACK bytes, its tail, with ``traceback_cut``.
     """
     now = time.time() if finished_at is None else finished_at
     rec: dict[str, Any] = {"id": id or os.urandom(16).hex(), "server": server, "handle": handle, "task": task,
@@ -240,7 +250,23 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
         _put_bytes(rec, "data", data, max_result)
     if reason is not None:
         rec.update(cap_reason(reason, max_result))
+    if traceback is not None:
+        rec["traceback"], cut = cap_traceback(traceback)
+        if cut:
+            rec["traceback_cut"] = True
     return rec
+
+
+def cap_traceback(text: str, limit: int = MAX_TRACEBACK) -> tuple[str, bool]:
+    """(text, cut): a traceback of at most ``limit`` UTF-8 bytes. A longer one keeps its tail
+    (the innermost frames and the error) behind a line saying how many bytes were cut."""
+    raw = text.encode("utf-8", "replace")  # a lone surrogate becomes '?': sqlite and JSON can't hold it
+    if len(raw) <= limit:
+        return raw.decode("utf-8"), False
+    marker = "[... {} bytes of the traceback's start cut; its end follows ...]\n"
+    keep = max(0, limit - len(marker.format(len(raw)).encode("utf-8")))
+    tail = raw[len(raw) - keep:].decode("utf-8", "ignore")  # a character split by the cut is dropped
+    return marker.format(len(raw) - len(tail.encode("utf-8"))) + tail, True
 
 
 def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
@@ -258,13 +284,18 @@ def cap_reason(reason: Any, limit: int) -> dict[str, Any]:
 
 def cap_record(rec: dict, limit: int) -> dict:
     """A checked record with ``result``, ``data`` and ``reason`` cut to ``limit`` (the collector's
-    ``outcomes.max_result``), flagged; the record itself when nothing is over."""
+    ``outcomes.max_result``) and ``traceback`` to MAX_TRACEBACK, flagged; the record itself when
+    nothing is over."""
     over = [k for k in ("result", "data") if k in rec and _bytes_over(rec, k, limit)]
     reason = rec.get("reason")
     reason_big = isinstance(reason, (str, list, dict)) and _json_len(reason) > limit
-    if not over and not reason_big:
+    tb = rec.get("traceback")
+    tb_big = isinstance(tb, str) and len(tb) > MAX_TRACEBACK // 4 and len(tb.encode("utf-8", "replace")) > MAX_TRACEBACK
+    if not over and not reason_big and not tb_big:
         return rec
     rec = dict(rec)
+    if tb_big:
+        rec["traceback"], rec["traceback_cut"] = cap_traceback(tb)[0], True
     for key in over:
         raw = decode_bytes(rec, key) or b""
         size = max(rec.get(f"{key}_size", 0), len(raw))

@@ -170,6 +170,8 @@ def record_from_row(row: tuple) -> dict:
             rec["result"] = row[11]
         if row[12] is not None:
             rec["data"] = row[12]
+    else:
+        rec.pop("traceback", None)  # kept in fields (no schema change), but heavy: full reads only
     return rec
 
 

@@ -339,6 +339,8 @@ def cmd_result(config: Config, args: argparse.Namespace) -> int:
                   + ("\n(result cut: the outcome keeps outcomes.max_result bytes)" if rec.get("result_cut") else ""))
         else:
             print(f"{head} error: {_short(rec.get('reason'), 500)}")
+            for line in str(rec.get("traceback") or "").splitlines():  # a failed plugin task's
+                print("  " + printable(line))
         for r in rec.get("requeues") or []:
             print(f"requeued by {printable(str(r.get('by')))} as {printable(str(r.get('handle')))}")
     return EXIT_OK if o.state == "complete" else EXIT_FAILED

@@ -52,6 +52,9 @@ class Outcome:
                 out["result"] = result if not isinstance(result, bytes) else result.hex()
             else:
                 out["reason"] = rec.get("reason")
+                out["traceback"] = rec.get("traceback")  # a failed plugin task's; None for a shell's
+                if rec.get("traceback_cut"):
+                    out["traceback_cut"] = True
         return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 # AttemptFailed and JobRejected are raised by every task (the shell task too): they live in
 # geartask.errors, below the worker and the shell package; named here for the worker's modules.
 from ..errors import AttemptFailed, GeartaskError, JobRejected  # noqa: F401
@@ -9,3 +11,10 @@ from ..errors import AttemptFailed, GeartaskError, JobRejected  # noqa: F401
 
 class WorkerFailed(GeartaskError):
     """The worker process stopped because something kept failing that retrying will not cure (exit 1)."""
+
+
+def task_traceback(exc: BaseException) -> str:
+    """A task's exception as traceback text, from the task's own frame down (the runner's frame
+    that called it left out); capped where it is stored (geartask.outcomes.record.cap_traceback)."""
+    tb = exc.__traceback__
+    return "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))

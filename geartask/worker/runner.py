@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import GeartaskError, ServerError
 from ..jobs import encode_payload
 from ..logs import JOB_LOGGER, get_logger, job_context
-from ..outcomes.record import make_record
+from ..outcomes.record import cap_traceback, make_record
 
 from .dead_letters import DeadLetters, cap_text, payload_fields
-from .errors import AttemptFailed, JobRejected
+from .errors import AttemptFailed, JobRejected, task_traceback
 from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_packets
 from .outcomes import outcome_packets
 from .retry import RetryPolicy
@@ -134,7 +134,8 @@ class JobRunner:
                                  seconds=round(now - a0, 6), reason=cap_text(reason["error"], 500))
                     if last:
                         counters.finished(job.task, now - t0, False)
-                        return self.fail(job, reason, attempt, now - t0, defer=True)
+                        trace = None if isinstance(e, AttemptFailed) else task_traceback(e)  # a shell's has stderr
+                        return self.fail(job, reason, attempt, now - t0, defer=True, traceback=trace)
                     counters.retried(job.task)
                     if cancel.wait(self.retry.backoff(attempt)) or running.abandoned:
                         return self._interrupted(running, job, attempt, t0)
@@ -194,12 +195,19 @@ class JobRunner:
             return self.fail(job, {"error": STOPPED_BY_OPERATOR, "stopped": True}, attempt, seconds, defer=True)
         raise Abandoned(job.handle)
 
-    def fail(self, job: Job, reason: dict, attempts: int, seconds: float, defer: bool = False) -> bytes:
+    def fail(self, job: Job, reason: dict, attempts: int, seconds: float, defer: bool = False,
+             traceback: str | None = None) -> bytes:
         """A final failure: the packets that tell the client, after the job's outcome (set on
         ``job.outcome`` instead when ``defer``: the grab thread sends it). Without outcome
-        reporting the failure is written as a dead letter instead."""
+        reporting the failure is written as a dead letter instead. ``traceback``: a task's that
+        raised, logged once here and kept in the outcome (capped)."""
         reason = {**reason, "error": cap_text(str(reason.get("error"))), "task": job.task,
                   "attempts": attempts, "worker": self.label}
+        capped = None
+        if traceback is not None:
+            capped = cap_traceback(traceback)[0]
+            log.warning("job failed: the task raised", attempts=attempts, error=cap_text(reason["error"], 500),
+                        exception=capped)  # "exception": the console keeps its lines
         packets = failure_packets(job.handle, reason)
         if self.on_failed is not None:
             self.on_failed(job=job, reason=reason)
@@ -207,15 +215,16 @@ class JobRunner:
             self._dead_letter({"time": time.time(), "task": job.task, "unique": job.unique, "handle": job.handle,
                                **payload_fields(job.raw, job.decoded),
                                "reason": reason["error"], "attempts": attempts, "worker": self.label,
-                               "seconds": round(seconds, 6)})
+                               "seconds": round(seconds, 6),
+                               **({"traceback": capped} if capped is not None else {})})
             return packets
-        job.outcome = self.record(job, "failed", attempts, reason=reason)
+        job.outcome = self.record(job, "failed", attempts, reason=reason, traceback=traceback)
         if defer:
             return packets
         return outcome_packets([job.outcome], collections.deque(), self._sign) + packets
 
     def record(self, job: Job, state: str, attempts: int, result: bytes | None = None,
-               reason: dict | None = None) -> dict:
+               reason: dict | None = None, traceback: str | None = None) -> dict:
         """The job's outcome record (geartask.outcomes.record)."""
         opts = job.options or {}
         now = time.time()
@@ -231,7 +240,7 @@ class JobRunner:
                            background=opts.get("bg"), worker=self.label, sender_host=opts.get("host"),
                            priority=opts.get("prio"), result=result, reason=reason,
                            data=job.raw if state == "failed" else None, requeue_of=requeue_of,
-                           max_result=self.max_result, **extra)
+                           max_result=self.max_result, traceback=traceback, **extra)
 
     def fail_unrun(self, key: tuple, task: str, reason: dict) -> bytes:
         """Fail a job that was not run (a worker error, or a job refused unrun), with its outcome."""

@@ -158,3 +158,14 @@ def _all_ignored(srv) -> bool:
     from geartask import gearman as gp
     jobs = [line.split("\t") for line in gp.admin_command(srv.host, srv.port, "show jobs")]
     return bool(jobs) and all(parts[2] == "1" for parts in jobs)
+
+
+def test_the_hint_is_the_closest_served_name_never_an_internal_one():
+    snap = no_worker.Snapshot(0.0, {"eg.reverse": 2, "eg.revers2": 0, "geartask.outcomes": 1, "shell": 1},
+                              ["127.0.0.1:4730"])
+    assert snap.hint("eg.revers") == "eg.reverse"  # eg.revers2 is closer but nobody serves it
+    assert snap.hint("geartask.outcome") == "geartask.outcomes"  # internal only for an internal-looking name
+    assert snap.hint("outcomes") is None  # internal names are no hint for a user's task
+    assert snap.hint("zzz") is None
+    text = no_worker.unserved_text("sh\x1b[2Jell", snap)
+    assert "\x1b" not in text and "127.0.0.1:4730" in text  # a peer's or user's name can't drive the terminal

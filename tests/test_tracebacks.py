@@ -55,7 +55,8 @@ def fleet(fresh_gearmand, tmp_path, collectors):
     plugins.mkdir()
     (plugins / "tb.py").write_text(PLUGIN)
     cfg = write_config(tmp_path / "w" / "config.yaml", [srv.address],
-                       "worker:\n  poll_timeout: 1\n  retries: 0\n  shell:\n    allow: [\"false\"]\n",
+                       "worker:\n  poll_timeout: 1\n  retries: 0\n  isolate: [tb.deep]\n"
+                       "  shell:\n    allow: [\"false\"]\n",
                        plugin_paths=[REPO / "plugins", plugins])
     w = WorkerProc(cfg, "tbw", 1).wait_attached([srv.address])
     yield srv, w, reader_config(tmp_path, [srv.address])
@@ -101,6 +102,7 @@ def test_a_failed_plugin_tasks_traceback_in_show_result_and_worker_log(fleet):
 
 
 def test_a_deep_traceback_is_capped_keeping_its_tail(fleet):
+    """tb.deep runs isolated (worker.isolate): its traceback comes from the task's own process."""
     srv, w, reader = fleet
     r = send(w.config, "job", "tb.deep", '{"depth": 400}', "--unique", "tb-deep")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -108,7 +110,7 @@ def test_a_deep_traceback_is_capped_keeping_its_tail(fleet):
     tb = out["traceback"]
     assert out["traceback_cut"] is True and len(tb.encode()) <= MAX_TRACEBACK
     assert tb.startswith("[... ") and "bytes of the traceback's start cut" in tb.splitlines()[0]
-    assert tb.rstrip().endswith("ValueError: the bottom of the stack")
+    assert tb.rstrip().endswith("ValueError: the bottom of the stack") and "isolate.py" not in tb
     shown = run_script(MANAGE, "--config", str(reader), "failed", "show", "tb-deep", timeout=60).stdout
     assert "traceback (its start cut" in shown and "ValueError: the bottom of the stack" in shown
 

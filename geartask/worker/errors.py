@@ -18,3 +18,12 @@ def task_traceback(exc: BaseException) -> str:
     that called it left out); capped where it is stored (geartask.outcomes.record.cap_traceback)."""
     tb = exc.__traceback__
     return "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))
+
+
+def failure_traceback(exc: BaseException) -> str | None:
+    """The traceback a failed attempt keeps: a raising task's; for an AttemptFailed only the one
+    an isolated task's process sent (a shell command's failure has its stderr instead)."""
+    if isinstance(exc, AttemptFailed):
+        trace = getattr(exc, "traceback", None)
+        return trace if isinstance(trace, str) else None
+    return task_traceback(exc)

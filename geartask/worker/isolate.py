@@ -28,7 +28,7 @@ from geartask import gearman as gp  # noqa: E402
 from geartask.errors import ConfigError  # noqa: E402
 from geartask.jobs import encode_payload  # noqa: E402
 
-from .errors import AttemptFailed, JobRejected  # noqa: E402
+from .errors import AttemptFailed, JobRejected, task_traceback  # noqa: E402
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -190,7 +190,10 @@ class IsolatedTask:
         elif "error" in msg:
             details = msg.get("details") if isinstance(msg.get("details"), dict) else {}
             cls = JobRejected if msg.get("kind") == "rejected" else AttemptFailed
-            raise cls(str(msg["error"]), details)
+            failure = cls(str(msg["error"]), details)
+            if isinstance(msg.get("traceback"), str):  # the task raised in the child: its traceback
+                failure.traceback = msg["traceback"]  # type: ignore[attr-defined]
+            raise failure
         return None
 
 
@@ -266,7 +269,10 @@ def child_main(argv: Sequence[str]) -> int:
     except AttemptFailed as e:
         out.write({"error": e.reason, "details": _plain(e.details)})
     except BaseException as e:  # whatever a task raises fails the attempt, SystemExit included
-        out.write({"error": f"{type(e).__name__}: {e}"[:4096], "details": {"type": type(e).__name__}})
+        from geartask.outcomes.record import cap_traceback
+        out.write({"error": f"{type(e).__name__}: {e}"[:4096], "details": {"type": type(e).__name__},
+                   # cut generously: the worker cuts it to 16 KiB, and flags it, as an in-thread task's
+                   "traceback": cap_traceback(task_traceback(e), 1024 * 1024)[0]})
     else:
         out.write({"result": _b64(result)})
     return 0

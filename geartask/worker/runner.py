@@ -14,7 +14,7 @@ from ..logs import JOB_LOGGER, get_logger, job_context
 from ..outcomes.record import cap_traceback, make_record
 
 from .dead_letters import DeadLetters, cap_text, payload_fields
-from .errors import AttemptFailed, JobRejected, task_traceback
+from .errors import AttemptFailed, JobRejected, failure_traceback
 from .job import STOPPED_BY_OPERATOR, Abandoned, Job, failure_packets, success_packets
 from .outcomes import outcome_packets
 from .retry import RetryPolicy
@@ -134,8 +134,7 @@ class JobRunner:
                                  seconds=round(now - a0, 6), reason=cap_text(reason["error"], 500))
                     if last:
                         counters.finished(job.task, now - t0, False)
-                        trace = None if isinstance(e, AttemptFailed) else task_traceback(e)  # a shell's has stderr
-                        return self.fail(job, reason, attempt, now - t0, defer=True, traceback=trace)
+                        return self.fail(job, reason, attempt, now - t0, defer=True, traceback=failure_traceback(e))
                     counters.retried(job.task)
                     if cancel.wait(self.retry.backoff(attempt)) or running.abandoned:
                         return self._interrupted(running, job, attempt, t0)

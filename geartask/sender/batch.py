@@ -164,7 +164,7 @@ class Batch:
         # Connections that still owe answers are out of step with the next call: close them.
         # Jobs we stopped waiting for are forgotten with this batch, so their packets are ignored.
         for s in self.lanes:
-            # (gearmand drops a closed client's queued foreground jobs: none runs unwanted)
+            # Abandoned: gearmand ignores a gone client's queued foreground jobs, so none runs unwanted.
             if s.owed() or s.link.out or s.link.connecting is not None or s in self.abandoned:
                 s.link.close()
         if self.pulled > 1 or self.debug:  # a one-job submit() is on the latency path (W2)

@@ -149,8 +149,11 @@ class JobSender:
         A bad definition among the first 10,000 raises JobDefinitionError before anything
         is sent; a later one (or an error from the iterable) stops taking jobs, lets those
         sent finish and report, then is raised. NoServerError: no server could be reached
-        within sender.connect_timeout and nothing was accepted. UsageError: another call of
-        this sender is still running.
+        within sender.connect_timeout and nothing was accepted. NoWorkerError: every job was a
+        foreground job of a task no worker served for sender.no_worker_timeout (in a batch
+        with others they fail one by one; any job of such a task has ``no_worker`` set, and a
+        warning is logged at once: docs/sender.md, "A task no worker serves"). UsageError:
+        another call of this sender is still running.
         """
         if self._batch is not None:
             raise UsageError("this JobSender is already running a batch (one at a time)")

@@ -169,3 +169,13 @@ def test_the_hint_is_the_closest_served_name_never_an_internal_one():
     assert snap.hint("zzz") is None
     text = no_worker.unserved_text("sh\x1b[2Jell", snap)
     assert "\x1b" not in text and "127.0.0.1:4730" in text  # a peer's or user's name can't drive the terminal
+
+
+def test_send_plugin_foreground_with_no_worker_at_all_exits_3_naming_each_task(fleet):
+    srv, config, _ = fleet
+    r = run_script(SEND, "--config", str(config(2)), "plugin", "eg", timeout=60)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    for task in ("eg.reverse", "eg.wordcount", "eg.flaky", "shell"):
+        assert f"no worker serves task '{task}' on any server ({srv.address})" in r.stderr, r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert "gave up after 2s" in error and "Traceback" not in r.stderr

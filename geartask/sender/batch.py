@@ -114,11 +114,9 @@ class Batch:
         self.states: dict[str, int] = {}
         self.no_server_since: float | None = None
         self.last_progress = 0.0
-        # tasks nobody serves (no_worker.py): asked of the servers answering now
-        self.unserved = Unserved(lambda: [(s.link.host, s.link.port) for s in self.lanes
-                                          if s.link.conn is not None and s.link.healthy],
-                                 self.settings.submit_timeout, getattr(self.settings, "no_worker_timeout", 30.0),
-                                 self.log, settings.served)
+        # tasks nobody serves (no_worker.py)
+        self.unserved = Unserved([(s.link.host, s.link.port) for s in self.lanes], self.settings.submit_timeout,
+                                 getattr(self.settings, "no_worker_timeout", 30.0), self.log, settings.served)
         self.abandoned: set[_Lane] = set()  # lanes holding jobs given up for want of a worker
 
     # -- the loop ----------------------------------------------------------------------------
@@ -234,6 +232,8 @@ class Batch:
                 j.res.no_worker = True
                 self._finish(j, "failed", error=self.unserved.given_up[j.task] + " (not sent)")
             else:
+                if self.unserved.seen(j.task, j.background, time.monotonic()):
+                    j.res.no_worker = True
                 self._route(j)
 
     def _route(self, j: _Job) -> None:
@@ -473,7 +473,7 @@ class Batch:
         they are all the call has and nothing was reported yet, the call raises NoWorkerError."""
         unserved = self.unserved
         waiting = {j.task for j in self.open.values() if not j.finished and not j.background
-                   and j.task in unserved.since}
+                   and (j.task in unserved.since or j.task in unserved.undecided)}
         expired = unserved.recheck(waiting, now)
         if not expired:
             return
@@ -579,8 +579,6 @@ class Batch:
                 self.accepted += 1
             if j.finished:
                 return
-            if self.unserved.unserved(j.task, j.background, time.monotonic()):
-                j.res.no_worker = True
             if j.background or not self.wait:
                 self._finish(j, "queued")
                 self.to_record.append(j)

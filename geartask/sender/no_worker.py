@@ -1,15 +1,16 @@
 """Tasks no worker serves: the sender's warning, and when a foreground job stops waiting.
 
 One admin ``status`` per server answers for every task at once, so a call asks when it first
-meets a task whose job a server accepted (not per job: a 20,000-job batch of one task asks
-once), and again at most once per RECHECK seconds while foreground jobs wait for a task
-nobody serves. Rules: docs/sender.md, "A task no worker serves".
+meets a task (not per job: a 20,000-job batch of one task asks once), and again at most once
+per RECHECK seconds while foreground jobs wait for a task nobody serves. Rules:
+docs/sender.md, "A task no worker serves".
 """
 
 from __future__ import annotations
 
 import difflib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -21,7 +22,8 @@ from ..fleet.server import connected
 RECHECK = 1.0  # seconds between asks while foreground jobs wait for a task nobody serves
 SERVED_TTL = 10.0  # a task seen served is not asked about again for this long (across calls)
 MAX_REMEMBERED = 10_000  # served tasks remembered per sender
-ASK_TIMEOUT = 2.0  # seconds one server's `status` may take (at most sender.submit_timeout)
+ASK_TIMEOUT = 1.0  # seconds an ask may hold the call up (at most sender.submit_timeout)
+MAX_BACKOFF = 30.0  # a server that did not answer is asked again after 1, 2, 4... up to this many seconds
 INTERNAL_PREFIX = "geartask."  # internal functions (outcomes, control) are never offered as hints
 
 
@@ -74,19 +76,30 @@ class ServedTasks:
 
 
 def ask(servers: Iterable[tuple[str, int]], timeout: float, now: float | None = None) -> Snapshot | None:
-    """One round of ``status`` on ``servers``; None when none answered (no verdict)."""
+    """One round of ``status`` on ``servers``, all at once; None when none answered (no verdict)."""
+    servers = list(servers)
+
+    def one(server: tuple[str, int]) -> tuple[str, dict[str, int] | str]:
+        host, port = server
+        try:
+            return f"{host}:{port}", ask_status(host, port, timeout)
+        except (GeartaskError, OSError) as e:
+            return f"{host}:{port}", str(e).removeprefix(f"{host}:{port}: ")
+
+    if len(servers) == 1:
+        answers = [one(servers[0])]
+    else:  # a silent server must not hold up the others' answers
+        with ThreadPoolExecutor(max_workers=min(len(servers), 16)) as pool:
+            answers = list(pool.map(one, servers))
     workers: dict[str, int] = {}
     asked: list[str] = []
     failed: dict[str, str] = {}
-    for host, port in servers:
-        address = f"{host}:{port}"
-        try:
-            counts = ask_status(host, port, timeout)
-        except (GeartaskError, OSError) as e:
-            failed[address] = str(e).removeprefix(address + ": ")
+    for address, answer in answers:
+        if isinstance(answer, str):
+            failed[address] = answer
             continue
         asked.append(address)
-        for task, n in counts.items():
+        for task, n in answer.items():
             workers[task] = workers.get(task, 0) + n
     if not asked:
         return None
@@ -104,17 +117,25 @@ def unserved_text(task: str, snapshot: Snapshot) -> str:
 
 class Unserved:
     """One call's view of the tasks nobody serves: since when (the foreground deadline runs
-    from there), what was said, and which tasks were given up on."""
+    from there), what was said, and which tasks were given up on.
 
-    def __init__(self, servers_of: Any, timeout: float, no_worker_timeout: float, log: Any,
+    A task is looked up when its first job is taken from the caller, before anything of it is
+    sent: gearmand then answers ``status`` at once (behind a flood of our own submissions on a
+    sqlite queue it took seconds, measured), and every JobResult can carry the verdict."""
+
+    def __init__(self, servers: list[tuple[str, int]], timeout: float, no_worker_timeout: float, log: Any,
                  memory: ServedTasks | None = None):
-        self.servers_of = servers_of  # () -> [(host, port)] of the servers answering now
+        self.servers = servers
+        # An idle gearmand answers in milliseconds; one busy with a flood of submissions (a sqlite
+        # queue) can take seconds: then the verdict waits for a later round, the call does not.
         self.timeout = min(timeout, ASK_TIMEOUT)
+        self.backoff: dict[str, tuple[float, int]] = {}  # server -> (ask again at, failures in a row)
         self.limit = no_worker_timeout
         self.log = log
         self.memory = memory if memory is not None else ServedTasks()
         self.snapshot: Snapshot | None = None
         self.verdict: dict[str, bool] = {}  # task -> served, as first found in this call
+        self.undecided: set[str] = set()  # tasks met while no server answered `status`
         self.since: dict[str, float] = {}  # task nobody serves -> when that was found
         self.text: dict[str, str] = {}  # task nobody serves -> the warning's text
         self.given_up: dict[str, str] = {}  # task -> the error its foreground jobs fail with
@@ -122,64 +143,85 @@ class Unserved:
         self.next_ask = 0.0
 
     def _ask(self, now: float) -> Snapshot | None:
+        """One round, of the servers not backing off: a silent one costs the call at most
+        ASK_TIMEOUT per round, and rounds of it grow apart."""
+        servers = [s for s in self.servers if now >= self.backoff.get(f"{s[0]}:{s[1]}", (0.0, 0))[0]]
+        snap = ask(servers, self.timeout, now) if servers else None
+        for address in (snap.failed if snap is not None else [f"{h}:{p}" for h, p in servers]):
+            failures = self.backoff.get(address, (0.0, 0))[1] + 1
+            self.backoff[address] = (now + min(MAX_BACKOFF, RECHECK * 2 ** failures), failures)
+        for address in (snap.asked if snap is not None else []):
+            self.backoff.pop(address, None)
         self.next_ask = now + RECHECK
-        snap = ask(self.servers_of(), self.timeout, now)
         if snap is not None:
             self.snapshot = snap
             self.memory.remember(snap)
         return snap
 
-    def unserved(self, task: str, background: bool, now: float) -> bool:
-        """Whether nobody serves ``task`` (a job of it was just accepted); says so once per
+    def _decide(self, task: str, snap: Snapshot, now: float) -> bool:
+        served = self.verdict[task] = snap.serves(task)
+        self.undecided.discard(task)
+        if not served:
+            self.since[task] = now
+            self.text[task] = unserved_text(task, snap)
+        return served
+
+    def seen(self, task: str, background: bool, now: float) -> bool:
+        """Whether nobody serves ``task`` (a job of it is about to be sent); says so once per
         task and kind of job. Asks only for a task new to this call and not seen served
         lately, and reuses a round younger than RECHECK."""
         known = self.verdict.get(task)
         if known is None:
             if self.memory.recently_served(task, now):
-                known = True
+                known = self.verdict[task] = True
             else:
                 snap = self.snapshot
-                if snap is None or now - snap.at >= RECHECK:
+                if (snap is None or now - snap.at >= RECHECK) and now >= self.next_ask:
                     snap = self._ask(now)
-                if snap is None:
-                    return False  # no server answered `status`: no verdict, no warning
-                known = snap.serves(task)
-            self.verdict[task] = known
-            if not known:
-                self.since[task] = now
-                self.text[task] = unserved_text(task, self.snapshot)  # type: ignore[arg-type]
-        if known:
-            return False
-        if (task, background) not in self.warned:
-            self.warned.add((task, background))
-            if background:
-                self.log.warning(f"{self.text[task]}: background jobs of it stay queued until a worker for it "
-                                 f"connects; to remove them: geartask manage clear {printable(task)}",
-                                 task=task, servers=self.snapshot.asked if self.snapshot else [])
-            else:
-                self.log.warning(f"{self.text[task]}: waiting up to {self.limit:g}s (sender.no_worker_timeout) "
-                                 f"for a worker", task=task, servers=self.snapshot.asked if self.snapshot else [])
-        return True
+                if snap is None or now - snap.at >= RECHECK:
+                    self.undecided.add(task)  # no answer now: asked again while its jobs wait
+                    return False
+                known = self._decide(task, snap, now)
+        if not known:
+            self._say(task, background)
+        return not known
+
+    def _say(self, task: str, background: bool) -> None:
+        if (task, background) in self.warned:
+            return
+        self.warned.add((task, background))
+        servers = self.snapshot.asked if self.snapshot else []
+        if background:
+            self.log.warning(f"{self.text[task]}: background jobs of it stay queued until a worker for it "
+                             f"connects; to remove them: geartask manage clear {printable(task)}",
+                             task=task, servers=servers)
+        else:
+            self.log.warning(f"{self.text[task]}: waiting up to {self.limit:g}s (sender.no_worker_timeout) "
+                             f"for a worker", task=task, servers=servers)
 
     def due(self, now: float) -> bool:
-        return bool(self.since) and now >= self.next_ask
+        return bool(self.since or self.undecided) and now >= self.next_ask
 
     def recheck(self, waiting: set[str], now: float) -> list[str]:
-        """Ask again about ``waiting`` (tasks nobody served with foreground jobs still open);
-        a task served now is forgotten (its jobs run), one unserved for no_worker_timeout is
-        returned to be given up on."""
+        """Ask again about ``waiting`` (tasks with foreground jobs still open that nobody
+        served, or that had no verdict yet): a task served now is forgotten (its jobs run),
+        one unserved for no_worker_timeout is returned to be given up on."""
         if not waiting:
             self.next_ask = now + RECHECK
             return []
         snap = self._ask(now)
         expired = []
         for task in sorted(waiting):
+            if task in self.undecided:
+                if snap is not None and not self._decide(task, snap, now):
+                    self._say(task, False)
+                continue
             if snap is not None and snap.serves(task):
                 self.log.info(f"a worker for task {printable(task)!r} appeared: its jobs run", task=task)
                 self.verdict[task] = True
                 self.since.pop(task, None)
                 continue
-            if now - self.since[task] >= self.limit:
+            if snap is not None and now - self.since[task] >= self.limit:  # only on an answer
                 self.given_up[task] = (f"{self.text[task]}; gave up after {self.limit:g}s "
                                        f"(sender.no_worker_timeout): not run")
                 expired.append(task)

@@ -179,3 +179,53 @@ def test_send_plugin_foreground_with_no_worker_at_all_exits_3_naming_each_task(f
         assert f"no worker serves task '{task}' on any server ({srv.address})" in r.stderr, r.stderr
     (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert "gave up after 2s" in error and "Traceback" not in r.stderr
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.lines.append((level, event))
+
+
+def test_the_unserved_policy_with_a_fake_clock():
+    """Who is asked when, what is said once, when foreground jobs are given up on: no sockets."""
+    answers = []  # what each round returns: a Snapshot, or None (no server answered)
+    rounds = []
+
+    def asker(servers, timeout, now):
+        rounds.append((now, list(servers)))
+        snap = answers.pop(0)
+        return None if snap is None else no_worker.Snapshot(now, *snap)
+
+    log = _Log()
+    a, b = ("10.0.0.1", 1), ("10.0.0.2", 2)
+    u = no_worker.Unserved([a, b], 5.0, 3.0, log, asker=asker)
+    assert u.timeout == 1.0  # an ask holds the call up 1 s at most
+    answers.append(({"t.real": 1}, ["10.0.0.1:1"], {"10.0.0.2:2": "cannot connect"}))
+    assert u.seen("t.reel", False, 100.0) and u.seen("t.reel", False, 100.1)  # one round, one warning
+    assert not u.seen("t.real", False, 100.2)  # the same round serves a second task
+    assert len(rounds) == 1 and [e for _, e in log.lines].count(log.lines[0][1]) == 1
+    assert "did you mean 't.real'?" in log.lines[0][1] and "10.0.0.1:1" in log.lines[0][1]
+    assert not u.due(100.5) and u.due(101.0)
+    # the silent server is left out of the next rounds, 2 s, then 4 s apart
+    answers.append(({}, ["10.0.0.1:1"], {}))
+    assert u.recheck({"t.reel"}, 101.0) == [] and rounds[-1][1] == [a]
+    answers.append(None)  # nobody answers: nothing is given up on, even past the timeout
+    assert u.recheck({"t.reel"}, 103.5) == [] and rounds[-1][1] == [a, b]
+    n = len(rounds)
+    assert u.recheck({"t.reel"}, 104.0) == [] and len(rounds) == n  # both back off: nobody is asked
+    answers.append(({}, ["10.0.0.1:1"], {}))
+    assert u.recheck({"t.reel"}, 105.5) == ["t.reel"] and "gave up after 3s" in u.given_up["t.reel"]
+    assert rounds[-1][1] == [a]  # b backs off longer: 2 failures in a row, 4 s
+    # a task met while nobody answered is decided on a later round, then warned about
+    u2 = no_worker.Unserved([a], 5.0, 3.0, log, asker=asker)
+    answers.append(None)
+    assert not u2.seen("t.x", False, 0.0) and "t.x" in u2.undecided
+    n = len(rounds)
+    assert not u2.seen("t.y", False, 0.5) and len(rounds) == n  # no round before next_ask: no storm
+    answers.append(({"t.x": 0}, ["10.0.0.1:1"], {}))
+    assert u2.recheck({"t.x"}, 2.0) == [] and "t.x" in u2.since and "t.x" not in u2.undecided
+    answers.append(({"t.x": 2}, ["10.0.0.1:1"], {}))  # a worker appears: its jobs run
+    assert u2.recheck({"t.x"}, 3.0) == [] and u2.verdict["t.x"] and "t.x" not in u2.since

@@ -12,7 +12,7 @@ import difflib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..display import printable
 from ..errors import GeartaskError
@@ -124,8 +124,9 @@ class Unserved:
     sqlite queue it took seconds, measured), and every JobResult can carry the verdict."""
 
     def __init__(self, servers: list[tuple[str, int]], timeout: float, no_worker_timeout: float, log: Any,
-                 memory: ServedTasks | None = None):
+                 memory: ServedTasks | None = None, asker: Callable[..., Snapshot | None] | None = None):
         self.servers = servers
+        self.asker = asker or ask  # ask(servers, timeout, now); a test gives answers and a clock
         # An idle gearmand answers in milliseconds; one busy with a flood of submissions (a sqlite
         # queue) can take seconds: then the verdict waits for a later round, the call does not.
         self.timeout = min(timeout, ASK_TIMEOUT)
@@ -146,7 +147,7 @@ class Unserved:
         """One round, of the servers not backing off: a silent one costs the call at most
         ASK_TIMEOUT per round, and rounds of it grow apart."""
         servers = [s for s in self.servers if now >= self.backoff.get(f"{s[0]}:{s[1]}", (0.0, 0))[0]]
-        snap = ask(servers, self.timeout, now) if servers else None
+        snap = self.asker(servers, self.timeout, now) if servers else None
         for address in (snap.failed if snap is not None else [f"{h}:{p}" for h, p in servers]):
             failures = self.backoff.get(address, (0.0, 0))[1] + 1
             self.backoff[address] = (now + min(MAX_BACKOFF, RECHECK * 2 ** failures), failures)

@@ -103,6 +103,15 @@ class OutcomeClient:
             _fields(row, {"task": str, "state": str, "count": int}, "counts")
         return rows
 
+    def per_minute(self, *, max_age: float | None = None, since: float | None = None) -> list[dict]:
+        """[{minute, state, count}]: outcomes finished per minute (OutcomeStore.per_minute)."""
+        rows = _shaped(self.ask("per_minute", max_age=max_age, since=since), list, "per_minute")
+        for row in rows:
+            _fields(row, {"state": str, "count": int}, "per_minute")
+            if isinstance(row.get("minute"), bool) or not isinstance(row.get("minute"), (int, float)):
+                raise _malformed("per_minute")
+        return rows
+
     def mark_requeued(self, id: str, by: str, handle: str | None = None, server: str | None = None) -> bool:
         return _shaped(self.ask("mark_requeued", id=id, by=by, handle=handle, server=server), bool, "mark_requeued")
 

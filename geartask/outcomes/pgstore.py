@@ -339,6 +339,15 @@ class PostgresOutcomeStore(OutcomeStore):
                                                    " GROUP BY task, state", (since,)).fetchall())
         return {(task, state): n for task, state, n in rows}
 
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        start = (since // 60) * 60
+        end = float("inf") if until is None else until
+        rows = self._run(lambda conn: conn.execute(
+            f"SELECT floor(finished_at / 60) * 60 AS minute, state, COUNT(*) FROM {TABLE}"
+            " WHERE finished_at >= %s AND finished_at <= %s GROUP BY minute, state ORDER BY minute, state",
+            (start, end)).fetchall())
+        return [(float(m), state, n) for m, state, n in rows]
+
     def size(self) -> int:
         return self._run(lambda conn: conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
 

@@ -94,6 +94,12 @@ class OutcomeStore(ABC):
         """(task, state) -> outcomes finished since ``since``."""
 
     @abstractmethod
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        """(minute, state, n): outcomes finished in each whole UTC minute from ``since`` (its
+        minute included) to ``until`` (default: no end), by state, oldest first; ``minute`` is the
+        minute's start (a multiple of 60). Minutes without outcomes are left out."""
+
+    @abstractmethod
     def size(self) -> int:
         """How many records are kept."""
 
@@ -379,6 +385,15 @@ class SqliteOutcomeStore(OutcomeStore):
             rows = self._db.execute("SELECT task, state, COUNT(*) FROM outcomes WHERE finished_at >= ? "
                                     "GROUP BY task, state", (since,)).fetchall()
         return {(task, state): n for task, state, n in rows}
+
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        start = (since // 60) * 60
+        end = float("inf") if until is None else until
+        with self._lock:  # the finished_at index keeps this to the hour's rows
+            rows = self._db.execute("SELECT CAST(finished_at / 60 AS INTEGER) * 60 AS minute, state, COUNT(*)"
+                                    " FROM outcomes WHERE finished_at >= ? AND finished_at <= ?"
+                                    " GROUP BY minute, state ORDER BY minute, state", (start, end)).fetchall()
+        return [(float(m), state, n) for m, state, n in rows]
 
     def size(self) -> int:
         with self._lock:

@@ -130,7 +130,10 @@ def main(argv: list[str]) -> int:
                     driver.get(url + page)
                     time.sleep(1)
                     height = driver.execute_script("return document.documentElement.scrollHeight")
-                    driver.set_window_size(1280, min(max(height + 40, 700), 2400))
+                    # the whole page in one shot (headless chromium's window ignores set_window_size)
+                    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                        "width": 1280, "height": min(max(height, 700), 3000), "deviceScaleFactor": 1,
+                        "mobile": False})
                     time.sleep(0.5)
                     target = out_dir / f"{prefix}-{name}.png"
                     driver.save_screenshot(str(target))

@@ -91,7 +91,8 @@ def main(argv: list[str]) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             geartask = [sys.executable, "-m", "geartask", "--config", str(config)]
-            log = open(base / "procs.out", "w")
+            (REPO / "var").mkdir(exist_ok=True)
+            log = open(REPO / "var" / "screenshots-procs.out", "w")  # the processes' output, kept to read
             procs.append(subprocess.Popen([*geartask, "manage", "dashboard", "--listen", f"127.0.0.1:{port}",
                                            "--refresh", "2"], cwd=base, stdout=log, stderr=log))
             procs.append(subprocess.Popen([*geartask, "worker", "--name", "billing-1", "--threads", "2"],

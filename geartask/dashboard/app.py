@@ -29,6 +29,7 @@ from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
 from ..metrics import dashboard_families, job_families, registry_for, server_families, worker_families
+from .charts import Series, time_chart
 from .fleet import HISTORY_SECONDS, FleetMonitor, Look
 from .outcomes import FAILED_LIMIT, OutcomesView
 
@@ -39,6 +40,8 @@ RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; 
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
 FUNCTIONS_SHOWN = 500  # rows on the Functions page (refetched every refresh): anyone can register names
+THROUGHPUT_MINUTES = 60  # the throughput chart's span, the current minute included
+THROUGHPUT_CACHE = 5.0  # seconds one read of the outcome store serves every page that shows it
 def parse_duration(text: str, what: str) -> float:
     """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
     try:
@@ -96,18 +99,23 @@ def ago(ts: float | None) -> str:
     return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago")
 
 
-def sparkline(points: list[tuple[float, int]], now: float, width: int = 240, height: int = 36) -> Markup:
-    """Queue depth over the last hour as an inline SVG polyline (no script, no library)."""
-    top = max([v for _, v in points] + [1])
-    xy = []
-    for t, v in points:
-        x = width * (1 - min(max(now - t, 0), HISTORY_SECONDS) / HISTORY_SECONDS)
-        xy.append(f"{x:.1f},{height - 2 - (height - 4) * v / top:.1f}")
-    line = (f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{" ".join(xy)}"/>'
-            if len(xy) > 1 else "")
-    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-                  f'role="img" aria-label="queue depth, last hour, peak {top}"><title>peak {top}</title>'
-                  f'<line x1="0" y1="{height - 2}" x2="{width}" y2="{height - 2}" class="axis"/>{line}</svg>')
+def throughput_chart(data: dict) -> Markup:
+    """The Overview's throughput chart: completed and failed outcomes per minute, last hour."""
+    minutes = data["minutes"]
+    end = data["to"]
+
+    def points(state: str) -> list[tuple[float, float]]:  # each minute at its middle (the current one: now)
+        return [(min(m["minute"] + 30, end), m[state]) for m in minutes]
+    return time_chart([Series("completed", points("complete"), "complete"), Series("failed", points("failed"), "failed")],
+                      data["from"], end, y_label="jobs per minute", x_label="time (UTC)",
+                      title="completed and failed jobs per minute, last hour")
+
+
+def depth_chart(name: str, points: list, now: float) -> Markup:
+    """A function's queue depth over the last hour, on axes (queued jobs against minutes ago)."""
+    return time_chart([Series("queued", [(t, v) for t, v in points], "queued")], now - HISTORY_SECONDS, now,
+                      y_label="queued", x_label="minutes ago", width=300, height=130, relative=True,
+                      css="tchart small", title=f"jobs of {printable(name)} waiting for a worker, last hour")
 
 
 def _server_rows(look: Look) -> list[dict]:
@@ -124,11 +132,13 @@ class Dashboard:
     def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings, outcomes: OutcomesView):
         self.admin, self.monitor, self.settings, self.outcomes = admin, monitor, settings, outcomes
         self._schedule_cache: tuple[list, str | None] | None = None
+        self._throughput: tuple[float, dict] | None = None
         self.csrf = secrets.token_urlsafe(32)  # per process: a page from here is needed to act
         self.registry = registry_for(self._families)
         self.app = Flask(__name__)
         self.app.jinja_env.filters.update(p=printable, when=when, ago=ago)
-        self.app.jinja_env.globals.update(sparkline=sparkline, csrf=lambda: self.csrf,
+        self.app.jinja_env.globals.update(throughput_chart=throughput_chart, depth_chart=depth_chart,
+                                          csrf=lambda: self.csrf,
                                           refresh=lambda: settings.refresh)
         self._routes()
 
@@ -234,8 +244,35 @@ class Dashboard:
                       for h in sorted({p.host for p in look.processes})],
             "rates": self.monitor.rates(),
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
+            # what the charts' "now" says: this look's count, the same as the Queued tile adds up
+            "queued_now": {f["function"]: f["queued"] for f in functions},
+            "throughput": self.throughput_data(),
             "collector": self.collector_state(),
         }
+
+    def throughput_data(self) -> dict:
+        """Outcomes per minute over the last hour, from the outcome store (so a restarted
+        dashboard shows the hour it did not watch): every minute, zeros included."""
+        now = time.time()
+        cached = self._throughput
+        if cached is not None and 0 <= now - cached[0] < THROUGHPUT_CACHE:
+            return cached[1]
+        start = int(now // 60) * 60 - (THROUGHPUT_MINUTES - 1) * 60
+        minutes = {start + 60 * i: {"complete": 0, "failed": 0} for i in range(THROUGHPUT_MINUTES)}
+        error = None
+        try:
+            for row in self.outcomes.per_minute(start):
+                counts = minutes.get(int(row["minute"]))
+                if counts is not None and row["state"] in counts:
+                    counts[row["state"]] += row["count"]
+        except GeartaskError as e:  # the collector elsewhere did not answer: an empty chart, and why
+            error = str(e)
+        rows = [{"minute": m, **c} for m, c in sorted(minutes.items())]
+        data = {"from": start, "to": now, "unit": "jobs per minute", "source": "outcome store",
+                "minutes": rows, "error": error,
+                "totals": {k: sum(r[k] for r in rows) for k in ("complete", "failed")}}
+        self._throughput = (now, data)
+        return data
 
     def collector_state(self) -> str:
         """What runs the collector; "stopped: WHY" once this process's collector stopped by itself."""
@@ -573,6 +610,10 @@ class Dashboard:
         @app.get("/")
         def overview():
             return self.page("overview.html", self.overview_data(), now=time.time())
+
+        @app.get("/throughput")
+        def throughput():  # the chart's data: always JSON
+            return jsonify(self.throughput_data())
 
         @app.get("/functions")
         def functions():

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
                      plain)
+from ..fleet.server import server_job_status
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -40,6 +41,8 @@ RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; 
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
 FUNCTIONS_SHOWN = 500  # rows on the Functions page (refetched every refresh): anyone can register names
+PROGRESS_ASKED = 10  # running entries of one key whose progress is asked of gearmand per page
+INTERNAL_PREFIX = "geartask."  # geartask's own queues (outcomes, queries, worker control): never cleared here
 THROUGHPUT_MINUTES = 60  # the throughput chart's span, the current minute included
 THROUGHPUT_CACHE = 5.0  # seconds one read of the outcome store serves every page that shows it
 def parse_duration(text: str, what: str) -> float:
@@ -124,6 +127,49 @@ def _server_rows(look: Look) -> list[dict]:
 
 def _results(results: list[ServerResult]) -> list[dict]:
     return [r.to_dict() for r in results]
+
+
+def is_internal(function: str) -> bool:
+    """One of geartask's own queues: clearing geartask.outcomes loses every outcome waiting there."""
+    return function.startswith(INTERNAL_PREFIX)
+
+
+def clearable(function: str) -> str:
+    """The function a Clear may empty; UsageError for a bad name or an internal queue."""
+    fn = check_clear_function(function)
+    if is_internal(fn):
+        raise UsageError(f"{printable(fn)[:200]} is one of geartask's internal queues: the dashboard does not "
+                         "clear it (nothing was changed); use 'geartask manage clear' if you really must")
+    return fn
+
+
+def shown_outcome(rec: dict) -> dict:
+    """One outcome record as the Job page shows it, and its JSON holds: the result pretty when it
+    is JSON, the input data, result, reason and traceback each cut to RESULT_SHOWN characters
+    (flagged ``*_shown_cut``). Everything in it is a peer's: the template escapes it."""
+    rec = dict(rec)
+    reason = rec.get("reason")
+    if isinstance(reason, dict) and isinstance(reason.get("traceback"), str):
+        # the traceback once, in its own section, not again inside the reason's JSON
+        rec.setdefault("traceback", reason["traceback"])
+        rec["reason"] = {k: v for k, v in reason.items() if k != "traceback"}
+    result = rec.get("result")
+    if isinstance(result, str):
+        rec["result_shown_cut"] = len(result) > RESULT_SHOWN
+        text = result[:RESULT_SHOWN]
+        try:
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if not rec["result_shown_cut"] \
+                and rec.get("result_encoding", "text") == "text" else text
+        except (ValueError, RecursionError):
+            pass
+        rec["result_text"] = text
+    if rec.get("traceback") is not None and not isinstance(rec["traceback"], str):
+        rec["traceback"] = json.dumps(rec["traceback"], ensure_ascii=False)  # not text: shown as its JSON
+    # One rule for the HTML and the JSON: the JSON holds no more than the page (docs/dashboard.md, "Job").
+    for name in ("data", "result", "reason", "traceback"):
+        if isinstance(rec.get(name), str) and len(rec[name]) > RESULT_SHOWN:
+            rec[name], rec[f"{name}_shown_cut"] = rec[name][:RESULT_SHOWN], True
+    return rec
 
 
 class Dashboard:
@@ -284,7 +330,8 @@ class Dashboard:
         sort = request.args.get("sort", "function")
         sort = sort if sort in SORT_KEYS else "function"
         desc = request.args.get("desc") == "1"
-        rows = sorted(look.functions(), key=lambda f: (f[sort], f["function"]), reverse=desc)
+        rows = sorted(({**f, "internal": is_internal(f["function"])} for f in look.functions()),
+                      key=lambda f: (f[sort], f["function"]), reverse=desc)
         return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows[:FUNCTIONS_SHOWN],
                 "more": max(len(rows) - FUNCTIONS_SHOWN, 0), "sort": sort, "desc": desc,
                 "hidden_control_functions": look.hidden_control_functions()}
@@ -376,31 +423,30 @@ class Dashboard:
         look = self.monitor.latest()
         running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
                    if key and key in (j.get("handle"), j.get("unique"))]
-        shown = []
-        for rec in records:
-            rec = dict(rec)
-            result = rec.get("result")
-            if isinstance(result, str):
-                rec["result_shown_cut"] = len(result) > RESULT_SHOWN
-                text = result[:RESULT_SHOWN]
-                try:
-                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if not rec["result_shown_cut"] \
-                        and rec.get("result_encoding", "text") == "text" else text
-                except (ValueError, RecursionError):
-                    pass
-                rec["result_text"] = text
-            # One rule for the HTML and the JSON: a failed job's input (its payload) is shown in both,
-            # the same first RESULT_SHOWN characters (docs/dashboard.md, "Job").
-            data = rec.get("data")
-            if isinstance(data, str):
-                rec["data_shown_cut"] = len(data) > RESULT_SHOWN
-                rec["data"] = data[:RESULT_SHOWN]
-            for key in ("result", "reason"):  # the JSON holds no more than the page
-                if isinstance(rec.get(key), str) and len(rec[key]) > RESULT_SHOWN:
-                    rec[key], rec[f"{key}_shown_cut"] = rec[key][:RESULT_SHOWN], True
-            shown.append(rec)
+        for j in running[:PROGRESS_ASKED]:
+            j["progress"] = self.progress(j.get("server"), j.get("handle"))
+        shown = [shown_outcome(rec) for rec in records]
         state = ("running" if running else (shown[-1]["state"] if shown else "unknown"))
-        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error}
+        # Requeue is offered on the newest outcome when it failed (the Failed page's action, one job)
+        requeue = shown[-1]["id"] if shown and shown[-1].get("state") == "failed" and not running else None
+        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error,
+                "requeue_id": requeue}
+
+    def progress(self, server: Any, handle: Any) -> dict:
+        """A running job's last WORK_STATUS, asked of its server with GET_STATUS. The server and
+        handle come from a worker's ping (a peer's word): only a configured server is asked."""
+        where = {f"{h}:{p}": (h, p) for h, p in self.admin.servers}.get(str(server))
+        if where is None or not isinstance(handle, str):
+            return {"known": None, "why": "the job's server is not one of this dashboard's"}
+        try:
+            status = server_job_status(*where, check_handle(handle), timeout=self.admin.timeout)
+        except GeartaskError as e:
+            return {"known": None, "why": str(e)}
+        if not status["known"]:
+            return {**status, "why": "the server no longer holds the job"}
+        if not status["denominator"]:
+            return {**status, "why": "the job has sent no progress (WORK_STATUS)"}
+        return {**status, "percent": round(100.0 * status["numerator"] / status["denominator"], 1)}
 
     # -- actions ------------------------------------------------------------------------------------
     def _fields(self) -> dict:
@@ -459,13 +505,13 @@ class Dashboard:
 
     # clear
     def _clear_describe(self, f: dict) -> str:
-        fn = check_clear_function(str(f.get("function", "")))
+        fn = clearable(str(f.get("function", "")))
         queued = sum(x["queued"] for x in self.monitor.latest().functions() if x["function"] == fn)
         return (f"Remove the {queued} queued job{'s' if queued != 1 else ''} of {printable(fn)} on every server? "
                 "Running jobs are not touched.")
 
     def _clear(self, f: dict) -> tuple[bool, str, Any]:
-        fn = check_clear_function(str(f["function"]))
+        fn = clearable(str(f["function"]))
         results = self.admin.clear([fn])
         for r in results:
             log.info("dashboard clear", function=fn, server=r.server, ok=r.ok, error=r.error,

@@ -142,6 +142,19 @@ def job_states(conn: Connection, handles: list[str], timeout: float) -> dict[str
     return states
 
 
+def server_job_status(host: str, port: int, handle: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """GET_STATUS of one handle: known, running, and the job's last WORK_STATUS (numerator,
+    denominator; 0/0 when it sent none)."""
+    with connected(host, port, timeout) as conn:
+        conn.send(GET_STATUS, job_handle=handle)
+        p = conn.expect(STATUS_RES, timeout)
+    nums = [p["numerator"] or b"0", p["denominator"] or b"0"]
+    if not all(n.isdigit() and len(n) <= 18 for n in nums):  # a count, not whatever the server sent
+        raise ServerError("malformed STATUS_RES", f"{host}:{port}")
+    return {"known": p["known"] == b"1", "running": p["running"] == b"1", "numerator": int(nums[0]),
+            "denominator": int(nums[1])}
+
+
 def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Every job gearmand holds (handle, retries, cancelled, running) and every unique key.
 

@@ -29,6 +29,26 @@ def queue_background(server, function: str, n: int) -> None:
         conn.close()
 
 
+def report_outcome(server, **fields) -> dict:
+    """Send one outcome record to geartask.outcomes on ``server``, as a worker does (the collector
+    the dashboard runs stores it). ``fields`` go to make_record; ``extra`` is set on the record
+    afterwards (fields a newer worker sends, e.g. ``traceback``)."""
+    from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
+    extra = fields.pop("extra", {})
+    rec = make_record(**{"server": server.address, "state": "failed", "worker": "fw:127.0.0.1:1",
+                         "background": True, **fields})
+    rec.update(extra)
+    conn = gearclient.connect(server.address)
+    try:
+        for payload in encode_batches([rec]):
+            conn.send(gearclient.gp.submit_command("normal", True), task=OUTCOME_FUNCTION, unique=rec["id"],
+                      data=payload)
+            conn.expect(gearclient.gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+    return rec
+
+
 class Reply:
     def __init__(self, status: int, headers, body: bytes):  # headers: case-insensitive
         self.status, self.headers, self.body = status, headers, body

@@ -756,14 +756,16 @@ def test_job_page_progress_of_a_running_job_and_requeue_runs_it_again(fresh_gear
                                                                       dashboards, tmp_path):
     from geartask.sender.sender import JobSender
     srv = fresh_gearmand
-    path, config = make_config(srv, "worker:\n  shell:\n    allow: [sh]\n  retries: 0\n")
-    w = WorkerProc(path, "pw", 2)
+    path, config = make_config(srv, "worker:\n  shell:\n    allow: [sh, sleep]\n  retries: 0\n")
+    w = WorkerProc(path, "pw", 3)
     try:
         w.wait_attached([srv.address])
         d = dashboards(path, refresh=0.5)
         flag = tmp_path / "flag"
         with JobSender(config, record_background=False) as sender:
             sender.submit_many([{"task": "eg.slow", "data": {"seconds": 60}, "unique": fname + "-slow",
+                                 "background": True},
+                                {"task": "shell", "data": {"cmd": ["sleep", "60"]}, "unique": fname + "-quiet",
                                  "background": True},
                                 {"task": "shell", "data": {"cmd": ["sh", "-c", f"test -e {flag}"]},
                                  "unique": fname, "background": True, "retries": 0}], wait=False)
@@ -774,9 +776,13 @@ def test_job_page_progress_of_a_running_job_and_requeue_runs_it_again(fresh_gear
         p = wait_until(progress, 20, 0.2, message="the slow job's WORK_STATUS shown")
         assert p["denominator"] == 10 and p["known"] and 0 < p["percent"] <= 100
         html = d.get(f"/job?key={fname}-slow").text
-        assert '<b class="progress-text">' in html and f'/ 10</b>' in html
-        unknown = d.get_json("/job?key=nothing-runs-this")
-        assert unknown["running"] == []
+        assert '<b class="progress-text">' in html and '/ 10</b>' in html
+        # a running job that sends no WORK_STATUS: its progress is "unknown", and why
+        wait_until(lambda: d.get_json(f"/job?key={fname}-quiet")["running"], 20, message="the quiet job runs")
+        quiet = d.get_json(f"/job?key={fname}-quiet")["running"][0]["progress"]
+        assert "percent" not in quiet and "no progress" in quiet["why"]
+        assert '<b class="progress-text">unknown</b>' in d.get(f"/job?key={fname}-quiet").text
+        assert d.act("stop", target=fname + "-quiet").status == 200
         assert d.act("stop", target=fname + "-slow").status == 200
         # the failed shell job: Requeue from its page, after the cause is fixed
         wait_until(lambda: d.get_json(f"/job?key={fname}")["state"] == "failed", 20, message="failed stored")

@@ -179,7 +179,7 @@ def workers_text(data: dict) -> str:
     rows, others = [], 0
     for s in data["servers"]:
         if not s["reachable"]:
-            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"]])
+            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"], None])
             continue
         for c in s["connections"]:
             if c["client_id"] == "-" and not c["functions"]:
@@ -187,20 +187,24 @@ def workers_text(data: dict) -> str:
                 continue
             if c["name"] is not None:
                 rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
-                             c["functions"]])
+                             c["functions"], c.get("fleet") or None])
             else:  # not a geartask client id: shown as it is
-                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"]])
-    text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "SILENT", "FUNCTIONS"], rows,
-                  right=["PID", "THREAD"])
+                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"], None])
+    fleets = any(r[-1] for r in rows)  # a FLEET column once some worker names its fleet
+    rows = [r[:2] + [r[-1]] + r[2:-1] if fleets else r[:-1] for r in rows]
+    text = render(["SERVER", "NAME"] + (["FLEET"] if fleets else []) + ["IP", "PID", "THREAD", "PEER", "SILENT",
+                                                                         "FUNCTIONS"], rows, right=["PID", "THREAD"])
     if not rows:
         text += "\n(no workers connected)"
     if others:
         text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
     procs = data["processes"]
     if procs:
-        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
-                                 [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
-                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
+        text += "\n\n" + render(["PROCESS", "PID"] + (["FLEET"] if fleets else []) + ["IPS", "SERVERS",
+                                                                                        "CONNECTIONS", "SILENT ON"],
+                                 [[p["name"], p["pid"], *([p.get("fleet") or None] if fleets else []), p["ips"],
+                                   len(p["servers"]), p["connections"], p["silent_on"]] for p in procs],
+                                 right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 
 

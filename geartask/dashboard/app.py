@@ -288,6 +288,8 @@ class Dashboard:
                        "connections": sum(f["workers"] for f in functions)},
             "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h)}
                       for h in sorted({p.host for p in look.processes})],
+            # the fleet(s) the workers say they belong to; "filter": the config's fleet, the only one shown
+            "fleets": {"filter": self.admin.fleet, "seen": sorted({p.fleet for p in look.processes if p.fleet})},
             "rates": self.monitor.rates(),
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
             # what the charts' "now" says: this look's count, the same as the Queued tile adds up

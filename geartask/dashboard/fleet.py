@@ -86,6 +86,7 @@ class Process:
     jobs_done: int | None = None
     started: float | None = None
     running: list[dict] = field(default_factory=list)
+    fleet: str = ""  # the config ``fleet`` its client id names ("" none)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -227,7 +228,7 @@ class FleetMonitor:
             p = Process(proc.name, proc.pid, host, proc.ips, proc.servers, proc.control,
                         sorted(functions.get(key, ())), silent=bool(proc.control) and (
                             key not in self._last_seen or self._missed.get(key, 0) >= 2),
-                        last_seen=self._last_seen.get(key))
+                        last_seen=self._last_seen.get(key), fleet=proc.fleet)
             if reply is not None:  # a peer's answer: only what has the documented shape is kept
                 p.threads, p.busy, p.jobs_done = (_number(reply.get(k), int) for k in ("threads", "busy", "jobs_done"))
                 p.started = _number(reply.get("started"), float)

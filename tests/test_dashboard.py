@@ -459,6 +459,9 @@ def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand
     wait_until(lambda: [r["unique"] for r in lone.get_json("/failed")["failed"]] == [f"{fname}-x"], 15,
                message="read through gearmand from the other dashboard's collector")
     assert with_collector.get_json("/failed")["failed"][0]["unique"] == f"{fname}-x"
+    # the throughput chart asks the collector elsewhere too (the per_minute op, through gearmand)
+    wait_until(lambda: lone.get_json("/throughput")["totals"]["failed"] == 1, 15, message="charted from elsewhere")
+    assert lone.get_json("/throughput")["error"] is None
 
 
 def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):

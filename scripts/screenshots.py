@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
             driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
             try:
                 for page, name in (("/", "overview"), ("/job?key=invoice-row-1042", "failed-job")):
+                    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
                     driver.get(url + page)
                     time.sleep(1)
                     height = driver.execute_script("return document.documentElement.scrollHeight")

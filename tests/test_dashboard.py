@@ -737,6 +737,7 @@ def test_job_page_shows_traceback_and_input_escaped(fresh_gearmand, make_config,
     assert rec["traceback"] == tb and "traceback" not in rec["reason"] and job["requeue_id"] == rec["id"]
     html = d.get(f"/job?key={fname}").text
     assert "<script>" not in html and "&lt;b&gt;1042&lt;/b&gt;" in html
+    assert "&#34;error&#34;: &#34;ValueError: &lt;script&gt;" in html  # the reason readable, and escaped
     section = html[html.index('<section class="job-traceback">'):]
     section = section[:section.index("</section>")]
     assert '<pre class="traceback">Traceback (most recent call last):\n  File &#34;p.py&#34;, line 3' in section

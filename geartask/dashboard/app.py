@@ -163,6 +163,9 @@ def shown_outcome(rec: dict) -> dict:
         except (ValueError, RecursionError):
             pass
         rec["result_text"] = text
+    if rec.get("reason") is not None and not isinstance(rec["reason"], str):
+        # readable JSON for the page (the template escapes it): tojson would show < as \u003c
+        rec["reason_text"] = json.dumps(rec["reason"], indent=2, ensure_ascii=False, sort_keys=True)[:RESULT_SHOWN]
     if rec.get("traceback") is not None and not isinstance(rec["traceback"], str):
         rec["traceback"] = json.dumps(rec["traceback"], ensure_ascii=False)  # not text: shown as its JSON
     # One rule for the HTML and the JSON: the JSON holds no more than the page (docs/dashboard.md, "Job").

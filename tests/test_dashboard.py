@@ -803,3 +803,14 @@ def test_job_page_progress_of_a_running_job_and_requeue_runs_it_again(fresh_gear
         assert f'href="/job?key={fname}"' in html  # the result links to the job's page
     finally:
         w.stop()
+
+
+def test_chart_scales_are_round_whole_numbers_and_names_are_escaped():
+    from geartask.dashboard.charts import Series, nice_top, time_chart
+    assert nice_top(0) == (1, 1) and nice_top(1) == (1, 1) and nice_top(5) == (5, 1) and nice_top(6) == (6, 2)
+    assert nice_top(25) == (25, 5) and nice_top(68) == (80, 20) and nice_top(20_000) == (20_000, 5_000)
+    svg = str(time_chart([Series("<b>x</b>", [(0, 3), (60, 68)], "c")], 0, 3600, y_label="jobs <per> minute"))
+    assert "<b>" not in svg and "&lt;b&gt;x&lt;/b&gt;" in svg and ">jobs &lt;per&gt; minute</text>" in svg
+    ticks = [t.split(">")[-1] for t in svg.split("</text>") if 'class="tick"' in t]
+    assert ticks[:5] == ["0", "20", "40", "60", "80"] and ticks[5:] == ["00:00", "00:10", "00:20", "00:30", "00:40",
+                                                                         "00:50", "01:00"]

@@ -21,15 +21,16 @@ class Series:
     css: str  # class of the line: its colour comes from the stylesheet
 
 
-def nice_top(value: float) -> tuple[float, float]:
+def nice_top(value: float, min_step: float = 1.0) -> tuple[float, float]:
     """(top of the y scale, tick step) for values up to ``value``: 1, 2 or 5 times a power of
-    ten per step, four or five steps, so tick labels are round numbers."""
+    ten per step, at most five steps, so tick labels are round numbers; never a step under
+    ``min_step`` (jobs are counted whole: no 0.2 on the scale of a queue of one)."""
     if value <= 0 or not math.isfinite(value):
-        return 1.0, 0.25 if value < 0 else 1.0
+        return min_step, min_step
     for k in range(-3, 16):
         for m in (1, 2, 5):
             step = m * 10.0 ** k
-            if step * 5 >= value:
+            if step >= min_step and step * 5 >= value:
                 return step * max(1, math.ceil(value / step)), step
     return value, value  # beyond any queue: one step
 

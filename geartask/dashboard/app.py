@@ -114,9 +114,12 @@ def throughput_chart(data: dict) -> Markup:
                       title="completed and failed jobs per minute, last hour")
 
 
-def depth_chart(name: str, points: list, now: float) -> Markup:
-    """A function's queue depth over the last hour, on axes (queued jobs against minutes ago)."""
-    return time_chart([Series("queued", [(t, v) for t, v in points], "queued")], now - HISTORY_SECONDS, now,
+def depth_chart(name: str, points: list, now: float, current: int | None = None) -> Markup:
+    """A function's queue depth over the last hour, on axes (queued jobs against minutes ago).
+    The history keeps each 10 s step's deepest count; ``current`` (this look's count) ends the
+    line, so it ends where "queued now" says."""
+    line = [(t, v) for t, v in points] + ([(now, current)] if current is not None else [])
+    return time_chart([Series("queued", line, "queued")], now - HISTORY_SECONDS, now,
                       y_label="queued", x_label="minutes ago", width=300, height=130, relative=True,
                       css="tchart small", title=f"jobs of {printable(name)} waiting for a worker, last hour")
 

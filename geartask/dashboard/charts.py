@@ -45,7 +45,7 @@ def time_chart(series: list[Series], start: float, end: float, *, y_label: str, 
     """Lines of ``series`` between ``start`` and ``end`` (Unix times) on axes with ticks:
     clock times (HH:MM UTC) on x every 10 minutes, or minutes before now when ``relative``;
     ``y_label`` on y from 0 to a round top."""
-    left, right, top, bottom = 52, 12, 10, 40
+    left, right, top, bottom = 52, 22, 10, 40  # room for the tick labels at both ends
     pw, ph = width - left - right, height - top - bottom
     span = max(end - start, 1.0)
     peak = max((v for s in series for _, v in s.points), default=0)

@@ -163,7 +163,7 @@ def test_item3_finished_at_1e300_in_the_store_does_not_break_pages(fresh_gearman
     db.commit()
     db.close()
     d = dashboards(path, refresh=0.5)
-    for page in ("/failed", "/job?key=huge", "/failed?format=json", "/job?key=huge&format=json"):
+    for page in ("/failed", "/job?key=huge", "/failed?format=json", "/job?key=huge&format=json", "/", "/throughput"):
         r = d.get(page)
         assert r.status == 200, (page, r.status, r.text[:300])
 

@@ -225,3 +225,23 @@ def test_overview_draws_the_throughput_chart_with_axes_and_the_job_page_a_traceb
     _shows(browser, "pre.data", "1042,<b>x</b>")  # shown as text: the markup is not rendered
     assert not browser.find_elements("css selector", "pre.data b")
     assert browser.find_element("css selector", "button.requeue-one").is_displayed()
+
+
+def test_long_function_names_are_not_broken_mid_word(browser, fleet, fname):
+    s1, _ = fleet.servers
+    long_name = fname + ".reports_nightly_export_to_the_warehouse_with_every_partition_included"
+    queue_background(s1, long_name, 2)
+    d = fleet.dashboard()
+    browser.set_window_size(700, 900)
+    browser.get(d.url + "/functions")
+    cell = f'tr[data-function="{long_name}"] td.fn'
+    wait_until(lambda: browser.find_elements("css selector", cell), 10, message="the function listed")
+    el = browser.find_element("css selector", cell)
+    line = float(browser.execute_script("return parseFloat(getComputedStyle(arguments[0]).lineHeight)", el))
+    assert el.size["height"] < 2 * line + 12, el.size  # one line: never wrapped inside the name
+    assert el.get_attribute("title") == long_name  # the whole name, even when cut with an ellipsis
+    browser.get(d.url + "/")
+    caption = f'figure[data-function="{long_name}"] .fn'
+    wait_until(lambda: browser.find_elements("css selector", caption), 10, message="its chart")
+    el = browser.find_element("css selector", caption)
+    assert el.size["height"] < 2 * line and el.get_attribute("title") == long_name

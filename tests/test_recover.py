@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import gearclient
 from geartask import JobSender, gearman as gp, load_config
 from geartask.errors import UsageError
 from geartask.server import free_port, port_open
@@ -246,3 +247,37 @@ def test_a_background_batch_records_its_data(tmp_path, fresh_gearmand):
         recs = {r["unique"]: r for r in sender.background_records()}
     assert recorded_data(recs["j1"]) == b'{"k":1}' and recs["j1"]["retries"] == 3
     assert recorded_data(recs["j2"]) == b"\xff\x00"
+
+
+def grab(address: str, task: str) -> tuple[str, bytes]:
+    """One job of ``task`` as a bare Gearman worker gets it: (unique, payload)."""
+    conn = gearclient.connect(address)
+    try:
+        conn.send(gp.CAN_DO, task=task)
+        conn.send(gp.GRAB_JOB_UNIQ)
+        pkt = conn.expect(gp.JOB_ASSIGN_UNIQ, 10)
+        return pkt.text("unique"), pkt["data"]
+    finally:
+        conn.close()
+
+
+def test_submit_raw_sends_the_exact_bytes_and_recover_sends_them_raw_again(tmp_path, gearmand_factory, fname):
+    """JobSender.submit_raw (a requeue with its original signature): no envelope, no signature
+    of ours; recorded as raw, so recover sends the same bytes again."""
+    a, b = gearmand_factory("builtin"), gearmand_factory("builtin")
+    servers = [a.address, b.address]
+    cfg_path = write_config(tmp_path / "s" / "config.yaml", servers)
+    unique = uniques_for(a.address, servers, 1, "raw")[0]
+    payload = b"SIGNED-LINE\n\x1egeartask/1 {}\n\xff\x00 user bytes"
+    with JobSender(load_config(cfg_path)) as sender:
+        r, = sender.submit_raw([{"task": fname, "data": payload, "unique": unique}])
+        assert (r.state, r.server) == ("queued", a.address)
+        rec, = sender.background_records()
+    assert rec["raw"] is True and recorded_data(rec) == payload
+    assert grab(a.address, fname) == (unique, payload)
+    os.kill(a.pid(), signal.SIGKILL)
+    host, port = a.address.rsplit(":", 1)
+    wait_until(lambda: not port_open(host, int(port), 0.2), 10, message="A gone")
+    got = recover(load_config(cfg_path), a.address, resend_undecided=True, timeout=2)
+    assert got.resent_to == {b.address: 1}, got.jobs
+    assert grab(b.address, fname) == (unique, payload)

@@ -103,11 +103,14 @@ def server_problem(server: Any) -> str | None:
     return None
 
 
-def recorded_fields(payload: bytes, retries: int | None = None, at: int | None = None) -> dict:
+def recorded_fields(payload: bytes, retries: int | None = None, at: int | None = None, raw: bool = False) -> dict:
     """What a record line keeps of a background job besides its name, so it can be sent again:
     its data (``data`` as text when it is UTF-8, else ``data_b64``; neither past RECORD_DATA
-    bytes, only ``data_size``) and its options."""
+    bytes, only ``data_size``), its options, and ``raw`` when the data was the whole payload
+    (JobSender.submit_raw: sent again the same way)."""
     out: dict[str, Any] = {"data_size": len(payload)}
+    if raw:
+        out["raw"] = True
     if len(payload) <= RECORD_DATA:
         try:
             out["data"] = payload.decode("utf-8")

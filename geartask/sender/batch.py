@@ -86,13 +86,14 @@ class Batch:
     state, so the JobSender keeps only its connections between calls."""
 
     def __init__(self, settings: BatchSettings, links: Iterable[ServerLink], jobs: Iterable[Any], wait: bool,
-                 timeout: float | None):
+                 timeout: float | None, raw: bool = False):
         self.settings = settings.sender
         self.log = settings.log
         self.debug = settings.debug
         self.max_payload, self.max_data = settings.max_payload, settings.max_data
         self.record = settings.record
         self.key = settings.key
+        self.raw = raw  # each job's data is its whole payload: no envelope, no signature (JobSender.submit_raw)
         self.lanes = [_Lane(link) for link in links]
         self.source = iter(jobs)
         self.total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]
@@ -186,15 +187,15 @@ class Batch:
         lanes = self.lanes
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
         requeue_of = d.extra.get("requeue_of")
-        data = self._envelope(background, d.retries, priority, requeue_of) + payload
-        if self.key is not None and requeue_of is None:
+        data = payload if self.raw else self._envelope(background, d.retries, priority, requeue_of) + payload
+        if self.key is not None and requeue_of is None and not self.raw:
             # Right before submit, over the envelope too (docs/outcomes.md, "Signed jobs"). A
             # requeue is never signed as new: it travels with its original signature.
             from ..trust.signing import sign_job  # cryptography only for a signing sender
             data = sign_job(d.task, unique, data, self.key)
         job = _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
         if background and self.record is not None:
-            job.keep = recorded_fields(payload, d.retries, d.at)
+            job.keep = recorded_fields(payload, d.retries, d.at, raw=self.raw)
         return job
 
     def _envelope(self, background: bool, retries: int | None, priority: str, requeue_of: Any = None) -> bytes:

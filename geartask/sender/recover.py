@@ -250,14 +250,21 @@ def resend(config: Config, recovery: Recovery, include_undecided: bool = False) 
             sendable.append((j, d))
     if not sendable:
         return
+    # a job first sent raw (its data the whole payload, e.g. with its original signature) goes raw again
+    raw = [(j, d) for j, d in sendable if (j.record or {}).get("raw") is True]
+    plain = [(j, d) for j, d in sendable if (j.record or {}).get("raw") is not True]
     try:
         with JobSender(config.with_servers(recovery.targets)) as sender:
-            results = sender.submit_many([d for _, d in sendable], wait=False)
+            results = sender.submit_many([d for _, d in plain], wait=False) if plain else []
+            if raw:
+                results += sender.submit_raw([{k: v for k, v in d.items() if k in ("task", "data", "unique", "priority")}
+                                              for _, d in raw])
     except GeartaskError as e:
         for j, _ in sendable:
-            j.state, j.reason = "not_resent", f"not accepted: {e}"
+            if j.state != "resent":
+                j.state, j.reason = "not_resent", f"not accepted: {e}"
         return
-    for (j, _), r in zip(sendable, results, strict=True):
+    for (j, _), r in zip(plain + raw, results, strict=True):
         if r.state == "queued":
             j.state, j.handle, j.server, j.reason = "resent", r.handle, r.server, None
         else:

@@ -150,7 +150,7 @@ def plan(config: Config, server: str, older_than: float | None = None, now: floa
     record = BackgroundRecord(Path(config.log.dir) / RECORD_NAME, config.log.max_bytes, config.log.backups)
     recovery = Recovery(dead, targets, str(record.path))
     latest: dict[str, RecoveredJob] = {}  # by unique: a key sent twice is one job (the newer line)
-    seen_servers: set[str] = set()  # named in the error when this one is unknown
+    seen_servers: set[str] = set()  # named in the error when this one has nothing recorded
     now = time.time() if now is None else now
     for ask in record.entries():
         if ask.problem is not None:
@@ -177,11 +177,11 @@ def plan(config: Config, server: str, older_than: float | None = None, now: floa
     configured = dead in {"{}:{}".format(*parse_server(s)[:2]) for s in config.servers}
     if not recovery.jobs and not recovery.too_new and not recovery.bad_lines:
         if not configured:
-            known = ", ".join(sorted(seen_servers)) or "none"
             raise UsageError(f"--server {dead}: not a configured server and nothing in {record.path} was sent "
-                             f"to it (servers in the record: {known})")
-        raise NothingRecorded(f"no background jobs recorded for {dead} in {record.path} "
-                              f"(each sender host keeps its own record: run recover on the hosts that sent them)")
+                             f"to it (servers in the record: {', '.join(sorted(seen_servers)) or 'none'})")
+        raise NothingRecorded(f"no background jobs recorded for {dead} in {record.path} (servers in the record: "
+                              f"{', '.join(sorted(seen_servers)) or 'none'}; each sender host keeps its own record: "
+                              f"run recover on the hosts that sent them)")
     if not targets:
         raise UsageError(f"--server {dead}: it is the only server in 'servers'; add the server(s) to send its "
                          f"jobs to")

@@ -281,3 +281,13 @@ def test_submit_raw_sends_the_exact_bytes_and_recover_sends_them_raw_again(tmp_p
     got = recover(load_config(cfg_path), a.address, resend_undecided=True, timeout=2)
     assert got.resent_to == {b.address: 1}, got.jobs
     assert grab(b.address, fname) == (unique, payload)
+
+
+def test_the_record_is_private_to_its_user(tmp_path):
+    """The record holds job data, which may carry secrets: a new file is mode 0600."""
+    from geartask.jsonlines import JsonLinesFile
+
+    f = JsonLinesFile(tmp_path / "sender-background.jsonl")
+    f.append(b'{"data": "secret"}\n')
+    assert (tmp_path / "sender-background.jsonl").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "sender-background.jsonl.lock").stat().st_mode & 0o777 == 0o600

@@ -35,7 +35,7 @@ class _Followed:
         self.host = ""  # from the job's first good chunk
         self.partial = {s: "" for s in STREAMS}
         self.dropped = 0  # the largest count a chunk gave
-        self.noted_at = 0.0
+        self.noted_at = float("-inf")  # when "dropped so far" was last printed
         self.bad = 0  # chunks that were not chunks
 
 

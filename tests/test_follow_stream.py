@@ -40,7 +40,7 @@ def test_an_endless_writer_is_capped_and_the_drop_counted():
     written = sent_text = 0
     chunks = []
     now = 0.0
-    for step in range(1000):  # 1 ms apart: 1000 writes of 10 KB = 10 MB in one second
+    for _ in range(1000):  # 1 ms apart: 1000 writes of 10 KB = 10 MB in one second
         c.add("stdout", line * 100)
         written += 100 * len(line)
         chunk = c.take(now)

@@ -11,7 +11,7 @@ from geartask.config import load_config
 from geartask.fleet import Admin
 from geartask.sender.sender import JobSender
 from helpers import wait_until
-from test_dashboard_browser import _text, browser  # noqa: F401 (browser is a fixture)
+from test_dashboard_browser import SCREENSHOTS, _text, browser  # noqa: F401 (browser is a fixture)
 from test_follow import setup  # noqa: F401 (a fixture)
 
 HOSTILE = "<img src=x onerror=\"window.pwned=1\">"
@@ -47,6 +47,8 @@ def test_job_page_shows_a_running_jobs_output_live(browser, setup, tmp_path):  #
                    message="the next line, without reloading")
         assert browser.execute_script("return window.notReloaded === true && !window.pwned;")
         assert "bytes written" in _text(browser, "#live-output h3")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "live-output-running.png"))
     finally:
         admin = Admin.from_config(config)
         wait_until(lambda: admin.stop_job(unique).jobs, 30, message="the job stopped")

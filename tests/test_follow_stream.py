@@ -183,3 +183,26 @@ def test_printer_splits_a_line_that_never_ends():
         p.end("a")
     lines = printer_output(feed)
     assert [len(line) for line in lines] == [len("h | ") + MAX_LINE] * 2 + [len("h | ") + MAX_LINE // 2]
+
+
+@pytest.mark.parametrize("follow", ["yes", 1, None, [True]])
+def test_the_shell_task_refuses_a_follow_that_is_not_true_or_false(follow):
+    from geartask.config import ShellConfig, WorkerConfig
+    from geartask.errors import JobRejected
+    from geartask.shell.task import ShellTask
+    task = ShellTask(WorkerConfig(shell=ShellConfig(allow=["sh"])), "w")
+    assert task.check({"cmd": ["sh", "-c", "true"], "follow": True})["follow"] is True
+    assert task.check({"cmd": ["sh", "-c", "true"]})["follow"] is False
+    with pytest.raises(JobRejected, match="'follow' must be true or false"):
+        task.check({"cmd": ["sh", "-c", "true"], "follow": follow})
+
+
+def test_the_output_control_command_needs_a_handle():
+    from geartask.control import output_request, parse_command
+    from geartask.errors import UsageError
+    assert parse_command(output_request("H:gm:1", "127.0.0.1:4730")) == {
+        "command": "output", "handle": "H:gm:1", "server": "127.0.0.1:4730"}
+    for bad in (b'{"command": "output"}', b'{"command": "output", "handle": 5}',
+                b'{"command": "output", "handle": "H", "server": ""}'):
+        with pytest.raises(UsageError, match="control 'output' needs"):
+            parse_command(bad)

@@ -206,3 +206,23 @@ def test_the_output_control_command_needs_a_handle():
                 b'{"command": "output", "handle": "H", "server": ""}'):
         with pytest.raises(UsageError, match="control 'output' needs"):
             parse_command(bad)
+
+
+def test_half_a_character_before_a_gap_is_not_glued_to_what_follows():
+    c = Chunker("h", pending=10)
+    c.add("stdout", "é".encode()[:1])
+    assert c.take(0.0) is None  # held by the decoder: the rest may come
+    c.add("stdout", b"x" * 30 + b"\nnewest\n")  # a flood: the rest of that character is lost
+    got = decoded(c.take(1.0))
+    assert got["parts"] == [["stdout", "newest\n"]] and got["dropped"] == 31
+
+
+def test_a_stream_that_lost_all_its_waiting_bytes_starts_clean_in_a_later_chunk():
+    c = Chunker("h", pending=10)
+    c.add("stdout", "é".encode()[:1])
+    assert c.take(0.0) is None
+    c.add("stdout", b"zzzz")
+    c.add("stderr", b"e" * 10)  # pushes out all of stdout's waiting bytes
+    assert decoded(c.take(1.0))["parts"] == [["stderr", "e" * 10]]
+    c.add("stdout", b"ok\n")
+    assert decoded(c.take(2.0)) == {"host": "h", "parts": [["stdout", "ok\n"]], "dropped": 4}

@@ -163,13 +163,11 @@ class Chunker:
         the command has ended, so a character cut at the very end goes out (replaced)."""
         if self.due(now) > 0 or not (self.parts or last):
             return None
+        for stream in self.gaps:  # a character a decoder holds belongs before the gap
+            self.decoders[stream].reset()
         texts: list[list] = []
         for stream, raw in self.parts:
-            decoder = self.decoders[stream]
-            if stream in self.gaps:  # what it held belongs before the gap
-                decoder.reset()
-                self.gaps.discard(stream)
-            _append(texts, stream, decoder.decode(bytes(raw), final=last))
+            _append(texts, stream, self.decoders[stream].decode(bytes(raw), final=last))
         self.parts, self.held, self.gaps = [], 0, set()
         if last:
             for stream, decoder in self.decoders.items():

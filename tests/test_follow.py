@@ -201,3 +201,24 @@ def test_the_dashboard_serves_a_running_jobs_live_output(setup, tmp_path):
         for t in threads:
             t.join(60)
     assert answers[unique].state == "failed" and "stopped by operator" in json.dumps(answers[unique].error)
+
+
+def test_a_hostile_worker_cannot_fool_the_terminal_or_the_printer(fresh_gearmand, tmp_path):
+    """Whatever answers the job sends the chunks: malformed and oversized ones are counted and
+    ignored, escape sequences and newlines in hosts and text are shown escaped."""
+    from geartask import gearman as gp
+    from test_hostile_sender import hostile_worker
+    config = write_config(tmp_path / "hostile.yaml", [fresh_gearmand.address])
+    good = json.dumps({"host": "evil\nhost\x1b[31m", "parts": [["stdout", "ok\x1b[2J\nline2\r\n"],
+                                                               ["stderr", "\x07bell\n"]], "dropped": 0}).encode()
+    huge = json.dumps({"host": "h", "parts": [["stdout", "x" * 200_000]], "dropped": 0}).encode()
+    hostile_worker(fresh_gearmand.address, "shell", lambda h: [
+        (gp.WORK_DATA, b"not json"), (gp.WORK_DATA, b"[" * 200_000), (gp.WORK_DATA, huge),
+        (gp.WORK_DATA, good), (gp.WORK_COMPLETE, b'{"returncode": 0}')])
+    proc = send(config, "--follow", "--timeout", "30", "--", "sh", "-c", "true")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "Traceback" not in err
+    host = "evil\\nhost\\x1b[31m"
+    assert out.splitlines()[:4] == [f"{host} | ok\\x1b[2J", f"{host} | line2", f"{host} |! \\x07bell",
+                                    f"{host} |# 3 malformed output chunk(s) ignored"], out

@@ -226,3 +226,13 @@ def test_a_stream_that_lost_all_its_waiting_bytes_starts_clean_in_a_later_chunk(
     assert decoded(c.take(1.0))["parts"] == [["stderr", "e" * 10]]
     c.add("stdout", b"ok\n")
     assert decoded(c.take(2.0)) == {"host": "h", "parts": [["stdout", "ok\n"]], "dropped": 4}
+
+
+def test_text_put_back_after_a_split_comes_before_a_character_still_being_decoded():
+    c = Chunker("h")
+    c.add("stdout", b"\x01" * 20_000 + "é".encode()[:1])  # 120 KB as JSON: split in two
+    first = decoded(c.take(0.0))
+    c.add("stdout", "é".encode()[1:] + b"\n")
+    second = decoded(c.take(1.0))
+    text = "".join(t for ch in (first, second) for _, t in ch["parts"])
+    assert text == "\x01" * 20_000 + "é\n" and second["dropped"] == 0

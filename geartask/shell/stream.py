@@ -101,7 +101,7 @@ class Chunker:
     def __init__(self, host: str, interval: float = INTERVAL, pending: int = PENDING, max_chunk: int = MAX_CHUNK):
         self.host = host[:MAX_HOST]
         self.interval, self.limit, self.max_chunk = interval, pending, max_chunk
-        self.parts: list[list] = []  # [stream, bytearray], in the order written
+        self.parts: list[list] = []  # [stream, bytearray], in the order written (str: decoded, put back)
         self.held = 0  # bytes waiting in parts
         self.dropped = 0  # bytes of output dropped so far
         self.sent = 0  # chunks made
@@ -120,7 +120,7 @@ class Chunker:
             if len(data) > self.limit:
                 self._to_line_start()
             return
-        if parts and parts[-1][0] == stream:
+        if parts and parts[-1][0] == stream and isinstance(parts[-1][1], bytearray):
             parts[-1][1] += data
         else:
             parts.append([stream, bytearray(data)])
@@ -132,7 +132,10 @@ class Chunker:
             head = parts[0]
             self.gaps.add(head[0])
             n = min(excess, len(head[1]))
-            del head[1][:n]
+            if isinstance(head[1], str):
+                head[1] = head[1][n:]
+            else:
+                del head[1][:n]
             excess -= n
             self.held -= n
             self.dropped += n
@@ -143,15 +146,18 @@ class Chunker:
 
     def _to_line_start(self) -> None:
         """After a gap: the waiting bytes start at the next line (the rest of a cut line is dropped)."""
-        head = self.parts[0][1] if self.parts else None
-        if head is None:
+        if not self.parts:
             return
-        cut = head.find(b"\n")
+        head = self.parts[0]
+        cut = head[1].find("\n" if isinstance(head[1], str) else b"\n")
         if cut >= 0:
-            del head[:cut + 1]
+            if isinstance(head[1], str):
+                head[1] = head[1][cut + 1:]
+            else:
+                del head[1][:cut + 1]
             self.held -= cut + 1
             self.dropped += cut + 1
-            if not head:
+            if not head[1]:
                 del self.parts[0]
 
     def due(self, now: float) -> float:
@@ -167,7 +173,8 @@ class Chunker:
             self.decoders[stream].reset()
         texts: list[list] = []
         for stream, raw in self.parts:
-            _append(texts, stream, self.decoders[stream].decode(bytes(raw), final=last))
+            text = raw if isinstance(raw, str) else self.decoders[stream].decode(bytes(raw), final=last)
+            _append(texts, stream, text)
         self.parts, self.held, self.gaps = [], 0, set()
         if last:
             for stream, decoder in self.decoders.items():
@@ -179,9 +186,8 @@ class Chunker:
             # Escapes (control characters, replaced bytes) made it too big: the front half of
             # the text goes now, the rest waits for the next chunk.
             texts, back = _halve(texts)
-            back_parts = [[stream, bytearray(text.encode("utf-8", errors="surrogatepass"))] for stream, text in back]
-            self.parts[:0] = back_parts
-            self.held += sum(len(p[1]) for p in back_parts)
+            self.parts[:0] = back  # already decoded: the decoders may hold what comes after it
+            self.held += sum(len(t) for _, t in back)
             chunk = self._encode(texts)
         self.last = now
         self.sent += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 CONTROL_PREFIX = "geartask.control"
-COMMANDS = ("shutdown", "ping", "stop")
+COMMANDS = ("shutdown", "ping", "stop", "output")
 
 
 def check_name(name: str) -> str:
@@ -135,6 +135,21 @@ def stop_request(handle: str, server: str | None = None) -> bytes:
     return json.dumps(cmd).encode()
 
 
+def output_request(handle: str, server: str | None = None) -> bytes:
+    """The payload of an output control job: the recent output of the running job ``handle``
+    (of job server ``server``, as for ``stop``), when it runs followed (``"follow": true``).
+
+    The worker answers ``{"ok": true, "command": "output", "worker": label, "handle": H,
+    "running": true|false, "live": true|false, "output": text (the last 64 KiB), "bytes": N
+    (written so far), "cut": bool, "dropped": N (bytes not streamed), "host": name}``; ``live``
+    false (and no output) for a job that runs unfollowed. The dashboard's Job page polls it.
+    """
+    cmd: dict = {"command": "output", "handle": handle}
+    if server is not None:
+        cmd["server"] = server
+    return json.dumps(cmd).encode()
+
+
 def signed_request(payload: bytes, function: str, key=None) -> bytes:
     """A control job's payload (``*_request``) as it is sent to ``function`` (the worker's
     control function): addressed to it (``"to"``), and signed for ``control`` with ``key``
@@ -174,12 +189,12 @@ def parse_command(raw: bytes) -> dict:
         raise UsageError(f"control 'to' must be a control function name, got {repr(cmd['to'])[:80]}")
     if not isinstance(cmd.get("now", False), bool):
         raise UsageError(f"control 'now' must be true or false, got {repr(cmd['now'])[:80]}")
-    if cmd["command"] == "stop":
+    if cmd["command"] in ("stop", "output"):
         for key, required in (("handle", True), ("server", False)):
             value = cmd.get(key)
             if value is None and not required:
                 continue
             if not isinstance(value, str) or not value or len(value) > MAX_HANDLE:
-                raise UsageError(f"control 'stop' needs '{key}' as a non-empty string of at most "
+                raise UsageError(f"control '{cmd['command']}' needs '{key}' as a non-empty string of at most "
                                  f"{MAX_HANDLE} characters, got {repr(value)[:80]}")
     return cmd

@@ -598,6 +598,11 @@ class Dashboard:
         def job():
             return self.page("job.html", self.job_data())
 
+        @app.get("/job/output")
+        def job_output():  # the Job page's live output (dashboard/live.py), polled as JSON
+            from .live import output_data
+            return jsonify(output_data(self.admin, self.monitor.latest(), request.args.get("key", "")))
+
         @app.get("/metrics")
         def metrics():
             return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -86,7 +86,9 @@ class Batch:
     state, so the JobSender keeps only its connections between calls."""
 
     def __init__(self, settings: BatchSettings, links: Iterable[ServerLink], jobs: Iterable[Any], wait: bool,
-                 timeout: float | None, raw: bool = False):
+                 timeout: float | None, raw: bool = False,
+                 on_data: Callable[[JobResult, bytes], None] | None = None):
+        self.on_data = on_data  # WORK_DATA to the caller as it comes, not kept (JobSender.stream)
         self.settings = settings.sender
         self.log = settings.log
         self.debug = settings.debug
@@ -603,6 +605,10 @@ class Batch:
                 j.res.progress = prog
         elif cmd == p.WORK_DATA:
             raw = pkt["data"]
+            if self.on_data is not None:
+                for j in jobs:
+                    self.on_data(j.res, raw)
+                return
             chunk = decode_payload(raw)
             for j in jobs:
                 if j.data_bytes + len(raw) > self.max_data:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .address import format_address, split_address
 from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
@@ -29,23 +30,12 @@ MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's o
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
-    """'host:port' (or 'host', meaning port 4730) -> (host, port); ConfigError if malformed."""
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"expected 'host:port', got {text!r}", path, key)
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(DEFAULT_PORT)
-    host = host.strip("[]")
-    if not host or not host.isprintable() or any(c.isspace() for c in host):
-        raise ConfigError(f"bad host in {text!r}", path, key)
+    """'host:port', '[v6]:port', 'host' or a bare IPv6 address (port 4730) -> (host, port);
+    ConfigError naming ``key`` if malformed (geartask.address.split_address has the rules)."""
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in {text!r}: not a number", path, key) from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"bad port in {text!r}: must be 1-65535", path, key)
-    return host, port
+        return split_address(text, DEFAULT_PORT)
+    except ValueError as e:
+        raise ConfigError(str(e), path, key) from None
 
 
 class ServerAddress(tuple):
@@ -68,7 +58,7 @@ class ServerAddress(tuple):
         return self[1]
 
     def __str__(self) -> str:
-        hostport = f"[{self[0]}]:{self[1]}" if ":" in self[0] else f"{self[0]}:{self[1]}"
+        hostport = format_address(self[0], self[1])
         return f"tls://{hostport}" if self.tls else hostport
 
 

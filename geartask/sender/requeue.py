@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import gearman as gp
+from ..address import format_address, split_address
 from ..display import printable
 from ..errors import GeartaskError, ServerError
 from ..outcomes.client import OutcomeClient
@@ -150,11 +151,11 @@ def submit_raw(config: Config, task: str, unique: str, payload: bytes, priority:
     """Submit these exact bytes as a background job, to the servers in the order the sender
     would try for this unique key; (handle, server). ServerError when none accepts it."""
     prio = priority if priority in ("high", "normal", "low") else "normal"
-    servers = [f"{h}:{p}" for h, p in config.server_addresses]
+    servers = [format_address(h, p) for h, p in config.server_addresses]
     errors = []
     for address in rendezvous(unique, servers):
-        host, _, port = address.rpartition(":")
-        conn = gp.Connection(host.strip("[]"), int(port), connect_timeout=gp.CONNECT_TIMEOUT)
+        host, port = split_address(address)
+        conn = gp.Connection(host, port, connect_timeout=gp.CONNECT_TIMEOUT)
         try:
             conn.connect()
             conn.send(gp.submit_command(prio, True), task=task, unique=unique, data=payload)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..address import format_address
 from ..errors import LocalServerError, ServerError
 from ..gearman import Connection
 
@@ -149,7 +150,7 @@ class LocalServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def pid_file(self) -> Path:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
+from geartask.address import split_address
 from geartask.gearman import admin_command
 from geartask.server import LocalServer, pid_alive, port_open
 
@@ -496,8 +497,8 @@ def open_lab(tmp: Path) -> Iterator[NetLab]:
 
 def admin_status(address: str) -> list[str]:
     """gearmand's text `status` lines (function, queued, running, workers), tab-separated."""
-    host, port = address.rsplit(":", 1)
-    return admin_command(host, int(port), "status", timeout=5)
+    host, port = split_address(address)
+    return admin_command(host, port, "status", timeout=5)
 
 
 def marker_runs(marker: Path) -> collections.Counter:

@@ -321,7 +321,9 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         return p if p.is_absolute() else base / p
     if tp is str:
         if not isinstance(value, str) or value == "":
-            raise ConfigError(f"expected a string, got {value!r}", path, key)
+            quote = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"' \
+                if isinstance(value, list) and key.startswith("servers") else ""
+            raise ConfigError(f"expected a string, got {value!r}{quote}", path, key)
         if key in _CHOICES and value.lower() not in _CHOICES[key]:
             raise ConfigError(f"must be one of {', '.join(_CHOICES[key])}, got {value!r}", path, key)
         return value.lower() if key in _CHOICES else value
@@ -561,7 +563,11 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-            raise ConfigError(f"YAML syntax error: {e.problem or e}", str(found), line=line, column=col) from None
+            hint = ""
+            bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
+            if "[" in bad_line and "]:" in bad_line:  # - [::1]:4730 starts a YAML list
+                hint = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"'
+            raise ConfigError(f"YAML syntax error: {e.problem or e}{hint}", str(found), line=line, column=col) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"YAML error: {e}", str(found)) from None
         except RecursionError:  # PyYAML's composer recurses once per nesting level

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from geartask.address import split_address
+from geartask.address import format_address, split_address
 from geartask.gearman import admin_command
 from geartask.server import LocalServer, pid_alive, port_open
 
@@ -51,6 +51,7 @@ from workers import WorkerProc, worker_connections
 
 PREFIX = "gtn"
 SUBNET = "10.77.0"  # a private /24; .1 is the observer (the bridge's namespace)
+SUBNET6 = "fd00:77::"  # an IPv6 lab (NetLab(ipv6=True)): a ULA /64, ::1 the observer, hosts from ::a
 NOWHERE, NOWHERE_MAC = f"{SUBNET}.254", "02:00:00:00:00:fe"  # a neighbour no host is: see partition()
 TESTPLUGINS = Path(__file__).resolve().parent / "testplugins"
 NETPROXY = Path(__file__).resolve().parent / "netproxy.py"
@@ -221,7 +222,10 @@ class Host:
 
     def add_address(self, address: str | None = None) -> str:
         address = address or self.lab.next_address()
-        ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        if ":" in address:  # nodad: usable at once, not 'tentative' for a second of duplicate detection
+            ip("-n", self.ns, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+        else:
+            ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
         self.addresses.append(address)
         return address
 
@@ -286,8 +290,9 @@ class NetProc:
 class NetLab:
     """The hosts, bridge and processes of one test; ``close()`` removes all of it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, ipv6: bool = False):
         self.tmp = Path(tmp)
+        self.ipv6 = ipv6  # hosts get addresses in SUBNET6 instead of SUBNET
         self.tag = f"{PREFIX}{os.getpid()}-{next(_labs)}"
         self.bridge_ns = f"{self.tag}-br"
         self.hosts: dict[str, Host] = {}
@@ -302,6 +307,8 @@ class NetLab:
         self._add_ns(self.bridge_ns)
         ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         ip("-n", self.bridge_ns, "addr", "add", f"{SUBNET}.1/24", "dev", "br0")
+        if self.ipv6:
+            ip("-n", self.bridge_ns, "addr", "add", f"{SUBNET6}1/64", "dev", "br0", "nodad")
         ip("-n", self.bridge_ns, "link", "set", "br0", "up")
         return self
 
@@ -314,6 +321,8 @@ class NetLab:
         if self._next_host_octet >= 254:
             raise NetLabError(f"no address left in {SUBNET}.0/24")
         self._next_host_octet += 1
+        if self.ipv6:
+            return f"{SUBNET6}{self._next_host_octet - 1:x}"
         return f"{SUBNET}.{self._next_host_octet - 1}"
 
     def add_host(self, name: str, addresses: int = 1) -> Host:
@@ -403,7 +412,7 @@ class NetLab:
               sliced_down: bool = False) -> str:
         """tests/netproxy.py on ``host``, listening on host.ip:port; returns its address.
         ``sliced_down``: slice only what the target sends (stunnel drops client records in slices)."""
-        listen = f"{host.ip}:{port}"
+        listen = format_address(host.ip, port)
         out = self.folder("proxies") / f"{host.name}-{port}.out"
         cmd = [sys.executable, str(NETPROXY), "--listen", listen, "--target", target, "--delay", str(delay)]
         if sliced:
@@ -479,14 +488,14 @@ class NetLab:
 
 
 @contextlib.contextmanager
-def open_lab(tmp: Path) -> Iterator[NetLab]:
+def open_lab(tmp: Path, ipv6: bool = False) -> Iterator[NetLab]:
     """The lab for one test: skipped where namespaces can't be made, failed instead in CI."""
     reason = unavailable_reason()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the network tests: {reason}", pytrace=False)
         pytest.skip(reason)
-    lab = NetLab(tmp)
+    lab = NetLab(tmp, ipv6)
     try:
         yield lab.start()
     finally:

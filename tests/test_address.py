@@ -141,13 +141,16 @@ def test_workers_reply_of_an_ipv6_peer():
     lines = ["38 ::%2533699104 - :",
              "39 ::3433:3930:3800:0%2533699104 w1:[::1]:4881:1 : shell eg.reverse",
              "40 ::3433:3930:3900:0%2533699104 w1:[::1]:4881:0 : geartask.control:w1:[::1]:4881",
-             "41 10.0.0.5 w2:10.0.0.5:77:0 : shell"]
+             "41 10.0.0.5 w2:10.0.0.5:77:0 : shell",
+             "42 fd00:77::3435:3032:3000:0 w3:[fd00:77::b]:15221:1 : shell"]  # a namespace host's, port 45020
     conns = parse_workers(lines)
-    assert [c.ip for c in conns] == ["-", "-", "-", "10.0.0.5"]
+    assert [c.ip for c in conns] == ["-", "-", "-", "10.0.0.5", "-"]
+    assert (conns[4].worker_ip, conns[4].pid) == ("fd00:77::b", 15221)
     assert (conns[1].name, conns[1].worker_ip, conns[1].pid, conns[1].thread) == ("w1", "::1", 4881, 1)
     assert conns[1].functions == ["shell", "eg.reverse"]
     assert (conns[3].worker_ip, conns[3].pid) == ("10.0.0.5", 77)
     assert peer_ip("fe80::1%2") == "fe80::1%2"  # a real zone on a link-local address stays
+    assert peer_ip("2001:db8::1") == "2001:db8::1" and peer_ip("::1") == "::1"
 
 
 # -- config and `geartask check` ----------------------------------------------------------
@@ -182,3 +185,15 @@ def test_bare_ipv6_server_is_its_whole_host(tmp_path):
     assert [tuple(a) for a in cfg.server_addresses] == [("2001:db8::1", 4730), ("::1", 4731), ("10.0.0.5", 4732)]
     assert [str(a) for a in cfg.server_addresses] == ["[2001:db8::1]:4730", "[::1]:4731", "10.0.0.5:4732"]
 
+    proc = subprocess.run([sys.executable, "-m", "geartask", "--config", str(path), "check"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert "servers: 2001:db8::1 (read as [2001:db8::1]:4730), [::1]:4731, 10.0.0.5:4732" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("entry", ["[2001:db8::1]", "[::1]:4730"])
+def test_an_unquoted_bracketed_address_in_yaml_says_to_quote_it(tmp_path, entry):
+    """YAML reads '- [::1]' as a list and '- [::1]:4730' as a syntax error: the message says to quote."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"servers:\n  - {entry}\n")
+    with pytest.raises(ConfigError, match=r'quote a bracketed IPv6 address in YAML, as "\[2001:db8::1\]:4730"'):
+        load_config(path)

@@ -64,16 +64,24 @@ class WorkerConnection:
 
 def peer_ip(text: str) -> str:
     """gearmand's IP column, or '-' where it says nothing. gearmand 1.1 prints an IPv6 peer's
-    address garbled: '::3536:3437:3200:0%2817330208' for a worker on [::1] (the bytes of the
-    port's digits where the address should be, a scope id from nowhere); only a link-local
-    address has a real zone, so an IPv6 text with a zone on any other address is unknown."""
+    address garbled (measured: '::3536:3437:3200:0' or '::3536:3437:3200:0%2817330208' for a
+    worker on [::1] whose port is 56472, 'fd00:77::3435:3032:3000:0' for one on fd00:77::b,
+    '::%2533699104' for another): the first 8 bytes of the address, then the ASCII digits of
+    the peer's port and zeros, sometimes a scope id from nowhere. Such text, and a zone on any
+    address but a link-local one (the only kind that has one), is '-'."""
     addr, sep, _ = text.partition("%")
-    if not sep or ":" not in addr:
+    if ":" not in addr:
         return text
     try:
-        return text if ipaddress.IPv6Address(addr).is_link_local else "-"
+        packed = ipaddress.IPv6Address(addr).packed
     except ValueError:
         return "-"
+    low = packed[8:].rstrip(b"\0")
+    if low.isdigit() or packed == bytes(16):
+        return "-"
+    if sep and not ipaddress.IPv6Address(addr).is_link_local:
+        return "-"
+    return text
 
 
 _WORKER_LINE = re.compile(r"(-1|[0-9]{1,10}) (\S+) ")  # fd -1: a connection gearmand is closing

@@ -53,6 +53,7 @@ PREFIX = "gtn"
 SUBNET = "10.77.0"  # a private /24; .1 is the observer (the bridge's namespace)
 SUBNET6 = "fd00:77::"  # an IPv6 lab (NetLab(ipv6=True)): a ULA /64, ::1 the observer, hosts from ::a
 NOWHERE, NOWHERE_MAC = f"{SUBNET}.254", "02:00:00:00:00:fe"  # a neighbour no host is: see partition()
+NOWHERE6 = f"{SUBNET6}fe"  # the same in an IPv6 lab (a static neighbour entry instead of ARP)
 TESTPLUGINS = Path(__file__).resolve().parent / "testplugins"
 NETPROXY = Path(__file__).resolve().parent / "netproxy.py"
 SENDER = REPO / "send_job_client" / "send_job_client.py"
@@ -69,6 +70,11 @@ _cleanup_holds = 0
 _cleanup_fd: int | None = None
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _one(address: str) -> str:
+    """A route to this one address: /32, or /128 for IPv6."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 class NetLabError(RuntimeError):
@@ -231,7 +237,7 @@ class Host:
 
     def prefer_source(self, target: str, source: str) -> None:
         """Reach ``target`` from ``source`` (one of this host's addresses) instead of the first."""
-        ip("-n", self.ns, "route", "add", f"{target}/32", "dev", "eth0", "src", source)
+        ip("-n", self.ns, "route", "add", _one(target), "dev", "eth0", "src", source)
 
     def tcp_timers(self, peer: str) -> list[str]:
         """The kernel's timer of each TCP connection of this host with ``peer`` (``ss -o``):
@@ -360,23 +366,24 @@ class NetLab:
         """Cut the path between two hosts only, silently both ways: each sends the other's packets
         to a neighbour that does not exist (a static ARP entry for NOWHERE), so the frames die on
         the bridge, no host gets an error, and both stay reachable from everyone else."""
+        nowhere = NOWHERE6 if self.ipv6 else NOWHERE
         for src, dst in ((a, b), (b, a)):
-            ip("-n", src.ns, "neigh", "replace", NOWHERE, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
+            ip("-n", src.ns, "neigh", "replace", nowhere, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
             for address in dst.addresses:
-                ip("-n", src.ns, "route", "add", f"{address}/32", "via", NOWHERE, "dev", "eth0")
+                ip("-n", src.ns, "route", "add", _one(address), "via", nowhere, "dev", "eth0")
 
     def heal(self, a: Host, b: Host) -> None:
         for src, dst in ((a, b), (b, a)):
             for address in dst.addresses:
-                ip("-n", src.ns, "route", "del", f"{address}/32", "via", NOWHERE, "dev", "eth0")
+                ip("-n", src.ns, "route", "del", _one(address), "via", NOWHERE6 if self.ipv6 else NOWHERE, "dev", "eth0")
 
     def blackhole(self, host: Host, target: str) -> None:
         """A blackhole route on ``host`` to ``target``: packets of existing connections vanish, but
         a new connect fails at once with EINVAL on ``host`` (not silent there: see partition)."""
-        ip("-n", host.ns, "route", "add", "blackhole", f"{target}/32")
+        ip("-n", host.ns, "route", "add", "blackhole", _one(target))
 
     def unblackhole(self, host: Host, target: str) -> None:
-        ip("-n", host.ns, "route", "del", "blackhole", f"{target}/32")
+        ip("-n", host.ns, "route", "del", "blackhole", _one(target))
 
     # -- processes ------------------------------------------------------------------------
     def track(self, proc: subprocess.Popen) -> subprocess.Popen:

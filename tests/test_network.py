@@ -84,6 +84,7 @@ def connect_error(host: str, port: int) -> str:
     return "connected"
 
 
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_hosts_reach_each_other_and_faults_are_silent(netlab: NetLab):
     """Hosts on the bridge talk; a cut link and a partition drop packets without an error on
     either side (a connect times out instead of failing), only for the hosts concerned, and
@@ -390,6 +391,7 @@ def worker_rows(netlab: NetLab, host, config: Path, pid: int) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_worker_address_arrives_late(netlab: NetLab):
     """A worker started on a host with no address yet shows the address the host gets, once it
     has connected (not 127.0.0.1, not whatever the host had at start)."""
@@ -409,12 +411,15 @@ def test_worker_address_arrives_late(netlab: NetLab):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_shutdown_by_either_address_of_a_two_address_host(netlab: NetLab):
     """A host with two addresses reaches one server from each (a source route): the manager's
     `shutdown --host` finds its worker by either address; an address nobody has exits 1."""
     s1, s2, mgr = netlab.add_host("s1"), netlab.add_host("s2"), netlab.add_host("mgr")
     duo = netlab.add_host("duo", addresses=2)
     duo.prefer_source(s2.ip, duo.addresses[1])
+    if netlab.ipv6:  # IPv6 picks the newest address as source by default: name the first too
+        duo.prefer_source(s1.ip, duo.addresses[0])
     g1, g2 = netlab.gearmand(s1), netlab.gearmand(s2)
     servers = [g1.address, g2.address]
     worker_cfg, manager_cfg = netlab.config("worker", servers), netlab.config("manager", servers)
@@ -430,11 +435,16 @@ def test_shutdown_by_either_address_of_a_two_address_host(netlab: NetLab):
             stopped = False
         outcomes[address] = (r.returncode, stopped, last_line(r.stdout), last_line(r.stderr)[:200])
         worker.stop()
-    nobody = netlab.manage(mgr, manager_cfg, "shutdown", "--host", "10.77.0.250", "--wait", "5")
+    nobody = netlab.manage(mgr, manager_cfg, "shutdown", "--host", "fd00:77::fa" if netlab.ipv6 else "10.77.0.250",
+                           "--wait", "5")
     print(f"\n[netlab] two addresses {duo.addresses}: per server (peer, worker_ip) {seen}; "
           f"shutdown --host -> {outcomes}; unknown address exit {nobody.returncode}")
-    assert all(seen[a][g2.address][0] == duo.addresses[1] and seen[a][g1.address][0] == duo.addresses[0]
-               for a in duo.addresses), seen  # the source route works: the test is meaningful
+    # the source route works: the test is meaningful (gearmand 1.1 garbles an IPv6 peer's address,
+    # so there only the worker's own word, its client id, shows it)
+    assert all(seen[a][g2.address][1 if netlab.ipv6 else 0] == duo.addresses[1]
+               and seen[a][g1.address][1 if netlab.ipv6 else 0] == duo.addresses[0] for a in duo.addresses), seen
+    assert all(seen[a][g.address][1] == seen[a][g.address][0] or netlab.ipv6 and seen[a][g.address][0] == "-"
+               for a in duo.addresses for g in (g1, g2)), seen
     for address, (code, stopped, *said) in outcomes.items():
         assert code == 0 and stopped, f"shutdown --host {address}: exit {code}, {said}"
     assert nobody.returncode == 1, nobody.stdout + nobody.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from geartask.address import split_address
 from geartask.gearman import Connection
 
 import netlab as nl
@@ -133,6 +134,7 @@ def normalised(doc, replace: dict[str, str]):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_every_role_through_the_slicing_proxy(netlab: NetLab, tmp_path):
     """Worker, sender and manager each reach gearmand only through a proxy that delivers both
     directions in random 1-48-byte slices: nothing runs twice, nothing is resubmitted, and the
@@ -260,6 +262,7 @@ def test_twenty_batches_across_the_bridge_never_stall(netlab: NetLab, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_ten_ms_round_trip(netlab: NetLab, tmp_path):
     """Every connection (worker and sender, to both servers) through a relay host that holds
     each chunk 5 ms each way: 5,000 foreground jobs all complete, none fails, none runs twice."""
@@ -281,8 +284,8 @@ def test_ten_ms_round_trip(netlab: NetLab, tmp_path):
 
 
 def _echo_rtt(address: str) -> float:
-    host, port = address.rsplit(":", 1)
-    conn = Connection(host, int(port)).connect()
+    host, port = split_address(address)
+    conn = Connection(host, port).connect()
     try:
         return min(conn.echo(5) for _ in range(5))
     finally:
@@ -291,6 +294,7 @@ def _echo_rtt(address: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_sender_partitioned_from_a_live_server(netlab: NetLab, tmp_path):
     """Mid-batch (2,000 jobs over two servers), the path between the sender and one server is
     cut silently for 15 s while that server and its workers keep going: every job completes,
@@ -320,6 +324,7 @@ def test_sender_partitioned_from_a_live_server(netlab: NetLab, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)  # the same on an IPv6 network
 def test_silent_worker_host_jobs_run_elsewhere(netlab: NetLab, tmp_path):
     """A worker host holding 4 jobs goes silent (its switch port dead: no RST, no FIN) for 125 s.
     gearmand, with keepalive (idle 30 s, interval 10 s, 3 probes: a bound of 60 s), drops its

@@ -4,8 +4,8 @@ Each worker process registers its own control function, ``geartask.control:<name
 (Gearman hands a job to exactly one worker); each thread's client id is
 ``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees (an IPv6 address
 bracketed, ``w1:[::1]:1234:0``), followed by ``:<fleet>`` when the config names one (``fleet``).
-Both are written by WorkerIdentity and read by parse_client_id/parse_control_function only. The send side of
-each control command is here (``*_request``, ``parse_command``); the worker's side is
+Both are written by WorkerIdentity and read by parse_client_id/parse_control_function only.
+The send side of each control command is here (``*_request``, ``parse_command``); the worker's side is
 geartask.worker.control. docs/worker.md#control-commands describes them.
 """
 
@@ -70,8 +70,7 @@ def _is_number(text: str) -> bool:
 
 def parse_client_id(text: str) -> WorkerIdentity | None:
     """'w1:10.0.0.5:1234:3' or 'w1:[::1]:1234:3' (or with ':FLEET' after it) -> WorkerIdentity
-    (its ip unbracketed); None for a client id
-    of another form."""
+    (its ip unbracketed); None for a client id of another form."""
     parts = split_fields(text.strip())
     fleet = ""
     if len(parts) == 5:  # a fleet's worker

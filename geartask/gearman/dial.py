@@ -45,7 +45,8 @@ def tls_for(host: str, port: int) -> ssl.SSLContext | None:
 def parse_address(text: str) -> tuple[str, str, int]:
     """``tls://host:port``, ``host:port``, ``[v6]:port``, ``host`` -> (scheme, host, port).
 
-    ValueError names what is wrong; the scheme is "tcp" unless written.
+    ValueError names what is wrong; the scheme is "tcp" unless written. The rest is
+    geartask.address.split_address (a bare IPv6 address is the whole host, port 4730).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected 'host:port' or 'tls://host:port', got {text!r}")

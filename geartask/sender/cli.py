@@ -30,7 +30,7 @@ from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
-from . import schedule_cli
+from . import recover_cli, schedule_cli
 from . import outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
@@ -112,6 +112,7 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
     sp.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     schedule_cli.add_parser(add)
+    recover_cli.add_parser(add)
     return parser
 
 

@@ -159,6 +159,22 @@ class JobSender:
         finally:
             self._batch = None
 
+    def submit_raw(self, jobs: Iterable[Any], timeout: float | None = None) -> list[JobResult]:
+        """Background jobs whose data (bytes) is the exact payload gearmand gets: no envelope and
+        no signature added (a requeue that travels with its original signature,
+        geartask.sender.requeue), routed, failed over and recorded like any other. One
+        JobResult per job, in input order."""
+        if self._batch is not None:
+            raise UsageError("this JobSender is already running a batch (one at a time)")
+        jobs = ({**job, "background": True} for job in jobs)
+        self._batch = batch = Batch(self.batch_settings, self.servers, jobs, False, timeout, raw=True)
+        try:
+            results = list(batch.run(None))
+        finally:
+            self._batch = None
+        results.sort(key=lambda r: r.index)
+        return results
+
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:
         """GET_STATUS for background jobs; list(iter_status(...))."""
         return list(self.iter_status(handles, timeout))

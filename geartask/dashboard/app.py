@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
                      plain)
+from ..address import format_host, split_address
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -176,7 +177,10 @@ class Dashboard:
         else:
             # Without a token the dashboard is on loopback: a page elsewhere that rebinds its own
             # DNS name to 127.0.0.1 must not get to read or act here (DNS rebinding).
-            host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+            try:  # 'name:port', '[v6]:port' or a name alone
+                host = split_address(request.host or "")[0].lower()
+            except ValueError:
+                host = ""
             if host not in self.settings.allowed_hosts:
                 return Response(f"400: unexpected Host {printable(host)[:80]!r}\n", 400,
                                 {"Content-Type": "text/plain; charset=utf-8"})
@@ -267,7 +271,7 @@ class Dashboard:
         running = {}  # (job server, handle) -> what the worker says of it
         for p in look.processes:
             for j in p.running:
-                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{p.host}:{p.pid}"}
+                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"}
         servers = []
         for r in self.admin.jobs():
             entry: dict[str, Any] = {"server": r.server, "ok": r.ok, "error": r.error, "jobs": [],
@@ -337,7 +341,7 @@ class Dashboard:
         except GeartaskError as e:
             error = str(e)
         look = self.monitor.latest()
-        running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
+        running = [{**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"} for p in look.processes for j in p.running
                    if key and key in (j.get("handle"), j.get("unique"))]
         shown = []
         for rec in records:
@@ -465,7 +469,8 @@ class Dashboard:
         name, pid, host, now = self._shutdown_target(f)
         report = self.admin.shutdown(name=name, host=host, pid=pid, now=now, wait=0)
         for p in report.processes:
-            log.info("dashboard shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to,
+            log.info("dashboard shutdown", server=p.sent_to,
+                     worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}",
                      now=now, outcome=p.outcome, errors=p.errors or None, client=request.remote_addr)
         if not report.processes:
             return False, "no such worker process is connected", report.to_dict()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from .. import gearman as p
-from ..config import parse_hostport
-from ..errors import ConfigError, ServerError
+from ..address import format_address, split_address, split_server
+from ..errors import ServerError
 from ..jsonlines import JsonLinesFile
 
 RECORD_NAME = "sender-background.jsonl"
@@ -93,12 +93,9 @@ def server_problem(server: Any) -> str | None:
     """Why ``server`` is not a HOST:PORT (with the port), or None."""
     if not isinstance(server, str):
         return f"bad server {server!r}: expected HOST:PORT"
-    _, sep, port = server.rpartition(":")
-    if not sep or not port.isdigit():
-        return f"bad server {server!r}: expected HOST:PORT"
     try:
-        parse_hostport(server)
-    except ConfigError as e:
+        split_server(server)
+    except ValueError as e:
         return f"bad server {server!r}: {str(e).rpartition(': ')[2]}"
     return None
 
@@ -215,6 +212,8 @@ def asks_for(handles: Iterable[Any], record: BackgroundRecord) -> list[_Ask]:
         if why:
             asks.append(_Ask(handle=str(handle), server=server if isinstance(server, str) else None, problem=why))
             continue
+        if server is not None and not from_record:  # the one spelling records and lanes use ('[::1]:4730')
+            server = format_address(*split_server(server))
         ask = _Ask(handle=str(handle), server=server, recorded=from_record)
         if from_record:
             task, unique = h.get("task"), h.get("unique")
@@ -297,7 +296,7 @@ class StatusQuery:
         try:
             conn = self.conns.get(addr)
             if conn is None:
-                host, port = parse_hostport(addr)
+                host, port = split_address(addr)
                 conn = self.conns[addr] = p.Connection(host, port, connect_timeout=self.timeout)
                 conn.connect()
             conn.send_raw(b"".join(p.pack(p.GET_STATUS, job_handle=a.handle) for a in asks))

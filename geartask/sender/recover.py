@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import gearman as gp
+from ..address import canonical_host, format_address, split_address
 from ..config import PRIORITIES, parse_server
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, GeartaskError, ServerError, UsageError
 from ..jobs import JobDefinition
@@ -114,13 +115,13 @@ def dead_address(server: Any) -> str:
             why = str(e).removeprefix("<config>: --server: ")
     if why is not None:
         raise UsageError(f"--server: {why}")
-    return f"{host}:{port}"
+    return format_address(canonical_host(host), port)
 
 
 def _answers(address: str, timeout: float) -> bool:
     """Whether a job server answers an echo at ``address`` (then it is not dead)."""
-    host, _, port = address.rpartition(":")
-    conn = gp.Connection(host.strip("[]"), int(port), connect_timeout=timeout)
+    host, port = split_address(address)
+    conn = gp.Connection(host, port, connect_timeout=timeout)
     try:
         conn.connect()
         conn.echo(timeout)
@@ -146,7 +147,7 @@ def plan(config: Config, server: str, older_than: float | None = None, now: floa
     configured server, or answers (``check_alive``). NothingRecorded: no job of it in the record.
     """
     dead = dead_address(server)
-    targets = [s for s in config.servers if "{}:{}".format(*parse_server(s)[:2]) != dead]
+    targets = [s for s in config.servers if format_address(*parse_server(s)[:2]) != dead]
     record = BackgroundRecord(Path(config.log.dir) / RECORD_NAME, config.log.max_bytes, config.log.backups)
     recovery = Recovery(dead, targets, str(record.path))
     latest: dict[str, RecoveredJob] = {}  # by unique: a key sent twice is one job (the newer line)

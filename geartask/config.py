@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .address import format_address, split_address
 from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
@@ -29,23 +30,12 @@ MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's o
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
-    """'host:port' (or 'host', meaning port 4730) -> (host, port); ConfigError if malformed."""
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"expected 'host:port', got {text!r}", path, key)
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(DEFAULT_PORT)
-    host = host.strip("[]")
-    if not host or not host.isprintable() or any(c.isspace() for c in host):
-        raise ConfigError(f"bad host in {text!r}", path, key)
+    """'host:port', '[v6]:port', 'host' or a bare IPv6 address (port 4730) -> (host, port);
+    ConfigError naming ``key`` if malformed (geartask.address.split_address has the rules)."""
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in {text!r}: not a number", path, key) from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"bad port in {text!r}: must be 1-65535", path, key)
-    return host, port
+        return split_address(text, DEFAULT_PORT)
+    except ValueError as e:
+        raise ConfigError(str(e), path, key) from None
 
 
 class ServerAddress(tuple):
@@ -68,7 +58,7 @@ class ServerAddress(tuple):
         return self[1]
 
     def __str__(self) -> str:
-        hostport = f"[{self[0]}]:{self[1]}" if ":" in self[0] else f"{self[0]}:{self[1]}"
+        hostport = format_address(self[0], self[1])
         return f"tls://{hostport}" if self.tls else hostport
 
 
@@ -331,7 +321,9 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         return p if p.is_absolute() else base / p
     if tp is str:
         if not isinstance(value, str) or value == "":
-            raise ConfigError(f"expected a string, got {value!r}", path, key)
+            quote = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"' \
+                if isinstance(value, list) and key.startswith("servers") else ""
+            raise ConfigError(f"expected a string, got {value!r}{quote}", path, key)
         if key in _CHOICES and value.lower() not in _CHOICES[key]:
             raise ConfigError(f"must be one of {', '.join(_CHOICES[key])}, got {value!r}", path, key)
         return value.lower() if key in _CHOICES else value
@@ -571,7 +563,11 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-            raise ConfigError(f"YAML syntax error: {e.problem or e}", str(found), line=line, column=col) from None
+            hint = ""
+            bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
+            if "[" in bad_line and "]:" in bad_line:  # - [::1]:4730 starts a YAML list
+                hint = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"'
+            raise ConfigError(f"YAML syntax error: {e.problem or e}{hint}", str(found), line=line, column=col) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"YAML error: {e}", str(found)) from None
         except RecursionError:  # PyYAML's composer recurses once per nesting level

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import gearclient
+from geartask.address import format_address
 from geartask.server import free_port
 
 from helpers import REPO, wait_until
@@ -66,21 +67,21 @@ class DashboardProc:
 
     def __init__(self, config: Path, *extra: str, refresh: float = 1.0, port: int | None = None,
                  host: str = "127.0.0.1"):
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.host = host
         self.config = config
         self.output = config.parent / f"dashboard-{self.port}.out"
         with open(self.output, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(MANAGE), "--config", str(config), "dashboard", "--listen",
-                 f"{host}:{self.port}", "--refresh", str(refresh), *extra],
+                 format_address(host, self.port), "--refresh", str(refresh), *extra],
                 stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
         self.pid = self.proc.pid
         self.token: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{format_address(self.host, self.port)}"
 
     def wait_ready(self, timeout: float = 20) -> "DashboardProc":
         def ready():

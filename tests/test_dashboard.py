@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gearclient
-from dashboards import DashboardProc, queue_background
+from dashboards import queue_background
 from fakeworker import FakeControlWorker
 from geartask import fleet as admin
 from geartask.control import COMMANDS
@@ -33,20 +33,6 @@ PAGES = ["/", "/functions", "/workers", "/jobs", "/failed", "/job?key=nothing"]
 def _addr(server) -> tuple[str, int]:
     host, port = server.address.rsplit(":", 1)
     return host, int(port)
-
-
-@pytest.fixture
-def dashboards():
-    started: list[DashboardProc] = []
-
-    def start(config, *extra, **kw) -> DashboardProc:
-        d = DashboardProc(config, *extra, **kw)
-        started.append(d)
-        return d.wait_ready()
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 # -- where it listens, and who may ask ------------------------------------------------------

@@ -20,10 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 import gearclient
-from dashboards import DashboardProc
 from fakeworker import FakeControlWorker
 from geartask import gearman as gp
 from geartask.outcomes import OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store
@@ -33,20 +31,6 @@ from helpers import REPO, wait_until
 
 MANAGE = REPO / "manage_client" / "manage_client.py"
 GEARTASK = [sys.executable, "-m", "geartask"]
-
-
-@pytest.fixture
-def dashboards():
-    started: list[DashboardProc] = []
-
-    def start(config, *extra, **kw) -> DashboardProc:
-        d = DashboardProc(config, *extra, **kw)
-        started.append(d)
-        return d.wait_ready()
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 def rss_mb(pid: int) -> float:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds,
                    positive_seconds, run, setup_logging)
 from ..arguments import prog
+from ..address import format_address, format_host
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
@@ -271,7 +272,7 @@ def cmd_clear(call: Call) -> int:
     args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
     functions = [fleet.check_clear_function(f) for f in args.functions] or None
     what = ", ".join(functions) if functions else "all functions"
-    where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+    where = ", ".join(format_address(h, p) for h, p in adm.servers)
     if not args.yes and inp.isatty():
         queued: dict[str, int] = {}
         for r in adm.status():
@@ -318,14 +319,15 @@ def cmd_shutdown(call: Call) -> int:
     args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
     if not (args.name or args.host) and not args.yes and inp.isatty():  # every worker: ask first, as clear does
         procs = [p for p in adm.processes() if p.control]
-        where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+        where = ", ".join(format_address(h, p) for h, p in adm.servers)
         if not _confirm(f"Stop every worker process on {where} ({len(procs)} found)?", inp, out):
             err.write("nothing stopped\n")
             return EXIT_FAILED
     log = _logger(config, args, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
-        log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
+        log.info("shutdown", server=p.sent_to,
+                 worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}", now=args.now,
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
         log.warning("shutdown: server unreachable", server=server, error=error)

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
                      plain)
 from ..fleet.server import server_job_status
+from ..address import format_address, format_host, split_address
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
@@ -238,7 +239,10 @@ class Dashboard:
         else:
             # Without a token the dashboard is on loopback: a page elsewhere that rebinds its own
             # DNS name to 127.0.0.1 must not get to read or act here (DNS rebinding).
-            host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+            try:  # 'name:port', '[v6]:port' or a name alone
+                host = split_address(request.host or "")[0].lower()
+            except ValueError:
+                host = ""
             if host not in self.settings.allowed_hosts:
                 return Response(f"400: unexpected Host {printable(host)[:80]!r}\n", 400,
                                 {"Content-Type": "text/plain; charset=utf-8"})
@@ -359,7 +363,7 @@ class Dashboard:
         running = {}  # (job server, handle) -> what the worker says of it
         for p in look.processes:
             for j in p.running:
-                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{p.host}:{p.pid}"}
+                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"}
         servers = []
         for r in self.admin.jobs():
             entry: dict[str, Any] = {"server": r.server, "ok": r.ok, "error": r.error, "jobs": [],
@@ -429,7 +433,7 @@ class Dashboard:
         except GeartaskError as e:
             error = str(e)
         look = self.monitor.latest()
-        running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
+        running = [{**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"} for p in look.processes for j in p.running
                    if key and key in (j.get("handle"), j.get("unique"))]
         for j in running[:PROGRESS_ASKED]:
             j["progress"] = self.progress(j.get("server"), j.get("handle"))
@@ -443,7 +447,7 @@ class Dashboard:
     def progress(self, server: Any, handle: Any) -> dict:
         """A running job's last WORK_STATUS, asked of its server with GET_STATUS. The server and
         handle come from a worker's ping (a peer's word): only a configured server is asked."""
-        where = {f"{h}:{p}": (h, p) for h, p in self.admin.servers}.get(str(server))
+        where = {format_address(h, p): (h, p) for h, p in self.admin.servers}.get(str(server))
         if where is None or not isinstance(handle, str):
             return {"known": None, "why": "the job's server is not one of this dashboard's"}
         try:
@@ -556,7 +560,8 @@ class Dashboard:
         name, pid, host, now = self._shutdown_target(f)
         report = self.admin.shutdown(name=name, host=host, pid=pid, now=now, wait=0)
         for p in report.processes:
-            log.info("dashboard shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to,
+            log.info("dashboard shutdown", server=p.sent_to,
+                     worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}",
                      now=now, outcome=p.outcome, errors=p.errors or None, client=request.remote_addr)
         if not report.processes:
             return False, "no such worker process is connected", report.to_dict()
@@ -692,6 +697,11 @@ class Dashboard:
         @app.get("/job")
         def job():
             return self.page("job.html", self.job_data())
+
+        @app.get("/job/output")
+        def job_output():  # the Job page's live output (dashboard/live.py), polled as JSON
+            from .live import output_data
+            return jsonify(output_data(self.admin, self.monitor.latest(), request.args.get("key", "")))
 
         @app.get("/metrics")
         def metrics():

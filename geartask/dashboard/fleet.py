@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..address import format_address
 from ..fleet import Admin, PingResult, WorkerConnection, group_processes
 from ..control import CONTROL_PREFIX, parse_control_function
 from ..logs import get_logger
@@ -276,7 +277,7 @@ class FleetMonitor:
             with self._lock:
                 look = self._latest
         if look is None:  # still none: show every server as not answered yet
-            look = Look(time.time(), [{"server": f"{h}:{p}", "up": False, "error": "no answer yet", "version": None,
+            look = Look(time.time(), [{"server": format_address(h, p), "up": False, "error": "no answer yet", "version": None,
                                        "rtt_ms": None, "functions": []} for h, p in self.admin.servers], [], [], [])
         return look
 

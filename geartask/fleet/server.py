@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ..address import format_address
 from ..errors import ServerError
 from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
                        WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack, submit_command)
@@ -119,14 +120,14 @@ def server_control_call(host: str, port: int, function: str, payload: bytes, uni
             if pkt.cmd in (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION) and pkt.text("job_handle") == handle:
                 break
     if pkt.cmd != WORK_COMPLETE:
-        raise ServerError(f"the control job to {function} failed", f"{host}:{port}")
+        raise ServerError(f"the control job to {function} failed", format_address(host, port))
     try:
         reply = json.loads(pkt["data"])
     except (UnicodeDecodeError, ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict):
         raise ServerError(f"{function} answered something that is not a JSON object: {pkt['data'][:80]!r}",
-                          f"{host}:{port}")
+                          format_address(host, port))
     return reply
 
 
@@ -250,7 +251,7 @@ def server_maxqueue(host: str, port: int, function: str, size: int, timeout: flo
         conn.echo(timeout)
         reply = conn.text_command(f"maxqueue {function} {size}", timeout)[0]
     if not reply.startswith("OK"):
-        raise ServerError(f"maxqueue: {reply}", f"{host}:{port}")
+        raise ServerError(f"maxqueue: {reply}", format_address(host, port))
     return "OK"
 
 

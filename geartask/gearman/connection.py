@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from gearman.errors import ProtocolError
 
+from ..address import format_address
 from ..errors import ServerError
 from .backoff import RECONNECT_MAX, RECONNECT_MIN  # noqa: F401  (one set of constants, re-exported)
 from .codec import (ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, JOB_ASSIGN, JOB_ASSIGN_UNIQ, WORK_COMPLETE,
@@ -54,7 +55,7 @@ class Connection:
                  keepalive: "Keepalive | None" = None, *, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, max_packet: int | None = None):
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive or Keepalive()
         self.tls, self.server_hostname = tls, server_hostname

@@ -11,6 +11,7 @@ import ssl
 import time
 from typing import Any
 
+from ..address import format_address, split_address
 from ..errors import ServerError
 
 DEFAULT_PORT = 4730
@@ -44,7 +45,8 @@ def tls_for(host: str, port: int) -> ssl.SSLContext | None:
 def parse_address(text: str) -> tuple[str, str, int]:
     """``tls://host:port``, ``host:port``, ``[v6]:port``, ``host`` -> (scheme, host, port).
 
-    ValueError names what is wrong; the scheme is "tcp" unless written.
+    ValueError names what is wrong; the scheme is "tcp" unless written. The rest is
+    geartask.address.split_address (a bare IPv6 address is the whole host, port 4730).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected 'host:port' or 'tls://host:port', got {text!r}")
@@ -55,24 +57,8 @@ def parse_address(text: str) -> tuple[str, str, int]:
         scheme = scheme.lower()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r} in {text!r}: use tls:// or none")
-    if rest.startswith("["):  # [v6] or [v6]:port
-        host, sep, tail = rest[1:].partition("]")
-        if not sep:
-            raise ValueError(f"missing ']' in {text!r}")
-        if tail and not tail.startswith(":"):
-            raise ValueError(f"bad text after ']' in {text!r}")
-        port_text = tail[1:] if tail else str(DEFAULT_PORT)
-    elif rest.count(":") > 1:  # a bare IPv6 address: no port can be told apart
-        host, port_text = rest, str(DEFAULT_PORT)
-    else:
-        host, sep, port_text = rest.partition(":")
-        if not sep:
-            port_text = str(DEFAULT_PORT)
-    if not host or not host.isprintable() or any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"bad host in {text!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in {text!r}: must be 1-65535")
-    return scheme, host, int(port_text)
+    host, port = split_address(rest)
+    return scheme, host, port
 
 
 def tune(sock: socket.socket, keepalive: Any) -> None:
@@ -160,7 +146,7 @@ def dial(host: str, port: int, timeout: float, keepalive: Any = None,
          tls: ssl.SSLContext | None = None, server_hostname: str | None = None) -> socket.socket:
     """A connected, tuned socket (TLS-wrapped and handshaken when ``tls``), within ``timeout``
     seconds overall. Raises ConnectError or TLSError naming the server."""
-    address = f"{host}:{port}"
+    address = format_address(host, port)
     deadline = time.monotonic() + timeout
     if tls is None:
         tls = tls_for(host, port)
@@ -203,7 +189,7 @@ class Dial:
     def __init__(self, host: str, port: int, keepalive: Any = None, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None):
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         if tls is None:
             tls = tls_for(host, port)
         self.keepalive, self.tls, self.server_hostname = keepalive, tls, server_hostname or host

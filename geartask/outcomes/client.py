@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import gearman as gp
 from ..fleet.replies import parse_status
+from ..address import format_address
 from ..errors import ServerError
 from .answers import RogueAnswer, open_answer, sign_request
 from .errors import NoCollectorError, QueryError, RogueAnswerError
@@ -141,7 +142,7 @@ class OutcomeClient:
         deadline = time.monotonic() + self.timeout
         tried: dict[str, str] = {}
         for host, port in self.servers:
-            address = f"{host}:{port}"
+            address = format_address(host, port)
             left = deadline - time.monotonic()
             if left <= 0:
                 break

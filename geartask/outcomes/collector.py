@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from .. import gearman as gp
 from ..fleet import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
+from ..address import format_address, split_address
 from ..errors import ServerError
 from ..gearman.grab import LinkMachine
 from ..gearman.timing import RoundTrip
@@ -115,7 +116,7 @@ class _Attachment(threading.Thread):
         super().__init__(name=f"collector-{'query' if function == QUERY_FUNCTION else 'outcomes'}-{host}:{port}",
                          daemon=True)
         self.collector, self.host, self.port, self.function = collector, host, port, function
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.max_job, self.handle, self.pipeline = max_job, handle, pipeline
         self.link = LinkMachine(RoundTrip(), collector.poll_timeout, floor=ANSWER_TIMEOUT)
         self.attached = False
@@ -297,9 +298,9 @@ class Collector:
             by_server.setdefault(server, []).append(w)
         proven = []
         for server, ws in by_server.items():
-            host, _, port = server.rpartition(":")
+            host, port = split_address(server)
             try:
-                answered = answering_collectors(host, int(port), {w.client_id for w in ws}, trust=self.trust,
+                answered = answering_collectors(host, port, {w.client_id for w in ws}, trust=self.trust,
                                                 signed=self.proof_signed, timeout=timeout)
             except ServerError as e:
                 log.warning("cannot ping the other collector", server=server, error=str(e))
@@ -324,7 +325,7 @@ class Collector:
 
     @property
     def addresses(self) -> list[str]:
-        return [f"{h}:{p}" for h, p in self.servers]
+        return [format_address(h, p) for h, p in self.servers]
 
     def request_stop(self) -> None:
         """Tell every thread to stop, without waiting (safe in a signal handler)."""

@@ -2,7 +2,7 @@
 
     geartask send [--config PATH] [--servers H:P,...] plugin NAME [--background]
                        [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
-    geartask send shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    geartask send shell [--background] [--timeout S] [--retries N] [--follow] -- CMD ARGS...
     geartask send job TASK DATA
     geartask send list
     geartask send status [HANDLE...]
@@ -30,10 +30,11 @@ from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
-from . import schedule_cli
+from . import recover_cli, schedule_cli
 from . import outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
+from .follow import FollowPrinter
 from .results import JobResult
 from .sender import JobSender
 
@@ -85,6 +86,9 @@ def build_parser() -> ArgumentParser:
                     help="seconds the command may run on the worker before it is killed (default: --timeout)")
     sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
+    sp.add_argument("--follow", action="store_true",
+                    help="print the command's output as it runs, each line as 'HOST | line' ('HOST |! line' "
+                         "for stderr); see docs/sender.md")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
     sp = add("job", "one job for any task", cmd_job)
@@ -112,6 +116,7 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
     sp.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     schedule_cli.add_parser(add)
+    recover_cli.add_parser(add)
     return parser
 
 
@@ -152,6 +157,7 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     if overrides:
         jobs = (_override(j, overrides) for j in jobs)
     out = sys.stdout
+    printer = FollowPrinter(out) if getattr(args, "follow", False) else None  # live output (--follow)
     bar = ProgressBar(sys.stderr)
     clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
     counts: dict[str, int] = {}
@@ -159,7 +165,11 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     start = last_flush = time.monotonic()
     try:
         with JobSender(config) as sender, bar:
-            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout,
+                                   on_progress=bar if printer is None else None,  # no bar under live lines
+                                   on_data=printer.on_data if printer is not None else None):
+                if printer is not None:
+                    printer.end(r)  # its unfinished lines and dropped count, before its result line
                 counts[r.state] = counts.get(r.state, 0) + 1
                 if not (args.json or args.each) and sum(counts.values()) > EACH_UP_TO and \
                         r.state in ("complete", "queued"):
@@ -223,6 +233,11 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("shell: no command given; usage: geartask send shell [options] -- CMD ARGS...")
     data: dict[str, Any] = {"cmd": cmd}
+    if args.follow:
+        if args.background or args.no_wait or args.json:
+            raise UsageError("shell: --follow prints the output while the sender waits for it; it can't be "
+                             "combined with --background, --no-wait or --json")
+        data["follow"] = True
     kill_after = args.kill_after or args.timeout  # a command whose result nobody waits for must not run on
     if kill_after:
         data["timeout"] = kill_after

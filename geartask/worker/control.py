@@ -129,5 +129,22 @@ def stop_job(process: "WorkerProcess", handle: str, server: str | None = None, b
     return False
 
 
+def handle_output(process: "WorkerProcess", cmd: dict, link: Link, handle: str) -> bytes:
+    """The recent output of the running job ``cmd["handle"]`` (contract: geartask.control.output_request)."""
+    from ..shell.stream import live_output
+    answer = {"ok": True, "command": "output", "worker": process.label, "handle": cmd["handle"],
+              "running": False, "live": False}
+    server = cmd.get("server")
+    for _, job in process.running():
+        if job.handle != cmd["handle"] or (server is not None and job.server != server):
+            continue
+        answer["running"] = True
+        live = live_output(job)
+        if live is not None:
+            answer.update(live=True, **live.snapshot())
+            break
+    return _reply(handle, answer)
+
+
 HANDLERS: dict[str, Callable[["WorkerProcess", dict, Link, str], bytes]] = {
-    "ping": handle_ping, "shutdown": handle_shutdown, "stop": handle_stop}
+    "ping": handle_ping, "shutdown": handle_shutdown, "stop": handle_stop, "output": handle_output}

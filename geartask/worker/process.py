@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import gearman as gp
+from ..address import format_host
 from ..control import WorkerIdentity
 from ..errors import PluginError
 from ..logs import get_logger
@@ -110,7 +111,7 @@ class WorkerProcess:
             if ip in self.ips:
                 return
             self.ips = self.ips | {ip}
-            self.label = f"{self.name}:{','.join(sorted(self.ips))}:{self.identity.pid}"
+            self.label = f"{self.name}:{','.join(format_host(i) for i in sorted(self.ips))}:{self.identity.pid}"
             self.runner.label = self.label
             self.shell_task.worker_label = self.label
         log.info("connected from a new local address", ip=ip, server=server)

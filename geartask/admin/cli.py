@@ -198,9 +198,10 @@ def workers_text(data: dict) -> str:
         text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
     procs = data["processes"]
     if procs:
-        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
+        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON", "HOST", "LABELS"],
                                  [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
-                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
+                                   p["silent_on"], p.get("host") or None, p.get("labels") or None] for p in procs],
+                                 right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 
 

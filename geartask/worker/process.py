@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -34,6 +35,22 @@ log = get_logger("geartask.worker")
 BUILTIN_TASKS = ("shell",)
 
 
+def worker_targets(config: Config) -> tuple[str, tuple[str, ...]]:
+    """The host and labels a worker announces (worker.host, default the machine's FQDN; an FQDN
+    outside the targets' charset falls back to the short host name, else to none)."""
+    from ..targets import TargetError, check_host
+    labels = tuple(dict.fromkeys(config.worker.labels))
+    if config.worker.host:
+        return config.worker.host, labels
+    for candidate in (socket.getfqdn(), socket.gethostname()):
+        try:
+            return check_host(candidate), labels
+        except TargetError:
+            continue
+    log.warning("no usable host name for targeted jobs; set worker.host", fqdn=socket.getfqdn()[:80])
+    return "", labels
+
+
 class WorkerProcess:
     """N job threads, one control thread and a watchdog, with a shutdown that loses nothing.
 
@@ -62,6 +79,7 @@ class WorkerProcess:
         self.identity = WorkerIdentity(name, "", os.getpid(), fleet=getattr(config, "fleet", ""))
         self.ips: frozenset[str] = frozenset()
         self.label = f"{name}::{self.identity.pid}"
+        self.targets = worker_targets(config)  # (host, labels): TASK@host:/TASK@label: functions too
         self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.tasks = dict(tasks)
         self.shell_task = self.tasks["shell"] = ShellTask(config.worker, self.label)

@@ -91,3 +91,13 @@ def identity_of(functions: Iterable[str]) -> tuple[str | None, list[str]]:
             continue
         (hosts if parsed[1] == "host" else labels).add(parsed[2])
     return (next(iter(hosts)) if len(hosts) == 1 else None), sorted(labels)
+
+
+def aliases(function: str, labels: Iterable[str]) -> tuple[str, ...]:
+    """The label forms of a host-targeted job, for a worker of that host with ``labels``:
+    'shell@host:db1' with labels [db] -> ('shell@label:db',). Only gearmand's routing makes
+    the job ours, so only the worker's own (configured) labels are named; () for other names."""
+    parsed = parse(function)
+    if parsed is None or parsed[1] != "host":
+        return ()
+    return tuple(label_function(parsed[0], label) for label in labels)

@@ -603,6 +603,9 @@ class GrabLoop(threading.Thread):
                 "error": f"job of {size} bytes exceeds gearman.max_packet ({cap} bytes) on this worker"})
         function = pkt.text("task")
         task = base_task(function)  # 'shell@label:db' runs shell; the signature covers the full name
+        if task != function and function not in self.registered:  # a server's mistake: not ours to run
+            return self.runner.fail_unrun(link.job, task, {
+                "error": f"function {cap_text(function, 200)!r} is not registered by this worker"})
         if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)
             return self.runner.refuse(link.job, task)

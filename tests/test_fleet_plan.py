@@ -170,3 +170,11 @@ def test_table_rows_are_escaped_and_cut():
     assert lines[3].split()[:5] == ["db2", "not", "started", "-", "-"]
     assert lines[0].index("RC") == lines[2].index("12")  # numbers right-aligned under their header
     assert summary(rows, 3.0) == "3 host(s): 1 complete, 1 failed, 1 not started in 3.00s"
+
+
+def test_worker_label_flag_adds_checked_labels():
+    from geartask.worker.cli import with_labels
+    cfg = with_labels(parse_config({"worker": {"labels": ["db"]}}), ["eu-west", "db"])
+    assert cfg.worker.labels == ["db", "eu-west"]
+    with pytest.raises(UsageError, match="--label 'a b' must be"):
+        with_labels(cfg, ["a b"])

@@ -116,8 +116,8 @@ def run(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: 
         for job in jobs:
             job = JobDefinition.from_any(job)
             target = cli_target or fanout.target_of(job)
-            plan = fanout.plan(config, job, target, config.sender.submit_timeout)
             start = time.monotonic()
+            plan = fanout.plan(config, job, target, config.sender.submit_timeout)
             results = []
             for r in fanout.fan_out(sender, plan.job, plan.hosts, batch=args.batch, max_fail=args.max_fail,
                                     timeout=timeout, wait=not args.no_wait, overrides=overrides, **stream_kwargs):

@@ -169,3 +169,29 @@ def test_a_key_allowed_shell_on_db_hosts_only(netlab: nl.NetLab, tmp_path):
     assert rows["db1.test"][1] == rows["db2.test"][1] == "complete", out
     assert rows["web1.test"][1] == "failed" and "signer ops may not run shell@host:web1.test" in out, out
     assert fleet.ran("db1.test", "signed") and not fleet.ran("web1.test", "signed")
+
+
+PLUGIN = '''
+from geartask import hookimpl
+
+
+@hookimpl
+def geartask_jobs(config):
+    yield {"task": "shell", "data": {"cmd": ["touch", "plugin-any"]}}
+    yield {"task": "shell", "data": {"cmd": ["touch", "plugin-db"]}, "label": "db", "unique": "pdb"}
+'''
+
+
+def test_plugin_jobs_carry_their_own_label(fleet: Fleet, tmp_path):
+    """A plugin's job with `label: db` runs once on each db host (unique pdb@HOST); the
+    plugin's untargeted job runs once, anywhere."""
+    plugins = tmp_path / "fleetplugins"
+    plugins.mkdir()
+    (plugins / "fleetjobs.py").write_text(PLUGIN)
+    config = nl.write_config(tmp_path / "psender" / "config.yaml", [fleet.address], plugin_paths=[plugins])
+    proc = fleet.lab.sender(fleet.ctl, config, "plugin", "fleetjobs", "--timeout", "30")
+    code = proc.wait(90)
+    assert code == 0, (proc.stdout, proc.stderr)
+    assert sorted(table(proc.stdout)) == ["db1.test", "db2.test"]
+    assert [h for h in fleet.folders if fleet.ran(h, "plugin-db")] == ["db1.test", "db2.test"]
+    assert len([h for h in fleet.folders if fleet.ran(h, "plugin-any")]) == 1

@@ -111,6 +111,11 @@ def run(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: 
     out = out or sys.stdout
     cli_target = target_of_args(args)
     check_rolling(args, cli_target)
+    printer = None
+    if getattr(args, "follow", False):  # live output, each line 'HOST | line' (the --follow work)
+        from .follow import FollowPrinter
+        printer = FollowPrinter(out)
+        stream_kwargs = {**stream_kwargs, "on_data": printer.on_data}
     status = EXIT_OK
     with JobSender(config) as sender:
         for job in jobs:
@@ -122,6 +127,8 @@ def run(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: 
             for r in fanout.fan_out(sender, plan.job, plan.hosts, batch=args.batch, max_fail=args.max_fail,
                                     timeout=timeout, wait=not args.no_wait, overrides=overrides, **stream_kwargs):
                 results.append(r)
+                if printer is not None and r.job is not None:
+                    printer.end(r.job)  # the host's unfinished lines, before the table
                 if args.json:
                     out.write(json_line(r.to_json(), default=repr) + "\n")
                     out.flush()

@@ -178,3 +178,11 @@ def test_worker_label_flag_adds_checked_labels():
     assert cfg.worker.labels == ["db", "eu-west"]
     with pytest.raises(UsageError, match="--label 'a b' must be"):
         with_labels(cfg, ["a b"])
+
+
+def test_a_worker_without_worker_host_announces_its_machine_name_never_localhost():
+    from geartask.worker.process import worker_targets
+    host, labels = worker_targets(parse_config({"worker": {"labels": ["db", "db"]}}))
+    assert labels == ("db",)
+    assert host == "" or (check_host(host) == host and not host.startswith("localhost"))
+    assert worker_targets(parse_config({"worker": {"host": "db1.example"}})) == ("db1.example", ())

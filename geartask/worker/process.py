@@ -37,12 +37,15 @@ BUILTIN_TASKS = ("shell",)
 
 def worker_targets(config: Config) -> tuple[str, tuple[str, ...]]:
     """The host and labels a worker announces (worker.host, default the machine's FQDN; an FQDN
-    outside the targets' charset falls back to the short host name, else to none)."""
+    that is 'localhost' (an /etc/hosts that maps the name to 127.0.0.1 first) or outside the
+    targets' charset falls back to the host name, else to none)."""
     from ..targets import TargetError, check_host
     labels = tuple(dict.fromkeys(config.worker.labels))
     if config.worker.host:
         return config.worker.host, labels
     for candidate in (socket.getfqdn(), socket.gethostname()):
+        if candidate.split(".")[0].lower() in ("localhost", "localhost6", "ip6-localhost"):
+            continue
         try:
             return check_host(candidate), labels
         except TargetError:

@@ -186,3 +186,13 @@ def test_a_worker_without_worker_host_announces_its_machine_name_never_localhost
     assert labels == ("db",)
     assert host == "" or (check_host(host) == host and not host.startswith("localhost"))
     assert worker_targets(parse_config({"worker": {"host": "db1.example"}})) == ("db1.example", ())
+
+
+def test_unique_per_host_fits_gearmands_64_bytes():
+    assert fanout.host_unique("abc", "db1.example") == "abc@db1.example"
+    long_a, long_b = "a" * 60 + ".x", "a" * 60 + ".y"
+    ka, kb = fanout.host_unique("0123456789abcdef0123", long_a), fanout.host_unique("0123456789abcdef0123", long_b)
+    assert len(ka) == len(kb) == 64 and ka != kb and ka.startswith("0123456789abcdef0123@aaa")
+    from geartask.errors import JobDefinitionError
+    with pytest.raises(JobDefinitionError, match="leaves no room"):
+        fanout.host_unique("u" * 60, long_a)

@@ -14,6 +14,7 @@ batch starts and the rest are ``not started``. docs/sender.md, "Fleet commands".
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 from ..errors import JobDefinitionError, NoServerError, NoSuchHostError, UsageError
 from ..jobs import JobDefinition, new_unique
 from ..targets import TargetError, check_host, check_label, host_function, label_function
+from .batch import MAX_UNIQUE
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -214,8 +216,22 @@ def host_result(host: str, r: JobResult, timeout: float | None) -> HostResult:
     return out
 
 
+def host_unique(base: str, host: str) -> str:
+    """``BASE@HOST``; when that is over gearmand's 64 bytes, the host part is cut and ends in
+    ``~`` and a hash of the whole name, so keys stay distinct per host."""
+    key = f"{base}@{host}"
+    if len(key.encode("utf-8")) <= MAX_UNIQUE:
+        return key
+    tag = hashlib.blake2b(host.encode(), digest_size=6).hexdigest()
+    room = MAX_UNIQUE - len(base.encode("utf-8")) - 2 - len(tag)
+    if room < 1:
+        raise JobDefinitionError(f"unique key {base[:80]!r} leaves no room for '@HOST' within gearmand's "
+                                 f"{MAX_UNIQUE} bytes; use a shorter one")
+    return f"{base}@{host[:room]}~{tag}"
+
+
 def _host_job(job: JobDefinition, host: str, unique: str, overrides: Mapping[str, Any]) -> dict:
-    d = {"task": host_function(job.task, host), "data": job.data, "unique": f"{unique}@{host}",
+    d = {"task": host_function(job.task, host), "data": job.data, "unique": host_unique(unique, host),
          "priority": job.priority, "background": job.background, "retries": job.retries, "at": job.at}
     d.update(overrides)
     return {k: v for k, v in d.items() if v is not None or k == "data"}
@@ -233,12 +249,12 @@ def fan_out(sender: Any, job: JobDefinition | Mapping, hosts: list[str], *, batc
     job = JobDefinition.from_any(job)
     if max_fail is not None and max_fail < 1:
         raise UsageError(f"--max-fail must be a whole number >= 1, got {max_fail}")
-    unique = job.unique or new_unique()
+    unique = job.unique or new_unique()[:20]  # 80 random bits: room for '@HOST' within 64 bytes
     size = batch_size(parse_batch(batch), len(hosts))
     failed = 0
     plan = waves(hosts, size)
     for n, wave in enumerate(plan):
-        by_unique = {f"{unique}@{h}": h for h in wave}
+        by_unique = {host_unique(unique, h): h for h in wave}
         seen: set[str] = set()
         error = ""
         try:
@@ -256,12 +272,12 @@ def fan_out(sender: Any, job: JobDefinition | Mapping, hosts: list[str], *, batc
         for h in wave:  # a host never goes missing from the report
             if h not in seen:
                 failed += 1
-                yield HostResult(h, FAILED, host_function(job.task, h), f"{unique}@{h}",
+                yield HostResult(h, FAILED, host_function(job.task, h), host_unique(unique, h),
                                  line=_first_line(error) or "no result")
         if max_fail is not None and failed >= max_fail:
             for rest in plan[n + 1:]:
                 for h in rest:
-                    yield HostResult(h, NOT_STARTED, host_function(job.task, h), f"{unique}@{h}",
+                    yield HostResult(h, NOT_STARTED, host_function(job.task, h), host_unique(unique, h),
                                      line=f"--max-fail {max_fail} reached ({failed} failed)")
             return
 

@@ -117,12 +117,15 @@ def run(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: 
         printer = FollowPrinter(out)
         stream_kwargs = {**stream_kwargs, "on_data": printer.on_data}
     status = EXIT_OK
+    connections = None  # the servers' workers lists, asked once for every job of the run
     with JobSender(config) as sender:
         for job in jobs:
             job = JobDefinition.from_any(job)
             target = cli_target or fanout.target_of(job)
             start = time.monotonic()
-            plan = fanout.plan(config, job, target, config.sender.submit_timeout)
+            if connections is None:
+                connections = fanout.fleet_hosts(config, config.sender.submit_timeout)
+            plan = fanout.plan(config, job, target, connections=connections)
             results = []
             for r in fanout.fan_out(sender, plan.job, plan.hosts, batch=args.batch, max_fail=args.max_fail,
                                     timeout=timeout, wait=not args.no_wait, overrides=overrides, **stream_kwargs):

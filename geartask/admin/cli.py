@@ -22,6 +22,7 @@ from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
 from ..server import LocalServer
+from ..targets import parse as parse_target
 from .. import fleet
 from .call import Call
 from .outcomes_cli import add_outcome_commands
@@ -186,9 +187,9 @@ def workers_text(data: dict) -> str:
             if c["client_id"] == "-" and not c["functions"]:
                 others += 1  # a client or admin connection (this one included), not a worker
                 continue
-            if c["name"] is not None:
+            if c["name"] is not None:  # targeted forms (TASK@host:, TASK@label:) are in HOST and LABELS below
                 rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
-                             c["functions"]])
+                             [f for f in c["functions"] if parse_target(f) is None]])
             else:  # not a geartask client id: shown as it is
                 rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"]])
     text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "SILENT", "FUNCTIONS"], rows,
@@ -199,9 +200,10 @@ def workers_text(data: dict) -> str:
         text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
     procs = data["processes"]
     if procs:
-        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
+        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON", "HOST", "LABELS"],
                                  [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
-                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
+                                   p["silent_on"], p.get("host") or None, p.get("labels") or None] for p in procs],
+                                 right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 
 

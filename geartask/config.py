@@ -118,6 +118,8 @@ class WorkerConfig:
     max_jobs: int = 0  # exit 0 after this many jobs (a supervisor starts a fresh process); 0: no limit
     tasks: dict[str, TaskOptions] = field(default_factory=dict)  # tasks with threads of their own
     metrics_listen: str = ""  # host:port of this process's own Prometheus /metrics; empty: off
+    host: str = ""  # the host name targeted jobs name (TASK@host:HOST); "": the machine's FQDN
+    labels: list[str] = field(default_factory=list)  # TASK@label:LABEL functions registered too
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -504,6 +506,7 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    _check_targets(cfg, path)
     if cfg.gearman.max_packet < MIN_MAX_PACKET:
         raise ConfigError(f"must be at least {MIN_MAX_PACKET} bytes, got {cfg.gearman.max_packet}", path,
                           "gearman.max_packet")
@@ -513,6 +516,21 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
     _check_trust(cfg, path, base)
     _check_postgresql(cfg, path)
     return cfg
+
+
+def _check_targets(cfg: Config, path: str | None) -> None:
+    """worker.host and worker.labels become gearmand function names: a checked charset only."""
+    from .targets import TargetError, check_host, check_label
+    try:
+        if cfg.worker.host:
+            check_host(cfg.worker.host)
+    except TargetError as e:
+        raise ConfigError(str(e), path, "worker.host") from None
+    for i, label in enumerate(cfg.worker.labels):
+        try:
+            check_label(label)
+        except TargetError as e:
+            raise ConfigError(str(e), path, f"worker.labels[{i}]") from None
 
 
 def _check_trust(cfg: Config, path: str | None, base: Path) -> None:

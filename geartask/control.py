@@ -113,7 +113,7 @@ def ping_request() -> bytes:
     ``{"ok": true, "command": "ping", "worker": label, "name", "fleet" ("" none), "pid", "ips": [...],
     "threads", "busy" (threads running a job now), "jobs_done", "started": epoch seconds,
     "running": [{"handle", "task", "unique", "server", "seconds"}], "dedicated": {task:
-    threads}, "max_jobs" (0: none), "tasks": {task: {"complete", "failed", "retried",
+    threads}, "max_jobs" (0: none), "host" (worker.host), "labels", "tasks": {task: {"complete", "failed", "retried",
     "seconds_sum", "buckets": {"0.005": n, ..., "+Inf": n}}}}``: counters since the process
     started, ``buckets`` a cumulative histogram of job durations (Prometheus "le" bounds,
     geartask.worker.stats.BOUNDS). A process that does not answer within the deadline is

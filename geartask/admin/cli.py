@@ -22,6 +22,7 @@ from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
 from ..logs import get_logger
 from ..server import LocalServer
+from ..targets import parse as parse_target
 from .. import fleet
 from .call import Call
 from .outcomes_cli import add_outcome_commands
@@ -186,9 +187,9 @@ def workers_text(data: dict) -> str:
             if c["client_id"] == "-" and not c["functions"]:
                 others += 1  # a client or admin connection (this one included), not a worker
                 continue
-            if c["name"] is not None:
+            if c["name"] is not None:  # targeted forms (TASK@host:, TASK@label:) are in HOST and LABELS below
                 rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
-                             c["functions"], c.get("fleet") or None])
+                             [f for f in c["functions"] if parse_target(f) is None], c.get("fleet") or None])
             else:  # not a geartask client id: shown as it is
                 rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"], None])
     fleets = any(r[-1] for r in rows)  # a FLEET column once some worker names its fleet
@@ -202,9 +203,11 @@ def workers_text(data: dict) -> str:
     procs = data["processes"]
     if procs:
         text += "\n\n" + render(["PROCESS", "PID"] + (["FLEET"] if fleets else []) + ["IPS", "SERVERS",
-                                                                                        "CONNECTIONS", "SILENT ON"],
+                                                                                        "CONNECTIONS", "SILENT ON",
+                                                                                        "HOST", "LABELS"],
                                  [[p["name"], p["pid"], *([p.get("fleet") or None] if fleets else []), p["ips"],
-                                   len(p["servers"]), p["connections"], p["silent_on"]] for p in procs],
+                                   len(p["servers"]), p["connections"], p["silent_on"], p.get("host") or None,
+                                   p.get("labels") or None] for p in procs],
                                  right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 

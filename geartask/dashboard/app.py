@@ -354,7 +354,8 @@ class Dashboard:
         for p in look.processes:
             hosts.setdefault(p.host, []).append(p.to_dict())
         return {"taken_at": look.taken_at, "servers": _server_rows(look),
-                "hosts": [{"host": h, "processes": ps} for h, ps in sorted(hosts.items())],
+                "hosts": [{"host": h, "processes": ps, "names": sorted({p["hostname"] for p in ps if p.get("hostname")})}
+                          for h, ps in sorted(hosts.items())],
                 "others": look.others}
 
     def jobs_data(self) -> dict:

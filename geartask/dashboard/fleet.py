@@ -18,6 +18,7 @@ from ..address import format_address
 from ..fleet import Admin, PingResult, WorkerConnection, group_processes
 from ..control import CONTROL_PREFIX, parse_control_function
 from ..logs import get_logger
+from ..targets import parse as parse_target
 from ..metrics import MAX_LABEL, MAX_TASKS, FleetCounters, clean_tasks
 
 HISTORY_SECONDS = 3600  # queue depth kept per function
@@ -87,6 +88,8 @@ class Process:
     jobs_done: int | None = None
     started: float | None = None
     running: list[dict] = field(default_factory=list)
+    hostname: str = ""  # worker.host, from its TASK@host:HOST functions ("" none)
+    labels: list[str] = field(default_factory=list)  # worker.labels, from its TASK@label:LABEL functions
     fleet: str = ""  # the config ``fleet`` its client id names ("" none)
 
     def to_dict(self) -> dict:
@@ -214,7 +217,8 @@ class FleetMonitor:
             w: WorkerConnection
             for w in r.value:
                 if w.name is not None and w.pid is not None:
-                    functions.setdefault((w.name, w.pid), set()).update(f for f in w.functions if not is_control(f))
+                    functions.setdefault((w.name, w.pid), set()).update(f for f in w.functions if not is_control(f)
+                                                                     and parse_target(f) is None)
         out: list[Process] = []
         replies: list[tuple[str, dict]] = []
         for proc in group_processes(listings):
@@ -229,7 +233,8 @@ class FleetMonitor:
             p = Process(proc.name, proc.pid, host, proc.ips, proc.servers, proc.control,
                         sorted(functions.get(key, ())), silent=bool(proc.control) and (
                             key not in self._last_seen or self._missed.get(key, 0) >= 2),
-                        last_seen=self._last_seen.get(key), fleet=proc.fleet)
+                        last_seen=self._last_seen.get(key), hostname=proc.host, labels=proc.labels,
+                        fleet=proc.fleet)
             if reply is not None:  # a peer's answer: only what has the documented shape is kept
                 p.threads, p.busy, p.jobs_done = (_number(reply.get(k), int) for k in ("threads", "busy", "jobs_done"))
                 p.started = _number(reply.get("started"), float)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..control import parse_client_id
 from ..errors import ServerError
+from ..targets import identity_of
 
 
 @dataclass
@@ -60,6 +61,8 @@ class WorkerConnection:
     thread: int | None = None
     silent: bool | None = None  # its process did not answer a ping here; None: not asked
     fleet: str | None = None  # the fleet its client id names ("" none); None: not a geartask client id
+    host: str | None = None  # from its TASK@host:HOST functions (geartask.targets); None: it names none
+    labels: list[str] = field(default_factory=list)  # from its TASK@label:LABEL functions
 
 
 def peer_ip(text: str) -> str:
@@ -110,6 +113,7 @@ def parse_workers(lines: list[str]) -> list[WorkerConnection]:
             raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
         w = WorkerConnection(int(m.group(1)), peer_ip(m.group(2)), client_id or "-", funcs.split(" ")[1:] if funcs else [])
         w.functions = [f for f in w.functions if f]
+        w.host, w.labels = identity_of(w.functions)
         ident = parse_client_id(client_id)
         if ident is not None:
             w.name, w.worker_ip, w.pid, w.thread, w.fleet = ident.name, ident.ip, ident.pid, ident.thread, ident.fleet

@@ -31,7 +31,7 @@ from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, Pl
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
 from . import recover_cli, schedule_cli
-from . import outcomes, status_filter
+from . import fleet_cli, outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
 from .follow import FollowPrinter
@@ -59,6 +59,7 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
     sub.add_argument("--each", action="store_true",
                      help=f"print every job's line; by default a batch of more than {EACH_UP_TO} prints the first "
                           f"{EACH_UP_TO}, then only failures, and the summary")
+    fleet_cli.add_flags(sub)
 
 
 def build_parser() -> ArgumentParser:
@@ -222,8 +223,25 @@ def cmd_plugin(config: Config, args: argparse.Namespace) -> int:
     first = next(jobs, None)
     if first is None:
         raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
-    return _send(config, args, itertools.chain([first], jobs), args.timeout,
-                 (args.name, plugins.files.get(args.name)))
+    jobs = itertools.chain([first], jobs)
+    if fleet_cli.targeted(args):  # every job, on the hosts the command line names
+        return fleet_cli.run(config, args, jobs, args.timeout, _fleet_overrides(args))
+    aside: list = []  # jobs with their own host/label/all, fanned out after the others
+    status = _send(config, args, fleet_cli.set_aside_targeted(jobs, aside), args.timeout,
+                   (args.name, plugins.files.get(args.name)))
+    if aside:
+        status = max(status, fleet_cli.run(config, args, aside, args.timeout, _fleet_overrides(args)))
+    return status
+
+
+def _fleet_overrides(args: argparse.Namespace) -> dict:
+    """--priority and --background, as _send applies them, for each host's job."""
+    overrides: dict[str, Any] = {}
+    if args.priority:
+        overrides["priority"] = args.priority
+    if args.background:
+        overrides["background"] = True
+    return overrides
 
 
 def cmd_shell(config: Config, args: argparse.Namespace) -> int:
@@ -249,6 +267,9 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
         # killed at --timeout on the worker: wait a moment longer, so its report (killed after
         # S, with the output so far) is the answer rather than a bare 'timeout'
         wait += SHELL_REPORT_GRACE
+    if fleet_cli.targeted(args):
+        return fleet_cli.run(config, args, [job], wait, _fleet_overrides(args))
+    fleet_cli.check_rolling(args, fleet_cli.target_of_args(args))
     return _send(config, args, [job], wait)
 
 
@@ -256,6 +277,9 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
     job = {"task": args.task, "data": _parse_data(args.data)}
     if args.unique:
         job["unique"] = args.unique
+    if fleet_cli.targeted(args):
+        return fleet_cli.run(config, args, [job], args.timeout, _fleet_overrides(args))
+    fleet_cli.check_rolling(args, fleet_cli.target_of_args(args))
     return _send(config, args, [job], args.timeout)
 
 

@@ -118,11 +118,18 @@ class JobSender:
 
     def submit(self, task: str, data: Any = None, unique: str | None = None, priority: str | None = None,
                background: bool | None = None, timeout: float | None = None, wait: bool = True,
-               on_data: Callable[[JobResult, bytes], None] | None = None) -> JobResult:
+               on_data: Callable[[JobResult, bytes], None] | None = None,
+               host: Any = None, label: Any = None, all: bool = False) -> Any:
         """Send one job and return its JobResult; waits for the result unless it is a
         background job (or wait=False). The arguments are those of a job definition
-        (docs/plugins.md); ``timeout`` in seconds; ``on_data`` as for stream()."""
+        (docs/plugins.md); ``timeout`` in seconds; ``on_data`` as for stream().
+
+        With ``host`` (a name or several), ``label`` (likewise) or ``all=True`` the job is
+        fanned out instead (``fan_out``): a list of HostResult, one per host."""
         job = {"task": task, "data": data, "unique": unique, "priority": priority, "background": background}
+        if host is not None or label is not None or all:
+            extra = {"on_data": on_data} if on_data is not None else {}
+            return self.fan_out(job, host=host, label=label, all=all, timeout=timeout, wait=wait, **extra)
         return self.submit_many([{k: v for k, v in job.items() if v is not None or k == "data"}],
                                 wait=wait, timeout=timeout, on_data=on_data)[0]
 
@@ -180,6 +187,18 @@ class JobSender:
             self._batch = None
         results.sort(key=lambda r: r.index)
         return results
+
+    def fan_out(self, job: Any, host: Any = None, label: Any = None, all: bool = False, batch: Any = None,
+                max_fail: int | None = None, timeout: float | None = None, wait: bool = True,
+                **stream_kwargs: Any) -> list[Any]:
+        """Run ``job`` (a definition or mapping) once on each host chosen by ``host``/``label``/``all``,
+        ``batch`` hosts (N or 'N%') at a time, stopping new batches once ``max_fail`` failed:
+        one ``fanout.HostResult`` per host, in the order they finished (not started ones last).
+        NoSuchHostError when a named host or label serves nothing. See geartask.sender.fanout."""
+        from . import fanout
+        plan = fanout.plan(self.config, job, fanout.Target.of(host, label, all), self.settings.submit_timeout)
+        return list(fanout.fan_out(self, plan.job, plan.hosts, batch=batch, max_fail=max_fail, timeout=timeout,
+                                   wait=wait, **stream_kwargs))
 
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:
         """GET_STATUS for background jobs; list(iter_status(...))."""

@@ -24,11 +24,12 @@ printing geartask.sender.follow.
 from __future__ import annotations
 
 import codecs
-import functools
 import json
 import socket
 import threading
 from typing import Any
+
+from ..targets import machine_host
 
 MAX_CHUNK = 64 * 1024  # bytes of one encoded chunk, at most
 INTERVAL = 0.1  # seconds between two chunks of one job: about 10 a second
@@ -40,16 +41,12 @@ MAX_PARTS = 4096  # parts of one chunk a reader accepts
 MAX_DROPPED = 2 ** 62  # a larger count is not a count
 
 
-@functools.lru_cache(maxsize=1)
-def _fqdn() -> str:
-    return socket.getfqdn()
-
-
 def worker_host(worker_config: Any = None) -> str:
-    """The host name a chunk carries: the worker's ``host`` setting once the config has one
-    (``worker.host``), else this machine's FQDN (looked up once)."""
+    """The host name a chunk carries: the worker's ``host`` setting (``worker.host``), else the
+    name the worker announces for targeted jobs (targets.machine_host), so a fan-out's
+    ``HOST |`` prefixes match its table; the FQDN as a last resort."""
     host = getattr(worker_config, "host", None)
-    return host if isinstance(host, str) and host else _fqdn()
+    return host if isinstance(host, str) and host else (machine_host() or socket.getfqdn())
 
 
 class Tail:

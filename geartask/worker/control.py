@@ -88,7 +88,8 @@ def ping_reply(process: "WorkerProcess") -> dict:
             "started": round(process.started_at, 3), "running": running,
             "dedicated": {g.tasks[0]: g.threads for g in process.groups if g.dedicated},
             "max_jobs": process.max_jobs, "tasks": summarize(list(process.counters)),
-            "control_refused": getattr(process.control, "refused", 0)}
+            "control_refused": getattr(process.control, "refused", 0),
+            "host": process.targets[0], "labels": list(process.targets[1])}
 
 
 def handle_shutdown(process: "WorkerProcess", cmd: dict, link: Link, handle: str) -> bytes:

@@ -19,6 +19,7 @@ from ..gearman.grab import (BUSY, DOWN, GRABBING, HELLO, IDLE, LATE, PARKED, RES
                             GRAB, GRAB_PACKET, HELLO_TIMEOUT, LATE_ACT, WANTS_GRAB, LinkMachine, LinkState)  # noqa: F401
 from ..gearman.timing import ANSWER_FLOOR, RoundTrip
 from ..logs import get_logger
+from ..targets import base_task, expand
 
 from .dead_letters import cap_text
 from .job import Abandoned, Job
@@ -226,6 +227,8 @@ class GrabLoop(threading.Thread):
         self.index = index
         self.identity = process.identity.for_thread(index)
         self.abilities = abilities
+        host, labels = getattr(process, "targets", ("", ()))
+        self.registered = expand(abilities, host, labels)  # each task, and its @host:/@label: names
         self.stop = stop
         self.wake_fd = wake_fd
         cfg = process.config
@@ -262,7 +265,7 @@ class GrabLoop(threading.Thread):
 
     def abilities_at(self, identity: WorkerIdentity) -> list[str]:
         """The functions to register on a connection where we are ``identity``."""
-        return self.abilities
+        return self.registered
 
     # -- connections -----------------------------------------------------------------
     def _connect(self, link: Link, now: float) -> None:
@@ -598,12 +601,17 @@ class GrabLoop(threading.Thread):
             size, cap = int(pkt.args["oversize"]), link.conn.max_packet
             return self.runner.fail_unrun(link.job, "?", {
                 "error": f"job of {size} bytes exceeds gearman.max_packet ({cap} bytes) on this worker"})
-        task = pkt.text("task")
+        function = pkt.text("task")
+        task = base_task(function)  # 'shell@label:db' runs shell; the signature covers the full name
+        if task != function and function not in self.registered:  # a server's mistake: not ours to run
+            return self.runner.fail_unrun(link.job, task, {
+                "error": f"function {cap_text(function, 200)!r} is not registered by this worker"})
         if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)
             return self.runner.refuse(link.job, task)
         running = self.running
         job = Job(link.conn, handle, task, link.job[2], pkt["data"], process.config, running.cancel)
+        job.function = function
         running.begin(job, time.monotonic())
         try:
             reply = self.runner.run(running, job)

@@ -296,12 +296,15 @@ class Dashboard:
                        "workers": len(look.processes), "silent": sum(p.silent for p in look.processes),
                        "hosts": len({p.host for p in look.processes}),
                        "connections": sum(f["workers"] for f in functions)},
-            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h)}
+            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h),
+                       "names": sorted({p.hostname for p in look.processes if p.host == h and p.hostname})}
                       for h in sorted({p.host for p in look.processes})],
             # the fleet(s) the workers say they belong to; "filter": the config's fleet, the only one shown
             "fleets": {"filter": self.admin.fleet, "seen": sorted({p.fleet for p in look.processes if p.fleet})},
             "rates": self.monitor.rates(),
-            "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
+            # busy functions first (queued now or within the hour), then the idle ones, by name
+            "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in
+                       sorted(charts.items(), key=lambda kv: (not any(v for _, v in kv[1]), kv[0]))},
             # what the charts' "now" says: this look's count, the same as the Queued tile adds up
             "queued_now": {f["function"]: f["queued"] for f in functions},
             "throughput": self.throughput_data(),

@@ -123,7 +123,7 @@ class _Attachment(threading.Thread):
 
     def run(self) -> None:
         c, link = self.collector, self.link
-        down_since = None
+        down_since, refusal_said = None, False
         while not c.stopping:
             # max_packet: a job bigger than max_job is never buffered; it comes as a packet with
             # only its handle and ``oversize``, so it can still be answered and dropped
@@ -138,11 +138,17 @@ class _Attachment(threading.Thread):
                 log.info("attached", server=self.address, function=self.function,
                          down_for=None if down_since is None else round(time.monotonic() - down_since, 1),
                          **({"failures": link.reconnects} if down_since is not None else {}))
-                down_since, link.reconnects = None, 0
+                down_since, link.reconnects, refusal_said = None, 0, False
                 self._serve(conn)
             except ServerError as e:
                 link.tick(time.monotonic())  # a hello past its deadline is counted: the next waits longer
-                if down_since is None:  # once per outage
+                refusal = isinstance(e, gp.TLSError)
+                if refusal and not refusal_said:  # once per outage, at error level: it will not pass
+                    refusal_said = True
+                    down_since = down_since or time.monotonic()
+                    log.error(gp.REFUSED_EVENT, server=self.address, function=self.function,
+                              error=str(e).removeprefix(self.address + ": "))
+                elif down_since is None:  # once per outage
                     down_since = time.monotonic()
                     log.warning("server unreachable; retrying" if not self.attached else "connection lost; reconnecting",
                                 server=self.address, function=self.function, error=str(e))

@@ -518,7 +518,7 @@ class Batch:
             # One recv for what poll saw (never a blocking one), then every whole packet.
             packets = conn.read_packets() if readable else conn.buffered_packets()
         except ServerError as e:
-            self._lost(s, e)
+            self._lost(s, e, str(e).removeprefix(s.address + ": "))  # the server is named beside it
             return
         if packets:
             link.last_rx = time.monotonic()

@@ -19,6 +19,7 @@ from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non
 from ..arguments import prog
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
+from ..gearman import is_refusal
 from ..logs import get_logger
 from ..server import LocalServer
 from .. import fleet
@@ -324,7 +325,8 @@ def cmd_shutdown(call: Call) -> int:
         log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
-        log.warning("shutdown: server unreachable", server=server, error=error)
+        log.warning("shutdown: TLS refused" if is_refusal(error or "") else "shutdown: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json({"ok": report.ok, **report.to_dict()}, out)
     else:
@@ -397,7 +399,8 @@ def cmd_stop(call: Call) -> int:
         log.info("stop", handle=j.handle, unique=j.unique, task=j.task, worker=f"{j.name}:{j.pid}", server=j.sent_to,
                  outcome=j.outcome, error=j.error)
     for server, error in report.errors.items():
-        log.warning("stop: server unreachable", server=server, error=error)
+        log.warning("stop: TLS refused" if is_refusal(error or "") else "stop: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json(report.to_dict(), out)
     else:

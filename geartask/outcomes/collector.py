@@ -258,6 +258,7 @@ class Collector:
         self._threads: list[threading.Thread] = []
         self._attachments: list[_Attachment] = []
         self._warned: set[tuple[str, str]] = set()
+        self._unlisted: set[str] = set()  # servers whose workers could not be listed: said once per outage
         # A rival's ping answer must be signed for "answer" by a trusted signer once trust is set.
         self.proof_signed = bool(sec.trust) or self.require_signed
         self.yielded = False  # stopped for a rival that proved itself a collector (exit 3: restartable)
@@ -533,8 +534,11 @@ class Collector:
         found = []
         for r in Admin(self.servers, DEFAULT_TIMEOUT).each(server_workers, False):
             if not r.ok:
-                log.warning("cannot list the workers of a server", server=r.server, error=r.error)
+                if r.server not in self._unlisted:
+                    self._unlisted.add(r.server)
+                    log.warning("cannot list the workers of a server", server=r.server, error=r.error)
                 continue
+            self._unlisted.discard(r.server)
             for w in r.value:
                 if OUTCOME_FUNCTION in w.functions and w.client_id != self.client_id:
                     found.append((r.server, w))

@@ -59,6 +59,35 @@ def test_an_outage_is_said_once_and_a_refusal_once_more_at_most():
     assert o.recovered(20.0) == (2, 8.0)
 
 
+class Recorder:
+    """Takes the place of a module's logger: (level, event, fields) of each line."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+def test_the_workers_outage_says_a_refusal_once_at_error_level(monkeypatch):
+    from geartask.worker import grab as worker_grab
+    rec = Recorder()
+    monkeypatch.setattr(worker_grab, "log", rec)
+    outage = worker_grab.Outage()
+    outage.failed("s:1", 1, "s:1: cannot connect: Connection refused")  # down first: an outage
+    for thread in (1, 2, 3):
+        for _ in range(3):
+            outage.failed("s:1", thread, f"s:1: {UNKNOWN_CA_OURS}", refusal=True)  # then it refuses us
+    assert [(level, event) for level, event, _ in rec.lines] == [
+        ("warning", "server unreachable; retrying with backoff"), ("error", REFUSED_EVENT)]
+    assert rec.lines[1][2] == {"server": "s:1", "reason": UNKNOWN_CA_OURS}
+    for thread in (1, 2, 3):
+        outage.recovered("s:1", thread)
+    assert rec.lines[-1][1] == "server reachable again" and rec.lines[-1][2]["failures"] == 10
+    outage.failed("s:1", 1, f"s:1: {UNKNOWN_CA_OURS}", refusal=True)  # a new outage: said again
+    assert [level for level, _, _ in rec.lines[-1:]] == ["error"] and len(rec.lines) == 4
+
+
 @pytest.mark.parametrize("text, refusal", [
     (f"127.0.0.1:1: {UNKNOWN_CA_OURS}", True),
     (f"no job server reachable; tried 127.0.0.1:1 ({EXPIRED_THEIRS})", True),
@@ -212,6 +241,23 @@ def test_a_worker_whose_certificate_every_server_refuses_does_not_start(fleet, c
         assert f"127.0.0.1:{tunnel.port}: {words}" in lines[0]
     assert took < 20, took
     assert not [line for line in worker_connections(fleet.backend) if " refused:" in line]
+
+
+def test_a_worker_refused_by_one_server_and_refusing_another_starts(fleet):
+    """Not every server refuses its certificate (the other one's certificate is what is
+    refused): the worker starts, and says each refusal once, at error level."""
+    cfg = fleet.config("w-mixed", [fleet.good, fleet.old], "stranger", fleet.other)
+    worker = WorkerProc(cfg, "mixed", 2)
+    try:
+        refused = wait_until(lambda: len(r := [line for line in worker.log_lines()
+                                               if line.get("event") == REFUSED_EVENT]) >= 2 and r, 30,
+                             message="both refusals said")
+        assert {(line["server"], line["reason"]) for line in refused} == {
+            (f"127.0.0.1:{fleet.good.port}", UNKNOWN_CA_OURS), (f"127.0.0.1:{fleet.old.port}", EXPIRED_THEIRS)}
+        assert worker.proc.poll() is None, worker.text()[-2000:]
+    finally:
+        worker.stop()
+    assert len([line for line in worker.log_lines() if line.get("event") == REFUSED_EVENT]) == 2
 
 
 def _lines(path: Path) -> list[dict]:

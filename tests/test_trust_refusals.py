@@ -148,12 +148,12 @@ class Fleet:
         return t
 
     def config(self, folder: str, tunnel: Stunnel | list[Stunnel], cert: str = "client", ca_dir: Path | None = None,
-               extra: str = "") -> Path:
+               extra: str = "", connect_timeout: float = 1) -> Path:
         tunnels = tunnel if isinstance(tunnel, list) else [tunnel]
         d = ca_dir or self.pki
         return write_config(self.base / folder / "config.yaml", [f"tls://127.0.0.1:{t.port}" for t in tunnels],
                             f"tls:\n  ca: {self.pki / 'ca.pem'}\n  cert: {d / (cert + '.pem')}\n"
-                            f"  key: {d / (cert + '.key')}\nsender:\n  connect_timeout: 1\n{extra}")
+                            f"  key: {d / (cert + '.key')}\nsender:\n  connect_timeout: {connect_timeout}\n{extra}")
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +220,16 @@ def test_command_line_roles_say_the_reason_in_one_line(fleet, cert, words):
         assert r.returncode == 1 and len(errors) == 1, (args, r.returncode, r.stderr)
         assert f"127.0.0.1:{tunnel.port}" in errors[0] and words in errors[0], (args, errors)
         assert "Traceback" not in r.stderr and "is `geartask manage outcomes serve` running" not in r.stderr, args
+
+
+def test_a_sender_every_server_refuses_fails_at_once(fleet):
+    """Certificates do not change while it waits: no sender.connect_timeout for a server to come up."""
+    cfg = fleet.config("sender-at-once", [fleet.good, fleet.good2], "stranger", fleet.other, connect_timeout=60)
+    t0 = time.monotonic()
+    r = subprocess.run([GEARTASK, "--config", str(cfg), "send", "job", "shell", '{"argv": ["true"]}'],
+                       capture_output=True, text=True, timeout=90, cwd=cfg.parent)
+    assert r.returncode == 1 and UNKNOWN_CA_OURS in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 20
 
 
 # -- the worker -----------------------------------------------------------------------------------

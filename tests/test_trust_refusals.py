@@ -362,3 +362,7 @@ def test_the_dashboard_shows_the_reason(fleet, dashboards, cert, words):
                                  if line.startswith("{") and REFUSED_EVENT in line], 20,
                         message="the dashboard's collector logged the refusal")
     assert all(line["level"] == "error" and line["server"] == server and words in line["error"] for line in logged)
+    # With the collector elsewhere, the Failed page asks it through the outcome client.
+    remote = dashboards(cfg, "--no-collector")
+    failed = remote.get("/failed").text
+    assert f"TLS refused by every server: {server}: {words}" in failed, failed[-3000:]

@@ -203,11 +203,11 @@ def test_each_refusal_says_whose_certificate_was_refused(fleet):
 # -- command-line roles: one line naming the server and the reason ----------------------------------
 
 @pytest.mark.parametrize("cert, words", [("stranger", UNKNOWN_CA_OURS), ("oldclient", EXPIRED_OURS),
-                                         ("oldserver-tunnel", EXPIRED_THEIRS)])
+                                         ("old-tunnel", EXPIRED_THEIRS), ("elsewhere-tunnel", MISMATCH)])
 def test_command_line_roles_say_the_reason_in_one_line(fleet, cert, words):
-    if cert == "oldserver-tunnel":
-        cfg = fleet.config(f"cli-{cert}", fleet.old)
-        tunnel = fleet.old
+    if cert.endswith("-tunnel"):
+        tunnel = getattr(fleet, cert.removesuffix("-tunnel"))
+        cfg = fleet.config(f"cli-{cert}", tunnel)
     else:
         cfg = fleet.config(f"cli-{cert}", fleet.good, cert, fleet.other if cert == "stranger" else None)
         tunnel = fleet.good

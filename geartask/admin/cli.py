@@ -20,6 +20,7 @@ from ..arguments import prog
 from ..address import format_address, format_host
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
+from ..gearman import is_refusal
 from ..logs import get_logger
 from ..server import LocalServer
 from ..targets import parse as parse_target
@@ -333,7 +334,8 @@ def cmd_shutdown(call: Call) -> int:
                  worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}", now=args.now,
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
-        log.warning("shutdown: server unreachable", server=server, error=error)
+        log.warning("shutdown: TLS refused" if is_refusal(error or "") else "shutdown: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json({"ok": report.ok, **report.to_dict()}, out)
     else:
@@ -406,7 +408,8 @@ def cmd_stop(call: Call) -> int:
         log.info("stop", handle=j.handle, unique=j.unique, task=j.task, worker=f"{j.name}:{j.pid}", server=j.sent_to,
                  outcome=j.outcome, error=j.error)
     for server, error in report.errors.items():
-        log.warning("stop: server unreachable", server=server, error=error)
+        log.warning("stop: TLS refused" if is_refusal(error or "") else "stop: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json(report.to_dict(), out)
     else:

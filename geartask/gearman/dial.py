@@ -81,37 +81,49 @@ _VERIFY_WORDS = {
     62: "name mismatch (the server's certificate is not for {name})",
     64: "name mismatch (the server's certificate is not for {name})",
 }
-_ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator
-    ("CERTIFICATE_REQUIRED", "no client certificate (the server requires one: set tls.cert and tls.key)"),
-    ("UNKNOWN_CA", "unknown CA (the server does not trust our certificate)"),
-    ("CERTIFICATE_EXPIRED", "certificate expired (the server says ours is)"),
-    ("BAD_CERTIFICATE", "bad certificate (the server refused ours)"),
-    ("CERTIFICATE_UNKNOWN", "certificate refused by the server"),
-    ("HANDSHAKE_FAILURE", "handshake failure (no client certificate, or no common cipher)"),
-    ("PROTOCOL_VERSION", "no common TLS version (1.2 or newer needed)"),
-    ("WRONG_VERSION_NUMBER", "not a TLS server (it answered in plain text)"),
-    ("PACKET_LENGTH_TOO_LONG", "not a TLS server (it answered in plain text)"),
-    ("RECORD_LAYER_FAILURE", "not a TLS server (it answered in plain text)"),
-    ("UNEXPECTED_EOF", "connection closed during the TLS handshake (not a TLS server, or one that refused us)"),
+_ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator, and whether it is our certificate refused
+    ("CERTIFICATE_REQUIRED", "no client certificate (the server requires one: set tls.cert and tls.key)", True),
+    ("UNKNOWN_CA", "unknown CA (the server does not trust our certificate)", True),
+    ("CERTIFICATE_EXPIRED", "certificate expired (the server says ours is)", True),
+    ("BAD_CERTIFICATE", "bad certificate (the server refused ours)", True),
+    ("CERTIFICATE_UNKNOWN", "certificate refused by the server", True),
+    ("HANDSHAKE_FAILURE", "handshake failure (no client certificate, or no common cipher)", False),
+    ("PROTOCOL_VERSION", "no common TLS version (1.2 or newer needed)", False),
+    ("WRONG_VERSION_NUMBER", "not a TLS server (it answered in plain text)", False),
+    ("PACKET_LENGTH_TOO_LONG", "not a TLS server (it answered in plain text)", False),
+    ("RECORD_LAYER_FAILURE", "not a TLS server (it answered in plain text)", False),
 )
+_EOF_WORDS = "connection closed during the TLS handshake (not a TLS server, or one that refused us)"
+# Every refusal's line starts with one of these (after "TLS: "): how a role that only has the
+# text (a scheduler's send errors, a NoServerError's reasons) tells a refusal from an outage.
+_REFUSAL_STARTS = tuple(sorted({w.split(" (")[0] for w in _VERIFY_WORDS.values()}
+                               | {w.split(" (")[0] for _, w, _ in _ALERT_WORDS}
+                               | {"server certificate refused"}))
+
+
+def _refusal(e: BaseException, name: str | None) -> tuple[str, bool] | None:
+    """(words, ours) for an ssl error that is a refusal; ``ours``: the server refused our
+    certificate (rather than we its, or no common protocol)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        words = _VERIFY_WORDS.get(e.verify_code)
+        if words:
+            return "TLS: " + words.format(name=name or "this address"), False
+        return f"TLS: server certificate refused: {e.verify_message}", False
+    if isinstance(e, ssl.SSLEOFError):
+        return None
+    text = f"{getattr(e, 'reason', '') or ''} {e}"
+    for key, words, ours in _ALERT_WORDS:
+        if key in text:
+            return "TLS: " + words, ours
+    return None
 
 
 def tls_refusal(e: BaseException, name: str | None = None) -> str | None:
     """The words for an ssl error that is a refusal (unknown CA, name mismatch, no client
     certificate, expired, not a TLS server...): a setup problem, not a passing fault. None
     for anything else (a connection cut during a handshake included)."""
-    if isinstance(e, ssl.SSLCertVerificationError):
-        words = _VERIFY_WORDS.get(e.verify_code)
-        if words:
-            return "TLS: " + words.format(name=name or "this address")
-        return f"TLS: server certificate refused: {e.verify_message}"
-    if isinstance(e, ssl.SSLEOFError):
-        return None
-    text = f"{getattr(e, 'reason', '') or ''} {e}"
-    for key, words in _ALERT_WORDS:
-        if key in text and key != "UNEXPECTED_EOF":
-            return "TLS: " + words
-    return None
+    found = _refusal(e, name)
+    return found[0] if found else None
 
 
 def tls_reason(e: BaseException, name: str | None = None) -> str:
@@ -120,13 +132,34 @@ def tls_reason(e: BaseException, name: str | None = None) -> str:
     if words:
         return words
     if isinstance(e, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(e):
-        return "TLS: connection closed during the TLS handshake (not a TLS server, or one that refused us)"
+        return "TLS: " + _EOF_WORDS
     return f"TLS: {getattr(e, 'reason', None) or e}"
+
+
+def tls_error(e: BaseException, address: str, name: str | None = None) -> "TLSError | None":
+    """The TLSError for an ssl error that is a refusal, naming the server; None for any other."""
+    found = _refusal(e, name)
+    return TLSError(found[0], address, ours=found[1]) if found else None
+
+
+def is_refusal(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception, or the text of one, a NoServerError's included) is or
+    holds a TLS refusal: a certificate or protocol problem that retrying will not cure."""
+    if isinstance(error, TLSError):
+        return True
+    text = str(error)
+    return any(f"TLS: {start}" in text for start in _REFUSAL_STARTS)
 
 
 class TLSError(ServerError):
     """Raised when a TLS handshake fails or the peer ends TLS with an alert: a setup problem
-    (certificates, CA, name), so trying again the same way cannot help."""
+    (certificates, CA, name), so trying again the same way cannot help. ``ours``: the server
+    refused this host's certificate (unknown CA, expired, none), which only a new certificate
+    here (and a restart) cures; otherwise we refused the server's, or found no common TLS."""
+
+    def __init__(self, message: str, server: str | None = None, ours: bool = False):
+        super().__init__(message, server)
+        self.ours = ours
 
 
 # -- connecting ----------------------------------------------------------------------------
@@ -172,7 +205,8 @@ def dial(host: str, port: int, timeout: float, keepalive: Any = None,
         raise ConnectError(f"cannot connect: no TLS handshake within {timeout:g}s", address) from None
     except ssl.SSLError as e:
         tsock.close()
-        raise TLSError(tls_reason(e, server_hostname or host), address) from None
+        raise (tls_error(e, address, server_hostname or host)
+               or TLSError(tls_reason(e, server_hostname or host), address)) from None
     except OSError as e:
         tsock.close()
         raise ConnectError(f"cannot connect: TLS handshake: {e.strerror or e}", address) from None
@@ -246,7 +280,8 @@ class Dial:
             return None
         except ssl.SSLError as e:
             self.close()
-            raise TLSError(tls_reason(e, self.server_hostname), self.address) from None
+            raise (tls_error(e, self.address, self.server_hostname)
+                   or TLSError(tls_reason(e, self.server_hostname), self.address)) from None
         except OSError as e:
             self.close()
             raise ConnectError(f"cannot connect: TLS handshake: {e.strerror or e}", self.address) from None

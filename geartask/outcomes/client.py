@@ -162,6 +162,8 @@ class OutcomeClient:
             finally:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
+        if tried and all(gp.is_refusal(why) for why in tried.values()):  # not a collector missing: TLS
+            raise NoCollectorError(f"no outcomes collector asked: TLS refused by every server: {detail}")
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
         raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")

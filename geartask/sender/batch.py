@@ -453,7 +453,8 @@ class Batch:
             self.no_server_since = None
             return
         self.no_server_since = self.no_server_since or now
-        if not self.homeless or now - self.no_server_since < self.settings.connect_timeout:
+        refused = all(s.link.reason and p.is_refusal(s.link.reason) for s in self.lanes)  # TLS: no use waiting
+        if not self.homeless or (now - self.no_server_since < self.settings.connect_timeout and not refused):
             return
         err = NoServerError([s.address for s in self.lanes],
                             {s.address: s.link.reason for s in self.lanes if s.link.reason})
@@ -518,7 +519,7 @@ class Batch:
             # One recv for what poll saw (never a blocking one), then every whole packet.
             packets = conn.read_packets() if readable else conn.buffered_packets()
         except ServerError as e:
-            self._lost(s, e)
+            self._lost(s, e, str(e).removeprefix(s.address + ": "))  # the server is named beside it
             return
         if packets:
             link.last_rx = time.monotonic()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_logging
 from ..arguments import prog
 from ..control import check_name
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..logs import flush_logs, get_logger
 from ..plugins import load_plugins, plugin_path_warnings
 from ..shell import veryeasyprocess
@@ -80,10 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = isolated_tasks(plugins.tasks(), config)
     WorkerProcess.plan(config, threads, tasks)  # worker.tasks against the tasks and threads
     ensure_open_files(threads, len(config.servers))
-    from ..gearman import tls_for
+    from ..gearman import CONNECT_TIMEOUT, tls_for
     for address in config.server_addresses:  # tls.* files read now: a thread would only retry
         if address.tls:
             tls_for(*address)
+    from ..trust.tls import refused_everywhere
+    refusal = refused_everywhere(config, CONNECT_TIMEOUT)  # only a new certificate and a restart cure it
+    if refusal:
+        raise ConfigError(f"every server refuses this host's certificate: {refusal}", source, "tls.cert")
     setup_logging(config, args, "worker", name)
     for warning in plugin_path_warnings(config):  # it then serves fewer tasks than meant
         get_logger("geartask.worker").warning(warning)

@@ -86,9 +86,10 @@ class Outage:
     down: dict[str, set] = field(default_factory=dict)  # server -> threads that cannot reach it
     tries: dict[str, int] = field(default_factory=dict)  # server -> failures during its outage
     since: dict[str, float] = field(default_factory=dict)  # server -> when its outage began
+    refused: set = field(default_factory=set)  # servers whose outage's TLS refusal was said
 
     def failed(self, server: str, thread: int, reason: str,
-               event: str = "server unreachable; retrying with backoff") -> None:
+               event: str = "server unreachable; retrying with backoff", refusal: bool = False) -> None:
         with self.lock:
             threads = self.down.setdefault(server, set())
             new = not threads
@@ -96,7 +97,12 @@ class Outage:
             self.tries[server] = self.tries.get(server, 0) + 1
             if new:
                 self.since[server] = time.monotonic()
-        if new:
+            say_refusal = refusal and server not in self.refused  # once per outage, at error level
+            if say_refusal:
+                self.refused.add(server)
+        if say_refusal:
+            log.error(gp.REFUSED_EVENT, server=server, reason=reason.removeprefix(server + ": "))
+        elif new:
             log.warning(event, server=server, reason=reason)
 
     def recovered(self, server: str, thread: int) -> None:
@@ -108,6 +114,7 @@ class Outage:
             back = not threads
             if back:
                 del self.down[server]
+                self.refused.discard(server)
                 tries = self.tries.pop(server, 0)
                 since = self.since.pop(server, time.monotonic())
         if back:
@@ -284,7 +291,7 @@ class GrabLoop(threading.Thread):
             # other links' connects before it) must not count in the server's round trip.
             conn.send_raw(link.connected(time.monotonic(), identity.client_id, self.abilities_at(identity)))
         except ServerError as e:
-            self._drop(link, str(e))
+            self._drop(link, e)
 
     def nudge(self) -> None:
         """From another thread: wake this thread's poll (it was unparked, or a permit is free)."""
@@ -334,7 +341,7 @@ class GrabLoop(threading.Thread):
             link.fd = -1
         link.conn.close()
 
-    def _drop(self, link: Link, reason: str) -> None:
+    def _drop(self, link: Link, reason: str | BaseException) -> None:
         was_listening = link.state is SLEEPING
         self._forget(link)
         self._leave_rest(link)
@@ -345,7 +352,8 @@ class GrabLoop(threading.Thread):
             self.outstanding = None
         if link in self.wants:
             self.wants.remove(link)
-        self.process.outage.failed(link.conn.address, self.index, reason)
+        self.process.outage.failed(link.conn.address, self.index, str(reason),
+                                   refusal=isinstance(reason, gp.TLSError))
 
     def close(self) -> None:
         now = time.monotonic()
@@ -444,7 +452,7 @@ class GrabLoop(threading.Thread):
             try:
                 packets = link.conn.read_packets()
             except ServerError as e:
-                self._drop(link, str(e))
+                self._drop(link, e)
                 continue
             for pkt in packets:
                 try:
@@ -452,7 +460,7 @@ class GrabLoop(threading.Thread):
                 except (ServerError, Abandoned) as e:
                     if running.abandoned:
                         return  # the watchdog answered and owns the connection now
-                    self._drop(link, str(e))  # shutdown past grace: gearmand requeues the job
+                    self._drop(link, e)  # shutdown past grace: gearmand requeues the job
                     break
                 if self.stop.is_set() or running.abandoned:
                     return
@@ -520,7 +528,7 @@ class GrabLoop(threading.Thread):
         try:
             link.conn.send_raw(prefix + GRAB_PACKET if prefix else GRAB_PACKET)
         except ServerError as e:
-            self._drop(link, str(e))  # a job it was busy with is counted unanswered: still BUSY here
+            self._drop(link, e)  # a job it was busy with is counted unanswered: still BUSY here
             return
         self._leave_rest(link)
         link.grab(time.monotonic())

@@ -112,11 +112,13 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
         *, shell: bool = False, env: Mapping[str, str] | None = None, executable: str | None = None,
         capture: bool = True, max_output: int = 1024 * 1024, cancel: threading.Event | None = None,
         on_tick: Callable[[float], None] | None = None, tick_interval: float = 30.0,
-        kill_grace: float = KILL_GRACE) -> Result:
+        kill_grace: float = KILL_GRACE, streams: tuple[int, int] | None = None) -> Result:
     """Run ``cmd``; see the module docstring. ``env`` is added to our own environment;
     ``executable`` is the file to run (``cmd[0]`` stays the program's argv[0]).
     ``on_tick(elapsed)`` is called every ``tick_interval`` seconds while the command runs
-    (the worker's heartbeat); if it raises, the command is killed and reaped first."""
+    (the worker's heartbeat); if it raises, the command is killed and reaped first.
+    ``streams``: file descriptors for the command's stdout and stderr instead of the
+    temporary file (the followed path, geartask.shell.follow, reads them as it runs)."""
     t0 = time.monotonic()
     if isinstance(cmd, str) and not shell:
         return Result(None, reason="a command string needs shell=True; pass a list of arguments instead")
@@ -133,12 +135,12 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     except (TypeError, ValueError) as e:
         return Result(None, reason=f"bad environment: {shown(str(e))}")
 
-    out = tempfile.TemporaryFile() if capture else None
+    out = tempfile.TemporaryFile() if capture and streams is None else None
     try:
         try:
             proc = subprocess.Popen(cmd, executable=executable, cwd=cwd, env=full_env, shell=shell,
-                                    stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT if capture else None,
+                                    stdin=subprocess.DEVNULL, stdout=out if streams is None else streams[0],
+                                    stderr=(subprocess.STDOUT if capture else None) if streams is None else streams[1],
                                     start_new_session=True, close_fds=True)
         except (OSError, ValueError) as e:
             failed = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"

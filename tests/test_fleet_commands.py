@@ -195,3 +195,119 @@ def test_plugin_jobs_carry_their_own_label(fleet: Fleet, tmp_path):
     assert sorted(table(proc.stdout)) == ["db1.test", "db2.test"]
     assert [h for h in fleet.folders if fleet.ran(h, "plugin-db")] == ["db1.test", "db2.test"]
     assert len([h for h in fleet.folders if fleet.ran(h, "plugin-any")]) == 1
+
+
+# -- the seams between fan-out, --follow, the no-worker check and the collector ---------------
+
+def test_follow_over_a_label_prefixes_lines_with_the_tables_hosts(fleet: Fleet):
+    """`--label db --follow`: each host's lines arrive while the jobs still run, each prefixed
+    with the host name its table row shows (worker.host), and the table follows."""
+    proc = fleet.lab.sender(fleet.ctl, fleet.sender_config, "shell", "--label", "db", "--follow", "--timeout", "60",
+                            "--", "sh", "-c", "echo one; sleep 2; echo two")
+    try:
+        wait_until(lambda: "db1.test | one" in proc.stdout and "db2.test | one" in proc.stdout
+                   or proc.proc.poll() is not None, 30, interval=0.05, message="both hosts' first lines")
+        early = proc.stdout
+        assert proc.proc.poll() is None, (early, proc.stderr)  # printed while the jobs run
+        assert "two" not in early and "HOST" not in early, early
+        code = proc.wait(60)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    out = proc.stdout
+    assert code == 0, (out, proc.stderr)
+    rows = table(out)
+    assert sorted(rows) == ["db1.test", "db2.test"] and all(r[1] == "complete" for r in rows.values()), out
+    streamed = [line for line in out.splitlines()[:out.splitlines().index(next(
+        line for line in out.splitlines() if line.split()[:2] == ["HOST", "STATE"]))]]
+    prefixes = {line.split(" |", 1)[0] for line in streamed}
+    assert prefixes == set(rows), streamed  # the same names as the table, nothing else
+    assert sorted(streamed) == ["db1.test | one", "db1.test | two", "db2.test | one", "db2.test | two"], streamed
+
+
+def test_follow_refusals_are_the_same_with_fan_out_flags(fleet: Fleet):
+    """--follow with --json or --background is a usage error (exit 2) whether or not the job
+    is fanned out, and nothing runs."""
+    for extra in (["--json"], ["--background"], ["--no-wait"]):
+        for target in ([], ["--label", "db"]):
+            code, out, err, _ = fleet.send("shell", *target, "--follow", *extra, "--", "touch", "refused")
+            assert code == 2 and "--follow" in err and "Traceback" not in err, (extra, target, out, err)
+    assert not any(fleet.ran(h, "refused") for h in fleet.folders)
+
+
+def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(fleet: Fleet, tmp_path):
+    """Foreground fan-out with no --timeout: web1's worker is killed -9 mid-job, so gearmand
+    requeues its `shell@host:web1.test` job for nobody. The sender notices nobody serves it any
+    more and, after sender.no_worker_timeout (2 s here), reports web1 `no answer`; the db hosts
+    complete; exit 1; the run ends instead of waiting forever."""
+    config = nl.write_config(tmp_path / "nwsender" / "config.yaml", [fleet.address],
+                             "sender:\n  no_worker_timeout: 2\n")
+    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--all", "--", "sh", "-c",
+                            "touch started; sleep 3; touch finished")
+    try:
+        wait_until(lambda: fleet.ran("web1.test", "started"), 30, message="the command started on web1")
+        os.kill(fleet.workers["web1.test"].pid, signal.SIGKILL)
+        code = proc.wait(60)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    rows = table(proc.stdout)
+    assert sorted(rows) == ["db1.test", "db2.test", "web1.test"], (proc.stdout, proc.stderr)
+    assert rows["web1.test"][1] == "no answer", proc.stdout
+    assert "no_worker_timeout" in proc.stdout and "any more" in proc.stdout, proc.stdout
+    assert rows["db1.test"][1] == rows["db2.test"][1] == "complete", proc.stdout
+    assert code == 1
+    assert "any more" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr  # the warning, once
+    assert fleet.ran("db1.test", "finished") and not fleet.ran("web1.test", "finished")
+
+    # The only host targeted, killed: the same `no answer` row, not exit 3 with no table.
+    (fleet.folders["db2.test"] / "started").unlink()
+    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--host", "db2.test", "--", "sh", "-c",
+                            "touch started; sleep 30")
+    try:
+        wait_until(lambda: fleet.ran("db2.test", "started"), 30, message="the command started on db2")
+        os.kill(fleet.workers["db2.test"].pid, signal.SIGKILL)
+        code = proc.wait(60)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    rows = table(proc.stdout)
+    assert list(rows) == ["db2.test"] and rows["db2.test"][1] == "no answer", (proc.stdout, proc.stderr)
+    assert code == 1, proc.stderr
+
+
+def test_background_fan_out_results_and_status_per_host_with_a_collector(fleet: Fleet):
+    """Background fan-out, then `send result UNIQUE@HOST` for each host from the outcomes
+    collector (each host's own output), and `send status` answering per host."""
+    collector = fleet.lab.config("collector", [fleet.address], "outcomes:\n  path: outcomes.sqlite\n")
+    fleet.lab.run(fleet.srv, nl.MANAGER, collector, "outcomes", "serve", label="collector")
+    wait_until(lambda: any(line.startswith("geartask.outcomes.query\t") and not line.endswith("\t0")
+                           for line in fleet.lab.observe(nl.admin_status, fleet.address)),
+               30, message="the collector attached")
+    code, out, err, _ = fleet.send("shell", "--all", "--background", "--json", "--",
+                                   "sh", "-c", "touch bgrun; echo from-$(basename \"$PWD\")")
+    queued = {x["host"]: x for x in map(json.loads, out.splitlines())}
+    assert code == 0 and sorted(queued) == ["db1.test", "db2.test", "web1.test"], (out, err)
+    assert {x["state"] for x in queued.values()} == {"queued"}, out
+    base = queued["db1.test"]["unique"].rsplit("@", 1)[0]
+    assert all(x["unique"] == f"{base}@{h}" for h, x in queued.items()), out  # one key, per host
+    wait_until(lambda: all(fleet.ran(h, "bgrun") for h in fleet.folders), 30, message="every host ran")
+    for host, folder in fleet.folders.items():
+        code, out, err, _ = fleet.send("result", f"{base}@{host}", "--wait", "30", "--json")
+        o = json.loads(out)
+        assert code == 0 and o["state"] == "complete", (host, out, err)
+        assert o["unique"] == f"{base}@{host}" and o["task"] == "shell", o  # the task its worker ran
+        assert o["result"]["output"].strip() == f"from-{folder.name}", o  # ran on that host, in its folder
+    code, out, err, _ = fleet.send("result", f"{base}@db1.test")
+    assert code == 0 and out.startswith(f"complete shell [{base}@db1.test]"), (out, err)
+    code, out, err, _ = fleet.send("result", f"{base}@nohost.test")
+    assert code == 1 and out.startswith("unknown"), (out, err)
+
+    code, out, err, _ = fleet.send("status", "--json")
+    got = {json.loads(line)["unique"]: json.loads(line) for line in out.splitlines()}
+    assert sorted(got) == [f"{base}@db1.test", f"{base}@db2.test", f"{base}@web1.test"], (out, err)
+    assert {s["state"] for s in got.values()} == {"complete"} and code == 0, out
+    assert {s["task"] for s in got.values()} == {f"shell@host:{h}" for h in fleet.folders}, out
+    code, out, err, _ = fleet.send("status", "--task", "shell@host:web1.test")
+    assert code == 0 and f"{base}@web1.test" in out and "db1.test" not in out, out
+    assert "1 job(s): 1 complete" in out, out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dashboards import DashboardProc
 from helpers import wait_until
-from test_dashboard import dashboards  # noqa: F401
 from test_dashboard_browser import _text, browser  # noqa: F401
 from workers import WorkerProc
 

@@ -123,6 +123,7 @@ class Batch:
         self.unserved = Unserved([(s.link.host, s.link.port) for s in self.lanes], self.settings.submit_timeout,
                                  getattr(self.settings, "no_worker_timeout", 30.0), self.log, settings.served)
         self.abandoned: set[_Lane] = set()  # lanes holding jobs given up for want of a worker
+        self.last_finish = self.start  # when a job last finished: a quiet call asks if its workers are gone
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, on_progress: Callable[[Progress], None] | None) -> Iterator[JobResult]:
@@ -136,6 +137,8 @@ class Batch:
                 self._check_no_server(now)
                 if self.unserved.due(now):
                     self._check_no_worker(now)
+                if self.unserved.watch_due(now, self.last_finish):
+                    self._watch_workers(now)
                 if self.deadline is not None and now >= self.deadline and not self.timed_out:
                     self._time_out()
                 self._flush_record()  # as they are accepted: a killed sender still leaves a record
@@ -399,6 +402,7 @@ class Batch:
         res = j.res
         res.state, res.result, res.error = state, result, error
         res.seconds = time.monotonic() - j.started
+        self.last_finish = j.started + res.seconds
         if j.lane is not None and res.server is None:
             res.server = j.lane.address
         self.open_bytes -= len(j.payload)
@@ -498,6 +502,11 @@ class Batch:
                                                        for j in self.open.values()):
             raise NoWorkerError(expired, unserved.snapshot.asked if unserved.snapshot else [],
                                 [unserved.given_up[t] for t in expired])
+
+    def _watch_workers(self, now: float) -> None:
+        """Foreground jobs of a task whose workers all went away (a worker killed mid-job: gearmand
+        requeues it for nobody) get sender.no_worker_timeout from now, as a task nobody serves."""
+        self.unserved.watch({j.task for j in self.open.values() if not j.finished and not j.background}, now)
 
     # -- receiving ---------------------------------------------------------------------------
     def _poll(self, now: float) -> None:

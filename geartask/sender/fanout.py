@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-from ..errors import JobDefinitionError, NoServerError, NoSuchHostError, UsageError
+from ..errors import JobDefinitionError, NoServerError, NoSuchHostError, NoWorkerError, UsageError
 from ..jobs import JobDefinition, new_unique
 from ..targets import TargetError, check_host, check_label, host_function, label_function
 from .batch import MAX_UNIQUE
@@ -196,6 +196,13 @@ def _rc(value: Any) -> int | None:
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else None
 
 
+def _no_worker_line(error: str) -> str:
+    """The table's short form of a no-worker failure (the task is the host's own; --json has it all)."""
+    _, cut, rest = error.partition("; gave up")
+    head = "no worker serves it any more" if " any more " in error.partition(";")[0] else "no worker serves it"
+    return head + (cut + rest.removesuffix(": no answer").removesuffix(": not run") if cut else "")
+
+
 def host_result(host: str, r: JobResult, timeout: float | None) -> HostResult:
     """A JobResult as the host's line: a timeout is ``no answer``, distinct from ``failed``."""
     out = HostResult(host, r.state, r.task, r.unique, seconds=r.seconds, job=r)
@@ -208,6 +215,10 @@ def host_result(host: str, r: JobResult, timeout: float | None) -> HostResult:
         out.line = f"no answer within {timeout:g}s" if timeout else "no answer"
     elif r.state == QUEUED:
         out.line = f"queued as {r.handle}@{r.server}"
+    elif r.no_worker and isinstance(r.error, str) and r.error.startswith("no worker serves"):
+        # given up after sender.no_worker_timeout: the host's workers went away (or never came)
+        out.state = NO_ANSWER
+        out.line = _no_worker_line(r.error)
     else:
         out.state = FAILED
         out.rc = _rc(r.error)
@@ -256,7 +267,7 @@ def fan_out(sender: Any, job: JobDefinition | Mapping, hosts: list[str], *, batc
     for n, wave in enumerate(plan):
         by_unique = {host_unique(unique, h): h for h in wave}
         seen: set[str] = set()
-        error = ""
+        error, missing = "", FAILED
         try:
             for r in sender.stream([_host_job(job, h, unique, overrides or {}) for h in wave], wait=wait,
                                    timeout=timeout, **stream_kwargs):
@@ -269,10 +280,12 @@ def fan_out(sender: Any, job: JobDefinition | Mapping, hosts: list[str], *, batc
                 yield hr
         except NoServerError as e:
             error = str(e)
+        except NoWorkerError as e:  # every host left had lost its workers: no_worker_timeout passed
+            error, missing = _no_worker_line(str(e)), NO_ANSWER
         for h in wave:  # a host never goes missing from the report
             if h not in seen:
                 failed += 1
-                yield HostResult(h, FAILED, host_function(job.task, h), host_unique(unique, h),
+                yield HostResult(h, missing, host_function(job.task, h), host_unique(unique, h),
                                  line=_first_line(error) or "no result")
         if max_fail is not None and failed >= max_fail:
             for rest in plan[n + 1:]:

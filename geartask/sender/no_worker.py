@@ -23,6 +23,7 @@ RECHECK = 1.0  # seconds between asks while foreground jobs wait for a task nobo
 SERVED_TTL = 10.0  # a task seen served is not asked about again for this long (across calls)
 MAX_REMEMBERED = 10_000  # served tasks remembered per sender
 ASK_TIMEOUT = 1.0  # seconds an ask may hold the call up (at most sender.submit_timeout)
+WATCH_EVERY = 5.0  # seconds without a result before served tasks with waiting jobs are asked about again
 MAX_BACKOFF = 30.0  # a server that did not answer is asked again after 1, 2, 4... up to this many seconds
 INTERNAL_PREFIX = "geartask."  # internal functions (outcomes, control) are never offered as hints
 
@@ -106,6 +107,11 @@ def ask(servers: Iterable[tuple[str, int]], timeout: float, now: float | None = 
     return Snapshot(time.monotonic() if now is None else now, workers, asked, failed)
 
 
+def lost_text(task: str, snapshot: Snapshot) -> str:
+    """'no worker serves task 'x' any more on any server (A, B)': its workers went away."""
+    return f"no worker serves task {printable(task)!r} any more on any server ({printable(snapshot.where())})"
+
+
 def unserved_text(task: str, snapshot: Snapshot) -> str:
     """'no worker serves task 'x' on any server (A, B); did you mean 'y'?'"""
     text = f"no worker serves task {printable(task)!r} on any server ({printable(snapshot.where())})"
@@ -141,7 +147,9 @@ class Unserved:
         self.text: dict[str, str] = {}  # task nobody serves -> the warning's text
         self.given_up: dict[str, str] = {}  # task -> the error its foreground jobs fail with
         self.warned: set[tuple[str, bool]] = set()  # (task, background) said once per call
+        self.lost: set[str] = set()  # tasks served when first met whose workers all went away since
         self.next_ask = 0.0
+        self.next_watch = 0.0  # when served tasks with waiting jobs may be asked about again
 
     def _ask(self, now: float) -> Snapshot | None:
         """One round, of the servers not backing off: a silent one costs the call at most
@@ -221,9 +229,43 @@ class Unserved:
                 self.log.info(f"a worker for task {printable(task)!r} appeared: its jobs run", task=task)
                 self.verdict[task] = True
                 self.since.pop(task, None)
+                self.lost.discard(task)
                 continue
             if snap is not None and now - self.since[task] >= self.limit:  # only on an answer
+                end = "no answer" if task in self.lost else "not run"  # a lost one may have started
                 self.given_up[task] = (f"{self.text[task]}; gave up after {self.limit:g}s "
-                                       f"(sender.no_worker_timeout): not run")
+                                       f"(sender.no_worker_timeout): {end}")
                 expired.append(task)
         return expired
+
+    def watch_due(self, now: float, quiet_since: float) -> bool:
+        """Time to ask about served tasks again: nothing finished since ``quiet_since`` for
+        WATCH_EVERY (at most no_worker_timeout), so a batch whose results keep coming never asks."""
+        every = self.watch_every()
+        return now - quiet_since >= every and now >= self.next_watch
+
+    def watch_every(self) -> float:
+        return max(RECHECK, min(WATCH_EVERY, self.limit))
+
+    def watch(self, waiting: set[str], now: float) -> None:
+        """Ask whether tasks seen served, whose foreground jobs still wait, are served still.
+        A task whose every worker went away (killed, its host cut off; gearmand then requeues
+        its running job for nobody, as for a ``TASK@host:HOST`` of a dead host) is treated from
+        now on as a task nobody serves: its jobs get no_worker_timeout, then fail."""
+        self.next_watch = now + self.watch_every()
+        tasks = sorted(t for t in waiting if self.verdict.get(t) and t not in self.since)
+        if not tasks:
+            return
+        snap = self.snapshot if self.snapshot is not None and now - self.snapshot.at < RECHECK else self._ask(now)
+        if snap is None:
+            return
+        for task in tasks:
+            if snap.serves(task):
+                continue
+            self.verdict[task] = False
+            self.since[task] = now
+            self.lost.add(task)
+            self.memory.served_at.pop(task, None)
+            self.text[task] = lost_text(task, snap)
+            self.log.warning(f"{self.text[task]} (its workers went away): its jobs wait up to {self.limit:g}s "
+                             f"(sender.no_worker_timeout) for a worker", task=task, servers=snap.asked)

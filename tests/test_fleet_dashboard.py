@@ -27,6 +27,7 @@ def test_workers_page_lists_hosts_and_labels(fresh_gearmand, make_config, dashbo
         assert host["names"] == ["db1.test"]
         html = d.get("/workers").text
         assert '<span class="hostname">db1.test</span>' in html and '<td class="labels">db, eu-west</td>' in html
+        assert "<th>Fleet</th>" not in html  # no fleet in use: no Fleet column
     finally:
         w.stop()
 

@@ -121,6 +121,8 @@ def test_the_dashboard_shows_its_fleet_and_its_workers_fleet(fresh_gearmand, two
         assert d.get_json("/")["fleets"]["filter"] == "blue"
         (host,) = d.get_json("/workers")["hosts"]
         assert [(p["pid"], p["fleet"]) for p in host["processes"]] == [(blue.pid, "blue")]
+        html = d.get("/workers").text
+        assert "<th>Fleet</th>" in html and '<td class="fleet">blue</td>' in html, html
         assert '<span class="badge fleet" id="fleet">blue</span>' in d.get("/").text
         (host,) = d.get_json("/")["hosts"]  # by name too (worker.host: this machine's name by default)
         assert host["host"] == "127.0.0.1" and host["names"] and all(host["names"])

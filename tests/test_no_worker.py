@@ -229,3 +229,48 @@ def test_the_unserved_policy_with_a_fake_clock():
     assert u2.recheck({"t.x"}, 2.0) == [] and "t.x" in u2.since and "t.x" not in u2.undecided
     answers.append(({"t.x": 2}, ["10.0.0.1:1"], {}))  # a worker appears: its jobs run
     assert u2.recheck({"t.x"}, 3.0) == [] and u2.verdict["t.x"] and "t.x" not in u2.since
+
+
+def test_a_served_task_whose_workers_went_away_is_given_up_on_with_a_fake_clock():
+    """A task served when its jobs were sent, whose last worker goes away (killed mid-job:
+    gearmand requeues the job for nobody): asked about again only after a quiet spell with no
+    result, then given no_worker_timeout like a task nobody serves; a worker that comes back
+    meanwhile keeps its jobs. No sockets."""
+    answers, rounds = [], []
+
+    def asker(servers, timeout, now):
+        rounds.append(now)
+        return no_worker.Snapshot(now, *answers.pop(0))
+
+    log = _Log()
+    u = no_worker.Unserved([("10.0.0.1", 1)], 5.0, 3.0, log, asker=asker)
+    assert u.watch_every() == 3.0  # at most no_worker_timeout; WATCH_EVERY (5 s) when that is longer
+    answers.append(({"t.a": 1, "t.b": 1}, ["10.0.0.1:1"], {}))
+    assert not u.seen("t.a", False, 0.0) and not u.seen("t.b", False, 0.0) and len(rounds) == 1
+    assert not u.watch_due(2.0, quiet_since=0.0) and not u.watch_due(4.0, quiet_since=2.0)  # results came
+    assert u.watch_due(5.0, quiet_since=2.0)
+    answers.append(({"t.a": 0, "t.b": 1}, ["10.0.0.1:1"], {}))  # t.a's worker was killed
+    u.watch({"t.a", "t.b"}, 5.0)
+    assert len(rounds) == 2 and u.since == {"t.a": 5.0} and u.verdict == {"t.a": False, "t.b": True}
+    assert not u.watch_due(6.0, quiet_since=2.0) and u.due(6.0)  # the usual rechecks take over
+    assert [ev for lv, ev in log.lines] == [
+        "no worker serves task 't.a' any more on any server (10.0.0.1:1) (its workers went away): "
+        "its jobs wait up to 3s (sender.no_worker_timeout) for a worker"]
+    answers.append(({"t.a": 0}, ["10.0.0.1:1"], {}))
+    assert u.recheck({"t.a"}, 6.0) == []
+    answers.append(({"t.a": 0}, ["10.0.0.1:1"], {}))
+    assert u.recheck({"t.a"}, 8.0) == ["t.a"]
+    assert u.given_up["t.a"].endswith("gave up after 3s (sender.no_worker_timeout): no answer")
+    # nothing to watch (no foreground job waits, or its task has no verdict): no round at all
+    n = len(rounds)
+    u.watch(set(), 20.0)
+    u.watch({"t.unknown"}, 30.0)
+    assert len(rounds) == n
+    # the worker comes back during the wait: its jobs run, the task is not 'lost' any more
+    u3 = no_worker.Unserved([("10.0.0.1", 1)], 5.0, 3.0, log, asker=asker)
+    answers.append(({"t.c": 1}, ["10.0.0.1:1"], {}))
+    u3.seen("t.c", False, 0.0)
+    answers.append(({"t.c": 0}, ["10.0.0.1:1"], {}))
+    u3.watch({"t.c"}, 4.0)
+    answers.append(({"t.c": 1}, ["10.0.0.1:1"], {}))
+    assert u3.recheck({"t.c"}, 5.0) == [] and u3.verdict["t.c"] and not u3.since and not u3.lost

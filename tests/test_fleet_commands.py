@@ -242,10 +242,10 @@ def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(flee
     complete; exit 1; the run ends instead of waiting forever."""
     config = nl.write_config(tmp_path / "nwsender" / "config.yaml", [fleet.address],
                              "sender:\n  no_worker_timeout: 2\n")
-    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--all", "--", "sh", "-c",
-                            "touch started; sleep 3; touch finished")
+    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--all", "--follow", "--", "sh", "-c",
+                            "touch started; echo started; sleep 3; touch finished")
     try:
-        wait_until(lambda: fleet.ran("web1.test", "started"), 30, message="the command started on web1")
+        wait_until(lambda: "web1.test | started" in proc.stdout, 30, message="web1's first line streamed")
         os.kill(fleet.workers["web1.test"].pid, signal.SIGKILL)
         code = proc.wait(60)
     finally:
@@ -259,6 +259,7 @@ def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(flee
     assert code == 1
     assert "any more" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr  # the warning, once
     assert fleet.ran("db1.test", "finished") and not fleet.ran("web1.test", "finished")
+    assert proc.stdout.index("web1.test | started") < proc.stdout.index("HOST "), proc.stdout
 
     # The only host targeted, killed: the same `no answer` row, not exit 3 with no table.
     (fleet.folders["db2.test"] / "started").unlink()

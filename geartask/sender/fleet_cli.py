@@ -130,11 +130,13 @@ def run(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout: 
             for r in fanout.fan_out(sender, plan.job, plan.hosts, batch=args.batch, max_fail=args.max_fail,
                                     timeout=timeout, wait=not args.no_wait, overrides=overrides, **stream_kwargs):
                 results.append(r)
-                if printer is not None and r.job is not None:
-                    printer.end(r.job)  # the host's unfinished lines, before the table
+                if printer is not None:
+                    printer.end(r)  # the host's unfinished lines (keyed by UNIQUE@HOST), before the table
                 if args.json:
                     out.write(json_line(r.to_json(), default=repr) + "\n")
                     out.flush()
+            if printer is not None:
+                printer.close()  # anything streamed by a job that ended without a result
             if not args.json:
                 order = {h: i for i, h in enumerate(plan.hosts)}
                 results.sort(key=lambda r: order.get(r.host, len(order)))

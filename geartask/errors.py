@@ -88,7 +88,8 @@ class JobError(GeartaskError):
 
 class NoWorkerError(JobError):
     """Raised when every job of a foreground call waited sender.no_worker_timeout for a task
-    no worker serves on any server asked (``tasks``, ``servers``); the jobs did not run."""
+    no worker serves on any server asked (``tasks``, ``servers``); the jobs did not run (or, when
+    their workers went away while they waited, did not finish)."""
 
     exit_status = 3  # distinct from 1 (a job ran and failed): docs/sender.md, "Exit status"
 

@@ -97,3 +97,51 @@ def test_2000_true_jobs_none_lost_or_run_twice_and_a_worker_killed_9_leaves_no_c
         wait_until(lambda: not sleeps(), 10, message="the rescuer's commands ended by its reaper too")
     finally:
         conn.close()
+
+
+# -- what a command gets on the fast path: what Popen(start_new_session=True, close_fds=True) gave --
+
+needs_spawn = pytest.mark.skipif(not spawn.available(), reason="posix_spawn with closefrom/chdir not usable here")
+
+
+@needs_spawn
+def test_the_child_leads_its_session_and_inherits_no_descriptor_of_ours(tmp_path):
+    from geartask.shell import veryeasyprocess as vep
+    r_fd, w_fd = os.pipe()
+    os.set_inheritable(w_fd, True)  # even an inheritable one: close_fds closed it, so does closefrom
+    try:
+        script = ('echo FDS $(ls /proc/self/fd); echo IDS $$ $(cut -d" " -f5,6 /proc/$$/stat); '
+                  'grep ^SigIgn /proc/self/status')
+        r = vep.shell_2_tempfile(["sh", "-c", script], cwd=str(tmp_path), timeout=10)
+    finally:
+        os.close(r_fd)
+        os.close(w_fd)
+    assert r.ok, r
+    fields = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()}
+    fds = {int(x) for x in fields["FDS"]}
+    assert fds <= {0, 1, 2, 3}, f"descriptors open in the command: {fds} (ours: {w_fd}; 3 is ls's own)"
+    assert [int(x) for x in fields["IDS"]] == [r.pid] * 3, "the command leads its own group and session"
+    ignored = int(fields["SigIgn:"][0], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), "SIGPIPE is back to its default, as Popen restores it"
+
+
+@needs_spawn
+def test_cwd_env_and_start_failures_read_as_they_did_with_popen(tmp_path, monkeypatch):
+    from geartask.shell import veryeasyprocess as vep
+    fast = [vep.shell_2_tempfile(["sh", "-c", 'pwd; echo "$X"; echo err >&2'], cwd=str(tmp_path), env={"X": "y"}),
+            vep.shell_2_tempfile(["no-such-program-here"]),
+            vep.shell_2_tempfile(["/no/such/program"]),
+            vep.shell_2_tempfile(["true"], cwd=str(tmp_path / "missing")),
+            vep.shell_2_tempfile(["echo", "a\0b"]),
+            vep.shell_2_tempfile(["true"], env={"X": "a\0b"})]
+    monkeypatch.setattr(spawn, "available", lambda: False)  # the same calls through Popen
+    slow = [vep.shell_2_tempfile(["sh", "-c", 'pwd; echo "$X"; echo err >&2'], cwd=str(tmp_path), env={"X": "y"}),
+            vep.shell_2_tempfile(["no-such-program-here"]),
+            vep.shell_2_tempfile(["/no/such/program"]),
+            vep.shell_2_tempfile(["true"], cwd=str(tmp_path / "missing")),
+            vep.shell_2_tempfile(["echo", "a\0b"]),
+            vep.shell_2_tempfile(["true"], env={"X": "a\0b"})]
+    assert fast[0].output == slow[0].output == f"{tmp_path}\ny\nerr\n"
+    for f, s in zip(fast[1:], slow[1:], strict=True):
+        assert (f.returncode, f.reason) == (s.returncode, s.reason)
+        assert f.reason

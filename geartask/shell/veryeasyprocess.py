@@ -206,6 +206,8 @@ def _fast_start(cmd, executable, shell, env) -> tuple[bytes, list[bytes]] | None
         return program, argv
     path = env.get(b"PATH")
     for folder in (os.fsdecode(path) if path is not None else os.defpath).split(os.pathsep):
+        if not os.path.isabs(folder):
+            return None  # relative to the child's cwd: Popen looks it up there
         candidate = os.path.join(os.fsencode(folder), program)  # as Popen looks it up: the child's PATH
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate, argv

@@ -134,7 +134,8 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     except (TypeError, ValueError) as e:
         return Result(None, reason=f"bad environment: {shown(str(e))}")
 
-    out = tempfile.TemporaryFile() if capture else None
+    # Unbuffered: the command writes to it, we read it once (no buffer, no isatty check).
+    out = tempfile.TemporaryFile(buffering=0) if capture else None
     try:
         proc = None
         try:
@@ -170,10 +171,10 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
 
         output, cut = "", False
         if out is not None:
-            size = out.seek(0, os.SEEK_END)
+            size = os.fstat(out.fileno()).st_size
             if size:
-                out.seek(0)
-                data = out.read(min(size, max_output))  # never a max_output-sized buffer for nothing
+                # never a max_output-sized buffer for nothing
+                data = os.pread(out.fileno(), min(size, max_output), 0)
                 cut = size > max_output
                 output = data.decode("utf-8", errors="replace")
         reason = None

@@ -61,6 +61,8 @@ _lock = threading.Lock()
 
 def _load() -> _Libc | None:
     global _libc, _unusable
+    if _libc is not None or _unusable:  # the per-command path: no lock once decided
+        return _libc
     with _lock:
         if _libc is None and not _unusable:
             try:

@@ -38,7 +38,10 @@ def check(config: Config) -> tuple[list[str], list[str]]:
     WorkerProcess.plan(config, threads, isolated_tasks(plugin_tasks, config))
     # the scheduler's: every schedule (cron, task names, ...), config's and plugins'
     schedules = load_schedules(config, plugins)
-    lines = [f"config: {config.source or '(defaults)'}", f"servers: {', '.join(config.servers)}"]
+    # a bare IPv6 entry is said as it is read: the whole of it is the host (docs/configuration.md)
+    shown = [f"{s} (read as {a})" if ":" in a.host and not s.strip().startswith(("[", "tls://[")) else s
+             for s, a in zip(config.servers, config.server_addresses, strict=True)]
+    lines = [f"config: {config.source or '(defaults)'}", f"servers: {', '.join(shown)}"]
     for name in plugins.names:
         tasks = sorted(t for t, (_, p) in plugin_tasks.items() if p == name)
         lines.append(f"plugin {name} ({plugins.files[name]}): tasks {', '.join(tasks) or '-'}")

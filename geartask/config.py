@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .address import format_address, split_address
 from .errors import ConfigError, UsageError
 from .shellenv import check_shell_config
 
@@ -29,23 +30,12 @@ MIN_MAX_PACKET = 4096  # gearman.max_packet below this would refuse gearmand's o
 
 
 def parse_hostport(text: Any, key: str = "servers", path: str | None = None) -> tuple[str, int]:
-    """'host:port' (or 'host', meaning port 4730) -> (host, port); ConfigError if malformed."""
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"expected 'host:port', got {text!r}", path, key)
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(DEFAULT_PORT)
-    host = host.strip("[]")
-    if not host or not host.isprintable() or any(c.isspace() for c in host):
-        raise ConfigError(f"bad host in {text!r}", path, key)
+    """'host:port', '[v6]:port', 'host' or a bare IPv6 address (port 4730) -> (host, port);
+    ConfigError naming ``key`` if malformed (geartask.address.split_address has the rules)."""
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad port in {text!r}: not a number", path, key) from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"bad port in {text!r}: must be 1-65535", path, key)
-    return host, port
+        return split_address(text, DEFAULT_PORT)
+    except ValueError as e:
+        raise ConfigError(str(e), path, key) from None
 
 
 class ServerAddress(tuple):
@@ -68,7 +58,7 @@ class ServerAddress(tuple):
         return self[1]
 
     def __str__(self) -> str:
-        hostport = f"[{self[0]}]:{self[1]}" if ":" in self[0] else f"{self[0]}:{self[1]}"
+        hostport = format_address(self[0], self[1])
         return f"tls://{hostport}" if self.tls else hostport
 
 
@@ -128,6 +118,8 @@ class WorkerConfig:
     max_jobs: int = 0  # exit 0 after this many jobs (a supervisor starts a fresh process); 0: no limit
     tasks: dict[str, TaskOptions] = field(default_factory=dict)  # tasks with threads of their own
     metrics_listen: str = ""  # host:port of this process's own Prometheus /metrics; empty: off
+    host: str = ""  # the host name targeted jobs name (TASK@host:HOST); "": the machine's FQDN
+    labels: list[str] = field(default_factory=list)  # TASK@label:LABEL functions registered too
     shell: ShellConfig = field(default_factory=ShellConfig)
 
 
@@ -331,7 +323,9 @@ def _convert(value: Any, tp: Any, key: str, path: str | None, base: Path) -> Any
         return p if p.is_absolute() else base / p
     if tp is str:
         if not isinstance(value, str) or value == "":
-            raise ConfigError(f"expected a string, got {value!r}", path, key)
+            quote = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"' \
+                if isinstance(value, list) and key.startswith("servers") else ""
+            raise ConfigError(f"expected a string, got {value!r}{quote}", path, key)
         if key in _CHOICES and value.lower() not in _CHOICES[key]:
             raise ConfigError(f"must be one of {', '.join(_CHOICES[key])}, got {value!r}", path, key)
         return value.lower() if key in _CHOICES else value
@@ -512,6 +506,7 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
         if options.threads <= 0:
             raise ConfigError(f"must be greater than 0, got {options.threads}", path, f"worker.tasks.{name}.threads")
     check_shell_config(cfg.worker.shell.allow, cfg.worker.shell.env_allow, path)
+    _check_targets(cfg, path)
     if cfg.gearman.max_packet < MIN_MAX_PACKET:
         raise ConfigError(f"must be at least {MIN_MAX_PACKET} bytes, got {cfg.gearman.max_packet}", path,
                           "gearman.max_packet")
@@ -521,6 +516,21 @@ def parse_config(data: Any, path: str | None = None, base: Path | None = None) -
     _check_trust(cfg, path, base)
     _check_postgresql(cfg, path)
     return cfg
+
+
+def _check_targets(cfg: Config, path: str | None) -> None:
+    """worker.host and worker.labels become gearmand function names: a checked charset only."""
+    from .targets import TargetError, check_host, check_label
+    try:
+        if cfg.worker.host:
+            check_host(cfg.worker.host)
+    except TargetError as e:
+        raise ConfigError(str(e), path, "worker.host") from None
+    for i, label in enumerate(cfg.worker.labels):
+        try:
+            check_label(label)
+        except TargetError as e:
+            raise ConfigError(str(e), path, f"worker.labels[{i}]") from None
 
 
 def _check_trust(cfg: Config, path: str | None, base: Path) -> None:
@@ -571,7 +581,11 @@ def load_config(path: str | os.PathLike | None = None, servers: list[str] | str 
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-            raise ConfigError(f"YAML syntax error: {e.problem or e}", str(found), line=line, column=col) from None
+            hint = ""
+            bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
+            if "[" in bad_line and "]:" in bad_line:  # - [::1]:4730 starts a YAML list
+                hint = ': quote a bracketed IPv6 address in YAML, as "[2001:db8::1]:4730"'
+            raise ConfigError(f"YAML syntax error: {e.problem or e}{hint}", str(found), line=line, column=col) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"YAML error: {e}", str(found)) from None
         except RecursionError:  # PyYAML's composer recurses once per nesting level

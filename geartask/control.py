@@ -2,9 +2,10 @@
 
 Each worker process registers its own control function, ``geartask.control:<name>:<ip>:<pid>``
 (Gearman hands a job to exactly one worker); each thread's client id is
-``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees, followed by
-``:<fleet>`` when the config names one (``fleet``). The send side of
-each control command is here (``*_request``, ``parse_command``); the worker's side is
+``<name>:<ip>:<pid>:<thread-index>``, ``<ip>`` being what that server sees (an IPv6 address
+bracketed, ``w1:[::1]:1234:0``), followed by ``:<fleet>`` when the config names one (``fleet``).
+Both are written by WorkerIdentity and read by parse_client_id/parse_control_function only.
+The send side of each control command is here (``*_request``, ``parse_command``); the worker's side is
 geartask.worker.control. docs/worker.md#control-commands describes them.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .address import format_host, split_fields, unbracket
 from .errors import UsageError
 
 CONTROL_PREFIX = "geartask.control"
-COMMANDS = ("shutdown", "ping", "stop")
+COMMANDS = ("shutdown", "ping", "stop", "output")
 
 
 def check_name(name: str) -> str:
@@ -47,11 +49,11 @@ class WorkerIdentity:
 
     @property
     def client_id(self) -> str:
-        return f"{self.name}:{self.ip}:{self.pid}:{self.thread}" + (f":{self.fleet}" if self.fleet else "")
+        return f"{self.name}:{format_host(self.ip)}:{self.pid}:{self.thread}" + (f":{self.fleet}" if self.fleet else "")
 
     @property
     def control_function(self) -> str:
-        return f"{CONTROL_PREFIX}:{self.name}:{self.ip}:{self.pid}"
+        return f"{CONTROL_PREFIX}:{self.name}:{format_host(self.ip)}:{self.pid}"
 
     def for_thread(self, index: int) -> "WorkerIdentity":
         return WorkerIdentity(self.name, self.ip, self.pid, index, self.fleet)
@@ -67,11 +69,11 @@ def _is_number(text: str) -> bool:
 
 
 def parse_client_id(text: str) -> WorkerIdentity | None:
-    """'w1:10.0.0.5:1234:3' (or with ':FLEET' after it) -> WorkerIdentity; None for a client id
-    of another form."""
-    parts = text.strip().split(":")
+    """'w1:10.0.0.5:1234:3' or 'w1:[::1]:1234:3' (or with ':FLEET' after it) -> WorkerIdentity
+    (its ip unbracketed); None for a client id of another form."""
+    parts = split_fields(text.strip())
     fleet = ""
-    if len(parts) == 5:  # a fleet's worker; an IPv6 address makes more parts and is not parsed (yet)
+    if len(parts) == 5:  # a fleet's worker
         fleet = parts.pop()
         try:
             check_fleet(fleet)
@@ -79,7 +81,10 @@ def parse_client_id(text: str) -> WorkerIdentity | None:
             return None
     if len(parts) != 4 or not parts[0] or not _is_number(parts[2]) or not _is_number(parts[3]):
         return None
-    return WorkerIdentity(parts[0], parts[1], int(parts[2]), int(parts[3]), fleet)
+    ip = unbracket(parts[1])
+    if ip is None:
+        return None
+    return WorkerIdentity(parts[0], ip, int(parts[2]), int(parts[3]), fleet)
 
 
 def parse_control_function(function: str) -> WorkerIdentity | None:
@@ -87,10 +92,13 @@ def parse_control_function(function: str) -> WorkerIdentity | None:
     prefix = CONTROL_PREFIX + ":"
     if not function.startswith(prefix):
         return None
-    parts = function[len(prefix):].split(":")
+    parts = split_fields(function[len(prefix):])
     if len(parts) != 3 or not parts[0] or not _is_number(parts[2]):
         return None
-    return WorkerIdentity(parts[0], parts[1], int(parts[2]))
+    ip = unbracket(parts[1])
+    if ip is None:
+        return None
+    return WorkerIdentity(parts[0], ip, int(parts[2]))
 
 
 def shutdown_request(now: bool = False) -> bytes:
@@ -105,7 +113,7 @@ def ping_request() -> bytes:
     ``{"ok": true, "command": "ping", "worker": label, "name", "fleet" ("" none), "pid", "ips": [...],
     "threads", "busy" (threads running a job now), "jobs_done", "started": epoch seconds,
     "running": [{"handle", "task", "unique", "server", "seconds"}], "dedicated": {task:
-    threads}, "max_jobs" (0: none), "tasks": {task: {"complete", "failed", "retried",
+    threads}, "max_jobs" (0: none), "host" (worker.host), "labels", "tasks": {task: {"complete", "failed", "retried",
     "seconds_sum", "buckets": {"0.005": n, ..., "+Inf": n}}}}``: counters since the process
     started, ``buckets`` a cumulative histogram of job durations (Prometheus "le" bounds,
     geartask.worker.stats.BOUNDS). A process that does not answer within the deadline is
@@ -130,6 +138,21 @@ def stop_request(handle: str, server: str | None = None) -> bytes:
     "stopped": true|false}``: false when that process does not run the job.
     """
     cmd: dict = {"command": "stop", "handle": handle}
+    if server is not None:
+        cmd["server"] = server
+    return json.dumps(cmd).encode()
+
+
+def output_request(handle: str, server: str | None = None) -> bytes:
+    """The payload of an output control job: the recent output of the running job ``handle``
+    (of job server ``server``, as for ``stop``), when it runs followed (``"follow": true``).
+
+    The worker answers ``{"ok": true, "command": "output", "worker": label, "handle": H,
+    "running": true|false, "live": true|false, "output": text (the last 64 KiB), "bytes": N
+    (written so far), "cut": bool, "dropped": N (bytes not streamed), "host": name}``; ``live``
+    false (and no output) for a job that runs unfollowed. The dashboard's Job page polls it.
+    """
+    cmd: dict = {"command": "output", "handle": handle}
     if server is not None:
         cmd["server"] = server
     return json.dumps(cmd).encode()
@@ -174,12 +197,12 @@ def parse_command(raw: bytes) -> dict:
         raise UsageError(f"control 'to' must be a control function name, got {repr(cmd['to'])[:80]}")
     if not isinstance(cmd.get("now", False), bool):
         raise UsageError(f"control 'now' must be true or false, got {repr(cmd['now'])[:80]}")
-    if cmd["command"] == "stop":
+    if cmd["command"] in ("stop", "output"):
         for key, required in (("handle", True), ("server", False)):
             value = cmd.get(key)
             if value is None and not required:
                 continue
             if not isinstance(value, str) or not value or len(value) > MAX_HANDLE:
-                raise UsageError(f"control 'stop' needs '{key}' as a non-empty string of at most "
+                raise UsageError(f"control '{cmd['command']}' needs '{key}' as a non-empty string of at most "
                                  f"{MAX_HANDLE} characters, got {repr(value)[:80]}")
     return cmd

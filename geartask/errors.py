@@ -86,6 +86,11 @@ class JobError(GeartaskError):
         super().__init__(message)
 
 
+class NoSuchHostError(JobError):
+    """A targeted job names a host (or label) that no worker serving its task announces:
+    reported at once, not queued for a worker that will never come."""
+
+
 class JobDefinitionError(JobError):
     """Raised when a job definition is malformed (no task, data that can't be serialised...)."""
 

@@ -12,7 +12,8 @@ class JsonLinesFile:
     """``path`` plus ``backups`` rotated files (FILE.1 the newest of them), past ``max_bytes``
     like the logs. Appends take an advisory lock (FILE.lock), so one process's rotation never
     races another's append; a short write (a full disk) is cut back, and a half line a crashed
-    writer left is ended first, so a record is never glued to another."""
+    writer left is ended first, so a record is never glued to another. New files are 0600: the
+    sender's record and the dead letters hold job data, which may carry secrets."""
 
     def __init__(self, path: Path, max_bytes: int = 10 * 1024 * 1024, backups: int = 5):
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
@@ -24,11 +25,11 @@ class JsonLinesFile:
     def append(self, data: bytes) -> None:
         """Append ``data`` (whole lines); OSError when it could not be written (nothing half-written stays)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        lock = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._rotate_if_full(len(data))
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 self._write_whole(fd, data)
             finally:

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PATH:/usr/sbin"
 PY=.venv/bin/python
+GT=.venv/bin/geartask
 DEMO=var/demo
 mkdir -p "$DEMO"
 PORT=$($PY -c 'from geartask.server import free_port; print(free_port())')
@@ -24,36 +25,36 @@ export GEARTASK_CONFIG="$PWD/$DEMO/config.yaml"
 worker_pid=""
 cleanup() {
   [ -n "$worker_pid" ] && kill "$worker_pid" 2>/dev/null || true
-  $PY manage_client/manage_client.py server stop >/dev/null 2>&1 || true
+  $GT manage server stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 step() { printf '\n== %s\n' "$*"; }
 step "start a local gearmand on 127.0.0.1:$PORT"
-$PY manage_client/manage_client.py server start
+$GT manage server start
 
 step "start 4 workers named demo (log: $DEMO/logs/worker-demo.log)"
-$PY worker_client/runworkers.py --name demo --threads 4 2>>"$DEMO/worker-console.log" &
+$GT worker --name demo --threads 4 2>>"$DEMO/worker-console.log" &
 worker_pid=$!
 for _ in $(seq 100); do
-  $PY manage_client/manage_client.py workers --no-ping --json 2>/dev/null | grep -q '"name": *"demo"' && break
+  $GT manage workers --no-ping --json 2>/dev/null | grep -q '"name": *"demo"' && break
   sleep 0.1
 done
 
 step "send the eg plugin's jobs and wait for them"
-$PY send_job_client/send_job_client.py plugin eg
+$GT send plugin eg
 
 step "server status"
-$PY manage_client/manage_client.py status
+$GT manage status
 
 step "workers"
-$PY manage_client/manage_client.py workers
+$GT manage workers
 
 step "shut the workers down"
-$PY manage_client/manage_client.py shutdown --name demo
+$GT manage shutdown --name demo
 wait "$worker_pid" && worker_pid=""
 
 step "stop the server"
-$PY manage_client/manage_client.py server stop
+$GT manage server stop
 trap - EXIT
 echo "demo complete"

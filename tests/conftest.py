@@ -88,11 +88,29 @@ def make_config(tmp_path):
 
 
 @pytest.fixture
-def netlab(tmp_path):
+def dashboards():
+    """dashboards(config, *extra, **kw) -> a running DashboardProc (tests/dashboards.py), ready;
+    every one started is stopped afterwards."""
+    from dashboards import DashboardProc
+    started: list[DashboardProc] = []
+
+    def start(config, *extra, **kw) -> DashboardProc:
+        d = DashboardProc(config, *extra, **kw)
+        started.append(d)
+        return d.wait_ready()
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def netlab(tmp_path, request):
     """A test network (tests/netlab.py): hosts as namespaces on a bridge, torn down afterwards.
-    Skipped where namespaces can't be made (not root); in CI that is a failure instead."""
+    Skipped where namespaces can't be made (not root); in CI that is a failure instead.
+    ``@pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)`` runs a test on both."""
     import netlab as lab_module
-    with lab_module.open_lab(tmp_path) as lab:
+    with lab_module.open_lab(tmp_path, ipv6=getattr(request, "param", "ipv4") == "ipv6") as lab:
         yield lab
 
 

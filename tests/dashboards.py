@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import gearclient
+from geartask.address import format_address
 from geartask.server import free_port
 
 from helpers import REPO, wait_until
@@ -27,6 +28,26 @@ def queue_background(server, function: str, n: int) -> None:
         gearclient.submit(conn, function, [{"i": i} for i in range(n)], background=True)
     finally:
         conn.close()
+
+
+def report_outcome(server, **fields) -> dict:
+    """Send one outcome record to geartask.outcomes on ``server``, as a worker does (the collector
+    the dashboard runs stores it). ``fields`` go to make_record; ``extra`` is set on the record
+    afterwards (fields a newer worker sends, e.g. ``traceback``)."""
+    from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
+    extra = fields.pop("extra", {})
+    rec = make_record(**{"server": server.address, "state": "failed", "worker": "fw:127.0.0.1:1",
+                         "background": True, **fields})
+    rec.update(extra)
+    conn = gearclient.connect(server.address)
+    try:
+        for payload in encode_batches([rec]):
+            conn.send(gearclient.gp.submit_command("normal", True), task=OUTCOME_FUNCTION, unique=rec["id"],
+                      data=payload)
+            conn.expect(gearclient.gp.JOB_CREATED, 10)
+    finally:
+        conn.close()
+    return rec
 
 
 class Reply:
@@ -46,21 +67,21 @@ class DashboardProc:
 
     def __init__(self, config: Path, *extra: str, refresh: float = 1.0, port: int | None = None,
                  host: str = "127.0.0.1"):
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.host = host
         self.config = config
         self.output = config.parent / f"dashboard-{self.port}.out"
         with open(self.output, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(MANAGE), "--config", str(config), "dashboard", "--listen",
-                 f"{host}:{self.port}", "--refresh", str(refresh), *extra],
+                 format_address(host, self.port), "--refresh", str(refresh), *extra],
                 stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
         self.pid = self.proc.pid
         self.token: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{format_address(self.host, self.port)}"
 
     def wait_ready(self, timeout: float = 20) -> "DashboardProc":
         def ready():

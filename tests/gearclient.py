@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from geartask import gearman as gp
+from geartask.address import split_address
 from geartask.jobs import decode_payload, encode_payload, new_unique
 
 
@@ -31,8 +32,8 @@ class Outcome:
 
 
 def connect(address: str) -> gp.Connection:
-    host, port = address.rsplit(":", 1)
-    return gp.Connection(host, int(port)).connect()
+    host, port = split_address(address)
+    return gp.Connection(host, port).connect()
 
 
 def submit(conn: gp.Connection, task: str, payloads: list, *, background: bool = False,
@@ -118,8 +119,8 @@ def run_one(address: str, task: str, payload, timeout: float = 30, **kw) -> Outc
 
 def queued(address: str, function: str) -> int:
     """Jobs of ``function`` the server holds (queued + running), from the admin 'status'."""
-    host, port = address.rsplit(":", 1)
-    for line in gp.admin_command(host, int(port), "status"):
+    host, port = split_address(address)
+    for line in gp.admin_command(host, port, "status"):
         parts = line.split("\t")
         if parts[0] == function:
             return int(parts[1])

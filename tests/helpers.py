@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def write_config(path: Path, servers: list[str], extra: str = "",
                  plugin_paths: list[Path] | None = None) -> Path:
     """A config file for a test: its servers, logs and queue in the test's own folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    server_lines = "".join(f"  - {s}\n" for s in servers)
+    server_lines = "".join(f"  - {json.dumps(s) if s.startswith('[') else s}\n" for s in servers)  # [v6]: quoted for YAML
     paths = ", ".join(str(p) for p in (plugin_paths or [REPO / "plugins"]))
     path.write_text(f"servers:\n{server_lines}log:\n  dir: logs\n  format: json\n"
                     f"plugins:\n  paths: [{paths}]\n{extra}")

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
+from geartask.address import format_address, split_address
 from geartask.gearman import admin_command
 from geartask.server import LocalServer, pid_alive, port_open
 
@@ -50,7 +51,9 @@ from workers import WorkerProc, worker_connections
 
 PREFIX = "gtn"
 SUBNET = "10.77.0"  # a private /24; .1 is the observer (the bridge's namespace)
+SUBNET6 = "fd00:77::"  # an IPv6 lab (NetLab(ipv6=True)): a ULA /64, ::1 the observer, hosts from ::a
 NOWHERE, NOWHERE_MAC = f"{SUBNET}.254", "02:00:00:00:00:fe"  # a neighbour no host is: see partition()
+NOWHERE6 = f"{SUBNET6}fe"  # the same in an IPv6 lab (a static neighbour entry instead of ARP)
 TESTPLUGINS = Path(__file__).resolve().parent / "testplugins"
 NETPROXY = Path(__file__).resolve().parent / "netproxy.py"
 SENDER = REPO / "send_job_client" / "send_job_client.py"
@@ -67,6 +70,11 @@ _cleanup_holds = 0
 _cleanup_fd: int | None = None
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _one(address: str) -> str:
+    """A route to this one address: /32, or /128 for IPv6."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 class NetLabError(RuntimeError):
@@ -220,13 +228,16 @@ class Host:
 
     def add_address(self, address: str | None = None) -> str:
         address = address or self.lab.next_address()
-        ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        if ":" in address:  # nodad: usable at once, not 'tentative' for a second of duplicate detection
+            ip("-n", self.ns, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+        else:
+            ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", "eth0")
         self.addresses.append(address)
         return address
 
     def prefer_source(self, target: str, source: str) -> None:
         """Reach ``target`` from ``source`` (one of this host's addresses) instead of the first."""
-        ip("-n", self.ns, "route", "add", f"{target}/32", "dev", "eth0", "src", source)
+        ip("-n", self.ns, "route", "add", _one(target), "dev", "eth0", "src", source)
 
     def tcp_timers(self, peer: str) -> list[str]:
         """The kernel's timer of each TCP connection of this host with ``peer`` (``ss -o``):
@@ -285,8 +296,9 @@ class NetProc:
 class NetLab:
     """The hosts, bridge and processes of one test; ``close()`` removes all of it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, ipv6: bool = False):
         self.tmp = Path(tmp)
+        self.ipv6 = ipv6  # hosts get addresses in SUBNET6 instead of SUBNET
         self.tag = f"{PREFIX}{os.getpid()}-{next(_labs)}"
         self.bridge_ns = f"{self.tag}-br"
         self.hosts: dict[str, Host] = {}
@@ -301,6 +313,8 @@ class NetLab:
         self._add_ns(self.bridge_ns)
         ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         ip("-n", self.bridge_ns, "addr", "add", f"{SUBNET}.1/24", "dev", "br0")
+        if self.ipv6:
+            ip("-n", self.bridge_ns, "addr", "add", f"{SUBNET6}1/64", "dev", "br0", "nodad")
         ip("-n", self.bridge_ns, "link", "set", "br0", "up")
         return self
 
@@ -313,6 +327,8 @@ class NetLab:
         if self._next_host_octet >= 254:
             raise NetLabError(f"no address left in {SUBNET}.0/24")
         self._next_host_octet += 1
+        if self.ipv6:
+            return f"{SUBNET6}{self._next_host_octet - 1:x}"
         return f"{SUBNET}.{self._next_host_octet - 1}"
 
     def add_host(self, name: str, addresses: int = 1) -> Host:
@@ -350,23 +366,24 @@ class NetLab:
         """Cut the path between two hosts only, silently both ways: each sends the other's packets
         to a neighbour that does not exist (a static ARP entry for NOWHERE), so the frames die on
         the bridge, no host gets an error, and both stay reachable from everyone else."""
+        nowhere = NOWHERE6 if self.ipv6 else NOWHERE
         for src, dst in ((a, b), (b, a)):
-            ip("-n", src.ns, "neigh", "replace", NOWHERE, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
+            ip("-n", src.ns, "neigh", "replace", nowhere, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
             for address in dst.addresses:
-                ip("-n", src.ns, "route", "add", f"{address}/32", "via", NOWHERE, "dev", "eth0")
+                ip("-n", src.ns, "route", "add", _one(address), "via", nowhere, "dev", "eth0")
 
     def heal(self, a: Host, b: Host) -> None:
         for src, dst in ((a, b), (b, a)):
             for address in dst.addresses:
-                ip("-n", src.ns, "route", "del", f"{address}/32", "via", NOWHERE, "dev", "eth0")
+                ip("-n", src.ns, "route", "del", _one(address), "via", NOWHERE6 if self.ipv6 else NOWHERE, "dev", "eth0")
 
     def blackhole(self, host: Host, target: str) -> None:
         """A blackhole route on ``host`` to ``target``: packets of existing connections vanish, but
         a new connect fails at once with EINVAL on ``host`` (not silent there: see partition)."""
-        ip("-n", host.ns, "route", "add", "blackhole", f"{target}/32")
+        ip("-n", host.ns, "route", "add", "blackhole", _one(target))
 
     def unblackhole(self, host: Host, target: str) -> None:
-        ip("-n", host.ns, "route", "del", "blackhole", f"{target}/32")
+        ip("-n", host.ns, "route", "del", "blackhole", _one(target))
 
     # -- processes ------------------------------------------------------------------------
     def track(self, proc: subprocess.Popen) -> subprocess.Popen:
@@ -402,7 +419,7 @@ class NetLab:
               sliced_down: bool = False) -> str:
         """tests/netproxy.py on ``host``, listening on host.ip:port; returns its address.
         ``sliced_down``: slice only what the target sends (stunnel drops client records in slices)."""
-        listen = f"{host.ip}:{port}"
+        listen = format_address(host.ip, port)
         out = self.folder("proxies") / f"{host.name}-{port}.out"
         cmd = [sys.executable, str(NETPROXY), "--listen", listen, "--target", target, "--delay", str(delay)]
         if sliced:
@@ -478,14 +495,14 @@ class NetLab:
 
 
 @contextlib.contextmanager
-def open_lab(tmp: Path) -> Iterator[NetLab]:
+def open_lab(tmp: Path, ipv6: bool = False) -> Iterator[NetLab]:
     """The lab for one test: skipped where namespaces can't be made, failed instead in CI."""
     reason = unavailable_reason()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the network tests: {reason}", pytrace=False)
         pytest.skip(reason)
-    lab = NetLab(tmp)
+    lab = NetLab(tmp, ipv6)
     try:
         yield lab.start()
     finally:
@@ -496,8 +513,8 @@ def open_lab(tmp: Path) -> Iterator[NetLab]:
 
 def admin_status(address: str) -> list[str]:
     """gearmand's text `status` lines (function, queued, running, workers), tab-separated."""
-    host, port = address.rsplit(":", 1)
-    return admin_command(host, int(port), "status", timeout=5)
+    host, port = split_address(address)
+    return admin_command(host, port, "status", timeout=5)
 
 
 def marker_runs(marker: Path) -> collections.Counter:

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Callable
 
+from geartask.address import format_address, split_address, split_server
+
 
 class _Pump(threading.Thread):
     """Copies one direction of one connection, slicing and delaying on the way."""
@@ -108,8 +110,7 @@ class SliceProxy:
         """``tap(pump, chunk)``, if given, sees every chunk as it arrives (``pump.down``: from
         the target), before slicing: a test can parse what the server sends."""
         if isinstance(target, str):
-            host, _, port = target.rpartition(":")
-            target = (host, int(port))
+            target = split_address(target)
         self.target = target
         self.slice_down, self.slice_up, self.delay = slice_down, slice_up, delay
         self.min_slice, self.max_slice, self.pause_chance = min_slice, max_slice, pause_chance
@@ -123,7 +124,7 @@ class SliceProxy:
         self._socks: set[socket.socket] = set()
         self._open: dict[tuple[socket.socket, socket.socket], int] = {}  # pair -> directions still open
         self._lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener = socket.socket(socket.AF_INET6 if ":" in listen_host else socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((listen_host, listen_port))
         self.listener.listen(512)
@@ -132,7 +133,7 @@ class SliceProxy:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     def start(self) -> "SliceProxy":
         self._accepter.start()
@@ -206,10 +207,10 @@ class SliceProxy:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return split_server(text)  # IP:PORT or [v6]:PORT
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

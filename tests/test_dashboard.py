@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gearclient
-from dashboards import DashboardProc, queue_background
+from dashboards import queue_background
 from fakeworker import FakeControlWorker
 from geartask import fleet as admin
 from geartask.control import COMMANDS
@@ -33,20 +33,6 @@ PAGES = ["/", "/functions", "/workers", "/jobs", "/failed", "/job?key=nothing"]
 def _addr(server) -> tuple[str, int]:
     host, port = server.address.rsplit(":", 1)
     return host, int(port)
-
-
-@pytest.fixture
-def dashboards():
-    started: list[DashboardProc] = []
-
-    def start(config, *extra, **kw) -> DashboardProc:
-        d = DashboardProc(config, *extra, **kw)
-        started.append(d)
-        return d.wait_ready()
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 # -- where it listens, and who may ask ------------------------------------------------------
@@ -459,6 +445,9 @@ def test_no_collector_reads_outcomes_from_the_collector_elsewhere(fresh_gearmand
     wait_until(lambda: [r["unique"] for r in lone.get_json("/failed")["failed"]] == [f"{fname}-x"], 15,
                message="read through gearmand from the other dashboard's collector")
     assert with_collector.get_json("/failed")["failed"][0]["unique"] == f"{fname}-x"
+    # the throughput chart asks the collector elsewhere too (the per_minute op, through gearmand)
+    wait_until(lambda: lone.get_json("/throughput")["totals"]["failed"] == 1, 15, message="charted from elsewhere")
+    assert lone.get_json("/throughput")["error"] is None
 
 
 def test_a_worker_process_serves_its_own_metrics(gearmand, make_config, fname):
@@ -648,3 +637,168 @@ def test_fleet_counters_cap_task_names_and_expire_tasks_nobody_reports():
     assert len(c.snapshot()) == MAX_FLEET_TASKS and c.dropped > 50
     c.update([{"name": "w", "pid": 99, "started": 1, "tasks": {"alive": {"complete": 1}}}], now=3602.0)
     assert set(c.snapshot()) == {"alive"}  # the rest went unreported for an hour
+
+
+# -- issue 22: charts from the outcome store, the Job page, internal queues -----------------------
+
+def test_throughput_chart_reads_the_outcome_store_and_survives_a_restart(fresh_gearmand, make_config, fname,
+                                                                          dashboards):
+    """Outcomes stored before the dashboard ever ran are on its chart, by minute and state."""
+    from geartask.outcomes import open_store
+    path, config = make_config(fresh_gearmand)
+    minute = int(time.time() // 60) * 60
+    store = open_store("sqlite", config.outcomes.path)
+    records = [dict(unique=f"{fname}-{i}", finished_at=minute - 600 + 5 + i) for i in range(3)]
+    records += [dict(unique=f"{fname}-f{i}", finished_at=minute - 300 + 1, state="failed") for i in range(2)]
+    records += [dict(unique=f"{fname}-old", finished_at=minute - 7200)]  # over an hour ago: not charted
+    from geartask.outcomes import make_record
+    store.add([make_record(server="127.0.0.1:1", handle=f"H:x:{r['unique']}", task=fname,
+                           **{"state": "complete", **r}) for r in records])
+    store.close()
+    for _ in range(2):  # the second dashboard, a restart, shows the same hour
+        d = dashboards(path, refresh=0.5)
+        data = d.get_json("/throughput")
+        assert data["unit"] == "jobs per minute" and data["error"] is None
+        assert len(data["minutes"]) == 60 and data["minutes"][-1]["minute"] <= time.time()
+        by_minute = {m["minute"]: (m["complete"], m["failed"]) for m in data["minutes"]}
+        assert by_minute[minute - 600] == (3, 0) and by_minute[minute - 300] == (0, 2)
+        assert sum(c + f for c, f in by_minute.values()) == 5 and data["totals"] == {"complete": 3, "failed": 2}
+        assert d.get_json("/")["throughput"]["totals"] == {"complete": 3, "failed": 2}
+        html = d.get("/").text
+        assert 'class="tchart"' in html and ">jobs per minute</text>" in html and ">time (UTC)</text>" in html
+        assert 'id="throughput-complete">3<' in html and 'id="throughput-failed">2<' in html
+        d.stop()
+
+
+def test_queue_depth_chart_says_what_the_queued_tile_counts(fresh_gearmand, make_config, fname, dashboards):
+    path, _ = make_config(fresh_gearmand)
+    queue_background(fresh_gearmand, fname, 5)
+    d = dashboards(path, refresh=0.5)
+    page = d.get_json("/")
+    assert page["totals"]["queued"] == 5 and page["queued_now"][fname] == 5
+    html = d.get("/").text
+    # a function with jobs comes before the idle ones (the collector's own queues here)
+    assert html.index(f'data-function="{fname}"') < html.index('figure class="chart" data-function="geartask.outcomes"')
+    chart = html[html.index(f'data-function="{fname}"'):]
+    chart = chart[:chart.index("</figure>")]
+    assert 'queued now <b class="now">5</b>' in chart and "peak 5" in chart
+    assert ">minutes ago</text>" in chart and ">queued</text>" in chart and ">5</text>" in chart  # axes, scale
+
+
+def test_clear_is_neither_offered_nor_done_on_internal_queues(fresh_gearmand, make_config, fname, dashboards):
+    path, _ = make_config(fresh_gearmand)
+    queue_background(fresh_gearmand, fname, 2)
+    queue_background(fresh_gearmand, "geartask.control.nobody", 2)
+    d = dashboards(path, refresh=0.5)  # its collector registers geartask.outcomes and .query
+    wait_until(lambda: "geartask.outcomes" in [f["function"] for f in d.get_json("/functions")["functions"]], 10,
+               message="the collector's queue listed")
+    html = d.get("/functions").text
+    row = html[html.index('<tr data-function="geartask.outcomes">'):]
+    row = row[:row.index("</tr>")]
+    assert "/actions/clear" not in row and "internal" in row
+    mine = html[html.index(f'<tr data-function="{fname}">'):]
+    assert "/actions/clear" in mine[:mine.index("</tr>")]
+    for internal in ("geartask.outcomes", "geartask.control.nobody"):
+        r = d.act("clear", function=internal)
+        assert r.status == 400 and not r.json()["ok"], r.text
+        assert "internal queues" in r.json()["message"] and "nothing was changed" in r.json()["message"]
+    assert gearclient.queued(fresh_gearmand.address, "geartask.control.nobody") == 2
+    r = d.post("/actions/clear", {"function": "geartask.outcomes", "csrf": d.csrf()})  # the HTML form's way
+    assert r.status == 400 and "internal queues" in r.text
+    assert d.act("clear", function=fname).status == 200  # any other queue still clears
+    assert gearclient.queued(fresh_gearmand.address, fname) == 0
+
+
+def test_job_page_shows_traceback_and_input_escaped(fresh_gearmand, make_config, fname, dashboards):
+    from dashboards import report_outcome
+    path, _ = make_config(fresh_gearmand)
+    d = dashboards(path, refresh=0.5)
+    tb = 'Traceback (most recent call last):\n  File "p.py", line 3, in parse\nValueError: <script>alert(1)</script>'
+    report_outcome(fresh_gearmand, handle="H:t:1", task="t.parse", unique=fname, data=b'{"row": "<b>1042</b>"}',
+                   reason={"error": "ValueError: <script>alert(1)</script>", "traceback": tb}, extra={"traceback": tb})
+    report_outcome(fresh_gearmand, handle="H:t:2", task="shell", unique=fname + "-plain", data=b"{}",
+                   reason={"error": "exit status 1"})
+    wait_until(lambda: d.get_json(f"/job?key={fname}-plain")["state"] == "failed", 15, message="both stored")
+    job = d.get_json(f"/job?key={fname}")
+    assert job["key"] == fname  # (it used to say "reason")
+    rec = job["outcomes"][-1]
+    assert rec["traceback"] == tb and "traceback" not in rec["reason"] and job["requeue_id"] == rec["id"]
+    html = d.get(f"/job?key={fname}").text
+    assert "<script>" not in html and "&lt;b&gt;1042&lt;/b&gt;" in html
+    assert "&#34;error&#34;: &#34;ValueError: &lt;script&gt;" in html  # the reason readable, and escaped
+    section = html[html.index('<section class="job-traceback">'):]
+    section = section[:section.index("</section>")]
+    assert '<pre class="traceback">Traceback (most recent call last):\n  File &#34;p.py&#34;, line 3' in section
+    assert "ValueError: &lt;script&gt;alert(1)&lt;/script&gt;</pre>" in section
+    assert 'action="/actions/requeue"' in html and f'value="{rec["id"]}"' in html
+    plain = d.get(f"/job?key={fname}-plain").text
+    assert "none recorded" in plain and '<pre class="traceback">' not in plain
+
+
+def test_shown_outcome_takes_the_record_traceback_and_caps_it():
+    from geartask.dashboard.app import RESULT_SHOWN, shown_outcome
+    rec = shown_outcome({"id": "1", "state": "failed", "traceback": "T" * (RESULT_SHOWN + 5),
+                         "reason": {"error": "x", "traceback": "other"}, "data": "d"})
+    assert rec["traceback"] == "T" * RESULT_SHOWN and rec["traceback_shown_cut"] is True
+    assert rec["reason"] == {"error": "x"} and rec["data"] == "d" and "data_shown_cut" not in rec
+    assert "traceback" not in shown_outcome({"id": "2", "state": "failed", "reason": {"error": "x"}})
+
+
+def test_job_page_progress_of_a_running_job_and_requeue_runs_it_again(fresh_gearmand, make_config, fname,
+                                                                      dashboards, tmp_path):
+    from geartask.sender.sender import JobSender
+    srv = fresh_gearmand
+    path, config = make_config(srv, "worker:\n  shell:\n    allow: [sh, sleep]\n  retries: 0\n")
+    w = WorkerProc(path, "pw", 3)
+    try:
+        w.wait_attached([srv.address])
+        d = dashboards(path, refresh=0.5)
+        flag = tmp_path / "flag"
+        with JobSender(config, record_background=False) as sender:
+            sender.submit_many([{"task": "eg.slow", "data": {"seconds": 60}, "unique": fname + "-slow",
+                                 "background": True},
+                                {"task": "shell", "data": {"cmd": ["sleep", "60"]}, "unique": fname + "-quiet",
+                                 "background": True},
+                                {"task": "shell", "data": {"cmd": ["sh", "-c", f"test -e {flag}"]},
+                                 "unique": fname, "background": True, "retries": 0}], wait=False)
+
+        def progress():
+            running = d.get_json(f"/job?key={fname}-slow")["running"]
+            return running and running[0]["progress"].get("numerator", 0) >= 1 and running[0]["progress"]
+        p = wait_until(progress, 20, 0.2, message="the slow job's WORK_STATUS shown")
+        assert p["denominator"] == 10 and p["known"] and 0 < p["percent"] <= 100
+        html = d.get(f"/job?key={fname}-slow").text
+        assert '<b class="progress-text">' in html and '/ 10</b>' in html
+        # a running job that sends no WORK_STATUS: its progress is "unknown", and why
+        wait_until(lambda: d.get_json(f"/job?key={fname}-quiet")["running"], 20, message="the quiet job runs")
+        quiet = d.get_json(f"/job?key={fname}-quiet")["running"][0]["progress"]
+        assert "percent" not in quiet and "no progress" in quiet["why"]
+        assert '<b class="progress-text">unknown</b>' in d.get(f"/job?key={fname}-quiet").text
+        assert d.act("stop", target=fname + "-quiet").status == 200
+        assert d.act("stop", target=fname + "-slow").status == 200
+        # the failed shell job: Requeue from its page, after the cause is fixed
+        wait_until(lambda: d.get_json(f"/job?key={fname}")["state"] == "failed", 20, message="failed stored")
+        job = d.get_json(f"/job?key={fname}")
+        assert job["requeue_id"] == job["outcomes"][-1]["id"]
+        flag.write_text("fixed")
+        r = d.act("requeue", only=job["requeue_id"], back=f"/job?key={fname}")
+        assert r.status == 200 and r.json()["message"] == "1 of 1 failed job requeued", r.text
+        wait_until(lambda: d.get_json(f"/job?key={fname}")["state"] == "complete", 20, message="it ran again")
+        after = d.get_json(f"/job?key={fname}")
+        assert [o["state"] for o in after["outcomes"]] == ["failed", "complete"] and after["requeue_id"] is None
+        html = d.post("/actions/requeue", {"csrf": d.csrf(), "confirm": "yes", "only": job["requeue_id"],
+                                           "back": f"/job?key={fname}"}).text
+        assert f'href="/job?key={fname}"' in html  # the result links to the job's page
+    finally:
+        w.stop()
+
+
+def test_chart_scales_are_round_whole_numbers_and_names_are_escaped():
+    from geartask.dashboard.charts import Series, nice_top, time_chart
+    assert nice_top(0) == (1, 1) and nice_top(1) == (1, 1) and nice_top(5) == (5, 1) and nice_top(6) == (6, 2)
+    assert nice_top(25) == (25, 5) and nice_top(68) == (80, 20) and nice_top(20_000) == (20_000, 5_000)
+    svg = str(time_chart([Series("<b>x</b>", [(0, 3), (60, 68)], "c")], 0, 3600, y_label="jobs <per> minute"))
+    assert "<b>" not in svg and "&lt;b&gt;x&lt;/b&gt;" in svg and ">jobs &lt;per&gt; minute</text>" in svg
+    ticks = [t.split(">")[-1] for t in svg.split("</text>") if 'class="tick"' in t]
+    assert ticks[:5] == ["0", "20", "40", "60", "80"] and ticks[5:] == ["00:00", "00:10", "00:20", "00:30", "00:40",
+                                                                         "00:50", "01:00"]

@@ -126,7 +126,7 @@ def test_overview_shows_both_servers_and_the_worker_ips_and_counts_change_live(b
     assert browser.execute_script("return window.notReloaded === true;"), "the page was reloaded"
     # the per-function chart appeared for the new function, as inline SVG
     wait_until(lambda: fname in _text(browser, ".charts"), 10, message="a chart for the function")
-    assert browser.find_elements("css selector", ".chart svg.spark")
+    assert browser.find_elements("css selector", ".chart svg.tchart")
     browser.get(d.url + "/functions")
     browser.execute_script("window.notReloaded = true;")
     row = f'tr[data-function="{fname}"] td.queued'
@@ -203,3 +203,45 @@ def test_requeue_a_failed_job_from_the_failed_page(browser, fleet, fname, tmp_pa
     _shows(browser, "#message", "1 of 1 failed job requeued")
     browser.get(d.url + f"/job?key={fname}")
     wait_until(lambda: "complete" in _text(browser, "h1 .badge"), 30, message="the requeued job succeeded")
+
+
+def test_overview_draws_the_throughput_chart_with_axes_and_the_job_page_a_traceback(browser, fleet, fname):
+    from dashboards import report_outcome
+    s1, _ = fleet.servers
+    d = fleet.dashboard()
+    tb = "Traceback (most recent call last):\n  File \"ingest.py\", line 7, in parse_row\nValueError: bad row"
+    report_outcome(s1, handle="H:b:1", task="billing.ingest", unique=fname, data=b'{"row": "1042,<b>x</b>"}',
+                   reason={"error": "ValueError: bad row", "traceback": tb}, extra={"traceback": tb})
+    browser.get(d.url + "/")
+    wait_until(lambda: _text(browser, "#throughput-failed") == "1", 15, message="the failed outcome charted")
+    svg = browser.find_element("css selector", "#throughput svg.tchart")
+    labels = [t.text for t in svg.find_elements("css selector", "text")]
+    assert "jobs per minute" in labels and "time (UTC)" in labels and "0" in labels  # axes and a scale
+    assert len(svg.find_elements("css selector", "polyline.line")) == 2  # completed and failed
+    size = svg.size
+    assert size["width"] >= 600 and size["height"] >= 200  # drawn, not collapsed
+    browser.get(d.url + f"/job?key={fname}")
+    _shows(browser, "pre.traceback", "Traceback (most recent call last)", "line 7, in parse_row", "ValueError: bad row")
+    _shows(browser, "pre.data", "1042,<b>x</b>")  # shown as text: the markup is not rendered
+    assert not browser.find_elements("css selector", "pre.data b")
+    assert browser.find_element("css selector", "button.requeue-one").is_displayed()
+
+
+def test_long_function_names_are_not_broken_mid_word(browser, fleet, fname):
+    s1, _ = fleet.servers
+    long_name = fname + ".reports_nightly_export_to_the_warehouse_with_every_partition_included"
+    queue_background(s1, long_name, 2)
+    d = fleet.dashboard()
+    browser.set_window_size(700, 900)
+    browser.get(d.url + "/functions")
+    cell = f'tr[data-function="{long_name}"] td.fn'
+    wait_until(lambda: browser.find_elements("css selector", cell), 10, message="the function listed")
+    el = browser.find_element("css selector", cell)
+    line = float(browser.execute_script("return parseFloat(getComputedStyle(arguments[0]).lineHeight)", el))
+    assert el.size["height"] < 2 * line + 12, el.size  # one line: never wrapped inside the name
+    assert el.get_attribute("title") == long_name  # the whole name, even when cut with an ellipsis
+    browser.get(d.url + "/")
+    caption = f'figure[data-function="{long_name}"] .fn'
+    wait_until(lambda: browser.find_elements("css selector", caption), 10, message="its chart")
+    el = browser.find_element("css selector", caption)
+    assert el.size["height"] < 2 * line and el.get_attribute("title") == long_name

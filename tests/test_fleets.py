@@ -86,3 +86,44 @@ def test_workers_status_snapshot_and_shutdown_see_only_their_fleet(fresh_gearman
     assert r.returncode == 0, r.stderr
     assert green.wait(15) == 0
     assert blue.proc.poll() is None
+
+
+def test_workers_text_has_a_fleet_column_only_when_a_worker_names_one():
+    from geartask.admin.cli import workers_text
+
+    def conn(name, pid, fleet):
+        return {"client_id": f"{name}:10.0.0.5:{pid}:0", "name": name, "worker_ip": "10.0.0.5", "pid": pid,
+                "thread": 0, "ip": "10.0.0.5", "silent": False, "functions": ["eg.reverse"], "fleet": fleet}
+    procs = [{"name": "w1", "pid": 7, "ips": ["10.0.0.5"], "servers": ["a:1"], "connections": 1, "silent_on": [],
+              "fleet": "blue"}]
+    down = {"server": "b:2", "reachable": False, "error": "connection refused", "connections": []}
+    text = workers_text({"servers": [{"server": "a:1", "reachable": True, "connections": [conn("w1", 7, "blue")]},
+                                     down], "processes": procs})
+    head, _rule, row, unreachable = text.splitlines()[:4]
+    assert head.split()[:3] == ["SERVER", "NAME", "FLEET"] and row.split()[:3] == ["a:1", "w1", "blue"]
+    assert "connection refused" in unreachable
+    procs_table = text.split("PROCESS")[1]
+    assert procs_table.split()[:2] == ["PID", "FLEET"] and "blue" in procs_table
+    plain = workers_text({"servers": [{"server": "a:1", "reachable": True, "connections": [conn("w1", 7, "")]}],
+                          "processes": [{**procs[0], "fleet": ""}]})
+    assert "FLEET" not in plain  # fleets not in use: the table as before
+
+
+def test_the_dashboard_shows_its_fleet_and_its_workers_fleet(fresh_gearmand, two_fleets):
+    from dashboards import DashboardProc
+    configs, start = two_fleets
+    blue = start("blue")
+    start("green")
+    d = DashboardProc(configs["blue"], refresh=0.5)
+    try:
+        d.wait_ready()
+        wait_until(lambda: d.get_json("/")["fleets"]["seen"] == ["blue"], 15, message="blue's worker seen")
+        assert d.get_json("/")["fleets"]["filter"] == "blue"
+        (host,) = d.get_json("/workers")["hosts"]
+        assert [(p["pid"], p["fleet"]) for p in host["processes"]] == [(blue.pid, "blue")]
+        assert '<span class="badge fleet" id="fleet">blue</span>' in d.get("/").text
+        (host,) = d.get_json("/")["hosts"]  # by name too (worker.host: this machine's name by default)
+        assert host["host"] == "127.0.0.1" and host["names"] and all(host["names"])
+        assert f'{host["names"][0]} <span class="dim">127.0.0.1</span>' in d.get("/").text
+    finally:
+        d.stop()

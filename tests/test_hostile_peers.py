@@ -20,10 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 import gearclient
-from dashboards import DashboardProc
 from fakeworker import FakeControlWorker
 from geartask import gearman as gp
 from geartask.outcomes import OUTCOME_FUNCTION, QUERY_FUNCTION, encode_batches, make_record, open_store
@@ -33,20 +31,6 @@ from helpers import REPO, wait_until
 
 MANAGE = REPO / "manage_client" / "manage_client.py"
 GEARTASK = [sys.executable, "-m", "geartask"]
-
-
-@pytest.fixture
-def dashboards():
-    started: list[DashboardProc] = []
-
-    def start(config, *extra, **kw) -> DashboardProc:
-        d = DashboardProc(config, *extra, **kw)
-        started.append(d)
-        return d.wait_ready()
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 def rss_mb(pid: int) -> float:
@@ -163,7 +147,7 @@ def test_item3_finished_at_1e300_in_the_store_does_not_break_pages(fresh_gearman
     db.commit()
     db.close()
     d = dashboards(path, refresh=0.5)
-    for page in ("/failed", "/job?key=huge", "/failed?format=json", "/job?key=huge&format=json"):
+    for page in ("/failed", "/job?key=huge", "/failed?format=json", "/job?key=huge&format=json", "/", "/throughput"):
         r = d.get(page)
         assert r.status == 200, (page, r.status, r.text[:300])
 

@@ -35,6 +35,17 @@ def test_docs_name_the_commands_one_way():
     assert OLD.search(_paragraph(REPO / "README.md")), "README must still say the old scripts work"
 
 
+def test_scripts_run_the_commands_by_their_one_name():
+    """scripts/ (the demo, the installers) is what a new user runs first: geartask send|worker|manage."""
+    hits = []
+    for path in sorted((REPO / "scripts").iterdir()):
+        if path.is_file() and path.suffix in (".sh", ".py", ""):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if OLD.search(line):
+                    hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()[:100]}")
+    assert not hits, "old script names in scripts/:\n" + "\n".join(hits)
+
+
 def _paragraph(path: Path) -> str:
     text = path.read_text()
     (a, b), = _paragraph_spans(text)

@@ -230,3 +230,14 @@ def test_requeue_notes_accumulate_with_the_new_server(store):
 
 def test_checked_records_skip_the_second_check(store):
     assert store.add([check(rec())], checked=True) == 1
+
+
+def test_per_minute_counts_outcomes_by_minute_and_state(store):
+    minute = (time.time() // 60) * 60 - 600  # ten minutes ago, on a minute boundary
+    store.add([rec(finished_at=minute + 1), rec(finished_at=minute + 59.5), rec(finished_at=minute + 30, state="failed",
+                                                                               reason={"error": "x"}),
+               rec(finished_at=minute + 60), rec(finished_at=minute - 3600)])
+    assert store.per_minute(minute + 20) == [(minute, "complete", 2), (minute, "failed", 1),
+                                             (minute + 60, "complete", 1)]  # since's whole minute counts
+    assert store.per_minute(minute, until=minute + 59.9) == [(minute, "complete", 2), (minute, "failed", 1)]
+    assert store.per_minute(time.time() + 120) == []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from geartask import gearman as gp
+from geartask.address import split_address
 
 from helpers import REPO, wait_until
 
@@ -18,9 +19,9 @@ RUNWORKERS = REPO / "worker_client" / "runworkers.py"
 
 
 def worker_connections(address: str) -> list[str]:
-    host, port = address.rsplit(":", 1)
+    host, port = split_address(address)
     try:
-        return gp.admin_command(host, int(port), "workers", timeout=5)
+        return gp.admin_command(host, port, "workers", timeout=5)
     except Exception:
         return []
 

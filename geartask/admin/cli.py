@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 from ..cli import (ArgumentParser, add_common_args, config_from_args, count, non_negative_seconds,
                    positive_seconds, run, setup_logging)
 from ..arguments import prog
+from ..address import format_address, format_host
 from ..display import printable
 from ..errors import EXIT_FAILED, EXIT_OK
+from ..gearman import is_refusal
 from ..logs import get_logger
 from ..server import LocalServer
+from ..targets import parse as parse_target
 from .. import fleet
 from .call import Call
 from .outcomes_cli import add_outcome_commands
@@ -179,28 +182,34 @@ def workers_text(data: dict) -> str:
     rows, others = [], 0
     for s in data["servers"]:
         if not s["reachable"]:
-            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"]])
+            rows.append([s["server"], "(unreachable)", None, None, None, None, None, s["error"], None])
             continue
         for c in s["connections"]:
             if c["client_id"] == "-" and not c["functions"]:
                 others += 1  # a client or admin connection (this one included), not a worker
                 continue
-            if c["name"] is not None:
+            if c["name"] is not None:  # targeted forms (TASK@host:, TASK@label:) are in HOST and LABELS below
                 rows.append([s["server"], c["name"], c["worker_ip"], c["pid"], c["thread"], c["ip"], c["silent"],
-                             c["functions"]])
+                             [f for f in c["functions"] if parse_target(f) is None], c.get("fleet") or None])
             else:  # not a geartask client id: shown as it is
-                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"]])
-    text = render(["SERVER", "NAME", "IP", "PID", "THREAD", "PEER", "SILENT", "FUNCTIONS"], rows,
-                  right=["PID", "THREAD"])
+                rows.append([s["server"], c["client_id"], None, None, None, c["ip"], c["silent"], c["functions"], None])
+    fleets = any(r[-1] for r in rows)  # a FLEET column once some worker names its fleet
+    rows = [r[:2] + [r[-1]] + r[2:-1] if fleets else r[:-1] for r in rows]
+    text = render(["SERVER", "NAME"] + (["FLEET"] if fleets else []) + ["IP", "PID", "THREAD", "PEER", "SILENT",
+                                                                         "FUNCTIONS"], rows, right=["PID", "THREAD"])
     if not rows:
         text += "\n(no workers connected)"
     if others:
         text += f"\n({others} client/admin connection{'s' if others != 1 else ''} without functions not shown)"
     procs = data["processes"]
     if procs:
-        text += "\n\n" + render(["PROCESS", "PID", "IPS", "SERVERS", "CONNECTIONS", "SILENT ON"],
-                                 [[p["name"], p["pid"], p["ips"], len(p["servers"]), p["connections"],
-                                   p["silent_on"]] for p in procs], right=["PID", "SERVERS", "CONNECTIONS"])
+        text += "\n\n" + render(["PROCESS", "PID"] + (["FLEET"] if fleets else []) + ["IPS", "SERVERS",
+                                                                                        "CONNECTIONS", "SILENT ON",
+                                                                                        "HOST", "LABELS"],
+                                 [[p["name"], p["pid"], *([p.get("fleet") or None] if fleets else []), p["ips"],
+                                   len(p["servers"]), p["connections"], p["silent_on"], p.get("host") or None,
+                                   p.get("labels") or None] for p in procs],
+                                 right=["PID", "SERVERS", "CONNECTIONS"])
     return text
 
 
@@ -267,7 +276,7 @@ def cmd_clear(call: Call) -> int:
     args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
     functions = [fleet.check_clear_function(f) for f in args.functions] or None
     what = ", ".join(functions) if functions else "all functions"
-    where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+    where = ", ".join(format_address(h, p) for h, p in adm.servers)
     if not args.yes and inp.isatty():
         queued: dict[str, int] = {}
         for r in adm.status():
@@ -314,17 +323,19 @@ def cmd_shutdown(call: Call) -> int:
     args, adm, config, out, err, inp = call.args, call.fleet, call.config, call.out, call.err, call.inp
     if not (args.name or args.host) and not args.yes and inp.isatty():  # every worker: ask first, as clear does
         procs = [p for p in adm.processes() if p.control]
-        where = ", ".join(f"{h}:{p}" for h, p in adm.servers)
+        where = ", ".join(format_address(h, p) for h, p in adm.servers)
         if not _confirm(f"Stop every worker process on {where} ({len(procs)} found)?", inp, out):
             err.write("nothing stopped\n")
             return EXIT_FAILED
     log = _logger(config, args, "shutdown")
     report = adm.shutdown(name=args.name, host=args.host, now=args.now, wait=args.wait)
     for p in report.processes:
-        log.info("shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to, now=args.now,
+        log.info("shutdown", server=p.sent_to,
+                 worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}", now=args.now,
                  outcome=p.outcome, errors=p.errors or None)
     for server, error in report.errors.items():
-        log.warning("shutdown: server unreachable", server=server, error=error)
+        log.warning("shutdown: TLS refused" if is_refusal(error or "") else "shutdown: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json({"ok": report.ok, **report.to_dict()}, out)
     else:
@@ -397,7 +408,8 @@ def cmd_stop(call: Call) -> int:
         log.info("stop", handle=j.handle, unique=j.unique, task=j.task, worker=f"{j.name}:{j.pid}", server=j.sent_to,
                  outcome=j.outcome, error=j.error)
     for server, error in report.errors.items():
-        log.warning("stop: server unreachable", server=server, error=error)
+        log.warning("stop: TLS refused" if is_refusal(error or "") else "stop: server unreachable",
+                    server=server, error=error)
     if args.json:
         _emit_json(report.to_dict(), out)
     else:

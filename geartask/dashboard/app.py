@@ -24,11 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, check_host, check_worker_name,
                      plain)
+from ..fleet.server import server_job_status
+from ..address import format_address, format_host, split_address
 from ..cli import duration
 from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
 from ..metrics import dashboard_families, job_families, registry_for, server_families, worker_families
+from .charts import Series, time_chart
 from .fleet import HISTORY_SECONDS, FleetMonitor, Look
 from .outcomes import FAILED_LIMIT, OutcomesView
 
@@ -39,6 +42,10 @@ RESULT_SHOWN = 64 * 1024  # characters of a job's result shown on the Job page; 
 JOBS_SHOWN = 500  # jobs per server on the Jobs page
 SORT_KEYS = ("function", "queued", "running", "workers")
 FUNCTIONS_SHOWN = 500  # rows on the Functions page (refetched every refresh): anyone can register names
+PROGRESS_ASKED = 10  # running entries of one key whose progress is asked of gearmand per page
+INTERNAL_PREFIX = "geartask."  # geartask's own queues (outcomes, queries, worker control): never cleared here
+THROUGHPUT_MINUTES = 60  # the throughput chart's span, the current minute included
+THROUGHPUT_CACHE = 5.0  # seconds one read of the outcome store serves every page that shows it
 def parse_duration(text: str, what: str) -> float:
     """'30m', '1h', '7d' -> seconds (geartask.cli.duration); UsageError naming ``what`` otherwise."""
     try:
@@ -96,18 +103,26 @@ def ago(ts: float | None) -> str:
     return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago")
 
 
-def sparkline(points: list[tuple[float, int]], now: float, width: int = 240, height: int = 36) -> Markup:
-    """Queue depth over the last hour as an inline SVG polyline (no script, no library)."""
-    top = max([v for _, v in points] + [1])
-    xy = []
-    for t, v in points:
-        x = width * (1 - min(max(now - t, 0), HISTORY_SECONDS) / HISTORY_SECONDS)
-        xy.append(f"{x:.1f},{height - 2 - (height - 4) * v / top:.1f}")
-    line = (f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{" ".join(xy)}"/>'
-            if len(xy) > 1 else "")
-    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-                  f'role="img" aria-label="queue depth, last hour, peak {top}"><title>peak {top}</title>'
-                  f'<line x1="0" y1="{height - 2}" x2="{width}" y2="{height - 2}" class="axis"/>{line}</svg>')
+def throughput_chart(data: dict) -> Markup:
+    """The Overview's throughput chart: completed and failed outcomes per minute, last hour."""
+    minutes = data["minutes"]
+    end = data["to"]
+
+    def points(state: str) -> list[tuple[float, float]]:  # each minute at its middle (the current one: now)
+        return [(min(m["minute"] + 30, end), m[state]) for m in minutes]
+    return time_chart([Series("completed", points("complete"), "complete"), Series("failed", points("failed"), "failed")],
+                      data["from"], end, y_label="jobs per minute", x_label="time (UTC)",
+                      title="completed and failed jobs per minute, last hour")
+
+
+def depth_chart(name: str, points: list, now: float, current: int | None = None) -> Markup:
+    """A function's queue depth over the last hour, on axes (queued jobs against minutes ago).
+    The history keeps each 10 s step's deepest count; ``current`` (this look's count) ends the
+    line, so it ends where "queued now" says."""
+    line = [(t, v) for t, v in points] + ([(now, current)] if current is not None else [])
+    return time_chart([Series("queued", line, "queued")], now - HISTORY_SECONDS, now,
+                      y_label="queued", x_label="minutes ago", width=300, height=130, relative=True,
+                      css="tchart small", title=f"jobs of {printable(name)} waiting for a worker, last hour")
 
 
 def _server_rows(look: Look) -> list[dict]:
@@ -118,17 +133,65 @@ def _results(results: list[ServerResult]) -> list[dict]:
     return [r.to_dict() for r in results]
 
 
+def is_internal(function: str) -> bool:
+    """One of geartask's own queues: clearing geartask.outcomes loses every outcome waiting there."""
+    return function.startswith(INTERNAL_PREFIX)
+
+
+def clearable(function: str) -> str:
+    """The function a Clear may empty; UsageError for a bad name or an internal queue."""
+    fn = check_clear_function(function)
+    if is_internal(fn):
+        raise UsageError(f"{printable(fn)[:200]} is one of geartask's internal queues: the dashboard does not "
+                         "clear it (nothing was changed); use 'geartask manage clear' if you really must")
+    return fn
+
+
+def shown_outcome(rec: dict) -> dict:
+    """One outcome record as the Job page shows it, and its JSON holds: the result pretty when it
+    is JSON, the input data, result, reason and traceback each cut to RESULT_SHOWN characters
+    (flagged ``*_shown_cut``). Everything in it is a peer's: the template escapes it."""
+    rec = dict(rec)
+    reason = rec.get("reason")
+    if isinstance(reason, dict) and isinstance(reason.get("traceback"), str):
+        # the traceback once, in its own section, not again inside the reason's JSON
+        rec.setdefault("traceback", reason["traceback"])
+        rec["reason"] = {k: v for k, v in reason.items() if k != "traceback"}
+    result = rec.get("result")
+    if isinstance(result, str):
+        rec["result_shown_cut"] = len(result) > RESULT_SHOWN
+        text = result[:RESULT_SHOWN]
+        try:
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if not rec["result_shown_cut"] \
+                and rec.get("result_encoding", "text") == "text" else text
+        except (ValueError, RecursionError):
+            pass
+        rec["result_text"] = text
+    if rec.get("reason") is not None and not isinstance(rec["reason"], str):
+        # readable JSON for the page (the template escapes it): tojson would show < as \u003c
+        rec["reason_text"] = json.dumps(rec["reason"], indent=2, ensure_ascii=False, sort_keys=True)[:RESULT_SHOWN]
+    if rec.get("traceback") is not None and not isinstance(rec["traceback"], str):
+        rec["traceback"] = json.dumps(rec["traceback"], ensure_ascii=False)  # not text: shown as its JSON
+    # One rule for the HTML and the JSON: the JSON holds no more than the page (docs/dashboard.md, "Job").
+    for name in ("data", "result", "reason", "traceback"):
+        if isinstance(rec.get(name), str) and len(rec[name]) > RESULT_SHOWN:
+            rec[name], rec[f"{name}_shown_cut"] = rec[name][:RESULT_SHOWN], True
+    return rec
+
+
 class Dashboard:
     """The application and what it reads: the fleet monitor, the admin API, the outcomes."""
 
     def __init__(self, admin: Admin, monitor: FleetMonitor, settings: Settings, outcomes: OutcomesView):
         self.admin, self.monitor, self.settings, self.outcomes = admin, monitor, settings, outcomes
         self._schedule_cache: tuple[list, str | None] | None = None
+        self._throughput: tuple[float, dict] | None = None
         self.csrf = secrets.token_urlsafe(32)  # per process: a page from here is needed to act
         self.registry = registry_for(self._families)
         self.app = Flask(__name__)
         self.app.jinja_env.filters.update(p=printable, when=when, ago=ago)
-        self.app.jinja_env.globals.update(sparkline=sparkline, csrf=lambda: self.csrf,
+        self.app.jinja_env.globals.update(throughput_chart=throughput_chart, depth_chart=depth_chart,
+                                          csrf=lambda: self.csrf,
                                           refresh=lambda: settings.refresh)
         self._routes()
 
@@ -176,7 +239,10 @@ class Dashboard:
         else:
             # Without a token the dashboard is on loopback: a page elsewhere that rebinds its own
             # DNS name to 127.0.0.1 must not get to read or act here (DNS rebinding).
-            host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()
+            try:  # 'name:port', '[v6]:port' or a name alone
+                host = split_address(request.host or "")[0].lower()
+            except ValueError:
+                host = ""
             if host not in self.settings.allowed_hosts:
                 return Response(f"400: unexpected Host {printable(host)[:80]!r}\n", 400,
                                 {"Content-Type": "text/plain; charset=utf-8"})
@@ -230,12 +296,44 @@ class Dashboard:
                        "workers": len(look.processes), "silent": sum(p.silent for p in look.processes),
                        "hosts": len({p.host for p in look.processes}),
                        "connections": sum(f["workers"] for f in functions)},
-            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h)}
+            "hosts": [{"host": h, "processes": sorted(f"{p.name}:{p.pid}" for p in look.processes if p.host == h),
+                       "names": sorted({p.hostname for p in look.processes if p.host == h and p.hostname})}
                       for h in sorted({p.host for p in look.processes})],
+            # the fleet(s) the workers say they belong to; "filter": the config's fleet, the only one shown
+            "fleets": {"filter": self.admin.fleet, "seen": sorted({p.fleet for p in look.processes if p.fleet})},
             "rates": self.monitor.rates(),
-            "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in sorted(charts.items())},
+            # busy functions first (queued now or within the hour), then the idle ones, by name
+            "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in
+                       sorted(charts.items(), key=lambda kv: (not any(v for _, v in kv[1]), kv[0]))},
+            # what the charts' "now" says: this look's count, the same as the Queued tile adds up
+            "queued_now": {f["function"]: f["queued"] for f in functions},
+            "throughput": self.throughput_data(),
             "collector": self.collector_state(),
         }
+
+    def throughput_data(self) -> dict:
+        """Outcomes per minute over the last hour, from the outcome store (so a restarted
+        dashboard shows the hour it did not watch): every minute, zeros included."""
+        now = time.time()
+        cached = self._throughput
+        if cached is not None and 0 <= now - cached[0] < THROUGHPUT_CACHE:
+            return cached[1]
+        start = int(now // 60) * 60 - (THROUGHPUT_MINUTES - 1) * 60
+        minutes = {start + 60 * i: {"complete": 0, "failed": 0} for i in range(THROUGHPUT_MINUTES)}
+        error = None
+        try:
+            for row in self.outcomes.per_minute(start):
+                counts = minutes.get(int(row["minute"]))
+                if counts is not None and row["state"] in counts:
+                    counts[row["state"]] += row["count"]
+        except GeartaskError as e:  # the collector elsewhere did not answer: an empty chart, and why
+            error = str(e)
+        rows = [{"minute": m, **c} for m, c in sorted(minutes.items())]
+        data = {"from": start, "to": now, "unit": "jobs per minute", "source": "outcome store",
+                "minutes": rows, "error": error,
+                "totals": {k: sum(r[k] for r in rows) for k in ("complete", "failed")}}
+        self._throughput = (now, data)
+        return data
 
     def collector_state(self) -> str:
         """What runs the collector; "stopped: WHY" once this process's collector stopped by itself."""
@@ -247,7 +345,8 @@ class Dashboard:
         sort = request.args.get("sort", "function")
         sort = sort if sort in SORT_KEYS else "function"
         desc = request.args.get("desc") == "1"
-        rows = sorted(look.functions(), key=lambda f: (f[sort], f["function"]), reverse=desc)
+        rows = sorted(({**f, "internal": is_internal(f["function"])} for f in look.functions()),
+                      key=lambda f: (f[sort], f["function"]), reverse=desc)
         return {"taken_at": look.taken_at, "servers": _server_rows(look), "functions": rows[:FUNCTIONS_SHOWN],
                 "more": max(len(rows) - FUNCTIONS_SHOWN, 0), "sort": sort, "desc": desc,
                 "hidden_control_functions": look.hidden_control_functions()}
@@ -258,7 +357,8 @@ class Dashboard:
         for p in look.processes:
             hosts.setdefault(p.host, []).append(p.to_dict())
         return {"taken_at": look.taken_at, "servers": _server_rows(look),
-                "hosts": [{"host": h, "processes": ps} for h, ps in sorted(hosts.items())],
+                "hosts": [{"host": h, "processes": ps, "names": sorted({p["hostname"] for p in ps if p.get("hostname")})}
+                          for h, ps in sorted(hosts.items())],
                 "others": look.others}
 
     def jobs_data(self) -> dict:
@@ -267,7 +367,7 @@ class Dashboard:
         running = {}  # (job server, handle) -> what the worker says of it
         for p in look.processes:
             for j in p.running:
-                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{p.host}:{p.pid}"}
+                running[(str(j.get("server")), str(j.get("handle")))] = {**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"}
         servers = []
         for r in self.admin.jobs():
             entry: dict[str, Any] = {"server": r.server, "ok": r.ok, "error": r.error, "jobs": [],
@@ -337,33 +437,32 @@ class Dashboard:
         except GeartaskError as e:
             error = str(e)
         look = self.monitor.latest()
-        running = [{**j, "worker": f"{p.name}:{p.host}:{p.pid}"} for p in look.processes for j in p.running
+        running = [{**j, "worker": f"{p.name}:{format_host(p.host)}:{p.pid}"} for p in look.processes for j in p.running
                    if key and key in (j.get("handle"), j.get("unique"))]
-        shown = []
-        for rec in records:
-            rec = dict(rec)
-            result = rec.get("result")
-            if isinstance(result, str):
-                rec["result_shown_cut"] = len(result) > RESULT_SHOWN
-                text = result[:RESULT_SHOWN]
-                try:
-                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False) if not rec["result_shown_cut"] \
-                        and rec.get("result_encoding", "text") == "text" else text
-                except (ValueError, RecursionError):
-                    pass
-                rec["result_text"] = text
-            # One rule for the HTML and the JSON: a failed job's input (its payload) is shown in both,
-            # the same first RESULT_SHOWN characters (docs/dashboard.md, "Job").
-            data = rec.get("data")
-            if isinstance(data, str):
-                rec["data_shown_cut"] = len(data) > RESULT_SHOWN
-                rec["data"] = data[:RESULT_SHOWN]
-            for key in ("result", "reason"):  # the JSON holds no more than the page
-                if isinstance(rec.get(key), str) and len(rec[key]) > RESULT_SHOWN:
-                    rec[key], rec[f"{key}_shown_cut"] = rec[key][:RESULT_SHOWN], True
-            shown.append(rec)
+        for j in running[:PROGRESS_ASKED]:
+            j["progress"] = self.progress(j.get("server"), j.get("handle"))
+        shown = [shown_outcome(rec) for rec in records]
         state = ("running" if running else (shown[-1]["state"] if shown else "unknown"))
-        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error}
+        # Requeue is offered on the newest outcome when it failed (the Failed page's action, one job)
+        requeue = shown[-1]["id"] if shown and shown[-1].get("state") == "failed" and not running else None
+        return {"key": key, "state": state, "outcomes": shown, "running": running, "error": error,
+                "requeue_id": requeue}
+
+    def progress(self, server: Any, handle: Any) -> dict:
+        """A running job's last WORK_STATUS, asked of its server with GET_STATUS. The server and
+        handle come from a worker's ping (a peer's word): only a configured server is asked."""
+        where = {format_address(h, p): (h, p) for h, p in self.admin.servers}.get(str(server))
+        if where is None or not isinstance(handle, str):
+            return {"known": None, "why": "the job's server is not one of this dashboard's"}
+        try:
+            status = server_job_status(*where, check_handle(handle), timeout=self.admin.timeout)
+        except GeartaskError as e:
+            return {"known": None, "why": str(e)}
+        if not status["known"]:
+            return {**status, "why": "the server no longer holds the job"}
+        if not status["denominator"]:
+            return {**status, "why": "the job has sent no progress (WORK_STATUS)"}
+        return {**status, "percent": round(100.0 * status["numerator"] / status["denominator"], 1)}
 
     # -- actions ------------------------------------------------------------------------------------
     def _fields(self) -> dict:
@@ -422,13 +521,13 @@ class Dashboard:
 
     # clear
     def _clear_describe(self, f: dict) -> str:
-        fn = check_clear_function(str(f.get("function", "")))
+        fn = clearable(str(f.get("function", "")))
         queued = sum(x["queued"] for x in self.monitor.latest().functions() if x["function"] == fn)
         return (f"Remove the {queued} queued job{'s' if queued != 1 else ''} of {printable(fn)} on every server? "
                 "Running jobs are not touched.")
 
     def _clear(self, f: dict) -> tuple[bool, str, Any]:
-        fn = check_clear_function(str(f["function"]))
+        fn = clearable(str(f["function"]))
         results = self.admin.clear([fn])
         for r in results:
             log.info("dashboard clear", function=fn, server=r.server, ok=r.ok, error=r.error,
@@ -465,7 +564,8 @@ class Dashboard:
         name, pid, host, now = self._shutdown_target(f)
         report = self.admin.shutdown(name=name, host=host, pid=pid, now=now, wait=0)
         for p in report.processes:
-            log.info("dashboard shutdown", worker=f"{p.name}:{p.ip or ','.join(p.ips)}:{p.pid}", server=p.sent_to,
+            log.info("dashboard shutdown", server=p.sent_to,
+                     worker=f"{p.name}:{','.join(map(format_host, [p.ip] if p.ip else p.ips))}:{p.pid}",
                      now=now, outcome=p.outcome, errors=p.errors or None, client=request.remote_addr)
         if not report.processes:
             return False, "no such worker process is connected", report.to_dict()
@@ -574,6 +674,10 @@ class Dashboard:
         def overview():
             return self.page("overview.html", self.overview_data(), now=time.time())
 
+        @app.get("/throughput")
+        def throughput():  # the chart's data: always JSON
+            return jsonify(self.throughput_data())
+
         @app.get("/functions")
         def functions():
             return self.page("functions.html", self.functions_data())
@@ -597,6 +701,11 @@ class Dashboard:
         @app.get("/job")
         def job():
             return self.page("job.html", self.job_data())
+
+        @app.get("/job/output")
+        def job_output():  # the Job page's live output (dashboard/live.py), polled as JSON
+            from .live import output_data
+            return jsonify(output_data(self.admin, self.monitor.latest(), request.args.get("key", "")))
 
         @app.get("/metrics")
         def metrics():

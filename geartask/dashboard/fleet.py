@@ -14,9 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..address import format_address
 from ..fleet import Admin, PingResult, WorkerConnection, group_processes
 from ..control import CONTROL_PREFIX, parse_control_function
 from ..logs import get_logger
+from ..targets import parse as parse_target
 from ..metrics import MAX_LABEL, MAX_TASKS, FleetCounters, clean_tasks
 
 HISTORY_SECONDS = 3600  # queue depth kept per function
@@ -86,6 +88,9 @@ class Process:
     jobs_done: int | None = None
     started: float | None = None
     running: list[dict] = field(default_factory=list)
+    hostname: str = ""  # worker.host, from its TASK@host:HOST functions ("" none)
+    labels: list[str] = field(default_factory=list)  # worker.labels, from its TASK@label:LABEL functions
+    fleet: str = ""  # the config ``fleet`` its client id names ("" none)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -212,7 +217,8 @@ class FleetMonitor:
             w: WorkerConnection
             for w in r.value:
                 if w.name is not None and w.pid is not None:
-                    functions.setdefault((w.name, w.pid), set()).update(f for f in w.functions if not is_control(f))
+                    functions.setdefault((w.name, w.pid), set()).update(f for f in w.functions if not is_control(f)
+                                                                     and parse_target(f) is None)
         out: list[Process] = []
         replies: list[tuple[str, dict]] = []
         for proc in group_processes(listings):
@@ -227,7 +233,8 @@ class FleetMonitor:
             p = Process(proc.name, proc.pid, host, proc.ips, proc.servers, proc.control,
                         sorted(functions.get(key, ())), silent=bool(proc.control) and (
                             key not in self._last_seen or self._missed.get(key, 0) >= 2),
-                        last_seen=self._last_seen.get(key))
+                        last_seen=self._last_seen.get(key), hostname=proc.host, labels=proc.labels,
+                        fleet=proc.fleet)
             if reply is not None:  # a peer's answer: only what has the documented shape is kept
                 p.threads, p.busy, p.jobs_done = (_number(reply.get(k), int) for k in ("threads", "busy", "jobs_done"))
                 p.started = _number(reply.get("started"), float)
@@ -275,7 +282,7 @@ class FleetMonitor:
             with self._lock:
                 look = self._latest
         if look is None:  # still none: show every server as not answered yet
-            look = Look(time.time(), [{"server": f"{h}:{p}", "up": False, "error": "no answer yet", "version": None,
+            look = Look(time.time(), [{"server": format_address(h, p), "up": False, "error": "no answer yet", "version": None,
                                        "rtt_ms": None, "functions": []} for h, p in self.admin.servers], [], [], [])
         return look
 

@@ -53,6 +53,10 @@ class OutcomesView:
     def counts(self, since: float) -> dict[tuple[str, str], int]:
         return {(c["task"], c["state"]): c["count"] for c in self.client.counts(since=since)}
 
+    def per_minute(self, since: float) -> list[dict]:
+        """[{minute, state, count}] since ``since`` (the throughput chart)."""
+        return self.client.per_minute(since=since)
+
     def purge(self, ids: list[str] | None = None, older_than: float | None = None) -> int:
         return self.client.purge(ids=ids) if ids is not None else self.client.purge(older_than=older_than)
 

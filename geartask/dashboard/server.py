@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..fleet import DEFAULT_TIMEOUT, Admin
+from ..address import format_address
 from ..config import Config, parse_hostport
 from ..errors import GeartaskError, UsageError
 from ..logs import configure_logging, get_logger
@@ -51,7 +52,7 @@ def check_listen(listen: str, token: str) -> Listen:
         raise UsageError(f"--listen {listen!r}: {str(e).split(': ', 2)[-1]}") from None
     where = Listen(host, port)
     if not where.loopback and not token:
-        raise UsageError(f"--listen {host}:{port} is not a loopback address: anyone who reaches it could stop "
+        raise UsageError(f"--listen {format_address(host, port)} is not a loopback address: anyone who reaches it could stop "
                          "workers and clear queues; set dashboard.token (or --token) and every request must "
                          "carry it, or listen on 127.0.0.1")
     return where
@@ -120,7 +121,7 @@ def serve(config: Config, *, listen: str, refresh: float, token: str, collector:
                                                # a TLS proxy on this host says "https": the token cookie gets Secure
                                                trusted_proxy="127.0.0.1", trusted_proxy_headers={"x-forwarded-proto"})
     except OSError as e:
-        raise GeartaskError(f"dashboard: cannot listen on {where.host}:{where.port}: {e.strerror or e}") from None
+        raise GeartaskError(f"dashboard: cannot listen on {format_address(where.host, where.port)}: {e.strerror or e}") from None
     started = []
     try:
         for part in parts:

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..control import CONTROL_PREFIX, parse_control_function, shutdown_request, signed_request, stop_request
+from ..address import format_address, split_address
 from ..errors import GeartaskError, UsageError
 from .checks import (MAX_FUNCTION, MAX_QUEUE, check_clear_function, check_function, check_handle, check_host,
                      check_worker_name)
@@ -81,12 +82,12 @@ class Admin:
             try:
                 value = call(host, port, *args, timeout=self.timeout)
             except GeartaskError as e:
-                msg = str(e).removeprefix(f"{host}:{port}: ")
-                return ServerResult(f"{host}:{port}", False, getattr(e, "partial", None), error=msg,
+                msg = str(e).removeprefix(f"{format_address(host, port)}: ")
+                return ServerResult(format_address(host, port), False, getattr(e, "partial", None), error=msg,
                                     elapsed=time.monotonic() - t0)
             except OSError as e:  # belt and braces: protocol.Connection wraps socket errors already
-                return ServerResult(f"{host}:{port}", False, error=str(e), elapsed=time.monotonic() - t0)
-            return ServerResult(f"{host}:{port}", True, value, elapsed=time.monotonic() - t0)
+                return ServerResult(format_address(host, port), False, error=str(e), elapsed=time.monotonic() - t0)
+            return ServerResult(format_address(host, port), True, value, elapsed=time.monotonic() - t0)
 
         if len(self.servers) == 1:
             return [one(self.servers[0])]
@@ -155,8 +156,7 @@ class Admin:
             if not r.ok:
                 results.append(r)
             elif r.server in queued_on:
-                host, _, port = r.server.rpartition(":")
-                results.append(Admin([(host, int(port))], self.timeout).each(server_cancel, handle)[0])
+                results.append(Admin([split_address(r.server)], self.timeout).each(server_cancel, handle)[0])
             else:
                 results.append(ServerResult(r.server, True, "running" if r.value[1] else "unknown",
                                             elapsed=r.elapsed))
@@ -190,9 +190,9 @@ class Admin:
                              "choose one with --servers HOST:PORT or stop it by its unique key")
         for (name, pid, job_server, handle), (server, function, job) in found.items():
             stop = JobStop(handle, str(job.get("task")), str(job.get("unique")), job_server, name, pid, server)
-            h, _, port = server.rpartition(":")
+            h, port = split_address(server)
             try:
-                reply = server_control_call(h, int(port), function, self._control(stop_request(handle, job_server), function),
+                reply = server_control_call(h, port, function, self._control(stop_request(handle, job_server), function),
                                             f"{CONTROL_PREFIX}:stop:{handle}"[:MAX_FUNCTION], self.timeout)
                 stop.outcome = "stopped" if reply.get("stopped") is True else "not running"
             except GeartaskError as e:
@@ -234,9 +234,9 @@ class Admin:
                              getattr(parse_control_function(proc.control[srv]), "ip", None) != host)
             shut = ProcessShutdown(proc.name, None, proc.pid, servers, ips=proc.ips)
             for server in servers:  # the first server that takes the job
-                h, _, p = server.rpartition(":")
+                h, p = split_address(server)
                 try:
-                    submit_control(h, int(p), proc.control[server], self._control(payload, proc.control[server]), unique,
+                    submit_control(h, p, proc.control[server], self._control(payload, proc.control[server]), unique,
                                    self.timeout)
                 except GeartaskError as e:
                     shut.errors.append(str(e))

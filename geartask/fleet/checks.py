@@ -40,8 +40,9 @@ def check_handle(handle: str) -> str:
 
 
 def check_host(ip: str) -> str:
+    """An IP address (IPv6 bare or bracketed, '[::1]') in the form the client ids carry."""
     try:
-        return str(ipaddress.ip_address(ip))
+        return str(ipaddress.ip_address(ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip))
     except ValueError:
         raise UsageError(f"--host: expected an IP address, got {ip[:80]!r}") from None
 

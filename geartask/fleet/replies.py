@@ -7,11 +7,13 @@ so numbers are read from fixed positions and anything else is refused, never gue
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..control import parse_client_id
 from ..errors import ServerError
+from ..targets import identity_of
 
 
 @dataclass
@@ -59,6 +61,30 @@ class WorkerConnection:
     thread: int | None = None
     silent: bool | None = None  # its process did not answer a ping here; None: not asked
     fleet: str | None = None  # the fleet its client id names ("" none); None: not a geartask client id
+    host: str | None = None  # from its TASK@host:HOST functions (geartask.targets); None: it names none
+    labels: list[str] = field(default_factory=list)  # from its TASK@label:LABEL functions
+
+
+def peer_ip(text: str) -> str:
+    """gearmand's IP column, or '-' where it says nothing. gearmand 1.1 prints an IPv6 peer's
+    address garbled (measured: '::3536:3437:3200:0' or '::3536:3437:3200:0%2817330208' for a
+    worker on [::1] whose port is 56472, 'fd00:77::3435:3032:3000:0' for one on fd00:77::b,
+    '::%2533699104' for another): the first 8 bytes of the address, then the ASCII digits of
+    the peer's port and zeros, sometimes a scope id from nowhere. Such text, and a zone on any
+    address but a link-local one (the only kind that has one), is '-'."""
+    addr, sep, _ = text.partition("%")
+    if ":" not in addr:
+        return text
+    try:
+        packed = ipaddress.IPv6Address(addr).packed
+    except ValueError:
+        return "-"
+    low = packed[8:].rstrip(b"\0")
+    if low.isdigit() or packed == bytes(16):
+        return "-"
+    if sep and not ipaddress.IPv6Address(addr).is_link_local:
+        return "-"
+    return text
 
 
 _WORKER_LINE = re.compile(r"(-1|[0-9]{1,10}) (\S+) ")  # fd -1: a connection gearmand is closing
@@ -85,8 +111,9 @@ def parse_workers(lines: list[str]) -> list[WorkerConnection]:
         client_id, sep, funcs = rest.partition(" :")
         if not sep:
             raise ServerError(f"malformed 'workers' reply {record[:80]!r}: not a gearmand?")
-        w = WorkerConnection(int(m.group(1)), m.group(2), client_id or "-", funcs.split(" ")[1:] if funcs else [])
+        w = WorkerConnection(int(m.group(1)), peer_ip(m.group(2)), client_id or "-", funcs.split(" ")[1:] if funcs else [])
         w.functions = [f for f in w.functions if f]
+        w.host, w.labels = identity_of(w.functions)
         ident = parse_client_id(client_id)
         if ident is not None:
             w.name, w.worker_ip, w.pid, w.thread, w.fleet = ident.name, ident.ip, ident.pid, ident.thread, ident.fleet

@@ -56,6 +56,8 @@ class FleetProcess:
     connections: int = 0
     silent_on: list[str] = field(default_factory=list)  # servers where it did not answer a ping
     fleet: str = ""  # the config's ``fleet`` it says it belongs to ("" none, or a worker before fleets)
+    host: str = ""  # worker.host, as its TASK@host:HOST functions name it ("" none)
+    labels: list[str] = field(default_factory=list)  # worker.labels, from its TASK@label:LABEL functions
 
 
 def group_processes(results: Iterable[ServerResult]) -> list[FleetProcess]:
@@ -82,10 +84,14 @@ def group_processes(results: Iterable[ServerResult]) -> list[FleetProcess]:
                 if r.server not in p.servers:
                     p.servers.append(r.server)
                 p.connections += 1
+                if w.host and not p.host:
+                    p.host = w.host
+                p.labels.extend(x for x in w.labels if x not in p.labels)
                 if w.silent and r.server not in p.silent_on:
                     p.silent_on.append(r.server)
     for p in procs.values():
         p.ips.sort()
+        p.labels.sort()
     return sorted(procs.values(), key=lambda p: (p.name, p.pid))
 
 

@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ..address import format_address
 from ..errors import ServerError
 from ..gearman import (CAN_DO, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, JOB_CREATED, SET_CLIENT_ID, STATUS_RES,
                        WORK_COMPLETE, WORK_EXCEPTION, WORK_FAIL, Connection, error_text, pack, submit_command)
@@ -119,14 +120,14 @@ def server_control_call(host: str, port: int, function: str, payload: bytes, uni
             if pkt.cmd in (WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION) and pkt.text("job_handle") == handle:
                 break
     if pkt.cmd != WORK_COMPLETE:
-        raise ServerError(f"the control job to {function} failed", f"{host}:{port}")
+        raise ServerError(f"the control job to {function} failed", format_address(host, port))
     try:
         reply = json.loads(pkt["data"])
     except (UnicodeDecodeError, ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict):
         raise ServerError(f"{function} answered something that is not a JSON object: {pkt['data'][:80]!r}",
-                          f"{host}:{port}")
+                          format_address(host, port))
     return reply
 
 
@@ -140,6 +141,19 @@ def job_states(conn: Connection, handles: list[str], timeout: float) -> dict[str
             p = conn.expect(STATUS_RES, timeout)
             states[p.text("job_handle")] = (p["known"] == b"1", p["running"] == b"1")
     return states
+
+
+def server_job_status(host: str, port: int, handle: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """GET_STATUS of one handle: known, running, and the job's last WORK_STATUS (numerator,
+    denominator; 0/0 when it sent none)."""
+    with connected(host, port, timeout) as conn:
+        conn.send(GET_STATUS, job_handle=handle)
+        p = conn.expect(STATUS_RES, timeout)
+    nums = [p["numerator"] or b"0", p["denominator"] or b"0"]
+    if not all(n.isdigit() and len(n) <= 18 for n in nums):  # a count, not whatever the server sent
+        raise ServerError("malformed STATUS_RES", f"{host}:{port}")
+    return {"known": p["known"] == b"1", "running": p["running"] == b"1", "numerator": int(nums[0]),
+            "denominator": int(nums[1])}
 
 
 def server_jobs(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> dict:
@@ -237,7 +251,7 @@ def server_maxqueue(host: str, port: int, function: str, size: int, timeout: flo
         conn.echo(timeout)
         reply = conn.text_command(f"maxqueue {function} {size}", timeout)[0]
     if not reply.startswith("OK"):
-        raise ServerError(f"maxqueue: {reply}", f"{host}:{port}")
+        raise ServerError(f"maxqueue: {reply}", format_address(host, port))
     return "OK"
 
 

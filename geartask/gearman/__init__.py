@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from .codec import *  # noqa: F401,F403
 from .codec import HEADER, HEADER_SIZE, MAGIC_REQ, MAGIC_RES, SUBMIT_JOB_EPOCH, Packet, error_text, pack, parse_response  # noqa: F401
-from .backoff import Backoff  # noqa: F401
+from .backoff import REFUSED_EVENT, Backoff, OutageLog  # noqa: F401
 from .connection import (CONNECT_TIMEOUT, HANDLE_FIRST, MAX_PACKET, MAX_TEXT_REPLY, RECONNECT_MAX,  # noqa: F401
                          RECONNECT_MIN, Connection, Keepalive, admin_command, keepalive_for, wait_readable)
-from .dial import (ConnectError, Dial, TLSError, dial, parse_address, tls_for, tls_reason, tls_refusal,  # noqa: F401
-                   use_tls)
+from .dial import (ConnectError, Dial, TLSError, dial, is_refusal, parse_address, tls_error, tls_for,  # noqa: F401
+                   tls_reason, tls_refusal, use_tls)

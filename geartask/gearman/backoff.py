@@ -38,3 +38,41 @@ class Backoff:
         """A success: start again at ``low``. Returns the failures it ends (for the log)."""
         failures, self.base, self.failures = self.failures, self.low, 0
         return failures
+
+
+# The event a long-running role (worker, collector, scheduler) logs, at error level, for a TLS
+# refusal: unlike an outage, a certificate problem does not pass by itself, so it must not read
+# as "server unreachable".
+REFUSED_EVENT = "TLS refused: a certificate problem, it will not pass by itself; retrying with backoff"
+
+
+class OutageLog:
+    """When a role that retries says what (pure: it is given the clock). An outage is said once,
+    at its first failure; a TLS refusal is said once per outage at error level, also when the
+    outage began as something else (the server came back refusing us); the line that ends the
+    outage counts the failures it hid."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # when the outage began; None: no outage
+        self.failures = 0
+        self.refusal_said = False
+
+    def failed(self, refusal: bool, now: float) -> str | None:
+        """One failed try. "down": the outage begins, say it; "refused": say this TLS refusal
+        (error level); None: counted, not said."""
+        self.failures += 1
+        new = self.since is None
+        if new:
+            self.since = now
+        if refusal and not self.refusal_said:
+            self.refusal_said = True
+            return "refused"
+        return "down" if new else None
+
+    def recovered(self, now: float) -> tuple[int, float] | None:
+        """A success: (failures hidden, seconds down) when it ends an outage, else None."""
+        if self.since is None:
+            return None
+        ended = (self.failures, now - self.since)
+        self.since, self.failures, self.refusal_said = None, 0, False
+        return ended

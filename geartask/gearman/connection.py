@@ -15,12 +15,13 @@ from typing import Any
 import structlog
 from gearman.errors import ProtocolError
 
+from ..address import format_address
 from ..errors import ServerError
 from .backoff import RECONNECT_MAX, RECONNECT_MIN  # noqa: F401  (one set of constants, re-exported)
 from .codec import (ECHO_REQ, ECHO_RES, ERROR, HEADER, HEADER_SIZE, JOB_ASSIGN, JOB_ASSIGN_UNIQ, WORK_COMPLETE,
                     WORK_DATA, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, Packet, command_name, error_text, pack,
                     parse_response, response_bytes)
-from .dial import TLSError, dial, tls_reason, tls_refusal
+from .dial import TLSError, dial, tls_error, tls_reason
 
 CONNECT_TIMEOUT = 2.0  # seconds; refused connections fail at once, only blackholed hosts wait
 # The cap on one packet from a server (gearman.max_packet): a sender's biggest job (64 MiB of
@@ -54,7 +55,7 @@ class Connection:
                  keepalive: "Keepalive | None" = None, *, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, max_packet: int | None = None):
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive or Keepalive()
         self.tls, self.server_hostname = tls, server_hostname
@@ -194,10 +195,10 @@ class Connection:
         only after the handshake, so "no client certificate" and "unknown CA" arrive here."""
         self.close()
         name = self.server_hostname or self.host
-        words = tls_refusal(e, name)
-        if words is None:
+        refusal = tls_error(e, self.address, name)
+        if refusal is None:
             return ServerError(f"connection lost: {tls_reason(e, name)}", self.address)
-        return TLSError(words, self.address)
+        return refusal
 
     def _take_packet(self) -> Packet | None:
         buf = self._buf

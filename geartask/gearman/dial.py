@@ -11,6 +11,7 @@ import ssl
 import time
 from typing import Any
 
+from ..address import format_address, split_address
 from ..errors import ServerError
 
 DEFAULT_PORT = 4730
@@ -44,7 +45,8 @@ def tls_for(host: str, port: int) -> ssl.SSLContext | None:
 def parse_address(text: str) -> tuple[str, str, int]:
     """``tls://host:port``, ``host:port``, ``[v6]:port``, ``host`` -> (scheme, host, port).
 
-    ValueError names what is wrong; the scheme is "tcp" unless written.
+    ValueError names what is wrong; the scheme is "tcp" unless written. The rest is
+    geartask.address.split_address (a bare IPv6 address is the whole host, port 4730).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected 'host:port' or 'tls://host:port', got {text!r}")
@@ -55,24 +57,8 @@ def parse_address(text: str) -> tuple[str, str, int]:
         scheme = scheme.lower()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r} in {text!r}: use tls:// or none")
-    if rest.startswith("["):  # [v6] or [v6]:port
-        host, sep, tail = rest[1:].partition("]")
-        if not sep:
-            raise ValueError(f"missing ']' in {text!r}")
-        if tail and not tail.startswith(":"):
-            raise ValueError(f"bad text after ']' in {text!r}")
-        port_text = tail[1:] if tail else str(DEFAULT_PORT)
-    elif rest.count(":") > 1:  # a bare IPv6 address: no port can be told apart
-        host, port_text = rest, str(DEFAULT_PORT)
-    else:
-        host, sep, port_text = rest.partition(":")
-        if not sep:
-            port_text = str(DEFAULT_PORT)
-    if not host or not host.isprintable() or any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"bad host in {text!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in {text!r}: must be 1-65535")
-    return scheme, host, int(port_text)
+    host, port = split_address(rest)
+    return scheme, host, port
 
 
 def tune(sock: socket.socket, keepalive: Any) -> None:
@@ -95,37 +81,49 @@ _VERIFY_WORDS = {
     62: "name mismatch (the server's certificate is not for {name})",
     64: "name mismatch (the server's certificate is not for {name})",
 }
-_ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator
-    ("CERTIFICATE_REQUIRED", "no client certificate (the server requires one: set tls.cert and tls.key)"),
-    ("UNKNOWN_CA", "unknown CA (the server does not trust our certificate)"),
-    ("CERTIFICATE_EXPIRED", "certificate expired (the server says ours is)"),
-    ("BAD_CERTIFICATE", "bad certificate (the server refused ours)"),
-    ("CERTIFICATE_UNKNOWN", "certificate refused by the server"),
-    ("HANDSHAKE_FAILURE", "handshake failure (no client certificate, or no common cipher)"),
-    ("PROTOCOL_VERSION", "no common TLS version (1.2 or newer needed)"),
-    ("WRONG_VERSION_NUMBER", "not a TLS server (it answered in plain text)"),
-    ("PACKET_LENGTH_TOO_LONG", "not a TLS server (it answered in plain text)"),
-    ("RECORD_LAYER_FAILURE", "not a TLS server (it answered in plain text)"),
-    ("UNEXPECTED_EOF", "connection closed during the TLS handshake (not a TLS server, or one that refused us)"),
+_ALERT_WORDS = (  # OpenSSL reason -> what it means to an operator, and whether it is our certificate refused
+    ("CERTIFICATE_REQUIRED", "no client certificate (the server requires one: set tls.cert and tls.key)", True),
+    ("UNKNOWN_CA", "unknown CA (the server does not trust our certificate)", True),
+    ("CERTIFICATE_EXPIRED", "certificate expired (the server says ours is)", True),
+    ("BAD_CERTIFICATE", "bad certificate (the server refused ours)", True),
+    ("CERTIFICATE_UNKNOWN", "certificate refused by the server", True),
+    ("HANDSHAKE_FAILURE", "handshake failure (no client certificate, or no common cipher)", False),
+    ("PROTOCOL_VERSION", "no common TLS version (1.2 or newer needed)", False),
+    ("WRONG_VERSION_NUMBER", "not a TLS server (it answered in plain text)", False),
+    ("PACKET_LENGTH_TOO_LONG", "not a TLS server (it answered in plain text)", False),
+    ("RECORD_LAYER_FAILURE", "not a TLS server (it answered in plain text)", False),
 )
+_EOF_WORDS = "connection closed during the TLS handshake (not a TLS server, or one that refused us)"
+# Every refusal's line starts with one of these (after "TLS: "): how a role that only has the
+# text (a scheduler's send errors, a NoServerError's reasons) tells a refusal from an outage.
+_REFUSAL_STARTS = tuple(sorted({w.split(" (")[0] for w in _VERIFY_WORDS.values()}
+                               | {w.split(" (")[0] for _, w, _ in _ALERT_WORDS}
+                               | {"server certificate refused"}))
+
+
+def _refusal(e: BaseException, name: str | None) -> tuple[str, bool] | None:
+    """(words, ours) for an ssl error that is a refusal; ``ours``: the server refused our
+    certificate (rather than we its, or no common protocol)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        words = _VERIFY_WORDS.get(e.verify_code)
+        if words:
+            return "TLS: " + words.format(name=name or "this address"), False
+        return f"TLS: server certificate refused: {e.verify_message}", False
+    if isinstance(e, ssl.SSLEOFError):
+        return None
+    text = f"{getattr(e, 'reason', '') or ''} {e}"
+    for key, words, ours in _ALERT_WORDS:
+        if key in text:
+            return "TLS: " + words, ours
+    return None
 
 
 def tls_refusal(e: BaseException, name: str | None = None) -> str | None:
     """The words for an ssl error that is a refusal (unknown CA, name mismatch, no client
     certificate, expired, not a TLS server...): a setup problem, not a passing fault. None
     for anything else (a connection cut during a handshake included)."""
-    if isinstance(e, ssl.SSLCertVerificationError):
-        words = _VERIFY_WORDS.get(e.verify_code)
-        if words:
-            return "TLS: " + words.format(name=name or "this address")
-        return f"TLS: server certificate refused: {e.verify_message}"
-    if isinstance(e, ssl.SSLEOFError):
-        return None
-    text = f"{getattr(e, 'reason', '') or ''} {e}"
-    for key, words in _ALERT_WORDS:
-        if key in text and key != "UNEXPECTED_EOF":
-            return "TLS: " + words
-    return None
+    found = _refusal(e, name)
+    return found[0] if found else None
 
 
 def tls_reason(e: BaseException, name: str | None = None) -> str:
@@ -134,13 +132,34 @@ def tls_reason(e: BaseException, name: str | None = None) -> str:
     if words:
         return words
     if isinstance(e, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(e):
-        return "TLS: connection closed during the TLS handshake (not a TLS server, or one that refused us)"
+        return "TLS: " + _EOF_WORDS
     return f"TLS: {getattr(e, 'reason', None) or e}"
+
+
+def tls_error(e: BaseException, address: str, name: str | None = None) -> "TLSError | None":
+    """The TLSError for an ssl error that is a refusal, naming the server; None for any other."""
+    found = _refusal(e, name)
+    return TLSError(found[0], address, ours=found[1]) if found else None
+
+
+def is_refusal(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception, or the text of one, a NoServerError's included) is or
+    holds a TLS refusal: a certificate or protocol problem that retrying will not cure."""
+    if isinstance(error, TLSError):
+        return True
+    text = str(error)
+    return any(f"TLS: {start}" in text for start in _REFUSAL_STARTS)
 
 
 class TLSError(ServerError):
     """Raised when a TLS handshake fails or the peer ends TLS with an alert: a setup problem
-    (certificates, CA, name), so trying again the same way cannot help."""
+    (certificates, CA, name), so trying again the same way cannot help. ``ours``: the server
+    refused this host's certificate (unknown CA, expired, none), which only a new certificate
+    here (and a restart) cures; otherwise we refused the server's, or found no common TLS."""
+
+    def __init__(self, message: str, server: str | None = None, ours: bool = False):
+        super().__init__(message, server)
+        self.ours = ours
 
 
 # -- connecting ----------------------------------------------------------------------------
@@ -160,7 +179,7 @@ def dial(host: str, port: int, timeout: float, keepalive: Any = None,
          tls: ssl.SSLContext | None = None, server_hostname: str | None = None) -> socket.socket:
     """A connected, tuned socket (TLS-wrapped and handshaken when ``tls``), within ``timeout``
     seconds overall. Raises ConnectError or TLSError naming the server."""
-    address = f"{host}:{port}"
+    address = format_address(host, port)
     deadline = time.monotonic() + timeout
     if tls is None:
         tls = tls_for(host, port)
@@ -186,7 +205,8 @@ def dial(host: str, port: int, timeout: float, keepalive: Any = None,
         raise ConnectError(f"cannot connect: no TLS handshake within {timeout:g}s", address) from None
     except ssl.SSLError as e:
         tsock.close()
-        raise TLSError(tls_reason(e, server_hostname or host), address) from None
+        raise (tls_error(e, address, server_hostname or host)
+               or TLSError(tls_reason(e, server_hostname or host), address)) from None
     except OSError as e:
         tsock.close()
         raise ConnectError(f"cannot connect: TLS handshake: {e.strerror or e}", address) from None
@@ -203,7 +223,7 @@ class Dial:
     def __init__(self, host: str, port: int, keepalive: Any = None, tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None):
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         if tls is None:
             tls = tls_for(host, port)
         self.keepalive, self.tls, self.server_hostname = keepalive, tls, server_hostname or host
@@ -260,7 +280,8 @@ class Dial:
             return None
         except ssl.SSLError as e:
             self.close()
-            raise TLSError(tls_reason(e, self.server_hostname), self.address) from None
+            raise (tls_error(e, self.address, self.server_hostname)
+                   or TLSError(tls_reason(e, self.server_hostname), self.address)) from None
         except OSError as e:
             self.close()
             raise ConnectError(f"cannot connect: TLS handshake: {e.strerror or e}", self.address) from None

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import gearman as gp
 from ..fleet.replies import parse_status
+from ..address import format_address
 from ..errors import ServerError
 from .answers import RogueAnswer, open_answer, sign_request
 from .errors import NoCollectorError, QueryError, RogueAnswerError
@@ -103,6 +104,15 @@ class OutcomeClient:
             _fields(row, {"task": str, "state": str, "count": int}, "counts")
         return rows
 
+    def per_minute(self, *, max_age: float | None = None, since: float | None = None) -> list[dict]:
+        """[{minute, state, count}]: outcomes finished per minute (OutcomeStore.per_minute)."""
+        rows = _shaped(self.ask("per_minute", max_age=max_age, since=since), list, "per_minute")
+        for row in rows:
+            _fields(row, {"state": str, "count": int}, "per_minute")
+            if isinstance(row.get("minute"), bool) or not isinstance(row.get("minute"), (int, float)):
+                raise _malformed("per_minute")
+        return rows
+
     def mark_requeued(self, id: str, by: str, handle: str | None = None, server: str | None = None) -> bool:
         return _shaped(self.ask("mark_requeued", id=id, by=by, handle=handle, server=server), bool, "mark_requeued")
 
@@ -132,7 +142,7 @@ class OutcomeClient:
         deadline = time.monotonic() + self.timeout
         tried: dict[str, str] = {}
         for host, port in self.servers:
-            address = f"{host}:{port}"
+            address = format_address(host, port)
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -152,6 +162,8 @@ class OutcomeClient:
             finally:
                 conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
+        if tried and all(gp.is_refusal(why) for why in tried.values()):  # not a collector missing: TLS
+            raise NoCollectorError(f"no outcomes collector asked: TLS refused by every server: {detail}")
         within = f" within {self.timeout:g}s" if time.monotonic() >= deadline else ""
         raise NoCollectorError(f"no outcomes collector answered{within} (is `geartask manage outcomes serve` "
                                f"running?): {detail}")

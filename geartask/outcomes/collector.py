@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from .. import gearman as gp
 from ..fleet import DEFAULT_TIMEOUT, Admin, WorkerConnection, server_workers
+from ..address import format_address, split_address
 from ..errors import ServerError
 from ..gearman.grab import LinkMachine
 from ..gearman.timing import RoundTrip
@@ -115,7 +116,7 @@ class _Attachment(threading.Thread):
         super().__init__(name=f"collector-{'query' if function == QUERY_FUNCTION else 'outcomes'}-{host}:{port}",
                          daemon=True)
         self.collector, self.host, self.port, self.function = collector, host, port, function
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.max_job, self.handle, self.pipeline = max_job, handle, pipeline
         self.link = LinkMachine(RoundTrip(), collector.poll_timeout, floor=ANSWER_TIMEOUT)
         self.attached = False
@@ -123,7 +124,7 @@ class _Attachment(threading.Thread):
 
     def run(self) -> None:
         c, link = self.collector, self.link
-        down_since = None
+        down_since, refusal_said = None, False
         while not c.stopping:
             # max_packet: a job bigger than max_job is never buffered; it comes as a packet with
             # only its handle and ``oversize``, so it can still be answered and dropped
@@ -138,11 +139,17 @@ class _Attachment(threading.Thread):
                 log.info("attached", server=self.address, function=self.function,
                          down_for=None if down_since is None else round(time.monotonic() - down_since, 1),
                          **({"failures": link.reconnects} if down_since is not None else {}))
-                down_since, link.reconnects = None, 0
+                down_since, link.reconnects, refusal_said = None, 0, False
                 self._serve(conn)
             except ServerError as e:
                 link.tick(time.monotonic())  # a hello past its deadline is counted: the next waits longer
-                if down_since is None:  # once per outage
+                refusal = isinstance(e, gp.TLSError)
+                if refusal and not refusal_said:  # once per outage, at error level: it will not pass
+                    refusal_said = True
+                    down_since = down_since or time.monotonic()
+                    log.error(gp.REFUSED_EVENT, server=self.address, function=self.function,
+                              error=str(e).removeprefix(self.address + ": "))
+                elif down_since is None:  # once per outage
                     down_since = time.monotonic()
                     log.warning("server unreachable; retrying" if not self.attached else "connection lost; reconnecting",
                                 server=self.address, function=self.function, error=str(e))
@@ -252,6 +259,7 @@ class Collector:
         self._threads: list[threading.Thread] = []
         self._attachments: list[_Attachment] = []
         self._warned: set[tuple[str, str]] = set()
+        self._unlisted: set[str] = set()  # servers whose workers could not be listed: said once per outage
         # A rival's ping answer must be signed for "answer" by a trusted signer once trust is set.
         self.proof_signed = bool(sec.trust) or self.require_signed
         self.yielded = False  # stopped for a rival that proved itself a collector (exit 3: restartable)
@@ -297,9 +305,9 @@ class Collector:
             by_server.setdefault(server, []).append(w)
         proven = []
         for server, ws in by_server.items():
-            host, _, port = server.rpartition(":")
+            host, port = split_address(server)
             try:
-                answered = answering_collectors(host, int(port), {w.client_id for w in ws}, trust=self.trust,
+                answered = answering_collectors(host, port, {w.client_id for w in ws}, trust=self.trust,
                                                 signed=self.proof_signed, timeout=timeout)
             except ServerError as e:
                 log.warning("cannot ping the other collector", server=server, error=str(e))
@@ -324,7 +332,7 @@ class Collector:
 
     @property
     def addresses(self) -> list[str]:
-        return [f"{h}:{p}" for h, p in self.servers]
+        return [format_address(h, p) for h, p in self.servers]
 
     def request_stop(self) -> None:
         """Tell every thread to stop, without waiting (safe in a signal handler)."""
@@ -527,8 +535,11 @@ class Collector:
         found = []
         for r in Admin(self.servers, DEFAULT_TIMEOUT).each(server_workers, False):
             if not r.ok:
-                log.warning("cannot list the workers of a server", server=r.server, error=r.error)
+                if r.server not in self._unlisted:
+                    self._unlisted.add(r.server)
+                    log.warning("cannot list the workers of a server", server=r.server, error=r.error)
                 continue
+            self._unlisted.discard(r.server)
             for w in r.value:
                 if OUTCOME_FUNCTION in w.functions and w.client_id != self.client_id:
                     found.append((r.server, w))

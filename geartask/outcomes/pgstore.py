@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable
 
 from ..logs import get_logger
 from .errors import StoreError
-from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
-from .store import RECORD_COLUMNS, DEFAULT_MAX_BYTES, QUOTA_SLACK, SKEW_FLAG, OutcomeStore, record_from_row, error_text
+from .record import DEFAULT_MAX_CLOCK_SKEW, BadOutcome, check, check_times
+from .sql import Dialect
+from .store import DEFAULT_MAX_BYTES, QUOTA_SLACK, OutcomeStore, record_from_row, record_row
 
 log = get_logger("geartask.outcomes")
 
@@ -55,10 +56,7 @@ CREATE INDEX IF NOT EXISTS {TABLE}_state ON {TABLE} (state, finished_at);
 CREATE INDEX IF NOT EXISTS {TABLE}_finished ON {TABLE} (finished_at);
 CREATE INDEX IF NOT EXISTS {TABLE}_received ON {TABLE} (received_at, seq);
 """
-_LIGHT = "id, unique_key, handle, server, task, state, finished_at, fields, error, received_at"
-_FULL = _LIGHT + ", reason, result, data"
-_NEWEST = " ORDER BY received_at DESC, seq DESC"  # the collector's clock, not a worker's
-_NEWEST_FINISHED = " ORDER BY finished_at DESC, seq DESC"
+SQL = Dialect(table=TABLE, mark="%s", tiebreak="seq", no_limit=None)
 _TEXT_COLUMNS = (1, 2, 3, 4, 5, 8, 9, 10, 11, 12)  # of an insert row: PostgreSQL text can't hold NUL
 
 
@@ -162,16 +160,7 @@ class PostgresOutcomeStore(OutcomeStore):
             except BadOutcome as e:
                 self._refuse(rec, str(e))
                 continue
-            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
-                     and k not in ("received_at", "clock_skew")}
-            skew = rec["finished_at"] - now
-            if skew > SKEW_FLAG:
-                light["clock_skew"] = round(skew, 3)
-            reason = rec.get("reason")
-            row = (rec["id"], rec.get("unique"), rec["handle"], rec["server"], rec["task"], rec["state"],
-                   rec["finished_at"], now, json.dumps(light, ensure_ascii=False, separators=(",", ":")),
-                   error_text(reason), None if reason is None else json.dumps(reason, ensure_ascii=False),
-                   rec.get("result"), rec.get("data"))
+            row = record_row(rec, now)
             if any(isinstance(text, str) and "\x00" in text for text in (row[i] for i in _TEXT_COLUMNS)):
                 self._refuse(rec, "a text field holds a NUL character, which PostgreSQL text can't")
                 continue
@@ -181,10 +170,7 @@ class PostgresOutcomeStore(OutcomeStore):
 
         def insert(conn: Any) -> int:
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(f"INSERT INTO {TABLE} (id, unique_key, handle, server, task, state, finished_at,"
-                                " received_at, fields, error, reason, result, data)"
-                                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                                " ON CONFLICT (id) DO NOTHING RETURNING 1", rows, returning=True)
+                cur.executemany(SQL.insert(tail=" ON CONFLICT (id) DO NOTHING RETURNING 1"), rows, returning=True)
                 added = 0
                 while True:
                     added += len(cur.fetchall())
@@ -295,49 +281,34 @@ class PostgresOutcomeStore(OutcomeStore):
     # -- reading ---------------------------------------------------------------------------
     def latest(self, *, unique: str | None = None, handle: str | None = None,
                server: str | None = None) -> dict | None:
-        if unique is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM {TABLE} WHERE unique_key = %s{_NEWEST} LIMIT 1", (unique,))
-        elif handle is not None and server is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM {TABLE} WHERE handle = %s AND server = %s{_NEWEST} LIMIT 1",
-                              (handle, server))
-        elif handle is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM {TABLE} WHERE handle = %s{_NEWEST} LIMIT 1", (handle,))
-        else:
-            raise ValueError("latest() needs a unique or a handle")
+        rows = self._rows(*SQL.latest(unique, handle, server))
         return rows[0] if rows else None
 
     def history(self, unique: str, limit: int | None = None) -> list[dict]:
-        rows = self._rows(f"SELECT {_LIGHT} FROM {TABLE} WHERE unique_key = %s{_NEWEST} LIMIT %s",
-                          (unique, None if limit is None else int(limit)))
-        return rows[::-1]
+        return self._rows(*SQL.history(unique, limit))[::-1]
 
     def get(self, id: str) -> dict | None:
-        rows = self._rows(f"SELECT {_FULL} FROM {TABLE} WHERE id = %s", (id,))
+        rows = self._rows(*SQL.get(id))
         return rows[0] if rows else None
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("state", state), ("task", task)):
-            if value is not None:
-                where.append(f"{column} = %s")
-                args.append(value)
-        if not include_requeued:
-            where.append("requeued = 0")
-        if since is not None:
-            where.append("finished_at >= %s")
-            args.append(since)
-        if until is not None:
-            where.append("finished_at <= %s")
-            args.append(until)
-        sql = f"SELECT {_LIGHT} FROM {TABLE}" + (" WHERE " + " AND ".join(where) if where else "")
-        return self._rows(sql + _NEWEST_FINISHED + " LIMIT %s", (*args, None if limit is None else int(limit)))
+        return self._rows(*SQL.recent(state=state, task=task, since=since, until=until, limit=limit,
+                                      include_requeued=include_requeued))
 
     def counts(self, since: float) -> dict[tuple[str, str], int]:
         rows = self._run(lambda conn: conn.execute(f"SELECT task, state, COUNT(*) FROM {TABLE} WHERE finished_at >= %s"
                                                    " GROUP BY task, state", (since,)).fetchall())
         return {(task, state): n for task, state, n in rows}
+
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        start = (since // 60) * 60
+        end = float("inf") if until is None else until
+        rows = self._run(lambda conn: conn.execute(
+            f"SELECT floor(finished_at / 60) * 60 AS minute, state, COUNT(*) FROM {TABLE}"
+            " WHERE finished_at >= %s AND finished_at <= %s GROUP BY minute, state ORDER BY minute, state",
+            (start, end)).fetchall())
+        return [(float(m), state, n) for m, state, n in rows]
 
     def size(self) -> int:
         return self._run(lambda conn: conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])

@@ -92,13 +92,15 @@ OPS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "failed": dict(_LISTING),
     "recent": {**_LISTING, "state": _state},
     "counts": dict(_TIME),
+    "per_minute": dict(_TIME),
     "mark_requeued": {"id": lambda v, n: _text(v, n, 64), "by": _text, "handle": _text, "server": _text},
     "purge": {"older_than": lambda v, n: _number(v, n), "min_age": lambda v, n: _number(v, n, MAX_AGE),
               "ids": _ids},
     "import": {"records": _records},
 }
 _REQUIRED = {"get": ("id",), "history": ("unique",), "mark_requeued": ("id", "by"), "import": ("records",)}
-_ONE_OF = {"latest": ("unique", "handle"), "purge": ("older_than", "min_age", "ids"), "counts": ("since", "max_age")}
+_ONE_OF = {"latest": ("unique", "handle"), "purge": ("older_than", "min_age", "ids"), "counts": ("since", "max_age"),
+           "per_minute": ("since", "max_age")}
 _AT_MOST_ONE = {"failed": ("since", "max_age"), "recent": ("since", "max_age")}
 
 
@@ -202,6 +204,10 @@ class Queries:
             since = _since(req)
             assert since is not None  # check_request lets counts through only with since or max_age
             return [{"task": t, "state": st, "count": n} for (t, st), n in sorted(s.counts(since).items())]
+        if op == "per_minute":  # the dashboard's throughput chart: a few hundred rows at most
+            since = _since(req)
+            assert since is not None
+            return [{"minute": m, "state": st, "count": n} for m, st, n in s.per_minute(since)]
         if op == "mark_requeued":
             return s.mark_requeued(req["id"], by=req["by"], at=time.time(), handle=req.get("handle"),
                                    server=req.get("server"))

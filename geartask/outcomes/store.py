@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ..logs import get_logger
 from .errors import StoreError
 from .record import DEFAULT_MAX_CLOCK_SKEW, HEAVY, BadOutcome, check, check_times
+from .sql import Dialect
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -94,6 +95,12 @@ class OutcomeStore(ABC):
         """(task, state) -> outcomes finished since ``since``."""
 
     @abstractmethod
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        """(minute, state, n): outcomes finished in each whole UTC minute from ``since`` (its
+        minute included) to ``until`` (default: no end), by state, oldest first; ``minute`` is the
+        minute's start (a multiple of 60). Minutes without outcomes are left out."""
+
+    @abstractmethod
     def size(self) -> int:
         """How many records are kept."""
 
@@ -148,10 +155,7 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS outcomes_unique_received ON outcomes (unique_key, received_at);
 CREATE INDEX IF NOT EXISTS outcomes_received ON outcomes (received_at);
 """
-_LIGHT = "id, unique_key, handle, server, task, state, finished_at, fields, error, received_at"
-_FULL = _LIGHT + ", reason, result, data"
-_NEWEST = " ORDER BY received_at DESC, rowid DESC"  # the collector's clock, not a worker's
-_NEWEST_FINISHED = " ORDER BY finished_at DESC, rowid DESC"  # lists filtered by finished_at page by it
+SQL = Dialect(table="outcomes", mark="?", tiebreak="rowid", no_limit=-1)
 
 
 def record_from_row(row: tuple) -> dict:
@@ -171,6 +175,20 @@ def record_from_row(row: tuple) -> dict:
         if row[12] is not None:
             rec["data"] = row[12]
     return rec
+
+
+def record_row(rec: dict, now: float) -> tuple:
+    """The INSERT row (sql.Dialect.insert) of a checked record received at ``now``."""
+    light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
+             and k not in ("received_at", "clock_skew")}
+    skew = rec["finished_at"] - now
+    if skew > SKEW_FLAG:  # the worker's clock is ahead (behind can't be told from a queue's wait)
+        light["clock_skew"] = round(skew, 3)
+    reason = rec.get("reason")
+    return (rec["id"], rec.get("unique"), rec["handle"], rec["server"], rec["task"], rec["state"],
+            rec["finished_at"], now, json.dumps(light, ensure_ascii=False, separators=(",", ":")),
+            error_text(reason), None if reason is None else json.dumps(reason, ensure_ascii=False),
+            rec.get("result"), rec.get("data"))
 
 
 class SqliteOutcomeStore(OutcomeStore):
@@ -224,25 +242,14 @@ class SqliteOutcomeStore(OutcomeStore):
                 log.warning("outcome refused", id=rec.get("id"), task=rec.get("task"), unique=rec.get("unique"),
                             error=str(e), refused=self.refused)
                 continue
-            light = {k: v for k, v in rec.items() if k not in RECORD_COLUMNS and k not in HEAVY
-                     and k not in ("received_at", "clock_skew")}
-            skew = rec["finished_at"] - now
-            if skew > SKEW_FLAG:  # the worker's clock is ahead (behind can't be told from a queue's wait)
-                light["clock_skew"] = round(skew, 3)
-            reason = rec.get("reason")
-            rows.append((rec["id"], rec.get("unique"), rec["handle"], rec["server"], rec["task"], rec["state"],
-                         rec["finished_at"], now, json.dumps(light, ensure_ascii=False, separators=(",", ":")),
-                         error_text(reason), None if reason is None else json.dumps(reason, ensure_ascii=False),
-                         rec.get("result"), rec.get("data")))
+            rows.append(record_row(rec, now))
         if not rows:
             return 0
         with self._lock:
             before = self._db.total_changes
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT OR IGNORE INTO outcomes (id, unique_key, handle, server, task, state,"
-                                     " finished_at, received_at, fields, error, reason, result, data)"
-                                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany(SQL.insert("INSERT OR IGNORE"), rows)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -288,44 +295,20 @@ class SqliteOutcomeStore(OutcomeStore):
 
     def latest(self, *, unique: str | None = None, handle: str | None = None,
                server: str | None = None) -> dict | None:
-        if unique is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM outcomes WHERE unique_key = ?{_NEWEST} LIMIT 1", (unique,))
-        elif handle is not None and server is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM outcomes WHERE handle = ? AND server = ?{_NEWEST} LIMIT 1",
-                              (handle, server))
-        elif handle is not None:
-            rows = self._rows(f"SELECT {_FULL} FROM outcomes WHERE handle = ?{_NEWEST} LIMIT 1", (handle,))
-        else:
-            raise ValueError("latest() needs a unique or a handle")
+        rows = self._rows(*SQL.latest(unique, handle, server))
         return rows[0] if rows else None
 
     def history(self, unique: str, limit: int | None = None) -> list[dict]:
-        rows = self._rows(f"SELECT {_LIGHT} FROM outcomes WHERE unique_key = ?{_NEWEST} LIMIT ?",
-                          (unique, -1 if limit is None else int(limit)))
-        return rows[::-1]
+        return self._rows(*SQL.history(unique, limit))[::-1]
 
     def get(self, id: str) -> dict | None:
-        rows = self._rows(f"SELECT {_FULL} FROM outcomes WHERE id = ?", (id,))
+        rows = self._rows(*SQL.get(id))
         return rows[0] if rows else None
 
     def recent(self, *, state: str | None = None, task: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None, include_requeued: bool = True) -> list[dict]:
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("state", state), ("task", task)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if not include_requeued:
-            where.append("requeued = 0")
-        if since is not None:
-            where.append("finished_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("finished_at <= ?")
-            args.append(until)
-        sql = f"SELECT {_LIGHT} FROM outcomes" + (" WHERE " + " AND ".join(where) if where else "")
-        return self._rows(sql + _NEWEST_FINISHED + " LIMIT ?", (*args, -1 if limit is None else int(limit)))
+        return self._rows(*SQL.recent(state=state, task=task, since=since, until=until, limit=limit,
+                                      include_requeued=include_requeued))
 
     def mark_requeued(self, id: str, by: str, at: float | None = None, handle: str | None = None,
                       server: str | None = None) -> bool:
@@ -379,6 +362,15 @@ class SqliteOutcomeStore(OutcomeStore):
             rows = self._db.execute("SELECT task, state, COUNT(*) FROM outcomes WHERE finished_at >= ? "
                                     "GROUP BY task, state", (since,)).fetchall()
         return {(task, state): n for task, state, n in rows}
+
+    def per_minute(self, since: float, until: float | None = None) -> list[tuple[float, str, int]]:
+        start = (since // 60) * 60
+        end = float("inf") if until is None else until
+        with self._lock:  # the finished_at index keeps this to the hour's rows
+            rows = self._db.execute("SELECT CAST(finished_at / 60 AS INTEGER) * 60 AS minute, state, COUNT(*)"
+                                    " FROM outcomes WHERE finished_at >= ? AND finished_at <= ?"
+                                    " GROUP BY minute, state ORDER BY minute, state", (start, end)).fetchall()
+        return [(float(m), state, n) for m, state, n in rows]
 
     def size(self) -> int:
         with self._lock:

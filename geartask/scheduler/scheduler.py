@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import GeartaskError
+from ..gearman import REFUSED_EVENT, OutageLog, is_refusal
 from ..jobs import encode_payload
 from ..logs import get_logger
 from ..outcomes.record import decode_bytes
@@ -137,6 +138,10 @@ class Scheduler:
         self.alert_counts: Counter[str] = Counter()  # no_outcome | foreign: for metrics and pages
         self.alerts: deque[dict] = deque(maxlen=KEEP_ALERTS)
         self.clock_steps = 0
+        # Failures to reach the job servers and the outcomes, each said once per outage (a TLS
+        # refusal at error level); outcomes_error: the last reason the outcomes could not be asked.
+        self.send_outage, self.outcomes_outage = OutageLog(), OutageLog()
+        self.outcomes_error: str | None = None
 
     def tick(self, now: float | None = None) -> list[Decision]:
         """One pass over every schedule: missed slots by their misfire rule, then the next
@@ -177,7 +182,9 @@ class Scheduler:
                     if d.slot <= now:
                         st.retry.add(d.slot)
                     log.warning("slot not sent", schedule=d.schedule, slot=slot_text(d.slot), error=error)
+                    self._failed(self.send_outage, "job servers", error, now)
                 else:
+                    self._recovered(self.send_outage, "job servers", now)
                     st.pending[d.slot] = d.run_at or int(d.slot)
                     while len(st.pending) > KEEP_PENDING:  # the oldest go unverified (logged once each)
                         gone = min(st.pending)
@@ -208,9 +215,25 @@ class Scheduler:
             ran = self.outcomes.ran(unique)
             return ran is not None, ({"state": "complete", "task": None, "_ran": True} if ran else None)
         try:
-            return True, record(unique)
-        except GeartaskError:
+            found = record(unique)
+        except GeartaskError as e:
+            self.outcomes_error = str(e)
+            self._failed(self.outcomes_outage, "outcomes", self.outcomes_error, self.clock())
             return False, None
+        self._recovered(self.outcomes_outage, "outcomes", self.clock())
+        return True, found
+
+    @staticmethod
+    def _failed(outage: OutageLog, what: str, error: str, now: float) -> None:
+        """A TLS refusal is said once per outage at error level (the per-slot lines say the rest)."""
+        if outage.failed(is_refusal(error), now) == "refused":
+            log.error(REFUSED_EVENT, what=what, error=error)
+
+    @staticmethod
+    def _recovered(outage: OutageLog, what: str, now: float) -> None:
+        ended = outage.recovered(now)
+        if ended:
+            log.info(f"{what} reachable again", failures=ended[0], down_for=round(ended[1], 1))
 
     def _verdict(self, s: Schedule, slot: float) -> str | None:
         """ran | none | foreign for one slot, None when the outcomes can't be reached."""
@@ -244,7 +267,7 @@ class Scheduler:
                 if now < run_at + 4 * self.verify_after:
                     continue  # ask again next pass
                 log.warning("slot not verified: the outcomes collector can't be reached", schedule=s.name,
-                            slot=slot_text(slot))
+                            slot=slot_text(slot), error=self.outcomes_error)
             elif verdict != "ran":
                 what = ("no outcome" if verdict == "none" else
                         "its outcome is not this schedule's job (someone else's job under its key)")
@@ -322,8 +345,8 @@ class Scheduler:
             return Decision(s.name, slot, unique, "ran")
         if ran is None:
             log.error("missed slot not sent: the outcomes collector can't be reached to say whether it ran",
-                      schedule=s.name, slot=slot_text(slot))
-            return Decision(s.name, slot, unique, "unreachable")
+                      schedule=s.name, slot=slot_text(slot), error=self.outcomes_error)
+            return Decision(s.name, slot, unique, "unreachable", error=self.outcomes_error)
         log.warning("missed slot: sending it now", schedule=s.name, slot=slot_text(slot), misfire=s.misfire)
         return Decision(s.name, slot, unique, "sent", max(s.run_at(slot), int(now) + SETTLE))
 

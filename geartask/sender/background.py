@@ -7,20 +7,26 @@ Rotation and the meaning of each state are in docs/sender.md.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from .. import gearman as p
-from ..config import parse_hostport
-from ..errors import ConfigError, ServerError
+from ..address import format_address, split_address, split_server
+from ..errors import ServerError
 from ..jsonlines import JsonLinesFile
 
 RECORD_NAME = "sender-background.jsonl"
 MAX_HANDLE = 64  # bytes; gearmand's handles are shorter ("H:host:number")
 STATUS_CHUNK = 1000  # GET_STATUS requests pipelined per server at a time
 _MAX_DIGITS = 18  # a numerator/denominator longer than this is not a count
+# A background job's data is kept in its record line up to this size, so `send recover` can send
+# it again if its server dies; bigger data is only measured (data_size): the record rotates by
+# size (log.max_bytes), and a few huge lines would push every other job out of it.
+RECORD_DATA = 64 * 1024
 
 
 @dataclass
@@ -87,14 +93,50 @@ def server_problem(server: Any) -> str | None:
     """Why ``server`` is not a HOST:PORT (with the port), or None."""
     if not isinstance(server, str):
         return f"bad server {server!r}: expected HOST:PORT"
-    _, sep, port = server.rpartition(":")
-    if not sep or not port.isdigit():
-        return f"bad server {server!r}: expected HOST:PORT"
     try:
-        parse_hostport(server)
-    except ConfigError as e:
+        split_server(server)
+    except ValueError as e:
         return f"bad server {server!r}: {str(e).rpartition(': ')[2]}"
     return None
+
+
+def recorded_fields(payload: bytes, retries: int | None = None, at: int | None = None, raw: bool = False) -> dict:
+    """What a record line keeps of a background job besides its name, so it can be sent again:
+    its data (``data`` as text when it is UTF-8, else ``data_b64``; neither past RECORD_DATA
+    bytes, only ``data_size``), its options, and ``raw`` when the data was the whole payload
+    (JobSender.submit_raw: sent again the same way)."""
+    out: dict[str, Any] = {"data_size": len(payload)}
+    if raw:
+        out["raw"] = True
+    if len(payload) <= RECORD_DATA:
+        try:
+            out["data"] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            out["data_b64"] = base64.b64encode(payload).decode("ascii")
+    if retries is not None:
+        out["retries"] = retries
+    if at is not None:
+        out["at"] = at
+    return out
+
+
+def recorded_data(rec: dict) -> bytes:
+    """The data a record line kept (recorded_fields); ValueError saying why there is none."""
+    text, b64 = rec.get("data"), rec.get("data_b64")
+    if isinstance(text, str):
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("its recorded data is not UTF-8 text") from None
+    if isinstance(b64, str):
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("its recorded data_b64 is not base64") from None
+    size = rec.get("data_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > RECORD_DATA:
+        raise ValueError(f"its data ({size} bytes) was over {RECORD_DATA} bytes, so the record has only its size")
+    raise ValueError("the record has no data for it (recorded by an older geartask)")
 
 
 class BackgroundRecord(JsonLinesFile):
@@ -170,6 +212,8 @@ def asks_for(handles: Iterable[Any], record: BackgroundRecord) -> list[_Ask]:
         if why:
             asks.append(_Ask(handle=str(handle), server=server if isinstance(server, str) else None, problem=why))
             continue
+        if server is not None and not from_record:  # the one spelling records and lanes use ('[::1]:4730')
+            server = format_address(*split_server(server))
         ask = _Ask(handle=str(handle), server=server, recorded=from_record)
         if from_record:
             task, unique = h.get("task"), h.get("unique")
@@ -252,7 +296,7 @@ class StatusQuery:
         try:
             conn = self.conns.get(addr)
             if conn is None:
-                host, port = parse_hostport(addr)
+                host, port = split_address(addr)
                 conn = self.conns[addr] = p.Connection(host, port, connect_timeout=self.timeout)
                 conn.connect()
             conn.send_raw(b"".join(p.pack(p.GET_STATUS, job_handle=a.handle) for a in asks))

@@ -16,6 +16,7 @@ from .. import envelope
 from .. import gearman as p
 from ..errors import JobDefinitionError, NoServerError, ServerError
 from ..jobs import JobDefinition, decode_payload, new_unique
+from .background import recorded_fields
 from .link import ServerLink
 from .results import JobResult, Progress, attempts_notice, reason_attempts
 from .routing import score
@@ -35,7 +36,7 @@ class _Job:
     """One job in flight: its definition, wire payload, rendezvous order and where it is."""
 
     __slots__ = ("index", "task", "unique", "payload", "priority", "background", "max_retries",
-                 "res", "started", "last_error", "lane", "order", "accepted", "data_bytes", "at")
+                 "res", "started", "last_error", "lane", "order", "accepted", "data_bytes", "at", "keep")
 
     def __init__(self, index: int, task: str, unique: str, payload: bytes, priority: str,
                  background: bool, max_retries: int, order: list["_Lane"], at: int | None = None):
@@ -48,6 +49,7 @@ class _Job:
         self.order = order
         self.accepted = False
         self.data_bytes = 0
+        self.keep: dict | None = None  # a background job's data and options, for its record line (recover)
 
     @property
     def finished(self) -> bool:
@@ -84,13 +86,16 @@ class Batch:
     state, so the JobSender keeps only its connections between calls."""
 
     def __init__(self, settings: BatchSettings, links: Iterable[ServerLink], jobs: Iterable[Any], wait: bool,
-                 timeout: float | None):
+                 timeout: float | None, raw: bool = False,
+                 on_data: Callable[[JobResult, bytes], None] | None = None):
+        self.on_data = on_data  # WORK_DATA to the caller as it comes, not kept (JobSender.stream)
         self.settings = settings.sender
         self.log = settings.log
         self.debug = settings.debug
         self.max_payload, self.max_data = settings.max_payload, settings.max_data
         self.record = settings.record
         self.key = settings.key
+        self.raw = raw  # each job's data is its whole payload: no envelope, no signature (JobSender.submit_raw)
         self.lanes = [_Lane(link) for link in links]
         self.source = iter(jobs)
         self.total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]
@@ -184,13 +189,16 @@ class Batch:
         lanes = self.lanes
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
         requeue_of = d.extra.get("requeue_of")
-        data = self._envelope(background, d.retries, priority, requeue_of) + payload
-        if self.key is not None and requeue_of is None:
+        data = payload if self.raw else self._envelope(background, d.retries, priority, requeue_of) + payload
+        if self.key is not None and requeue_of is None and not self.raw:
             # Right before submit, over the envelope too (docs/outcomes.md, "Signed jobs"). A
             # requeue is never signed as new: it travels with its original signature.
             from ..trust.signing import sign_job  # cryptography only for a signing sender
             data = sign_job(d.task, unique, data, self.key)
-        return _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
+        job = _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
+        if background and self.record is not None:
+            job.keep = recorded_fields(payload, d.retries, d.at, raw=self.raw)
+        return job
 
     def _envelope(self, background: bool, retries: int | None, priority: str, requeue_of: Any = None) -> bytes:
         """The job's envelope (geartask.envelope): built once per set of options in a call."""
@@ -445,7 +453,8 @@ class Batch:
             self.no_server_since = None
             return
         self.no_server_since = self.no_server_since or now
-        if not self.homeless or now - self.no_server_since < self.settings.connect_timeout:
+        refused = all(s.link.reason and p.is_refusal(s.link.reason) for s in self.lanes)  # TLS: no use waiting
+        if not self.homeless or (now - self.no_server_since < self.settings.connect_timeout and not refused):
             return
         err = NoServerError([s.address for s in self.lanes],
                             {s.address: s.link.reason for s in self.lanes if s.link.reason})
@@ -510,7 +519,7 @@ class Batch:
             # One recv for what poll saw (never a blocking one), then every whole packet.
             packets = conn.read_packets() if readable else conn.buffered_packets()
         except ServerError as e:
-            self._lost(s, e)
+            self._lost(s, e, str(e).removeprefix(s.address + ": "))  # the server is named beside it
             return
         if packets:
             link.last_rx = time.monotonic()
@@ -597,6 +606,10 @@ class Batch:
                 j.res.progress = prog
         elif cmd == p.WORK_DATA:
             raw = pkt["data"]
+            if self.on_data is not None:
+                for j in jobs:
+                    self.on_data(j.res, raw)
+                return
             chunk = decode_payload(raw)
             for j in jobs:
                 if j.data_bytes + len(raw) > self.max_data:
@@ -644,7 +657,8 @@ class Batch:
         host, pid = socket.gethostname(), os.getpid()
         try:
             self.record.append_records([{"time": stamp, "task": j.task, "unique": j.unique, "handle": j.res.handle,
-                                         "server": j.res.server, "priority": j.priority, "host": host, "pid": pid}
+                                         "server": j.res.server, "priority": j.priority, "host": host, "pid": pid,
+                                         **(j.keep or {})}
                                         for j in jobs])
         except OSError as e:  # the jobs are accepted and their handles printed; don't fail them
             self.log.error("cannot record background jobs", path=str(self.record.path), error=str(e))

@@ -2,7 +2,7 @@
 
     geartask send [--config PATH] [--servers H:P,...] plugin NAME [--background]
                        [--priority low|normal|high] [--no-wait] [--timeout S] [--json]
-    geartask send shell [--background] [--timeout S] [--retries N] -- CMD ARGS...
+    geartask send shell [--background] [--timeout S] [--retries N] [--follow] -- CMD ARGS...
     geartask send job TASK DATA
     geartask send list
     geartask send status [HANDLE...]
@@ -30,10 +30,11 @@ from ..config import PRIORITIES, Config
 from ..errors import EXIT_FAILED, EXIT_OK, GeartaskError, JobDefinitionError, PluginError, UsageError
 from ..jobs import JobDefinition
 from ..plugins import discover, load_plugins
-from . import schedule_cli
-from . import outcomes, status_filter
+from . import recover_cli, schedule_cli
+from . import fleet_cli, outcomes, status_filter
 from .progress import ProgressBar
 from .background import StatusResult
+from .follow import FollowPrinter
 from .results import JobResult
 from .sender import JobSender
 
@@ -58,6 +59,7 @@ def _submit_flags(sub: argparse.ArgumentParser, timeout_help: str) -> None:
     sub.add_argument("--each", action="store_true",
                      help=f"print every job's line; by default a batch of more than {EACH_UP_TO} prints the first "
                           f"{EACH_UP_TO}, then only failures, and the summary")
+    fleet_cli.add_flags(sub)
 
 
 def build_parser() -> ArgumentParser:
@@ -85,6 +87,9 @@ def build_parser() -> ArgumentParser:
                     help="seconds the command may run on the worker before it is killed (default: --timeout)")
     sp.add_argument("--retries", type=count, metavar="N",
                     help="times the worker retries a failed command (up to its worker.max_retries)")
+    sp.add_argument("--follow", action="store_true",
+                    help="print the command's output as it runs, each line as 'HOST | line' ('HOST |! line' "
+                         "for stderr); see docs/sender.md")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
     sp = add("job", "one job for any task", cmd_job)
@@ -112,6 +117,7 @@ def build_parser() -> ArgumentParser:
     sp.add_argument("--wait", type=non_negative_seconds, metavar="S", help="wait up to S seconds for it to finish")
     sp.add_argument("--json", action="store_true", help="the outcome as one JSON object")
     schedule_cli.add_parser(add)
+    recover_cli.add_parser(add)
     return parser
 
 
@@ -152,6 +158,7 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     if overrides:
         jobs = (_override(j, overrides) for j in jobs)
     out = sys.stdout
+    printer = FollowPrinter(out) if getattr(args, "follow", False) else None  # live output (--follow)
     bar = ProgressBar(sys.stderr)
     clear_bar = out.isatty() and bar.enabled  # the bar shares the terminal with our lines
     counts: dict[str, int] = {}
@@ -159,7 +166,11 @@ def _send(config: Config, args: argparse.Namespace, jobs: Iterable[Any], timeout
     start = last_flush = time.monotonic()
     try:
         with JobSender(config) as sender, bar:
-            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout, on_progress=bar):
+            for r in sender.stream(jobs, wait=not args.no_wait, timeout=timeout,
+                                   on_progress=bar if printer is None else None,  # no bar under live lines
+                                   on_data=printer.on_data if printer is not None else None):
+                if printer is not None:
+                    printer.end(r)  # its unfinished lines and dropped count, before its result line
                 counts[r.state] = counts.get(r.state, 0) + 1
                 if not (args.json or args.each) and sum(counts.values()) > EACH_UP_TO and \
                         r.state in ("complete", "queued"):
@@ -212,8 +223,25 @@ def cmd_plugin(config: Config, args: argparse.Namespace) -> int:
     first = next(jobs, None)
     if first is None:
         raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
-    return _send(config, args, itertools.chain([first], jobs), args.timeout,
-                 (args.name, plugins.files.get(args.name)))
+    jobs = itertools.chain([first], jobs)
+    if fleet_cli.targeted(args):  # every job, on the hosts the command line names
+        return fleet_cli.run(config, args, jobs, args.timeout, _fleet_overrides(args))
+    aside: list = []  # jobs with their own host/label/all, fanned out after the others
+    status = _send(config, args, fleet_cli.set_aside_targeted(jobs, aside), args.timeout,
+                   (args.name, plugins.files.get(args.name)))
+    if aside:
+        status = max(status, fleet_cli.run(config, args, aside, args.timeout, _fleet_overrides(args)))
+    return status
+
+
+def _fleet_overrides(args: argparse.Namespace) -> dict:
+    """--priority and --background, as _send applies them, for each host's job."""
+    overrides: dict[str, Any] = {}
+    if args.priority:
+        overrides["priority"] = args.priority
+    if args.background:
+        overrides["background"] = True
+    return overrides
 
 
 def cmd_shell(config: Config, args: argparse.Namespace) -> int:
@@ -223,6 +251,11 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("shell: no command given; usage: geartask send shell [options] -- CMD ARGS...")
     data: dict[str, Any] = {"cmd": cmd}
+    if args.follow:
+        if args.background or args.no_wait or args.json:
+            raise UsageError("shell: --follow prints the output while the sender waits for it; it can't be "
+                             "combined with --background, --no-wait or --json")
+        data["follow"] = True
     kill_after = args.kill_after or args.timeout  # a command whose result nobody waits for must not run on
     if kill_after:
         data["timeout"] = kill_after
@@ -234,6 +267,9 @@ def cmd_shell(config: Config, args: argparse.Namespace) -> int:
         # killed at --timeout on the worker: wait a moment longer, so its report (killed after
         # S, with the output so far) is the answer rather than a bare 'timeout'
         wait += SHELL_REPORT_GRACE
+    if fleet_cli.targeted(args):
+        return fleet_cli.run(config, args, [job], wait, _fleet_overrides(args))
+    fleet_cli.check_rolling(args, fleet_cli.target_of_args(args))
     return _send(config, args, [job], wait)
 
 
@@ -241,6 +277,9 @@ def cmd_job(config: Config, args: argparse.Namespace) -> int:
     job = {"task": args.task, "data": _parse_data(args.data)}
     if args.unique:
         job["unique"] = args.unique
+    if fleet_cli.targeted(args):
+        return fleet_cli.run(config, args, [job], args.timeout, _fleet_overrides(args))
+    fleet_cli.check_rolling(args, fleet_cli.target_of_args(args))
     return _send(config, args, [job], args.timeout)
 
 

@@ -7,6 +7,7 @@ import time
 
 from .. import gearman as p
 from ..gearman.timing import RoundTrip
+from ..address import format_address
 from ..errors import ServerError
 from .routing import server_hash
 
@@ -30,7 +31,7 @@ class ServerLink:
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  max_packet: int | None = None):
         self.host, self.port = host, port
-        self.address = f"{host}:{port}"
+        self.address = format_address(host, port)
         self.hash_prefix = server_hash(self.address)
         self.keepalive = keepalive
         self.tls, self.server_hostname, self.max_packet = tls, server_hostname, max_packet

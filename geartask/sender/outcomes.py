@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from ..address import format_address, split_server
 from ..errors import GeartaskError
 from ..jobs import decode_payload
 from ..outcomes.client import OutcomeClient
@@ -60,6 +61,10 @@ def split_key(key: str) -> tuple[str | None, str | None, str | None]:
     (unique, handle, server)."""
     handle, _, server = key.partition("@")
     if handle.startswith("H:") and handle_problem(handle) is None:
+        try:  # the spelling the worker records ('[::1]:4730')
+            server = format_address(*split_server(server)) if server else server
+        except ValueError:
+            pass
         return None, handle, server or None
     return key, None, None
 

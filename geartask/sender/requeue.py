@@ -15,21 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import gearman as gp
 from ..display import printable
 from ..errors import GeartaskError, ServerError
 from ..outcomes.client import OutcomeClient
 from ..outcomes.failed import Requeued, requester
 from ..outcomes.record import decode_bytes
 from ..outcomes.signed import NotResendable, requeue_payload
-from .routing import rendezvous
 from .sender import JobSender
 
 if TYPE_CHECKING:
     from ..config import Config
 
 DATA_HEAD = 60  # bytes of a job's data shown before it is sent again
-SUBMIT_TIMEOUT = 5.0  # seconds a server has to accept a raw resubmission
 
 
 @dataclass
@@ -117,25 +114,27 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
     sendable = [(i, p) for i, p in enumerate(planned) if p.error is None]
     if not sendable:
         return out
-    if trusted(config):
-        for i, p in sendable:
-            try:
-                out[i].handle, out[i].server = submit_raw(config, p.task, p.unique or "", p.payload or b"",
-                                                          p.record.get("priority"))
-            except ServerError as e:
-                out[i].error = f"not accepted by any server: {e}"
-    else:
-        # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
-        jobs = [{"task": p.task, "data": decode_bytes(p.record, "data"), "unique": p.unique,
-                 "priority": p.record.get("priority"), "background": True, "retries": p.record.get("retries"),
-                 "requeue_of": p.record["id"]} for _, p in sendable]
+    try:
         with JobSender(config, record_background=False) as sender:
-            results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs], wait=False)
-        for (i, _), res in zip(sendable, results, strict=True):
-            if res.state != "queued":
-                out[i].error = f"not accepted by any server: {res.error or res.state}"
+            if trusted(config):  # the original signed bytes, as they are
+                results = sender.submit_raw([_raw_job(p.task, p.unique, p.payload or b"", p.record.get("priority"))
+                                             for _, p in sendable])
             else:
-                out[i].handle, out[i].server = res.handle, res.server
+                # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
+                jobs = [{"task": p.task, "data": decode_bytes(p.record, "data"), "unique": p.unique,
+                         "priority": p.record.get("priority"), "background": True,
+                         "retries": p.record.get("retries"), "requeue_of": p.record["id"]} for _, p in sendable]
+                results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs],
+                                             wait=False)
+    except ServerError as e:  # nothing accepted (no server reachable): every one says so
+        for i, _ in sendable:
+            out[i].error = f"not accepted by any server: {e}"
+        return out
+    for (i, _), res in zip(sendable, results, strict=True):
+        if res.state != "queued":
+            out[i].error = f"not accepted by any server: {res.error or res.state}"
+        else:
+            out[i].handle, out[i].server = res.handle, res.server
     for r in out:
         if r.error is None and r.handle is not None:
             try:
@@ -146,21 +145,17 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
     return out
 
 
+def _raw_job(task: str, unique: str | None, payload: bytes, priority: Any) -> dict:
+    job = {"task": task, "data": payload, "unique": unique or None,
+           "priority": priority if priority in ("high", "normal", "low") else None}
+    return {k: v for k, v in job.items() if v is not None}
+
+
 def submit_raw(config: Config, task: str, unique: str, payload: bytes, priority: Any = None) -> tuple[str, str]:
-    """Submit these exact bytes as a background job, to the servers in the order the sender
-    would try for this unique key; (handle, server). ServerError when none accepts it."""
-    prio = priority if priority in ("high", "normal", "low") else "normal"
-    servers = [f"{h}:{p}" for h, p in config.server_addresses]
-    errors = []
-    for address in rendezvous(unique, servers):
-        host, _, port = address.rpartition(":")
-        conn = gp.Connection(host.strip("[]"), int(port), connect_timeout=gp.CONNECT_TIMEOUT)
-        try:
-            conn.connect()
-            conn.send(gp.submit_command(prio, True), task=task, unique=unique, data=payload)
-            return conn.expect(gp.JOB_CREATED, SUBMIT_TIMEOUT).text("job_handle"), address
-        except ServerError as e:
-            errors.append(str(e))
-        finally:
-            conn.close()
-    raise ServerError("; ".join(errors) or "no servers")
+    """Submit these exact bytes as a background job (JobSender.submit_raw, not recorded);
+    (handle, server). ServerError when no server accepts it."""
+    with JobSender(config, record_background=False) as sender:
+        res = sender.submit_raw([_raw_job(task, unique, payload, priority)])[0]
+    if res.state != "queued" or res.handle is None or res.server is None:
+        raise ServerError(str(res.error or res.state))
+    return res.handle, res.server

@@ -117,23 +117,33 @@ class JobSender:
         self.close()
 
     def submit(self, task: str, data: Any = None, unique: str | None = None, priority: str | None = None,
-               background: bool | None = None, timeout: float | None = None, wait: bool = True) -> JobResult:
+               background: bool | None = None, timeout: float | None = None, wait: bool = True,
+               on_data: Callable[[JobResult, bytes], None] | None = None,
+               host: Any = None, label: Any = None, all: bool = False) -> Any:
         """Send one job and return its JobResult; waits for the result unless it is a
         background job (or wait=False). The arguments are those of a job definition
-        (docs/plugins.md); ``timeout`` in seconds."""
+        (docs/plugins.md); ``timeout`` in seconds; ``on_data`` as for stream().
+
+        With ``host`` (a name or several), ``label`` (likewise) or ``all=True`` the job is
+        fanned out instead (``fan_out``): a list of HostResult, one per host."""
         job = {"task": task, "data": data, "unique": unique, "priority": priority, "background": background}
+        if host is not None or label is not None or all:
+            extra = {"on_data": on_data} if on_data is not None else {}
+            return self.fan_out(job, host=host, label=label, all=all, timeout=timeout, wait=wait, **extra)
         return self.submit_many([{k: v for k, v in job.items() if v is not None or k == "data"}],
-                                wait=wait, timeout=timeout)[0]
+                                wait=wait, timeout=timeout, on_data=on_data)[0]
 
     def submit_many(self, jobs: Iterable[Any], wait: bool = True, timeout: float | None = None,
-                    on_progress: Callable[[Progress], None] | None = None) -> list[JobResult]:
+                    on_progress: Callable[[Progress], None] | None = None,
+                    on_data: Callable[[JobResult, bytes], None] | None = None) -> list[JobResult]:
         """stream() collected into a list in input order (memory grows with the batch)."""
-        results = list(self.stream(jobs, wait, timeout, on_progress))
+        results = list(self.stream(jobs, wait, timeout, on_progress, on_data))
         results.sort(key=lambda r: r.index)
         return results
 
     def stream(self, jobs: Iterable[Any], wait: bool = True, timeout: float | None = None,
-               on_progress: Callable[[Progress], None] | None = None) -> Iterator[JobResult]:
+               on_progress: Callable[[Progress], None] | None = None,
+               on_data: Callable[[JobResult, bytes], None] | None = None) -> Iterator[JobResult]:
         """Submit every job; yield each one's JobResult as it finishes (completion order).
 
         ``jobs``: JobDefinitions or mappings (task, data, unique, priority, background, retries),
@@ -144,6 +154,9 @@ class JobSender:
         ``timeout``: seconds for the whole batch; jobs unfinished then end as 'timeout' (jobs
         not yet taken from ``jobs`` too, without being sent).
         ``on_progress``: called with a Progress at most every 0.1 s, and once at the end.
+        ``on_data``: called with (JobResult, payload bytes) for each WORK_DATA packet as it
+        arrives, which is then not kept in the JobResult's ``data``: a followed shell job's
+        live output (``"follow": true`` in its data; sender.follow.FollowPrinter prints it).
 
         A bad definition among the first 10,000 raises JobDefinitionError before anything
         is sent; a later one (or an error from the iterable) stops taking jobs, lets those
@@ -153,11 +166,39 @@ class JobSender:
         """
         if self._batch is not None:
             raise UsageError("this JobSender is already running a batch (one at a time)")
-        self._batch = batch = Batch(self.batch_settings, self.servers, jobs, wait, timeout)
+        self._batch = batch = Batch(self.batch_settings, self.servers, jobs, wait, timeout, on_data=on_data)
         try:
             yield from batch.run(on_progress)
         finally:
             self._batch = None
+
+    def submit_raw(self, jobs: Iterable[Any], timeout: float | None = None) -> list[JobResult]:
+        """Background jobs whose data (bytes) is the exact payload gearmand gets: no envelope and
+        no signature added (a requeue that travels with its original signature,
+        geartask.sender.requeue), routed, failed over and recorded like any other. One
+        JobResult per job, in input order."""
+        if self._batch is not None:
+            raise UsageError("this JobSender is already running a batch (one at a time)")
+        jobs = ({**job, "background": True} for job in jobs)
+        self._batch = batch = Batch(self.batch_settings, self.servers, jobs, False, timeout, raw=True)
+        try:
+            results = list(batch.run(None))
+        finally:
+            self._batch = None
+        results.sort(key=lambda r: r.index)
+        return results
+
+    def fan_out(self, job: Any, host: Any = None, label: Any = None, all: bool = False, batch: Any = None,
+                max_fail: int | None = None, timeout: float | None = None, wait: bool = True,
+                **stream_kwargs: Any) -> list[Any]:
+        """Run ``job`` (a definition or mapping) once on each host chosen by ``host``/``label``/``all``,
+        ``batch`` hosts (N or 'N%') at a time, stopping new batches once ``max_fail`` failed:
+        one ``fanout.HostResult`` per host, in the order they finished (not started ones last).
+        NoSuchHostError when a named host or label serves nothing. See geartask.sender.fanout."""
+        from . import fanout
+        plan = fanout.plan(self.config, job, fanout.Target.of(host, label, all), self.settings.submit_timeout)
+        return list(fanout.fan_out(self, plan.job, plan.hosts, batch=batch, max_fail=max_fail, timeout=timeout,
+                                   wait=wait, **stream_kwargs))
 
     def status(self, handles: Iterable[Any] | None = None, timeout: float | None = None) -> list[StatusResult]:
         """GET_STATUS for background jobs; list(iter_status(...))."""

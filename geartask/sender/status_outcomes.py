@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import gearman as gp
+from ..address import format_address
 from ..errors import ServerError
 from ..outcomes.client import OutcomeClient, collector_attached, checked_record, query_answer, query_unique
 from ..outcomes.errors import NoCollectorError, QueryError
@@ -68,9 +69,9 @@ class OutcomeBatch:
                 if collector_attached(conn, self.timeout):
                     self.conn = conn
                     return conn
-                tried[f"{host}:{port}"] = "no collector attached"
+                tried[format_address(host, port)] = "no collector attached"
             except ServerError as e:
-                tried[f"{host}:{port}"] = str(e).removeprefix(f"{host}:{port}: ")
+                tried[format_address(host, port)] = str(e).removeprefix(f"{format_address(host, port)}: ")
             conn.close()
         detail = "; ".join(f"{a}: {why}" for a, why in tried.items()) or "no server tried"
         raise NoCollectorError(f"no outcomes collector answered (is `geartask manage outcomes serve` running?): "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..address import format_address
 from ..errors import LocalServerError, ServerError
 from ..gearman import Connection
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -149,7 +150,7 @@ class LocalServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def pid_file(self) -> Path:

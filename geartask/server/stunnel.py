@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..address import format_address
 from ..errors import ConfigError, LocalServerError
 from . import LocalServer, log_tail, started_pid, wait_gone
 
@@ -110,7 +111,7 @@ class Stunnel:
         if pid is not None and _listening(self.host, self.port):
             return pid
         if _listening(self.host, self.port):
-            raise LocalServerError(f"something else already listens on {self.host}:{self.port}")
+            raise LocalServerError(f"something else already listens on {format_address(self.host, self.port)}")
         cmd = self.command()
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         fd = os.open(self.conf_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
@@ -130,7 +131,7 @@ class Stunnel:
                 return self.process.pid
             time.sleep(0.05)
         self.stop()
-        raise LocalServerError(f"stunnel did not listen on {self.host}:{self.port} within {timeout:g}s; "
+        raise LocalServerError(f"stunnel did not listen on {format_address(self.host, self.port)} within {timeout:g}s; "
                                f"see {self.log_file}")
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -178,7 +179,7 @@ class TlsFrontedServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def log_file(self) -> Path:

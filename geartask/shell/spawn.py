@@ -110,9 +110,12 @@ _envs = _EnvCache()
 
 
 def spawn(executable: bytes, argv: Sequence[bytes], env: Mapping[bytes, bytes], stdout: int | None,
-          cwd: bytes | None = None, cache_env: bool = True) -> int:
+          cwd: bytes | None = None, cache_env: bool = True, stderr: int | None = -1) -> int:
     """Start ``executable`` (a path with a slash: no PATH search) and return its pid; OSError
-    with the errno the child's exec (or chdir) failed with. ``stdout`` None keeps ours."""
+    with the errno the child's exec (or chdir) failed with. ``stdout`` and ``stderr`` are
+    descriptors above 2, or None to keep ours; ``stderr`` -1 (the default): the same as stdout."""
+    if stderr == -1:
+        stderr = stdout
     lib = _libc or _load()
     if lib is None:
         raise RuntimeError("posix_spawn is not usable here; check available() first")
@@ -125,7 +128,8 @@ def spawn(executable: bytes, argv: Sequence[bytes], env: Mapping[bytes, bytes], 
         raise OSError(ctypes.get_errno() or 12, "posix_spawn_file_actions_init failed")
     try:
         if (lib.fa_dup2(actions, lib.devnull, 0)
-                or (stdout is not None and (lib.fa_dup2(actions, stdout, 1) or lib.fa_dup2(actions, stdout, 2)))
+                or (stdout is not None and lib.fa_dup2(actions, stdout, 1))
+                or (stderr is not None and lib.fa_dup2(actions, stderr, 2))
                 or lib.fa_closefrom(actions, 3)
                 or (cwd is not None and lib.fa_chdir(actions, cwd))):
             raise OSError(12, "posix_spawn file actions could not be set")

@@ -1,7 +1,8 @@
 """The built-in ``shell`` task: run an allowlisted program through veryeasyprocess.
 
-Job data is JSON ``{"cmd": [...], "cwd"?, "timeout"?, "env"?, "retries"?}``; the result is
-JSON ``{returncode, output, cut, timed_out, attempts, duration, worker}``. A program runs
+Job data is JSON ``{"cmd": [...], "cwd"?, "timeout"?, "env"?, "retries"?, "follow"?}``; the result
+is JSON ``{returncode, output, cut, timed_out, attempts, duration, worker}`` (``"follow": true``:
+output streamed as it comes, geartask.shell.follow, and ``dropped`` in the result). A program runs
 only when ``cmd[0]`` is exactly an entry of ``worker.shell.allow``, by the absolute path
 found for it at start; a job may set only the variables in ``worker.shell.env_allow``.
 What that guarantees and what it doesn't: docs/shell.md.
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from ..config import WorkerConfig
 
 log = get_logger("geartask.shell")
-KEYS = ("cmd", "cwd", "timeout", "env", "retries")
+KEYS = ("cmd", "cwd", "timeout", "env", "retries", "follow")
 
 
 def find_program(name: str, search_path: str | None = None) -> str | None:
@@ -115,8 +116,11 @@ class ShellTask:
         retries = data.get("retries", 0)
         if _finite(retries, "'retries'") < 0 or not isinstance(retries, int):
             raise JobRejected(f"'retries' must be a whole number >= 0, got {shown(retries)}")
+        follow = data.get("follow", False)
+        if not isinstance(follow, bool):
+            raise JobRejected(f"'follow' must be true or false, got {shown(follow)}")
         return {"cmd": cmd, "executable": executable, "cwd": cwd, "timeout": float(timeout),
-                "env": self._env(data.get("env"))}
+                "env": self._env(data.get("env")), "follow": follow}
 
     def _env(self, env: Any) -> dict[str, str] | None:
         if env is None:
@@ -134,6 +138,8 @@ class ShellTask:
 
     def __call__(self, job) -> dict:
         spec = self.check(job.data)
+        if spec["follow"]:
+            return self._followed(job, spec)
 
         def heartbeat(elapsed: float) -> None:
             # Progress for the client, and traffic that keeps NAT and firewalls from
@@ -149,6 +155,23 @@ class ShellTask:
                    "duration": round(result.duration, 6), "worker": self.worker_label}
         if result.returncode is None and not result.timed_out and not result.cancelled:
             # It could not start (missing program, bad cwd): trying again will not help.
+            raise JobRejected(result.reason or "command did not start", summary)
+        if not result.ok:
+            raise AttemptFailed(result.reason or "command failed", summary)
+        return summary
+
+    def _followed(self, job, spec: dict) -> dict:
+        """The job asked to follow its output: streamed as it runs (geartask.shell.follow, a
+        path of its own), the result keeping the last 64 KiB and the count of bytes dropped."""
+        from .follow import run_followed
+        from .stream import worker_host
+        result, live = run_followed(job, spec, worker_host(self.cfg), self.cfg.shell.max_output,
+                                    self.cfg.shell.heartbeat)
+        summary = {"returncode": result.returncode, "output": result.output, "cut": result.cut,
+                   "timed_out": result.timed_out, "attempts": job.attempt,
+                   "duration": round(result.duration, 6), "worker": self.worker_label,
+                   "dropped": live.dropped}
+        if result.returncode is None and not result.timed_out and not result.cancelled:
             raise JobRejected(result.reason or "command did not start", summary)
         if not result.ok:
             raise AttemptFailed(result.reason or "command failed", summary)

@@ -113,11 +113,13 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
         *, shell: bool = False, env: Mapping[str, str] | None = None, executable: str | None = None,
         capture: bool = True, max_output: int = 1024 * 1024, cancel: threading.Event | None = None,
         on_tick: Callable[[float], None] | None = None, tick_interval: float = 30.0,
-        kill_grace: float = KILL_GRACE) -> Result:
+        kill_grace: float = KILL_GRACE, streams: tuple[int, int] | None = None) -> Result:
     """Run ``cmd``; see the module docstring. ``env`` is added to our own environment;
     ``executable`` is the file to run (``cmd[0]`` stays the program's argv[0]).
     ``on_tick(elapsed)`` is called every ``tick_interval`` seconds while the command runs
-    (the worker's heartbeat); if it raises, the command is killed and reaped first."""
+    (the worker's heartbeat); if it raises, the command is killed and reaped first.
+    ``streams``: file descriptors for the command's stdout and stderr instead of the
+    temporary file (the followed path, geartask.shell.follow, reads them as it runs)."""
     t0 = time.monotonic()
     if isinstance(cmd, str) and not shell:
         return Result(None, reason="a command string needs shell=True; pass a list of arguments instead")
@@ -135,18 +137,25 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
         return Result(None, reason=f"bad environment: {shown(str(e))}")
 
     # Unbuffered: the command writes to it, we read it once (no buffer, no isatty check).
-    out = tempfile.TemporaryFile(buffering=0) if capture else None
+    out = tempfile.TemporaryFile(buffering=0) if capture and streams is None else None
     try:
         proc = None
         try:
-            fast = _fast_start(cmd, executable, shell, full_env)
+            if streams is not None:
+                stdout, stderr = streams
+            elif out is not None:
+                stdout = stderr = out.fileno()
+            else:
+                stdout = stderr = None
+            fast = _fast_start(cmd, executable, shell, full_env, stdout, stderr)
             if fast is not None:
-                pid = _spawn.spawn(fast[0], fast[1], full_env, out.fileno() if out is not None else None,
-                                   None if cwd is None else os.fsencode(cwd), cache_env=not env)
+                pid = _spawn.spawn(fast[0], fast[1], full_env, stdout, None if cwd is None else os.fsencode(cwd),
+                                   cache_env=not env, stderr=stderr)
             else:
                 proc = subprocess.Popen(cmd, executable=executable, cwd=cwd, env=full_env, shell=shell,
-                                        stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT if capture else None,
+                                        stdin=subprocess.DEVNULL, stdout=out if streams is None else streams[0],
+                                        stderr=(subprocess.STDOUT if capture else None) if streams is None
+                                        else streams[1],
                                         start_new_session=True, close_fds=True)
                 pid = proc.pid
         except (OSError, ValueError) as e:
@@ -192,10 +201,11 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
             out.close()
 
 
-def _fast_start(cmd, executable, shell, env) -> tuple[bytes, list[bytes]] | None:
+def _fast_start(cmd, executable, shell, env, stdout, stderr) -> tuple[bytes, list[bytes]] | None:
     """(the file to exec, argv) for spawn.spawn(), or None where Popen must start the command
-    (no usable posix_spawn, or a program name to look up that is not found: Popen says why)."""
-    if not _spawn.available():
+    (no usable posix_spawn, a program name to look up that is not found: Popen says why, or
+    an output descriptor below 3, which Popen's careful dup2 order handles)."""
+    if not _spawn.available() or any(fd is not None and fd < 3 for fd in (stdout, stderr)):
         return None
     if shell:
         if executable is not None:

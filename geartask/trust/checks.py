@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..address import format_address
 from ..errors import GeartaskError
 from .tls import client_context, tls_servers
 
@@ -33,7 +34,7 @@ def problems(config: Config) -> list[str]:
                 found.append(f"tls.{name}: not set, but server.tls is true (stunnel needs the CA, a certificate "
                              "and its key)")
     if config.server.tls:
-        own = {f"{config.server.host}:{config.server.port}"}
+        own = {format_address(config.server.host, config.server.port)}
         for entry in config.servers:
             if entry.strip() in own:
                 found.append(f"servers: {entry.strip()} is the TLS terminator (server.tls is true): write it "

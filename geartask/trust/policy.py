@@ -154,9 +154,13 @@ def _age_ok(t: int, now: float, max_age: float) -> bool:
 
 
 def decide(function: bytes | str, unique: bytes | str, raw: bytes, trust: Trust, now: float, *,
-           require_signed: bool = True, max_age: float = DEFAULT_MAX_AGE) -> Decision:
+           require_signed: bool = True, max_age: float = DEFAULT_MAX_AGE, also: tuple[str, ...] = ()) -> Decision:
     """Whether a worker may run the job ``function``/``unique`` whose payload is ``raw`` (the
     bytes gearmand handed over, signature line included), at time ``now`` (Unix seconds).
+
+    ``also``: other names this worker serves the same job under (a job for ``shell@host:H`` on
+    a worker of host H labelled db is also ``shell@label:db``, geartask.targets.aliases): a
+    signer who may run any of them may run the job. The signature still covers ``function``.
 
     Without ``require_signed`` every job is allowed; a valid signature still names its signer.
     """
@@ -168,7 +172,7 @@ def decide(function: bytes | str, unique: bytes | str, raw: bytes, trust: Trust,
         return _refuse(BAD, raw, require_signed)
     if line is None:
         return _refuse(UNSIGNED, payload, require_signed)
-    refusal, signer, note_signer = _verify_job(function, unique, payload, line, trust, now, max_age)
+    refusal, signer, note_signer = _verify_job(function, unique, payload, line, trust, now, max_age, also)
     if refusal is not None or signer is None:  # _verify_job names a signer whenever it refuses nothing
         return _refuse(refusal or UNKNOWN, payload, require_signed, line)
     return Decision(True, None, payload, signer.name, line.stamp.t,
@@ -182,15 +186,19 @@ def _refuse(reason: str, payload: bytes, required: bool, line: SigLine | None = 
     return Decision(True, None, payload, line=line)
 
 
+def _may_run(signer: Signer, function: str, also: tuple[str, ...]) -> bool:
+    return signer.may_run(function) or any(signer.may_run(name) for name in also)
+
+
 def _verify_job(function: str, unique, payload: bytes, line: SigLine, trust: Trust, now: float,
-                max_age: float) -> tuple[str | None, Signer | None, Signer | None]:
+                max_age: float, also: tuple[str, ...] = ()) -> tuple[str | None, Signer | None, Signer | None]:
     stamp = line.stamp
     signer = trust.find(stamp.key)
     if signer is None:
         return UNKNOWN, None, None
     if not signing.check(signer.key, stamp, signing.job_bytes(function, unique, payload, stamp.t)):
         return BAD, None, None
-    if not signer.may_run(function):
+    if not _may_run(signer, function, also):
         return f"signer {signer.name} may not run {_task_text(function)}", None, None
     if line.requeue is None:
         return (None, signer, None) if _age_ok(stamp.t, now, max_age) else (TOO_OLD, None, None)
@@ -202,7 +210,7 @@ def _verify_job(function: str, unique, payload: bytes, line: SigLine, trust: Tru
         return UNKNOWN, None, None
     if not signing.check(by.key, note.stamp, signing.requeue_bytes(function, unique, stamp.sig, note.of, note.stamp.t)):
         return BAD, None, None
-    if not by.may_run(function):
+    if not _may_run(by, function, also):
         return f"signer {by.name} may not run {_task_text(function)}", None, None
     if not _age_ok(note.stamp.t, now, max_age):
         return TOO_OLD, None, None

@@ -103,3 +103,46 @@ def install(config) -> None:
         config.__dict__["_tls_context"] = context
     for address in config.server_addresses:
         use_tls(address[0], address[1], context if address.tls else None)
+
+
+def refused_everywhere(config, timeout: float = 5.0) -> str | None:
+    """At a worker's start: when every server in ``config`` is ``tls://`` and every one refuses
+    this host's certificate (unknown CA, expired, none: a TLSError with ``ours``), one line
+    naming each server and its reason; None as soon as one server does not (it accepts us, is
+    down, or it is we who refuse its certificate: that is fixed on the server, and the worker
+    picks it up by itself). One connection and one ECHO per server, all at once: a TLS 1.3
+    server refuses a client's certificate only after the handshake, at the first read."""
+    import queue
+    import threading
+
+    from ..gearman import Connection, TLSError
+    servers = list(config.server_addresses)
+    if not servers or not all(address.tls for address in servers):
+        return None
+    answers: queue.Queue = queue.Queue()
+
+    def probe(host: str, port: int) -> None:
+        conn = Connection(host, port, connect_timeout=timeout)
+        try:
+            conn.connect().echo(timeout)
+            answers.put(None)
+        except TLSError as e:
+            answers.put(str(e) if e.ours else None)
+        except Exception:  # down, slow, anything else: not a refusal of our certificate
+            answers.put(None)
+        finally:
+            conn.close()
+
+    for address in servers:
+        threading.Thread(target=probe, args=(address[0], address[1]), daemon=True,
+                         name=f"tls-probe-{address[0]}:{address[1]}").start()
+    refusals = []
+    for _ in servers:
+        try:
+            refusal = answers.get(timeout=2 * timeout + 1)
+        except queue.Empty:
+            return None
+        if refusal is None:
+            return None
+        refusals.append(refusal)
+    return "; ".join(sorted(refusals))

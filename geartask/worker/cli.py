@@ -11,21 +11,26 @@ in flight).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..cli import ArgumentParser, add_common_args, config_from_args, run, setup_logging
 from ..arguments import prog
 from ..control import check_name
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..logs import flush_logs, get_logger
 from ..plugins import load_plugins, plugin_path_warnings
 from ..shell import veryeasyprocess
+from ..targets import TargetError, check_label
 from .isolate import isolated_tasks
 from .process import WorkerProcess
 from .resources import check_keepalive, check_threads, ensure_open_files
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def build_parser() -> ArgumentParser:
@@ -38,12 +43,27 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-jobs", type=int, metavar="N",
                    help="exit 0 after N jobs, for a supervisor to start a fresh process (default: "
                         "worker.max_jobs; 0: no limit)")
+    p.add_argument("--label", action="append", metavar="LABEL",
+                   help="a label targeted jobs can name (TASK@label:LABEL), added to worker.labels (repeat for several)")
     return p
+
+
+def with_labels(config: Config, labels: list[str]) -> Config:
+    """worker.labels plus the --label ones, each checked (UsageError names the bad one)."""
+    for label in labels:
+        try:
+            check_label(label, "--label")
+        except TargetError as e:
+            raise UsageError(str(e)) from None
+    merged = list(dict.fromkeys([*config.worker.labels, *labels]))
+    return dataclasses.replace(config, worker=dataclasses.replace(config.worker, labels=merged))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    if args.label:
+        config = with_labels(config, args.label)
     name = check_name(args.name if args.name is not None else config.worker.name)
     source = str(config.source) if config.source else None
     if args.threads is not None:
@@ -60,10 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = isolated_tasks(plugins.tasks(), config)
     WorkerProcess.plan(config, threads, tasks)  # worker.tasks against the tasks and threads
     ensure_open_files(threads, len(config.servers))
-    from ..gearman import tls_for
+    from ..gearman import CONNECT_TIMEOUT, tls_for
     for address in config.server_addresses:  # tls.* files read now: a thread would only retry
         if address.tls:
             tls_for(*address)
+    from ..trust.tls import refused_everywhere
+    refusal = refused_everywhere(config, CONNECT_TIMEOUT)  # only a new certificate and a restart cure it
+    if refusal:
+        raise ConfigError(f"every server refuses this host's certificate: {refusal}", source, "tls.cert")
     setup_logging(config, args, "worker", name)
     for warning in plugin_path_warnings(config):  # it then serves fewer tasks than meant
         get_logger("geartask.worker").warning(warning)

@@ -88,7 +88,8 @@ def ping_reply(process: "WorkerProcess") -> dict:
             "started": round(process.started_at, 3), "running": running,
             "dedicated": {g.tasks[0]: g.threads for g in process.groups if g.dedicated},
             "max_jobs": process.max_jobs, "tasks": summarize(list(process.counters)),
-            "control_refused": getattr(process.control, "refused", 0)}
+            "control_refused": getattr(process.control, "refused", 0),
+            "host": process.targets[0], "labels": list(process.targets[1])}
 
 
 def handle_shutdown(process: "WorkerProcess", cmd: dict, link: Link, handle: str) -> bytes:
@@ -129,5 +130,22 @@ def stop_job(process: "WorkerProcess", handle: str, server: str | None = None, b
     return False
 
 
+def handle_output(process: "WorkerProcess", cmd: dict, link: Link, handle: str) -> bytes:
+    """The recent output of the running job ``cmd["handle"]`` (contract: geartask.control.output_request)."""
+    from ..shell.stream import live_output
+    answer = {"ok": True, "command": "output", "worker": process.label, "handle": cmd["handle"],
+              "running": False, "live": False}
+    server = cmd.get("server")
+    for _, job in process.running():
+        if job.handle != cmd["handle"] or (server is not None and job.server != server):
+            continue
+        answer["running"] = True
+        live = live_output(job)
+        if live is not None:
+            answer.update(live=True, **live.snapshot())
+            break
+    return _reply(handle, answer)
+
+
 HANDLERS: dict[str, Callable[["WorkerProcess", dict, Link, str], bytes]] = {
-    "ping": handle_ping, "shutdown": handle_shutdown, "stop": handle_stop}
+    "ping": handle_ping, "shutdown": handle_shutdown, "stop": handle_stop, "output": handle_output}

@@ -19,6 +19,7 @@ from ..gearman.grab import (BUSY, DOWN, GRABBING, HELLO, IDLE, LATE, PARKED, RES
                             GRAB, GRAB_PACKET, HELLO_TIMEOUT, LATE_ACT, WANTS_GRAB, LinkMachine, LinkState)  # noqa: F401
 from ..gearman.timing import ANSWER_FLOOR, RoundTrip
 from ..logs import get_logger
+from ..targets import base_task, expand
 
 from .dead_letters import cap_text
 from .job import Abandoned, Job
@@ -85,9 +86,10 @@ class Outage:
     down: dict[str, set] = field(default_factory=dict)  # server -> threads that cannot reach it
     tries: dict[str, int] = field(default_factory=dict)  # server -> failures during its outage
     since: dict[str, float] = field(default_factory=dict)  # server -> when its outage began
+    refused: set = field(default_factory=set)  # servers whose outage's TLS refusal was said
 
     def failed(self, server: str, thread: int, reason: str,
-               event: str = "server unreachable; retrying with backoff") -> None:
+               event: str = "server unreachable; retrying with backoff", refusal: bool = False) -> None:
         with self.lock:
             threads = self.down.setdefault(server, set())
             new = not threads
@@ -95,7 +97,12 @@ class Outage:
             self.tries[server] = self.tries.get(server, 0) + 1
             if new:
                 self.since[server] = time.monotonic()
-        if new:
+            say_refusal = refusal and server not in self.refused  # once per outage, at error level
+            if say_refusal:
+                self.refused.add(server)
+        if say_refusal:
+            log.error(gp.REFUSED_EVENT, server=server, reason=reason.removeprefix(server + ": "))
+        elif new:
             log.warning(event, server=server, reason=reason)
 
     def recovered(self, server: str, thread: int) -> None:
@@ -107,6 +114,7 @@ class Outage:
             back = not threads
             if back:
                 del self.down[server]
+                self.refused.discard(server)
                 tries = self.tries.pop(server, 0)
                 since = self.since.pop(server, time.monotonic())
         if back:
@@ -226,6 +234,8 @@ class GrabLoop(threading.Thread):
         self.index = index
         self.identity = process.identity.for_thread(index)
         self.abilities = abilities
+        host, labels = getattr(process, "targets", ("", ()))
+        self.registered = expand(abilities, host, labels)  # each task, and its @host:/@label: names
         self.stop = stop
         self.wake_fd = wake_fd
         cfg = process.config
@@ -262,7 +272,7 @@ class GrabLoop(threading.Thread):
 
     def abilities_at(self, identity: WorkerIdentity) -> list[str]:
         """The functions to register on a connection where we are ``identity``."""
-        return self.abilities
+        return self.registered
 
     # -- connections -----------------------------------------------------------------
     def _connect(self, link: Link, now: float) -> None:
@@ -281,7 +291,7 @@ class GrabLoop(threading.Thread):
             # other links' connects before it) must not count in the server's round trip.
             conn.send_raw(link.connected(time.monotonic(), identity.client_id, self.abilities_at(identity)))
         except ServerError as e:
-            self._drop(link, str(e))
+            self._drop(link, e)
 
     def nudge(self) -> None:
         """From another thread: wake this thread's poll (it was unparked, or a permit is free)."""
@@ -331,7 +341,7 @@ class GrabLoop(threading.Thread):
             link.fd = -1
         link.conn.close()
 
-    def _drop(self, link: Link, reason: str) -> None:
+    def _drop(self, link: Link, reason: str | BaseException) -> None:
         was_listening = link.state is SLEEPING
         self._forget(link)
         self._leave_rest(link)
@@ -342,7 +352,8 @@ class GrabLoop(threading.Thread):
             self.outstanding = None
         if link in self.wants:
             self.wants.remove(link)
-        self.process.outage.failed(link.conn.address, self.index, reason)
+        self.process.outage.failed(link.conn.address, self.index, str(reason),
+                                   refusal=isinstance(reason, gp.TLSError))
 
     def close(self) -> None:
         now = time.monotonic()
@@ -441,7 +452,7 @@ class GrabLoop(threading.Thread):
             try:
                 packets = link.conn.read_packets()
             except ServerError as e:
-                self._drop(link, str(e))
+                self._drop(link, e)
                 continue
             for pkt in packets:
                 try:
@@ -449,7 +460,7 @@ class GrabLoop(threading.Thread):
                 except (ServerError, Abandoned) as e:
                     if running.abandoned:
                         return  # the watchdog answered and owns the connection now
-                    self._drop(link, str(e))  # shutdown past grace: gearmand requeues the job
+                    self._drop(link, e)  # shutdown past grace: gearmand requeues the job
                     break
                 if self.stop.is_set() or running.abandoned:
                     return
@@ -517,7 +528,7 @@ class GrabLoop(threading.Thread):
         try:
             link.conn.send_raw(prefix + GRAB_PACKET if prefix else GRAB_PACKET)
         except ServerError as e:
-            self._drop(link, str(e))  # a job it was busy with is counted unanswered: still BUSY here
+            self._drop(link, e)  # a job it was busy with is counted unanswered: still BUSY here
             return
         self._leave_rest(link)
         link.grab(time.monotonic())
@@ -598,12 +609,17 @@ class GrabLoop(threading.Thread):
             size, cap = int(pkt.args["oversize"]), link.conn.max_packet
             return self.runner.fail_unrun(link.job, "?", {
                 "error": f"job of {size} bytes exceeds gearman.max_packet ({cap} bytes) on this worker"})
-        task = pkt.text("task")
+        function = pkt.text("task")
+        task = base_task(function)  # 'shell@label:db' runs shell; the signature covers the full name
+        if task != function and function not in self.registered:  # a server's mistake: not ours to run
+            return self.runner.fail_unrun(link.job, task, {
+                "error": f"function {cap_text(function, 200)!r} is not registered by this worker"})
         if process.unanswered.refuses(link.job):
             self.counters.finished(task, 0.0, False)
             return self.runner.refuse(link.job, task)
         running = self.running
         job = Job(link.conn, handle, task, link.job[2], pkt["data"], process.config, running.cancel)
+        job.function = function
         running.begin(job, time.monotonic())
         try:
             reply = self.runner.run(running, job)

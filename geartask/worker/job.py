@@ -32,12 +32,14 @@ class Job:
     """
 
     __slots__ = ("task", "handle", "unique", "raw", "attempt", "config", "cancel",
-                 "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome", "signed")
+                 "_conn", "_data", "_decoded", "retries", "_log", "started", "options", "outcome", "signed",
+                 "function")
 
     def __init__(self, conn: Any, handle: str, task: str, unique: str, raw: bytes,
                  config: Config, cancel: threading.Event):
         self._conn = conn
         self.handle, self.task, self.unique, self.raw = handle, task, unique, raw
+        self.function = task  # the gearmand function it came as: task, or a targeted form (TASK@host:HOST)
         self.config, self.cancel = config, cancel
         self.attempt = 1
         self.retries = 0

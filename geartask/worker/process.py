@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import gearman as gp
+from ..address import format_host
 from ..control import WorkerIdentity
 from ..errors import PluginError
 from ..logs import get_logger
@@ -32,6 +34,20 @@ if TYPE_CHECKING:
 log = get_logger("geartask.worker")
 
 BUILTIN_TASKS = ("shell",)
+
+
+def worker_targets(config: Config) -> tuple[str, tuple[str, ...]]:
+    """The host and labels a worker announces (worker.host, default the machine's FQDN; an FQDN
+    that is 'localhost' (an /etc/hosts that maps the name to 127.0.0.1 first) or outside the
+    targets' charset falls back to the host name, else to none)."""
+    from ..targets import machine_host
+    labels = tuple(dict.fromkeys(config.worker.labels))
+    if config.worker.host:
+        return config.worker.host, labels
+    host = machine_host()
+    if not host:
+        log.warning("no usable host name for targeted jobs; set worker.host", fqdn=socket.getfqdn()[:80])
+    return host, labels
 
 
 class WorkerProcess:
@@ -62,6 +78,7 @@ class WorkerProcess:
         self.identity = WorkerIdentity(name, "", os.getpid(), fleet=getattr(config, "fleet", ""))
         self.ips: frozenset[str] = frozenset()
         self.label = f"{name}::{self.identity.pid}"
+        self.targets = worker_targets(config)  # (host, labels): TASK@host:/TASK@label: functions too
         self.keepalive = gp.keepalive_for(config.worker.keepalive)
         self.tasks = dict(tasks)
         self.shell_task = self.tasks["shell"] = ShellTask(config.worker, self.label)
@@ -110,7 +127,7 @@ class WorkerProcess:
             if ip in self.ips:
                 return
             self.ips = self.ips | {ip}
-            self.label = f"{self.name}:{','.join(sorted(self.ips))}:{self.identity.pid}"
+            self.label = f"{self.name}:{','.join(format_host(i) for i in sorted(self.ips))}:{self.identity.pid}"
             self.runner.label = self.label
             self.shell_task.worker_label = self.label
         log.info("connected from a new local address", ip=ip, server=server)

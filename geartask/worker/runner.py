@@ -168,7 +168,7 @@ class JobRunner:
         None when the job may run, else the answer that fails it once, unrun, with the reason
         (recorded as its outcome, never retried)."""
         raw = job.raw
-        decision = self.trust.decide(job.task, job.unique, raw)
+        decision = self.trust.decide(job.function, job.unique, raw)
         payload = job.raw = decision.payload
         if decision.line is not None or not decision.allowed:
             job.signed = Signed(decision, raw[:len(raw) - len(payload)] if decision.line is not None else b"",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..targets import aliases
 from ..trust import policy, signing
 from ..trust.keys import signing_key
 from ..trust.signing import SIG_MAGIC
@@ -35,11 +36,13 @@ class WorkerTrust:
         # Jobs are checked (decide) only when someone is trusted or signatures are required;
         # else only a signature line is stripped, and only from a job that has one.
         self.checks = self.require_signed or len(self.trust) > 0
+        self.labels = tuple(config.worker.labels)  # a job for our host is also one for our labels
 
     def decide(self, function: str, unique: str, raw: bytes) -> policy.Decision:
         """The policy's decision on one job (verifies at most once per job)."""
         return policy.decide(function, unique, raw, self.trust, time.time(),
-                             require_signed=self.require_signed, max_age=self.max_age)
+                             require_signed=self.require_signed, max_age=self.max_age,
+                             also=aliases(function, self.labels))
 
     def control(self, raw: bytes) -> tuple[str | None, bytes]:
         """(signer, body) of a control job: verified for ``control`` when signatures are

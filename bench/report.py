@@ -54,7 +54,23 @@ def targets(doc: dict) -> list[dict]:
     add("W3 submissions/s geartask / bare pygearman", ratio(a, b), 0.9, detail=f"{a} vs {b} /s")
     a = (_ok(doc, "W4", "geartask") or {}).get("jobs_per_s")
     b = (_ok(doc, "W4", "noqueue") or {}).get("jobs_per_s")
-    add("W4 geartask / no-queue reference", ratio(a, b), 0.85, detail=f"{a} vs {b} jobs/s")
+    add("W4 geartask / no-queue reference", ratio(a, b), 0.9, detail=f"{a} vs {b} jobs/s")
+    # Issue 24: shell jobs at least as fast as the C worker, the batch within reach of the C client.
+    b = (_ok(doc, "W4", "c") or {}).get("jobs_per_s")
+    add("W4 geartask / C", ratio(a, b), 1.0, detail=f"{a} vs {b} jobs/s")
+    a, b = _w1_run(gt, 1, 4), _w1_run(_ok(doc, "W1", "c"), 1, 4)
+    add("W1 geartask / C, 1 process x 4 threads", ratio(a, b), 0.6, detail=f"{a} vs {b} jobs/s")
+    # Issue 19: what trust (stunnel's TLS, signed jobs, require_signed) may cost, in the same run.
+    tls = "geartask-tls"
+    a, b = _w1_run(_ok(doc, "W1", tls), 1, 4), _w1_run(gt, 1, 4)
+    add("W1 geartask (tls+signed) / geartask", ratio(a, b), 0.6, detail=f"{a} vs {b} jobs/s")
+    a = (_ok(doc, "W2", tls) or {}).get("p50_ms")
+    b = (_ok(doc, "W2", "geartask") or {}).get("p50_ms")
+    add("W2 p50 geartask (tls+signed) minus geartask, ms", None if a is None or b is None else a - b, 0.3,
+        higher_is_better=False, detail=f"{a} vs {b} ms")
+    a = (_ok(doc, "W4", tls) or {}).get("jobs_per_s")
+    b = (_ok(doc, "W4", "geartask") or {}).get("jobs_per_s")
+    add("W4 geartask (tls+signed) / geartask", ratio(a, b), 0.9, detail=f"{a} vs {b} jobs/s")
     w5 = _ok(doc, "W5", "geartask") or {}
     add("W5 geartask idle CPU, % of one core", w5.get("cpu_percent_of_core"), 1.0, higher_is_better=False)
     add("W5 geartask idle RSS, MB", w5.get("rss_mb"), 80.0, higher_is_better=False)

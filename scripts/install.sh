@@ -4,7 +4,8 @@
 # deploy/ units are verified with it), chromium and chromium-driver (the dashboard's browser
 # tests), promtool (Debian's prometheus package: /metrics is checked with it), stunnel4
 # (server.tls: the TLS terminator in front of gearmand) and postgresql (the PostgreSQL
-# outcome store and gearmand's libpq queue are tested on a real one) from apt
+# outcome store and gearmand's libpq queue are tested on a real one) and libsodium23 (the
+# fast Ed25519 path of signed jobs) from apt
 # (only when missing), then a venv in .venv with geartask and its test extras.
 # Safe to run again; it only adds what is missing.
 set -euo pipefail
@@ -23,6 +24,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v stunnel >/dev/null 2>&1 || command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+# libsodium: signed jobs' Ed25519 at half the CPU (geartask/trust/sodium.py; optional at run time)
+ldconfig -p 2>/dev/null | grep -q 'libsodium\.so' || need_apt+=(libsodium23)
 PY="${PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv python3-pip)

@@ -685,6 +685,25 @@ def test_queue_depth_chart_says_what_the_queued_tile_counts(fresh_gearmand, make
     assert ">minutes ago</text>" in chart and ">queued</text>" in chart and ">5</text>" in chart  # axes, scale
 
 
+def test_targeted_names_get_a_queue_chart_only_when_they_had_jobs(fresh_gearmand, make_config, fname, dashboards):
+    """Every worker registers TASK@host:H and TASK@label:L: charting each idle one would list
+    every task once per host and label; one with jobs waiting is shown."""
+    from geartask import gearman as gp
+    path, _ = make_config(fresh_gearmand)
+    idle = gearclient.connect(fresh_gearmand.address)  # registers an idle targeted name, as a worker does
+    idle.send(gp.CAN_DO, task=f"{fname}@label:idle")
+    queue_background(fresh_gearmand, f"{fname}@host:web9", 3)
+    try:
+        d = dashboards(path, refresh=0.5)
+        wait_until(lambda: f"{fname}@label:idle" in [f["function"] for f in d.get_json("/functions")["functions"]],
+                   10, message="the idle targeted name listed by gearmand")
+        page = d.get_json("/")
+        assert f"{fname}@host:web9" in page["charts"] and page["queued_now"][f"{fname}@host:web9"] == 3
+        assert f"{fname}@label:idle" not in page["charts"]
+    finally:
+        idle.close()
+
+
 def test_clear_is_neither_offered_nor_done_on_internal_queues(fresh_gearmand, make_config, fname, dashboards):
     path, _ = make_config(fresh_gearmand)
     queue_background(fresh_gearmand, fname, 2)

@@ -78,3 +78,21 @@ def test_clear_interrupted_by_the_server_dying_reports_what_it_removed(fresh_gea
     cleared = int(out.getvalue().strip().splitlines()[-1].split()[0])
     assert 500 <= cleared < 3000, out.getvalue()
     assert f"{cleared} of them were removed before a server failed" in err.getvalue()
+
+
+def test_status_text_leaves_out_idle_targeted_names_and_says_so():
+    """Every worker registers TASK@host:H and TASK@label:L beside TASK: listing the idle ones
+    would repeat each task per host and label; one with jobs is shown."""
+    from geartask.admin.cli import status_text
+
+    def fn(name, queued=0, running=0, workers=1):
+        return {"function": name, "queued": queued, "running": running, "workers": workers}
+
+    funcs = [fn("shell"), fn("shell@host:web1"), fn("shell@label:db"), fn("shell@host:web2", queued=2)]
+    data = {"servers": [{"server": "127.0.0.1:4730", "reachable": True, "version": "1.1.20", "rtt_ms": 0.2,
+                         "error": None, "functions": funcs}], "totals": funcs}
+    text = status_text(data)
+    rows = [line.split()[0] for line in text.splitlines() if line.strip()]
+    assert "shell" in rows and "shell@host:web2" in rows
+    assert "shell@host:web1" not in rows and "shell@label:db" not in rows
+    assert "(2 targeted names (TASK@host:, TASK@label:) with no jobs not shown; --json lists them)" in text

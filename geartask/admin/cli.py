@@ -155,8 +155,11 @@ def status_text(data: dict) -> str:
     per_server = {s["server"]: {f["function"]: f for f in s["functions"]} for s in servers}
     several = len(data["servers"]) > 1
     headers = ["FUNCTION", "QUEUED", "RUNNING", "WORKERS"] + ([s["server"] for s in servers] if several else [])
-    rows = []
+    rows, idle_targeted = [], 0
     for t in data["totals"]:
+        if parse_target(t["function"]) is not None and not t["queued"] and not t["running"]:
+            idle_targeted += 1  # every worker registers TASK@host:H, TASK@label:L: shown once they have jobs
+            continue
         row = [t["function"], t["queued"], t["running"], t["workers"]]
         if several:
             for s in servers:
@@ -166,6 +169,8 @@ def status_text(data: dict) -> str:
     text = srv + "\n\n" + render(headers, rows, right=headers[1:])
     if several:
         text += "\n(totals over reachable servers; per server: queued/running/workers)"
+    if idle_targeted:
+        text += f"\n({idle_targeted} targeted names (TASK@host:, TASK@label:) with no jobs not shown; --json lists them)"
     return text
 
 

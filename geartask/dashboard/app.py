@@ -27,6 +27,7 @@ from ..fleet import (Admin, ServerResult, check_clear_function, check_handle, ch
 from ..fleet.server import server_job_status
 from ..address import format_address, format_host, split_address
 from ..cli import duration
+from .. import targets
 from ..display import printable
 from ..errors import GeartaskError, UsageError
 from ..logs import get_logger
@@ -302,9 +303,12 @@ class Dashboard:
             # the fleet(s) the workers say they belong to; "filter": the config's fleet, the only one shown
             "fleets": {"filter": self.admin.fleet, "seen": sorted({p.fleet for p in look.processes if p.fleet})},
             "rates": self.monitor.rates(),
-            # busy functions first (queued now or within the hour), then the idle ones, by name
+            # busy functions first (queued now or within the hour), then the idle ones, by name;
+            # a targeted name (TASK@host:H, TASK@label:L: every worker registers them) only when
+            # it had jobs this hour, or the page would list each task once per host and label
             "charts": {name: [[round(t, 1), v] for t, v in pts] for name, pts in
-                       sorted(charts.items(), key=lambda kv: (not any(v for _, v in kv[1]), kv[0]))},
+                       sorted(charts.items(), key=lambda kv: (not any(v for _, v in kv[1]), kv[0]))
+                       if targets.parse(name) is None or any(v for _, v in pts)},
             # what the charts' "now" says: this look's count, the same as the Queued tile adds up
             "queued_now": {f["function"]: f["queued"] for f in functions},
             "throughput": self.throughput_data(),

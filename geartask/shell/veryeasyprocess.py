@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 from ..logs import get_logger
 from ..gearman import wait_readable
 
+from . import spawn as _spawn
 from .reaper import TOKEN_VAR as REAPER_TOKEN_VAR
 from .reaper import VAR as TOKEN_VAR
 
@@ -135,56 +136,105 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     except (TypeError, ValueError) as e:
         return Result(None, reason=f"bad environment: {shown(str(e))}")
 
-    out = tempfile.TemporaryFile() if capture and streams is None else None
+    # Unbuffered: the command writes to it, we read it once (no buffer, no isatty check).
+    out = tempfile.TemporaryFile(buffering=0) if capture and streams is None else None
     try:
+        proc = None
         try:
-            proc = subprocess.Popen(cmd, executable=executable, cwd=cwd, env=full_env, shell=shell,
-                                    stdin=subprocess.DEVNULL, stdout=out if streams is None else streams[0],
-                                    stderr=(subprocess.STDOUT if capture else None) if streams is None else streams[1],
-                                    start_new_session=True, close_fds=True)
+            if streams is not None:
+                stdout, stderr = streams
+            elif out is not None:
+                stdout = stderr = out.fileno()
+            else:
+                stdout = stderr = None
+            fast = _fast_start(cmd, executable, shell, full_env, stdout, stderr)
+            if fast is not None:
+                pid = _spawn.spawn(fast[0], fast[1], full_env, stdout, None if cwd is None else os.fsencode(cwd),
+                                   cache_env=not env, stderr=stderr)
+            else:
+                proc = subprocess.Popen(cmd, executable=executable, cwd=cwd, env=full_env, shell=shell,
+                                        stdin=subprocess.DEVNULL, stdout=out if streams is None else streams[0],
+                                        stderr=(subprocess.STDOUT if capture else None) if streams is None
+                                        else streams[1],
+                                        start_new_session=True, close_fds=True)
+                pid = proc.pid
         except (OSError, ValueError) as e:
             failed = _start_error(cmd, cwd, e) if isinstance(e, OSError) else f"cannot start: {shown(str(e))}"
             return Result(None, reason=failed, duration=time.monotonic() - t0)
 
-        _running.add(proc.pid)
-        exited = _exit_waiter(proc)
+        _running.add(pid)
+        exited = _exit_waiter(pid)
         timed_out = cancelled = False
         try:
-            timed_out, cancelled = _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace)
+            timed_out, cancelled = _wait(pid, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace)
         finally:
             # Whatever happened (an exception from on_tick included), the command ends here.
             # The leader has exited or is being killed but is not reaped yet, so its pid, which
             # is the group id, cannot have been reused: whatever the command left running in
             # its group (a daemonised grandchild, the rest of a killed pipeline) goes now.
-            _signal_group(proc.pid, signal.SIGKILL)
+            _signal_group(pid, signal.SIGKILL)
             exited.close()
-            proc.wait()
-            _running.discard(proc.pid)
+            returncode = proc.wait() if proc is not None else _reap(pid)
+            _running.discard(pid)
         duration = time.monotonic() - t0
 
         output, cut = "", False
         if out is not None:
-            size = out.seek(0, os.SEEK_END)
-            out.seek(0)
-            data = out.read(max_output)
-            cut = size > max_output
-            output = data.decode("utf-8", errors="replace")
+            size = os.fstat(out.fileno()).st_size
+            if size:
+                # never a max_output-sized buffer for nothing
+                data = os.pread(out.fileno(), min(size, max_output), 0)
+                cut = size > max_output
+                output = data.decode("utf-8", errors="replace")
         reason = None
         if timed_out:
             reason = f"timed out after {timeout:g}s; process group killed"
         elif cancelled:
             reason = "cancelled; process group killed"
-        elif proc.returncode < 0:
-            reason = f"killed by signal {signal.Signals(-proc.returncode).name}"
-        elif proc.returncode != 0:
-            reason = f"exit status {proc.returncode}"
-        return Result(proc.returncode, output, timed_out, duration, cut, reason, cancelled, proc.pid)
+        elif returncode < 0:
+            reason = f"killed by signal {signal.Signals(-returncode).name}"
+        elif returncode != 0:
+            reason = f"exit status {returncode}"
+        return Result(returncode, output, timed_out, duration, cut, reason, cancelled, pid)
     finally:
         if out is not None:
             out.close()
 
 
-def _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace) -> tuple[bool, bool]:
+def _fast_start(cmd, executable, shell, env, stdout, stderr) -> tuple[bytes, list[bytes]] | None:
+    """(the file to exec, argv) for spawn.spawn(), or None where Popen must start the command
+    (no usable posix_spawn, a program name to look up that is not found: Popen says why, or
+    an output descriptor below 3, which Popen's careful dup2 order handles)."""
+    if not _spawn.available() or any(fd is not None and fd < 3 for fd in (stdout, stderr)):
+        return None
+    if shell:
+        if executable is not None:
+            return None
+        return b"/bin/sh", [b"/bin/sh", b"-c", os.fsencode(cmd)]
+    argv = [os.fsencode(a) for a in cmd]
+    program = os.fsencode(executable) if executable is not None else argv[0]
+    if b"/" in program:
+        return program, argv
+    path = env.get(b"PATH")
+    for folder in (os.fsdecode(path) if path is not None else os.defpath).split(os.pathsep):
+        if not os.path.isabs(folder):
+            return None  # relative to the child's cwd: Popen looks it up there
+        candidate = os.path.join(os.fsencode(folder), program)  # as Popen looks it up: the child's PATH
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate, argv
+    return None
+
+
+def _reap(pid: int) -> int:
+    """Reap our child ``pid``; its returncode as Popen gives it (-N: killed by signal N)."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): as Popen, call it 0
+        return 0
+    return os.waitstatus_to_exitcode(status)
+
+
+def _wait(pid, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace) -> tuple[bool, bool]:
     """Wait for the command to exit, time out or be cancelled; return (timed_out, cancelled)."""
     next_tick = t0 + tick_interval
     deadline = None if timeout is None else t0 + timeout
@@ -201,7 +251,7 @@ def _wait(proc, exited, t0, timeout, cancel, on_tick, tick_interval, kill_grace)
         timed_out = deadline is not None and now >= deadline
         cancelled = not timed_out and cancel is not None and cancel.is_set()
         if timed_out or cancelled:
-            _signal_group(proc.pid, signal.SIGTERM)
+            _signal_group(pid, signal.SIGTERM)
             exited(kill_grace)
             return timed_out, cancelled
         if on_tick is not None and now >= next_tick:
@@ -315,11 +365,11 @@ os.register_at_fork(after_in_child=_reaper.forget)
 class _exit_waiter:
     """Wait for a child to exit *without reaping it* (pidfd on Linux >= 5.3, else polling)."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self.pid = proc.pid
+    def __init__(self, pid: int):
+        self.pid = pid
         self.fd = None
         try:
-            self.fd = os.pidfd_open(proc.pid)
+            self.fd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             pass
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import sodium
 from .keys import public_text
 
 SIG_MAGIC = b"\x1egeartask-sig/1 "
@@ -105,8 +106,25 @@ def message_bytes(purpose: str, body: bytes, t: int) -> bytes:
     return b"".join((_ns(VERSION), _ns(purpose), _ns(str(int(t))), _ns(hashlib.sha256(body).hexdigest())))
 
 
+_public_texts: dict[int, tuple[Ed25519PrivateKey, str]] = {}  # id -> (the key, kept alive; its public text)
+
+
+def _public_text(key: Ed25519PrivateKey) -> str:
+    known = _public_texts.get(id(key))
+    if known is not None and known[0] is key:
+        return known[1]
+    text = public_text(key)
+    if len(_public_texts) >= 256:
+        _public_texts.clear()
+    _public_texts[id(key)] = (key, text)
+    return text
+
+
 def _stamp(data: bytes, key: Ed25519PrivateKey, t: int) -> Stamp:
-    return Stamp(public_text(key), int(t), base64.b64encode(key.sign(data)).decode("ascii"))
+    sig = sodium.sign(key, data)  # libsodium where installed: same bytes, faster, GIL released
+    if sig is None:
+        sig = key.sign(data)
+    return Stamp(_public_text(key), int(t), base64.b64encode(sig).decode("ascii"))
 
 
 def _now(t: float | None) -> int:
@@ -184,6 +202,9 @@ def check(public: Ed25519PublicKey, stamp: Stamp, data: bytes) -> bool:
         return False
     if len(raw) != 64:
         return False
+    fast = sodium.verify(public, raw, data)  # never accepts what OpenSSL would refuse (sodium.py)
+    if fast is not None:
+        return fast
     try:
         public.verify(raw, data)
     except InvalidSignature:

@@ -35,7 +35,7 @@ worker:
 class Geartask(System):
     key = "geartask"
     label = "geartask"
-    note = "runworkers (log level info: one JSON log line per job) + JobSender"
+    note = "geartask worker processes (log level info: one JSON log line per job) + JobSender"
 
     def __init__(self, log_level: str = "info"):
         self.log_level = log_level

@@ -129,7 +129,9 @@ def canonical_address(text: str, default_port: int = DEFAULT_PORT) -> str:
 def split_fields(text: str) -> list[str]:
     """``a:[v6]:b`` -> ['a', '[v6]', 'b']: split on ':' outside brackets (a client id, a
     control function name). A '[' without its ']' leaves the rest as one field."""
-    fields, cur, depth = [], [], 0
+    fields: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for c in text:
         if c == ":" and not depth:
             fields.append("".join(cur))

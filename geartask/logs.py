@@ -395,7 +395,21 @@ class _LogFile(logging.handlers.RotatingFileHandler):
 
 class _Console(logging.StreamHandler):
     """The console: a line per record; a status line (the progress bar) is erased before it
-    and drawn again after it."""
+    and drawn again after it. Without a stream of its own it writes to whatever sys.stderr is
+    when the line is written (a caller that swapped sys.stderr, as pytest's capture does, never
+    gets a line written into the closed stream it replaced)."""
+
+    def __init__(self, stream: Any = None):
+        self._follow_stderr = stream is None
+        super().__init__(stream or sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr if self._follow_stderr else self._stream
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self._stream = value
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -520,7 +534,6 @@ def configure_logging(log: LogConfig, role: str, name: str | None = None, *,
     without one, lines are written at once. Safe to call again (tests do): the previous
     setup is drained and replaced.
     """
-    stream = stream or sys.stderr
     _teardown()
     fields = {"role": role, "name": name or role, "pid": os.getpid()}
     file_level = getattr(logging, log.level.upper())

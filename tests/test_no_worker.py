@@ -5,7 +5,6 @@ and exits 0. Real gearmand, real worker processes, the real CLI."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -102,21 +101,23 @@ def test_background_send_for_an_unserved_task_warns_and_exits_0(fleet):
         assert _total(srv, task) == 1  # still queued: a worker for it would run it
 
 
-def test_send_plugin_warns_once_per_task_and_the_api_flags_queued_jobs(fleet, monkeypatch, caplog):
+def test_send_plugin_warns_once_per_task_and_the_api_flags_queued_jobs(fleet, monkeypatch):
     """A 2,000-job background batch of one unserved task: one warning, one `status` query per
     server (not per job); every JobResult says no_worker."""
+    from test_sender import LogRecorder  # the sender's own logger: independent of how an earlier
+    # test in this process configured logging (caplog sees nothing once a listener owns it)
     srv, config, _ = fleet
     cfg = load_config(config(2))
     asked = []
     real = no_worker.ask_status
     monkeypatch.setattr(no_worker, "ask_status", lambda *a: asked.append(a) or real(*a))
-    caplog.set_level(logging.WARNING)
-    with JobSender(cfg, record_background=False) as sender:
+    log = LogRecorder()
+    with JobSender(cfg, log=log, record_background=False) as sender:
         results = sender.submit_many(({"task": "t.absent", "data": i} for i in range(2000)), wait=False)
     assert len(results) == 2000 and all(r.state == "queued" and r.no_worker for r in results)
     assert len(asked) == 1, asked
-    warnings = [r for r in caplog.records if "no worker serves task 't.absent'" in r.getMessage()]
-    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    warnings = [line for line in log.lines if "no worker serves task 't.absent'" in line[1]]
+    assert len(warnings) == 1 and warnings[0][0] == "warning", log.lines
 
 
 def test_api_foreground_raises_no_worker_error_and_rechecks_cheaply(fleet, monkeypatch):

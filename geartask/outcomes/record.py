@@ -295,7 +295,7 @@ def cap_record(rec: dict, limit: int) -> dict:
         return rec
     rec = dict(rec)
     if tb_big:
-        rec["traceback"], rec["traceback_cut"] = cap_traceback(tb)[0], True
+        rec["traceback"], rec["traceback_cut"] = cap_traceback(str(tb))[0], True
     for key in over:
         raw = decode_bytes(rec, key) or b""
         size = max(rec.get(f"{key}_size", 0), len(raw))

@@ -219,11 +219,11 @@ def _override(job: Any, overrides: dict) -> Any:
 
 def cmd_plugin(config: Config, args: argparse.Namespace) -> int:
     plugins = load_plugins(config, only=[args.name])
-    jobs = (job for _, job in plugins.iter_jobs())  # taken as they are sent: memory stays flat
-    first = next(jobs, None)
+    taken = (job for _, job in plugins.iter_jobs())  # taken as they are sent: memory stays flat
+    first = next(taken, None)
     if first is None:
         raise PluginError("yielded no jobs: nothing to send", args.name, plugins.files.get(args.name))
-    jobs = itertools.chain([first], jobs)
+    jobs = itertools.chain([first], taken)
     if fleet_cli.targeted(args):  # every job, on the hosts the command line names
         return fleet_cli.run(config, args, jobs, args.timeout, _fleet_overrides(args))
     aside: list = []  # jobs with their own host/label/all, fanned out after the others

@@ -42,7 +42,7 @@ class Outcome:
 
     def to_json(self) -> dict:
         rec = dict(self.record or {})
-        out = {"key": self.key, "state": self.state, "error": self.error}
+        out: dict[str, Any] = {"key": self.key, "state": self.state, "error": self.error}
         if rec:
             for k in ("unique", "handle", "server", "task", "attempts", "worker", "finished_at", "duration",
                       "background", "result_cut", "result_size", "requeues", "signer"):

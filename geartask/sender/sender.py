@@ -129,7 +129,7 @@ class JobSender:
         fanned out instead (``fan_out``): a list of HostResult, one per host."""
         job = {"task": task, "data": data, "unique": unique, "priority": priority, "background": background}
         if host is not None or label is not None or all:
-            extra = {"on_data": on_data} if on_data is not None else {}
+            extra: dict[str, Any] = {"on_data": on_data} if on_data is not None else {}
             return self.fan_out(job, host=host, label=label, all=all, timeout=timeout, wait=wait, **extra)
         return self.submit_many([{k: v for k, v in job.items() if v is not None or k == "data"}],
                                 wait=wait, timeout=timeout, on_data=on_data)[0]

@@ -139,7 +139,9 @@ def run(cmd: Sequence[str] | str, cwd: str | os.PathLike | None = None, timeout:
     # Unbuffered: the command writes to it, we read it once (no buffer, no isatty check).
     out = tempfile.TemporaryFile(buffering=0) if capture and streams is None else None
     try:
-        proc = None
+        proc: subprocess.Popen | None = None
+        stdout: int | None
+        stderr: int | None
         try:
             if streams is not None:
                 stdout, stderr = streams

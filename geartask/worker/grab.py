@@ -164,6 +164,14 @@ class Sleepers:
             self.parked.setdefault(server, []).append(thread)
             return False
 
+    def listen(self, server: int, thread: "GrabLoop") -> bool:
+        """True: nobody sleeps on ``server``, and now ``thread`` does (it sends PRE_SLEEP)."""
+        with self.lock:
+            if self.sleeper.get(server, thread) is thread:
+                self.sleeper[server] = thread
+                return True
+            return False
+
     def leave(self, server: int, thread: "GrabLoop") -> None:
         """``thread`` stops sleeping or being parked on ``server``."""
         with self.lock:
@@ -312,7 +320,17 @@ class GrabLoop(threading.Thread):
             link = self.links[i]
             if link.state is PARKED and link not in self.wants:
                 link.unpark(now)
-                self.wants.append(link)
+                if self.sleepers.listen(link.server, self):
+                    # Listen in the job's thread's place with PRE_SLEEP, not GRAB: gearmand answers
+                    # it with a NOOP at once if a job waits (then we grab), and otherwise wakes us
+                    # with the next job. A GRAB here, while the other thread runs its job, mostly
+                    # came back NO_JOB: a round trip and a wake-up of this thread taken from it.
+                    try:
+                        link.conn.send_raw(link.rest(now, True))
+                    except ServerError as e:
+                        self._drop(link, e)
+                else:
+                    self.wants.append(link)
 
     def _leave_rest(self, link: Link) -> None:
         """``link`` stops sleeping or being parked: it no longer counts for its Sleepers."""

@@ -165,14 +165,6 @@ class Sleepers:
             self.parked.setdefault(server, []).append(thread)
             return False
 
-    def listen(self, server: int, thread: "GrabLoop") -> bool:
-        """True: nobody sleeps on ``server``, and now ``thread`` does (it sends PRE_SLEEP)."""
-        with self.lock:
-            if self.sleeper.get(server, thread) is thread:
-                self.sleeper[server] = thread
-                return True
-            return False
-
     def park_if_listened(self, server: int, thread: "GrabLoop") -> bool:
         """True: another thread sleeps on ``server``, and ``thread`` is now parked."""
         with self.lock:
@@ -330,17 +322,18 @@ class GrabLoop(threading.Thread):
             link = self.links[i]
             if link.state is PARKED and link not in self.wants:
                 link.unpark(now)
-                if self.sleepers.listen(link.server, self):
-                    # Listen in the job's thread's place with PRE_SLEEP, not GRAB: gearmand answers
-                    # it with a NOOP at once if a job waits (then we grab), and otherwise wakes us
-                    # with the next job. A GRAB here, while the other thread runs its job, mostly
-                    # came back NO_JOB: a round trip and a wake-up of this thread taken from it.
+                # Listen in the job's thread's place with PRE_SLEEP, not GRAB: gearmand answers
+                # it with a NOOP at once if a job waits (then we grab), and otherwise wakes us
+                # with the next job. A GRAB here, while the other thread runs its job, mostly
+                # came back NO_JOB: a round trip and a wake-up of this thread taken from it.
+                # If another thread listens already, park again: it is told of any job.
+                sleep = self.sleepers.sleep_or_park(link.server, self)
+                pre_sleep = link.rest(now, sleep)
+                if pre_sleep:
                     try:
-                        link.conn.send_raw(link.rest(now, True))
+                        link.conn.send_raw(pre_sleep)
                     except ServerError as e:
                         self._drop(link, e)
-                else:
-                    self.wants.append(link)
 
     def _leave_rest(self, link: Link) -> None:
         """``link`` stops sleeping or being parked: it no longer counts for its Sleepers."""

@@ -65,7 +65,7 @@ class Link(LinkMachine):
     """One thread's connection to one server: the grab cycle's state (LinkMachine) and what
     the thread keeps with it."""
 
-    __slots__ = ("conn", "fd", "job", "permit", "acks")
+    __slots__ = ("conn", "fd", "job", "permit", "acks", "woken")
 
     def __init__(self, conn: gp.Connection, server: int = 0, rtt: RoundTrip | None = None,
                  poll_timeout: float = 60.0):
@@ -75,6 +75,7 @@ class Link(LinkMachine):
         self.job: tuple = ()  # (server, handle, unique) of the job it is busy with
         self.permit = False  # its outstanding GRAB holds one of worker.max_jobs' permits
         self.acks: collections.deque = collections.deque()  # outcome jobs awaiting JOB_CREATED
+        self.woken = False  # its outstanding GRAB followed a NOOP (it had been sleeping)
 
 
 @dataclass
@@ -163,6 +164,15 @@ class Sleepers:
                 return True
             self.parked.setdefault(server, []).append(thread)
             return False
+
+    def park_if_listened(self, server: int, thread: "GrabLoop") -> bool:
+        """True: another thread sleeps on ``server``, and ``thread`` is now parked."""
+        with self.lock:
+            sleeper = self.sleeper.get(server)
+            if sleeper is None or sleeper is thread:
+                return False
+            self.parked.setdefault(server, []).append(thread)
+            return True
 
     def leave(self, server: int, thread: "GrabLoop") -> None:
         """``thread`` stops sleeping or being parked on ``server``."""
@@ -312,7 +322,18 @@ class GrabLoop(threading.Thread):
             link = self.links[i]
             if link.state is PARKED and link not in self.wants:
                 link.unpark(now)
-                self.wants.append(link)
+                # Listen in the job's thread's place with PRE_SLEEP, not GRAB: gearmand answers
+                # it with a NOOP at once if a job waits (then we grab), and otherwise wakes us
+                # with the next job. A GRAB here, while the other thread runs its job, mostly
+                # came back NO_JOB: a round trip and a wake-up of this thread taken from it.
+                # If another thread listens already, park again: it is told of any job.
+                sleep = self.sleepers.sleep_or_park(link.server, self)
+                pre_sleep = link.rest(now, sleep)
+                if pre_sleep:
+                    try:
+                        link.conn.send_raw(pre_sleep)
+                    except ServerError as e:
+                        self._drop(link, e)
 
     def _leave_rest(self, link: Link) -> None:
         """``link`` stops sleeping or being parked: it no longer counts for its Sleepers."""
@@ -534,6 +555,28 @@ class GrabLoop(threading.Thread):
         link.grab(time.monotonic())
         self.outstanding = link
 
+    def _park_after(self, link: Link, reply: bytes) -> bool:
+        """A job that woke this link is answered: when another thread listens to this server,
+        send the answer without a GRAB and park (True). Jobs come one at a time here, so that
+        GRAB would mostly come back NO_JOB; one that waits is announced to the listener, whose
+        JOB_ASSIGN wakes a parked thread (Sleepers). Else False: the caller grabs as usual."""
+        if self.outstanding is not None or self.wants or self.stop.is_set():
+            return False
+        if not self.sleepers.park_if_listened(link.server, self):
+            return False
+        data = reply + self.process.held.take(link)  # nothing more is coming here: no reason to hold
+        try:
+            if data:
+                link.conn.send_raw(data)
+        except ServerError as e:
+            self.sleepers.leave(link.server, self)
+            self._drop(link, e)  # still BUSY: the job is counted unanswered
+            return True
+        now = time.monotonic()
+        link.answered(now)
+        link.rest(now, False)  # PARKED: nothing sent; it grabs again when unparked or after poll_timeout
+        return True
+
     def _on_packet(self, link: Link, pkt: gp.Packet) -> None:
         cmd = pkt.cmd
         if cmd == gp.JOB_ASSIGN_UNIQ or cmd == gp.JOB_ASSIGN:
@@ -559,12 +602,15 @@ class GrabLoop(threading.Thread):
             if record is not None:  # the outcome goes before the answer, on this connection
                 reply = self.process.held.now_or_later(link, record, reply,
                                                        hold=record.get("background") is True and not self.budget.limited)
-            self._grab_next(reply, after=link)
+            woken, link.woken = link.woken, False
+            if not (woken and self._park_after(link, reply)):
+                self._grab_next(reply, after=link)
             answered = link.state is not DOWN  # else the answer did not get out: see _forget
             link.job = ()
             if answered:
                 self.budget.job_done()  # after the answer is out: the last one must not be lost
         elif cmd == gp.NO_JOB:
+            link.woken = False
             if self.outstanding is link:
                 self.outstanding = None
             if link.permit:
@@ -585,6 +631,7 @@ class GrabLoop(threading.Thread):
                 self._grab_next()
         elif cmd == gp.NOOP:
             if link.noop(time.monotonic()):
+                link.woken = True
                 self.sleepers.leave(link.server, self)
                 if link not in self.wants:
                     self.wants.append(link)

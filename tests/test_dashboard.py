@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gearclient
-from dashboards import queue_background
+from dashboards import queue_background, report_outcome
 from fakeworker import FakeControlWorker
 from geartask import fleet as admin
 from geartask.control import COMMANDS
@@ -381,20 +381,9 @@ def test_stop_a_real_running_shell_job(gearmand, make_config, fname):
 def _report_failed(server, task: str, unique: str, data: bytes, attempts: int = 3, **fields) -> dict:
     """What a worker does for a job that failed for good: a background job of geartask.outcomes
     (``fields`` change the record: state="complete", result=...)."""
-    from geartask.outcomes import OUTCOME_FUNCTION, encode_batches, make_record
-    rec = make_record(**{"server": server.address, "handle": f"H:test:{unique}", "task": task, "state": "failed",
-                         "unique": unique, "attempts": attempts, "worker": "fw:127.0.0.1:1",
-                         "reason": {"error": f"exit status 1 ({unique})"}, "data": data, "background": True,
-                         **fields})
-    conn = gearclient.connect(server.address)
-    try:
-        for payload in encode_batches([rec]):
-            conn.send(gearclient.gp.submit_command("normal", True), task=OUTCOME_FUNCTION, unique=rec["id"],
-                      data=payload)
-            conn.expect(gearclient.gp.JOB_CREATED, 10)
-    finally:
-        conn.close()
-    return rec
+    fields = {"handle": f"H:test:{unique}", "task": task, "unique": unique, "attempts": attempts,
+              "reason": {"error": f"exit status 1 ({unique})"}, "data": data, **fields}
+    return report_outcome(server, **fields)
 
 
 def test_failed_page_lists_filters_requeues_and_purges(fresh_gearmand, make_config, fname, dashboards):

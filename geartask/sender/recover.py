@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import gearman as gp
 from ..address import canonical_host, format_address, split_address
 from ..config import PRIORITIES, parse_server
-from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, GeartaskError, ServerError, UsageError
+from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, GeartaskError, UsageError
 from ..jobs import JobDefinition
+from ..server import port_open
 from .background import RECORD_NAME, BackgroundRecord, recorded_data, server_problem
 from .sender import JobSender
 from .status_filter import TIME_FORMAT
@@ -120,16 +120,7 @@ def dead_address(server: Any) -> str:
 
 def _answers(address: str, timeout: float) -> bool:
     """Whether a job server answers an echo at ``address`` (then it is not dead)."""
-    host, port = split_address(address)
-    conn = gp.Connection(host, port, connect_timeout=timeout)
-    try:
-        conn.connect()
-        conn.echo(timeout)
-        return True
-    except ServerError:
-        return False
-    finally:
-        conn.close()
+    return port_open(*split_address(address), timeout=timeout)
 
 
 def _recorded_at(rec: dict) -> float | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..address import format_address
+from ..address import format_address, format_last_colon
 from ..errors import ConfigError, LocalServerError
 from . import LocalServer, log_tail, started_pid, wait_gone
 
@@ -69,7 +69,6 @@ class Stunnel:
         return Path(self.run_dir) / f"stunnel-{self.port}.log"
 
     def config_text(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         return "\n".join([
             "; written by geartask manage server start (server.tls: true); rewritten at every start",
             "foreground = yes",
@@ -78,8 +77,10 @@ class Stunnel:
             "debug = notice",
             "",
             "[gearman]",
-            f"accept = {_conf_value(host, 'server.host')}:{self.port}",
-            f"connect = 127.0.0.1:{self.backend_port}",
+            # stunnel splits at the last ':' and resolves what is before it as written:
+            # an IPv6 host goes in bare (::1:4730), never bracketed as in geartask's own names.
+            f"accept = {_conf_value(format_last_colon(self.host, self.port), 'server.host')}",
+            f"connect = {format_last_colon('127.0.0.1', self.backend_port)}",
             f"cert = {_conf_value(str(self.cert), 'tls.cert')}",
             f"key = {_conf_value(str(self.key), 'tls.key')}",
             f"CAfile = {_conf_value(str(self.ca), 'tls.ca')}",

@@ -256,3 +256,23 @@ def test_an_ipv6_server_host_behind_stunnel_answers_a_bracketed_tls_address(tmp_
         assert f"[::1]:{port}" in r.stdout, r.stdout
     finally:
         geartask("manage", "server", "stop")
+
+
+def test_a_stunnel_that_cannot_bind_an_ipv6_host_says_why_in_one_line(tmp_path):
+    """server.host an IPv6 address this machine does not have: `manage server start` exits 1
+    with stunnel's own reason (its log's last line is only a cleanup note) and leaves no
+    gearmand behind."""
+    certs.make_ca(tmp_path / "pki")
+    certs.issue(tmp_path / "pki", "server", ips=["2001:db8::1"])
+    port, backend = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", [f"tls://[2001:db8::1]:{port}"], extra=(
+        f"server:\n  host: \"2001:db8::1\"\n  port: {port}\n  backend_port: {backend}\n  tls: true\n"
+        f"  queue: {{type: none}}\n"
+        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.splitlines()[0]
+    assert "stunnel exited at start" in line and f"2001:db8::1:{port}: Cannot assign requested address" in line, line
+    srv = LocalServer.from_config(load_config(config))
+    assert srv.gearmand.pid() is None and srv.stunnel.pid() is None

@@ -44,6 +44,24 @@ def _conf_value(value: str, what: str) -> str:
     return value
 
 
+def _start_error(log_file: Path, offset: int) -> str:
+    """Why stunnel did not start, in one line, from what this start wrote (the log from
+    ``offset``): its first error ('[!] ...') with the notice just before it when there is one
+    (a failed bind says why only there); else the log's last line (which is only a cleanup
+    note such as 'Deallocating section')."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            lines = f.read(1 << 20).decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for i, line in enumerate(lines):
+        if line.startswith("[!]"):
+            before = lines[i - 1] if i and lines[i - 1].startswith("[.]") else ""
+            return "; ".join(x[3:].strip() for x in (before, line) if x)
+    return log_tail(log_file)
+
+
 @dataclass
 class Stunnel:
     host: str  # where clients connect
@@ -119,6 +137,7 @@ class Stunnel:
         with os.fdopen(fd, "w") as f:
             f.write(self.config_text())
         with open(self.log_file, "ab") as out:
+            log_start = out.seek(0, os.SEEK_END)  # this start's lines only, for the error below
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                             start_new_session=True)
         self.pid_file.write_text(f"{self.process.pid}\n")
@@ -127,7 +146,7 @@ class Stunnel:
             if self.process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise LocalServerError(f"stunnel exited at start with status {self.process.returncode}; "
-                                       f"see {self.log_file}: {log_tail(self.log_file)}")
+                                       f"see {self.log_file}: {_start_error(self.log_file, log_start)}")
             if _listening(self.host, self.port):
                 return self.process.pid
             time.sleep(0.05)

@@ -42,6 +42,13 @@ def format_address(host: str, port: int) -> str:
     return f"{format_host(host)}:{port}"
 
 
+def format_last_colon(host: str, port: int) -> str:
+    """``host:port`` with an IPv6 host NOT bracketed (``::1:4730``), for programs that split at
+    the last ':' and resolve the rest as it is: stunnel's ``accept``/``connect`` (5.68 refuses
+    ``[::1]:4730``: "Error resolving "[::1]""). Never for geartask's own names."""
+    return f"{host}:{port}"
+
+
 def _check_host(host: str, text: str) -> str:
     if not host or not host.isprintable() or any(c.isspace() or c in _BAD_HOST_CHARS for c in host):
         raise ValueError(f"bad host in {text!r}")

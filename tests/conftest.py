@@ -131,6 +131,7 @@ LONGEST = {
     "test_logs.py::test_a_process_exits_while_threads_log": 26,
     "test_scheduler.py::test_a_missed_slot_runs_once_under_latest_and_not_at_all_under_skip": 21,
     "test_sender_network.py::test_a_15s_cut_to_a_live_server_mid_batch_runs_nothing_twice": 17,
+    "test_fleet_commands.py::test_a_host_killed_during_an_all_run_is_reported_and_the_others_complete": 17,
     "test_bench_smoke.py::test_dashboard_idle_bench_runs_and_stays_within_budget": 15,
     "test_install.py": 12,  # the module's pip install into a fresh venv (one fixture: one group)
     "test_worker.py::test_two_servers_one_killed_mid_run_every_job_completes": 12,

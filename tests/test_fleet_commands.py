@@ -17,11 +17,19 @@ from pathlib import Path
 import pytest
 
 import netlab as nl
+from geartask.address import format_address
 from geartask.trust.keys import new_key
 from helpers import wait_until
 
 
+# Issue 23 Must 7: the same tests on an IPv6 network (hosts in fd00:77::/64, servers named
+# [v6]:4730). @BOTH marks the representative ones (targeting, a killed host, rolling batches,
+# --follow, background per host with a collector, signed `may`, the Workers listing); the rest
+# (usage refusals, plugin labels, a second killed-host case) is address-blind and runs on IPv4.
+BOTH = pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)
+
 HOSTS = {"a": ("db1.test", ["db"]), "b": ("db2.test", ["db"]), "c": ("web1.test", [])}
+HOSTS_BY_NAME = [host for host, _ in HOSTS.values()]
 
 
 class Fleet:
@@ -29,12 +37,13 @@ class Fleet:
         self.lab = lab
         self.srv = lab.add_host("srv")
         lab.gearmand(self.srv)
-        self.address = f"{self.srv.ip}:4730"
+        self.address = format_address(self.srv.ip, 4730)  # [fd00:77::a]:4730 on an IPv6 lab
         self.ctl = lab.add_host("ctl")
         self.workers: dict[str, nl.NetWorker] = {}
+        self.hosts: dict[str, nl.Host] = {}
         self.folders: dict[str, Path] = {}
         for ns_name, (host, labels) in HOSTS.items():
-            h = lab.add_host(ns_name)
+            h = self.hosts[host] = lab.add_host(ns_name)
             extra = (f"worker:\n  host: {host}\n  labels: {json.dumps(labels)}\n  poll_timeout: 1\n  retries: 0\n"
                      "  shell:\n    allow: [hostname, sh, sleep, touch]\n" + (security or {}).get("worker", ""))
             config = lab.config(f"w-{ns_name}", [self.address], extra)
@@ -72,6 +81,7 @@ def fleet(netlab: nl.NetLab) -> Fleet:
     return Fleet(netlab)
 
 
+@BOTH
 def test_label_all_and_a_host_with_no_worker(fleet: Fleet):
     """`--label db` runs on exactly the two db hosts, `--all` on the three; a named host that
     serves nothing is `no such host` at once, exit 1, and nothing runs."""
@@ -101,6 +111,7 @@ def test_label_all_and_a_host_with_no_worker(fleet: Fleet):
     assert lines[0]["unique"].endswith("@web1.test")
 
 
+@BOTH
 def test_a_host_killed_during_an_all_run_is_reported_and_the_others_complete(fleet: Fleet):
     """web1's worker is killed once its command has started: its row says `no answer` (or
     `failed`), never missing; the db hosts complete; exit 1."""
@@ -117,6 +128,7 @@ def test_a_host_killed_during_an_all_run_is_reported_and_the_others_complete(fle
     assert code == 1
 
 
+@BOTH
 def test_batch_one_max_fail_one_starts_only_the_first(fleet: Fleet):
     """`--batch 1 --max-fail 1` over three hosts whose first fails: only the first is started;
     the two others are `not started` and ran nothing."""
@@ -145,15 +157,19 @@ def test_background_fan_out_records_one_entry_per_host(fleet: Fleet):
     assert tasks == ["shell@host:db1.test", "shell@host:db2.test"], (out, err)
 
 
+@BOTH
 def test_manage_workers_shows_hosts_and_labels(fleet: Fleet):
     proc = fleet.lab.manage(fleet.ctl, fleet.sender_config, "workers", "--json")
     assert proc.returncode == 0, proc.stderr
     procs = {p["host"]: p["labels"] for p in json.loads(proc.stdout)["processes"]}
     assert procs == {"db1.test": ["db"], "db2.test": ["db"], "web1.test": []}
+    ips = {p["host"]: p["ips"] for p in json.loads(proc.stdout)["processes"]}
+    assert ips == {h: [fleet.hosts[h].ip] for h in HOSTS_BY_NAME}, ips  # IPv6 from the client id too
     text = fleet.lab.manage(fleet.ctl, fleet.sender_config, "workers").stdout
     assert "HOST" in text and "LABELS" in text and "db1.test" in text
 
 
+@BOTH
 def test_a_key_allowed_shell_on_db_hosts_only(netlab: nl.NetLab, tmp_path):
     """Must 6: fanned-out jobs are signed; `may: [shell@label:db]` runs shell on the db hosts
     and is refused on web1, whose worker requires signed jobs."""
@@ -199,6 +215,7 @@ def test_plugin_jobs_carry_their_own_label(fleet: Fleet, tmp_path):
 
 # -- the seams between fan-out, --follow, the no-worker check and the collector ---------------
 
+@BOTH
 def test_follow_over_a_label_prefixes_lines_with_the_tables_hosts(fleet: Fleet):
     """`--label db --follow`: each host's lines arrive while the jobs still run, each prefixed
     with the host name its table row shows (worker.host), and the table follows."""
@@ -277,6 +294,7 @@ def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(flee
     assert code == 1, proc.stderr
 
 
+@BOTH
 def test_background_fan_out_results_and_status_per_host_with_a_collector(fleet: Fleet):
     """Background fan-out, then `send result UNIQUE@HOST` for each host from the outcomes
     collector (each host's own output), and `send status` answering per host."""

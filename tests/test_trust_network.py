@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from geartask import gearman as gp
+from geartask.address import format_address, split_address
 from geartask.config import load_config
 from geartask.errors import ServerError
 from geartask.outcomes.client import OutcomeClient
@@ -41,6 +42,9 @@ pytestmark = pytest.mark.skipif(shutil.which("stunnel") is None and shutil.which
                                 reason="needs stunnel (Debian's stunnel4; scripts/install.sh installs it)")
 
 PORT, BACKEND = 4730, 4731
+# Issue 23 Must 7: the same tests on an IPv6 network: stunnel on [fd00:77::a]:4730, servers
+# named tls://[v6]:4730, the server certificate's IP SAN an IPv6 address.
+BOTH = pytest.mark.parametrize("netlab", ["ipv4", "ipv6"], indirect=True)
 MAY = {"fleet": ["*", "control", "report", "answer"], "ops": ["reports.*"]}
 
 
@@ -88,9 +92,9 @@ def build_fleet(lab: NetLab, base: Path, *, extra_server_ips: tuple[str, ...] = 
     for name in ("fleet", "ops", "rogue"):
         (base / "keys").mkdir(exist_ok=True)
         public[name] = new_key(base / "keys" / f"{name}.key")[1]
-    fleet = Fleet(lab, base, srv, f"{srv.ip}:{PORT}", {})
+    fleet = Fleet(lab, base, srv, format_address(srv.ip, PORT), {})  # [fd00:77::a]:4730 on IPv6
     fleet.public = public
-    server_extra = (f"server:\n  host: {srv.ip}\n  port: {PORT}\n  backend_port: {BACKEND}\n  tls: true\n"
+    server_extra = (f"server:\n  host: {json.dumps(srv.ip)}\n  port: {PORT}\n  backend_port: {BACKEND}\n  tls: true\n"
                     f"  queue: {{path: {base / 'queue.sqlite'}}}\n")
     cfg = fleet.config("server", extra=server_extra)
     # the server's config presents the server certificate to clients (stunnel)
@@ -106,7 +110,7 @@ def build_fleet(lab: NetLab, base: Path, *, extra_server_ips: tuple[str, ...] = 
 
 
 def observe_status(fleet: Fleet) -> list[str]:
-    host, port = fleet.address.rsplit(":", 1)
+    host, port = split_address(fleet.address)
     try:
         return fleet.lab.observe(gp.admin_command, host, int(port), "status", 5)
     except ServerError:
@@ -139,7 +143,7 @@ def outcome(fleet: Fleet, unique: str, timeout: float = 20) -> dict:
 def raw_submit(fleet: Fleet, ctx: ssl.SSLContext | None, task: str, unique: str, payload: bytes,
                background: bool = True) -> gp.Packet:
     """One job with exactly these bytes, over TLS with ``ctx``, from the observer."""
-    host, port = fleet.address.rsplit(":", 1)
+    host, port = split_address(fleet.address)
 
     def go() -> gp.Packet:
         conn = gp.Connection(host, int(port), tls=ctx)
@@ -154,11 +158,12 @@ def raw_submit(fleet: Fleet, ctx: ssl.SSLContext | None, task: str, unique: str,
 
 # -- a host without a fleet certificate ---------------------------------------------------------
 
+@BOTH
 def test_hosts_without_a_fleet_certificate_get_nothing(netlab: NetLab, tmp_path):
     """No certificate, or one from another CA: no submit, no grab, no admin command, and each
     says why in one line; plain TCP to the TLS port gets nothing either."""
     fleet = build_fleet(netlab, tmp_path)
-    host, port = fleet.address.rsplit(":", 1)
+    host, port = split_address(fleet.address)
     no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     no_cert.load_verify_locations(str(tmp_path / "pki" / "ca.pem"))
 
@@ -235,6 +240,7 @@ def capture(ns: str, stop: threading.Event, out: bytearray) -> None:
     nl.run_in_netns(ns, body)
 
 
+@BOTH
 def test_a_capture_on_the_bridge_sees_no_payload_in_clear(netlab: NetLab, tmp_path):
     fleet = build_fleet(netlab, tmp_path)
     start_worker(fleet)
@@ -256,6 +262,7 @@ def test_a_capture_on_the_bridge_sees_no_payload_in_clear(netlab: NetLab, tmp_pa
 
 # -- a certified host without a trusted key ---------------------------------------------------------
 
+@BOTH
 def test_a_certified_host_without_a_trusted_key_runs_nothing(netlab: NetLab, tmp_path):
     """It reaches the server (its certificate is the fleet's) but its key is nobody's: its shell
     job never runs and the refusal is an outcome; it can't stop the worker, can't forge an
@@ -334,7 +341,7 @@ def collector_pids(fleet: Fleet) -> list[int]:
 
 def rogue_answerer(address: str, ctx: ssl.SSLContext, answer: bytes, stop: threading.Event) -> None:
     """A worker of the query function that answers every query with ``answer``."""
-    host, port = address.rsplit(":", 1)
+    host, port = split_address(address)
     conn = gp.Connection(host, int(port), tls=ctx).connect()
     try:
         conn.send(gp.CAN_DO, task=QUERY_FUNCTION)
@@ -352,6 +359,7 @@ def rogue_answerer(address: str, ctx: ssl.SSLContext, answer: bytes, stop: threa
 
 # -- signers and their limits, through the real sender -----------------------------------------------
 
+@BOTH
 def test_signers_limits_age_and_tampering_over_tls(netlab: NetLab, tmp_path):
     """A signer allowed reports.* only can't run shell through the real sender; a job signed
     longer ago than max_job_age and a tampered one are refused; a fleet-signed one runs and its
@@ -401,6 +409,7 @@ def test_signers_limits_age_and_tampering_over_tls(netlab: NetLab, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@BOTH
 def test_two_thousand_jobs_through_a_slicing_proxy_in_front_of_tls(netlab: NetLab, tmp_path):
     """Worker and sender reach stunnel only through a proxy that slices the server's direction
     into 1-48-byte pieces (TLS records arrive in slices, handshakes too): 2,000 jobs complete,

@@ -213,3 +213,66 @@ def test_a_path_with_a_line_break_is_never_written_into_stunnels_config(tmp_path
                 tmp_path)
     with pytest.raises(LocalServerError, match="tls.cert .* can't be written into stunnel's config"):
         s.config_text()
+
+
+def test_stunnels_config_names_an_ipv6_host_bare_as_stunnel_splits_at_the_last_colon(tmp_path):
+    """stunnel 5.68 resolves what is before the last ':' as written: `[::1]:4730` fails at start
+    ("Error resolving "[::1]""), `::1:4730` listens on ::1. The backend stays on 127.0.0.1."""
+    from geartask.server.stunnel import Stunnel
+    lines = Stunnel("::1", 4730, 4731, tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k", tmp_path) \
+        .config_text().splitlines()
+    assert "accept = ::1:4730" in lines and "connect = 127.0.0.1:4731" in lines, lines
+    lines = Stunnel("fd00:77::a", 4730, 4731, tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k",
+                    tmp_path).config_text().splitlines()
+    assert "accept = fd00:77::a:4730" in lines, lines
+    lines = Stunnel("10.0.0.5", 4730, 4731, tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k",
+                    tmp_path).config_text().splitlines()
+    assert "accept = 10.0.0.5:4730" in lines, lines
+
+
+def test_an_ipv6_server_host_behind_stunnel_answers_a_bracketed_tls_address(tmp_path):
+    """server.host ::1 with server.tls: `manage server start` brings stunnel up on [::1]:PORT;
+    clients named `tls://[::1]:PORT` verify the server certificate's IPv6 IP SAN and talk
+    Gearman through it (`manage status` sees the queued job)."""
+    certs.make_ca(tmp_path / "pki")
+    certs.issue(tmp_path / "pki", "server", ips=["::1"])
+    port, backend = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", [f"tls://[::1]:{port}"], extra=(
+        f"server:\n  host: \"::1\"\n  port: {port}\n  backend_port: {backend}\n  tls: true\n"
+        f"  queue: {{type: none}}\n"
+        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+
+    def geartask(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([GEARTASK, "--config", str(config), *args], capture_output=True, text=True, timeout=60)
+    r = geartask("manage", "server", "start")
+    try:
+        assert r.returncode == 0, r.stderr
+        conf = load_config(config)
+        assert f"accept = ::1:{port}" in (Path(conf.log.dir) / f"stunnel-{port}.conf").read_text()
+        r = geartask("send", "job", "v6.tls", "{}", "--background")
+        assert r.returncode == 0, r.stderr
+        r = geartask("manage", "status")
+        assert r.returncode == 0 and "v6.tls" in r.stdout, (r.stdout, r.stderr)
+        assert f"[::1]:{port}" in r.stdout, r.stdout
+    finally:
+        geartask("manage", "server", "stop")
+
+
+def test_a_stunnel_that_cannot_bind_an_ipv6_host_says_why_in_one_line(tmp_path):
+    """server.host an IPv6 address this machine does not have: `manage server start` exits 1
+    with stunnel's own reason (its log's last line is only a cleanup note) and leaves no
+    gearmand behind."""
+    certs.make_ca(tmp_path / "pki")
+    certs.issue(tmp_path / "pki", "server", ips=["2001:db8::1"])
+    port, backend = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", [f"tls://[2001:db8::1]:{port}"], extra=(
+        f"server:\n  host: \"2001:db8::1\"\n  port: {port}\n  backend_port: {backend}\n  tls: true\n"
+        f"  queue: {{type: none}}\n"
+        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.splitlines()[0]
+    assert "stunnel exited at start" in line and f"2001:db8::1:{port}: Cannot assign requested address" in line, line
+    srv = LocalServer.from_config(load_config(config))
+    assert srv.gearmand.pid() is None and srv.stunnel.pid() is None

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from geartask.config import load_config
-from geartask.errors import ConfigError
+from geartask.errors import ConfigError, UsageError
 from geartask.server import free_port
 from geartask.trust import certs
 from geartask.trust.checks import problems
@@ -58,6 +58,17 @@ def test_certs_and_keys_are_written_private_even_with_umask_0(tmp_path):
     plain = x509.load_pem_x509_certificate((tmp_path / "pki/plain.pem").read_bytes())
     assert plain.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.DNSName) == ["plain"]  # the default: NAME
+
+
+def test_an_ipv6_ip_san_may_be_written_bracketed_as_in_server_names(tmp_path):
+    """`--ip [fd00:77::a]` (as in tls://[fd00:77::a]:4730) names the address itself."""
+    certs.make_ca(tmp_path / "pki")
+    certs.issue(tmp_path / "pki", "srv", ips=["[fd00:77::a]", "fd00:77::b", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki/srv.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["fd00:77::a", "fd00:77::b", "10.0.0.5"]
+    with pytest.raises(UsageError, match=r"--ip '\[10.0.0.5\]' is not an IP address"):
+        certs.issue(tmp_path / "pki", "bad", ips=["[10.0.0.5]"])
 
 
 @pytest.mark.parametrize("args, message", [

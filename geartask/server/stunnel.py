@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..address import format_address
+from ..address import format_address, format_last_colon
 from ..errors import ConfigError, LocalServerError
 from . import LocalServer, log_tail, started_pid, wait_gone
 
@@ -42,6 +42,24 @@ def _conf_value(value: str, what: str) -> str:
     if any(c in value for c in "\n\r\0"):
         raise LocalServerError(f"{what} {value!r} can't be written into stunnel's config (a line break)")
     return value
+
+
+def _start_error(log_file: Path, offset: int) -> str:
+    """Why stunnel did not start, in one line, from what this start wrote (the log from
+    ``offset``): its first error ('[!] ...') with the notice just before it when there is one
+    (a failed bind says why only there); else the log's last line (which is only a cleanup
+    note such as 'Deallocating section')."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            lines = f.read(1 << 20).decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for i, line in enumerate(lines):
+        if line.startswith("[!]"):
+            before = lines[i - 1] if i and lines[i - 1].startswith("[.]") else ""
+            return "; ".join(x[3:].strip() for x in (before, line) if x)
+    return log_tail(log_file)
 
 
 @dataclass
@@ -69,7 +87,6 @@ class Stunnel:
         return Path(self.run_dir) / f"stunnel-{self.port}.log"
 
     def config_text(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         return "\n".join([
             "; written by geartask manage server start (server.tls: true); rewritten at every start",
             "foreground = yes",
@@ -78,8 +95,10 @@ class Stunnel:
             "debug = notice",
             "",
             "[gearman]",
-            f"accept = {_conf_value(host, 'server.host')}:{self.port}",
-            f"connect = 127.0.0.1:{self.backend_port}",
+            # stunnel splits at the last ':' and resolves what is before it as written:
+            # an IPv6 host goes in bare (::1:4730), never bracketed as in geartask's own names.
+            f"accept = {_conf_value(format_last_colon(self.host, self.port), 'server.host')}",
+            f"connect = {format_last_colon('127.0.0.1', self.backend_port)}",
             f"cert = {_conf_value(str(self.cert), 'tls.cert')}",
             f"key = {_conf_value(str(self.key), 'tls.key')}",
             f"CAfile = {_conf_value(str(self.ca), 'tls.ca')}",
@@ -118,6 +137,7 @@ class Stunnel:
         with os.fdopen(fd, "w") as f:
             f.write(self.config_text())
         with open(self.log_file, "ab") as out:
+            log_start = out.seek(0, os.SEEK_END)  # this start's lines only, for the error below
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                             start_new_session=True)
         self.pid_file.write_text(f"{self.process.pid}\n")
@@ -126,7 +146,7 @@ class Stunnel:
             if self.process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise LocalServerError(f"stunnel exited at start with status {self.process.returncode}; "
-                                       f"see {self.log_file}: {log_tail(self.log_file)}")
+                                       f"see {self.log_file}: {_start_error(self.log_file, log_start)}")
             if _listening(self.host, self.port):
                 return self.process.pid
             time.sleep(0.05)

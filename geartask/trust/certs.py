@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..address import parse_host
 from ..errors import UsageError
 from .files import CERT_MODE, read_limited, refuse_existing, write_private
 
@@ -100,8 +101,9 @@ def issue(folder: Path, name: str, ips: Sequence[str] = (), dns: Sequence[str] =
     addresses = []
     for ip in ips:
         try:
-            addresses.append(ipaddress.ip_address(ip))
-        except ValueError:
+            # an IPv6 address may come bracketed, as geartask writes it in server names
+            addresses.append(ipaddress.ip_address(parse_host(ip)))
+        except (ValueError, TypeError):
             raise UsageError(f"--ip {ip!r} is not an IP address") from None
     for d in dns:
         if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?", d or "") \

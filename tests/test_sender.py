@@ -659,3 +659,24 @@ def test_script_runs_from_inside_its_folder(tmp_path):
     r = subprocess.run([PYTHON, "send_job_client.py", "plugin"], cwd=REPO / "send_job_client",
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "NAME" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_shows_where_a_job_definition_sends_itself(tmp_path, gearmand, capsys):
+    """A plugin job with its own host/label/all (fleet commands) says so in `list` and `--json`."""
+    folder = tmp_path / "fleetplug"
+    folder.mkdir()
+    (folder / "where.py").write_text(
+        "from geartask import hookimpl\n\n\n@hookimpl\ndef geartask_jobs(config):\n"
+        "    yield {'task': 'shell', 'data': {'cmd': ['true']}, 'label': 'db', 'unique': 'pdb'}\n"
+        "    yield {'task': 'shell', 'data': {'cmd': ['true']}, 'all': True}\n"
+        "    yield {'task': 'shell', 'data': {'cmd': ['true']}}\n")
+    path = write_config(tmp_path / "c.yaml", [gearmand.address])
+    path.write_text(path.read_text().replace(f"paths: [{REPO / 'plugins'}]", f"paths: [{folder}]"))
+    status, out, err = cli(["--config", str(path), "list"], capsys)
+    assert status == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("  shell")]
+    assert "label=db" in lines[0] and "unique=pdb" in lines[0] and "all=True" in lines[1]
+    assert "label=" not in lines[2] and "all=" not in lines[2]
+    status, out, err = cli(["--config", str(path), "list", "--json"], capsys)
+    (item,) = [json.loads(line) for line in out.splitlines()]
+    assert [(j.get("label"), j.get("all")) for j in item["jobs"]] == [("db", None), (None, True), (None, None)]

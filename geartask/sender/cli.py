@@ -300,15 +300,18 @@ def cmd_list(config: Config, args: argparse.Namespace) -> int:
         try:
             for _, j in load_plugins(config, only=[name]).iter_jobs():
                 data = j.data if not isinstance(j.data, bytes) else f"<{len(j.data)} bytes>"
+                # where a job definition sends itself (fleet commands: host, label, all)
+                targets = {k: j.extra[k] for k in ("host", "label", "all") if j.extra.get(k)}
                 if args.json:
                     entry = {"task": j.task, "unique": j.unique, "priority": j.priority,
-                             "background": j.background, "data": data}
+                             "background": j.background, **targets, "data": data}
                     out.write((", " if n else "") + json.dumps(entry, ensure_ascii=False, default=repr))
                 else:
                     if not n:
                         out.write(f"{head}:\n")
                     extra = "".join(f" {k}={v}" for k, v in (("unique", j.unique), ("priority", j.priority),
-                                                             ("background", j.background)) if v is not None)
+                                                             ("background", j.background), *targets.items())
+                                    if v is not None)
                     out.write(f"  {j.task}{extra} data={_short(data, 70)}\n")
                 n += 1
         except GeartaskError as e:  # one broken plugin doesn't hide the others

@@ -65,10 +65,10 @@ def all_systems() -> list[System]:
 def optional_systems() -> list[System]:
     """Not in the default run; only with --only (measurements of alternatives)."""
     from bench.sys_geartask_haproxy import GeartaskHAProxy
-    return [GeartaskHAProxy()]
+    return [GeartaskHAProxy(), GeartaskHAProxy(threads=1)]
 
 
-TRUST_KEYS = ("geartask-tls", "geartask-haproxy")  # trust's cost: throughput, latency, shell jobs (issue 19)
+TRUST_KEYS = ("geartask-tls", "geartask-haproxy", "geartask-haproxy-1t")  # trust's cost: throughput, latency, shell jobs (issue 19)
 
 
 # Which systems take part in which workload. The log-level variant is a diagnostic for W1/W4

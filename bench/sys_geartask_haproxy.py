@@ -1,7 +1,7 @@
 """geartask (tls+signed) with HAProxy as the TLS terminator instead of stunnel: a measurement
 of the alternative docs/security.md gives (TCP mode, ``verify required ca-file``), not a
 product path. Everything else is bench/sys_geartask_tls.py's. Opt-in: ``bench.py --only
-geartask-haproxy`` (not part of the default run); skipped when haproxy is not installed
+geartask-haproxy`` (``geartask-haproxy-1t``: with ``nbthread 1``) (not part of the default run); skipped when haproxy is not installed
 (``apt-get install -y haproxy``, scripts/install-bench.sh)."""
 
 from __future__ import annotations
@@ -39,16 +39,18 @@ def haproxy_version() -> str:
 class HAProxy:
     """One haproxy process (foreground, no master) that the bench started and stops by its pid."""
 
-    def __init__(self, port: int, backend_port: int, ca: Path, cert: Path, key: Path, run_dir: Path):
+    def __init__(self, port: int, backend_port: int, ca: Path, cert: Path, key: Path, run_dir: Path,
+                 threads: int | None = None):
         self.port, self.run_dir = port, Path(run_dir)
         self.pem = self.run_dir / f"haproxy-{port}.pem"  # HAProxy's crt: certificate, then its key
         self.pem.write_bytes(Path(cert).read_bytes() + Path(key).read_bytes())
         os.chmod(self.pem, 0o600)
         self.conf = self.run_dir / f"haproxy-{port}.cfg"
         # docs/security.md's frontend and backend, on loopback, plus what a foreground run needs.
+        nbthread = f"    nbthread {threads}\n" if threads else ""  # default: one per core
         self.conf.write_text(f"""global
     maxconn 4096
-defaults
+{nbthread}defaults
     mode tcp
     timeout connect 5s
     timeout client 12h
@@ -96,9 +98,12 @@ class GeartaskHAProxy(GeartaskTLS):
     note = "as geartask (tls+signed), with HAProxy (TCP mode, verify required) in place of stunnel"
     subdir = "haproxy"
 
-    def __init__(self):
+    def __init__(self, threads: int | None = None):
         super().__init__()
-        self.key, self.label = GeartaskHAProxy.key, GeartaskHAProxy.label
+        self.key, self.label, self.threads = GeartaskHAProxy.key, GeartaskHAProxy.label, threads
+        if threads:  # HAProxy's nbthread (default: one thread per core)
+            self.key, self.label = f"{self.key}-{threads}t", f"geartask (tls+signed, haproxy nbthread {threads})"
+            self.subdir = f"haproxy-{threads}t"
 
     def check(self, env: Env) -> None:
         super(GeartaskTLS, self).check(env)  # geartask's own checks; stunnel is not needed here
@@ -113,6 +118,6 @@ class GeartaskHAProxy(GeartaskTLS):
 
     def _start_terminator(self, env: Env, base: Path, port: int):
         haproxy = HAProxy(port, env.port, base / "pki" / "ca.pem", base / "pki" / "server.pem",
-                          base / "pki" / "server.key", base)
+                          base / "pki" / "server.key", base, threads=self.threads)
         haproxy.start()
         return haproxy

@@ -42,7 +42,7 @@ def own_cpu() -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workload", choices=["W1", "W2", "W4"])
-    ap.add_argument("--system", choices=["plain", "tls", "haproxy"], default="plain")
+    ap.add_argument("--system", choices=["plain", "tls", "haproxy", "haproxy-1t"], default="plain")
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=4)
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="geartask-cpu-") as tmp:
         gearmand = start_gearmand(Path(tmp))
         env = Env(run_dir=Path(tmp), gearmand=gearmand)
-        system = {"tls": GeartaskTLS, "haproxy": GeartaskHAProxy}.get(args.system, Geartask)()
+        system = {"tls": GeartaskTLS, "haproxy": GeartaskHAProxy, "haproxy-1t": lambda: GeartaskHAProxy(threads=1),
+                  }.get(args.system, Geartask)()
         workers = None
         try:
             workers = system.start(env, "shell" if args.workload == "W4" else "reverse", 1, args.threads)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                         f"{us(0):.0f} µs, commands {us(1) - us(0):.0f} µs, gearmand {us(2):.0f} µs, "
                         f"sender {us(3):.0f} µs")
                 if stunnel:
-                    name = "haproxy" if args.system == "haproxy" else "stunnel"
+                    name = "stunnel" if args.system == "tls" else "haproxy"
                     line += f", {name} {(after[4][0] - before[4][0]) / args.jobs * 1e6:.0f} µs"
                 if latencies:
                     line += f"; p50 {latencies[len(latencies) // 2] * 1e3:.3f} ms"

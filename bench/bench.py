@@ -62,6 +62,15 @@ def all_systems() -> list[System]:
     return [Geartask(), Geartask("warning"), GeartaskTLS(), PyGearman(), CReference(), Celery(), RQ(), NoQueue()]
 
 
+def optional_systems() -> list[System]:
+    """Not in the default run; only with --only (measurements of alternatives)."""
+    from bench.sys_geartask_haproxy import GeartaskHAProxy
+    return [GeartaskHAProxy(), GeartaskHAProxy(threads=1)]
+
+
+TRUST_KEYS = ("geartask-tls", "geartask-haproxy", "geartask-haproxy-1t")  # trust's cost: throughput, latency, shell jobs (issue 19)
+
+
 # Which systems take part in which workload. The log-level variant is a diagnostic for W1/W4
 # (the per-job log line); the no-queue reference exists only for W4.
 def takes_part(system: System, workload: str) -> bool:
@@ -69,7 +78,7 @@ def takes_part(system: System, workload: str) -> bool:
         return workload == "W4"
     if system.key.startswith("geartask-log"):
         return workload in ("W1", "W4")
-    if system.key == "geartask-tls":  # trust's cost: throughput, latency, shell jobs (issue 19)
+    if system.key in TRUST_KEYS:
         return workload in ("W1", "W2", "W4")
     return True
 
@@ -160,7 +169,7 @@ class Runner:
                                            "total_seconds": round(submit + drain, 4)})
         if "W1" not in mine:
             return
-        if not queue and not system.key.startswith(("geartask-log", "geartask-tls")):
+        if not queue and not system.key.startswith(("geartask-log", *TRUST_KEYS)):
             for procs in p["scaling"]:
                 with system.start(env, "reverse", procs, 1) as workers:
                     system.batch(env, p["warmup"], timeout)
@@ -337,7 +346,7 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, default=REPO / "docs",
                     help="folder for benchmarks.json/.md/.png (default: docs/)")
     ap.add_argument("--only", help="comma-separated system keys (geartask, geartask-log-warning, pygearman, "
-                                   "c, celery, rq, noqueue)")
+                                   "c, celery, rq, noqueue; geartask-haproxy only this way)")
     ap.add_argument("--workloads", help="comma-separated workloads (default: W1,W2,W3,W4,W5)")
     ap.add_argument("--no-chart", action="store_true", help="skip the PNG")
     ap.add_argument("--report-only", action="store_true",
@@ -391,6 +400,7 @@ def main(argv=None) -> int:
     common.COMMAND_PREFIX[:] = shlex.split(args.worker_prefix)
     systems = all_systems()
     if args.only:
+        systems += optional_systems()
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         unknown = [k for k in keys if k not in {s.key for s in systems}]
         if unknown:

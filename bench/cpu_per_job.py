@@ -1,5 +1,5 @@
 """CPU time per job, process by process: the worker, the commands it ran, gearmand, the sender
-(and stunnel with trust), for W1, W2 or W4 on geartask or geartask (tls+signed).
+(and the terminator with trust: stunnel, or haproxy), for W1, W2 or W4 on geartask or geartask (tls+signed).
 
     python bench/cpu_per_job.py W4 --jobs 2000 --rounds 3
     python bench/cpu_per_job.py W2 --system tls --jobs 500
@@ -7,7 +7,7 @@
 Wall-clock rates on a shared 2-core machine move by 20 % and more between runs; CPU seconds
 per job (user + system, from /proc around each batch) move far less, so they tell where a
 job's cost goes and whether a change cut it (docs/benchmarks.md, "Shell jobs, part by part").
-Starts its own gearmand, one worker process x --threads and, for tls, stunnel; ends each by pid.
+Starts its own gearmand, one worker process x --threads and, for tls, stunnel (haproxy: HAProxy); ends each by pid.
 """
 
 from __future__ import annotations
@@ -42,22 +42,24 @@ def own_cpu() -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workload", choices=["W1", "W2", "W4"])
-    ap.add_argument("--system", choices=["plain", "tls"], default="plain")
+    ap.add_argument("--system", choices=["plain", "tls", "haproxy", "haproxy-1t"], default="plain")
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=4)
     args = ap.parse_args(argv)
     from bench.sys_geartask import Geartask
+    from bench.sys_geartask_haproxy import GeartaskHAProxy
     from bench.sys_geartask_tls import GeartaskTLS
     with tempfile.TemporaryDirectory(prefix="geartask-cpu-") as tmp:
         gearmand = start_gearmand(Path(tmp))
         env = Env(run_dir=Path(tmp), gearmand=gearmand)
-        system = GeartaskTLS() if args.system == "tls" else Geartask()
+        system = {"tls": GeartaskTLS, "haproxy": GeartaskHAProxy, "haproxy-1t": lambda: GeartaskHAProxy(threads=1),
+                  }.get(args.system, Geartask)()
         workers = None
         try:
             workers = system.start(env, "shell" if args.workload == "W4" else "reverse", 1, args.threads)
             worker = workers.procs[0].pid
-            stunnel = [system._stunnel.pid()] if args.system == "tls" else []
+            stunnel = [system.terminator_pid()] if args.system != "plain" else []  # stunnel or haproxy
             system.batch(env, 200, 60)  # connections, imports, caches
             if args.workload == "W4":
                 system.shell_batch(env, 100, 60)
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
                         f"{us(0):.0f} µs, commands {us(1) - us(0):.0f} µs, gearmand {us(2):.0f} µs, "
                         f"sender {us(3):.0f} µs")
                 if stunnel:
-                    line += f", stunnel {(after[4][0] - before[4][0]) / args.jobs * 1e6:.0f} µs"
+                    name = "stunnel" if args.system == "tls" else "haproxy"
+                    line += f", {name} {(after[4][0] - before[4][0]) / args.jobs * 1e6:.0f} µs"
                 if latencies:
                     line += f"; p50 {latencies[len(latencies) // 2] * 1e3:.3f} ms"
                 print(line + f" (load {os.getloadavg()[0]:.1f})", flush=True)

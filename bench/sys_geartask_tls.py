@@ -15,11 +15,12 @@ class GeartaskTLS(Geartask):
     key = "geartask-tls"
     label = "geartask (tls+signed)"
     note = "as geartask, through stunnel (TLS 1.3, client certificates), jobs signed, workers require_signed"
+    subdir = "tls"  # PKI, keys and the terminator's files, under the run dir
 
     def __init__(self):
         super().__init__()
         self.key, self.label = GeartaskTLS.key, GeartaskTLS.label
-        self._stunnel = None
+        self._terminator = None  # stunnel here; bench/sys_geartask_haproxy.py puts HAProxy in its place
 
     def check(self, env: Env) -> None:
         super().check(env)
@@ -34,13 +35,12 @@ class GeartaskTLS(Geartask):
         return self._config
 
     def _write(self, env: Env) -> Path:
-        """PKI, keys and stunnel once per run; the config every process of this system reads."""
+        """PKI, keys and the terminator once per run; the config every process of this system reads."""
         from geartask.server import free_port
-        from geartask.server.stunnel import Stunnel
         from geartask.trust import certs
         from geartask.trust.keys import new_key
-        base = env.run_dir / "tls"
-        path = env.run_dir / "geartask-tls.yaml"
+        base = env.run_dir / self.subdir
+        path = env.run_dir / f"{self.key}.yaml"
         if path.exists():
             return path
         certs.make_ca(base / "pki")
@@ -48,13 +48,11 @@ class GeartaskTLS(Geartask):
         certs.issue(base / "pki", "client")
         _, public = new_key(base / "bench.key")
         port = free_port()
-        self._stunnel = Stunnel("127.0.0.1", port, env.port, base / "pki" / "ca.pem", base / "pki" / "server.pem",
-                                base / "pki" / "server.key", base)
-        self._stunnel.start()
+        self._terminator = self._start_terminator(env, base, port)
         trust = json.dumps([{"name": "bench", "public_key": public, "may": ["*", "control", "report", "answer"]}])
         path.write_text(f"""servers: ["tls://127.0.0.1:{port}"]
 log:
-  dir: "{env.run_dir / 'geartask-tls-logs'}"
+  dir: "{env.run_dir / (self.key + '-logs')}"
   level: info
   format: json
 plugins:
@@ -75,11 +73,23 @@ security:
 """)
         return path
 
+    def _start_terminator(self, env: Env, base: Path, port: int):
+        """TLS with client certificates on 127.0.0.1:port, relaying to gearmand (env.port);
+        returns an object with pid() and stop()."""
+        from geartask.server.stunnel import Stunnel
+        stunnel = Stunnel("127.0.0.1", port, env.port, base / "pki" / "ca.pem", base / "pki" / "server.pem",
+                          base / "pki" / "server.key", base)
+        stunnel.start()
+        return stunnel
+
+    def terminator_pid(self) -> int | None:
+        return self._terminator.pid() if self._terminator is not None else None
+
     def _config_path(self, env: Env) -> Path:
         return self._write(env)
 
     def close(self) -> None:
         super().close()
-        if self._stunnel is not None:
-            self._stunnel.stop()
-            self._stunnel = None
+        if self._terminator is not None:
+            self._terminator.stop()
+            self._terminator = None

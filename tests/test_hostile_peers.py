@@ -319,9 +319,12 @@ class RogueAnswerer:
                     while not self.stop.is_set() and self.conn.recv(0.1) is None:
                         pass
                     continue
-                self.conn.send(gp.WORK_COMPLETE, job_handle=pkt["job_handle"], data=self.answer)
+                self.conn.send(gp.WORK_COMPLETE, job_handle=pkt["job_handle"], data=self.answer_to(pkt))
         except Exception:
             pass
+
+    def answer_to(self, pkt) -> bytes:
+        return self.answer
 
     def close(self):
         self.stop.set()
@@ -655,24 +658,12 @@ class _PagingForever(RogueAnswerer):
         self.pages = 0
         super().__init__(address, {})
 
-    def serve(self):
-        try:
-            while not self.stop.is_set():
-                self.conn.send(gp.GRAB_JOB_UNIQ)
-                pkt = self.conn.expect({gp.JOB_ASSIGN_UNIQ, gp.NO_JOB}, 10)
-                if pkt.cmd == gp.NO_JOB:
-                    self.conn.send(gp.PRE_SLEEP)
-                    while not self.stop.is_set() and self.conn.recv(0.1) is None:
-                        pass
-                    continue
-                self.pages += 1
-                base = self.pages * 1000
-                recs = [{"id": f"r{base + i}", "server": "s", "handle": f"H:{i}", "task": "t", "state": "failed",
-                         "finished_at": 1e9 - base - i, "unique": f"u{base + i}", "error": "e"} for i in range(1000)]
-                answer = {"ok": True, "result": {"records": recs, "more": True}}
-                self.conn.send(gp.WORK_COMPLETE, job_handle=pkt["job_handle"], data=json.dumps(answer).encode())
-        except Exception:
-            pass
+    def answer_to(self, pkt) -> bytes:
+        self.pages += 1
+        base = self.pages * 1000
+        recs = [{"id": f"r{base + i}", "server": "s", "handle": f"H:{i}", "task": "t", "state": "failed",
+                 "finished_at": 1e9 - base - i, "unique": f"u{base + i}", "error": "e"} for i in range(1000)]
+        return json.dumps({"ok": True, "result": {"records": recs, "more": True}}).encode()
 
 
 def test_item6_requeue_all_against_a_rogue_paging_forever_stops_and_says_so(fresh_gearmand, make_config):

@@ -12,11 +12,13 @@ TASK = "bench.reverse"
 PURPOSE_FUNCTION = {"reverse": TASK, "idle": TASK, "shell": "shell"}
 
 
-def write_config(env: Env, log_level: str = "info") -> Path:
-    """A geartask config for this run: the bench plugin, `true` allowed in the shell task."""
-    log_dir = env.run_dir / f"geartask-logs-{log_level}"
-    path = env.run_dir / f"geartask-{log_level}.yaml"
-    path.write_text(f"""servers: ["{env.address}"]
+def write_config(env: Env, log_level: str = "info", *, path: Path | None = None, server: str | None = None,
+                 log_dir: Path | None = None, extra: str = "") -> Path:
+    """A geartask config for this run: the bench plugin, `true` allowed in the shell task;
+    ``extra`` (YAML sections) is appended, e.g. tls and security for the signed system."""
+    log_dir = log_dir or env.run_dir / f"geartask-logs-{log_level}"
+    path = path or env.run_dir / f"geartask-{log_level}.yaml"
+    path.write_text(f"""servers: ["{server or env.address}"]
 log:
   dir: "{log_dir}"
   level: {log_level}
@@ -28,7 +30,7 @@ worker:
   grace: 5
   shell:
     allow: ["true"]
-""")
+""" + extra)
     return path
 
 

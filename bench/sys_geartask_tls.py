@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import REPO, Env, Skip
-from .sys_geartask import Geartask
+from .common import Env, Skip
+from .sys_geartask import Geartask, write_config
 
 
 class GeartaskTLS(Geartask):
@@ -50,19 +50,8 @@ class GeartaskTLS(Geartask):
         port = free_port()
         self._terminator = self._start_terminator(env, base, port)
         trust = json.dumps([{"name": "bench", "public_key": public, "may": ["*", "control", "report", "answer"]}])
-        path.write_text(f"""servers: ["tls://127.0.0.1:{port}"]
-log:
-  dir: "{env.run_dir / (self.key + '-logs')}"
-  level: info
-  format: json
-plugins:
-  paths: ["{REPO / 'bench' / 'plugins'}"]
-  enabled: [benchtasks]
-worker:
-  grace: 5
-  shell:
-    allow: ["true"]
-tls:
+        return write_config(env, path=path, server=f"tls://127.0.0.1:{port}", log_dir=env.run_dir / (self.key + "-logs"),
+                            extra=f"""tls:
   ca: {base / 'pki' / 'ca.pem'}
   cert: {base / 'pki' / 'client.pem'}
   key: {base / 'pki' / 'client.key'}
@@ -71,7 +60,6 @@ security:
   require_signed: true
   trust: {trust}
 """)
-        return path
 
     def _start_terminator(self, env: Env, base: Path, port: int):
         """TLS with client certificates on 127.0.0.1:port, relaying to gearmand (env.port);

@@ -151,7 +151,7 @@ def server_job_status(host: str, port: int, handle: str, timeout: float = DEFAUL
         p = conn.expect(STATUS_RES, timeout)
     nums = [p["numerator"] or b"0", p["denominator"] or b"0"]
     if not all(n.isdigit() and len(n) <= 18 for n in nums):  # a count, not whatever the server sent
-        raise ServerError("malformed STATUS_RES", f"{host}:{port}")
+        raise ServerError("malformed STATUS_RES", format_address(host, port))
     return {"known": p["known"] == b"1", "running": p["running"] == b"1", "numerator": int(nums[0]),
             "denominator": int(nums[1])}
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..address import format_address
 from ..display import printable
 from ..errors import GeartaskError
 from ..fleet.replies import parse_status
@@ -82,10 +83,11 @@ def ask(servers: Iterable[tuple[str, int]], timeout: float, now: float | None = 
 
     def one(server: tuple[str, int]) -> tuple[str, dict[str, int] | str]:
         host, port = server
+        address = format_address(host, port)
         try:
-            return f"{host}:{port}", ask_status(host, port, timeout)
+            return address, ask_status(host, port, timeout)
         except (GeartaskError, OSError) as e:
-            return f"{host}:{port}", str(e).removeprefix(f"{host}:{port}: ")
+            return address, str(e).removeprefix(f"{address}: ")
 
     if len(servers) == 1:
         answers = [one(servers[0])]
@@ -154,9 +156,9 @@ class Unserved:
     def _ask(self, now: float) -> Snapshot | None:
         """One round, of the servers not backing off: a silent one costs the call at most
         ASK_TIMEOUT per round, and rounds of it grow apart."""
-        servers = [s for s in self.servers if now >= self.backoff.get(f"{s[0]}:{s[1]}", (0.0, 0))[0]]
+        servers = [s for s in self.servers if now >= self.backoff.get(format_address(*s), (0.0, 0))[0]]
         snap = self.asker(servers, self.timeout, now) if servers else None
-        for address in (snap.failed if snap is not None else [f"{h}:{p}" for h, p in servers]):
+        for address in (snap.failed if snap is not None else [format_address(h, p) for h, p in servers]):
             failures = self.backoff.get(address, (0.0, 0))[1] + 1
             self.backoff[address] = (now + min(MAX_BACKOFF, RECHECK * 2 ** failures), failures)
         for address in (snap.asked if snap is not None else []):

@@ -86,6 +86,36 @@ def test_follow_prints_each_line_as_the_command_writes_it(setup):
     assert at[f"{host} | 1"] < at[f"{host} | 2"] < at[f"{host} | 3"] <= end
 
 
+def test_follow_through_slicing_proxies(gearmand, tmp_path):
+    """Loopback hands over whole packets: here the worker and the sender each reach gearmand
+    through a proxy that cuts the byte stream into 1-48 byte slices, both ways. Every streamed
+    line still arrives, in order, before the result, and a 300 KiB burst (chunks near the 64 KiB
+    cap, each sliced thousands of times) is streamed or counted as dropped, to the byte."""
+    from netproxy import SliceProxy
+    with SliceProxy(gearmand.address, seed=7) as to_worker, SliceProxy(gearmand.address, seed=8) as to_sender:
+        wconf = write_config(tmp_path / "worker.yaml", [to_worker.address], WORKER)
+        sconf = write_config(tmp_path / "sender.yaml", [to_sender.address], WORKER)
+        w = WorkerProc(wconf, "sliced", 1)
+        try:
+            w.wait_attached([to_worker.address])
+            host = worker_host()
+            # 307,200 x in 301 lines of at most 1,023 (fold), each ended by a newline
+            burst = "head -c 307200 /dev/zero | tr '\\0' x | fold -w 1023; echo; echo after"
+            proc = send(sconf, "--follow", "--timeout", "90", "--", "sh", "-c", LINES + "; " + burst)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            w.stop()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[:3] == [f"{host} | 1", f"{host} | 2", f"{host} | 3"], lines[:5]
+    assert f"{host} | after" in lines and lines.index(f"{host} | after") < next(
+        i for i, line in enumerate(lines) if line.startswith("complete"))
+    shown = sum(len(line) - len(f"{host} | ") + 1 for line in lines if line.startswith(f"{host} | x"))
+    dropped = [int(line.split("|# ")[1].split()[0]) for line in lines if "bytes of output were not streamed" in line]
+    assert shown > 0 and shown + (dropped[0] if dropped else 0) == 307200 + 301, (shown, dropped)
+    assert to_worker.slices > 1000 and to_sender.slices > 1000
+
+
 def test_follow_with_background_or_json_is_a_usage_error(setup):
     for extra in (["--background"], ["--json"], ["--no-wait"]):
         proc = send(setup.path, "--follow", *extra, "--", "sh", "-c", "true")

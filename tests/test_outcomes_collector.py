@@ -154,7 +154,8 @@ def test_outcomes_are_stored_and_read_from_a_config_that_names_only_the_servers(
     assert got["state"] == "complete" and got["result"] == "Linux host 6.1 x86_64\n" and got["id"] == complete[7]["id"]
     assert reader.latest(handle="H:w:3", server=srv.address)["handle"] == "H:w:3"
     assert reader.get(failed[2]["id"])["reason"] == {"error": "exit 1", "returncode": 1}
-    assert total(srv.address, OUTCOME_FUNCTION) == 0  # every outcome job answered: gone from gearmand
+    # stored first, answered after: every outcome job is then gone from gearmand
+    wait_until(lambda: total(srv.address, OUTCOME_FUNCTION) == 0, 20, message="every outcome job answered")
     r = manage(reader_config(tmp_path, [srv.address], "reader2"), "failed", "show", "bad3", "--json")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)

@@ -254,9 +254,9 @@ class ExternalServer:
     """A gearmand someone else runs (--gearmand): used as it is, never stopped by us."""
 
     def __init__(self, address: str):
+        from geartask.address import split_address
+        self.host, self.port = split_address(address)  # [v6]:port too
         self.address = address
-        host, _, port = address.rpartition(":")
-        self.host, self.port = host, int(port)
 
     def stop(self) -> None:
         pass
@@ -392,9 +392,13 @@ def main(argv=None) -> int:
         if bad:
             print(f"bench: unknown workload(s) {', '.join(bad)} (use {', '.join(WORKLOADS)})", file=sys.stderr)
             return 2
-    if args.gearmand and not args.gearmand.rpartition(":")[2].isdigit():
-        print(f"bench: --gearmand: expected HOST:PORT, got {args.gearmand!r}", file=sys.stderr)
-        return 2
+    if args.gearmand:
+        from geartask.address import split_address
+        try:
+            split_address(args.gearmand)
+        except ValueError as e:
+            print(f"bench: --gearmand {args.gearmand!r}: {e} (expected HOST:PORT or [V6]:PORT)", file=sys.stderr)
+            return 2
     import shlex
     from bench import common
     common.COMMAND_PREFIX[:] = shlex.split(args.worker_prefix)

@@ -15,7 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import gearclient as gc
-from geartask import load_config
+
+from geartask import gearman as gp, load_config
 from geartask.outcomes.record import make_record
 from geartask.outcomes.signed import original, requeue_payload
 from geartask.sender.sender import JobSender
@@ -51,7 +52,7 @@ def group(n: int, key=KEY, t: int = T, task: str = "shell") -> list[tuple[str, s
     seen before, so no root is in the cache yet."""
     tag = uuid.uuid4().hex[:8]
     items = [(task, f"{tag}-{i}", b'{"cmd": ["echo", "%d"]}' % i) for i in range(n)]
-    return [(f, u, p, raw) for (f, u, p), raw in zip(items, signing.sign_jobs(items, key, t))]
+    return [(f, u, p, raw) for (f, u, p), raw in zip(items, signing.sign_jobs(items, key, t), strict=True)]
 
 
 def reason(raw: bytes, function: str = "shell", unique: str = "", now: float = T, t: Trust = OPS) -> str | None:
@@ -119,11 +120,11 @@ def test_a_group_of_one_is_signed_as_sign_job_and_longer_lists_are_cut_into_grou
     sigs = [line_of(raw)["sig"] for raw in out]
     assert len(set(sigs[:signing.GROUP])) == 1 and len(set(sigs[signing.GROUP:-1])) == 1 and sigs[0] != sigs[-2]
     assert "mp" not in line_of(out[-1])  # the last group holds one job: today's form
-    assert all(decide(f, u, raw, OPS, T).allowed for (f, u, _), raw in zip(items, out))
+    assert all(decide(f, u, raw, OPS, T).allowed for (f, u, _), raw in zip(items, out, strict=True))
 
 
 def test_the_line_round_trips_through_split_and_encode():
-    for f, u, p, raw in group(5):
+    for _, _, p, raw in group(5):
         line, rest = signing.split(raw)
         assert rest == p and line.stamp.mi is not None and line.encode() + rest == raw
         assert line.stamp.to_dict() == line_of(raw)
@@ -321,8 +322,36 @@ def test_a_tampered_job_in_a_group_is_refused_and_the_rest_run(signed_worker, ke
         outcomes = gc.wait(conn, handles, 60)
     finally:
         conn.close()
-    by_unique = dict(zip([u for _, u, _ in items], (outcomes[h] for h in handles)))
+    by_unique = dict(zip([u for _, u, _ in items], (outcomes[h] for h in handles), strict=True))
     assert by_unique["g-5"].state == "failed" and by_unique["g-5"].reason["error"] == "bad signature", by_unique["g-5"]
     assert all(o.state == "complete" for u, o in by_unique.items() if u != "g-5"), by_unique
     wait_until(lambda: ran.exists() and len(ran.read_text().splitlines()) == 7, 10, message="7 jobs ran")
     assert sorted(json.loads(line)["id"] for line in ran.read_text().splitlines()) == [0, 1, 2, 3, 4, 6, 7]
+
+
+def test_a_signing_sender_signs_its_jobs_in_groups_of_32(fresh_gearmand, keys, tmp_path):  # noqa: F811
+    """What gearmand holds from a signing sender's 40 background jobs: 32 under one signature
+    (paths of 5 hashes), 8 under another (3), each verifying with its own job."""
+    address = fresh_gearmand.address
+    sender_cfg = write_config(tmp_path / "s" / "config.yaml", [address], security_yaml(keys, False, key="admin"))
+    with JobSender(load_config(sender_cfg)) as sender:
+        results = list(sender.stream([{"task": "t.nobody", "data": {"i": i}, "unique": f"s-{i}"} for i in range(40)],
+                                     wait=False, timeout=60))
+    assert [r.state for r in results] == ["queued"] * 40
+    conn = gc.connect(address)
+    held: dict[str, bytes] = {}
+    try:
+        conn.send(gp.CAN_DO, task="t.nobody")
+        for _ in range(40):
+            conn.send(gp.GRAB_JOB_UNIQ)
+            pkt = conn.expect(gp.JOB_ASSIGN_UNIQ, 10)
+            held[pkt.text("unique")] = pkt["data"]
+    finally:
+        conn.close()
+    lines = [line_of(held[f"s-{i}"]) for i in range(40)]
+    assert len({line["sig"] for line in lines[:32]}) == 1 and len({line["sig"] for line in lines[32:]}) == 1
+    assert [line["mi"] for line in lines] == list(range(32)) + list(range(8))
+    assert [len(base64.b64decode(line["mp"])) // 32 for line in lines] == [5] * 32 + [3] * 8
+    admin = Trust.from_config([{"name": "admin", "public_key": keys["admin"][1], "may": ["*"]}])
+    assert verifies(lambda: [decide("t.nobody", u, raw, admin, lines[0]["t"]) for u, raw in held.items()]) == 2
+    assert all(decide("t.nobody", u, raw, admin, lines[0]["t"]).signer == "admin" for u, raw in held.items())

@@ -237,7 +237,7 @@ class Batch:
             return
         from ..trust.signing import sign_jobs  # cryptography only for a signing sender
         assert self.key is not None  # only a signing sender holds unsigned jobs
-        for j, data in zip(jobs, sign_jobs([(j.task, j.unique, j.payload) for j in jobs], self.key)):
+        for j, data in zip(jobs, sign_jobs([(j.task, j.unique, j.payload) for j in jobs], self.key), strict=True):
             self.open_bytes += len(data) - len(j.payload)
             j.payload = data
 

@@ -217,7 +217,7 @@ def sign_jobs(items: list[tuple[bytes | str, bytes | str, bytes]], key: Ed25519P
         # text and sig are base64: JSON writes them as they are).
         head = SigLine(stamp).encode()[:-2] + b',"mi":'
         out.extend(b'%s%d,"mp":"%s"}\n%s' % (head, i, base64.b64encode(path), payload)
-                   for i, ((_, _, payload), path) in enumerate(zip(group, paths)))
+                   for i, ((_, _, payload), path) in enumerate(zip(group, paths, strict=True)))
     return out
 
 

@@ -98,6 +98,9 @@ def test_the_documented_group_vector():
     assert base64.b64decode(VECTOR_MP3) == empty + left  # leaf level first
     assert out[0].startswith(head + b'"mi":0,"mp":"' + b64(leaves[1] + right).encode() + b'"}\n')
     KEY.public_key().verify(base64.b64decode(VECTOR_SIG), signing.batch_bytes(root, T))  # plain Ed25519
+    documented = (REPO / "docs" / "outcomes.md").read_text()
+    assert signing.batch_bytes(root, T).decode() in documented
+    assert out[2][:out[2].index(b"\n")].decode().replace("\x1e", "\\x1e") + "\\n" in documented
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 32])

@@ -358,3 +358,19 @@ def test_a_signing_sender_signs_its_jobs_in_groups_of_32(fresh_gearmand, keys, t
     admin = Trust.from_config([{"name": "admin", "public_key": keys["admin"][1], "may": ["*"]}])
     assert verifies(lambda: [decide("t.nobody", u, raw, admin, lines[0]["t"]) for u, raw in held.items()]) == 2
     assert all(decide("t.nobody", u, raw, admin, lines[0]["t"]).signer == "admin" for u, raw in held.items())
+
+
+def test_a_path_in_non_canonical_base64_is_refused():
+    """Base64 whose unused bits are set decodes to the same hashes: still refused, so one path
+    has one spelling (a line is kept and compared as text)."""
+    import string
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+    f, u, _, raw = group(2)[0]
+    mp = line_of(raw)["mp"]
+    assert len(mp) == 44 and mp.endswith("=")  # 32 bytes: the last character has 2 unused bits
+    last = alphabet.index(mp[-2])
+    odd = mp[:-2] + alphabet[last ^ 1] + "="
+    assert base64.b64decode(odd) == base64.b64decode(mp)
+    with pytest.raises(signing.SignatureFormatError, match="'mp'"):
+        signing.split(with_line(raw, mp=odd))
+    assert reason(with_line(raw, mp=odd), f, u) == "bad signature"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import uuid
 
 import pytest
@@ -217,6 +218,26 @@ def test_a_group_of_32_costs_one_verification():
     assert all(decide(f, u, raw, OPS, T).allowed for f, u, _, raw in jobs)  # again: none
     assert verifies(lambda: [decide(f, u, raw, OPS, T) for f, u, _, raw in jobs]) == 0
     assert verifies(lambda: [decide(f, u, raw, OPS, T) for f, u, _, raw in group(1)]) == 1  # alone: as today
+
+
+def test_threads_taking_a_groups_jobs_at_once_verify_it_once():
+    """A worker's threads start on a group's jobs together: one verifies, the rest wait for it
+    (a forged job among them, its own root, is verified and refused apart)."""
+    jobs = group(32)
+    f, u, _, raw = jobs[7]
+    forged = (f, u, b"", raw[:raw.index(b"\n") + 1] + b"forged")
+    start = threading.Barrier(8)
+    answers: dict[int, str | None] = {}
+
+    def work(k: int) -> None:
+        start.wait(10)
+        for i in range(k, 33, 8):
+            function, unique, _, data = (jobs + [forged])[i]
+            answers[i] = reason(data, function, unique)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    assert verifies(lambda: ([t.start() for t in threads], [t.join(30) for t in threads])) == 2
+    assert [answers[i] for i in range(32)] == [None] * 32 and answers[32] == "bad signature"
 
 
 def test_a_verified_root_does_not_let_a_forged_job_in():

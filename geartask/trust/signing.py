@@ -39,6 +39,7 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -296,14 +297,22 @@ def _read_path(fields: dict, stamp: Stamp) -> Stamp:
 
 class VerifyStats:
     """Counts, per process: Ed25519 verifications run (``verified``) and group jobs accepted
-    from the verified-root cache without one (``cached``). Plain counters: exact in one
-    thread, close enough with several."""
+    from the verified-root cache without one (``cached``)."""
 
     verified = 0
     cached = 0
+    _lock = threading.Lock()
+
+    @classmethod
+    def count(cls, verified: int = 0, cached: int = 0) -> None:
+        with cls._lock:  # += is not atomic between threads
+            cls.verified += verified
+            cls.cached += cached
 
 
 _verified: dict[tuple[bytes, int, str, bytes], bool] = {}  # (public key, t, sig, root): verified
+_verifying: dict[tuple[bytes, int, str, bytes], threading.Lock] = {}  # roots being verified now
+_verifying_lock = threading.Lock()
 
 
 def check_job(public: Ed25519PublicKey, stamp: Stamp, function: bytes | str, unique: bytes | str,
@@ -325,14 +334,27 @@ def check_job(public: Ed25519PublicKey, stamp: Stamp, function: bytes | str, uni
     root = path_root(leaf_hash(function, unique, payload, stamp.t), mi, path)
     known = (public.public_bytes_raw(), stamp.t, stamp.sig, root)
     if known in _verified:
-        VerifyStats.cached += 1
+        VerifyStats.count(cached=1)
         return True
-    if not check(public, stamp, batch_bytes(root, stamp.t)):
-        return False
-    if len(_verified) >= VERIFIED_ROOTS:
-        _verified.clear()
-    _verified[known] = True
-    return True
+    # A worker's threads take a group's first jobs at the same moment: one verifies, the
+    # others wait for its answer instead of verifying the same root again.
+    with _verifying_lock:
+        lock = _verifying.setdefault(known, threading.Lock())
+    try:
+        with lock:
+            if known in _verified:
+                VerifyStats.count(cached=1)
+                return True
+            if not check(public, stamp, batch_bytes(root, stamp.t)):
+                return False
+            if len(_verified) >= VERIFIED_ROOTS:
+                _verified.clear()
+            _verified[known] = True
+            return True
+    finally:
+        with _verifying_lock:
+            if _verifying.get(known) is lock:
+                del _verifying[known]
 
 
 def check(public: Ed25519PublicKey, stamp: Stamp, data: bytes) -> bool:
@@ -343,7 +365,7 @@ def check(public: Ed25519PublicKey, stamp: Stamp, data: bytes) -> bool:
         return False
     if len(raw) != 64:
         return False
-    VerifyStats.verified += 1
+    VerifyStats.count(verified=1)
     fast = sodium.verify(public, raw, data)  # never accepts what OpenSSL would refuse (sodium.py)
     if fast is not None:
         return fast

@@ -28,6 +28,7 @@ MAX_UNIQUE = 64
 PIPELINE_WINDOW = 2048  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded (~200 KB)
 OPEN_JOBS = 10_000  # jobs taken from the caller and not yet reported: the memory bound
 OPEN_BYTES = 256 * 1024 * 1024  # ... and their payload bytes (one job always fits)
+SIGN_GROUP = 32  # jobs signed together (as geartask.trust.signing.GROUP: not imported, cryptography loads late)
 MAX_WARNINGS = 8  # WORK_WARNINGs kept per job (the last is the failure reason)
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
 HOST = socket.gethostname()  # the envelope's "host": where a job was sent from
@@ -115,6 +116,7 @@ class Batch:
         self.finished: deque[_Job] = deque()
         self.homeless: deque[_Job] = deque()  # no healthy server to route to
         self.to_record: list[_Job] = []
+        self.unsigned: list[_Job] = []  # taken, to be signed before they are sent (_sign_group)
         self.done = self.failed = self.accepted = self.yielded = 0
         self.states: dict[str, int] = {}
         self.no_server_since: float | None = None
@@ -201,12 +203,12 @@ class Batch:
         order = lanes if len(lanes) == 1 else sorted(lanes, key=lambda s: score(s.hash_prefix, unique), reverse=True)
         requeue_of = d.extra.get("requeue_of")
         data = payload if self.raw else self._envelope(background, d.retries, priority, requeue_of) + payload
-        if self.key is not None and requeue_of is None and not self.raw:
-            # Right before submit, over the envelope too (docs/outcomes.md, "Signed jobs"). A
-            # requeue is never signed as new: it travels with its original signature.
-            from ..trust.signing import sign_job  # cryptography only for a signing sender
-            data = sign_job(d.task, unique, data, self.key)
         job = _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
+        if self.key is not None and requeue_of is None and not self.raw:
+            # Signed before it is sent, over the envelope too, with the jobs taken with it
+            # (_sign_group; docs/outcomes.md, "Signed jobs"). A requeue is never signed as
+            # new: it travels with its original signature.
+            self.unsigned.append(job)
         if background and self.record is not None:
             job.keep = recorded_fields(payload, d.retries, d.at, raw=self.raw)
         return job
@@ -222,7 +224,24 @@ class Batch:
         return head
 
     def _fill(self, first: bool = False) -> None:
-        """Take jobs from the caller until the window is full."""
+        """Take jobs from the caller until the window is full; sign what was taken."""
+        self._take(first)
+        self._sign_group()
+
+    def _sign_group(self) -> None:
+        """Sign the jobs taken since the last group (up to SIGN_GROUP), one signature for
+        all: before any of them is sent (they are only routed until _send)."""
+        jobs = [j for j in self.unsigned if not j.finished]  # a finished one is never sent
+        self.unsigned.clear()
+        if not jobs:
+            return
+        from ..trust.signing import sign_jobs  # cryptography only for a signing sender
+        assert self.key is not None  # only a signing sender holds unsigned jobs
+        for j, data in zip(jobs, sign_jobs([(j.task, j.unique, j.payload) for j in jobs], self.key), strict=True):
+            self.open_bytes += len(data) - len(j.payload)
+            j.payload = data
+
+    def _take(self, first: bool) -> None:
         while not self.exhausted and (not self.open or (len(self.open) < OPEN_JOBS and self.open_bytes < OPEN_BYTES)):
             try:
                 j = self._prepare(self.pulled, next(self.source))
@@ -246,6 +265,8 @@ class Batch:
                 if self.unserved.seen(j.task, j.background, time.monotonic()):
                     j.res.no_worker = True
                 self._route(j)
+            if len(self.unsigned) >= SIGN_GROUP:
+                self._sign_group()
 
     def _route(self, j: _Job) -> None:
         """To the first healthy server in the job's rendezvous order."""

@@ -196,7 +196,7 @@ def _verify_job(function: str, unique, payload: bytes, line: SigLine, trust: Tru
     signer = trust.find(stamp.key)
     if signer is None:
         return UNKNOWN, None, None
-    if not signing.check(signer.key, stamp, signing.job_bytes(function, unique, payload, stamp.t)):
+    if not signing.check_job(signer.key, stamp, function, unique, payload):
         return BAD, None, None
     if not _may_run(signer, function, also):
         return f"signer {signer.name} may not run {_task_text(function)}", None, None
@@ -238,8 +238,8 @@ def verify_message(purpose: str, raw: bytes, trust: Trust, now: float, *,
         raise Refused(BAD) from None
     if line is None:
         raise Refused(UNSIGNED)
-    if line.requeue is not None:
-        raise Refused(BAD)  # requeue notes belong to jobs only
+    if line.requeue is not None or line.stamp.mp is not None:
+        raise Refused(BAD)  # requeue notes and group paths belong to jobs only
     signer = trust.find(line.stamp.key)
     if signer is None:
         raise Refused(UNKNOWN)

@@ -1,6 +1,7 @@
 """Ed25519 through the system's libsodium, where it is installed: the per-job sign and verify.
 
-Why: every signed job costs one signature in the sender and one verification in the worker.
+Why: every signed job (every group of jobs signed together, signing.sign_jobs) costs one
+signature in the sender and one verification in the worker.
 ``cryptography`` runs OpenSSL's portable Ed25519 code while holding the GIL (measured on the
 benchmark machine: verify 60-130 µs, sign 25-45 µs); libsodium's is about twice as fast, and a
 ctypes call lets go of the GIL, so a worker's other threads go on meanwhile

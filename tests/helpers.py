@@ -74,6 +74,18 @@ def processes() -> dict[int, tuple[list[str], int]]:
     return found
 
 
+def tcp_timer(local_port: int, remote_port: int) -> tuple[int, float]:
+    """(timer kind, seconds left) of the loopback IPv4 connection from ``local_port`` to
+    ``remote_port``, from /proc/net/tcp: kind 2 is the keepalive timer."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, timer = fields[1], fields[2], fields[5]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+            kind, when = timer.split(":")
+            return int(kind, 16), int(when, 16) / os.sysconf("SC_CLK_TCK")
+    raise AssertionError(f"no connection {local_port} -> {remote_port} in /proc/net/tcp")
+
+
 def run_on_a_terminal(argv: list[str], timeout: float = 60) -> tuple[int, str]:
     """Run ``argv`` with a pseudo-terminal as stdin, stdout and stderr (as a user at a
     terminal would); its exit status and everything it wrote."""

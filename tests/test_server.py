@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ from geartask import gearman as protocol
 from geartask.errors import LocalServerError, ServerError
 from geartask.server import LocalServer, free_port, port_open
 
-from helpers import wait_until
+from helpers import tcp_timer, wait_until
 
 
 def test_start_status_stop(tmp_path):
@@ -113,18 +112,6 @@ def test_unreachable_server_is_a_server_error():
         protocol.Connection("127.0.0.1", port, connect_timeout=1).connect()
 
 
-def _gearmand_side_timer(server_port: int, client_port: int) -> tuple[int, float]:
-    """(timer kind, seconds left) of gearmand's end of one loopback connection, from /proc/net/tcp:
-    kind 2 is the keepalive timer."""
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        fields = line.split()
-        local, remote, timer = fields[1], fields[2], fields[5]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
-            kind, when = timer.split(":")
-            return int(kind, 16), int(when, 16) / os.sysconf("SC_CLK_TCK")
-    raise AssertionError(f"no connection {server_port} <- {client_port} in /proc/net/tcp")
-
-
 @pytest.mark.parametrize("keepalive", [(7, 2, 3), None])
 def test_gearmand_runs_with_the_configured_tcp_keepalive(tmp_path, keepalive):
     """gearmand keeps a silent peer's connection (and its running jobs) for about 2 h 11 min
@@ -141,9 +128,9 @@ def test_gearmand_runs_with_the_configured_tcp_keepalive(tmp_path, keepalive):
             assert argv[i:i + len(flags)] == flags
         else:
             assert not any(a.startswith("--keepalive") for a in argv)
-        kind, left = wait_until(lambda: _gearmand_side_timer(server.port, client.getsockname()[1]), 5,
-                                message="gearmand's end of the connection")
-        assert kind == 2
+        # gearmand sets its options just after accepting: wait for the keepalive timer (kind 2)
+        kind, left = wait_until(lambda: (t := tcp_timer(server.port, client.getsockname()[1]))[0] == 2 and t, 5,
+                                message="gearmand's end of the connection with its keepalive timer")
         if keepalive:
             assert 0 < left <= 7, left
         else:  # the kernel's default idle time: 2 hours (tcp_keepalive_time)

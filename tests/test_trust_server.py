@@ -19,7 +19,7 @@ from geartask.config import load_config
 from geartask.server import LocalServer, pid_alive, free_port
 from geartask.trust import certs
 from geartask.trust.tls import client_context
-from helpers import wait_until, write_config
+from helpers import tcp_timer, wait_until, write_config
 
 GEARTASK = str(Path(sys.executable).parent / "geartask")
 ECHO_REQ, ECHO_RES, SUBMIT_JOB_BG, JOB_CREATED = 16, 17, 18, 8
@@ -204,6 +204,34 @@ def test_a_stunnel_that_cannot_start_leaves_no_gearmand_behind(tmp_path):
     assert r.returncode == 1 and "stunnel exited at start" in r.stderr and "Traceback" not in r.stderr
     srv = LocalServer.from_config(load_config(config))
     assert srv.gearmand.pid() is None and srv.stunnel.pid() is None
+
+
+def test_stunnel_drops_a_silent_peer_after_server_keepalive_not_after_two_hours(tmp_path):
+    """With server.tls, gearmand's keepalive sees only stunnel's loopback connection, which
+    never goes silent: a worker host cut off would keep its jobs "running" for 12 hours
+    (TIMEOUTidle). stunnel's end of a client's connection has its keepalive timer armed for
+    server.keepalive.idle seconds, so stunnel drops the peer and gearmand requeues its jobs."""
+    certs.make_ca(tmp_path / "pki")
+    certs.issue(tmp_path / "pki", "server", ips=["127.0.0.1"])
+    port, backend = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", [f"tls://127.0.0.1:{port}"], extra=(
+        f"server:\n  port: {port}\n  backend_port: {backend}\n  tls: true\n  queue: {{type: none}}\n"
+        f"  keepalive: {{idle: 7, interval: 2, count: 3}}\n"
+        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        text = LocalServer.from_config(load_config(config)).stunnel.conf_file.read_text().splitlines()
+        assert {"socket = l:SO_KEEPALIVE=1", "socket = l:TCP_KEEPIDLE=7", "socket = l:TCP_KEEPINTVL=2",
+                "socket = l:TCP_KEEPCNT=3"} <= set(text), text
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:  # silent from here on
+            # stunnel sets its options on a connection just after accepting it: wait for the timer
+            timer = wait_until(lambda: (t := tcp_timer(port, peer.getsockname()[1]))[0] == 2 and t, 10,
+                               message="stunnel's end of the connection with its keepalive timer")
+            assert 0 < timer[1] <= 7, timer  # the kernel's default would be 7200 s
+    finally:
+        subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "stop"], timeout=60)
 
 
 def test_a_path_with_a_line_break_is_never_written_into_stunnels_config(tmp_path):

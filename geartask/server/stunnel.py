@@ -73,6 +73,9 @@ class Stunnel:
     run_dir: Path
     program: str = "stunnel"
     process: subprocess.Popen | None = None
+    # TCP keepalive (idle, interval, count) on the connections stunnel accepts: gearmand's own
+    # (server.keepalive) only sees stunnel's loopback connection, which never goes silent.
+    keepalive: tuple[int, int, int] | None = (30, 10, 3)
 
     @property
     def conf_file(self) -> Path:
@@ -111,8 +114,19 @@ class Stunnel:
             "socket = r:TCP_NODELAY=1",
             "TIMEOUTbusy = 600",  # a sleeping worker's connection is quiet for a long time
             "TIMEOUTidle = 43200",
+            # A peer that vanished without a word (host cut off, powered off): stunnel drops it
+            # after idle + interval x count s and closes its side to gearmand, which requeues
+            # the jobs that peer held (docs/gearmand.md, "Silent peers and TCP keepalive").
+            *self._keepalive_lines(),
             "",
         ])
+
+    def _keepalive_lines(self) -> list[str]:
+        if self.keepalive is None:
+            return []
+        idle, interval, count = self.keepalive
+        return ["socket = l:SO_KEEPALIVE=1", f"socket = l:TCP_KEEPIDLE={int(idle)}",
+                f"socket = l:TCP_KEEPINTVL={int(interval)}", f"socket = l:TCP_KEEPCNT={int(count)}"]
 
     def command(self) -> list[str]:
         for name in (self.program, "stunnel4") if self.program == "stunnel" else (self.program,):
@@ -189,12 +203,12 @@ class TlsFrontedServer:
             if not getattr(config.tls, name):
                 raise ConfigError("needed by server.tls: true (the terminator's certificate and the CA it "
                                   "checks clients against)", where, f"tls.{name}")
+        keepalive = (s.keepalive.idle, s.keepalive.interval, s.keepalive.count)
         gearmand = LocalServer(host="127.0.0.1", port=backend, run_dir=Path(config.log.dir),
                                queue_type=s.queue.type, queue_path=Path(s.queue.path), gearmand=s.gearmand,
-                               threads=s.threads, keepalive=(s.keepalive.idle, s.keepalive.interval,
-                                                             s.keepalive.count))
+                               threads=s.threads, keepalive=keepalive)
         stunnel = Stunnel(s.host, s.port, backend, Path(config.tls.ca), Path(config.tls.cert), Path(config.tls.key),
-                          Path(config.log.dir), program=s.stunnel)
+                          Path(config.log.dir), program=s.stunnel, keepalive=keepalive)
         return cls(gearmand, stunnel)
 
     @property

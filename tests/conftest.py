@@ -130,6 +130,7 @@ LONGEST = {
     "test_network.py::test_sender_partitioned_from_a_live_server": 29,
     "test_logs.py::test_a_process_exits_while_threads_log": 26,
     "test_scheduler.py::test_a_missed_slot_runs_once_under_latest_and_not_at_all_under_skip": 21,
+    "test_trust_network.py::test_a_silent_worker_host_behind_stunnel_gives_its_jobs_back": 20,
     "test_sender_network.py::test_a_15s_cut_to_a_live_server_mid_batch_runs_nothing_twice": 17,
     "test_fleet_commands.py::test_a_host_killed_during_an_all_run_is_reported_and_the_others_complete": 17,
     "test_bench_smoke.py::test_dashboard_idle_bench_runs_and_stays_within_budget": 15,

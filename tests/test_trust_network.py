@@ -78,7 +78,8 @@ class Fleet:
     public: dict = None  # type: ignore[assignment]
 
 
-def build_fleet(lab: NetLab, base: Path, *, extra_server_ips: tuple[str, ...] = ()) -> Fleet:
+def build_fleet(lab: NetLab, base: Path, *, extra_server_ips: tuple[str, ...] = (),
+                server_extra: str = "") -> Fleet:
     """A CA (pki) with a server certificate for srv and one client certificate for every fleet
     host, another CA (other) with its own client certificate, keys fleet/ops/rogue; srv runs
     `manage server start` (stunnel + gearmand) and the collector."""
@@ -95,7 +96,7 @@ def build_fleet(lab: NetLab, base: Path, *, extra_server_ips: tuple[str, ...] = 
     fleet = Fleet(lab, base, srv, format_address(srv.ip, PORT), {})  # [fd00:77::a]:4730 on IPv6
     fleet.public = public
     server_extra = (f"server:\n  host: {json.dumps(srv.ip)}\n  port: {PORT}\n  backend_port: {BACKEND}\n  tls: true\n"
-                    f"  queue: {{path: {base / 'queue.sqlite'}}}\n")
+                    f"  queue: {{path: {base / 'queue.sqlite'}}}\n{server_extra}")
     cfg = fleet.config("server", extra=server_extra)
     # the server's config presents the server certificate to clients (stunnel)
     text = cfg.read_text().replace(str(base / "pki" / "host.pem"), str(base / "pki" / "server.pem"))
@@ -403,6 +404,44 @@ def test_signers_limits_age_and_tampering_over_tls(netlab: NetLab, tmp_path):
     for name in ("ops-ran", "old", "ta", "tb"):
         assert not (tmp_path / name).exists(), name
     assert good.exists()
+
+
+# -- a worker host cut off behind stunnel -------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_silent_worker_host_behind_stunnel_gives_its_jobs_back(netlab: NetLab, tmp_path):
+    """With server.tls gearmand's peer is stunnel's loopback connection, which never goes
+    silent. A worker host holding 4 jobs is cut off (no RST, no FIN): stunnel's keepalive
+    (server.keepalive idle 4, interval 2, count 3: 10 s) drops it and closes its side to
+    gearmand, which requeues the jobs; a second worker host runs all 4 and the sender (no
+    --timeout) finishes. Before, stunnel held the connection for TIMEOUTidle, 12 hours."""
+    fleet = build_fleet(netlab, tmp_path, server_extra="  keepalive: {idle: 4, interval: 2, count: 3}\n")
+    first = start_worker(fleet, "w1")
+    snd = netlab.add_host("snd")
+    marker = tmp_path / "silent.marker"
+    sender = netlab.send_jobs(snd, fleet.config("sender"), marker, 4, "held", sleep=8)
+
+    def running() -> int:
+        rows = [line for line in observe_status(fleet) if line.startswith("t.record\t")]
+        return int(rows[0].split("\t")[2]) if rows else 0
+
+    wait_until(lambda: running() == 4, 60, message="w1 to hold all 4 jobs")
+    time.sleep(1)  # w1 acknowledges the last JOB_ASSIGN: keepalive covers idle connections only
+    netlab.cut(netlab.hosts["w1"])
+    cut_at = time.monotonic()
+    second = netlab.worker(netlab.add_host("w2"), fleet.config("w2", extra="worker:\n  poll_timeout: 1\n"),
+                           "w2", 4).wait_attached([fleet.address], timeout=30)
+    try:
+        assert sender.wait(10 + 8 + 40) == 0, sender.stderr[-2000:]
+        done_after = time.monotonic() - cut_at
+    finally:
+        netlab.restore(netlab.hosts["w1"])
+    text = marker.read_text()
+    runs = [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+    on_second = {r["unique"] for r in runs if r["pid"] == second.pid}
+    assert on_second == {f"held-{i}" for i in range(4)}, (runs, done_after)
+    assert first.proc.poll() is None  # w1 itself never stopped: only its link went quiet
 
 
 # -- the slicing proxy in front of the TLS port ---------------------------------------------------------

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 from geartask.address import format_address, split_address
-from geartask.gearman import admin_command
+from geartask.gearman import admin_command, forget_tls
 from geartask.server import LocalServer, pid_alive, port_open
 
 from helpers import REPO, wait_until, write_config
@@ -488,6 +488,11 @@ class NetLab:
 
     def close(self) -> None:
         self.stop_all()
+        # Every lab's hosts have the same addresses: a TLS server this test registered in this
+        # process (tls.install) must not make the next test's plain gearmand look closed.
+        for host in self.hosts.values():
+            for address in host.addresses:
+                forget_tls(address)
         for ns in reversed(self._made):
             _kill_pids(_netns_pids(ns))  # children of our processes (e.g. shell commands), nothing else
             ip("netns", "del", ns, check=False)

@@ -9,7 +9,7 @@ import pytest
 
 from geartask.config import ServerAddress, load_config, parse_config
 from geartask.errors import ConfigError
-from geartask.gearman import tls_for, use_tls
+from geartask.gearman import forget_tls, tls_for, use_tls
 from geartask.trust import certs
 from geartask.trust.tls import install
 from helpers import write_config
@@ -48,6 +48,21 @@ def test_loading_a_config_installs_tls_for_its_tls_servers_only(tmp_path):
     assert tls_for("127.0.0.9", 4999) is ctx  # built once
     assert tls_for("127.0.0.9", 4998) is None  # plain in this config: plain
     use_tls("127.0.0.9", 4999, None)
+
+
+def test_forget_tls_reaches_every_port_of_that_host_in_clear_and_no_other_host():
+    """A process meeting a plain gearmand where a TLS one was (the network tests reuse their
+    addresses) must not try TLS on it: forget_tls drops the host's registrations, all ports."""
+    ctx = ssl.create_default_context()
+    for port in (4996, 4995):
+        use_tls("127.0.0.9", port, ctx)
+    use_tls("127.0.0.8", 4996, ctx)
+    try:
+        forget_tls("127.0.0.9")
+        assert tls_for("127.0.0.9", 4996) is None and tls_for("127.0.0.9", 4995) is None
+        assert tls_for("127.0.0.8", 4996) is ctx
+    finally:
+        use_tls("127.0.0.8", 4996, None)
 
 
 def test_a_missing_certificate_is_said_when_a_connection_needs_it(tmp_path):

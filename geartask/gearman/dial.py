@@ -34,6 +34,13 @@ def use_tls(host: str, port: int, context: Any) -> None:
         _TLS[(host, port)] = context
 
 
+def forget_tls(host: str) -> None:
+    """Reach every port of ``host`` in clear again (one process that meets several networks in
+    turn, where an address that was a TLS server may later be a plain one: the tests)."""
+    for key in [k for k in _TLS if k[0] == host]:
+        del _TLS[key]
+
+
 def tls_for(host: str, port: int) -> ssl.SSLContext | None:
     """The context registered for ``host:port`` by use_tls, None for a plain server."""
     found = _TLS.get((host, port))

@@ -104,6 +104,33 @@ def dashboards():
         d.stop()
 
 
+def _restore_tls(before: dict) -> None:
+    from geartask.gearman import registered_tls, use_tls
+    now = registered_tls()
+    for host, port in set(now) | set(before):
+        if now.get((host, port)) is not before.get((host, port)):
+            use_tls(host, port, before.get((host, port)))
+
+
+@pytest.fixture(autouse=True)
+def tls_registrations_stay_in_their_test():
+    """Loading a config with tls:// servers registers them for this whole process. A later test
+    whose plain gearmand got the same free port (xdist workers live long) would then try TLS on
+    it and see it closed: what a test (or its module's fixtures) registered goes with it."""
+    from geartask.gearman import registered_tls
+    before = registered_tls()
+    yield
+    _restore_tls(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tls_registrations_stay_in_their_module():
+    from geartask.gearman import registered_tls
+    before = registered_tls()
+    yield
+    _restore_tls(before)
+
+
 @pytest.fixture
 def netlab(tmp_path, request):
     """A test network (tests/netlab.py): hosts as namespaces on a bridge, torn down afterwards.

@@ -30,5 +30,5 @@ from .codec import HEADER, HEADER_SIZE, MAGIC_REQ, MAGIC_RES, SUBMIT_JOB_EPOCH, 
 from .backoff import REFUSED_EVENT, Backoff, OutageLog  # noqa: F401
 from .connection import (CONNECT_TIMEOUT, HANDLE_FIRST, MAX_PACKET, MAX_TEXT_REPLY, RECONNECT_MAX,  # noqa: F401
                          RECONNECT_MIN, Connection, Keepalive, admin_command, keepalive_for, wait_readable)
-from .dial import (ConnectError, Dial, TLSError, dial, forget_tls, is_refusal, parse_address, tls_error,  # noqa: F401
-                   tls_for, tls_reason, tls_refusal, use_tls)
+from .dial import (ConnectError, Dial, TLSError, dial, forget_tls, is_refusal, parse_address,  # noqa: F401
+                   registered_tls, tls_error, tls_for, tls_reason, tls_refusal, use_tls)

@@ -34,6 +34,11 @@ def use_tls(host: str, port: int, context: Any) -> None:
         _TLS[(host, port)] = context
 
 
+def registered_tls() -> dict[tuple[str, int], Any]:
+    """A copy of what use_tls registered: (host, port) -> context (or the callable giving one)."""
+    return dict(_TLS)
+
+
 def forget_tls(host: str) -> None:
     """Reach every port of ``host`` in clear again (one process that meets several networks in
     turn, where an address that was a TLS server may later be a plain one: the tests)."""

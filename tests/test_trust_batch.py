@@ -294,6 +294,22 @@ def test_a_group_job_requeued_keeps_its_path_and_verifies_again():
                   later).allowed
 
 
+def test_a_requeue_note_fits_only_its_position_in_the_group_even_for_the_same_unique_key():
+    """Two jobs of one group with the same function and unique key (gearmand would coalesce
+    them; a sender may still sign both): the note for one does not carry the other's payload."""
+    items = [("reports.x", "same", b'{"n": 1}'), ("reports.x", "same", b'{"n": 2}'), ("reports.x", "u3", b"{}")]
+    raws = signing.sign_jobs(items, KEY, T)
+    later = T + 30 * 86400
+    t = trust(("sched", KEY, ["reports.*"]), ("ops", OTHER, ["*"]))
+    first, second = (signing.split(r)[0].stamp for r in raws[:2])
+    requeued = signing.requeue_job("reports.x", "same", b'{"n": 1}', first, "rec1", OTHER, later)
+    assert decide("reports.x", "same", requeued, t, later).allowed
+    note = signing.split(requeued)[0].requeue
+    swapped = signing.SigLine(second, note).encode() + b'{"n": 2}'  # the other job, under the first's note
+    assert signing.split(raws[1])[0].stamp.sig == first.sig  # one signature for the group
+    assert decide("reports.x", "same", swapped, t, later).reason == "bad signature"
+
+
 def test_a_failed_group_jobs_record_is_resent_with_its_path():
     """What the worker keeps (Signed.fields) and failed requeue (outcomes.signed) carry mi/mp."""
     t = trust(("admin", KEY, ["*"]))

@@ -208,7 +208,8 @@ def _verify_job(function: str, unique, payload: bytes, line: SigLine, trust: Tru
     by = trust.find(note.stamp.key)
     if by is None:
         return UNKNOWN, None, None
-    if not signing.check(by.key, note.stamp, signing.requeue_bytes(function, unique, stamp.sig, note.of, note.stamp.t)):
+    if not signing.check(by.key, note.stamp, signing.requeue_bytes(function, unique, stamp.sig, note.of, note.stamp.t,
+                                                                   stamp.mi)):
         return BAD, None, None
     if not _may_run(by, function, also):
         return f"signer {by.name} may not run {_task_text(function)}", None, None

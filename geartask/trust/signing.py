@@ -10,7 +10,7 @@ netstrings (``LEN:BYTES,``, LEN in ASCII decimal), so no field can bleed into th
 
     job:     ns("geartask-sig/1") ns("job") ns(FUNCTION) ns(UNIQUE) ns(T) ns(SHA256HEX(payload))
     group:   ns("geartask-sig/1") ns("batch") ns(T) ns(ROOT_HEX)
-    requeue: ns("geartask-sig/1") ns("requeue") ns(FUNCTION) ns(UNIQUE) ns(ORIGINAL_SIG) ns(OF) ns(T)
+    requeue: ns("geartask-sig/1") ns("requeue") ns(FUNCTION) ns(UNIQUE) ns(ORIGINAL_SIG) ns(OF) ns(T) [ns(MI)]
     message: ns("geartask-sig/1") ns(PURPOSE) ns(T) ns(SHA256HEX(body))
 
 FUNCTION and UNIQUE are UTF-8, T the signing time in whole Unix seconds (ASCII decimal),
@@ -155,10 +155,16 @@ def path_root(leaf: bytes, index: int, path: bytes) -> bytes:
     return node
 
 
-def requeue_bytes(function: bytes | str, unique: bytes | str, original_sig: str, of: str, t: int) -> bytes:
-    """The canonical bytes a requeue note's signature covers."""
-    return b"".join((_ns(VERSION), _ns(b"requeue"), _ns(_text(function)), _ns(_text(unique)),
-                     _ns(original_sig), _ns(of), _ns(str(int(t)))))
+def requeue_bytes(function: bytes | str, unique: bytes | str, original_sig: str, of: str, t: int,
+                  index: int | None = None) -> bytes:
+    """The canonical bytes a requeue note's signature covers. ``index``: the original's ``mi``
+    when it was signed in a group, whose jobs share one signature: with it, the note fits that
+    one job of the group only, even one with the same function and unique key."""
+    parts = [_ns(VERSION), _ns(b"requeue"), _ns(_text(function)), _ns(_text(unique)), _ns(original_sig), _ns(of),
+             _ns(str(int(t)))]
+    if index is not None:
+        parts.append(_ns(str(int(index))))
+    return b"".join(parts)
 
 
 def message_bytes(purpose: str, body: bytes, t: int) -> bytes:
@@ -227,7 +233,7 @@ def requeue_job(function: bytes | str, unique: bytes | str, payload: bytes, orig
     """A failed job's original payload and original stamp, with a requeue note signed by ``key``:
     what ``failed requeue`` submits (same function, same unique key)."""
     t = _now(t)
-    note = RequeueNote(_stamp(requeue_bytes(function, unique, original.sig, of, t), key, t), of)
+    note = RequeueNote(_stamp(requeue_bytes(function, unique, original.sig, of, t, original.mi), key, t), of)
     return SigLine(original, note).encode() + payload
 
 

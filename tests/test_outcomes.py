@@ -16,7 +16,7 @@ from geartask.errors import ConfigError
 from geartask.outcomes import BACKENDS, BadOutcome, check, decode_bytes, encode_batches, make_record, open_store
 from geartask.outcomes.failed import ImportReport, from_dead_letter, read_dead_letters
 from geartask.outcomes.query import MAX_LIST, Queries, Refused, check_request, parse_request
-from geartask.outcomes.record import cap_record
+from geartask.outcomes.record import cap_record, resend_function
 from geartask.worker.dead_letters import DeadLetters, payload_fields
 
 
@@ -97,6 +97,7 @@ def _nested(depth):
     (dict(unique="\ud800"), "'unique' is not Unicode text"),
     (dict(reason={"error": "\udfff"}), "'reason' is not Unicode text"),
     (dict(reason={"n": math.nan}), "NaN"),
+    (dict(function=["shell@host:a"]), "'function' must be a string"),
 ])
 def test_check_names_the_bad_field(bad, what):
     with pytest.raises(BadOutcome, match=what):
@@ -106,6 +107,17 @@ def test_check_names_the_bad_field(bad, what):
 def test_check_drops_unknown_keys_and_defaults_encoding():
     r = check(dict(rec(), newer_field=1, result="x"))
     assert "newer_field" not in r and r["result_encoding"] == "text"
+
+
+def test_a_targeted_jobs_record_keeps_its_function_and_is_resent_there_only_when_it_targets_the_task():
+    """The record's ``function`` comes from a peer: a requeue goes to it only when it is a valid
+    target of the record's own task; anything else goes to the task, as before."""
+    r = check(rec(task="shell", function="shell@host:web1"))
+    assert r["function"] == "shell@host:web1" and resend_function(r) == "shell@host:web1"
+    assert resend_function(rec(task="shell", function="shell@label:db")) == "shell@label:db"
+    for function in ("reports.x@host:web1", "shell", "shell@host:bad host", "shell@host:", "shell@nowhere:x", None):
+        assert resend_function(dict(rec(task="shell"), function=function)) == "shell", function
+    assert "function" not in rec(task="shell")
 
 
 # -- the query protocol's checks ------------------------------------------------------------

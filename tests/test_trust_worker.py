@@ -57,8 +57,9 @@ def secured(fresh_gearmand, tmp_path, collectors, keys):
                            [srv.address])
     started: list[WorkerProc] = []
 
-    def start_worker(require: bool = True, name: str = "tw") -> WorkerProc:
-        extra = "worker:\n  poll_timeout: 1\n  shell:\n    allow: [touch, echo]\n" + security_yaml(keys, require)
+    def start_worker(require: bool = True, name: str = "tw", host: str | None = None) -> WorkerProc:
+        extra = ("worker:\n  poll_timeout: 1\n  shell:\n    allow: [touch, echo]\n"
+                 + (f"  host: {host}\n" if host else "") + security_yaml(keys, require))
         cfg = write_config(tmp_path / name / "config.yaml", [srv.address], extra,
                            plugin_paths=[REPO / "plugins", TEST_PLUGINS])
         w = WorkerProc(cfg, name, 2)
@@ -303,3 +304,33 @@ def test_failed_requeue_with_trust_resends_the_original_signature_and_refuses_th
     again = next(x for x in client.history("fails-2")["records"] if x["id"] != rec["id"])
     assert again.get("requeue_of") == rec["id"] and again["signer"] == "admin", again
     assert not (tmp_path / "m-u2").exists()
+
+
+def test_a_failed_targeted_job_is_requeued_to_its_host_under_its_signature(secured, keys, tmp_path):
+    """A signed job for shell@host:web1 fails: its outcome keeps the function it came as, and
+    `failed requeue` sends it back to shell@host:web1 with the original signature (which covers
+    that name), where the require_signed worker of web1 runs it again. Before: the record said
+    only "shell", and the requeue was refused as a bad signature (or, without trust, sent to
+    any worker of shell)."""
+    import subprocess
+    import sys
+    address, start_worker, client, _ = secured
+    start_worker(host="web1")
+    bad = wrap(json.dumps({"cmd": ["echo-nope"]}).encode(), retries=0)
+    function = "shell@host:web1"
+    assert submit_raw(address, function, "t-1", signing.sign_job(function, "t-1", bad, keys["admin"][0])) \
+        .state == "failed"
+    rec = outcome_of(client, "t-1")
+    assert rec["task"] == "shell" and rec["function"] == function, rec
+    operator = write_config(tmp_path / "operator" / "config.yaml", [address], security_yaml(keys, False, key="admin"))
+    r = subprocess.run([sys.executable, str(REPO / "manage_client" / "manage_client.py"), "--config", str(operator),
+                        "failed", "requeue", "t-1", "--yes", "--json"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    (done,) = json.loads(r.stdout)["requeued"]
+    assert done["error"] is None and done["handle"], done
+    wait_until(lambda: len(client.history("t-1")["records"]) >= 2, 15, message="the requeued run's outcome")
+    again = next(x for x in client.history("t-1")["records"] if x["id"] != rec["id"])
+    again = client.get(again["id"])
+    assert again.get("requeue_of") == rec["id"] and again["function"] == function and again["signer"] == "admin", again
+

@@ -18,6 +18,7 @@ import socket
 import time
 from typing import Any, Iterable, Iterator
 
+from .. import targets
 from ..jobs import too_deep
 
 OUTCOME_FUNCTION = "geartask.outcomes"  # workers submit outcomes here (background jobs)
@@ -39,7 +40,8 @@ DEFAULT_MAX_CLOCK_SKEW = 300.0  # outcomes.max_clock_skew's default: seconds a p
 _STR = {"id": MAX_ID, "server": MAX_NAME, "handle": MAX_NAME, "unique": MAX_NAME, "task": MAX_NAME,
         "worker": MAX_NAME, "host": MAX_NAME, "sender_host": MAX_NAME, "priority": 16,
         "result": MAX_TEXT, "data": MAX_TEXT, "result_encoding": 16, "data_encoding": 16, "requeue_of": MAX_ID,
-        "signer": 256, "signed": 2048, "envelope": 8192}  # signer..envelope: a signed job (docs/outcomes.md)
+        "signer": 256, "signed": 2048, "envelope": 8192,  # signer..envelope: a signed job (docs/outcomes.md)
+        "function": MAX_NAME}  # a targeted job's gearmand function (shell@host:web1)
 _NUM = ("finished_at", "started_at", "submitted_at", "duration")
 _COUNT = ("attempts", "retries", "result_size", "data_size")
 _BOOL = ("background", "result_cut", "data_cut", "reason_cut", "traceback_cut")
@@ -214,6 +216,18 @@ def _put_bytes(record: dict, key: str, raw: bytes | str, limit: int) -> None:
         record[f"{key}_cut"] = True
 
 
+def resend_function(record: dict) -> str:
+    """The gearmand function to send a recorded job to again: its targeted ``function``
+    (``shell@host:web1``) when that is a valid target of its ``task``, else the ``task``."""
+    task = record.get("task")
+    function = record.get("function")
+    if isinstance(function, str) and isinstance(task, str):
+        parsed = targets.parse(function)
+        if parsed is not None and parsed[0] == task:
+            return function
+    return str(task or "")
+
+
 def make_record(*, server: str, handle: str, task: str, state: str, unique: str | None = None,
                 finished_at: float | None = None, started_at: float | None = None,
                 submitted_at: float | None = None, attempts: int = 1, retries: int | None = None,
@@ -222,7 +236,7 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
                 result: bytes | str | None = None, reason: Any = None, data: bytes | str | None = None,
                 requeue_of: str | None = None, max_result: int = DEFAULT_MAX_RESULT,
                 id: str | None = None, signer: str | None = None, signed: str | None = None,
-                envelope: str | None = None, traceback: str | None = None) -> dict:
+                envelope: str | None = None, traceback: str | None = None, function: str | None = None) -> dict:
     """One outcome record, as a worker reports it (the fields: docs/outcomes.md).
 
     ``result`` (a complete job's WORK_COMPLETE payload) and ``data`` (the job's own payload,
@@ -230,7 +244,8 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     kept up to ``max_result`` bytes each, as text or base64, with their full size and a
     ``*_cut`` flag. ``reason`` (a failure's JSON reason) longer than ``max_result`` as JSON
     becomes its cut JSON text with ``reason_cut``. ``id`` (new by default) makes the record
-    idempotent: build it once and send that same dict again on a retry. ``traceback`` (a failed
+    idempotent: build it once and send that same dict again on a retry. ``function``: the
+    gearmand function a targeted job came as (``shell@host:web1``), when it is not ``task``. ``traceback`` (a failed
     plugin task's, as text) is kept up to MAX_TRACEBACK bytes, its tail, with ``traceback_cut``.
     """
     now = time.time() if finished_at is None else finished_at
@@ -239,7 +254,7 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     for key, value in (("unique", unique), ("started_at", started_at), ("submitted_at", submitted_at),
                        ("retries", retries), ("background", background), ("worker", worker),
                        ("sender_host", sender_host), ("priority", priority), ("requeue_of", requeue_of),
-                       ("signer", signer), ("signed", signed), ("envelope", envelope)):
+                       ("signer", signer), ("signed", signed), ("envelope", envelope), ("function", function)):
         if value is not None:
             rec[key] = value
     if started_at is not None:

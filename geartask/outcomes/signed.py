@@ -13,7 +13,7 @@ from typing import Any
 
 from ..trust import policy
 from ..trust.signing import SignatureFormatError, SigLine, Stamp, requeue_job, split
-from .record import decode_bytes
+from .record import decode_bytes, resend_function
 
 
 class NotResendable(ValueError):
@@ -55,7 +55,7 @@ def requeue_payload(record: dict, key: Any, trust: policy.Trust, *, t: float | N
     stamp, payload = original(record)
     if key is None:
         raise NotResendable("no security.key to sign the requeue note with")
-    task, unique = record.get("task") or "", record.get("unique") or ""
+    task, unique = resend_function(record), record.get("unique") or ""  # a targeted job: its full name, signed
     check = policy.decide(task, unique, SigLine(stamp).encode() + payload, trust, float(stamp.t))
     if not check.allowed:
         raise NotResendable(f"its original signature does not verify: {check.reason}")

@@ -19,7 +19,7 @@ from ..display import printable
 from ..errors import GeartaskError, ServerError
 from ..outcomes.client import OutcomeClient
 from ..outcomes.failed import Requeued, requester
-from ..outcomes.record import decode_bytes
+from ..outcomes.record import decode_bytes, resend_function
 from ..outcomes.signed import NotResendable, requeue_payload
 from .sender import JobSender
 
@@ -43,6 +43,11 @@ class Planned:
         return str(self.record.get("task"))
 
     @property
+    def function(self) -> str:
+        """What it is sent to: the task, or the targeted name it first came as (shell@host:web1)."""
+        return resend_function(self.record)
+
+    @property
     def unique(self) -> str | None:
         return self.record.get("unique")
 
@@ -58,7 +63,7 @@ class Planned:
         who = f"sent by {printable(rec.get('sender_host') or 'unknown')}"
         if rec.get("signer"):
             who += f", signed by {printable(rec['signer'])}"
-        line = f"{printable(self.task)} {printable(self.unique or '-')}: data {head}; {who}"
+        line = f"{printable(self.function)} {printable(self.unique or '-')}: data {head}; {who}"
         return line + (f" -- NOT SENT: {self.error}" if self.error else "")
 
 
@@ -117,11 +122,11 @@ def requeue(config: Config, client: OutcomeClient, groups: list[list[dict]], by:
     try:
         with JobSender(config, record_background=False) as sender:
             if trusted(config):  # the original signed bytes, as they are
-                results = sender.submit_raw([_raw_job(p.task, p.unique, p.payload or b"", p.record.get("priority"))
+                results = sender.submit_raw([_raw_job(p.function, p.unique, p.payload or b"", p.record.get("priority"))
                                              for _, p in sendable])
             else:
                 # requeue_of lands in JobDefinition.extra: the envelope carries it to the worker
-                jobs = [{"task": p.task, "data": decode_bytes(p.record, "data"), "unique": p.unique,
+                jobs = [{"task": p.function, "data": decode_bytes(p.record, "data"), "unique": p.unique,
                          "priority": p.record.get("priority"), "background": True,
                          "retries": p.record.get("retries"), "requeue_of": p.record["id"]} for _, p in sendable]
                 results = sender.submit_many([{k: v for k, v in j.items() if v is not None} for j in jobs],

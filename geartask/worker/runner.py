@@ -239,7 +239,8 @@ class JobRunner:
                            background=opts.get("bg"), worker=self.label, sender_host=opts.get("host"),
                            priority=opts.get("prio"), result=result, reason=reason,
                            data=job.raw if state == "failed" else None, requeue_of=requeue_of,
-                           max_result=self.max_result, traceback=traceback, **extra)
+                           max_result=self.max_result, traceback=traceback,
+                           function=job.function if job.function != job.task else None, **extra)
 
     def fail_unrun(self, key: tuple, task: str, reason: dict) -> bytes:
         """Fail a job that was not run (a worker error, or a job refused unrun), with its outcome."""

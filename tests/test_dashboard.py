@@ -725,7 +725,7 @@ def test_job_page_shows_traceback_and_input_escaped(fresh_gearmand, make_config,
     report_outcome(fresh_gearmand, handle="H:t:1", task="t.parse", unique=fname, data=b'{"row": "<b>1042</b>"}',
                    reason={"error": "ValueError: <script>alert(1)</script>", "traceback": tb}, extra={"traceback": tb})
     report_outcome(fresh_gearmand, handle="H:t:2", task="shell", unique=fname + "-plain", data=b"{}",
-                   reason={"error": "exit status 1"})
+                   reason={"error": "exit status 1"}, extra={"function": "shell@host:<web1>"})
     wait_until(lambda: d.get_json(f"/job?key={fname}-plain")["state"] == "failed", 15, message="both stored")
     job = d.get_json(f"/job?key={fname}")
     assert job["key"] == fname  # (it used to say "reason")
@@ -741,6 +741,8 @@ def test_job_page_shows_traceback_and_input_escaped(fresh_gearmand, make_config,
     assert 'action="/actions/requeue"' in html and f'value="{rec["id"]}"' in html
     plain = d.get(f"/job?key={fname}-plain").text
     assert "none recorded" in plain and '<pre class="traceback">' not in plain
+    # a targeted job says where it was sent (the name a peer reported, escaped); others don't
+    assert '<th>Sent to</th><td class="fn">shell@host:&lt;web1&gt;</td>' in plain and "Sent to" not in html
 
 
 def test_shown_outcome_takes_the_record_traceback_and_caps_it():

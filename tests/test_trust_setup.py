@@ -4,6 +4,7 @@ real subprocesses, real handshakes."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
@@ -237,7 +238,9 @@ def test_init_secure_makes_a_fleet_that_works_out_of_the_box(tmp_path):
     assert signer["public_key"] == public_text(load_private(cfg.security.key))
     # run it on free ports (4730 may be someone else's here)
     port, backend = free_port(), free_port()
-    text = (folder / "config.yaml").read_text().replace("4730", str(port)).replace("4731", str(backend))
+    # one pass: a chained replace would rewrite the "4731" inside a free port such as 47317
+    ports = {"4730": str(port), "4731": str(backend)}
+    text = re.sub(r"\b473[01]\b", lambda m: ports[m.group()], (folder / "config.yaml").read_text())
     (folder / "config.yaml").write_text(text)
     assert gt("init", "--secure", "fleet", cwd=tmp_path).returncode == 2  # nothing overwritten
     r = gt("manage", "server", "start", "--config", str(folder / "config.yaml"), cwd=folder)

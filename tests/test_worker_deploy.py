@@ -112,7 +112,7 @@ def test_the_gearmand_units_command_forks_a_gearmand_whose_pid_is_in_the_pid_fil
                    f"    path: {tmp_path / 'queue.sqlite'}\n")
     pid_file = unit_lines("geartask-gearmand.service")["PIDFile"][0]
     assert pid_file == "/var/log/geartask/gearmand-4730.pid"  # deploy/config.yaml's log.dir and port
-    pid_file = Path(pid_file.replace("/var/log/geartask", str(tmp_path / "log")).replace("4730", str(port)))
+    pid_file = tmp_path / "log" / f"gearmand-{port}.pid"  # the same pattern in this test's log.dir and port
     r = subprocess.run(exec_start("geartask-gearmand.service", cfg, {}), capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

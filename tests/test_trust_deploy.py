@@ -35,8 +35,9 @@ def test_the_example_stunnel_conf_fronts_gearmand(gearmand, tmp_path):
     certs.issue(tmp_path, "server", ips=["127.0.0.1"])
     certs.issue(tmp_path, "client")
     port = free_port()
-    conf = ((DEPLOY / "stunnel.conf").read_text().replace("/etc/geartask/tls", str(tmp_path))
-            .replace("0.0.0.0:4730", f"127.0.0.1:{port}").replace("127.0.0.1:4731", gearmand.address))
+    # the backend first: the new accept address may itself hold "127.0.0.1:4731" (port 47315)
+    conf = ((DEPLOY / "stunnel.conf").read_text().replace("127.0.0.1:4731", gearmand.address)
+            .replace("0.0.0.0:4730", f"127.0.0.1:{port}").replace("/etc/geartask/tls", str(tmp_path)))
     (tmp_path / "stunnel.conf").write_text(conf)
     with open(tmp_path / "stunnel.log", "wb") as log:
         proc = subprocess.Popen([STUNNEL, str(tmp_path / "stunnel.conf")], stdout=log, stderr=log)

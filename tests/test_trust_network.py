@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -484,8 +485,9 @@ def test_init_secure_then_the_quick_start_works(tmp_path):
     assert "geartask manage server start" in r.stdout
     port = free_port()
     cfg = folder / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("127.0.0.1:4730", f"127.0.0.1:{port}")
-                   .replace("port: 4730", f"port: {port}").replace("port: 4731", f"port: {free_port()}"))
+    # one pass: a chained replace would rewrite the "4731" inside a free port such as 47317
+    ports = {"4730": str(port), "4731": str(free_port())}
+    cfg.write_text(re.sub(r"\b473[01]\b", lambda m: ports[m.group()], cfg.read_text()))
 
     def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([geartask, *args], capture_output=True, text=True, timeout=timeout, cwd=folder)

@@ -201,8 +201,11 @@ def test_sigterm_or_sighup_lets_the_job_in_flight_finish(gearmand, start_worker,
     w = start_worker(gearmand, threads=1)
     rec = tmp_path / "rec.jsonl"
     conn = gc.connect(gearmand.address)
-    [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight"}])
-    wait_running(gearmand, "t.record")
+    started = tmp_path / "started"
+    [h] = gc.submit(conn, "t.record", [{"file": str(rec), "sleep": 2.0, "id": "inflight", "started": str(started)}])
+    # not gearmand's "running" (it says so at JOB_ASSIGN): a job the worker has not begun when the
+    # signal comes is not in flight, and goes back to the queue
+    wait_until(started.exists, 10, message="the worker to begin the job")
     w.signal(sig)
     out = gc.wait(conn, [h], 15)
     assert out[h].state == "complete"

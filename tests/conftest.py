@@ -188,6 +188,7 @@ GROUPS = {
     "test_install.py": "install",
     "test_network.py::test_twenty_batches_across_the_bridge_never_stall": "cpu-heavy",
     "test_hostile_sender.py::test_memory_is_flat_in_the_number_of_jobs": "cpu-heavy",
+    "test_grab_network.py::test_many_threads_register_through_a_slow_path_without_a_reconnect_storm": "cpu-heavy",
 }
 
 

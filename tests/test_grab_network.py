@@ -50,9 +50,11 @@ def test_many_threads_register_through_a_slow_path_without_a_reconnect_storm(gea
              if line.startswith("{")]
     back = [e for e in lines if e.get("event") == "server reachable again"]
     print(f"{THREADS} threads: {reconnects} reconnects, registered in {took:.1f}s; outage lines: {back}")
-    # A storm is several reconnects per thread (1,000 threads: 2,895). On a machine loaded by
-    # other tests (xdist) some hellos still miss the 5 s floor once before the deadline grows,
-    # so the bound is a fifth of the threads, not zero (idle: 0; under load: up to 69 seen).
-    assert reconnects <= THREADS // 5, f"{reconnects} reconnects for {THREADS} threads in {took:.1f}s"
+    # A storm is several reconnects per thread (1,000 threads: 2,895), each one adding to the
+    # backlog. On a machine loaded by other tests (xdist) hellos still miss the 5 s floor once
+    # before the deadline grows, and the proxy runs in this loaded process: idle 0, under load
+    # up to 69 seen, and once 314 (ci28, registered in 8.2 s all the same). So the bound is one
+    # reconnect per thread: what a storm exceeds at once, and load alone has not.
+    assert reconnects <= THREADS, f"{reconnects} reconnects for {THREADS} threads in {took:.1f}s"
     for e in back:  # an outage line says how many failed tries it stands for
         assert e["failures"] >= 1

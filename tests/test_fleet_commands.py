@@ -259,15 +259,21 @@ def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(flee
     complete; exit 1; the run ends instead of waiting forever."""
     config = nl.write_config(tmp_path / "nwsender" / "config.yaml", [fleet.address],
                              "sender:\n  no_worker_timeout: 2\n")
-    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--all", "--follow", "--", "sh", "-c",
-                            "touch started; echo started; sleep 3; touch finished")
-    try:
-        wait_until(lambda: "web1.test | started" in proc.stdout, 30, message="web1's first line streamed")
-        os.kill(fleet.workers["web1.test"].pid, signal.SIGKILL)
-        code = proc.wait(60)
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
+
+    def kill_mid_run(host: str, started, *args: str):
+        """The sender run with ``args``, ``host``'s worker killed -9 once ``started(proc)``:
+        (proc, its exit code)."""
+        proc = fleet.lab.sender(fleet.ctl, config, "shell", *args)
+        try:
+            wait_until(lambda: started(proc), 30, message=f"the command started on {host}")
+            os.kill(fleet.workers[host].pid, signal.SIGKILL)
+            return proc, proc.wait(60)
+        finally:
+            if proc.proc.poll() is None:
+                proc.proc.kill()
+
+    proc, code = kill_mid_run("web1.test", lambda p: "web1.test | started" in p.stdout, "--all", "--follow",
+                              "--", "sh", "-c", "touch started; echo started; sleep 3; touch finished")
     rows = table(proc.stdout)
     assert sorted(rows) == ["db1.test", "db2.test", "web1.test"], (proc.stdout, proc.stderr)
     assert rows["web1.test"][1] == "no answer", proc.stdout
@@ -280,15 +286,8 @@ def test_a_killed_host_without_timeout_is_no_answer_after_no_worker_timeout(flee
 
     # The only host targeted, killed: the same `no answer` row, not exit 3 with no table.
     (fleet.folders["db2.test"] / "started").unlink()
-    proc = fleet.lab.sender(fleet.ctl, config, "shell", "--host", "db2.test", "--", "sh", "-c",
-                            "touch started; sleep 30")
-    try:
-        wait_until(lambda: fleet.ran("db2.test", "started"), 30, message="the command started on db2")
-        os.kill(fleet.workers["db2.test"].pid, signal.SIGKILL)
-        code = proc.wait(60)
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
+    proc, code = kill_mid_run("db2.test", lambda _: fleet.ran("db2.test", "started"), "--host", "db2.test",
+                              "--", "sh", "-c", "touch started; sleep 30")
     rows = table(proc.stdout)
     assert list(rows) == ["db2.test"] and rows["db2.test"][1] == "no answer", (proc.stdout, proc.stderr)
     assert code == 1, proc.stderr

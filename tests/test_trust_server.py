@@ -4,6 +4,7 @@ protocol; the others get a TLS alert or a closed connection."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from geartask.address import format_address
 from geartask.config import load_config
 from geartask.server import LocalServer, pid_alive, free_port
 from geartask.trust import certs
@@ -31,6 +33,25 @@ pytestmark = pytest.mark.skipif(shutil.which("stunnel") is None and shutil.which
 def packet(kind: int, *args: bytes) -> bytes:
     data = b"\0".join(args)
     return b"\0REQ" + struct.pack(">II", kind, len(data)) + data
+
+
+def tls_server(base: Path, host: str = "127.0.0.1", key: str = "server.key",
+               server_extra: str = "") -> tuple[Path, int, int]:
+    """(config, port, backend): a CA and a server certificate for ``host`` in base/pki, and a
+    config whose server runs stunnel on host:port (free) in front of gearmand on backend."""
+    certs.make_ca(base / "pki")
+    certs.issue(base / "pki", "server", ips=[host])
+    port, backend = free_port(), free_port()
+    host_line = "" if host == "127.0.0.1" else f"  host: {json.dumps(host)}\n"
+    config = write_config(base / "config.yaml", [f"tls://{format_address(host, port)}"], extra=(
+        f"server:\n{host_line}  port: {port}\n  backend_port: {backend}\n  tls: true\n  queue: {{type: none}}\n"
+        f"{server_extra}tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/{key}\n"))
+    return config, port, backend
+
+
+def manage_server(config: Path, action: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GEARTASK, "--config", str(config), "manage", "server", action], capture_output=True,
+                          text=True, timeout=60)
 
 
 def read_exactly(sock, n: int) -> bytes:
@@ -153,12 +174,7 @@ def test_plain_tcp_gets_no_byte_of_the_gearman_protocol(fleet):
 
 
 def test_server_status_start_again_and_stop_stop_both(tmp_path):
-    certs.make_ca(tmp_path / "pki")
-    certs.issue(tmp_path / "pki", "server", ips=["127.0.0.1"])
-    port, backend = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", [f"tls://127.0.0.1:{port}"], extra=(
-        f"server:\n  port: {port}\n  backend_port: {backend}\n  tls: true\n  queue: {{type: none}}\n"
-        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+    config, port, backend = tls_server(tmp_path)
     gt = [GEARTASK, "--config", str(config), "manage", "server"]
     assert subprocess.run([*gt, "start"], capture_output=True, timeout=60).returncode == 0
     srv = LocalServer.from_config(load_config(config))
@@ -193,14 +209,8 @@ def test_server_tls_without_certificates_is_a_config_error(tmp_path):
 
 
 def test_a_stunnel_that_cannot_start_leaves_no_gearmand_behind(tmp_path):
-    certs.make_ca(tmp_path / "pki")
-    certs.issue(tmp_path / "pki", "server", ips=["127.0.0.1"])
-    port, backend = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", [f"tls://127.0.0.1:{port}"], extra=(
-        f"server:\n  port: {port}\n  backend_port: {backend}\n  tls: true\n  queue: {{type: none}}\n"
-        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/ca.key\n"))  # the wrong key
-    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
-                       text=True, timeout=60)
+    config, _, _ = tls_server(tmp_path, key="ca.key")  # the wrong key
+    r = manage_server(config, "start")
     assert r.returncode == 1 and "stunnel exited at start" in r.stderr and "Traceback" not in r.stderr
     srv = LocalServer.from_config(load_config(config))
     assert srv.gearmand.pid() is None and srv.stunnel.pid() is None
@@ -211,15 +221,8 @@ def test_stunnel_drops_a_silent_peer_after_server_keepalive_not_after_two_hours(
     never goes silent: a worker host cut off would keep its jobs "running" for 12 hours
     (TIMEOUTidle). stunnel's end of a client's connection has its keepalive timer armed for
     server.keepalive.idle seconds, so stunnel drops the peer and gearmand requeues its jobs."""
-    certs.make_ca(tmp_path / "pki")
-    certs.issue(tmp_path / "pki", "server", ips=["127.0.0.1"])
-    port, backend = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", [f"tls://127.0.0.1:{port}"], extra=(
-        f"server:\n  port: {port}\n  backend_port: {backend}\n  tls: true\n  queue: {{type: none}}\n"
-        f"  keepalive: {{idle: 7, interval: 2, count: 3}}\n"
-        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
-    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
-                       text=True, timeout=60)
+    config, port, _ = tls_server(tmp_path, server_extra="  keepalive: {idle: 7, interval: 2, count: 3}\n")
+    r = manage_server(config, "start")
     assert r.returncode == 0, r.stderr
     try:
         text = LocalServer.from_config(load_config(config)).stunnel.conf_file.read_text().splitlines()
@@ -231,7 +234,7 @@ def test_stunnel_drops_a_silent_peer_after_server_keepalive_not_after_two_hours(
                                message="stunnel's end of the connection with its keepalive timer")
             assert 0 < timer[1] <= 7, timer  # the kernel's default would be 7200 s
     finally:
-        subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "stop"], timeout=60)
+        manage_server(config, "stop")
 
 
 def test_a_path_with_a_line_break_is_never_written_into_stunnels_config(tmp_path):
@@ -262,13 +265,7 @@ def test_an_ipv6_server_host_behind_stunnel_answers_a_bracketed_tls_address(tmp_
     """server.host ::1 with server.tls: `manage server start` brings stunnel up on [::1]:PORT;
     clients named `tls://[::1]:PORT` verify the server certificate's IPv6 IP SAN and talk
     Gearman through it (`manage status` sees the queued job)."""
-    certs.make_ca(tmp_path / "pki")
-    certs.issue(tmp_path / "pki", "server", ips=["::1"])
-    port, backend = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", [f"tls://[::1]:{port}"], extra=(
-        f"server:\n  host: \"::1\"\n  port: {port}\n  backend_port: {backend}\n  tls: true\n"
-        f"  queue: {{type: none}}\n"
-        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
+    config, port, _ = tls_server(tmp_path, host="::1")
 
     def geartask(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GEARTASK, "--config", str(config), *args], capture_output=True, text=True, timeout=60)
@@ -290,15 +287,8 @@ def test_a_stunnel_that_cannot_bind_an_ipv6_host_says_why_in_one_line(tmp_path):
     """server.host an IPv6 address this machine does not have: `manage server start` exits 1
     with stunnel's own reason (its log's last line is only a cleanup note) and leaves no
     gearmand behind."""
-    certs.make_ca(tmp_path / "pki")
-    certs.issue(tmp_path / "pki", "server", ips=["2001:db8::1"])
-    port, backend = free_port(), free_port()
-    config = write_config(tmp_path / "config.yaml", [f"tls://[2001:db8::1]:{port}"], extra=(
-        f"server:\n  host: \"2001:db8::1\"\n  port: {port}\n  backend_port: {backend}\n  tls: true\n"
-        f"  queue: {{type: none}}\n"
-        f"tls:\n  ca: pki/ca.pem\n  cert: pki/server.pem\n  key: pki/server.key\n"))
-    r = subprocess.run([GEARTASK, "--config", str(config), "manage", "server", "start"], capture_output=True,
-                       text=True, timeout=60)
+    config, port, _ = tls_server(tmp_path, host="2001:db8::1")
+    r = manage_server(config, "start")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.splitlines()[0]
     assert "stunnel exited at start" in line and f"2001:db8::1:{port}: Cannot assign requested address" in line, line

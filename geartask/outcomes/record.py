@@ -244,9 +244,10 @@ def make_record(*, server: str, handle: str, task: str, state: str, unique: str 
     kept up to ``max_result`` bytes each, as text or base64, with their full size and a
     ``*_cut`` flag. ``reason`` (a failure's JSON reason) longer than ``max_result`` as JSON
     becomes its cut JSON text with ``reason_cut``. ``id`` (new by default) makes the record
-    idempotent: build it once and send that same dict again on a retry. ``function``: the
-    gearmand function a targeted job came as (``shell@host:web1``), when it is not ``task``. ``traceback`` (a failed
+    idempotent: build it once and send that same dict again on a retry. ``traceback`` (a failed
     plugin task's, as text) is kept up to MAX_TRACEBACK bytes, its tail, with ``traceback_cut``.
+    ``function``: the gearmand function a targeted job came as (``shell@host:web1``), when it
+    is not ``task``.
     """
     now = time.time() if finished_at is None else finished_at
     rec: dict[str, Any] = {"id": id or os.urandom(16).hex(), "server": server, "handle": handle, "task": task,

@@ -28,7 +28,6 @@ MAX_UNIQUE = 64
 PIPELINE_WINDOW = 2048  # unanswered SUBMIT_JOBs per connection; keeps buffers bounded (~200 KB)
 OPEN_JOBS = 10_000  # jobs taken from the caller and not yet reported: the memory bound
 OPEN_BYTES = 256 * 1024 * 1024  # ... and their payload bytes (one job always fits)
-SIGN_GROUP = 32  # jobs signed together (as geartask.trust.signing.GROUP: not imported, cryptography loads late)
 MAX_WARNINGS = 8  # WORK_WARNINGs kept per job (the last is the failure reason)
 FINAL_STATES = ("complete", "failed", "timeout", "queued")
 HOST = socket.gethostname()  # the envelope's "host": where a job was sent from
@@ -116,7 +115,7 @@ class Batch:
         self.finished: deque[_Job] = deque()
         self.homeless: deque[_Job] = deque()  # no healthy server to route to
         self.to_record: list[_Job] = []
-        self.unsigned: list[_Job] = []  # taken, to be signed before they are sent (_sign_group)
+        self.unsigned: list[_Job] = []  # taken, to be signed before they are sent (_sign_taken)
         self.done = self.failed = self.accepted = self.yielded = 0
         self.states: dict[str, int] = {}
         self.no_server_since: float | None = None
@@ -206,7 +205,7 @@ class Batch:
         job = _Job(index, d.task, unique, data, priority, background, settings.max_retries, order, d.at)
         if self.key is not None and requeue_of is None and not self.raw:
             # Signed before it is sent, over the envelope too, with the jobs taken with it
-            # (_sign_group; docs/outcomes.md, "Signed jobs"). A requeue is never signed as
+            # (_sign_taken; docs/outcomes.md, "Signed jobs"). A requeue is never signed as
             # new: it travels with its original signature.
             self.unsigned.append(job)
         if background and self.record is not None:
@@ -226,11 +225,11 @@ class Batch:
     def _fill(self, first: bool = False) -> None:
         """Take jobs from the caller until the window is full; sign what was taken."""
         self._take(first)
-        self._sign_group()
+        self._sign_taken()
 
-    def _sign_group(self) -> None:
-        """Sign the jobs taken since the last group (up to SIGN_GROUP), one signature for
-        all: before any of them is sent (they are only routed until _send)."""
+    def _sign_taken(self) -> None:
+        """Sign the jobs taken since the last call, before any of them is sent (they are only
+        routed until _send): sign_jobs puts one signature on each group of them."""
         jobs = [j for j in self.unsigned if not j.finished]  # a finished one is never sent
         self.unsigned.clear()
         if not jobs:
@@ -265,8 +264,6 @@ class Batch:
                 if self.unserved.seen(j.task, j.background, time.monotonic()):
                     j.res.no_worker = True
                 self._route(j)
-            if len(self.unsigned) >= SIGN_GROUP:
-                self._sign_group()
 
     def _route(self, j: _Job) -> None:
         """To the first healthy server in the job's rendezvous order."""
